@@ -1,0 +1,1 @@
+"""hoosh command line: hoosh up runs every service, Redis and NATS"""

@@ -1,0 +1,1 @@
+"""Code shared by every hoosh service. Generated contracts live beside it in the ``hoosh`` package."""

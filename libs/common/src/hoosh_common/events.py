@@ -1,0 +1,13 @@
+"""JetStream names shared by the publisher (router) and the consumer (audit)."""
+
+from __future__ import annotations
+
+SUBJECT_PREFIX = "hoosh"
+SUBJECT_COMPLETED = "inference.completed"
+SUBJECT_FAILED = "inference.failed"
+DEFAULT_STREAM = "HOOSH_EVENTS"
+
+
+def subject(prefix: str, name: str) -> str:
+    """Full subject for an event name, e.g. subject("hoosh", "inference.completed")."""
+    return f"{prefix}.{name}"

@@ -1,0 +1,60 @@
+"""OpenTelemetry set-up from the standard OTEL_* variables, and W3C context
+propagation across HTTP, gRPC metadata and NATS headers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+log = logging.getLogger(__name__)
+
+
+def configure_tracing(service: str) -> None:
+    """Install a tracer provider named after the service.
+
+    Spans are exported over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set and
+    the exporter package is installed; otherwise trace ids are still created and
+    propagated so logs, events and audit entries can be correlated.
+    """
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", f"hoosh-{service}")})
+    provider = TracerProvider(resource=resource)
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            log.warning("OTEL endpoint set but opentelemetry-exporter-otlp-proto-grpc is not installed")
+        else:
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def inject_metadata() -> list[tuple[str, str]]:
+    """The current trace context as gRPC metadata pairs."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
+
+
+def inject_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current trace context to a header dict (HTTP or NATS) and return it."""
+    propagate.inject(headers)
+    return headers
+
+
+def extract_context(pairs: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> context.Context:
+    """Read a trace context from gRPC metadata pairs or a header mapping."""
+    if pairs is None:
+        return context.get_current()
+    carrier = dict(pairs.items() if isinstance(pairs, Mapping) else pairs)
+    return propagate.extract(carrier)
+
+
+def current_trace_id() -> str:
+    span_context = trace.get_current_span().get_span_context()
+    return f"{span_context.trace_id:032x}" if span_context.is_valid else ""

@@ -1,0 +1,1 @@
+"""hoosh budget: named token pools in Redis (gRPC)"""

@@ -1,0 +1,1 @@
+"""hoosh edge: the OpenAI-compatible HTTP API (FastAPI)"""

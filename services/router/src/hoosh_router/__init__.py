@@ -1,0 +1,1 @@
+"""hoosh router: model resolution, budget, backend calls, events (gRPC)"""

@@ -19,8 +19,10 @@ proto:
 up: install proto
 	$(VENV)/bin/hoosh up
 
+# pytest's exit 5 (no tests collected) is a failure, not a pass.
 test: install proto
-	$(VENV)/bin/python -m pytest
+	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); code=$$?; \
+	if [ $$code -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$code
 
 test-fast: proto
 	$(VENV)/bin/python -m pytest -m "not slow"

@@ -1,0 +1,125 @@
+"""The `hoosh` command. `hoosh up` runs the whole gateway on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from hoosh_common.logs import configure_logging
+
+from .infra import ensure_nats, ensure_redis
+from .stack import Ports, Stack, StackConfig
+
+log = logging.getLogger("hoosh")
+
+
+def audit_key(state_dir: Path) -> str:
+    """The audit HMAC key: $HOOSH_AUDIT_HMAC_KEY, else one generated once and kept
+    in the state dir so the chain stays verifiable across restarts."""
+    if os.environ.get("HOOSH_AUDIT_HMAC_KEY"):
+        return os.environ["HOOSH_AUDIT_HMAC_KEY"]
+    path = state_dir / "audit.key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def default_config() -> Path | None:
+    if os.environ.get("HOOSH_CONFIG"):
+        return Path(os.environ["HOOSH_CONFIG"])
+    candidate = Path("hoosh.yaml")
+    return candidate if candidate.exists() else None
+
+
+async def up(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir).resolve()
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    redis_url = os.environ.get("HOOSH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    nats_url = os.environ.get("HOOSH_NATS_URL", "nats://127.0.0.1:4222")
+    infra: list[subprocess.Popen[bytes]] = []
+    for started in (
+        await ensure_redis(redis_url, state_dir / "redis", log_dir),
+        await ensure_nats(nats_url, state_dir / "nats", log_dir),
+    ):
+        if started is not None:
+            infra.append(started)
+
+    config = StackConfig(
+        state_dir=state_dir,
+        ports=Ports(edge=args.port),
+        config_file=Path(args.config).resolve() if args.config else None,
+        redis_url=redis_url,
+        nats_url=nats_url,
+        audit_key=audit_key(state_dir),
+    )
+    stack = Stack(config)
+    print(f"starting hoosh services (logs in {log_dir}) ...", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    exit_code = 0
+    try:
+        await stack.start()
+        print(
+            f"\nhoosh is up: {stack.base_url}/v1  (OpenAPI docs: {stack.base_url}/docs)\n\n"
+            f"  curl {stack.base_url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+            '    -d \'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}]}\'\n\n'
+            "Ctrl-C stops everything.",
+            flush=True,
+        )
+        while not stop.is_set():
+            if (dead := stack.failed()) is not None:
+                log.error("service exited; stopping", extra={"service": dead.name})
+                exit_code = 1
+                break
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except TimeoutError:
+                pass
+    except Exception as error:  # a service failed to start: say which, then clean up
+        print(f"hoosh failed to start: {error}", file=sys.stderr, flush=True)
+        exit_code = 1
+    finally:
+        print("stopping hoosh ...", flush=True)
+        stack.stop()
+        for process in reversed(infra):
+            process.terminate()
+            process.wait(10)
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hoosh", description="hoosh AI inference gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up_parser = commands.add_parser("up", help="run every service (and Redis/NATS if none is reachable)")
+    up_parser.add_argument("--port", type=int, default=int(os.environ.get("HOOSH_EDGE_PORT", "8088")))
+    up_parser.add_argument("--config", default=str(default_config() or ""), help="hoosh YAML config")
+    up_parser.add_argument("--state-dir", default=os.environ.get("HOOSH_STATE_DIR", ".hoosh"))
+    args = parser.parse_args(argv)
+    configure_logging("cli", os.environ.get("HOOSH_LOG_LEVEL", "INFO"))
+    if args.command == "up":
+        from hoosh_common.runtime import run
+
+        code = 0
+
+        async def runner() -> None:
+            nonlocal code
+            code = await up(args)
+
+        run(runner())
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

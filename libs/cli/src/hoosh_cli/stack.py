@@ -1,0 +1,186 @@
+"""Start every hoosh service as a process, wait until each is healthy, stop
+them in reverse order. Used by `hoosh up`, the end-to-end tests and bench/."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Ports:
+    edge: int = 8088
+    router: int = 50051
+    budget: int = 50052
+    inference: int = 50053
+    audit: int = 50054
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+
+
+@dataclass
+class StackConfig:
+    state_dir: Path
+    ports: Ports = field(default_factory=Ports)
+    config_file: Path | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_stream: str = "HOOSH_EVENTS"
+    subject_prefix: str = "hoosh"
+    budget_key_prefix: str = "hoosh:budget:"
+    audit_key: str = ""
+    audit_consumer: str = "audit"
+    with_inference: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def environment(self) -> dict[str, str]:
+        ports = self.ports
+        env = {
+            "HOOSH_ENV": "development",
+            "HOOSH_REDIS_URL": self.redis_url,
+            "HOOSH_NATS_URL": self.nats_url,
+            "HOOSH_NATS_STREAM": self.nats_stream,
+            "HOOSH_SUBJECT_PREFIX": self.subject_prefix,
+            "HOOSH_BUDGET_KEY_PREFIX": self.budget_key_prefix,
+            "HOOSH_AUDIT_HMAC_KEY": self.audit_key,
+            "HOOSH_AUDIT_DIR": str(self.state_dir / "audit"),
+            "HOOSH_AUDIT_CONSUMER": self.audit_consumer,
+            "HOOSH_EDGE_HOST": "127.0.0.1",
+            "HOOSH_EDGE_PORT": str(ports.edge),
+            "HOOSH_ROUTER_LISTEN": f"127.0.0.1:{ports.router}",
+            "HOOSH_BUDGET_LISTEN": f"127.0.0.1:{ports.budget}",
+            "HOOSH_INFERENCE_LISTEN": f"127.0.0.1:{ports.inference}",
+            "HOOSH_AUDIT_LISTEN": f"127.0.0.1:{ports.audit}",
+            "HOOSH_ROUTER_ADDR": f"127.0.0.1:{ports.router}",
+            "HOOSH_BUDGET_ADDR": f"127.0.0.1:{ports.budget}",
+            "HOOSH_INFERENCE_ADDR": f"127.0.0.1:{ports.inference}",
+            "HOOSH_AUDIT_ADDR": f"127.0.0.1:{ports.audit}",
+        }
+        if self.config_file is not None:
+            env["HOOSH_CONFIG"] = str(self.config_file)
+        env.update(self.extra_env)
+        return env
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    module: str
+    health: str  # gRPC service name, or "http" for the edge
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+
+class StackError(RuntimeError):
+    pass
+
+
+class Stack:
+    """The hoosh services as child processes."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        ports = config.ports
+        services = [
+            ServiceProcess("budget", "hoosh_budget", "hoosh.budget.v1.BudgetService", ports.budget),
+            ServiceProcess("audit", "hoosh_audit", "hoosh.audit.v1.AuditService", ports.audit),
+        ]
+        if config.with_inference:
+            services.append(
+                ServiceProcess("inference", "hoosh_inference", "hoosh.inference.v1.InferenceService", ports.inference)
+            )
+        services += [
+            ServiceProcess("router", "hoosh_router", "hoosh.router.v1.RouterService", ports.router),
+            ServiceProcess("edge", "hoosh_edge", "http", ports.edge),
+        ]
+        self.services = services
+        self.log_dir = config.state_dir / "logs"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.ports.edge}"
+
+    async def start(self, timeout: float = 120.0) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.config.environment()}
+        try:
+            for service in self.services:
+                log_file = open(self.log_dir / f"{service.name}.log", "ab")
+                service.process = subprocess.Popen(
+                    [sys.executable, "-m", service.module], env=env, stdout=log_file, stderr=subprocess.STDOUT
+                )
+                log_file.close()
+                await self._wait_healthy(service, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    async def _wait_healthy(self, service: ServiceProcess, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        address = f"127.0.0.1:{service.port}"
+        while loop.time() < end:
+            assert service.process is not None
+            if service.process.poll() is not None:
+                tail = (self.log_dir / f"{service.name}.log").read_text(errors="replace")[-3000:]
+                raise StackError(f"{service.name} exited with {service.process.returncode}:\n{tail}")
+            if await self._is_healthy(service, address):
+                return
+            await asyncio.sleep(0.2)
+        raise StackError(f"{service.name} was not healthy within {timeout:.0f}s; see {self.log_dir}")
+
+    @staticmethod
+    async def _is_healthy(service: ServiceProcess, address: str) -> bool:
+        if service.health == "http":
+            try:
+                async with httpx.AsyncClient(timeout=1.0) as client:
+                    response = await client.get(f"http://{address}/v1/health")
+                return response.status_code == 200
+            except httpx.HTTPError:
+                return False
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service.health), timeout=1.0
+                )
+            except grpc.aio.AioRpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def failed(self) -> ServiceProcess | None:
+        """The first service whose process has exited, if any."""
+        for service in self.services:
+            if service.process is not None and service.process.poll() is not None:
+                return service
+        return None
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM in reverse start order (edge first, so no new work arrives), then wait."""
+        for service in reversed(self.services):
+            process = service.process
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

@@ -1,0 +1,69 @@
+"""The one interface every backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hoosh.chat.v1 import chat_pb2
+from hoosh.router.v1 import router_pb2
+
+
+@dataclass(slots=True)
+class Completion:
+    message: chat_pb2.ChatMessage
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    system_fingerprint: str = ""
+
+
+@dataclass(slots=True)
+class StreamPiece:
+    """One step of a stream: a content piece, tool-call deltas, the finish reason, or usage."""
+
+    content: str | None = None
+    tool_calls: list[chat_pb2.ToolCallDelta] = field(default_factory=list)
+    finish_reason: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(slots=True)
+class BackendModel:
+    id: str
+    owned_by: str
+    created: int = 0
+    context_length: int = 0
+
+
+@dataclass(slots=True)
+class CallParams:
+    """What the router decided for this call."""
+
+    upstream_model: str
+    max_tokens: int
+    request_id: str
+    timeout: float
+
+
+class Backend(Protocol):
+    name: str
+
+    async def chat(self, request: router_pb2.ChatRequest, params: CallParams) -> Completion: ...
+
+    def stream(self, request: router_pb2.ChatRequest, params: CallParams) -> AsyncIterator[StreamPiece]: ...
+
+    async def list_models(self) -> list[BackendModel]: ...
+
+    def context_length(self, model: str) -> int:
+        """The model's context window in tokens, 0 when unknown."""
+        ...
+
+    async def count_prompt_tokens(self, request: router_pb2.ChatRequest, upstream_model: str) -> int:
+        """An upper bound (or exact count) of the prompt's tokens, for the budget reservation."""
+        ...
+
+    async def close(self) -> None: ...

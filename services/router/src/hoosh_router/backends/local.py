@@ -1,0 +1,107 @@
+"""The local-inference worker, over one long-lived gRPC channel."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from hoosh.chat.v1 import chat_pb2
+from hoosh.inference.v1 import inference_pb2, inference_pb2_grpc
+from hoosh.router.v1 import router_pb2
+from hoosh_common.grpc_server import insecure_channel
+
+from ..config import ProviderConfig
+from ..errors import InvalidRequest, ModelNotFound, RouterError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .base import BackendModel, CallParams, Completion, StreamPiece
+
+
+def _map_rpc_error(provider: str, error: grpc.aio.AioRpcError) -> RouterError:
+    code = error.code()
+    detail = error.details() or code.name
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(detail)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ModelNotFound(detail, param="model")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return UpstreamUnavailable(f"Local model '{provider}' is overloaded: {detail}", retry_after=1)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return UpstreamUnavailable(f"Local inference worker is unavailable: {detail}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return UpstreamTimeout("Local inference timed out")
+    return UpstreamError(f"Local inference failed: {detail}")
+
+
+class LocalBackend:
+    def __init__(self, config: ProviderConfig, address: str) -> None:
+        self.name = config.name
+        self.config = config
+        self._channel = insecure_channel(address)
+        self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._context_lengths: dict[str, int] = {}
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _generate_request(self, request: router_pb2.ChatRequest, params: CallParams) -> inference_pb2.GenerateRequest:
+        sampling = chat_pb2.SamplingParams()
+        sampling.CopyFrom(request.sampling)
+        sampling.max_tokens = params.max_tokens
+        return inference_pb2.GenerateRequest(
+            request_id=params.request_id,
+            model=params.upstream_model,
+            messages=request.messages,
+            sampling=sampling,
+            tools=request.tools,
+            tool_choice=request.tool_choice,
+        )
+
+    def context_length(self, model: str) -> int:
+        return self._context_lengths.get(model, 0)
+
+    async def count_prompt_tokens(self, request: router_pb2.ChatRequest, upstream_model: str) -> int:
+        try:
+            reply = await self._stub.CountTokens(
+                inference_pb2.CountTokensRequest(model=upstream_model, messages=request.messages), timeout=30
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _map_rpc_error(self.name, error) from error
+        return reply.prompt_tokens
+
+    async def list_models(self) -> list[BackendModel]:
+        try:
+            reply = await self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+        except grpc.aio.AioRpcError:
+            return []
+        for model in reply.models:
+            self._context_lengths[model.id] = model.context_length
+        return [BackendModel(id=m.id, owned_by="hoosh-local", context_length=m.context_length) for m in reply.models]
+
+    async def chat(self, request: router_pb2.ChatRequest, params: CallParams) -> Completion:
+        try:
+            reply = await self._stub.Generate(self._generate_request(request, params), timeout=params.timeout)
+        except grpc.aio.AioRpcError as error:
+            raise _map_rpc_error(self.name, error) from error
+        return Completion(
+            message=chat_pb2.ChatMessage(role="assistant", text=reply.text),
+            finish_reason=reply.finish_reason or "stop",
+            prompt_tokens=reply.usage.prompt_tokens,
+            completion_tokens=reply.usage.completion_tokens,
+            model=reply.model or params.upstream_model,
+        )
+
+    async def stream(self, request: router_pb2.ChatRequest, params: CallParams) -> AsyncIterator[StreamPiece]:
+        call = self._stub.GenerateStream(self._generate_request(request, params), timeout=params.timeout)
+        try:
+            async for reply in call:
+                if reply.text:
+                    yield StreamPiece(content=reply.text)
+                if reply.finish_reason:
+                    yield StreamPiece(finish_reason=reply.finish_reason)
+                if reply.HasField("usage"):
+                    yield StreamPiece(
+                        prompt_tokens=reply.usage.prompt_tokens, completion_tokens=reply.usage.completion_tokens
+                    )
+        except grpc.aio.AioRpcError as error:
+            raise _map_rpc_error(self.name, error) from error
+        finally:
+            call.cancel()

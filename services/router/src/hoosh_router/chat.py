@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
-    def publish_background(self, name: str, message: Message, event_id: str) -> None: ...
+    def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
 
 
 @dataclass(slots=True)

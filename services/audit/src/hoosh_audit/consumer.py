@@ -1,0 +1,304 @@
+"""The JetStream side of audit: a durable pull consumer that appends every event to
+the chain and acks only once the entries are fsynced.
+
+Order and duplicates. The log file is the source of truth for what is recorded: at
+start the durable consumer is (re)created to deliver from the stream sequence after
+the last recorded one, so events a previous process wrote but never acked are not
+delivered again, and events it fetched but never wrote come first, in stream order.
+While running, a redelivered message (ack lost, or ack_wait expired during a slow
+write) has a stream sequence <= the last recorded one and is acked without being
+appended. A failed write is retried in place (the batch stays in hand and its ack
+deadline is extended) so later events never overtake it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import DecodeError, Message
+from hoosh.events.v1 import events_pb2
+from hoosh_common import events
+from hoosh_common.eventbus import MSG_ID_HEADER, ensure_stream
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from hoosh_audit.chain import AuditLog, NewEntry
+from hoosh_audit.errors import AuditWriteError, UndecodableEvent
+
+log = logging.getLogger(__name__)
+
+DECODERS: dict[str, type[Message]] = {
+    events.SUBJECT_COMPLETED: events_pb2.InferenceCompleted,
+    events.SUBJECT_FAILED: events_pb2.InferenceFailed,
+}
+
+
+@dataclass(slots=True)
+class ConsumerStats:
+    appended: int = 0
+    duplicates: int = 0  # redeliveries acked without appending
+    terminated: int = 0  # undecodable or unknown messages
+    write_failures: int = 0
+
+
+def decode(
+    subject: str, subject_prefix: str, data: bytes, headers: dict[str, str] | None
+) -> tuple[str, dict[str, Any]]:
+    """The event id and the event as a JSON object, or ``UndecodableEvent``."""
+    name = subject.removeprefix(f"{subject_prefix}.") if subject.startswith(f"{subject_prefix}.") else ""
+    cls = DECODERS.get(name)
+    if cls is None:
+        raise UndecodableEvent(f"no decoder for subject {subject!r}")
+    try:
+        message = cls.FromString(data)
+    except DecodeError as exc:
+        raise UndecodableEvent(f"payload on {subject!r} is not a {cls.DESCRIPTOR.full_name}: {exc}") from exc
+    payload = MessageToDict(message, preserving_proto_field_name=True)
+    event_id = (headers or {}).get(MSG_ID_HEADER) or str(payload.get("request_id", ""))
+    if not event_id:
+        raise UndecodableEvent(f"event on {subject!r} has neither a {MSG_ID_HEADER} header nor a request_id")
+    return event_id, payload
+
+
+class AuditConsumer:
+    """Moves events from the stream into an ``AuditLog``.
+
+    ``run()`` loops until ``stop()``; ``stop()`` lets the batch in hand finish (written,
+    then acked) and returns once the loop has ended.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        audit_log: AuditLog,
+        *,
+        stream: str,
+        subject_prefix: str,
+        durable: str,
+        batch_size: int = 256,
+        fetch_timeout: float = 1.0,
+        max_ack_pending: int = 1024,
+        ack_wait: float = 30.0,
+        nak_delay: float = 2.0,
+        retry_max_delay: float = 5.0,
+        check_interval: float = 10.0,
+    ) -> None:
+        self._js = js
+        self._log = audit_log
+        self.stream = stream
+        self.subject_prefix = subject_prefix
+        self.durable = durable
+        self._batch_size = batch_size
+        self._fetch_timeout = fetch_timeout
+        self._max_ack_pending = max_ack_pending
+        self._ack_wait = ack_wait
+        self._nak_delay = nak_delay
+        self._retry_max_delay = retry_max_delay
+        self._check_interval = check_interval
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._watermark = 0  # highest stream sequence recorded from the current stream
+        self._stopping = asyncio.Event()
+        self._running = False
+        self._done = asyncio.Event()
+        self.stats = ConsumerStats()
+        # Fault injection for tests: called once a batch is durable, before its acks;
+        # returning False skips the acks (a lost ack), raising is a crash before acking.
+        self.before_ack: Callable[[list[Msg]], bool] | None = None
+
+    @property
+    def filter_subject(self) -> str:
+        # Only the events audit can decode; other events under the prefix stay for
+        # other consumers. (One filter subject: NATS 2.9 has no filter_subjects.)
+        return f"{self.subject_prefix}.inference.>"
+
+    async def start(self) -> None:
+        """Declare the stream, then (re)create the durable consumer after the log's end."""
+        info = await ensure_stream(self._js, self.stream, self.subject_prefix)
+        recorded = self._log.last_stream_seq
+        last_seq, first_seq = info.state.last_seq, info.state.first_seq
+        if recorded > last_seq:
+            log.warning(
+                "the stream is behind the audit log: it was recreated; consuming it from the start",
+                extra={"stream": self.stream, "recorded_stream_seq": recorded, "stream_last_seq": last_seq},
+            )
+            recorded = 0
+        elif recorded and first_seq > recorded + 1:
+            log.warning(
+                "events expired from the stream before they were recorded",
+                extra={"stream": self.stream, "from_seq": recorded + 1, "to_seq": first_seq - 1},
+            )
+        self._watermark = recorded
+
+        config = ConsumerConfig(
+            name=self.durable,
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._ack_wait,
+            max_ack_pending=self._max_ack_pending,
+            filter_subject=self.filter_subject,
+            max_deliver=-1,
+        )
+        if recorded:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = recorded + 1
+        else:
+            config.deliver_policy = DeliverPolicy.ALL
+        # A consumer's start position cannot be changed in place: replace it.
+        try:
+            await self._js.delete_consumer(self.stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            pass
+        await self._js.add_consumer(self.stream, config)
+        if self._sub is not None:
+            await self._unsubscribe()
+        self._sub = await self._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+        log.info(
+            "audit consumer started",
+            extra={"stream": self.stream, "consumer": self.durable, "from_stream_seq": recorded + 1},
+        )
+
+    async def run(self) -> None:
+        """Fetch, record and ack until ``stop()``. Transient NATS errors are retried."""
+        self._running = True
+        try:
+            if self._sub is None:
+                await self._retrying(self.start)
+            loop = asyncio.get_running_loop()
+            last_check = loop.time()
+            while not self._stopping.is_set():
+                assert self._sub is not None
+                try:
+                    msgs = await self._sub.fetch(self._batch_size, timeout=self._fetch_timeout)
+                except nats.errors.TimeoutError:
+                    # Nothing new. A deleted consumer or stream also looks like this,
+                    # so now and then make sure ours still exists.
+                    if loop.time() - last_check >= self._check_interval:
+                        last_check = loop.time()
+                        await self._check_consumer()
+                    continue
+                except (nats.errors.Error, OSError) as exc:
+                    # Consumer or stream deleted, connection trouble: declare again.
+                    log.warning("fetch failed; re-declaring the consumer", extra={"error": repr(exc)})
+                    await self._sleep(self._retry_max_delay * random.uniform(0.5, 1.0))
+                    await self._retrying(self.start)
+                    continue
+                await self._handle(msgs)
+        finally:
+            await self._unsubscribe()
+            self._done.set()
+
+    async def stop(self) -> None:
+        """Stop fetching; return once the batch in hand is written and acked."""
+        self._stopping.set()
+        if self._running:
+            await self._done.wait()
+        else:
+            await self._unsubscribe()
+
+    async def _check_consumer(self) -> None:
+        try:
+            await self._js.consumer_info(self.stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            log.warning("the consumer or the stream was deleted; declaring them again")
+            await self._retrying(self.start)
+        except (nats.errors.Error, OSError) as exc:
+            log.warning("consumer check failed", extra={"error": repr(exc)})
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        accepted: list[Msg] = []
+        entries: list[NewEntry] = []
+        duplicates: list[Msg] = []
+        watermark = self._watermark
+        for msg in msgs:
+            seq = msg.metadata.sequence.stream
+            if seq <= watermark:
+                duplicates.append(msg)
+                continue
+            try:
+                event_id, payload = decode(msg.subject, self.subject_prefix, msg.data, msg.headers)
+            except UndecodableEvent as exc:
+                log.error(
+                    "terminating an event that cannot be recorded",
+                    extra={"subject": msg.subject, "stream_seq": seq, "error": str(exc)},
+                )
+                await self._settle(msg.term())
+                self.stats.terminated += 1
+                continue
+            entries.append(NewEntry(event_id=event_id, subject=msg.subject, stream_seq=seq, payload=payload))
+            accepted.append(msg)
+            watermark = seq
+
+        if entries and not await self._append(entries, accepted):
+            return  # stopping while the disk kept failing: the batch was nak'd
+        self._watermark = watermark
+        self.stats.appended += len(entries)
+        self.stats.duplicates += len(duplicates)
+        if self.before_ack is not None and not self.before_ack(accepted):
+            return
+        for msg in accepted:
+            await self._settle(msg.ack())
+        for msg in duplicates:
+            await self._settle(msg.ack())
+
+    async def _append(self, entries: list[NewEntry], msgs: list[Msg]) -> bool:
+        """Write the batch, retrying in place; False if it was given up (nak'd) on stop."""
+        delay = 0.1
+        while True:
+            try:
+                await self._log.append_batch(entries)
+                return True
+            except AuditWriteError as exc:
+                self.stats.write_failures += 1
+                log.error("audit write failed; retrying", extra={"error": str(exc), "entries": len(entries)})
+            if self._stopping.is_set():
+                for msg in msgs:
+                    await self._settle(msg.nak(delay=self._nak_delay))
+                return False
+            # Keep the batch ours while the disk recovers, so nothing overtakes it.
+            for msg in msgs:
+                await self._settle(msg.in_progress())
+            await self._sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self._retry_max_delay)
+
+    @staticmethod
+    async def _settle(op: Awaitable[None]) -> None:
+        """Ack/nak/term/progress; a lost one only means a redelivery, recognised later."""
+        try:
+            await op
+        except nats.errors.Error as exc:
+            log.warning("could not settle a message", extra={"error": repr(exc)})
+
+    async def _retrying(self, op: Callable[[], Any]) -> None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                await op()
+                return
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("NATS not ready; retrying", extra={"error": repr(exc)})
+            await self._sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self._retry_max_delay)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake up at once when stopping."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _unsubscribe(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error as exc:
+                log.debug("unsubscribe failed", extra={"error": repr(exc)})

@@ -293,3 +293,92 @@ async def test_exhausted_pool_gives_429_with_retry_after(hoosh: RunningStack) ->
     assert response.headers.get("retry-after", "").isdigit()
     assert response.json()["error"]["code"] == "budget_exhausted"
     assert pool_state(hoosh, pool)["reserved"] == 0
+
+
+async def test_client_disconnect_mid_stream_releases_the_reservation(hoosh: RunningStack) -> None:
+    pool = await create_pool(hoosh, capacity=1_000_000)
+    body = {
+        "model": LOCAL_MODEL,
+        "messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+        "max_tokens": 400,
+        "stream": True,
+        "pool": pool,
+    }
+    async with httpx.AsyncClient(timeout=60) as client:
+        async with client.stream("POST", f"{hoosh.base_url}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    break  # one chunk, then hang up
+    # The router sees the cancellation, releases the reservation and records a failed event.
+    body_ = wait_for_audit(hoosh, {request_id})
+    entry = next(e for e in body_["entries"] if e["event_id"] == request_id)
+    assert entry["subject"].endswith("inference.failed")
+    assert entry["payload"]["error_code"] == "client_disconnected"
+    state = pool_state(hoosh, pool)
+    assert state["reserved"] == 0 and state["used"] == 0
+
+
+async def test_concurrent_local_requests_queue_and_all_succeed(hoosh: RunningStack) -> None:
+    import asyncio
+
+    client = openai.AsyncOpenAI(base_url=f"{hoosh.base_url}/v1", api_key="x", max_retries=0)
+    replies = await asyncio.gather(
+        *(
+            client.chat.completions.create(
+                model=LOCAL_MODEL, messages=[{"role": "user", "content": f"Name a colour ({i})."}], max_tokens=8
+            )
+            for i in range(6)
+        )
+    )
+    await client.close()
+    assert all(reply.choices[0].message.content and reply.usage.completion_tokens <= 8 for reply in replies)
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "code"),
+    [
+        ("mock-bad-json", 502, "upstream_error"),
+        ("mock-fail-400", 400, None),
+        ("mock-odd-finish", 502, "upstream_error"),
+    ],
+)
+async def test_broken_provider_output_gives_clean_error_and_failed_event(
+    hoosh: RunningStack, model: str, status: int, code: str | None
+) -> None:
+    pool = await create_pool(hoosh, capacity=1_000_000)
+    response = httpx.post(
+        f"{hoosh.base_url}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "pool": pool},
+        timeout=30,
+    )
+    assert response.status_code == status, response.text
+    if code:
+        assert response.json()["error"]["code"] == code
+    request_id = response.headers["x-request-id"]
+    entry = next(e for e in wait_for_audit(hoosh, {request_id})["entries"] if e["event_id"] == request_id)
+    assert entry["subject"].endswith("inference.failed")
+    assert pool_state(hoosh, pool) | {"name": ""} == {
+        "name": "",
+        "capacity": 1_000_000,
+        "used": 0,
+        "reserved": 0,
+        "available": 1_000_000,
+    }
+
+
+async def test_stream_cut_by_provider_ends_with_error_event_and_done(hoosh: RunningStack) -> None:
+    pool = await create_pool(hoosh, capacity=1_000_000)
+    body = {"model": "mock-cut-stream", "messages": [{"role": "user", "content": "hi"}], "stream": True, "pool": pool}
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream("POST", f"{hoosh.base_url}/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
+            events = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])
+    assert error["error"]["type"] and error["error"]["message"]
+    entry = next(e for e in wait_for_audit(hoosh, {request_id})["entries"] if e["event_id"] == request_id)
+    assert entry["subject"].endswith("inference.failed")
+    assert pool_state(hoosh, pool)["reserved"] == 0

@@ -165,10 +165,11 @@ class ChatService:
         stream: bool,
     ) -> RouterError:
         """Release the reservation (if any) and record the failure; returns the error to raise."""
-        if isinstance(error, RouterError):
-            router_error = error
-        elif isinstance(error, asyncio.CancelledError):
+        task = asyncio.current_task()
+        if isinstance(error, asyncio.CancelledError | GeneratorExit) or (task is not None and task.cancelling()):
             router_error = ClientCancelled("The client cancelled the request")
+        elif isinstance(error, RouterError):
+            router_error = error
         else:
             log.exception("unexpected failure in chat", exc_info=error)
             router_error = UpstreamError(f"Internal failure: {type(error).__name__}")

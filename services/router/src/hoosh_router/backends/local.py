@@ -11,7 +11,15 @@ from hoosh.router.v1 import router_pb2
 from hoosh_common.grpc_server import insecure_channel
 
 from ..config import ProviderConfig
-from ..errors import InvalidRequest, ModelNotFound, RouterError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import (
+    ClientCancelled,
+    InvalidRequest,
+    ModelNotFound,
+    RouterError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from .base import BackendModel, CallParams, Completion, StreamPiece
 
 
@@ -26,6 +34,8 @@ def _map_rpc_error(provider: str, error: grpc.aio.AioRpcError) -> RouterError:
         return UpstreamUnavailable(f"Local model '{provider}' is overloaded: {detail}", retry_after=1)
     if code == grpc.StatusCode.UNAVAILABLE:
         return UpstreamUnavailable(f"Local inference worker is unavailable: {detail}")
+    if code == grpc.StatusCode.CANCELLED:
+        return ClientCancelled("The request was cancelled")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return UpstreamTimeout("Local inference timed out")
     return UpstreamError(f"Local inference failed: {detail}")

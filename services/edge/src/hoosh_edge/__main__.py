@@ -1,0 +1,55 @@
+"""``python -m hoosh_edge``: serve the edge with uvicorn (uvloop, httptools, no access log)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from hoosh_common.logs import configure_logging
+from pydantic import ValidationError
+
+from .config import Settings
+
+log = logging.getLogger("hoosh_edge")
+
+
+def main() -> None:
+    """Read settings (fail fast), then run uvicorn; each worker builds its app via ``serve_app``."""
+    configure_logging("edge")
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        log.error("invalid edge settings", extra={"errors": exc.errors(include_url=False)})
+        sys.exit(2)
+    log.info(
+        "edge starting",
+        extra={
+            "host": settings.edge_host,
+            "port": settings.edge_port,
+            "workers": settings.edge_workers,
+            "router": settings.router_addr,
+            "budget": settings.budget_addr,
+            "audit": settings.audit_addr,
+        },
+    )
+    # A factory by import path: with several workers each process builds its own app,
+    # channels and tracing (grpc.aio channels belong to one event loop).
+    uvicorn.run(
+        "hoosh_edge.app:serve_app",
+        factory=True,
+        host=settings.edge_host,
+        port=settings.edge_port,
+        workers=settings.edge_workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,  # keep hoosh's JSON logging
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

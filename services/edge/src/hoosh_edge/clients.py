@@ -1,0 +1,63 @@
+"""The edge's gRPC channels and stubs: built once at start, closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2_grpc
+from hoosh.audit.v1 import audit_pb2_grpc
+from hoosh.budget.v1 import budget_pb2_grpc
+from hoosh.router.v1 import router_pb2_grpc
+from hoosh_common.grpc_server import insecure_channel
+
+from .config import Settings
+
+ROUTER_SERVICE = "hoosh.router.v1.RouterService"
+BUDGET_SERVICE = "hoosh.budget.v1.BudgetService"
+AUDIT_SERVICE = "hoosh.audit.v1.AuditService"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthTarget:
+    """A backend whose grpc.health.v1 status the readiness probe asks for."""
+
+    stub: health_pb2_grpc.HealthStub
+    service: str  # the fully qualified service name the backend registers
+
+
+@dataclass(slots=True)
+class Clients:
+    """One channel per backend, shared by every request of this process."""
+
+    router: router_pb2_grpc.RouterServiceStub
+    budget: budget_pb2_grpc.BudgetServiceStub
+    audit: audit_pb2_grpc.AuditServiceStub
+    health: dict[str, HealthTarget]
+    channels: tuple[grpc.aio.Channel, ...]
+
+    @classmethod
+    def connect(cls, settings: Settings) -> Clients:
+        """Open the channels (lazily connecting) to router, budget and audit.
+
+        Call it inside the running event loop that will use the channels.
+        """
+        router = insecure_channel(settings.router_addr)
+        budget = insecure_channel(settings.budget_addr)
+        audit = insecure_channel(settings.audit_addr)
+        return cls(
+            router=router_pb2_grpc.RouterServiceStub(router),
+            budget=budget_pb2_grpc.BudgetServiceStub(budget),
+            audit=audit_pb2_grpc.AuditServiceStub(audit),
+            health={
+                "router": HealthTarget(health_pb2_grpc.HealthStub(router), ROUTER_SERVICE),
+                "budget": HealthTarget(health_pb2_grpc.HealthStub(budget), BUDGET_SERVICE),
+                "audit": HealthTarget(health_pb2_grpc.HealthStub(audit), AUDIT_SERVICE),
+            },
+            channels=(router, budget, audit),
+        )
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close every channel; in-flight calls get ``grace`` seconds (None: cancelled now)."""
+        await asyncio.gather(*(channel.close(grace) for channel in self.channels))

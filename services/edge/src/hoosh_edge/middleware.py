@@ -1,0 +1,143 @@
+"""The edge's one ASGI middleware: request id, bearer auth, body size limit, last-resort errors.
+
+Pure ASGI (no BaseHTTPMiddleware): it runs on every request, so it reads the headers
+once, adds one response header and wraps ``receive`` only when a body has no length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import uuid
+
+from hoosh_common.logs import request_id_var
+from opentelemetry import trace
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import AuthenticationError, RequestTooLargeError, to_api_error
+from .responses import error_response
+
+log = logging.getLogger(__name__)
+
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+
+# Probes and the docs never need a key (Kubernetes probes carry no secrets).
+AUTH_EXEMPT_PATHS = frozenset({"/v1/health", "/v1/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+
+def _digest(key: str | bytes) -> bytes:
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
+
+
+class EdgeMiddleware:
+    """Request id on every response, optional bearer auth, body size limit.
+
+    - ``X-Request-Id``: always a fresh uuid4 hex minted here, because the id is also the
+      budget reservation id and the event's dedup id (``Nats-Msg-Id``): a client reusing
+      one must never merge two requests. A client's own sane ``X-Request-Id``
+      (``[A-Za-z0-9._-]{1,128}``) is logged as ``client_request_id``. The id is set in
+      ``hoosh_common.logs.request_id_var`` and in ``scope["state"]["request_id"]``.
+    - Auth: with keys configured, ``Authorization: Bearer <key>`` is required except on
+      :data:`AUTH_EXEMPT_PATHS`; keys are compared as SHA-256 digests in constant time.
+    - Body limit: a Content-Length over the limit is refused before reading; a body
+      without one is counted as it streams in. Both answer 413.
+    - An exception nobody handled is logged with the request id and answered 500.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, api_keys: list[str]) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self._key_digests = tuple(_digest(key) for key in api_keys)
+
+    def _authorized(self, header: bytes | None) -> bool:
+        if header is None or header[:7].lower() != b"bearer ":
+            return False
+        presented = _digest(header[7:].strip())
+        ok = False
+        for digest in self._key_digests:  # no early exit: the time does not say which key matched
+            ok |= hmac.compare_digest(presented, digest)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        client_request_id = authorization = content_length = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                client_request_id = value
+            elif name == b"authorization":
+                authorization = value
+            elif name == b"content-length":
+                content_length = value
+        request_id = uuid.uuid4().hex
+        request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        span = trace.get_current_span()
+        span.set_attribute("hoosh.request_id", request_id)
+        if client_request_id is not None and _SANE_REQUEST_ID.fullmatch(client_request_id):
+            scope["state"]["client_request_id"] = client_request_id.decode()
+            span.set_attribute("hoosh.client_request_id", client_request_id.decode())
+        request_id_header = (b"x-request-id", request_id.encode())
+        response_started = False
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                message["headers"] = [*message.get("headers", ()), request_id_header]
+            await send(message)
+
+        async def refuse(exc: Exception) -> None:
+            await error_response(to_api_error(exc))(scope, receive, send_with_request_id)
+
+        if self._key_digests and scope["path"] not in AUTH_EXEMPT_PATHS and not self._authorized(authorization):
+            message = "Incorrect API key provided." if authorization else "Missing API key (Authorization: Bearer)."
+            await refuse(AuthenticationError(message, headers={"WWW-Authenticate": "Bearer"}))
+            return
+
+        limit = self.max_body_bytes
+        app_receive = receive
+        if content_length is not None:
+            try:
+                declared = int(content_length)
+            except ValueError:
+                declared = -1
+            if declared > limit:
+                await refuse(_too_large(limit))
+                return
+        else:
+            # No length (chunked): count the bytes as they arrive.
+            received = 0
+
+            async def counting_receive() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise _too_large(limit)
+                return message
+
+            app_receive = counting_receive
+
+        try:
+            await self.app(scope, app_receive, send_with_request_id)
+        except Exception as exc:
+            error = to_api_error(exc)
+            if error.status >= 500:
+                log.error(
+                    "unhandled error",
+                    exc_info=exc,
+                    extra={"path": scope["path"], "method": scope["method"], "request_id": request_id},
+                )
+            if response_started:
+                return  # nothing more can be said on this response; the server closes it
+            await error_response(error)(scope, receive, send_with_request_id)
+
+
+def _too_large(limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(f"The request body is larger than the limit of {limit} bytes.")

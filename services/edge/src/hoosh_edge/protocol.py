@@ -1,0 +1,403 @@
+"""Wire models of the edge's HTTP API: the OpenAI chat-completions shapes, then hoosh's own.
+
+Request models validate what a client sends, following OpenAI's published OpenAPI spec
+(``CreateChatCompletionRequest`` and the message, part and tool schemas it references).
+Unknown fields are ignored, as OpenAI-compatible servers do. Response models document
+what the edge sends; the hot path builds plain dicts (orjson) and the tests check those
+dicts against these models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+INT32_MAX = 2**31 - 1
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
+
+class OpenAIModel(BaseModel):
+    """Base of every wire model: unknown fields are ignored, not rejected."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# --------------------------------------------------------------------------- content parts
+
+
+class TextPart(OpenAIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(OpenAIModel):
+    url: str = Field(description="A URL of the image or a base64 data URL")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(OpenAIModel):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class InputAudio(OpenAIModel):
+    data: str = Field(description="Base64 encoded audio")
+    format: Literal["wav", "mp3"]
+
+
+class AudioPart(OpenAIModel):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class RefusalPart(OpenAIModel):
+    type: Literal["refusal"]
+    refusal: str
+
+
+UserContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
+AssistantContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str = Field(description="JSON text, exactly as the model produced it")
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class SystemMessage(OpenAIModel):
+    role: Literal["system"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    name: str | None = None
+
+
+class DeveloperMessage(OpenAIModel):
+    role: Literal["developer"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    name: str | None = None
+
+
+class UserMessage(OpenAIModel):
+    role: Literal["user"]
+    content: str | Annotated[list[UserContentPart], Field(min_length=1)]
+    name: str | None = None
+
+
+class AssistantMessage(OpenAIModel):
+    role: Literal["assistant"]
+    content: str | Annotated[list[AssistantContentPart], Field(min_length=1)] | None = None
+    refusal: str | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_validator(mode="after")
+    def _content_or_tool_calls(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls and self.refusal is None:
+            # ctx["field"] lets errors.py name the parameter (messages[i].content).
+            raise PydanticCustomError(
+                "missing",
+                "Assistant messages need content unless tool_calls is given",
+                {"field": "content"},
+            )
+        return self
+
+
+class ToolMessage(OpenAIModel):
+    role: Literal["tool"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    tool_call_id: str
+
+
+ChatMessage = Annotated[
+    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage,
+    Field(discriminator="role"),
+]
+
+
+# --------------------------------------------------------------------------- tools
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="a-z, A-Z, 0-9, _ and -; at most 64")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(default=None, description="JSON Schema of the arguments")
+    strict: bool | None = None
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = Field(default=None, description="Accepted and ignored")
+
+
+# --------------------------------------------------------------------------- the request
+
+
+class ChatCompletionRequest(OpenAIModel):
+    """POST /v1/chat/completions. OpenAI's fields first, hoosh's extension (``pool``) last."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str = Field(min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX, description="Deprecated by OpenAI")
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, le=INT32_MAX, description="Wins over max_tokens when both are set"
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    # OpenAI's spec asks for 1-4 items; an empty list is accepted here as "no stop".
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    n: int | None = Field(default=None, ge=1, le=128, description="Only 1 is supported")
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    response_format: dict[str, Any] | None = Field(
+        default=None, description="Passed to the backend as JSON: {type: text | json_object | json_schema}"
+    )
+    pool: str = Field(
+        default="default",
+        min_length=1,
+        description="hoosh extension: the token pool (budget) this request is charged to",
+    )
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        kind = value.get("type")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format.type must be 'text', 'json_object' or 'json_schema'")
+        if kind == "json_schema" and not isinstance(value.get("json_schema"), dict):
+            raise ValueError("response_format.json_schema must be an object when type is 'json_schema'")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError(
+                "value_error",
+                "stream_options is only allowed when stream is true",
+                {"field": "stream_options"},
+            )
+        return self
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        """max_completion_tokens when given, else max_tokens."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed reply ends with a usage chunk."""
+        return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class Usage(OpenAIModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseMessage(OpenAIModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(OpenAIModel):
+    index: int
+    message: ResponseMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+
+
+class ChatCompletionResponse(OpenAIModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = Field(default=None, description="Left out when the backend sets none")
+
+
+class FunctionCallDelta(OpenAIModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(OpenAIModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
+class Delta(OpenAIModel):
+    role: Literal["assistant"] | None = Field(default=None, description="On the first delta only")
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChunkChoice(OpenAIModel):
+    index: int
+    delta: Delta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"] | None
+
+
+class ChatCompletionChunk(OpenAIModel):
+    """One ``data:`` event of a streamed reply; unset fields are left out."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = Field(
+        default=None,
+        description="Present only with stream_options.include_usage: null except on the last chunk",
+    )
+
+
+class ModelCard(OpenAIModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(OpenAIModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(OpenAIModel):
+    """The one error envelope every failure is answered with."""
+
+    error: ErrorDetail
+
+
+# --------------------------------------------------------------------------- hoosh's own endpoints
+
+
+class HealthResponse(OpenAIModel):
+    status: Literal["ok"] = Field(description="The edge process answers; it checks no backend")
+    service: str = Field(description="Always 'edge'")
+    version: str = Field(description="The edge package version")
+
+
+class ReadinessResponse(OpenAIModel):
+    status: Literal["ok", "degraded", "unavailable"] = Field(
+        description="ok: every backend serves; degraded: the router serves, budget or audit does not "
+        "(answered 200); unavailable: the router does not serve (answered 503)"
+    )
+    checks: dict[str, str] = Field(
+        description="Per backend: SERVING, NOT_SERVING, UNKNOWN, SERVICE_UNKNOWN or UNREACHABLE"
+    )
+
+
+class PoolInfo(OpenAIModel):
+    name: str = Field(description="Pool name")
+    capacity: int = Field(description="Tokens the pool holds in all")
+    used: int = Field(description="Tokens committed")
+    reserved: int = Field(description="Tokens held by open reservations")
+    available: int = Field(description="max(0, capacity - used - reserved)")
+
+
+class TokenCheckRequest(OpenAIModel):
+    pool: str = Field(min_length=1, description="Pool name")
+    tokens: int = Field(ge=0, le=INT64_MAX, description="Tokens the caller wants to use")
+
+
+class TokenCheckResponse(OpenAIModel):
+    allowed: bool = Field(description="Whether the pool can cover the tokens now")
+    available: int = Field(description="Tokens available in the pool")
+
+
+class TokenReserveRequest(OpenAIModel):
+    pool: str = Field(min_length=1, description="Pool name")
+    tokens: int = Field(ge=0, le=INT64_MAX, description="Tokens to reserve")
+
+
+class TokenReserveResponse(OpenAIModel):
+    reserved: bool = Field(description="False (still 200) when the pool cannot cover the tokens")
+    available: int = Field(description="Tokens available in the pool after the call")
+    reservation_id: str | None = Field(description="Id of the reservation (the request id); null when not reserved")
+
+
+class TokenReportRequest(OpenAIModel):
+    pool: str = Field(min_length=1, description="Pool name")
+    reserved: int = Field(ge=0, le=INT64_MAX, description="Tokens reserved earlier")
+    actual: int = Field(ge=0, le=INT64_MAX, description="Tokens actually used")
+
+
+class TokenReportResponse(OpenAIModel):
+    used: int = Field(description="Tokens committed in the pool")
+    available: int = Field(description="Tokens available in the pool")
+
+
+class AuditEntry(OpenAIModel):
+    seq: int = Field(description="1-based position in the chain")
+    timestamp_ms: int = Field(description="When the entry was appended (Unix ms)")
+    event_id: str = Field(description="The request id")
+    subject: str = Field(description="NATS subject the event came on")
+    stream_seq: int = Field(description="JetStream sequence")
+    payload: Any = Field(description="The event, decoded")
+    prev_mac: str = Field(description="Hex HMAC of the previous entry")
+    mac: str = Field(description="Hex HMAC-SHA256 of this entry")
+
+
+class AuditListResponse(OpenAIModel):
+    entries: list[AuditEntry]
+    total: int = Field(description="Entries in the whole log")
+    chain_valid: bool = Field(description="Result of verifying the whole chain")
+    verify_error: str | None = Field(default=None, description="Why verification failed; left out when valid")

@@ -1,0 +1,83 @@
+"""Run the local-inference service: read settings, load the model once, serve.
+
+The gRPC port is bound (and health turns SERVING) only after the model has
+loaded, so a probe never routes traffic to a worker that cannot answer yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from hoosh.inference.v1 import inference_pb2_grpc
+from hoosh_common.grpc_server import new_server, serve
+from hoosh_common.logs import configure_logging
+from hoosh_common.runtime import run
+from hoosh_common.telemetry import configure_tracing
+from pydantic import ValidationError
+
+from . import hardware
+from .config import InferenceSettings
+from .engine import Engine
+from .server import SERVICE_NAME, InferenceServicer
+
+SERVICE = "local-inference"
+log = logging.getLogger("hoosh_inference")
+
+
+async def build_engine(settings: InferenceSettings, info: hardware.HardwareInfo) -> Engine:
+    """Load the model with the engine the settings and the hardware call for."""
+    choice = hardware.choose_engine(
+        settings.engine,
+        has_gpu=bool(info.accelerators),
+        vllm_available=hardware.vllm_installed(),
+        vllm_model=settings.vllm_model,
+    )
+    log.info(
+        "loading model",
+        extra={"engine": choice, "model_id": settings.model_id, "gpus": [a.name for a in info.accelerators]},
+    )
+    if choice == "vllm":
+        from .vllm_engine import VllmEngine
+
+        return await VllmEngine.start(
+            model_id=settings.model_id,
+            model=settings.vllm_model,
+            max_model_len=settings.vllm_max_model_len,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            max_in_flight=settings.max_queue,
+        )
+    from .llama_engine import LlamaEngine
+
+    return await asyncio.to_thread(
+        LlamaEngine,
+        model_id=settings.model_id,
+        model_path=settings.gguf_path(),
+        n_ctx=settings.n_ctx,
+        n_threads=settings.threads or info.cpu_count,
+        max_queue=settings.max_queue,
+    )
+
+
+async def amain(settings: InferenceSettings) -> None:
+    info = await asyncio.to_thread(hardware.probe)
+    engine = await build_engine(settings, info)
+    server = new_server()
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine), server)
+    await serve(server, settings.listen, [SERVICE_NAME], on_stop=engine.close)
+
+
+def main() -> None:
+    try:
+        settings = InferenceSettings()
+    except ValidationError as exc:
+        configure_logging(SERVICE)
+        log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})
+        raise SystemExit(2) from None
+    configure_logging(SERVICE, settings.log_level)
+    configure_tracing(SERVICE)
+    run(amain(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""`make bench` / `python -m bench`: hoosh against LiteLLM's proxy and the bare
+upstream, side by side on this machine, written to BENCHMARKS.md.
+
+`python -m bench --quick` runs hoosh alone for a few hundred requests and checks
+that budgets and audit add up (the test suite runs it; it asserts no times)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import load
+from .stacks import ROOT, HooshUnderTest, LiteLLM, Upstream, peak_rss_bytes, start_hoosh
+
+
+@dataclass
+class AccountingCheck:
+    requests: int
+    usage_seen: int
+    pool_used: int
+    pool_reserved: int
+    audit_entries: int
+    chain_valid: bool
+    errors: int
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.errors == 0
+            and self.pool_used == self.usage_seen
+            and self.pool_reserved == 0
+            and self.audit_entries == self.requests
+            and self.chain_valid
+        )
+
+
+def audit_entries_for_pool(hoosh: HooshUnderTest, pool: str) -> int:
+    count = 0
+    if not hoosh.audit_file.exists():
+        return 0
+    for line in hoosh.audit_file.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["payload"].get("pool") == pool and entry["subject"].endswith("inference.completed"):
+            count += 1
+    return count
+
+
+async def accounting_run(
+    hoosh: HooshUnderTest, model: str, concurrency: int, requests: int
+) -> tuple[load.CapacityResult, AccountingCheck]:
+    """A closed-loop run into a fresh pool, then: pool used == usage the clients saw,
+    nothing reserved, one audit entry per request, chain valid."""
+    from hoosh_audit.chain import verify
+
+    pool = await hoosh.new_pool()
+    target = load.Target("hoosh", hoosh.base_url, model, extra_body={"pool": pool})
+    result = await load.closed_loop(target, concurrency, requests)
+    entries = 0
+    for _ in range(300):  # audit is asynchronous: wait (bounded) for it to catch up
+        entries = audit_entries_for_pool(hoosh, pool)
+        if entries >= result.requests - result.errors:
+            break
+        await asyncio.sleep(0.1)
+    state = await hoosh.pool_state(pool)
+    verdict = verify(hoosh.audit_file, hoosh.config.audit_key.encode())
+    return result, AccountingCheck(
+        requests=result.requests,
+        usage_seen=result.usage_total,
+        pool_used=state.used,
+        pool_reserved=state.reserved,
+        audit_entries=entries,
+        chain_valid=verdict.valid,
+        errors=result.errors,
+    )
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": f"{memory_kib / 1024 / 1024:.1f} GiB",
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def run_quick(requests: int = 300, concurrency: int = 32) -> dict[str, object]:
+    """hoosh alone: a latency sample and one accounting run. Returns the figures and checks."""
+    upstream = Upstream(latency_ms=0)
+    with tempfile.TemporaryDirectory(prefix="hoosh-bench-") as state:
+        hoosh = start_hoosh(Path(state), upstream, None, with_inference=False)
+        try:
+            targets = [
+                load.Target("direct", upstream.base_url, "bench-fast"),
+                load.Target("hoosh", hoosh.base_url, "bench-fast"),
+            ]
+            latency = load.interleaved_latency(targets, rounds=2, per_round=50, warmup=5)
+            capacity, check = asyncio.run(accounting_run(hoosh, "bench-fast", concurrency, requests))
+        finally:
+            hoosh.stop()
+            upstream.stop()
+    return {
+        "latency_ms": {name: result.median * 1000 for name, result in latency.items()},
+        "capacity": asdict(capacity),
+        "check": asdict(check),
+        "ok": check.ok,
+    }
+
+
+@dataclass
+class StackFigures:
+    name: str
+    added_median_ms: float = 0.0
+    median_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    ttft_added_ms: float = 0.0
+    capacity: dict[int, load.CapacityResult] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0
+
+
+def ms(value: float) -> str:
+    return f"{value * 1000:.2f}" if value == value else "n/a"
+
+
+def render(
+    figures: list[StackFigures],
+    check: AccountingCheck | None,
+    info: dict[str, str],
+    args: argparse.Namespace,
+    started: float,
+) -> str:
+    by_name = {f.name: f for f in figures}
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}: {info['cpu']}, {info['cores']} cores, "
+        f"{info['memory']} RAM, Python {info['python']}, Linux {info['kernel']}. Everything (load generator, "
+        "upstream stand-in, hoosh with Redis/NATS/audit, LiteLLM) shares this one machine.",
+        "",
+        "Reproduce: `make bench` (= `.venv/bin/python -m bench`).",
+        "",
+        f"Latency: {args.rounds} interleaved rounds x {args.per_round} sequential requests per stack against the 0 ms "
+        "upstream; median of round medians; p90/p99 over all samples. Added = stack median - direct median. "
+        f"Capacity: closed loop with wrk ({args.seconds} s per point) against the 50 ms upstream. TTFT: streaming, "
+        "time to the first content chunk, added over direct. Peak RSS: sum of VmHWM of the stack's processes "
+        "(hoosh: edge, router, budget, audit, local-inference; Redis and NATS not counted; LiteLLM: its process tree).",
+        "",
+        "| stack | median ms | added ms | p90 ms | p99 ms | TTFT added ms | c=32 req/s | c=32 p50/p99 ms | c=32 errors "
+        "| c=128 req/s | c=128 p50/p99 ms | c=128 errors | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        cells = [
+            f.name,
+            ms(f.median_ms),
+            ms(f.added_median_ms) if f.name != "direct" else "-",
+            ms(f.p90_ms),
+            ms(f.p99_ms),
+            ms(f.ttft_added_ms) if f.name != "direct" else "-",
+        ]
+        for concurrency in (32, 128):
+            result = f.capacity.get(concurrency)
+            if result is None:
+                cells += ["-", "-", "-"]
+            else:
+                cells += [f"{result.rps:.0f}", f"{ms(result.p50)}/{ms(result.p99)}", str(result.errors)]
+        cells.append(f"{f.peak_rss_mib:.0f}" if f.peak_rss_mib else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    if "hoosh" in by_name and "litellm" in by_name:
+        hoosh, litellm = by_name["hoosh"], by_name["litellm"]
+        lines += ["", "Ratios (same run):", ""]
+        if hoosh.added_median_ms > 0:
+            lines.append(
+                f"- added latency: LiteLLM adds {litellm.added_median_ms / hoosh.added_median_ms:.1f}x what hoosh adds "
+                f"({ms(litellm.added_median_ms)} ms vs {ms(hoosh.added_median_ms)} ms)"
+            )
+        for concurrency in (32, 128):
+            if concurrency in hoosh.capacity and concurrency in litellm.capacity and litellm.capacity[concurrency].rps:
+                lines.append(
+                    f"- capacity at c={concurrency}: hoosh {hoosh.capacity[concurrency].rps:.0f} req/s vs LiteLLM "
+                    f"{litellm.capacity[concurrency].rps:.0f} req/s ({hoosh.capacity[concurrency].rps / litellm.capacity[concurrency].rps:.1f}x)"
+                )
+    if check is not None:
+        lines += [
+            "",
+            f"Correctness after a concurrency-128 run through hoosh ({check.requests} requests, 50 ms upstream, own pool): "
+            f"usage the clients received {check.usage_seen}, pool used {check.pool_used}, reserved {check.pool_reserved}, "
+            f"audit entries {check.audit_entries}, chain valid {check.chain_valid}, errors {check.errors} -> "
+            f"{'OK' if check.ok else 'MISMATCH'}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def run_full(args: argparse.Namespace) -> int:
+    started = time.time()
+    info = machine()
+    fast, slow = Upstream(0), Upstream(50)
+    state = Path(tempfile.mkdtemp(prefix="hoosh-bench-"))
+    figures = {name: StackFigures(name) for name in ("direct", "hoosh", "litellm")}
+    stacks: list[object] = []
+    check: AccountingCheck | None = None
+    try:
+        hoosh = start_hoosh(state / "hoosh", fast, slow)
+        stacks.append(hoosh)
+        litellm = None
+        if not args.no_litellm:
+            (state / "litellm").mkdir()
+            litellm = LiteLLM(state / "litellm", fast, slow, ROOT / ".bench" / "litellm-venv")
+            stacks.append(litellm)
+
+        def targets(model: str) -> list[load.Target]:
+            found = [
+                load.Target("direct", (fast if model == "bench-fast" else slow).base_url, model),
+                load.Target("hoosh", hoosh.base_url, model),
+            ]
+            if litellm is not None:
+                found.append(load.Target("litellm", litellm.base_url, model, headers=litellm.headers))
+            return found
+
+        print("latency ...", flush=True)
+        latency = load.interleaved_latency(targets("bench-fast"), args.rounds, args.per_round)
+        print("time to first token ...", flush=True)
+        ttft = load.interleaved_ttft(targets("bench-fast"), max(1, args.rounds // 2), max(10, args.per_round // 4))
+        for name, result in latency.items():
+            f = figures[name]
+            f.median_ms, f.p90_ms, f.p99_ms = result.median, result.p90, result.p99
+            f.added_median_ms = result.median - latency["direct"].median
+            f.ttft_added_ms = ttft[name].median - ttft["direct"].median
+        for concurrency in (32, 128):
+            for target in targets("bench-slow"):
+                print(f"capacity c={concurrency} {target.name} ...", flush=True)
+                figures[target.name].capacity[concurrency] = load.wrk_capacity(target, concurrency, args.seconds)
+        print("accounting check (c=128) ...", flush=True)
+        _, check = asyncio.run(accounting_run(hoosh, "bench-slow", 128, args.check_requests))
+        figures["hoosh"].peak_rss_mib = peak_rss_bytes(hoosh.pids()) / 2**20
+        if litellm is not None:
+            figures["litellm"].peak_rss_mib = peak_rss_bytes(litellm.pids()) / 2**20
+    finally:
+        for stack in reversed(stacks):
+            stack.stop()  # type: ignore[attr-defined]
+        fast.stop()
+        slow.stop()
+    ordered = [figures["direct"], figures["hoosh"]] + ([figures["litellm"]] if not args.no_litellm else [])
+    report = render(ordered, check, info, args, started)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+        print(f"written to {args.out}")
+    return 0 if check is not None and check.ok else 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="hoosh only, a few hundred requests, checks accounting")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=200)
+    parser.add_argument("--seconds", type=int, default=10, help="duration of each capacity point")
+    parser.add_argument("--check-requests", type=int, default=3000)
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    if args.quick:
+        result = run_quick()
+        print(json.dumps(result, indent=2))
+        sys.exit(0 if result["ok"] else 1)
+    if not load.wrk_available():
+        print("wrk not found: installing it (apt-get install wrk) ...", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=False, capture_output=True)
+        if not load.wrk_available():
+            sys.exit("wrk is needed for the capacity runs: apt-get install wrk")
+    sys.exit(run_full(args))
+
+
+if __name__ == "__main__":
+    main()

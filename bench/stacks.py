@@ -138,6 +138,7 @@ def start_hoosh(
 ) -> HooshUnderTest:
     """hoosh as a user runs it: every service, budgets, events and audit on."""
     run_id = uuid.uuid4().hex[:8]
+    state_dir.mkdir(parents=True, exist_ok=True)
     config_file = state_dir / "hoosh.yaml"
     providers = [
         f"  - {{name: fast, type: openai, base_url: '{fast.base_url}', api_key: sk-upstream, models: [bench-fast]}}"

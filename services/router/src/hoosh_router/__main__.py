@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 import nats
+import redis.asyncio as aioredis
 from hoosh.router.v1 import router_pb2_grpc
+from hoosh_budget.pools import BudgetStore
 from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import insecure_channel, new_server, serve
 from hoosh_common.logs import configure_logging
@@ -15,7 +17,7 @@ from hoosh_common.telemetry import configure_tracing
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .backends.openai_compat import OpenAICompatibleBackend
-from .budget_client import BudgetClient
+from .budget_client import Budget, BudgetClient, RedisBudget
 from .chat import ChatService
 from .config import RouterSettings, load_catalogue
 from .routing import ModelRouter
@@ -50,9 +52,19 @@ async def main() -> None:
     publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix)
 
     budget_channel = insecure_channel(settings.budget_addr)
+    redis = aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=5)
+    )
+    budget: Budget
+    if settings.router_budget_mode == "redis":
+        budget = RedisBudget(
+            BudgetStore(redis, settings.budget_key_prefix, settings.router_lease_seconds), settings.router_lease_seconds
+        )
+    else:
+        budget = BudgetClient(budget_channel, settings.router_lease_seconds)
     chat = ChatService(
         router,
-        BudgetClient(budget_channel, settings.router_lease_seconds),
+        budget,
         publisher,
         upstream_timeout=settings.router_upstream_timeout_seconds,
     )
@@ -63,6 +75,7 @@ async def main() -> None:
         await publisher.drain()  # no event is lost on shutdown
         await nc.drain()
         await budget_channel.close()
+        await redis.aclose()
         for _, backend in entries:
             await backend.close()
 

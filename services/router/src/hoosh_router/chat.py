@@ -21,7 +21,7 @@ from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
 from hoosh_common.telemetry import current_trace_id
 
 from .backends.base import CallParams, StreamPiece
-from .budget_client import BudgetClient
+from .budget_client import Budget
 from .errors import ClientCancelled, InvalidRequest, RouterError, UpstreamError, http_status_for
 from .routing import ModelRouter, Route
 
@@ -45,7 +45,7 @@ class ChatService:
     def __init__(
         self,
         router: ModelRouter,
-        budget: BudgetClient,
+        budget: Budget,
         publisher: Publisher,
         *,
         upstream_timeout: float,

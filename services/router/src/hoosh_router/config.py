@@ -25,6 +25,11 @@ class RouterSettings(BaseSettings):
     nats_stream: str = "HOOSH_EVENTS"
     subject_prefix: str = "hoosh"
     router_lease_seconds: int = 600
+    # "redis": the budget library in-process against the shared Redis (the hot path);
+    # "grpc": through the budget service.
+    router_budget_mode: Literal["redis", "grpc"] = "redis"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    budget_key_prefix: str = "hoosh:budget:"
     router_upstream_timeout_seconds: float = 300.0
 
 

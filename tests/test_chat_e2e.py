@@ -202,6 +202,8 @@ async def test_pool_accounting_and_audit_chain_after_n_chats(hoosh: RunningStack
     mine = [entry for entry in body["entries"] if entry["event_id"] in request_ids]
     assert len(mine) == len(request_ids) == 6
     assert all(entry["subject"].endswith("inference.completed") for entry in mine)
+    # The trace context crossed HTTP -> gRPC -> NATS: every event carries the edge's trace id.
+    assert all(len(entry["payload"]["trace_id"]) == 32 and int(entry["payload"]["trace_id"], 16) for entry in mine)
     assert sum(int(e["payload"]["usage"]["total_tokens"]) for e in mine) == seen_total
     assert body["chain_valid"] is True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
@@ -13,6 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 log = logging.getLogger(__name__)
+_exporting = False
 
 
 def configure_tracing(service: str) -> None:
@@ -23,6 +25,7 @@ def configure_tracing(service: str) -> None:
     propagated so logs, events and audit entries can be correlated.
     """
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", f"hoosh-{service}")})
+    global _exporting
     provider = TracerProvider(resource=resource)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         try:
@@ -31,7 +34,17 @@ def configure_tracing(service: str) -> None:
             log.warning("OTEL endpoint set but opentelemetry-exporter-otlp-proto-grpc is not installed")
         else:
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            _exporting = True
     trace.set_tracer_provider(provider)
+
+
+def domain_span(tracer: trace.Tracer, name: str, attributes: dict[str, str]) -> AbstractContextManager[object]:
+    """A span when spans are exported; otherwise nothing. The propagated context (and so
+    the trace id in logs, events and audit) is there either way; an unexported span
+    would only cost CPU on the hot path."""
+    if _exporting:
+        return tracer.start_as_current_span(name, attributes=attributes)
+    return nullcontext()
 
 
 def inject_metadata() -> list[tuple[str, str]]:

@@ -14,6 +14,7 @@ deadline is extended) so later events never overtake it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -91,6 +92,7 @@ class AuditConsumer:
         nak_delay: float = 2.0,
         retry_max_delay: float = 5.0,
         check_interval: float = 10.0,
+        linger: float = 0.01,
     ) -> None:
         self._js = js
         self._log = audit_log
@@ -104,6 +106,9 @@ class AuditConsumer:
         self._nak_delay = nak_delay
         self._retry_max_delay = retry_max_delay
         self._check_interval = check_interval
+        # After a short batch, wait this long before the next fetch so that, under load,
+        # each fetch, fsync and round of acks covers many events instead of one or two.
+        self._linger = linger
         self._sub: JetStreamContext.PullSubscription | None = None
         self._watermark = 0  # highest stream sequence recorded from the current stream
         self._stopping = asyncio.Event()
@@ -192,6 +197,9 @@ class AuditConsumer:
                     await self._retrying(self.start)
                     continue
                 await self._handle(msgs)
+                if len(msgs) < self._batch_size and self._linger > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), self._linger)
         finally:
             await self._unsubscribe()
             self._done.set()

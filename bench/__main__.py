@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import load
-from .stacks import ROOT, HooshUnderTest, LiteLLM, Upstream, peak_rss_bytes, start_hoosh
+from .stacks import ROOT, HooshUnderTest, LiteLLM, Upstream, cpu_seconds, peak_rss_bytes, start_hoosh
 
 
 @dataclass
@@ -31,6 +31,7 @@ class AccountingCheck:
     audit_entries: int
     chain_valid: bool
     errors: int
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -63,6 +64,8 @@ async def accounting_run(
 
     pool = await hoosh.new_pool()
     target = load.Target("hoosh", hoosh.base_url, model, extra_body={"pool": pool})
+    processes = hoosh.processes()
+    cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
     result = await load.closed_loop(target, concurrency, requests)
     entries = 0
     for _ in range(300):  # audit is asynchronous: wait (bounded) for it to catch up
@@ -70,6 +73,9 @@ async def accounting_run(
         if entries >= result.requests - result.errors:
             break
         await asyncio.sleep(0.1)
+    cpu_ms = {
+        name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / max(1, result.requests) for name, pid in processes.items()
+    }
     state = await hoosh.pool_state(pool)
     verdict = verify(hoosh.audit_file, hoosh.config.audit_key.encode())
     return result, AccountingCheck(
@@ -80,6 +86,7 @@ async def accounting_run(
         audit_entries=entries,
         chain_valid=verdict.valid,
         errors=result.errors,
+        cpu_ms_per_request=cpu_ms,
     )
 
 
@@ -203,6 +210,10 @@ def render(
             f"usage the clients received {check.usage_seen}, pool used {check.pool_used}, reserved {check.pool_reserved}, "
             f"audit entries {check.audit_entries}, chain valid {check.chain_valid}, errors {check.errors} -> "
             f"{'OK' if check.ok else 'MISMATCH'}.",
+            "",
+            "CPU per request in that run, by process (ms, user+system from /proc; the Python load client not counted): "
+            + ", ".join(f"{name} {value:.3f}" for name, value in check.cpu_ms_per_request.items())
+            + f"; total {sum(check.cpu_ms_per_request.values()):.3f}.",
         ]
     return "\n".join(lines) + "\n"
 

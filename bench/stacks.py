@@ -47,6 +47,26 @@ def peak_rss_bytes(pids: list[int]) -> int:
     return total
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time a process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pids_by_command(fragment: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if fragment in (entry / "cmdline").read_bytes().decode(errors="ignore"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -95,6 +115,15 @@ class HooshUnderTest:
 
     def pids(self) -> list[int]:
         return [s.process.pid for s in self.stack.services if s.process is not None]
+
+    def processes(self) -> dict[str, int]:
+        """Every process a request touches, for CPU-per-request accounting."""
+        found = {s.name: s.process.pid for s in self.stack.services if s.process is not None}
+        for name in ("redis-server", "valkey-server", "nats-server"):
+            pids = pids_by_command(name)
+            if pids:
+                found[name] = pids[0]
+        return found
 
     async def new_pool(self, capacity: int = 10**12) -> str:
         name = f"bench-{uuid.uuid4().hex[:8]}"

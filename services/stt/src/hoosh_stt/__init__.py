@@ -1,0 +1,1 @@
+"""hoosh speech-to-text service."""

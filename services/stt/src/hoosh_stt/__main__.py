@@ -1,0 +1,128 @@
+"""``python -m hoosh_stt``: load the models, build the budget client and event
+publisher once, then serve SttService until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import nats
+from hoosh_common.eventbus import EventPublisher, ensure_stream
+from hoosh_common.grpc_server import insecure_channel, new_server, serve
+from hoosh_common.logs import configure_logging
+from hoosh_common.runtime import run
+from hoosh_common.telemetry import configure_tracing
+from pydantic import ValidationError
+
+from .budget import BudgetClient
+from .config import ModelSpec, SttSettings, model_specs
+from .engine import Engine
+from .errors import EngineUnavailable
+from .server import SERVICE_NAME, SttServicer, add_to_server
+from .transcription import TranscriptionService, WorkQueue
+
+log = logging.getLogger("hoosh_stt")
+
+
+def cuda_devices() -> int:
+    """CUDA devices CTranslate2 can use (0 without a GPU or a CUDA build)."""
+    import ctranslate2
+
+    try:
+        return int(ctranslate2.get_cuda_device_count())
+    except RuntimeError:
+        return 0
+
+
+def build_engine(settings: SttSettings, specs: list[ModelSpec]) -> Engine:
+    """whisperx on a GPU when it is installed (or asked for), faster-whisper otherwise."""
+    import importlib.util
+
+    device = settings.stt_device
+    if device == "auto":
+        device = "cuda" if cuda_devices() > 0 else "cpu"
+    compute_type = settings.stt_compute_type or ("float16" if device == "cuda" else "int8")
+    name = settings.stt_engine
+    if name == "auto":
+        name = "whisperx" if device == "cuda" and importlib.util.find_spec("whisperx") else "faster-whisper"
+    if name == "whisperx":
+        from .whisperx_engine import WhisperXEngine
+
+        return WhisperXEngine(
+            specs,
+            device=device,
+            compute_type=compute_type,
+            batch_size=settings.stt_batch_size,
+            beam_size=settings.stt_beam_size,
+            cpu_threads=settings.stt_cpu_threads,
+            align_model_dir=settings.stt_align_model_dir,
+        )
+    from .faster_whisper_engine import FasterWhisperEngine
+
+    return FasterWhisperEngine(
+        specs,
+        device=device,
+        compute_type=compute_type,
+        cpu_threads=settings.stt_cpu_threads,
+        workers=settings.stt_workers,
+        beam_size=settings.stt_beam_size,
+    )
+
+
+async def main(settings: SttSettings, engine: Engine) -> None:
+    nc = await nats.connect(settings.nats_url, name="hoosh-stt", max_reconnect_attempts=-1)
+    js = nc.jetstream()
+    await ensure_stream(js, settings.nats_stream, settings.subject_prefix)
+    publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix)
+    budget_channel = insecure_channel(settings.budget_addr)
+    service = TranscriptionService(
+        engine,
+        BudgetClient(budget_channel, settings.stt_lease_seconds),
+        publisher,
+        WorkQueue(settings.stt_workers, settings.stt_max_queue, settings.stt_retry_after_seconds),
+        tokens_per_second=settings.stt_tokens_per_second,
+        max_audio_bytes=settings.stt_max_audio_bytes,
+        max_audio_seconds=settings.stt_max_audio_seconds,
+        decode_workers=settings.stt_decode_workers,
+    )
+    server = new_server()
+    add_to_server(SttServicer(service), server)
+
+    async def on_stop() -> None:
+        await publisher.drain()  # no event is lost on shutdown
+        await nc.drain()
+        await budget_channel.close()
+        service.close()
+        engine.close()
+
+    log.info(
+        "stt starting",
+        extra={
+            "engine": engine.name,
+            "models": [model.id for model in engine.models()],
+            "workers": settings.stt_workers,
+            "max_queue": settings.stt_max_queue,
+        },
+    )
+    await serve(server, settings.stt_listen, [SERVICE_NAME], on_stop=on_stop)
+
+
+def cli() -> None:
+    """Read settings and load the models (fail fast, before binding), then serve."""
+    configure_logging("stt")
+    try:
+        settings = SttSettings()
+    except ValidationError as exc:
+        sys.exit(f"hoosh-stt: bad settings: {exc}")
+    configure_tracing("stt")
+    try:
+        specs = model_specs(settings)
+        engine = build_engine(settings, specs)
+        engine.load()
+    except (FileNotFoundError, EngineUnavailable) as exc:
+        sys.exit(f"hoosh-stt: {exc}")
+    run(main(settings, engine))
+
+
+if __name__ == "__main__":
+    cli()

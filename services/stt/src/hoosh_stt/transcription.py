@@ -1,0 +1,363 @@
+"""One transcription, end to end: admit, receive, decode, reserve, transcribe,
+commit, publish.
+
+Admission is bounded: at most ``workers`` transcriptions run and ``max_queue``
+more wait (an upload being received already holds its place); one more is
+refused at once with ``Overloaded`` rather than piling up. The pool is charged
+``ceil(audio seconds * tokens_per_second)``: reserved once the audio is decoded
+(so the duration is known), committed after the engine succeeds, released on
+any failure or cancellation. Bad audio fails before the reservation, so it is
+never charged. Every outcome publishes an InferenceCompleted/InferenceFailed
+event with ``kind="transcription"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+from google.protobuf.message import Message
+from hoosh.chat.v1 import chat_pb2
+from hoosh.events.v1 import events_pb2
+from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
+from hoosh_common.telemetry import current_trace_id
+
+from .audio import DecodedAudio, decode
+from .budget import BudgetClient
+from .engine import Engine, ModelInfo, TranscribeParams, Transcript
+from .errors import (
+    AudioTooLarge,
+    ClientCancelled,
+    EngineFailure,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    SttError,
+)
+from .languages import LANGUAGES, language_name
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DEFAULT_POOL = "default"
+DRAIN_FACTOR = 2  # an oversized upload is read (and dropped) up to this many times the limit
+
+
+class Publisher(Protocol):
+    def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptionRequest:
+    model: str
+    language: str = ""
+    prompt: str = ""
+    temperature: float | None = None
+    word_timestamps: bool = False
+    pool: str = ""
+    user: str = ""
+    filename: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptionResult:
+    model: str
+    transcript: Transcript
+    language_name: str
+    duration: float
+    charged_tokens: int
+
+
+class WorkQueue:
+    """Bounded admission in front of a fixed number of engine threads."""
+
+    def __init__(self, workers: int, max_queue: int, retry_after: int) -> None:
+        self.workers = workers
+        self.capacity = workers + max_queue
+        self._retry_after = retry_after
+        self._admitted = 0
+        self._slots = asyncio.Semaphore(workers)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hoosh-stt-engine")
+
+    @property
+    def admitted(self) -> int:
+        """Requests admitted and not finished (running, waiting or still uploading)."""
+        return self._admitted
+
+    def admit(self) -> Ticket:
+        """A place in the queue, or ``Overloaded`` when every place is taken."""
+        if self._admitted >= self.capacity:
+            raise Overloaded(
+                f"The speech-to-text service is at capacity ({self.capacity} transcriptions running or queued). "
+                "Retry shortly.",
+                retry_after=self._retry_after,
+            )
+        self._admitted += 1
+        return Ticket(self)
+
+    def _release(self) -> None:
+        self._admitted -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class Ticket:
+    """One admitted request. ``close()`` frees its place — when its engine job ends,
+    if a cancelled caller left one running (a thread cannot be interrupted, and the
+    bound must count the work that really runs)."""
+
+    def __init__(self, queue: WorkQueue) -> None:
+        self._queue = queue
+        self._job: asyncio.Future[Any] | None = None
+        self._closed = False
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on an engine thread once one is free."""
+        queue = self._queue
+        await queue._slots.acquire()
+        job = asyncio.get_running_loop().run_in_executor(queue._executor, fn)
+        job.add_done_callback(_free_slot(queue._slots))
+        self._job = job
+        return await asyncio.shield(job)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._job is not None and not self._job.done():
+            self._job.add_done_callback(lambda _: self._queue._release())
+        else:
+            self._queue._release()
+
+
+def _free_slot(slots: asyncio.Semaphore) -> Callable[[asyncio.Future[object]], None]:
+    def done(job: asyncio.Future[object]) -> None:
+        slots.release()
+        if not job.cancelled():
+            job.exception()  # retrieved: a failure nobody awaits (caller gone) is not reported twice
+
+    return done
+
+
+class TranscriptionService:
+    def __init__(
+        self,
+        engine: Engine,
+        budget: BudgetClient,
+        publisher: Publisher,
+        queue: WorkQueue,
+        *,
+        tokens_per_second: float,
+        max_audio_bytes: int,
+        max_audio_seconds: float,
+        decode_workers: int = 2,
+    ) -> None:
+        self._engine = engine
+        self._budget = budget
+        self._publisher = publisher
+        self._queue = queue
+        self._tokens_per_second = tokens_per_second
+        self._max_audio_bytes = max_audio_bytes
+        self._max_audio_seconds = max_audio_seconds
+        self._decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="hoosh-stt-decode")
+        self._models: dict[str, ModelInfo] = {model.id: model for model in engine.models()}
+
+    def models(self) -> list[ModelInfo]:
+        return list(self._models.values())
+
+    def tokens_for(self, seconds: float) -> int:
+        """What ``seconds`` of audio cost in pool tokens (at least 1)."""
+        return max(1, math.ceil(seconds * self._tokens_per_second))
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=True, cancel_futures=True)
+        self._queue.shutdown()
+
+    # -- validation -----------------------------------------------------------------
+
+    def _validate(self, request: TranscriptionRequest) -> TranscribeParams:
+        if not request.model:
+            raise InvalidRequest("you must provide a model parameter", param="model")
+        info = self._models.get(request.model)
+        if info is None:
+            raise ModelNotFound(
+                f"The model '{request.model}' does not exist. Speech-to-text models: {', '.join(self._models)}.",
+                param="model",
+            )
+        language = request.language.strip().lower()
+        if language:
+            if language not in LANGUAGES:
+                raise InvalidRequest(
+                    f"Language '{request.language}' is not supported; give an ISO-639-1 code such as 'en'.",
+                    param="language",
+                    code="unsupported_language",
+                )
+            if info.english_only and language != "en":
+                raise InvalidRequest(
+                    f"The model '{request.model}' transcribes English only; use language 'en' or omit it.",
+                    param="language",
+                    code="unsupported_language",
+                )
+        elif info.english_only:
+            language = "en"  # nothing to detect
+        temperature = request.temperature
+        if temperature is not None and not (0.0 <= temperature <= 1.0):
+            raise InvalidRequest("temperature must be between 0 and 1.", param="temperature")
+        return TranscribeParams(
+            language=language or None,
+            prompt=request.prompt or None,
+            temperature=temperature,
+            word_timestamps=request.word_timestamps,
+        )
+
+    async def _receive(self, chunks: AsyncIterable[bytes]) -> bytes:
+        buffer = bytearray()
+        received = 0
+        async for chunk in chunks:
+            received += len(chunk)
+            if received <= self._max_audio_bytes:
+                buffer += chunk
+            elif received > DRAIN_FACTOR * self._max_audio_bytes:
+                break  # a client that never stops: give up reading it
+            # Over the limit: keep reading (and dropping) so the client's writes end
+            # cleanly and it receives this status, not a broken stream.
+        if received > self._max_audio_bytes:
+            raise AudioTooLarge(f"The audio file is larger than the limit of {self._max_audio_bytes} bytes.")
+        return bytes(buffer)
+
+    # -- events ---------------------------------------------------------------------
+
+    def _usage(self, tokens: int) -> chat_pb2.Usage:
+        return chat_pb2.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens)
+
+    def _completed(
+        self, request: TranscriptionRequest, request_id: str, pool: str, tokens: int, started: float
+    ) -> None:
+        event = events_pb2.InferenceCompleted(
+            request_id=request_id,
+            trace_id=current_trace_id(),
+            timestamp_ms=int(time.time() * 1000),
+            model=request.model,
+            provider=self._engine.name,
+            pool=pool,
+            usage=self._usage(tokens),
+            latency_ms=int((time.monotonic() - started) * 1000),
+            stream=False,
+            user=request.user,
+            finish_reason="stop",
+            cost_usd=0.0,
+            kind="transcription",
+        )
+        self._publisher.publish_background(SUBJECT_COMPLETED, event, request_id)
+
+    def _failed(
+        self, request: TranscriptionRequest, request_id: str, pool: str, error: SttError, started: float
+    ) -> None:
+        event = events_pb2.InferenceFailed(
+            request_id=request_id,
+            trace_id=current_trace_id(),
+            timestamp_ms=int(time.time() * 1000),
+            model=request.model,
+            provider=self._engine.name,
+            pool=pool,
+            error_code=error.error_code,
+            error_message=error.message[:500],
+            http_status=error.http_status,
+            latency_ms=int((time.monotonic() - started) * 1000),
+            stream=False,
+            user=request.user,
+            usage=self._usage(0),
+            kind="transcription",
+        )
+        self._publisher.publish_background(SUBJECT_FAILED, event, request_id)
+
+    # -- the call -------------------------------------------------------------------
+
+    async def transcribe(
+        self,
+        request: TranscriptionRequest,
+        chunks: AsyncIterable[bytes],
+        request_id: str,
+        on_admitted: Callable[[], Awaitable[None]] | None = None,
+    ) -> TranscriptionResult:
+        """Transcribe the audio ``chunks`` carry. Raises an ``SttError``; nothing is charged unless it succeeds.
+
+        ``on_admitted`` is awaited once the request holds its place in the queue (the
+        server tells its client so with initial metadata, before the upload is read).
+        """
+        started = time.monotonic()
+        pool = request.pool or DEFAULT_POOL
+        reserved = False
+        loop = asyncio.get_running_loop()
+        try:
+            params = self._validate(request)
+            ticket = self._queue.admit()
+            try:
+                if on_admitted is not None:
+                    await on_admitted()
+                data = await self._receive(chunks)
+                audio: DecodedAudio = await loop.run_in_executor(self._decoder, decode, data, self._max_audio_seconds)
+                del data
+                tokens = self.tokens_for(audio.duration)
+                await self._budget.reserve(pool, tokens, request_id)
+                reserved = True
+                try:
+                    transcript = await ticket.run(
+                        partial(self._engine.transcribe, request.model, audio.samples, params)
+                    )
+                except SttError:
+                    raise
+                except Exception as exc:
+                    log.exception("engine failed", extra={"model": request.model})
+                    raise EngineFailure(f"The speech-to-text engine failed: {type(exc).__name__}") from exc
+            finally:
+                ticket.close()
+        except BaseException as error:
+            stt_error = await self._end_failed(request, request_id, pool, reserved, error, started)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            raise stt_error from error
+        await self._budget.commit(request_id, tokens)
+        self._completed(request, request_id, pool, tokens, started)
+        log.info(
+            "transcribed",
+            extra={"model": request.model, "audio_seconds": round(audio.duration, 3), "tokens": tokens, "pool": pool},
+        )
+        return TranscriptionResult(
+            model=request.model,
+            transcript=transcript,
+            language_name=language_name(transcript.language),
+            duration=audio.duration,
+            charged_tokens=tokens,
+        )
+
+    async def _end_failed(
+        self,
+        request: TranscriptionRequest,
+        request_id: str,
+        pool: str,
+        reserved: bool,
+        error: BaseException,
+        started: float,
+    ) -> SttError:
+        """Release the reservation (if any) and record the failure; returns the error to raise."""
+        task = asyncio.current_task()
+        if isinstance(error, asyncio.CancelledError) or (task is not None and task.cancelling()):
+            stt_error: SttError = ClientCancelled("The client cancelled the request")
+        elif isinstance(error, SttError):
+            stt_error = error
+        else:
+            log.exception("unexpected failure in transcription", exc_info=error)
+            stt_error = EngineFailure(f"Internal failure: {type(error).__name__}")
+        if reserved:
+            await asyncio.shield(self._budget.release(request_id))
+        self._failed(request, request_id, pool, stt_error, started)
+        return stt_error

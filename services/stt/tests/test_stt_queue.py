@@ -1,0 +1,95 @@
+"""The bounded work queue: places, engine threads, and cancelled callers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from hoosh_stt.errors import Overloaded
+from hoosh_stt.transcription import WorkQueue
+
+
+async def test_admission_is_bounded_by_workers_plus_queue() -> None:
+    queue = WorkQueue(workers=1, max_queue=2, retry_after=3)
+    tickets = [queue.admit() for _ in range(3)]
+    with pytest.raises(Overloaded) as raised:
+        queue.admit()
+    assert raised.value.retry_after == 3 and raised.value.error_code == "stt_overloaded"
+    tickets[0].close()
+    tickets[0].close()  # closing twice frees one place, once
+    assert queue.admitted == 2
+    queue.admit().close()
+    for ticket in tickets[1:]:
+        ticket.close()
+    assert queue.admitted == 0
+    queue.shutdown()
+
+
+async def test_jobs_run_one_per_worker_thread() -> None:
+    queue = WorkQueue(workers=2, max_queue=4, retry_after=1)
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def job() -> str:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        release.wait(10)
+        with lock:
+            running -= 1
+        return threading.current_thread().name
+
+    tickets = [queue.admit() for _ in range(5)]
+    tasks = [asyncio.create_task(ticket.run(job)) for ticket in tickets]
+    for _ in range(1000):  # bounded: the two threads start at once
+        if running >= 2:
+            break
+        await asyncio.sleep(0.01)
+    release.set()
+    names = await asyncio.gather(*tasks)
+    assert peak == 2
+    assert all(name.startswith("hoosh-stt-engine") for name in names)
+    for ticket in tickets:
+        ticket.close()
+    assert queue.admitted == 0
+    queue.shutdown()
+
+
+async def test_a_cancelled_caller_keeps_its_place_until_its_engine_job_ends() -> None:
+    queue = WorkQueue(workers=1, max_queue=0, retry_after=1)
+    started = threading.Event()
+    release = threading.Event()
+
+    def job() -> None:
+        started.set()
+        release.wait(10)
+
+    ticket = queue.admit()
+
+    async def caller() -> None:
+        try:
+            await ticket.run(job)
+        finally:
+            ticket.close()
+
+    task = asyncio.create_task(caller())
+    await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The thread still runs: its place stays taken, so the bound counts real work.
+    assert queue.admitted == 1
+    with pytest.raises(Overloaded):
+        queue.admit()
+    release.set()
+    for _ in range(200):
+        if queue.admitted == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert queue.admitted == 0
+    queue.admit().close()
+    queue.shutdown()

@@ -188,6 +188,7 @@ def start_hoosh(
         nats_stream=f"HOOSH_BENCH_{run_id}",
         subject_prefix=f"hoosh_bench_{run_id}",
         budget_key_prefix=f"hoosh:bench:{run_id}:",
+        router_key_prefix=f"hoosh:bench:{run_id}:router:",  # under the budget prefix: one cleanup
         audit_key=secrets.token_hex(32),
         audit_consumer=f"audit_bench_{run_id}",
         with_inference=with_inference,

@@ -1,58 +1,128 @@
-"""A stand-in for a paid OpenAI-compatible provider: a small asyncio HTTP/1.1
-server speaking OpenAI's chat-completions wire format (JSON and SSE), with a
-fixed configurable latency. Written on raw asyncio so that, in benchmarks, the
-upstream costs as little CPU as possible.
+"""Stand-ins for paid providers: small asyncio HTTP/1.1 servers speaking each
+provider's real wire format (JSON and SSE), with a fixed configurable latency.
+Written on raw asyncio so that, in benchmarks, the upstream costs as little CPU
+as possible. This module holds the shared server and the OpenAI dialect;
+``bench.upstream_anthropic`` and ``bench.upstream_gemini`` hold the others.
 
-Behaviour switches, chosen by the requested model name (for failure tests):
-  *fail-503*        answers 503 with an OpenAI error body
+Behaviour switches, chosen by the requested model name (for failure tests), in
+every dialect:
+  *fail-503*        answers 503 with the dialect's error body
   *fail-400*        answers 400
+  *fail-429*        answers 429 with Retry-After: 1
+  *fail-twice*      the first two requests for this exact model name answer 503, then it works
   *bad-json*        answers 200 with a body that is not JSON
-  *cut-stream*      streams two chunks, then closes without [DONE]
-  *odd-finish*      finish_reason "banana"
-  *no-usage*        stream without a usage chunk
+  *cut-stream*      streams two pieces, then closes without the dialect's end marker
+  *odd-finish*      an unknown finish reason ("banana" / "BANANA")
+  *no-usage*        a stream without usage
   *tool*            answers with a tool call to the first tool in the request
 
-Run: python -m bench.upstream --port 9000 --latency-ms 50
+Control (tests): ``POST /control`` with ``{"fail_status": 503}`` makes every request
+(models listing included) fail with that status (0 turns it off; ``{"reset": true}`` also
+clears the counters); ``GET /control/stats`` returns the request counters and the
+last request body.
+
+Run: python -m bench.upstream --port 9000 --latency-ms 50 [--dialect anthropic|gemini]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
+import math
+import struct
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
 REPLY_WORDS = ["Hello", " from", " the", " upstream", " stand", "-in", "."]
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclass
 class UpstreamStats:
     requests: int = 0
     by_model: dict[str, int] = field(default_factory=dict)
-    last_body: dict[str, object] = field(default_factory=dict)
+    last_body: dict[str, Any] = field(default_factory=dict)
 
 
-def _response(status: int, body: bytes, content_type: str = "application/json") -> bytes:
-    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 503: "Service Unavailable"}.get(status, "Error")
+def response_bytes(status: int, body: bytes, content_type: str = "application/json", extra: str = "") -> bytes:
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n{extra}\r\n"
     )
     return head.encode() + body
 
 
-def _error(status: int, message: str) -> bytes:
-    return _response(
-        status, orjson.dumps({"error": {"message": message, "type": "invalid_request_error", "code": None}})
-    )
+def fake_embedding(text: str, dimensions: int = 8) -> list[float]:
+    """A deterministic unit vector derived from the text."""
+    digest = hashlib.sha256(text.encode()).digest()
+    values = [(byte - 127.5) / 127.5 for byte in (digest * (dimensions // 32 + 1))[:dimensions]]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
 
 
-class OpenAIUpstream:
+def count_words(value: Any) -> int:
+    """A crude token count of any JSON value's strings (the stand-ins' "tokenizer")."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(count_words(item) for item in value)
+    if isinstance(value, dict):
+        return sum(count_words(item) for item in value.values())
+    return 0
+
+
+class ChunkedWriter:
+    """An HTTP/1.1 chunked body of server-sent events."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: keep-alive\r\n\r\n"
+        )
+
+    def raw(self, data: bytes) -> None:
+        self._writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+    def event(self, payload: bytes, name: str | None = None) -> None:
+        self.raw((f"event: {name}\n".encode() if name else b"") + b"data: " + payload + b"\n\n")
+
+    async def cut(self) -> None:
+        """Close the connection mid-body (no terminating chunk)."""
+        await self._writer.drain()
+        self._writer.close()
+
+    async def end(self) -> None:
+        self._writer.write(b"0\r\n\r\n")
+        await self._writer.drain()
+
+
+class StandIn:
+    """The shared server: parsing, counters, control endpoints, failure switches.
+
+    Subclasses implement :meth:`route` for their dialect and :meth:`error` for its
+    error body.
+    """
+
     def __init__(self, latency_ms: float = 0.0) -> None:
         self.latency = latency_ms / 1000
         self.stats = UpstreamStats()
+        self.fail_status = 0
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -61,8 +131,8 @@ class OpenAIUpstream:
         self.port = self._server.sockets[0].getsockname()[1]
 
     @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     async def close(self) -> None:
         if self._server is not None:
@@ -74,14 +144,23 @@ class OpenAIUpstream:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = lines[0].split(" ", 2)
-                length = 0
+                method, target, _ = lines[0].split(" ", 2)
+                headers: dict[str, str] = {}
                 for line in lines[1:]:
                     name, _, value = line.partition(":")
-                    if name.lower() == "content-length":
-                        length = int(value.strip())
+                    if name:
+                        headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length") or 0)
                 body = await reader.readexactly(length) if length else b""
-                keep_open = await self._route(method, path, body, writer)
+                path, _, query = target.partition("?")
+                if path.startswith("/control"):
+                    self._control(method, path, body, writer)
+                    continue
+                if self.fail_status:  # told to be down: every endpoint fails, /models included
+                    self.stats.requests += 1
+                    writer.write(self.error(self.fail_status, "the stand-in was told to fail"))
+                    continue
+                keep_open = await self.route(method, path, query, headers, body, writer)
                 if not keep_open:
                     break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
@@ -89,33 +168,101 @@ class OpenAIUpstream:
         finally:
             writer.close()
 
-    async def _route(self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
+    def _control(self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter) -> None:
+        if method == "POST":
+            settings = orjson.loads(body or b"{}")
+            if settings.get("reset"):
+                self.stats = UpstreamStats()
+            if "fail_status" in settings:
+                self.fail_status = int(settings["fail_status"] or 0)
+        stats = {
+            "requests": self.stats.requests,
+            "by_model": self.stats.by_model,
+            "last_body": self.stats.last_body,
+            "fail_status": self.fail_status,
+        }
+        writer.write(response_bytes(200, orjson.dumps(stats)))
+
+    def count(self, model: str, body: dict[str, Any]) -> int:
+        """Record a request; returns how many this exact model name has had."""
+        self.stats.requests += 1
+        seen = self.stats.by_model.get(model, 0) + 1
+        self.stats.by_model[model] = seen
+        self.stats.last_body = body
+        return seen
+
+    async def common_failure(self, model: str, seen: int, writer: asyncio.StreamWriter) -> bool:
+        """Apply the latency and the shared failure switches; True when an answer was written."""
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if "fail-503" in model or ("fail-twice" in model and seen <= 2):
+            writer.write(self.error(503, "upstream overloaded"))
+            return True
+        if "fail-429" in model:
+            writer.write(self.error(429, "slow down", extra="Retry-After: 1\r\n"))
+            return True
+        if "fail-400" in model:
+            writer.write(self.error(400, "upstream says the request is bad"))
+            return True
+        if "bad-json" in model:
+            writer.write(response_bytes(200, b"{not json"))
+            return True
+        return False
+
+    def error(self, status: int, message: str, extra: str = "") -> bytes:
+        raise NotImplementedError
+
+    async def route(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        """Answer one request; False closes the connection."""
+        raise NotImplementedError
+
+
+class OpenAIUpstream(StandIn):
+    """OpenAI's chat-completions, models and embeddings endpoints."""
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def error(self, status: int, message: str, extra: str = "") -> bytes:
+        body = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
+        return response_bytes(status, orjson.dumps(body), extra=extra)
+
+    async def route(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
         if method == "GET" and path.endswith("/models"):
             models = [{"id": "gpt-4o-mini", "object": "model", "created": 1700000000, "owned_by": "upstream"}]
-            writer.write(_response(200, orjson.dumps({"object": "list", "data": models})))
+            writer.write(response_bytes(200, orjson.dumps({"object": "list", "data": models})))
             return True
-        if method != "POST" or not path.endswith("/chat/completions"):
-            writer.write(_error(404, f"no route {method} {path}"))
+        if method != "POST" or not path.endswith(("/chat/completions", "/embeddings")):
+            writer.write(self.error(404, f"no route {method} {path}"))
             return True
         try:
             request = orjson.loads(body)
         except orjson.JSONDecodeError:
-            writer.write(_error(400, "body is not JSON"))
+            writer.write(self.error(400, "body is not JSON"))
             return True
         model = str(request.get("model", ""))
-        self.stats.requests += 1
-        self.stats.by_model[model] = self.stats.by_model.get(model, 0) + 1
-        self.stats.last_body = request
-        if self.latency:
-            await asyncio.sleep(self.latency)
-        if "fail-503" in model:
-            writer.write(_error(503, "upstream overloaded"))
+        seen = self.count(model, request)
+        if await self.common_failure(model, seen, writer):
             return True
-        if "fail-400" in model:
-            writer.write(_error(400, "upstream says the request is bad"))
-            return True
-        if "bad-json" in model:
-            writer.write(_response(200, b"{not json"))
+        if path.endswith("/embeddings"):
+            self._embeddings(request, model, writer)
             return True
         prompt_tokens = sum(len(str(m.get("content") or "").split()) + 4 for m in request.get("messages", []))
         max_tokens = int(request.get("max_tokens") or 16)
@@ -150,8 +297,30 @@ class OpenAIUpstream:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-        writer.write(_response(200, orjson.dumps(reply)))
+        writer.write(response_bytes(200, orjson.dumps(reply)))
         return True
+
+    def _embeddings(self, request: dict[str, Any], model: str, writer: asyncio.StreamWriter) -> None:
+        inputs = request.get("input")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        if not texts or not all(isinstance(text, str) for text in texts):
+            writer.write(self.error(400, "input must be a string or a list of strings"))
+            return
+        dimensions = int(request.get("dimensions") or 8)
+        data = []
+        for index, text in enumerate(texts):
+            vector: Any = fake_embedding(text, dimensions)
+            if request.get("encoding_format") == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        tokens = sum(len(text.split()) for text in texts)
+        reply = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        writer.write(response_bytes(200, orjson.dumps(reply)))
 
     async def _stream(
         self,
@@ -163,14 +332,10 @@ class OpenAIUpstream:
         tool_call: dict[str, object] | None,
         request: dict[str, object],
     ) -> None:
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
-            b"Connection: keep-alive\r\n\r\n"
-        )
+        out = ChunkedWriter(writer)
 
         def send(payload: bytes) -> None:
-            data = b"data: " + payload + b"\n\n"
-            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            out.raw(b"data: " + payload + b"\n\n")
 
         base = {
             "id": "chatcmpl-upstream",
@@ -189,45 +354,14 @@ class OpenAIUpstream:
         if tool_call:
             function = tool_call["function"]
             assert isinstance(function, dict)
-            send(
-                orjson.dumps(
-                    {
-                        **base,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {
-                                    "tool_calls": [
-                                        {
-                                            "index": 0,
-                                            "id": tool_call["id"],
-                                            "type": "function",
-                                            "function": {"name": function["name"], "arguments": ""},
-                                        }
-                                    ]
-                                },
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
+            first = {"index": 0, "id": tool_call["id"], "type": "function"}
+            first["function"] = {"name": function["name"], "arguments": ""}
+            for delta in (first, {"index": 0, "function": {"arguments": function["arguments"]}}):
+                send(
+                    orjson.dumps(
+                        {**base, "choices": [{"index": 0, "delta": {"tool_calls": [delta]}, "finish_reason": None}]}
+                    )
                 )
-            )
-            send(
-                orjson.dumps(
-                    {
-                        **base,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": {
-                                    "tool_calls": [{"index": 0, "function": {"arguments": function["arguments"]}}]
-                                },
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
-                )
-            )
             completion_tokens = 1
         else:
             for position, word in enumerate(words):
@@ -235,8 +369,7 @@ class OpenAIUpstream:
                     orjson.dumps({**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
                 )
                 if "cut-stream" in model and position == 1:
-                    await writer.drain()
-                    writer.close()
+                    await out.cut()
                     return
             completion_tokens = len(words)
         send(orjson.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}))
@@ -249,14 +382,25 @@ class OpenAIUpstream:
             }
             send(orjson.dumps({**base, "choices": [], "usage": usage}))
         send(b"[DONE]")
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
+        await out.end()
 
 
-async def _main(port: int, latency_ms: float) -> None:
-    upstream = OpenAIUpstream(latency_ms)
+def make_stand_in(dialect: str, latency_ms: float) -> StandIn:
+    if dialect == "anthropic":
+        from bench.upstream_anthropic import AnthropicUpstream
+
+        return AnthropicUpstream(latency_ms)
+    if dialect == "gemini":
+        from bench.upstream_gemini import GeminiUpstream
+
+        return GeminiUpstream(latency_ms)
+    return OpenAIUpstream(latency_ms)
+
+
+async def _main(port: int, latency_ms: float, dialect: str) -> None:
+    upstream = make_stand_in(dialect, latency_ms)
     await upstream.start(port=port)
-    print(f"upstream stand-in on {upstream.base_url} (latency {latency_ms} ms)", flush=True)
+    print(f"{dialect} stand-in on {upstream.root_url} (latency {latency_ms} ms)", flush=True)
     await asyncio.Event().wait()
 
 
@@ -264,10 +408,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--dialect", choices=["openai", "anthropic", "gemini"], default="openai")
     args = parser.parse_args()
     try:
         import uvloop
 
-        uvloop.run(_main(args.port, args.latency_ms))
+        uvloop.run(_main(args.port, args.latency_ms, args.dialect))
     except KeyboardInterrupt:
         pass

@@ -27,6 +27,18 @@ make --no-print-directory proto VENV="$VENV"
 "${PIP[@]}" install -q -r requirements-dev.txt \
   -e libs/common -e libs/cli \
   -e services/budget -e services/audit -e services/router \
-  -e services/local-inference -e services/edge 2>&1 | grep -v 'is ignored' || true
-"$VENV/bin/python" -c "import hoosh_common, hoosh_cli, hoosh_budget, hoosh_audit, hoosh_router, hoosh_inference, hoosh_edge, llama_cpp"
+  -e services/local-inference -e services/edge -e services/stt 2>&1 | grep -v 'is ignored' || true
+"$VENV/bin/python" -c "import hoosh_common, hoosh_cli, hoosh_budget, hoosh_audit, hoosh_router, hoosh_inference, hoosh_edge, hoosh_stt, faster_whisper, llama_cpp"
+
+# The speech tests render their audio with espeak-ng (a Debian package, not a PyPI one).
+# Installed only when missing, and only where we may (root with apt).
+if ! command -v espeak-ng >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing espeak-ng (test speech)..."
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null
+  else
+    echo "warning: espeak-ng is missing and cannot be installed here; the speech tests need it (apt-get install espeak-ng)" >&2
+  fi
+fi
 echo "hoosh installed in $VENV"

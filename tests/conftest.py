@@ -1,6 +1,7 @@
 """Cross-service fixtures: the real hoosh stack as processes, against the real
 Redis and NATS on this machine, with a fresh stream, subject prefix and key
-prefix per test session, and an OpenAI-wire stand-in for the paid provider."""
+prefix per test session, and stand-ins speaking the paid providers' wire formats
+(OpenAI, Anthropic, Gemini)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,63 @@ from hoosh_cli.stack import Ports, Stack, StackConfig, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_MODEL = "smollm2-135m-instruct"
+STT_MODEL = "whisper-tiny.en"
+STT_WORKERS = 1
+STT_MAX_QUEUE = 3
+
+# The providers and routes test_providers_e2e.py exercises (after `local` and `upstream`).
+PROVIDERS_YAML = """
+  - name: anthropic
+    type: anthropic
+    base_url: {stand_ins.anthropic}
+    api_key: $HOOSH_TEST_UPSTREAM_KEY
+    models: ["claude-*"]
+    pricing: {{input_per_mtok: 0.8, output_per_mtok: 4}}
+  - name: gemini
+    type: gemini
+    base_url: {stand_ins.gemini}/v1beta
+    api_key: $HOOSH_TEST_UPSTREAM_KEY
+    models: ["gemini-*"]
+    embedding_models: ["text-embedding-004", "gemini-embedding-*"]
+  - name: flaky
+    type: openai
+    base_url: {stand_ins.flaky}/v1
+    api_key: sk-flaky
+    breaker: {{failure_threshold: 3, cooldown_seconds: 3}}
+  - name: down
+    type: openai
+    base_url: {stand_ins.down}/v1
+    api_key: sk-down
+  - name: rl-shared
+    type: openai
+    base_url: {upstream_url}
+    api_key: sk-limited
+    models: ["limited-*"]
+    rpm: 60
+  - name: rl-one
+    type: openai
+    base_url: {upstream_url}
+    api_key: sk-limited
+    rpm: 1
+  - name: rl-solo
+    type: openai
+    base_url: {upstream_url}
+    api_key: sk-limited
+    models: ["solo-*"]
+    rpm: 1
+routes:
+  - match: "breaker-*"
+    targets: [{{provider: flaky, priority: 1}}, {{provider: upstream, priority: 2}}]
+  - match: "fallback-*"
+    targets: [{{provider: down, priority: 1}}, {{provider: upstream, priority: 2}}]
+  - match: "ratefall-*"
+    targets: [{{provider: rl-one, priority: 1}}, {{provider: upstream, priority: 2}}]
+routing:
+  retry: {{max_attempts: 3, backoff_base_ms: 20, backoff_max_ms: 200}}
+health:
+  failure_threshold: 1000  # only `flaky` (3) may open in the shared stack
+  probe_interval_seconds: 1
+"""
 
 
 @dataclass
@@ -30,8 +88,22 @@ class RunningStack:
     audit_key: str
     audit_file: Path
     budget_addr: str
+    stt_addr: str
     key_prefix: str
     stream: str
+    router_addr: str = ""
+    stack_config: StackConfig | None = None
+    stand_ins: StandIns | None = None
+
+
+@dataclass
+class StandIns:
+    """Root URLs of the provider stand-ins (``/control`` lives there)."""
+
+    anthropic: str
+    gemini: str
+    flaky: str  # an OpenAI-wire stand-in the breaker tests switch on and off
+    down: str  # nothing listens here
 
 
 def _wait_http(url: str, deadline: float) -> None:
@@ -59,7 +131,30 @@ def upstream_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def hoosh(tmp_path_factory: pytest.TempPathFactory, upstream_url: str) -> Iterator[RunningStack]:
+def stand_ins() -> Iterator[StandIns]:
+    """Anthropic, Gemini and a second OpenAI stand-in, each its own process."""
+    processes: list[subprocess.Popen[bytes]] = []
+    urls: dict[str, str] = {}
+    try:
+        for name, dialect, probe in (
+            ("anthropic", "anthropic", "/control/stats"),
+            ("gemini", "gemini", "/control/stats"),
+            ("flaky", "openai", "/v1/models"),
+        ):
+            port = free_port()
+            command = [sys.executable, "-m", "bench.upstream", "--port", str(port), "--dialect", dialect]
+            processes.append(subprocess.Popen(command, cwd=ROOT))
+            urls[name] = f"http://127.0.0.1:{port}"
+            _wait_http(urls[name] + probe, 20)
+        yield StandIns(**urls, down=f"http://127.0.0.1:{free_port()}")
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def hoosh(tmp_path_factory: pytest.TempPathFactory, upstream_url: str, stand_ins: StandIns) -> Iterator[RunningStack]:
     """Every hoosh service, started the way `hoosh up` starts them."""
     state_dir = tmp_path_factory.mktemp("hoosh")
     run_id = uuid.uuid4().hex[:10]
@@ -76,7 +171,9 @@ providers:
     base_url: {upstream_url}
     api_key: $HOOSH_TEST_UPSTREAM_KEY
     models: ["gpt-*", "mock-*"]
+    embedding_models: ["text-embedding-*"]
     pricing: {{input_per_mtok: 0.15, output_per_mtok: 0.6}}
+{PROVIDERS_YAML.format(upstream_url=upstream_url, stand_ins=stand_ins)}
 pools:
   - name: default
     capacity: 100000000
@@ -90,9 +187,15 @@ pools:
         nats_stream=f"HOOSH_TEST_{run_id}",
         subject_prefix=f"hoosh_test_{run_id}",
         budget_key_prefix=f"hoosh:test:{run_id}:",
+        router_key_prefix=f"hoosh:test:{run_id}:router:",  # under the budget prefix: one cleanup
         audit_key=audit_key,
         audit_consumer=f"audit_{run_id}",
-        extra_env={"HOOSH_TEST_UPSTREAM_KEY": "sk-test-upstream"},
+        extra_env={
+            "HOOSH_TEST_UPSTREAM_KEY": "sk-test-upstream",
+            # One transcription at a time and three waiting: test_stt_e2e fills the queue.
+            "HOOSH_STT_WORKERS": str(STT_WORKERS),
+            "HOOSH_STT_MAX_QUEUE": str(STT_MAX_QUEUE),
+        },
     )
     stack = Stack(config)
     asyncio.run(stack.start(timeout=120))
@@ -104,8 +207,12 @@ pools:
             audit_key=audit_key,
             audit_file=state_dir / "audit" / "audit.jsonl",
             budget_addr=f"127.0.0.1:{config.ports.budget}",
+            stt_addr=f"127.0.0.1:{config.ports.stt}",
             key_prefix=config.budget_key_prefix,
             stream=config.nats_stream,
+            router_addr=f"127.0.0.1:{config.ports.router}",
+            stack_config=config,
+            stand_ins=stand_ins,
         )
     finally:
         stack.stop()

@@ -43,6 +43,7 @@ def make_settings(closed_addr: str) -> Callable[..., Settings]:
             "router_addr": closed_addr,
             "budget_addr": closed_addr,
             "audit_addr": closed_addr,
+            "stt_addr": closed_addr,
             "api_keys": "",
             "edge_rpc_timeout_seconds": 5.0,
             "edge_request_timeout_seconds": 5.0,

@@ -206,7 +206,7 @@ async def test_readiness_reports_each_backend(client: httpx.AsyncClient) -> None
     assert response.status_code == 503
     assert response.json() == {
         "status": "unavailable",
-        "checks": {"router": "UNREACHABLE", "budget": "UNREACHABLE", "audit": "UNREACHABLE"},
+        "checks": {"router": "UNREACHABLE", "budget": "UNREACHABLE", "audit": "UNREACHABLE", "stt": "UNREACHABLE"},
     }
 
 

@@ -75,6 +75,7 @@ async def up(args: argparse.Namespace) -> int:
             f"\nhoosh is up: {stack.base_url}/v1  (OpenAPI docs: {stack.base_url}/docs)\n\n"
             f"  curl {stack.base_url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
             '    -d \'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}]}\'\n\n'
+            f"  curl {stack.base_url}/v1/audio/transcriptions -F file=@speech.wav -F model=whisper-tiny.en\n\n"
             "Ctrl-C stops everything.",
             flush=True,
         )

@@ -30,10 +30,11 @@ class Ports:
     budget: int = 50052
     inference: int = 50053
     audit: int = 50054
+    stt: int = 50055
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
 
 
 @dataclass
@@ -46,9 +47,11 @@ class StackConfig:
     nats_stream: str = "HOOSH_EVENTS"
     subject_prefix: str = "hoosh"
     budget_key_prefix: str = "hoosh:budget:"
+    router_key_prefix: str = "hoosh:router:"
     audit_key: str = ""
     audit_consumer: str = "audit"
     with_inference: bool = True
+    with_stt: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def environment(self) -> dict[str, str]:
@@ -60,6 +63,7 @@ class StackConfig:
             "HOOSH_NATS_STREAM": self.nats_stream,
             "HOOSH_SUBJECT_PREFIX": self.subject_prefix,
             "HOOSH_BUDGET_KEY_PREFIX": self.budget_key_prefix,
+            "HOOSH_ROUTER_KEY_PREFIX": self.router_key_prefix,
             "HOOSH_AUDIT_HMAC_KEY": self.audit_key,
             "HOOSH_AUDIT_DIR": str(self.state_dir / "audit"),
             "HOOSH_AUDIT_CONSUMER": self.audit_consumer,
@@ -69,10 +73,13 @@ class StackConfig:
             "HOOSH_BUDGET_LISTEN": f"127.0.0.1:{ports.budget}",
             "HOOSH_INFERENCE_LISTEN": f"127.0.0.1:{ports.inference}",
             "HOOSH_AUDIT_LISTEN": f"127.0.0.1:{ports.audit}",
+            "HOOSH_STT_LISTEN": f"127.0.0.1:{ports.stt}",
             "HOOSH_ROUTER_ADDR": f"127.0.0.1:{ports.router}",
             "HOOSH_BUDGET_ADDR": f"127.0.0.1:{ports.budget}",
             "HOOSH_INFERENCE_ADDR": f"127.0.0.1:{ports.inference}",
             "HOOSH_AUDIT_ADDR": f"127.0.0.1:{ports.audit}",
+            # Empty: the edge turns /v1/audio/transcriptions off.
+            "HOOSH_STT_ADDR": f"127.0.0.1:{ports.stt}" if self.with_stt else "",
         }
         if self.config_file is not None:
             env["HOOSH_CONFIG"] = str(self.config_file)
@@ -107,10 +114,10 @@ class Stack:
             services.append(
                 ServiceProcess("inference", "hoosh_inference", "hoosh.inference.v1.InferenceService", ports.inference)
             )
-        services += [
-            ServiceProcess("router", "hoosh_router", "hoosh.router.v1.RouterService", ports.router),
-            ServiceProcess("edge", "hoosh_edge", "http", ports.edge),
-        ]
+        services.append(ServiceProcess("router", "hoosh_router", "hoosh.router.v1.RouterService", ports.router))
+        if config.with_stt:
+            services.append(ServiceProcess("stt", "hoosh_stt", "hoosh.stt.v1.SttService", ports.stt))
+        services.append(ServiceProcess("edge", "hoosh_edge", "http", ports.edge))
         self.services = services
         self.log_dir = config.state_dir / "logs"
 

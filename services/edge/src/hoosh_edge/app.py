@@ -12,7 +12,7 @@ import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2
 from hoosh.audit.v1 import audit_pb2
 from hoosh.budget.v1 import budget_pb2
 from hoosh.router.v1 import router_pb2
+from hoosh.stt.v1 import stt_pb2
 from hoosh_common.telemetry import inject_metadata
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
@@ -45,14 +46,18 @@ from .errors import (
 from .middleware import EdgeMiddleware
 from .protocol import (
     AuditListResponse,
+    CacheStats,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
     ModelCard,
     ModelList,
     PoolInfo,
+    ProviderHealthList,
     ReadinessResponse,
     TokenCheckRequest,
     TokenCheckResponse,
@@ -60,9 +65,13 @@ from .protocol import (
     TokenReportResponse,
     TokenReserveRequest,
     TokenReserveResponse,
+    TranscriptionResponse,
+    TranscriptionVerboseResponse,
 )
 from .responses import EventStreamResponse, OrjsonResponse, error_response
-from .serving_chat import ChatStream, ServingChat
+from .serving_chat import ChatStream, ServingChat, cache_headers
+from .serving_embeddings import ServingEmbeddings, cache_stats_to_dict, provider_health_to_dict
+from .serving_transcription import TRANSCRIPTIONS_PATH, ServingTranscription, openapi_body, read_form, validate_form
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +107,8 @@ _SCHEMA_MODELS: tuple[type[BaseModel], ...] = (
     TokenCheckRequest,
     TokenReserveRequest,
     TokenReportRequest,
+    TranscriptionVerboseResponse,
+    EmbeddingRequest,
 )
 
 
@@ -117,6 +128,12 @@ class EdgeState:
     settings: Settings
     clients: Clients
     chat: ServingChat
+    transcription: ServingTranscription = field(init=False)
+    embeddings: ServingEmbeddings = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.transcription = ServingTranscription(self.clients.stt, timeout=self.settings.edge_request_timeout_seconds)
+        self.embeddings = ServingEmbeddings(self.clients.router, timeout=self.settings.edge_request_timeout_seconds)
 
 
 def _edge(request: Request) -> EdgeState:
@@ -169,7 +186,7 @@ def _pool(pool: budget_pb2.Pool) -> dict[str, Any]:
     }
 
 
-def _model_card(model: router_pb2.Model) -> dict[str, Any]:
+def _model_card(model: router_pb2.Model | stt_pb2.Model) -> dict[str, Any]:
     return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by or "hoosh"}
 
 
@@ -229,31 +246,109 @@ async def create_chat_completion(request: Request) -> Response:
     _annotate_span(**{"hoosh.model": body.model, "hoosh.pool": body.pool})
     result = await _edge(request).chat.create(body, _request_id(request), request.receive)
     if isinstance(result, ChatStream):
-        return EventStreamResponse(result)
-    return OrjsonResponse(result)
+        return EventStreamResponse(result, headers=cache_headers(result.cache))
+    return OrjsonResponse(result.body, headers=cache_headers(result.cache))
+
+
+@api.post(
+    "/v1/embeddings",
+    response_model=EmbeddingResponse,
+    responses=_ERRORS,
+    openapi_extra=_json_body(EmbeddingRequest),
+    tags=["embeddings"],
+)
+async def create_embeddings(request: Request) -> Response:
+    """Embed text through any provider that offers embeddings (OpenAI wire format)."""
+    body = await parse_body(request, EmbeddingRequest)
+    _annotate_span(**{"hoosh.model": body.model, "hoosh.pool": body.pool})
+    return OrjsonResponse(await _edge(request).embeddings.create(body, _request_id(request), request.receive))
+
+
+@api.get("/v1/health/providers", response_model=ProviderHealthList, responses=_ERRORS, tags=["health"])
+async def provider_health(request: Request) -> Response:
+    """Every backend's circuit breaker as all router replicas share it: state, consecutive
+    failures, last error, observed latency and rate limits."""
+    edge = _edge(request)
+    reply = await edge.clients.router.GetProviderHealth(
+        router_pb2.GetProviderHealthRequest(),
+        metadata=_metadata(request),
+        timeout=edge.settings.edge_rpc_timeout_seconds,
+    )
+    return OrjsonResponse({"object": "list", "data": [provider_health_to_dict(item) for item in reply.providers]})
+
+
+@api.get("/v1/cache/stats", response_model=CacheStats, responses=_ERRORS, tags=["cache"])
+async def cache_stats(request: Request) -> Response:
+    """Response-cache counters (shared by all router replicas)."""
+    edge = _edge(request)
+    reply = await edge.clients.router.GetCacheStats(
+        router_pb2.GetCacheStatsRequest(), metadata=_metadata(request), timeout=edge.settings.edge_rpc_timeout_seconds
+    )
+    return OrjsonResponse(cache_stats_to_dict(reply))
+
+
+async def _all_models(request: Request) -> list[router_pb2.Model | stt_pb2.Model]:
+    """The router's models, then the speech-to-text ones (an absent STT service adds none)."""
+    edge = _edge(request)
+    reply, speech = await asyncio.gather(
+        edge.clients.router.ListModels(
+            router_pb2.ListModelsRequest(), metadata=_metadata(request), timeout=edge.settings.edge_rpc_timeout_seconds
+        ),
+        edge.transcription.models(),
+    )
+    models: list[router_pb2.Model | stt_pb2.Model] = list(reply.models)
+    seen = {model.id for model in models}
+    models += [model for model in speech if model.id not in seen]
+    return models
 
 
 @api.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["models"])
 async def list_models(request: Request) -> Response:
-    """Every model the router can serve."""
-    edge = _edge(request)
-    reply = await edge.clients.router.ListModels(
-        router_pb2.ListModelsRequest(), metadata=_metadata(request), timeout=edge.settings.edge_rpc_timeout_seconds
-    )
-    return OrjsonResponse({"object": "list", "data": [_model_card(model) for model in reply.models]})
+    """Every model the router can serve, and the speech-to-text models."""
+    return OrjsonResponse({"object": "list", "data": [_model_card(model) for model in await _all_models(request)]})
 
 
 @api.get("/v1/models/{model:path}", response_model=ModelCard, responses=_ERRORS, tags=["models"])
 async def retrieve_model(request: Request, model: str) -> Response:
     """One model by id (ids may contain '/')."""
-    edge = _edge(request)
-    reply = await edge.clients.router.ListModels(
-        router_pb2.ListModelsRequest(), metadata=_metadata(request), timeout=edge.settings.edge_rpc_timeout_seconds
-    )
-    for candidate in reply.models:
+    for candidate in await _all_models(request):
         if candidate.id == model:
             return OrjsonResponse(_model_card(candidate))
     raise NotFoundError(f"The model '{model}' does not exist", param="model", code="model_not_found")
+
+
+@api.post(
+    TRANSCRIPTIONS_PATH,
+    response_model=TranscriptionResponse,
+    responses={
+        **_ERRORS,
+        200: {
+            "description": "response_format json (default) or verbose_json: JSON; text, srt and vtt: text/plain",
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/TranscriptionVerboseResponse"},
+                },
+                "text/plain": {"schema": {"type": "string"}},
+            },
+        },
+        503: {"model": ErrorResponse, "description": "Speech-to-text is at capacity (see Retry-After) or down"},
+    },
+    openapi_extra=openapi_body(),
+    tags=["audio"],
+)
+async def create_transcription(request: Request) -> Response:
+    """Transcribe audio into the input language (OpenAI's multipart form; files up to 25 MB).
+
+    hoosh's extension: a ``pool`` form field names the token pool charged for the audio
+    seconds (default ``"default"``).
+    """
+    form = await read_form(request)
+    try:
+        body, upload = validate_form(form)
+        _annotate_span(**{"hoosh.model": body.model, "hoosh.pool": body.pool or "default"})
+        return await _edge(request).transcription.create(body, upload, _request_id(request), request.receive)
+    finally:
+        await form.close()  # removes the spooled upload
 
 
 @api.get("/v1/health", response_model=HealthResponse, tags=["health"])
@@ -269,10 +364,10 @@ async def health() -> Response:
     tags=["health"],
 )
 async def ready(request: Request) -> Response:
-    """Readiness: grpc.health.v1 of router, budget and audit.
+    """Readiness: grpc.health.v1 of router, budget, audit and stt (when configured).
 
-    200 ``ok`` when all serve; 200 ``degraded`` when the router serves but budget or
-    audit does not (chat still works); 503 ``unavailable`` when the router does not.
+    200 ``ok`` when all serve; 200 ``degraded`` when the router serves but budget, audit
+    or stt does not (chat still works); 503 ``unavailable`` when the router does not.
     """
     targets = _edge(request).clients.health
     names = list(targets)
@@ -477,7 +572,12 @@ def create_app(settings: Settings | None = None, clients: Clients | None = None)
     # Anything else reaches EdgeMiddleware, which answers 500 with the same envelope.
     for exc_class in (EdgeError, RequestValidationError, StarletteHTTPException, grpc.aio.AioRpcError):
         app.add_exception_handler(exc_class, _handle_error)
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.edge_max_body_bytes, api_keys=api_keys)
+    app.add_middleware(
+        EdgeMiddleware,
+        max_body_bytes=settings.edge_max_body_bytes,
+        api_keys=api_keys,
+        body_limits={TRANSCRIPTIONS_PATH: settings.edge_max_audio_bytes},
+    )
     _install_openapi(app)
     return app
 

@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2_grpc
 from hoosh.audit.v1 import audit_pb2_grpc
 from hoosh.budget.v1 import budget_pb2_grpc
 from hoosh.router.v1 import router_pb2_grpc
+from hoosh.stt.v1 import stt_pb2_grpc
 from hoosh_common.grpc_server import insecure_channel
 
 from .config import Settings
@@ -17,6 +18,7 @@ from .config import Settings
 ROUTER_SERVICE = "hoosh.router.v1.RouterService"
 BUDGET_SERVICE = "hoosh.budget.v1.BudgetService"
 AUDIT_SERVICE = "hoosh.audit.v1.AuditService"
+STT_SERVICE = "hoosh.stt.v1.SttService"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,26 +38,36 @@ class Clients:
     audit: audit_pb2_grpc.AuditServiceStub
     health: dict[str, HealthTarget]
     channels: tuple[grpc.aio.Channel, ...]
+    stt: stt_pb2_grpc.SttServiceStub | None = None  # None: speech-to-text not configured
 
     @classmethod
     def connect(cls, settings: Settings) -> Clients:
-        """Open the channels (lazily connecting) to router, budget and audit.
+        """Open the channels (lazily connecting) to router, budget, audit and (when set) stt.
 
         Call it inside the running event loop that will use the channels.
         """
         router = insecure_channel(settings.router_addr)
         budget = insecure_channel(settings.budget_addr)
         audit = insecure_channel(settings.audit_addr)
+        health = {
+            "router": HealthTarget(health_pb2_grpc.HealthStub(router), ROUTER_SERVICE),
+            "budget": HealthTarget(health_pb2_grpc.HealthStub(budget), BUDGET_SERVICE),
+            "audit": HealthTarget(health_pb2_grpc.HealthStub(audit), AUDIT_SERVICE),
+        }
+        channels = [router, budget, audit]
+        stt_stub = None
+        if settings.stt_addr:
+            stt = insecure_channel(settings.stt_addr)
+            stt_stub = stt_pb2_grpc.SttServiceStub(stt)
+            health["stt"] = HealthTarget(health_pb2_grpc.HealthStub(stt), STT_SERVICE)
+            channels.append(stt)
         return cls(
             router=router_pb2_grpc.RouterServiceStub(router),
             budget=budget_pb2_grpc.BudgetServiceStub(budget),
             audit=audit_pb2_grpc.AuditServiceStub(audit),
-            health={
-                "router": HealthTarget(health_pb2_grpc.HealthStub(router), ROUTER_SERVICE),
-                "budget": HealthTarget(health_pb2_grpc.HealthStub(budget), BUDGET_SERVICE),
-                "audit": HealthTarget(health_pb2_grpc.HealthStub(audit), AUDIT_SERVICE),
-            },
-            channels=(router, budget, audit),
+            health=health,
+            channels=tuple(channels),
+            stt=stt_stub,
         )
 
     async def close(self, grace: float | None = None) -> None:

@@ -20,9 +20,15 @@ class Settings(BaseSettings):
     router_addr: str = Field(default="127.0.0.1:50051", description="Router gRPC address")
     budget_addr: str = Field(default="127.0.0.1:50052", description="Budget gRPC address")
     audit_addr: str = Field(default="127.0.0.1:50054", description="Audit gRPC address")
+    stt_addr: str = Field(
+        default="127.0.0.1:50055", description="Speech-to-text gRPC address; empty turns /v1/audio/transcriptions off"
+    )
     # A str, not list[str]: pydantic-settings would expect JSON for a list.
     api_keys: str = Field(default="", description="Comma-separated bearer tokens; empty turns auth off")
     edge_max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Largest accepted request body")
+    edge_max_audio_bytes: int = Field(
+        default=25 * 1024 * 1024, gt=0, description="Largest body of /v1/audio/transcriptions (OpenAI's 25 MB)"
+    )
     edge_request_timeout_seconds: float = Field(
         default=600.0, gt=0, description="gRPC deadline of one chat completion (blocking or the whole stream)"
     )
@@ -36,6 +42,11 @@ class Settings(BaseSettings):
     def _address_given(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("a gRPC address (host:port) is required")
+        return value.strip()
+
+    @field_validator("stt_addr")
+    @classmethod
+    def _optional_address(cls, value: str) -> str:
         return value.strip()
 
     @property

@@ -162,6 +162,12 @@ def _metadata(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]
     return out
 
 
+# Application codes (hoosh-error-code) whose HTTP status is not their gRPC status's:
+# a full STT queue is RESOURCE_EXHAUSTED on the wire but a capacity problem (503), not
+# the client's quota (429); an STT upload over its limit is 413.
+_CODE_STATUS: dict[str, int] = {"stt_overloaded": 503, "request_too_large": 413}
+
+
 def _from_rpc_error(exc: grpc.aio.AioRpcError, not_found_code: str) -> APIError:
     code = exc.code()
     status, error_type, error_code = _GRPC_MAP.get(code, (502, API_ERROR, "upstream_error"))
@@ -180,12 +186,15 @@ def _from_rpc_error(exc: grpc.aio.AioRpcError, not_found_code: str) -> APIError:
     retry_after = metadata.get("retry-after")
     if retry_after:
         headers["Retry-After"] = retry_after
+    application_code = metadata.get("hoosh-error-code")
+    if application_code in _CODE_STATUS:
+        status = _CODE_STATUS[application_code]
     return APIError(
         status=status,
         message=message,
         type=metadata.get("hoosh-error-type") or error_type,
         param=metadata.get("hoosh-error-param") or None,
-        code=metadata.get("hoosh-error-code") or error_code,
+        code=application_code or error_code,
         headers=headers,
         log_detail=log_detail,
     )

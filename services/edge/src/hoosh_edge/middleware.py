@@ -11,6 +11,7 @@ import hmac
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 
 from hoosh_common.logs import request_id_var
 from opentelemetry import trace
@@ -42,13 +43,22 @@ class EdgeMiddleware:
     - Auth: with keys configured, ``Authorization: Bearer <key>`` is required except on
       :data:`AUTH_EXEMPT_PATHS`; keys are compared as SHA-256 digests in constant time.
     - Body limit: a Content-Length over the limit is refused before reading; a body
-      without one is counted as it streams in. Both answer 413.
+      without one is counted as it streams in. Both answer 413. The limit is
+      ``max_body_bytes`` unless ``body_limits`` names the path (uploads get more).
     - An exception nobody handled is logged with the request id and answered 500.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, api_keys: list[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        api_keys: list[str],
+        body_limits: Mapping[str, int] | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_limits = dict(body_limits or {})
         self._key_digests = tuple(_digest(key) for key in api_keys)
 
     def _authorized(self, header: bytes | None) -> bool:
@@ -99,7 +109,7 @@ class EdgeMiddleware:
             await refuse(AuthenticationError(message, headers={"WWW-Authenticate": "Bearer"}))
             return
 
-        limit = self.max_body_bytes
+        limit = self.body_limits.get(scope["path"], self.max_body_bytes)
         app_receive = receive
         if content_length is not None:
             try:

@@ -326,6 +326,72 @@ class ErrorResponse(OpenAIModel):
     error: ErrorDetail
 
 
+# --------------------------------------------------------------------------- audio transcriptions
+
+
+class TranscriptionRequest(OpenAIModel):
+    """The fields of OpenAI's ``CreateTranscriptionRequest`` hoosh honours (a multipart form;
+    the ``file`` part is checked on its own). Others (``stream``, ``include[]``,
+    ``chunking_strategy``) are accepted and ignored, as OpenAI does for whisper-1."""
+
+    model: str = Field(min_length=1, description="A speech-to-text model, e.g. whisper-tiny.en")
+    language: str | None = Field(default=None, description="ISO-639-1 language of the audio, e.g. en")
+    prompt: str | None = Field(default=None, description="Text to guide the style or continue a previous segment")
+    response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] = "json"
+    temperature: float = Field(default=0.0, ge=0.0, le=1.0, description="0: the engine raises it when decoding fails")
+    timestamp_granularities: list[Literal["word", "segment"]] = Field(
+        default_factory=lambda: ["segment"],
+        description="verbose_json only: word and/or segment timings (form field timestamp_granularities[])",
+    )
+    # hoosh's extension
+    pool: str | None = Field(default=None, description="Token pool charged for the audio seconds; 'default' if absent")
+
+
+class TranscriptionUsage(OpenAIModel):
+    type: Literal["duration"] = "duration"
+    seconds: float = Field(description="Duration of the input audio in seconds")
+
+
+class TranscriptionResponse(OpenAIModel):
+    """response_format=json."""
+
+    text: str
+    usage: TranscriptionUsage | None = None
+
+
+class TranscriptionWord(OpenAIModel):
+    word: str
+    start: float
+    end: float
+
+
+class TranscriptionSegment(OpenAIModel):
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+
+
+class TranscriptionVerboseResponse(OpenAIModel):
+    """response_format=verbose_json."""
+
+    task: Literal["transcribe"] = "transcribe"
+    language: str = Field(description="The language's English name, e.g. english")
+    duration: float
+    text: str
+    words: list[TranscriptionWord] | None = Field(default=None, description="Present when word timings were asked for")
+    segments: list[TranscriptionSegment] | None = Field(
+        default=None, description="Present unless only word timings were asked for"
+    )
+    usage: TranscriptionUsage | None = None
+
+
 # --------------------------------------------------------------------------- hoosh's own endpoints
 
 
@@ -401,3 +467,96 @@ class AuditListResponse(OpenAIModel):
     total: int = Field(description="Entries in the whole log")
     chain_valid: bool = Field(description="Result of verifying the whole chain")
     verify_error: str | None = Field(default=None, description="Why verification failed; left out when valid")
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+class EmbeddingRequest(OpenAIModel):
+    """POST /v1/embeddings (OpenAI's ``CreateEmbeddingRequest``). Text input only: token
+    arrays are refused (the providers behind hoosh tokenize differently)."""
+
+    input: str | Annotated[list[str], Field(min_length=1, max_length=2048)] = Field(
+        description="Text to embed, or an array of texts (at most 2048); none may be empty"
+    )
+    model: str = Field(min_length=1)
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float", description="base64: little-endian float32 values, base64-encoded"
+    )
+    dimensions: int | None = Field(default=None, ge=1, le=INT32_MAX, description="Output size, if the model can cut")
+    user: str | None = None
+    pool: str = Field(
+        default="default",
+        min_length=1,
+        description="hoosh extension: the token pool (budget) this request is charged to",
+    )
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(item, int | list) for item in value):
+            raise ValueError("token-array input is not supported; send text")
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if any(not text for text in ([value] if isinstance(value, str) else value)):
+            raise ValueError("input must not contain an empty string")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class Embedding(OpenAIModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str = Field(description="The vector; a base64 string with encoding_format=base64")
+    index: int
+
+
+class EmbeddingUsage(OpenAIModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+# --------------------------------------------------------------------------- providers and cache
+
+
+class ProviderHealth(OpenAIModel):
+    name: str = Field(description="Provider name in the catalogue")
+    type: str = Field(description="Its wire dialect: openai, anthropic, gemini, local, ...")
+    base_url: str = Field(description="Where it is called ('' for the local worker)")
+    state: Literal["closed", "open", "half_open"] = Field(
+        description="Circuit breaker: closed (healthy), open (skipped), half_open (one trial allowed)"
+    )
+    consecutive_failures: int
+    last_error: str | None = Field(description="The latest failure, null when it never failed")
+    last_error_at: int | None = Field(description="When it happened (Unix ms)")
+    open_until: int | None = Field(description="When an open circuit lets a trial through (Unix ms)")
+    latency_ms: float | None = Field(description="Moving average of observed latency, null when not measured")
+    rpm_limit: int | None = Field(description="Requests per minute allowed, null when unlimited")
+    tpm_limit: int | None = Field(description="Tokens per minute allowed, null when unlimited")
+
+
+class ProviderHealthList(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[ProviderHealth]
+
+
+class CacheStats(OpenAIModel):
+    enabled: bool
+    hits: int
+    misses: int
+    stores: int = Field(description="Responses written to the cache")
+    entries: int = Field(description="Responses cached now")
+    hit_rate: float = Field(description="hits / (hits + misses); 0 before any lookup")
+    ttl_seconds: int

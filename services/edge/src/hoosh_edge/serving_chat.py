@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -34,6 +35,13 @@ log = logging.getLogger(__name__)
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE_EVENT = b"data: [DONE]\n\n"
+CACHE_HEADER = "X-Hoosh-Cache"
+
+
+def cache_headers(state: str) -> dict[str, str] | None:
+    """``X-Hoosh-Cache: hit|miss`` when the router consulted its response cache."""
+    return {CACHE_HEADER: state} if state else None
+
 
 _TOOL_CHOICE_MODES = {
     "none": chat_pb2.TOOL_CHOICE_MODE_NONE,
@@ -309,6 +317,8 @@ class ChatStream:
         self._include_usage = include_usage
         first_created = first.created if isinstance(first, router_pb2.ChatStreamResponse) else 0
         first_model = first.model if isinstance(first, router_pb2.ChatStreamResponse) else ""
+        # "hit" | "miss" when the router looked in its response cache (first message only).
+        self.cache = first.cache if isinstance(first, router_pb2.ChatStreamResponse) else ""
         # OpenAI: every chunk of one completion has the same timestamp and model.
         self._created = first_created or int(time.time())
         self._model = first_model or model
@@ -358,6 +368,14 @@ class ChatStream:
         self._close()
 
 
+@dataclass(slots=True)
+class ChatCompletion:
+    """A blocking completion: the ``chat.completion`` body and the router's cache state."""
+
+    body: dict[str, Any]
+    cache: str = ""
+
+
 class ServingChat:
     """POST /v1/chat/completions against the router."""
 
@@ -367,8 +385,8 @@ class ServingChat:
 
     async def create(
         self, request: ChatCompletionRequest, request_id: str, receive: Receive
-    ) -> dict[str, Any] | ChatStream:
-        """Run one completion: a ``chat.completion`` dict, or a started :class:`ChatStream`.
+    ) -> ChatCompletion | ChatStream:
+        """Run one completion: a :class:`ChatCompletion`, or a started :class:`ChatStream`.
 
         gRPC errors raised here (for a stream: before its first message) propagate, so
         the client gets a plain HTTP error status. A client disconnect cancels the call.
@@ -388,7 +406,7 @@ class ServingChat:
             raise
         finally:
             watch.stop()
-        return completion_to_dict(reply, completion_id=completion_id, model=request.model)
+        return ChatCompletion(completion_to_dict(reply, completion_id=completion_id, model=request.model), reply.cache)
 
     async def _start_stream(
         self,

@@ -1,77 +1,112 @@
-"""One chat completion, end to end: resolve, reserve, call, commit, publish.
+"""One chat completion, end to end: resolve, reserve (and look in the cache), call
+with retries and fallback, commit, publish.
 
-Every reservation ends exactly once: committed with the real usage on success,
-released on any failure or cancellation (client disconnect)."""
+Every reservation ends exactly once: committed with the real usage on success (0
+on a cache hit), released on any failure or cancellation (client disconnect).
+Every request publishes exactly one event. A stream is retried or failed over
+only until its first token is on its way to the client; after that a failure
+ends it with an error.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Protocol
 
-from google.protobuf.message import Message
 from hoosh.chat.v1 import chat_pb2
-from hoosh.events.v1 import events_pb2
 from hoosh.router.v1 import router_pb2
-from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
-from hoosh_common.telemetry import current_trace_id
 
-from .backends.base import CallParams, StreamPiece
-from .budget_client import Budget
-from .errors import ClientCancelled, InvalidRequest, RouterError, UpstreamError, http_status_for
-from .routing import ModelRouter, Route
+from .backends.base import CallParams, Completion, StreamPiece
+from .cache import ResponseCache
+from .config import ProviderConfig
+from .dispatch import Attempts, Dispatcher
+from .errors import InvalidRequest, RouterError
+from .recording import Publisher, Recorder, RequestInfo
+from .routing import Route
 
 log = logging.getLogger(__name__)
 
+# Kept for importers of the spine's names.
+__all__ = ["ChatService", "Publisher"]
 
-class Publisher(Protocol):
-    def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
+ChunkMaker = Callable[..., router_pb2.ChatStreamResponse]
 
 
 @dataclass(slots=True)
 class Plan:
-    route: Route
+    attempts: Attempts
     pool: str
     prompt_tokens: int
     max_tokens: int
     reserved: int
+    cache_key: str | None
+    cached: router_pb2.ChatResponse | None
+
+
+class StreamAccumulator:
+    """Rebuilds the whole reply from stream pieces (for the response cache)."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.calls: dict[int, chat_pb2.ToolCall] = {}
+
+    def add(self, piece: StreamPiece) -> None:
+        if piece.content is not None:
+            self.text.append(piece.content)
+        for delta in piece.tool_calls:
+            call = self.calls.get(delta.index)
+            if call is None:
+                call = self.calls[delta.index] = chat_pb2.ToolCall(type="function")
+            if delta.id:
+                call.id = delta.id
+            if delta.type:
+                call.type = delta.type
+            if delta.function.name:
+                call.function.name = delta.function.name
+            call.function.arguments += delta.function.arguments
+
+    def message(self) -> chat_pb2.ChatMessage:
+        message = chat_pb2.ChatMessage(role="assistant")
+        if self.text or not self.calls:
+            message.text = "".join(self.text)
+        message.tool_calls.extend(self.calls[index] for index in sorted(self.calls))
+        return message
 
 
 class ChatService:
     def __init__(
         self,
-        router: ModelRouter,
-        budget: Budget,
-        publisher: Publisher,
-        *,
-        upstream_timeout: float,
+        dispatcher: Dispatcher,
+        recorder: Recorder,
+        cache: ResponseCache | None = None,
     ) -> None:
-        self._router = router
-        self._budget = budget
-        self._publisher = publisher
-        self._upstream_timeout = upstream_timeout
+        self._dispatch = dispatcher
+        self._recorder = recorder
+        self._budget = recorder.budget
+        self._cache = cache
 
     # -- planning -----------------------------------------------------------------
 
-    async def _plan(self, request: router_pb2.ChatRequest, request_id: str) -> Plan:
+    async def _plan(self, request: router_pb2.ChatRequest, request_id: str, deadline: float) -> Plan:
         if not request.model:
             raise InvalidRequest("model is required", param="model")
         if not request.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
-        route = self._router.resolve(request.model)[0]
-        provider = route.provider
-        prompt_tokens = await route.backend.count_prompt_tokens(request, route.upstream_model)
+        candidates = self._dispatch.candidates(request.model)
+        first = candidates[0]
+        provider = first.provider
+        prompt_tokens = await first.backend.count_prompt_tokens(request, first.upstream_model)
         requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
         if requested is not None and requested < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
         max_tokens = requested or provider.default_max_tokens
         if provider.max_tokens_limit:
             max_tokens = min(max_tokens, provider.max_tokens_limit)
-        context_length = route.backend.context_length(route.upstream_model)
+        context_length = first.backend.context_length(first.upstream_model)
         if context_length:
             if requested is None:
                 max_tokens = min(max_tokens, context_length - prompt_tokens)
@@ -85,193 +120,298 @@ class ChatService:
                 )
         pool = request.pool or "default"
         reserved = prompt_tokens + max_tokens
-        await self._budget.reserve(pool, reserved, request_id)
-        return Plan(route=route, pool=pool, prompt_tokens=prompt_tokens, max_tokens=max_tokens, reserved=reserved)
-
-    def _params(self, plan: Plan, request_id: str) -> CallParams:
-        return CallParams(
-            upstream_model=plan.route.upstream_model,
-            max_tokens=plan.max_tokens,
-            request_id=request_id,
-            timeout=plan.route.provider.timeout_seconds or self._upstream_timeout,
-        )
-
-    # -- events ---------------------------------------------------------------------
-
-    def _cost(self, plan: Plan, prompt_tokens: int, completion_tokens: int) -> float:
-        pricing = plan.route.provider.pricing
-        return (prompt_tokens * pricing.input_per_mtok + completion_tokens * pricing.output_per_mtok) / 1_000_000
-
-    def _completed(
-        self,
-        request: router_pb2.ChatRequest,
-        request_id: str,
-        plan: Plan,
-        usage: chat_pb2.Usage,
-        finish_reason: str,
-        started: float,
-        stream: bool,
-    ) -> None:
-        event = events_pb2.InferenceCompleted(
-            request_id=request_id,
-            trace_id=current_trace_id(),
-            timestamp_ms=int(time.time() * 1000),
-            model=request.model,
-            provider=plan.route.provider.name,
-            pool=plan.pool,
-            usage=usage,
-            latency_ms=int((time.monotonic() - started) * 1000),
-            stream=stream,
-            user=request.user,
-            finish_reason=finish_reason,
-            cost_usd=self._cost(plan, usage.prompt_tokens, usage.completion_tokens),
-            kind="chat",
-        )
-        self._publisher.publish_background(SUBJECT_COMPLETED, event, request_id)
-
-    def _failed(
-        self,
-        request: router_pb2.ChatRequest,
-        request_id: str,
-        plan: Plan | None,
-        error: RouterError,
-        started: float,
-        stream: bool,
-    ) -> None:
-        event = events_pb2.InferenceFailed(
-            request_id=request_id,
-            trace_id=current_trace_id(),
-            timestamp_ms=int(time.time() * 1000),
-            model=request.model,
-            provider=plan.route.provider.name if plan else "",
-            pool=request.pool or "default",
-            error_code=error.error_code,
-            error_message=error.message[:500],
-            http_status=http_status_for(error),
-            latency_ms=int((time.monotonic() - started) * 1000),
-            stream=stream,
-            user=request.user,
-            kind="chat",
-        )
-        self._publisher.publish_background(SUBJECT_FAILED, event, request_id)
-
-    async def _end_failed(
-        self,
-        request: router_pb2.ChatRequest,
-        request_id: str,
-        plan: Plan | None,
-        error: BaseException,
-        started: float,
-        stream: bool,
-    ) -> RouterError:
-        """Release the reservation (if any) and record the failure; returns the error to raise."""
-        task = asyncio.current_task()
-        if isinstance(error, asyncio.CancelledError | GeneratorExit) or (task is not None and task.cancelling()):
-            router_error = ClientCancelled("The client cancelled the request")
-        elif isinstance(error, RouterError):
-            router_error = error
+        cache_key = self._cache.key(request) if self._cache is not None and self._cache.cacheable(request) else None
+        cached = None
+        if cache_key is not None and self._cache is not None:
+            # The lookup rides along with the reservation: no extra latency on a miss.
+            _, cached = await asyncio.gather(
+                self._budget.reserve(pool, reserved, request_id), self._cache.get(cache_key)
+            )
         else:
-            log.exception("unexpected failure in chat", exc_info=error)
-            router_error = UpstreamError(f"Internal failure: {type(error).__name__}")
-        if plan is not None:
-            await asyncio.shield(self._budget.release(request_id))
-        self._failed(request, request_id, plan, router_error, started, stream)
-        return router_error
+            await self._budget.reserve(pool, reserved, request_id)
+        return Plan(
+            attempts=Attempts(candidates=candidates, deadline=deadline, tokens=reserved),
+            pool=pool,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            reserved=reserved,
+            cache_key=cache_key,
+            cached=cached,
+        )
+
+    @staticmethod
+    def _info(request: router_pb2.ChatRequest, request_id: str, stream: bool) -> RequestInfo:
+        return RequestInfo(
+            request_id=request_id,
+            model=request.model,
+            pool=request.pool or "default",
+            user=request.user,
+            stream=stream,
+            kind="chat",
+            started=time.monotonic(),
+        )
+
+    async def _fail(self, info: RequestInfo, plan: Plan | None, error: BaseException) -> BaseException:
+        attempts = plan.attempts if plan else None
+        route = attempts.route if attempts else None
+        return await self._recorder.end_failed(
+            info,
+            error,
+            reserved=plan is not None,
+            provider=route.provider.name if route else "",
+            attempts=attempts.count if attempts else 0,
+        )
+
+    def _settle(self, plan: Plan, usage: chat_pb2.Usage) -> None:
+        """Replace the TPM estimate with the real usage (background)."""
+        attempts = plan.attempts
+        if attempts.route is not None and attempts.admission is not None:
+            self._dispatch.limiter.correct(
+                attempts.route.provider, attempts.admission, attempts.tokens, usage.total_tokens
+            )
+
+    async def _serve_hit(self, info: RequestInfo, cached: router_pb2.ChatResponse) -> None:
+        """A cache hit: commit 0 tokens, record the original usage with cached=true."""
+        await self._budget.commit(info.request_id, 0)
+        route = self._provider_named(cached.provider)
+        finish = cached.choices[0].finish_reason if cached.choices else "stop"
+        self._recorder.completed(
+            info, provider=route, usage=cached.usage, finish_reason=finish, attempts=0, cached=True
+        )
+
+    def _provider_named(self, name: str) -> ProviderConfig | None:
+        for config, _ in self._dispatch.router.entries:
+            if config.name == name:
+                return config
+        return None
 
     # -- blocking -------------------------------------------------------------------
 
-    async def chat(self, request: router_pb2.ChatRequest, request_id: str) -> router_pb2.ChatResponse:
-        started = time.monotonic()
+    async def chat(
+        self, request: router_pb2.ChatRequest, request_id: str, time_remaining: float | None = None
+    ) -> router_pb2.ChatResponse:
+        info = self._info(request, request_id, stream=False)
         plan: Plan | None = None
         try:
-            plan = await self._plan(request, request_id)
-            completion = await plan.route.backend.chat(request, self._params(plan, request_id))
+            plan = await self._plan(request, request_id, self._dispatch.deadline(time_remaining))
+            if plan.cached is not None:
+                await self._serve_hit(info, plan.cached)
+                reply = router_pb2.ChatResponse()
+                reply.CopyFrom(plan.cached)
+                reply.id, reply.created, reply.cache = f"chatcmpl-{request_id}", int(time.time()), "hit"
+                return reply
+
+            async def call(route: Route, params: CallParams) -> Completion:
+                return await route.backend.chat(request, params)
+
+            completion = await self._dispatch.run(plan.attempts, request_id, plan.max_tokens, call)
         except BaseException as error:
-            router_error = await self._end_failed(request, request_id, plan, error, started, stream=False)
+            router_error = await self._fail(info, plan, error)
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise router_error from error
+        route = plan.attempts.route
+        assert route is not None
         usage = chat_pb2.Usage(
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             total_tokens=completion.prompt_tokens + completion.completion_tokens,
         )
         await self._budget.commit(request_id, usage.total_tokens)
-        self._completed(request, request_id, plan, usage, completion.finish_reason, started, stream=False)
-        return router_pb2.ChatResponse(
+        self._settle(plan, usage)
+        self._recorder.completed(
+            info,
+            provider=route.provider,
+            usage=usage,
+            finish_reason=completion.finish_reason,
+            attempts=plan.attempts.count,
+        )
+        reply = router_pb2.ChatResponse(
             id=f"chatcmpl-{request_id}",
             model=completion.model or request.model,
             created=int(time.time()),
             choices=[chat_pb2.Choice(index=0, message=completion.message, finish_reason=completion.finish_reason)],
             usage=usage,
-            provider=plan.route.provider.name,
+            provider=route.provider.name,
             system_fingerprint=completion.system_fingerprint,
+            cache="miss" if plan.cache_key else "",
         )
+        if plan.cache_key is not None and self._cache is not None:
+            self._cache.put(plan.cache_key, reply)
+        return reply
 
     # -- streaming ------------------------------------------------------------------
 
     async def stream(
-        self, request: router_pb2.ChatRequest, request_id: str
+        self, request: router_pb2.ChatRequest, request_id: str, time_remaining: float | None = None
     ) -> AsyncIterator[router_pb2.ChatStreamResponse]:
-        started = time.monotonic()
+        info = self._info(request, request_id, stream=True)
         plan: Plan | None = None
         chat_id = f"chatcmpl-{request_id}"
         created = int(time.time())
-        finish_reason = ""
-        prompt_tokens: int | None = None
-        completion_tokens: int | None = None
-        pieces = 0
+        provider = ""
+        cache_state = ""
+
+        def chunk(delta: chat_pb2.Delta, finish: str = "") -> router_pb2.ChatStreamResponse:
+            return router_pb2.ChatStreamResponse(
+                id=chat_id,
+                model=request.model,
+                created=created,
+                provider=provider,
+                choices=[chat_pb2.ChunkChoice(index=0, delta=delta, finish_reason=finish)],
+            )
+
         try:
-            plan = await self._plan(request, request_id)
-            provider = plan.route.provider.name
-
-            def chunk(delta: chat_pb2.Delta, finish: str = "") -> router_pb2.ChatStreamResponse:
-                return router_pb2.ChatStreamResponse(
-                    id=chat_id,
-                    model=request.model,
-                    created=created,
-                    provider=provider,
-                    choices=[chat_pb2.ChunkChoice(index=0, delta=delta, finish_reason=finish)],
-                )
-
-            first = True
-            piece: StreamPiece
-            async with aclosing(plan.route.backend.stream(request, self._params(plan, request_id))) as backend_stream:
-                async for piece in backend_stream:
-                    if piece.prompt_tokens is not None:
-                        prompt_tokens, completion_tokens = piece.prompt_tokens, piece.completion_tokens
-                    if piece.finish_reason:
-                        finish_reason = piece.finish_reason
-                    if piece.content is None and not piece.tool_calls:
-                        continue
-                    delta = chat_pb2.Delta(tool_calls=piece.tool_calls)
-                    if piece.content is not None:
-                        delta.content = piece.content
-                    if first:
-                        delta.role = "assistant"
-                        first = False
-                    pieces += 1
-                    yield chunk(delta)
-            if first:  # nothing generated: still open the assistant turn
-                yield chunk(chat_pb2.Delta(role="assistant", content=""))
-            yield chunk(chat_pb2.Delta(), finish_reason or "stop")
+            plan = await self._plan(request, request_id, self._dispatch.deadline(time_remaining))
+            cache_state = "miss" if plan.cache_key else ""
+            if plan.cached is not None:
+                provider = plan.cached.provider
+                async for message in self._replay(plan.cached, chunk):
+                    yield message
+                await self._serve_hit(info, plan.cached)
+                if request.include_usage:
+                    yield router_pb2.ChatStreamResponse(
+                        id=chat_id, model=request.model, created=created, usage=plan.cached.usage, provider=provider
+                    )
+                return
+            backend_stream, buffered = await self._dispatch.run(
+                plan.attempts, request_id, plan.max_tokens, lambda route, params: _open_stream(route, request, params)
+            )
+            route = plan.attempts.route
+            assert route is not None
+            provider = route.provider.name
+            state = _StreamState(collect=plan.cache_key is not None)
+            try:
+                async with aclosing(backend_stream):
+                    for piece in buffered:
+                        message = state.take(piece, chunk)
+                        if message is not None:
+                            if cache_state:
+                                message.cache, cache_state = cache_state, ""
+                            yield message
+                    async for piece in backend_stream:
+                        message = state.take(piece, chunk)
+                        if message is not None:
+                            yield message
+            except BaseException as error:
+                # Tokens already left: no restart. A backend fault still counts against its health.
+                if isinstance(error, RouterError) and error.backend_fault:
+                    await self._dispatch.health.record_failure(route.provider.name, error)
+                raise
+            if state.first:  # nothing generated: still open the assistant turn
+                message = chunk(chat_pb2.Delta(role="assistant", content=""))
+                message.cache = cache_state
+                yield message
+            yield chunk(chat_pb2.Delta(), state.finish_reason or "stop")
         except BaseException as error:
-            router_error = await self._end_failed(request, request_id, plan, error, started, stream=True)
+            router_error = await self._fail(info, plan, error)
             if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
                 raise
             raise router_error from error
-        if prompt_tokens is None or completion_tokens is None:
+        if state.prompt_tokens is None or state.completion_tokens is None:
             # The provider sent no usage: charge the reservation's prompt bound and one token per piece.
-            log.warning("stream ended without usage; estimating", extra={"provider": plan.route.provider.name})
-            prompt_tokens, completion_tokens = plan.prompt_tokens, pieces
+            log.warning("stream ended without usage; estimating", extra={"provider": provider})
+            state.prompt_tokens, state.completion_tokens = plan.prompt_tokens, state.pieces
         usage = chat_pb2.Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=state.completion_tokens,
+            total_tokens=state.prompt_tokens + state.completion_tokens,
         )
         await self._budget.commit(request_id, usage.total_tokens)
-        self._completed(request, request_id, plan, usage, finish_reason or "stop", started, stream=True)
+        self._settle(plan, usage)
+        finish_reason = state.finish_reason or "stop"
+        self._recorder.completed(
+            info, provider=route.provider, usage=usage, finish_reason=finish_reason, attempts=plan.attempts.count
+        )
+        if plan.cache_key is not None and self._cache is not None and state.accumulator is not None:
+            self._cache.put(
+                plan.cache_key,
+                router_pb2.ChatResponse(
+                    model=request.model,
+                    choices=[
+                        chat_pb2.Choice(index=0, message=state.accumulator.message(), finish_reason=finish_reason)
+                    ],
+                    usage=usage,
+                    provider=provider,
+                ),
+            )
         if request.include_usage:
             yield router_pb2.ChatStreamResponse(
-                id=chat_id, model=request.model, created=created, usage=usage, provider=plan.route.provider.name
+                id=chat_id, model=request.model, created=created, usage=usage, provider=provider
             )
+
+    @staticmethod
+    async def _replay(
+        cached: router_pb2.ChatResponse, chunk: ChunkMaker
+    ) -> AsyncIterator[router_pb2.ChatStreamResponse]:
+        """A cached response as a stream: the whole text in one delta, then the tool calls, then the finish."""
+        choice = cached.choices[0] if cached.choices else chat_pb2.Choice(message=chat_pb2.ChatMessage())
+        message = choice.message
+        first = chunk(chat_pb2.Delta(role="assistant"))
+        first.cache = "hit"
+        if message.WhichOneof("content") == "text" and (message.text or not message.tool_calls):
+            first.choices[0].delta.content = message.text
+        first.choices[0].delta.tool_calls.extend(
+            chat_pb2.ToolCallDelta(
+                index=index,
+                id=call.id,
+                type=call.type or "function",
+                function=chat_pb2.FunctionCall(name=call.function.name, arguments=call.function.arguments),
+            )
+            for index, call in enumerate(message.tool_calls)
+        )
+        yield first
+        yield chunk(chat_pb2.Delta(), choice.finish_reason or "stop")
+
+
+class _StreamState:
+    """Per-stream bookkeeping: role on the first delta, finish reason, usage, cache copy."""
+
+    __slots__ = ("accumulator", "completion_tokens", "finish_reason", "first", "pieces", "prompt_tokens")
+
+    def __init__(self, *, collect: bool) -> None:
+        self.first = True
+        self.finish_reason = ""
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.pieces = 0
+        self.accumulator = StreamAccumulator() if collect else None
+
+    def take(self, piece: StreamPiece, chunk: ChunkMaker) -> router_pb2.ChatStreamResponse | None:
+        if piece.prompt_tokens is not None:
+            self.prompt_tokens, self.completion_tokens = piece.prompt_tokens, piece.completion_tokens
+        if piece.finish_reason:
+            self.finish_reason = piece.finish_reason
+        if piece.content is None and not piece.tool_calls:
+            return None
+        if self.accumulator is not None:
+            self.accumulator.add(piece)
+        delta = chat_pb2.Delta(tool_calls=piece.tool_calls)
+        if piece.content is not None:
+            delta.content = piece.content
+        if self.first:
+            delta.role = "assistant"
+            self.first = False
+        self.pieces += 1
+        return chunk(delta)
+
+
+async def _open_stream(
+    route: Route, request: router_pb2.ChatRequest, params: CallParams
+) -> tuple[AsyncIterator[StreamPiece], list[StreamPiece]]:
+    """Start a backend stream and read it up to its first token (or its end).
+
+    Failures until then are ordinary attempt failures (retried, failed over); the
+    caller continues the returned iterator after the buffered pieces.
+    """
+    backend_stream = route.backend.stream(request, params)
+    buffered: list[StreamPiece] = []
+    try:
+        async for piece in backend_stream:
+            buffered.append(piece)
+            if piece.content is not None or piece.tool_calls:
+                break
+    except BaseException:
+        await backend_stream.aclose()  # type: ignore[attr-defined]
+        raise
+    return backend_stream, buffered

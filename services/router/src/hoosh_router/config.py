@@ -1,4 +1,10 @@
-"""Router settings (environment) and the provider catalogue (YAML file)."""
+"""Router settings (environment) and the provider catalogue (YAML file).
+
+The catalogue names providers (each a wire dialect with its defaults), optional
+explicit routes (a model name or pattern -> several provider targets), and the
+routing, health, retry and cache policies. Secrets come from the environment
+through ``$VAR`` references in the YAML.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,46 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCAL_MODEL_DEFAULT = "smollm2-135m-instruct"
+
+# OpenAI-compatible provider types and the base URL each uses when the entry gives none.
+OPENAI_COMPATIBLE_BASE_URLS: dict[str, str] = {
+    "openai": "https://api.openai.com/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+    "mistral": "https://api.mistral.ai/v1",
+    "groq": "https://api.groq.com/openai/v1",
+    "xai": "https://api.x.ai/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "ollama": "http://127.0.0.1:11434/v1",
+    "llamacpp": "http://127.0.0.1:8080/v1",
+    "lmstudio": "http://127.0.0.1:1234/v1",
+    "localai": "http://127.0.0.1:8080/v1",
+    "vllm": "http://127.0.0.1:8000/v1",
+}
+NATIVE_BASE_URLS: dict[str, str] = {
+    "anthropic": "https://api.anthropic.com",
+    "gemini": "https://generativelanguage.googleapis.com/v1beta",
+}
+ProviderType = Literal[
+    "local",
+    "anthropic",
+    "gemini",
+    "openai",
+    "deepseek",
+    "mistral",
+    "groq",
+    "xai",
+    "openrouter",
+    "ollama",
+    "llamacpp",
+    "lmstudio",
+    "localai",
+    "vllm",
+]
+Strategy = Literal["priority", "round-robin", "lowest-latency", "direct"]
 
 
 class RouterSettings(BaseSettings):
@@ -24,11 +66,14 @@ class RouterSettings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     nats_stream: str = "HOOSH_EVENTS"
     subject_prefix: str = "hoosh"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    router_key_prefix: str = Field(
+        default="hoosh:router:", description="Prefix of every Redis key the router owns (health, limits, cache)"
+    )
     router_lease_seconds: int = 600
     # "redis": the budget library in-process against the shared Redis (the hot path);
     # "grpc": through the budget service.
     router_budget_mode: Literal["redis", "grpc"] = "redis"
-    redis_url: str = "redis://127.0.0.1:6379/0"
     budget_key_prefix: str = "hoosh:budget:"
     router_upstream_timeout_seconds: float = 300.0
 
@@ -40,24 +85,94 @@ class Pricing(BaseModel):
     output_per_mtok: float = 0.0
 
 
+class BreakerOverrides(BaseModel):
+    """Per-provider overrides of the catalogue's health policy."""
+
+    failure_threshold: int | None = Field(default=None, ge=1)
+    cooldown_seconds: float | None = Field(default=None, gt=0)
+
+
 class ProviderConfig(BaseModel):
     name: str
-    # "local": the local-inference worker over gRPC; "openai": any OpenAI-compatible HTTP API.
-    type: Literal["local", "openai"]
+    # "local": the local-inference worker over gRPC; "anthropic"/"gemini": their native
+    # APIs; every other type speaks OpenAI's chat-completions API (see OPENAI_COMPATIBLE_BASE_URLS).
+    type: ProviderType
     base_url: str = ""
     api_key: str = ""
-    models: list[str] = Field(default_factory=list, description="exact names or glob patterns (gpt-*)")
-    priority: int = 10
+    models: list[str] = Field(default_factory=list, description="chat models: exact names or glob patterns (gpt-*)")
+    embedding_models: list[str] = Field(default_factory=list, description="embedding models: names or patterns")
+    priority: int = Field(default=10, description="lower is tried first")
+    weight: int = Field(default=1, ge=1, description="share under round-robin")
     default_max_tokens: int = 1024
     max_tokens_limit: int | None = None
-    timeout_seconds: float | None = None
+    timeout_seconds: float | None = Field(default=None, gt=0, description="one upstream attempt")
     pricing: Pricing = Field(default_factory=Pricing)
     enabled: bool = True
+    rpm: int | None = Field(default=None, ge=1, description="requests per minute, shared by all router replicas")
+    tpm: int | None = Field(default=None, ge=1, description="tokens per minute, shared by all router replicas")
+    breaker: BreakerOverrides = Field(default_factory=BreakerOverrides)
+    probe: bool = Field(default=True, description="let the background prober check this provider")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers sent upstream")
 
     @field_validator("base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _default_base_url(self) -> ProviderConfig:
+        if not self.base_url and self.type != "local":
+            self.base_url = (OPENAI_COMPATIBLE_BASE_URLS | NATIVE_BASE_URLS)[self.type].rstrip("/")
+        return self
+
+    @property
+    def openai_compatible(self) -> bool:
+        return self.type in OPENAI_COMPATIBLE_BASE_URLS
+
+
+class RouteTarget(BaseModel):
+    provider: str
+    model: str | None = Field(default=None, description="upstream model name; the requested name when absent")
+    priority: int | None = Field(default=None, description="the provider's priority when absent")
+    weight: int | None = Field(default=None, ge=1, description="the provider's weight when absent")
+
+
+class RouteConfig(BaseModel):
+    """An explicit route: a requested model name (or pattern) served by several targets."""
+
+    match: str
+    strategy: Strategy | None = None
+    targets: list[RouteTarget] = Field(min_length=1)
+    kind: Literal["chat", "embedding"] = "chat"
+
+
+class RetryConfig(BaseModel):
+    max_attempts: int = Field(default=3, ge=1, le=10, description="attempts per candidate, the first included")
+    backoff_base_ms: float = Field(default=200.0, ge=0)
+    backoff_max_ms: float = Field(default=5000.0, ge=0)
+
+
+class RoutingConfig(BaseModel):
+    strategy: Strategy = "priority"
+    fallback: bool = Field(default=True, description="try the next candidate when one fails")
+    request_timeout_seconds: float | None = Field(default=None, gt=0, description="all attempts of one request")
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    latency_alpha: float = Field(default=0.3, gt=0, le=1, description="weight of the newest latency sample")
+
+
+class HealthConfig(BaseModel):
+    failure_threshold: int = Field(default=5, ge=1, description="consecutive failures that open the breaker")
+    cooldown_seconds: float = Field(default=30.0, gt=0, description="open time before a trial (half-open)")
+    probe_interval_seconds: float = Field(default=15.0, ge=0, description="0 turns the prober off")
+    probe_timeout_seconds: float = Field(default=5.0, gt=0)
+    sync_interval_seconds: float = Field(default=1.0, gt=0, description="how often the Redis state is re-read")
+
+
+class CacheConfig(BaseModel):
+    enabled: bool = True
+    ttl_seconds: int = Field(default=600, ge=1)
+    # Requests for these models are cached whatever their temperature (an explicit opt-in).
+    always: list[str] = Field(default_factory=list, description="model names or patterns")
 
 
 class PoolConfig(BaseModel):
@@ -67,7 +182,22 @@ class PoolConfig(BaseModel):
 
 class Catalogue(BaseModel):
     providers: list[ProviderConfig] = Field(default_factory=list)
+    routes: list[RouteConfig] = Field(default_factory=list)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     pools: list[PoolConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known_targets(self) -> Catalogue:
+        names = [provider.name for provider in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("provider names must be unique")
+        for route in self.routes:
+            for target in route.targets:
+                if target.provider not in names:
+                    raise ValueError(f"route '{route.match}' names unknown provider '{target.provider}'")
+        return self
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")

@@ -1,5 +1,7 @@
 """Errors the router answers with. Each carries its gRPC status and the
-OpenAI-style type/code the edge puts in the error envelope."""
+OpenAI-style type/code the edge puts in the error envelope, and whether it is
+worth another attempt on the same backend (``retryable``) or on the next
+candidate (``fallback``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ class RouterError(Exception):
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
     error_type: str = "api_error"
     error_code: str = "internal_error"
+    # Class defaults; an instance may override them (a 5xx UpstreamError is retryable, malformed output is not).
+    retryable: bool = False
+    fallback: bool = False
 
     def __init__(
         self,
@@ -18,6 +23,8 @@ class RouterError(Exception):
         param: str | None = None,
         retry_after: int | None = None,
         code: str | None = None,
+        retryable: bool | None = None,
+        fallback: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -25,6 +32,15 @@ class RouterError(Exception):
         self.retry_after = retry_after
         if code is not None:
             self.error_code = code
+        if retryable is not None:
+            self.retryable = retryable
+        if fallback is not None:
+            self.fallback = fallback
+
+    @property
+    def backend_fault(self) -> bool:
+        """Whether this failure counts against the backend's health (breaker)."""
+        return self.retryable or self.fallback
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         pairs = [("hoosh-error-type", self.error_type), ("hoosh-error-code", self.error_code)]
@@ -58,29 +74,50 @@ class BudgetExhausted(RouterError):
 
 
 class RateLimited(RouterError):
+    """A provider said 429 (retryable there), or every candidate is over its hoosh limit."""
+
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
     error_type = "rate_limit_error"
     error_code = "rate_limit_exceeded"
+    retryable = True
+    fallback = True
 
 
 class UpstreamError(RouterError):
-    """The backend answered with something broken, or failed."""
+    """The backend answered with something broken, or failed.
+
+    Default: not retried on the same backend (malformed output tends to repeat) but
+    the next candidate may answer. A 5xx status is constructed with ``retryable=True``.
+    """
 
     status = grpc.StatusCode.INTERNAL
     error_type = "api_error"
     error_code = "upstream_error"
+    fallback = True
 
 
 class UpstreamUnavailable(RouterError):
     status = grpc.StatusCode.UNAVAILABLE
     error_type = "api_error"
     error_code = "upstream_unavailable"
+    retryable = True
+    fallback = True
+
+
+class NoHealthyBackend(UpstreamUnavailable):
+    """Every candidate's breaker is open."""
+
+    error_code = "no_healthy_backend"
+    retryable = False
+    fallback = False
 
 
 class UpstreamTimeout(RouterError):
     status = grpc.StatusCode.DEADLINE_EXCEEDED
     error_type = "api_error"
     error_code = "upstream_timeout"
+    retryable = True
+    fallback = True
 
 
 class ClientCancelled(RouterError):

@@ -9,18 +9,23 @@ from collections.abc import AsyncIterator
 import grpc
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
 from hoosh_common.logs import request_id_var
-from hoosh_common.telemetry import extract_context
+from hoosh_common.telemetry import domain_span, extract_context
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from .cache import ResponseCache
 from .chat import ChatService
+from .embeddings import EmbeddingService
 from .errors import RouterError
+from .health import HealthBoard
 from .routing import ModelRouter
 
 tracer = trace.get_tracer("hoosh.router")
 
 
-def _request_id(request: router_pb2.ChatRequest, metadata: tuple[tuple[str, str | bytes], ...]) -> str:
+def _request_id(
+    request: router_pb2.ChatRequest | router_pb2.EmbedRequest, metadata: tuple[tuple[str, str | bytes], ...]
+) -> str:
     if request.request_id:
         return request.request_id
     for key, value in metadata:
@@ -30,9 +35,20 @@ def _request_id(request: router_pb2.ChatRequest, metadata: tuple[tuple[str, str 
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, chat: ChatService, router: ModelRouter) -> None:
+    def __init__(
+        self,
+        chat: ChatService,
+        router: ModelRouter,
+        *,
+        embeddings: EmbeddingService | None = None,
+        health: HealthBoard | None = None,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self._chat = chat
         self._router = router
+        self._embeddings = embeddings
+        self._health = health
+        self._cache = cache
         self._models_cache: tuple[float, router_pb2.ListModelsResponse] | None = None
 
     async def Chat(self, request: router_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> router_pb2.ChatResponse:
@@ -41,8 +57,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
-            with tracer.start_as_current_span("hoosh.router.chat", attributes={"hoosh.model": request.model}):
-                return await self._chat.chat(request, request_id)
+            with domain_span(tracer, "hoosh.router.chat", {"hoosh.model": request.model}):
+                return await self._chat.chat(request, request_id, context.time_remaining())
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())
             await context.abort(error.status, error.message)
@@ -58,8 +74,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
-            with tracer.start_as_current_span("hoosh.router.chat_stream", attributes={"hoosh.model": request.model}):
-                async for chunk in self._chat.stream(request, request_id):
+            with domain_span(tracer, "hoosh.router.chat_stream", {"hoosh.model": request.model}):
+                async for chunk in self._chat.stream(request, request_id, context.time_remaining()):
                     yield chunk
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())
@@ -75,16 +91,78 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             return self._models_cache[1]
         reply = router_pb2.ListModelsResponse()
         seen: set[str] = set()
-        for model_id, config in self._router.exact_models():
-            if model_id not in seen:
-                seen.add(model_id)
-                reply.models.add(id=model_id, owned_by=config.name, provider=config.name, kind="chat")
+        for kind in ("chat", "embedding"):
+            for model_id, config in self._router.exact_models(kind):
+                if model_id not in seen:
+                    seen.add(model_id)
+                    reply.models.add(id=model_id, owned_by=config.name, provider=config.name, kind=kind)
         for config, backend in self._router.entries:
             for model in await backend.list_models():
-                if model.id not in seen and self._router.matches_patterns(config, model.id):
-                    seen.add(model.id)
-                    reply.models.add(
-                        id=model.id, owned_by=model.owned_by, created=model.created, provider=config.name, kind="chat"
-                    )
+                if model.id in seen:
+                    continue
+                for kind in ("chat", "embedding"):
+                    if self._router.matches_patterns(config, model.id, kind):
+                        seen.add(model.id)
+                        reply.models.add(
+                            id=model.id, owned_by=model.owned_by, created=model.created, provider=config.name, kind=kind
+                        )
+                        break
         self._models_cache = (now, reply)
         return reply
+
+    async def Embed(
+        self, request: router_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.EmbedResponse:
+        if self._embeddings is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not configured")
+        assert self._embeddings is not None
+        metadata = context.invocation_metadata() or ()
+        request_id = _request_id(request, metadata)
+        request_id_var.set(request_id)
+        token = otel_context.attach(extract_context(metadata))
+        try:
+            with tracer.start_as_current_span("hoosh.router.embed", attributes={"hoosh.model": request.model}):
+                return await self._embeddings.embed(request, request_id, context.time_remaining())
+        except RouterError as error:
+            context.set_trailing_metadata(error.trailing_metadata())
+            await context.abort(error.status, error.message)
+            raise  # unreachable: abort raises
+        finally:
+            otel_context.detach(token)
+
+    async def GetProviderHealth(
+        self, request: router_pb2.GetProviderHealthRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.GetProviderHealthResponse:
+        reply = router_pb2.GetProviderHealthResponse()
+        if self._health is None:
+            return reply
+        for item in await self._health.report():
+            reply.providers.add(
+                name=item.name,
+                type=item.type,
+                state=item.state,
+                consecutive_failures=item.failures,
+                last_error=item.last_error,
+                last_error_at_ms=item.last_error_at_ms,
+                open_until_ms=item.open_until_ms,
+                latency_ms=item.latency_ms,
+                base_url=item.base_url,
+                rpm_limit=item.rpm,
+                tpm_limit=item.tpm,
+            )
+        return reply
+
+    async def GetCacheStats(
+        self, request: router_pb2.GetCacheStatsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.GetCacheStatsResponse:
+        if self._cache is None:
+            return router_pb2.GetCacheStatsResponse(enabled=False)
+        stats = await self._cache.stats()
+        return router_pb2.GetCacheStatsResponse(
+            enabled=stats.enabled,
+            hits=stats.hits,
+            misses=stats.misses,
+            stores=stats.stores,
+            entries=stats.entries,
+            ttl_seconds=stats.ttl_seconds,
+        )

@@ -1,2 +1,2 @@
-"""Backends the router can call: the local-inference worker (gRPC) and
-OpenAI-compatible HTTP providers."""
+"""Backends the router can call: the local-inference worker (gRPC), OpenAI-compatible
+HTTP providers, Anthropic's Messages API and Google's Gemini API."""

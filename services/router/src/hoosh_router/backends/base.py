@@ -9,6 +9,8 @@ from typing import Protocol
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 
+PROBE_TIMEOUT = 10.0  # seconds; the health board bounds a probe more tightly
+
 
 @dataclass(slots=True)
 class Completion:
@@ -40,6 +42,13 @@ class BackendModel:
 
 
 @dataclass(slots=True)
+class EmbeddingResult:
+    vectors: list[list[float]]
+    prompt_tokens: int | None  # None when the provider does not say
+    model: str
+
+
+@dataclass(slots=True)
 class CallParams:
     """What the router decided for this call."""
 
@@ -64,6 +73,14 @@ class Backend(Protocol):
 
     async def count_prompt_tokens(self, request: router_pb2.ChatRequest, upstream_model: str) -> int:
         """An upper bound (or exact count) of the prompt's tokens, for the budget reservation."""
+        ...
+
+    async def embed(self, texts: list[str], dimensions: int | None, params: CallParams) -> EmbeddingResult:
+        """Embeddings of ``texts``, in order; InvalidRequest when the backend has none."""
+        ...
+
+    async def probe(self) -> None:
+        """A cheap liveness call for the background prober (which bounds its time); raises RouterError when sick."""
         ...
 
     async def close(self) -> None: ...

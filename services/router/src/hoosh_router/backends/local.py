@@ -20,7 +20,7 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .base import BackendModel, CallParams, Completion, StreamPiece
+from .base import PROBE_TIMEOUT, BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece
 
 
 def _map_rpc_error(provider: str, error: grpc.aio.AioRpcError) -> RouterError:
@@ -34,6 +34,8 @@ def _map_rpc_error(provider: str, error: grpc.aio.AioRpcError) -> RouterError:
         return UpstreamUnavailable(f"Local model '{provider}' is overloaded: {detail}", retry_after=1)
     if code == grpc.StatusCode.UNAVAILABLE:
         return UpstreamUnavailable(f"Local inference worker is unavailable: {detail}")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return InvalidRequest(f"The local worker does not implement this: {detail}")
     if code == grpc.StatusCode.CANCELLED:
         return ClientCancelled("The request was cancelled")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -76,6 +78,16 @@ class LocalBackend:
         except grpc.aio.AioRpcError as error:
             raise _map_rpc_error(self.name, error) from error
         return reply.prompt_tokens
+
+    async def probe(self) -> None:
+        try:
+            await self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=PROBE_TIMEOUT)
+        except grpc.aio.AioRpcError as error:
+            raise _map_rpc_error(self.name, error) from error
+
+    async def embed(self, texts: list[str], dimensions: int | None, params: CallParams) -> EmbeddingResult:
+        # inference.proto has no embedding RPC (yet): say so as the edge expects.
+        raise InvalidRequest(f"The model '{params.upstream_model}' does not support embeddings", param="model")
 
     async def list_models(self) -> list[BackendModel]:
         try:

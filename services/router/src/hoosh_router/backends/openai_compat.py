@@ -1,100 +1,59 @@
-"""Any provider that speaks OpenAI's chat-completions API over HTTP."""
+"""Any provider that speaks OpenAI's chat-completions API over HTTP: OpenAI itself,
+DeepSeek, Mistral, Groq, xAI, OpenRouter, Ollama (/v1), llama.cpp server, LM Studio,
+LocalAI and vLLM. They differ only in base URL (config.OPENAI_COMPATIBLE_BASE_URLS)
+and a few request quirks (``QUIRKS``)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
-from ..errors import (
-    InvalidRequest,
-    ModelNotFound,
-    RateLimited,
-    RouterError,
-    UpstreamError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
+from ..errors import RouterError, UpstreamError
 from ..estimate import prompt_token_bound
 from . import openai_wire
-from .base import BackendModel, CallParams, Completion, StreamPiece
+from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece
+from .http import HTTPBackend, loads_object, malformed
 
 log = logging.getLogger(__name__)
 
 KNOWN_FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
 
 
-def _error_from_response(provider: str, status: int, body: bytes, retry_after: str | None) -> RouterError:
-    try:
-        detail = orjson.loads(body).get("error", {}).get("message") or ""
-    except (orjson.JSONDecodeError, AttributeError):
-        detail = ""
-    detail = str(detail)[:500]
-    if status == 400 or status == 422:
-        return InvalidRequest(f"Provider '{provider}' rejected the request: {detail or status}")
-    if status == 404:
-        return ModelNotFound(f"Provider '{provider}' does not know this model: {detail or status}", param="model")
-    if status == 429:
-        seconds = int(retry_after) if retry_after and retry_after.isdigit() else None
-        return RateLimited(f"Provider '{provider}' is rate limiting: {detail or status}", retry_after=seconds)
-    if status in (401, 403):
-        return UpstreamError(f"Provider '{provider}' refused hoosh's credentials ({status})")
-    return UpstreamError(f"Provider '{provider}' failed with status {status}: {detail}")
+@dataclass(frozen=True, slots=True)
+class Quirks:
+    stream_options: bool = True  # accepts stream_options.include_usage
+    seed_field: str = "seed"
 
 
-TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
+QUIRKS: dict[str, Quirks] = {
+    # Mistral's API rejects unknown fields and names the seed random_seed.
+    "mistral": Quirks(stream_options=False, seed_field="random_seed"),
+}
 
 
-def _transport_error(provider: str, error: BaseException) -> RouterError:
-    if isinstance(error, aiohttp.ClientConnectorError):
-        return UpstreamUnavailable(f"Provider '{provider}' is unreachable: {type(error).__name__}")
-    if isinstance(error, TimeoutError):
-        return UpstreamTimeout(f"Provider '{provider}' timed out")
-    return UpstreamError(f"Provider '{provider}' broke the connection: {type(error).__name__}")
-
-
-class OpenAICompatibleBackend:
-    """One pooled HTTP client per provider, built once (inside the running loop).
-
-    aiohttp rather than httpx: on the hot path it costs about a third of the CPU
-    per request (profiled under load; see BENCHMARKS.md)."""
+class OpenAICompatibleBackend(HTTPBackend):
+    """One pooled HTTP client per provider, built once (inside the running loop)."""
 
     def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.config = config
-        self._base_url = config.base_url
-        headers = {"Content-Type": "application/json"}
-        if config.api_key:
-            headers["Authorization"] = f"Bearer {config.api_key}"
-        self._client = aiohttp.ClientSession(
-            headers=headers,
-            connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=60, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=config.timeout_seconds or 300.0, sock_connect=10.0),
-            json_serialize=lambda value: orjson.dumps(value).decode(),
-        )
-
-    async def close(self) -> None:
-        await self._client.close()
-
-    def context_length(self, model: str) -> int:
-        return 0  # unknown for remote providers; they enforce their own
+        super().__init__(config, {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {})
+        self._quirks = QUIRKS.get(config.type, Quirks())
 
     async def count_prompt_tokens(self, request: router_pb2.ChatRequest, upstream_model: str) -> int:
         return prompt_token_bound(request)
 
+    async def probe(self) -> None:
+        await self._probe("/models")
+
     async def list_models(self) -> list[BackendModel]:
         try:
-            async with self._client.get(
-                f"{self._base_url}/models", timeout=aiohttp.ClientTimeout(total=5.0)
-            ) as response:
-                response.raise_for_status()
-                data = orjson.loads(await response.read()).get("data", [])
-        except (*TRANSPORT_ERRORS, orjson.JSONDecodeError, AttributeError) as error:
+            data = orjson.loads(await self._get("/models", 5.0)).get("data", [])
+        except (RouterError, orjson.JSONDecodeError, AttributeError) as error:
             log.warning("listing models failed", extra={"provider": self.name, "error": str(error)})
             return []
         return [
@@ -107,21 +66,17 @@ class OpenAICompatibleBackend:
             if isinstance(item, dict) and "id" in item
         ]
 
+    def _body(self, request: router_pb2.ChatRequest, params: CallParams, *, stream: bool) -> bytes:
+        body = openai_wire.request_to_json(
+            request, params.upstream_model, params.max_tokens, stream=stream, stream_options=self._quirks.stream_options
+        )
+        if self._quirks.seed_field != "seed" and "seed" in body:
+            body[self._quirks.seed_field] = body.pop("seed")
+        return orjson.dumps(body)
+
     async def chat(self, request: router_pb2.ChatRequest, params: CallParams) -> Completion:
-        body = openai_wire.request_to_json(request, params.upstream_model, params.max_tokens, stream=False)
-        try:
-            async with self._client.post(
-                f"{self._base_url}/chat/completions",
-                data=orjson.dumps(body),
-                headers={"X-Request-Id": params.request_id},
-                timeout=aiohttp.ClientTimeout(total=params.timeout, sock_connect=10.0),
-            ) as response:
-                content = await response.read()
-                status, retry_after = response.status, response.headers.get("retry-after")
-        except TRANSPORT_ERRORS as error:
-            raise _transport_error(self.name, error) from error
-        if status != 200:
-            raise _error_from_response(self.name, status, content, retry_after)
+        body = self._body(request, params, stream=False)
+        content = await self._post("/chat/completions", body, params.request_id, params.timeout)
         try:
             data = orjson.loads(content)
             choice = data["choices"][0]
@@ -130,8 +85,8 @@ class OpenAICompatibleBackend:
             message = openai_wire.message_from_json(choice["message"])
             prompt_tokens = int(usage["prompt_tokens"])
             completion_tokens = int(usage["completion_tokens"])
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as error:
-            raise UpstreamError(f"Provider '{self.name}' sent a malformed response") from error
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+            raise malformed(self.name) from error
         if finish_reason not in KNOWN_FINISH_REASONS:
             raise UpstreamError(f"Provider '{self.name}' sent an unknown finish_reason '{finish_reason}'")
         return Completion(
@@ -144,37 +99,23 @@ class OpenAICompatibleBackend:
         )
 
     async def stream(self, request: router_pb2.ChatRequest, params: CallParams) -> AsyncIterator[StreamPiece]:
-        body = openai_wire.request_to_json(request, params.upstream_model, params.max_tokens, stream=True)
-        try:
-            async with self._client.post(
-                f"{self._base_url}/chat/completions",
-                data=orjson.dumps(body),
-                headers={"X-Request-Id": params.request_id, "Accept": "text/event-stream"},
-                timeout=aiohttp.ClientTimeout(total=params.timeout, sock_connect=10.0),
-            ) as response:
-                if response.status != 200:
-                    content = await response.read()
-                    raise _error_from_response(self.name, response.status, content, response.headers.get("retry-after"))
-                done = False
-                async for raw_line in response.content:
-                    if not raw_line.startswith(b"data:"):
-                        continue
-                    payload = raw_line[5:].strip()
-                    if payload == b"[DONE]":
-                        done = True
-                        break
-                    for piece in self._pieces(payload):
-                        yield piece
-                if not done:
-                    raise UpstreamError(f"Provider '{self.name}' ended the stream before [DONE]")
-        except TRANSPORT_ERRORS as error:
-            raise _transport_error(self.name, error) from error
+        body = self._body(request, params, stream=True)
+        async with self._stream("/chat/completions", body, params.request_id, params.timeout) as response:
+            done = False
+            async for raw_line in response.content:
+                if not raw_line.startswith(b"data:"):
+                    continue
+                payload = raw_line[5:].strip()
+                if payload == b"[DONE]":
+                    done = True
+                    break
+                for piece in self._pieces(payload):
+                    yield piece
+            if not done:
+                raise UpstreamError(f"Provider '{self.name}' ended the stream before [DONE]")
 
     def _pieces(self, payload: bytes) -> list[StreamPiece]:
-        try:
-            chunk: dict[str, Any] = orjson.loads(payload)
-        except orjson.JSONDecodeError as error:
-            raise UpstreamError(f"Provider '{self.name}' sent a malformed stream chunk") from error
+        chunk = loads_object(self.name, payload, "stream chunk")
         if "error" in chunk:
             raise UpstreamError(f"Provider '{self.name}' failed mid-stream: {str(chunk['error'])[:300]}")
         pieces = []
@@ -200,5 +141,24 @@ class OpenAICompatibleBackend:
                     )
                 )
             except (KeyError, TypeError, ValueError) as error:
-                raise UpstreamError(f"Provider '{self.name}' sent malformed usage") from error
+                raise malformed(self.name, "usage") from error
         return pieces
+
+    async def embed(self, texts: list[str], dimensions: int | None, params: CallParams) -> EmbeddingResult:
+        body: dict[str, Any] = {"model": params.upstream_model, "input": texts, "encoding_format": "float"}
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        content = await self._post("/embeddings", orjson.dumps(body), params.request_id, params.timeout)
+        try:
+            data = orjson.loads(content)
+            items = sorted(data["data"], key=lambda item: int(item.get("index", 0)))
+            vectors = [[float(value) for value in item["embedding"]] for item in items]
+            usage = data.get("usage") or {}
+            prompt_tokens = int(usage["prompt_tokens"]) if "prompt_tokens" in usage else None
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+            raise malformed(self.name) from error
+        if len(vectors) != len(texts):
+            raise malformed(self.name, f"embedding list ({len(vectors)} vectors for {len(texts)} inputs)")
+        return EmbeddingResult(
+            vectors=vectors, prompt_tokens=prompt_tokens, model=str(data.get("model") or params.upstream_model)
+        )

@@ -58,7 +58,12 @@ def message_to_json(message: chat_pb2.ChatMessage) -> dict[str, Any]:
 
 
 def request_to_json(
-    request: router_pb2.ChatRequest, upstream_model: str, max_tokens: int, *, stream: bool
+    request: router_pb2.ChatRequest,
+    upstream_model: str,
+    max_tokens: int,
+    *,
+    stream: bool,
+    stream_options: bool = True,
 ) -> dict[str, Any]:
     """The body to POST to {base_url}/chat/completions."""
     body: dict[str, Any] = {
@@ -97,7 +102,8 @@ def request_to_json(
         body["response_format"] = orjson.loads(request.response_format_json)
     if stream:
         body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        if stream_options:
+            body["stream_options"] = {"include_usage": True}
     return body
 
 

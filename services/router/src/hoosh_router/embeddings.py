@@ -1,0 +1,96 @@
+"""Embeddings, end to end: resolve (embedding models only), reserve the prompt-token
+bound, call with retries and fallback, commit the real prompt tokens, publish an
+event of kind "embedding". Same guarantees as chat: one reservation ended once,
+one event per request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from hoosh.chat.v1 import chat_pb2
+from hoosh.router.v1 import router_pb2
+
+from .backends.base import CallParams, EmbeddingResult
+from .dispatch import Attempts, Dispatcher
+from .errors import InvalidRequest
+from .estimate import PER_MESSAGE_OVERHEAD
+from .recording import Recorder, RequestInfo
+from .routing import Route
+
+MAX_INPUTS = 2048
+
+
+def embedding_token_bound(texts: list[str]) -> int:
+    """At most one token per UTF-8 byte, plus a little framing per input."""
+    return sum(len(text.encode()) + PER_MESSAGE_OVERHEAD for text in texts)
+
+
+class EmbeddingService:
+    def __init__(self, dispatcher: Dispatcher, recorder: Recorder) -> None:
+        self._dispatch = dispatcher
+        self._recorder = recorder
+
+    async def embed(
+        self, request: router_pb2.EmbedRequest, request_id: str, time_remaining: float | None = None
+    ) -> router_pb2.EmbedResponse:
+        info = RequestInfo(
+            request_id=request_id,
+            model=request.model,
+            pool=request.pool or "default",
+            user=request.user,
+            stream=False,
+            kind="embedding",
+            started=time.monotonic(),
+        )
+        attempts: Attempts | None = None
+        reserved = False
+        texts = list(request.input)
+        dimensions = request.dimensions if request.HasField("dimensions") else None
+        try:
+            if not request.model:
+                raise InvalidRequest("model is required", param="model")
+            if not texts:
+                raise InvalidRequest("input must not be empty", param="input")
+            if len(texts) > MAX_INPUTS:
+                raise InvalidRequest(f"input may hold at most {MAX_INPUTS} items", param="input")
+            if dimensions is not None and dimensions < 1:
+                raise InvalidRequest("dimensions must be at least 1", param="dimensions")
+            candidates = self._dispatch.candidates(request.model, "embedding")
+            estimate = embedding_token_bound(texts)
+            await self._recorder.budget.reserve(info.pool, estimate, request_id)
+            reserved = True
+            deadline = self._dispatch.deadline(time_remaining)
+            attempts = Attempts(candidates=candidates, deadline=deadline, tokens=estimate)
+
+            async def call(route: Route, params: CallParams) -> EmbeddingResult:
+                return await route.backend.embed(texts, dimensions, params)
+
+            result = await self._dispatch.run(attempts, request_id, 0, call)
+        except BaseException as error:
+            route = attempts.route if attempts else None
+            router_error = await self._recorder.end_failed(
+                info,
+                error,
+                reserved=reserved,
+                provider=route.provider.name if route else "",
+                attempts=attempts.count if attempts else 0,
+            )
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            raise router_error from error
+        route = attempts.route
+        assert route is not None
+        # Providers that do not report usage are charged the (upper) estimate.
+        prompt_tokens = result.prompt_tokens if result.prompt_tokens is not None else estimate
+        usage = chat_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
+        await self._recorder.budget.commit(request_id, prompt_tokens)
+        if attempts.admission is not None:
+            self._dispatch.limiter.correct(route.provider, attempts.admission, estimate, prompt_tokens)
+        self._recorder.completed(info, provider=route.provider, usage=usage, finish_reason="", attempts=attempts.count)
+        return router_pb2.EmbedResponse(
+            model=result.model or request.model,
+            data=[router_pb2.Embedding(index=index, values=vector) for index, vector in enumerate(result.vectors)],
+            usage=usage,
+            provider=route.provider.name,
+        )

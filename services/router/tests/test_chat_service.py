@@ -1,0 +1,235 @@
+"""Chat and embeddings end to end inside the router: the budget library against the
+real Redis, events on the real NATS, providers as the bench stand-ins. The spine's
+guarantees under failover, the cache and cancellation: one reservation ended once,
+one event per request, no restart after a token left."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio as redis
+from hoosh.chat.v1 import chat_pb2
+from hoosh.router.v1 import router_pb2
+from hoosh_budget.pools import BudgetStore, PoolView
+from hoosh_router.backends.base import Backend
+from hoosh_router.backends.factory import build_backend
+from hoosh_router.budget_client import RedisBudget
+from hoosh_router.cache import ResponseCache
+from hoosh_router.chat import ChatService
+from hoosh_router.config import Catalogue, ProviderConfig
+from hoosh_router.dispatch import Dispatcher, RetryPolicy
+from hoosh_router.embeddings import EmbeddingService
+from hoosh_router.errors import InvalidRequest, UpstreamError
+from hoosh_router.health import HealthBoard
+from hoosh_router.ratelimit import RateLimiter
+from hoosh_router.recording import Recorder
+from hoosh_router.routing import ModelRouter
+
+from bench.upstream import OpenAIUpstream
+from bench.upstream_anthropic import AnthropicUpstream
+
+from .conftest import Bus
+from .helpers import chat_request, user
+
+POOL = "team"
+REPLY = "Hello from the upstream stand-in."
+
+
+@dataclass
+class Router:
+    chat: ChatService
+    embeddings: EmbeddingService
+    store: BudgetStore
+    bus: Bus
+    limiter: RateLimiter
+    cache: ResponseCache
+    entries: list[tuple[ProviderConfig, Backend]]
+
+    async def pool(self) -> PoolView:
+        return await self.store.get_pool(POOL)
+
+
+@pytest.fixture
+async def router(
+    redis_client: redis.Redis, prefix: str, bus: Bus, openai_up: OpenAIUpstream, anthropic_up: AnthropicUpstream
+) -> AsyncIterator[Router]:
+    catalogue = Catalogue.model_validate(
+        {
+            "providers": [
+                {
+                    "name": "primary",
+                    "type": "openai",
+                    "base_url": openai_up.base_url,
+                    "models": ["mock-*"],
+                    "embedding_models": ["text-embedding-*"],
+                    "tpm": 100_000,
+                },
+                {"name": "secondary", "type": "anthropic", "base_url": anthropic_up.base_url, "api_key": "k"},
+            ],
+            "routes": [
+                {
+                    "match": "flaky-first",
+                    "targets": [
+                        {"provider": "primary", "model": "mock-fail-503", "priority": 1},
+                        {"provider": "secondary", "model": "claude-ok", "priority": 2},
+                    ],
+                },
+                {
+                    "match": "cut-first",
+                    "targets": [
+                        {"provider": "primary", "model": "mock-cut-stream", "priority": 1},
+                        {"provider": "secondary", "model": "claude-ok", "priority": 2},
+                    ],
+                },
+            ],
+            "routing": {"retry": {"max_attempts": 3, "backoff_base_ms": 1, "backoff_max_ms": 5}},
+            "health": {"failure_threshold": 100, "probe_interval_seconds": 0},
+        }
+    )
+    entries = [(provider, build_backend(provider, "")) for provider in catalogue.providers]
+    store = BudgetStore(redis_client, f"{prefix}budget:", 60)
+    await store.upsert_pool(POOL, 1_000_000)
+    health = HealthBoard(redis_client, prefix, entries, catalogue.health)
+    limiter = RateLimiter(redis_client, prefix)
+    cache = ResponseCache(redis_client, prefix, catalogue.cache)
+    dispatcher = Dispatcher(
+        ModelRouter(entries, catalogue.routes),
+        health,
+        limiter,
+        RetryPolicy(catalogue.routing.retry),
+        upstream_timeout=10,
+        request_timeout=30,
+    )
+    recorder = Recorder(RedisBudget(store, 60), bus.publisher)
+    yield Router(
+        ChatService(dispatcher, recorder, cache),
+        EmbeddingService(dispatcher, recorder),
+        store,
+        bus,
+        limiter,
+        cache,
+        entries,
+    )
+    await cache.drain()
+    await limiter.drain()
+    for _, backend in entries:
+        await backend.close()
+
+
+def request_for(model: str, text: str = "hi", temperature: float | None = None) -> router_pb2.ChatRequest:
+    request = chat_request(user(text), model=model)
+    request.pool = POOL
+    request.include_usage = True
+    if temperature is not None:
+        request.sampling.temperature = temperature
+    return request
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_a_stream_fails_over_before_its_first_token(router: Router, openai_up: OpenAIUpstream) -> None:
+    request_id = rid()
+    chunks = [chunk async for chunk in router.chat.stream(request_for("flaky-first"), request_id)]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].provider == "secondary"
+    assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == REPLY
+    usage = chunks[-1].usage
+    assert openai_up.stats.by_model["mock-fail-503"] == 3  # retried, then failed over
+    pool = await router.pool()
+    assert pool.used == usage.total_tokens and pool.reserved == 0
+    events = await router.bus.events()
+    assert [(name, event.provider, event.attempts) for name, event in events] == [
+        ("inference.completed", "secondary", 4)
+    ]
+
+
+async def test_a_stream_cut_after_tokens_is_not_restarted(router: Router, anthropic_up: AnthropicUpstream) -> None:
+    received: list[str] = []
+    with pytest.raises(UpstreamError):
+        async for chunk in router.chat.stream(request_for("cut-first"), rid()):
+            received.extend(c.delta.content for c in chunk.choices)
+    assert received == ["Hello", " from"]
+    assert anthropic_up.stats.requests == 0  # no silent restart on the fallback
+    pool = await router.pool()
+    assert (pool.used, pool.reserved) == (0, 0)
+    events = await router.bus.events()
+    assert [(name, event.error_code) for name, event in events] == [("inference.failed", "upstream_error")]
+
+
+async def test_a_client_leaving_mid_stream_releases_and_records(router: Router) -> None:
+    stream = router.chat.stream(request_for("mock-x"), rid())
+    first = await anext(stream)
+    assert first.choices[0].delta.content == "Hello"
+    await stream.aclose()  # what the gRPC server does when the caller cancels
+    pool = await router.pool()
+    assert (pool.used, pool.reserved) == (0, 0)
+    events = await router.bus.events()
+    assert [(name, event.error_code) for name, event in events] == [("inference.failed", "client_disconnected")]
+
+
+async def test_a_cache_hit_commits_nothing_and_replays_as_a_stream(router: Router, openai_up: OpenAIUpstream) -> None:
+    first = await router.chat.chat(request_for("mock-cached", temperature=0), rid())
+    assert first.cache == "miss"
+    await router.cache.drain()
+    second = await router.chat.chat(request_for("mock-cached", temperature=0), rid())
+    assert second.cache == "hit" and second.id != first.id
+    assert second.choices == first.choices and second.usage == first.usage and second.provider == "primary"
+    streamed = [chunk async for chunk in router.chat.stream(request_for("mock-cached", temperature=0), rid())]
+    assert streamed[0].cache == "hit"
+    assert "".join(c.choices[0].delta.content for c in streamed if c.choices) == REPLY
+    assert streamed[-1].usage == first.usage
+    assert openai_up.stats.by_model["mock-cached"] == 1
+    pool = await router.pool()
+    assert pool.used == first.usage.total_tokens and pool.reserved == 0  # hits charged 0
+    events = await router.bus.events()
+    assert [(event.cached, event.attempts, event.usage == first.usage) for _, event in events] == [
+        (False, 1, True),
+        (True, 0, True),
+        (True, 0, True),
+    ]
+    assert events[1][1].cost_usd == 0
+
+
+async def test_a_streamed_tool_call_is_cached_whole(router: Router) -> None:
+    request = request_for("mock-tool", temperature=0)
+    request.tools.add(type="function", function=chat_pb2.FunctionDefinition(name="get_weather"))
+    chunks = [chunk async for chunk in router.chat.stream(request, rid())]
+    assert chunks[0].cache == "miss"
+    await router.cache.drain()
+    hit = await router.chat.chat(request, rid())
+    assert hit.cache == "hit" and hit.choices[0].finish_reason == "tool_calls"
+    call = hit.choices[0].message.tool_calls[0]
+    assert (call.id, call.function.name, call.function.arguments) == (
+        "call_upstream_1",
+        "get_weather",
+        '{"city": "Paris"}',
+    )
+
+
+async def test_tpm_is_settled_with_the_real_usage(router: Router, redis_client: redis.Redis, prefix: str) -> None:
+    reply = await router.chat.chat(request_for("mock-x"), rid())
+    await router.limiter.drain()
+    windows = [key async for key in redis_client.scan_iter(match=f"{prefix}rl:primary:*")]
+    assert len(windows) == 1
+    assert int(await redis_client.hget(windows[0], "t")) == reply.usage.total_tokens
+
+
+async def test_embeddings_commit_prompt_tokens_and_publish(router: Router) -> None:
+    request = router_pb2.EmbedRequest(model="text-embedding-3-small", input=["one two", "three"], pool=POOL)
+    reply = await router.embeddings.embed(request, rid())
+    assert [item.index for item in reply.data] == [0, 1] and len(reply.data[0].values) == 8
+    assert reply.usage.prompt_tokens == reply.usage.total_tokens == 3 and reply.provider == "primary"
+    pool = await router.pool()
+    assert (pool.used, pool.reserved) == (3, 0)
+    with pytest.raises(InvalidRequest, match="does not support embeddings"):
+        await router.embeddings.embed(router_pb2.EmbedRequest(model="mock-chat", input=["x"], pool=POOL), rid())
+    assert (await router.pool()).reserved == 0
+    events = await router.bus.events()
+    assert [(name, event.kind) for name, event in events] == [
+        ("inference.completed", "embedding"),
+        ("inference.failed", "embedding"),
+    ]

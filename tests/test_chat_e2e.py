@@ -384,3 +384,16 @@ async def test_stream_cut_by_provider_ends_with_error_event_and_done(hoosh: Runn
     entry = next(e for e in wait_for_audit(hoosh, {request_id})["entries"] if e["event_id"] == request_id)
     assert entry["subject"].endswith("inference.failed")
     assert pool_state(hoosh, pool)["reserved"] == 0
+
+
+def test_callers_trace_context_reaches_the_audit_record(hoosh: RunningStack) -> None:
+    trace_id = uuid.uuid4().hex
+    response = httpx.post(
+        f"{hoosh.base_url}/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "trace me"}]},
+        headers={"traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01"},
+    )
+    assert response.status_code == 200
+    request_id = response.headers["x-request-id"]
+    entry = next(e for e in wait_for_audit(hoosh, {request_id})["entries"] if e["event_id"] == request_id)
+    assert entry["payload"]["trace_id"] == trace_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 
@@ -12,6 +13,7 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 log = logging.getLogger(__name__)
 _exporting = False
@@ -66,6 +68,30 @@ def extract_context(pairs: Mapping[str, str] | Iterable[tuple[str, str]] | None)
         return context.get_current()
     carrier = dict(pairs.items() if isinstance(pairs, Mapping) else pairs)
     return propagate.extract(carrier)
+
+
+def incoming_context(traceparent: str | None, tracestate: str | None = None) -> context.Context:
+    """The context for a request that arrived with (or without) a W3C traceparent.
+
+    When spans are exported the caller starts a real span under the extracted context.
+    Otherwise this hop gets a non-recording span of its own (the caller's trace id, or
+    a new one) so the trace id still reaches logs, gRPC metadata, events and audit
+    without the cost of a recorded span."""
+    carrier = {"traceparent": traceparent} if traceparent else {}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    extracted = propagate.extract(carrier)
+    if _exporting:
+        return extracted
+    parent = trace.get_current_span(extracted).get_span_context()
+    span_context = SpanContext(
+        trace_id=parent.trace_id if parent.is_valid else random.getrandbits(128),
+        span_id=random.getrandbits(64),
+        is_remote=False,
+        trace_flags=parent.trace_flags if parent.is_valid else TraceFlags(TraceFlags.SAMPLED),
+        trace_state=parent.trace_state if parent.is_valid else None,
+    )
+    return trace.set_span_in_context(NonRecordingSpan(span_context), extracted)
 
 
 def current_trace_id() -> str:

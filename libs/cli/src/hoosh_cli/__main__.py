@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     up_parser.add_argument("--state-dir", default=os.environ.get("HOOSH_STATE_DIR", ".hoosh"))
     args = parser.parse_args(argv)
     configure_logging("cli", os.environ.get("HOOSH_LOG_LEVEL", "INFO"))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the health polls are not news
     if args.command == "up":
         from hoosh_common.runtime import run
 

@@ -16,7 +16,7 @@ from hoosh.router.v1 import router_pb2
 from hoosh_budget.pools import BudgetStore, PoolView
 from hoosh_router.backends.base import Backend
 from hoosh_router.backends.factory import build_backend
-from hoosh_router.budget_client import RedisBudget
+from hoosh_router.budget_client import RouterBudget
 from hoosh_router.cache import ResponseCache
 from hoosh_router.chat import ChatService
 from hoosh_router.config import Catalogue, ProviderConfig
@@ -103,7 +103,7 @@ async def router(
         upstream_timeout=10,
         request_timeout=30,
     )
-    recorder = Recorder(RedisBudget(store, 60), bus.publisher)
+    recorder = Recorder(RouterBudget(store, 60), bus.publisher)
     yield Router(
         ChatService(dispatcher, recorder, cache),
         EmbeddingService(dispatcher, recorder),

@@ -35,11 +35,17 @@ class BudgetExhausted(BudgetError):
     outstanding reservations could cover the request at all), else a default.
     """
 
-    def __init__(self, pool: str, requested: int, available: int, retry_after_seconds: int) -> None:
+    def __init__(
+        self, pool: str, requested: int, available: int, retry_after_seconds: int, message: str | None = None
+    ) -> None:
         super().__init__(
-            f"Token budget exceeded: pool '{pool}' has {available} tokens available, {requested} requested"
+            message or f"Token budget exceeded: pool '{pool}' has {available} tokens available, {requested} requested"
         )
         self.pool = pool
         self.requested = requested
         self.available = available
         self.retry_after_seconds = retry_after_seconds
+
+
+class BudgetUnavailable(BudgetError):
+    """The budget could not be reached (the budget service over gRPC, or Redis)."""

@@ -8,6 +8,7 @@ import logging
 import nats
 import redis.asyncio as redis
 from hoosh.router.v1 import router_pb2_grpc
+from hoosh_budget.client import BudgetBackend, BudgetServiceClient
 from hoosh_budget.pools import BudgetStore
 from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import insecure_channel, new_server, serve
@@ -19,7 +20,7 @@ from redis.backoff import ExponentialBackoff
 
 from .backends.base import Backend
 from .backends.factory import build_backend
-from .budget_client import Budget, BudgetClient, RedisBudget
+from .budget_client import RouterBudget
 from .cache import ResponseCache
 from .chat import ChatService
 from .config import ProviderConfig, RouterSettings, load_catalogue
@@ -78,12 +79,12 @@ async def main() -> None:
     publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix)
 
     budget_channel = insecure_channel(settings.budget_addr)
-    budget: Budget
+    backend: BudgetBackend
     if settings.router_budget_mode == "redis":
-        store = BudgetStore(redis_client, settings.budget_key_prefix, settings.router_lease_seconds)
-        budget = RedisBudget(store, settings.router_lease_seconds)
+        backend = BudgetStore(redis_client, settings.budget_key_prefix, settings.router_lease_seconds)
     else:
-        budget = BudgetClient(budget_channel, settings.router_lease_seconds)
+        backend = BudgetServiceClient(budget_channel)
+    budget = RouterBudget(backend, settings.router_lease_seconds)
     recorder = Recorder(budget, publisher)
     dispatcher = Dispatcher(
         router,

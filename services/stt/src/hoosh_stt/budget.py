@@ -1,67 +1,50 @@
-"""The STT service's side of the budget service: reserve, commit, release."""
+"""The STT service's side of the budget: the budget service's own gRPC client, with
+its errors mapped to the STT service's (which carry the HTTP-facing metadata)."""
 
 from __future__ import annotations
 
 import logging
 
 import grpc
-from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
+from hoosh_budget import errors as budget_errors
+from hoosh_budget.client import BudgetServiceClient
 
 from .errors import BudgetExhausted, InvalidRequest, PoolNotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
 
-def _metadata_value(error: grpc.aio.AioRpcError, key: str) -> str | None:
-    for name, value in error.trailing_metadata() or ():
-        if name == key:
-            return value if isinstance(value, str) else value.decode()
-    return None
-
-
 class BudgetClient:
     def __init__(self, channel: grpc.aio.Channel, lease_seconds: int) -> None:
-        self._stub = budget_pb2_grpc.BudgetServiceStub(channel)
+        self._client = BudgetServiceClient(channel)
         self._lease_seconds = lease_seconds
 
     async def reserve(self, pool: str, tokens: int, reservation_id: str) -> None:
         """Reserve or raise PoolNotFound / BudgetExhausted / InvalidRequest / Unavailable."""
         try:
-            await self._stub.Reserve(
-                budget_pb2.ReserveRequest(
-                    pool=pool, tokens=tokens, reservation_id=reservation_id, lease_seconds=self._lease_seconds
-                ),
-                timeout=10,
-            )
-        except grpc.aio.AioRpcError as error:
-            code = error.code()
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise PoolNotFound(f"Token pool '{pool}' does not exist", param="pool") from error
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                retry_after = _metadata_value(error, "retry-after")
-                raise BudgetExhausted(
-                    error.details() or f"Token budget exceeded for pool '{pool}'",
-                    retry_after=int(retry_after) if retry_after and retry_after.isdigit() else None,
-                ) from error
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidRequest(error.details() or "invalid budget request", param="pool") from error
-            raise Unavailable(f"Budget service unavailable: {code.name}") from error
+            await self._client.reserve(pool, tokens, reservation_id, self._lease_seconds)
+        except budget_errors.PoolNotFound as error:
+            raise PoolNotFound(f"Token pool '{pool}' does not exist", param="pool") from error
+        except budget_errors.BudgetExhausted as error:
+            raise BudgetExhausted(error.message, retry_after=error.retry_after_seconds) from error
+        except budget_errors.InvalidArgument as error:
+            raise InvalidRequest(error.message, param="pool") from error
+        except budget_errors.BudgetUnavailable as error:
+            raise Unavailable(error.message) from error
 
     async def commit(self, reservation_id: str, used_tokens: int) -> None:
         """Commit the actual usage; a failure is logged (the lease returns the tokens)."""
         try:
-            reply = await self._stub.Commit(
-                budget_pb2.CommitRequest(reservation_id=reservation_id, used_tokens=used_tokens), timeout=10
-            )
-        except grpc.aio.AioRpcError as error:
-            log.error("budget commit failed", extra={"reservation_id": reservation_id, "error": error.code().name})
+            result = await self._client.commit(reservation_id, used_tokens)
+        except budget_errors.BudgetUnavailable as error:
+            log.error("budget commit failed", extra={"reservation_id": reservation_id, "error": error.message})
             return
-        if reply.already_ended:
+        if result.already_ended:
             log.warning("reservation had already ended at commit", extra={"reservation_id": reservation_id})
 
     async def release(self, reservation_id: str) -> None:
         """Give the reservation back; a failure is logged (the lease expires anyway)."""
         try:
-            await self._stub.Release(budget_pb2.ReleaseRequest(reservation_id=reservation_id), timeout=10)
-        except grpc.aio.AioRpcError as error:
-            log.error("budget release failed", extra={"reservation_id": reservation_id, "error": error.code().name})
+            await self._client.release(reservation_id)
+        except budget_errors.BudgetUnavailable as error:
+            log.error("budget release failed", extra={"reservation_id": reservation_id, "error": error.message})

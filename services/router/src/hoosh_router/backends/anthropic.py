@@ -23,7 +23,6 @@ from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
 from ..errors import InvalidRequest, RouterError, UpstreamError
-from ..estimate import prompt_token_bound
 from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece
 from .http import HTTPBackend, arguments_object, iter_sse, loads_object, malformed, parse_data_url
 
@@ -314,9 +313,6 @@ class AnthropicBackend(HTTPBackend):
         if config.api_key:
             headers["x-api-key"] = config.api_key
         super().__init__(config, headers)
-
-    async def count_prompt_tokens(self, request: router_pb2.ChatRequest, upstream_model: str) -> int:
-        return prompt_token_bound(request)
 
     async def probe(self) -> None:
         await self._probe("/v1/models", {"limit": 1})

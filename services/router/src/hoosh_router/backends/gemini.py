@@ -23,7 +23,6 @@ from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
 from ..errors import InvalidRequest, RouterError, UpstreamError
-from ..estimate import prompt_token_bound
 from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece
 from .http import HTTPBackend, arguments_object, iter_sse, loads_object, malformed, parse_data_url
 
@@ -331,9 +330,6 @@ class GeminiStreamTranslator:
 class GeminiBackend(HTTPBackend):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config, {"x-goog-api-key": config.api_key} if config.api_key else {})
-
-    async def count_prompt_tokens(self, request: router_pb2.ChatRequest, upstream_model: str) -> int:
-        return prompt_token_bound(request)
 
     async def probe(self) -> None:
         await self._probe("/models", {"pageSize": 1})

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
 from ..errors import (
@@ -24,6 +25,7 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from ..estimate import prompt_token_bound
 from .base import PROBE_TIMEOUT
 
 # Statuses a provider uses for "try again": timeouts, conflicts, overload (Anthropic's 529) and 5xx.
@@ -185,6 +187,10 @@ class HTTPBackend:
 
     async def close(self) -> None:
         await self._client.close()
+
+    async def count_prompt_tokens(self, request: router_pb2.ChatRequest, upstream_model: str) -> int:
+        """Remote providers: the UTF-8 byte bound (no token-counting round trip on the hot path)."""
+        return prompt_token_bound(request)
 
     def context_length(self, model: str) -> int:
         return 0  # unknown for remote providers; they enforce their own

@@ -15,7 +15,6 @@ from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
 from ..errors import RouterError, UpstreamError
-from ..estimate import prompt_token_bound
 from . import openai_wire
 from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece
 from .http import HTTPBackend, loads_object, malformed
@@ -43,9 +42,6 @@ class OpenAICompatibleBackend(HTTPBackend):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config, {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {})
         self._quirks = QUIRKS.get(config.type, Quirks())
-
-    async def count_prompt_tokens(self, request: router_pb2.ChatRequest, upstream_model: str) -> int:
-        return prompt_token_bound(request)
 
     async def probe(self) -> None:
         await self._probe("/models")

@@ -37,6 +37,7 @@ from .config import Settings
 from .errors import (
     INVALID_JSON_MESSAGE,
     ClientClosedRequestError,
+    ConflictError,
     EdgeError,
     InvalidRequestError,
     MappedError,
@@ -461,14 +462,40 @@ async def reserve_tokens(request: Request) -> Response:
     tags=["tokens"],
 )
 async def report_tokens(request: Request) -> Response:
-    """Turn ``reserved`` tokens into ``actual`` usage (the seed's untracked accounting)."""
+    """Record usage. With ``reservation_id``: commit that reservation with ``actual``
+    (exactly once; 409 if it already ended). Without: add ``actual`` as untracked usage.
+
+    A leased reservation can only be ended by its id: subtracting a bare ``reserved``
+    count (the seed's report) would free it twice once its lease also expires."""
     body = await parse_body(request, TokenReportRequest)
     edge = _edge(request)
+    timeout = edge.settings.edge_rpc_timeout_seconds
+    if body.reservation_id is not None:
+        reply = await _call_budget(
+            edge.clients.budget.Commit(
+                budget_pb2.CommitRequest(reservation_id=body.reservation_id, used_tokens=body.actual),
+                metadata=_metadata(request),
+                timeout=timeout,
+            )
+        )
+        if reply.already_ended:
+            raise ConflictError(
+                f"Reservation '{body.reservation_id}' has already ended (committed, released or expired) "
+                "or does not exist",
+                param="reservation_id",
+            )
+        return OrjsonResponse({"used": reply.pool.used, "available": reply.pool.available})
+    if body.reserved:
+        raise InvalidRequestError(
+            "reservation_id is required to end a reservation; without it only untracked usage can be reported "
+            "(reserved must be 0)",
+            param="reservation_id",
+        )
     reply = await _call_budget(
         edge.clients.budget.Report(
-            budget_pb2.ReportRequest(pool=body.pool, reserved=body.reserved, actual=body.actual),
+            budget_pb2.ReportRequest(pool=body.pool, reserved=0, actual=body.actual),
             metadata=_metadata(request),
-            timeout=edge.settings.edge_rpc_timeout_seconds,
+            timeout=timeout,
         )
     )
     return OrjsonResponse({"used": reply.pool.used, "available": reply.pool.available})

@@ -70,6 +70,12 @@ class NotFoundError(EdgeError):
     code = None
 
 
+class ConflictError(EdgeError):
+    status_code = 409
+    error_type = INVALID_REQUEST
+    code = "conflict"
+
+
 class MethodNotAllowedError(EdgeError):
     status_code = 405
     error_type = INVALID_REQUEST

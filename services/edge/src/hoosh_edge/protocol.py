@@ -442,8 +442,21 @@ class TokenReserveResponse(OpenAIModel):
 
 class TokenReportRequest(OpenAIModel):
     pool: str = Field(min_length=1, description="Pool name")
-    reserved: int = Field(ge=0, le=INT64_MAX, description="Tokens reserved earlier")
+    reserved: int = Field(
+        default=0,
+        ge=0,
+        le=INT64_MAX,
+        description="Tokens reserved earlier. Reservations are tracked and leased, so a report that ends one "
+        "must name it with `reservation_id`; without it `reserved` must be 0 (untracked usage only).",
+    )
     actual: int = Field(ge=0, le=INT64_MAX, description="Tokens actually used")
+    reservation_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="hoosh extension: the id /v1/tokens/reserve returned; commits that reservation with `actual`, "
+        "exactly once",
+    )
 
 
 class TokenReportResponse(OpenAIModel):

@@ -9,6 +9,7 @@ every dialect:
   *fail-503*        answers 503 with the dialect's error body
   *fail-400*        answers 400
   *fail-429*        answers 429 with Retry-After: 1
+  *bare-429*        answers 429 without Retry-After
   *fail-twice*      the first two requests for this exact model name answer 503, then it works
   *bad-json*        answers 200 with a body that is not JSON
   *cut-stream*      streams two pieces, then closes without the dialect's end marker
@@ -200,6 +201,9 @@ class StandIn:
             return True
         if "fail-429" in model:
             writer.write(self.error(429, "slow down", extra="Retry-After: 1\r\n"))
+            return True
+        if "bare-429" in model:
+            writer.write(self.error(429, "slow down"))
             return True
         if "fail-400" in model:
             writer.write(self.error(400, "upstream says the request is bad"))

@@ -353,6 +353,14 @@ def test_429_with_retry_after_when_no_candidate_is_left(hoosh: RunningStack) -> 
     assert all(pool["reserved"] == 0 for pool in httpx.get(f"{hoosh.base_url}/v1/tokens/pools").json())
 
 
+def test_a_provider_429_without_retry_after_still_gives_the_client_one(hoosh: RunningStack) -> None:
+    body = {"model": "mock-bare-429", "messages": [{"role": "user", "content": "hi"}]}
+    response = httpx.post(f"{hoosh.base_url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == 429
+    assert response.headers["retry-after"].isdigit() and int(response.headers["retry-after"]) >= 1
+    assert all(pool["reserved"] == 0 for pool in httpx.get(f"{hoosh.base_url}/v1/tokens/pools").json())
+
+
 async def _wait_grpc_healthy(address: str, process: subprocess.Popen[bytes]) -> None:
     for _ in range(300):
         assert process.poll() is None, "the second router exited"

@@ -5,15 +5,19 @@ one event per request, no restart after a token left."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 from hoosh_budget.pools import BudgetStore, PoolView
+from hoosh_common import events
 from hoosh_router.backends.base import Backend
 from hoosh_router.backends.factory import build_backend
 from hoosh_router.budget_client import RouterBudget
@@ -233,3 +237,74 @@ async def test_embeddings_commit_prompt_tokens_and_publish(router: Router) -> No
         ("inference.completed", "embedding"),
         ("inference.failed", "embedding"),
     ]
+
+
+# -- exactly once under cancellation (found in review; latency is injected around the real
+#    Redis calls, nothing is stubbed) -----------------------------------------------------------
+
+
+class CountingPublisher:
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[tuple[str, str]] = []
+
+    def publish_background(self, name: str, message: Any, event_id: str) -> object:
+        self.calls.append((name, event_id))
+        return self.inner.publish_background(name, message, event_id)
+
+
+async def test_cancel_after_reserve_while_the_cache_lookup_is_pending_releases(router: Router) -> None:
+    cache = router.cache
+    real_get = cache.get
+
+    async def slow_get(key: str) -> Any:
+        value = await real_get(key)
+        await asyncio.sleep(0.3)
+        return value
+
+    cache.get = slow_get  # type: ignore[method-assign]
+    task = asyncio.create_task(router.chat.chat(request_for("mock-x", temperature=0), rid()))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert (await router.pool()).reserved == 0
+
+
+async def test_cancel_during_commit_still_commits_and_records_once(router: Router) -> None:
+    budget = router.chat._recorder.budget
+    real_commit = budget.commit
+    entered = asyncio.Event()
+
+    async def slow_commit(reservation_id: str, used: int) -> None:
+        entered.set()
+        await asyncio.sleep(0.3)
+        await real_commit(reservation_id, used)
+
+    budget.commit = slow_commit  # type: ignore[method-assign]
+    publisher = CountingPublisher(router.chat._recorder._publisher)
+    router.chat._recorder._publisher = publisher  # type: ignore[assignment]
+    task = asyncio.create_task(router.chat.chat(request_for("mock-x"), rid()))
+    await asyncio.wait_for(entered.wait(), 10)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)  # the shielded commit finishes on its own
+    pool = await router.pool()
+    assert [name for name, _ in publisher.calls] == [events.SUBJECT_COMPLETED]
+    assert pool.reserved == 0 and pool.used > 0
+
+
+async def test_a_cached_stream_closed_at_its_usage_chunk_records_one_event(router: Router) -> None:
+    await router.chat.chat(request_for("mock-cached", temperature=0), rid())
+    await router.cache.drain()
+    publisher = CountingPublisher(router.chat._recorder._publisher)
+    router.chat._recorder._publisher = publisher  # type: ignore[assignment]
+    request = request_for("mock-cached", temperature=0)
+    request.include_usage = True
+    stream = router.chat.stream(request, rid())
+    async for chunk in stream:
+        if chunk.HasField("usage") and not chunk.choices:
+            break  # the usage chunk went out; the caller leaves before asking for more
+    await stream.aclose()
+    assert [name for name, _ in publisher.calls] == [events.SUBJECT_COMPLETED]

@@ -215,3 +215,15 @@ def test_replies_and_stream_chunks_from_json(backend: OpenAICompatibleBackend) -
         backend._pieces(b"{nope")
     with pytest.raises(UpstreamError, match="mid-stream"):
         backend._pieces(b'{"error": {"message": "overloaded"}}')
+
+
+def test_retry_after_is_read_in_both_forms() -> None:
+    import email.utils
+    import time
+
+    from hoosh_router.backends.http import retry_after_seconds
+
+    assert retry_after_seconds("7") == 7
+    assert retry_after_seconds(None) is None and retry_after_seconds("soon") is None
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 58 <= (retry_after_seconds(in_a_minute) or 0) <= 61

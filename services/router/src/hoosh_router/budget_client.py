@@ -52,8 +52,8 @@ class RouterBudget:
         the usage is still in the event."""
         try:
             result = await self._backend.commit(reservation_id, used_tokens)
-        except UNREACHABLE as error:
-            log.error("budget commit failed", extra={"reservation_id": reservation_id, "error": str(error)})
+        except Exception as error:  # never let a failed commit swallow the completion event
+            log.error("budget commit failed", extra={"reservation_id": reservation_id, "error": repr(error)})
             return
         if result.already_ended:
             log.warning("reservation had already ended at commit", extra={"reservation_id": reservation_id})

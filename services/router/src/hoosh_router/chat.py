@@ -86,12 +86,11 @@ class ChatService:
     ) -> None:
         self._dispatch = dispatcher
         self._recorder = recorder
-        self._budget = recorder.budget
         self._cache = cache
 
     # -- planning -----------------------------------------------------------------
 
-    async def _plan(self, request: router_pb2.ChatRequest, request_id: str, deadline: float) -> Plan:
+    async def _plan(self, request: router_pb2.ChatRequest, info: RequestInfo, deadline: float) -> Plan:
         if not request.model:
             raise InvalidRequest("model is required", param="model")
         if not request.messages:
@@ -124,11 +123,9 @@ class ChatService:
         cached = None
         if cache_key is not None and self._cache is not None:
             # The lookup rides along with the reservation: no extra latency on a miss.
-            _, cached = await asyncio.gather(
-                self._budget.reserve(pool, reserved, request_id), self._cache.get(cache_key)
-            )
+            _, cached = await asyncio.gather(self._recorder.reserve(info, reserved), self._cache.get(cache_key))
         else:
-            await self._budget.reserve(pool, reserved, request_id)
+            await self._recorder.reserve(info, reserved)
         return Plan(
             attempts=Attempts(candidates=candidates, deadline=deadline, tokens=reserved),
             pool=pool,
@@ -172,11 +169,14 @@ class ChatService:
 
     async def _serve_hit(self, info: RequestInfo, cached: router_pb2.ChatResponse) -> None:
         """A cache hit: commit 0 tokens, record the original usage with cached=true."""
-        await self._budget.commit(info.request_id, 0)
         route = self._provider_named(cached.provider)
         finish = cached.choices[0].finish_reason if cached.choices else "stop"
-        self._recorder.completed(
-            info, provider=route, usage=cached.usage, finish_reason=finish, attempts=0, cached=True
+        await self._recorder.end_completed(
+            info,
+            0,
+            lambda: self._recorder.completed(
+                info, provider=route, usage=cached.usage, finish_reason=finish, attempts=0, cached=True
+            ),
         )
 
     def _provider_named(self, name: str) -> ProviderConfig | None:
@@ -193,7 +193,7 @@ class ChatService:
         info = self._info(request, request_id, stream=False)
         plan: Plan | None = None
         try:
-            plan = await self._plan(request, request_id, self._dispatch.deadline(time_remaining))
+            plan = await self._plan(request, info, self._dispatch.deadline(time_remaining))
             if plan.cached is not None:
                 await self._serve_hit(info, plan.cached)
                 reply = router_pb2.ChatResponse()
@@ -217,15 +217,18 @@ class ChatService:
             completion_tokens=completion.completion_tokens,
             total_tokens=completion.prompt_tokens + completion.completion_tokens,
         )
-        await self._budget.commit(request_id, usage.total_tokens)
-        self._settle(plan, usage)
-        self._recorder.completed(
-            info,
-            provider=route.provider,
-            usage=usage,
-            finish_reason=completion.finish_reason,
-            attempts=plan.attempts.count,
-        )
+
+        def record() -> None:
+            self._settle(plan, usage)
+            self._recorder.completed(
+                info,
+                provider=route.provider,
+                usage=usage,
+                finish_reason=completion.finish_reason,
+                attempts=plan.attempts.count,
+            )
+
+        await self._recorder.end_completed(info, usage.total_tokens, record)
         reply = router_pb2.ChatResponse(
             id=f"chatcmpl-{request_id}",
             model=completion.model or request.model,
@@ -261,68 +264,86 @@ class ChatService:
                 choices=[chat_pb2.ChunkChoice(index=0, delta=delta, finish_reason=finish)],
             )
 
+        served_hit = False
         try:
-            plan = await self._plan(request, request_id, self._dispatch.deadline(time_remaining))
+            plan = await self._plan(request, info, self._dispatch.deadline(time_remaining))
             cache_state = "miss" if plan.cache_key else ""
             if plan.cached is not None:
                 provider = plan.cached.provider
                 async for message in self._replay(plan.cached, chunk):
                     yield message
                 await self._serve_hit(info, plan.cached)
-                if request.include_usage:
-                    yield router_pb2.ChatStreamResponse(
-                        id=chat_id, model=request.model, created=created, usage=plan.cached.usage, provider=provider
+                served_hit = True
+            else:
+                backend_stream, buffered = await self._dispatch.run(
+                    plan.attempts,
+                    request_id,
+                    plan.max_tokens,
+                    lambda route, params: _open_stream(route, request, params),
+                )
+                route = plan.attempts.route
+                assert route is not None
+                provider = route.provider.name
+                state = _StreamState(collect=plan.cache_key is not None)
+                try:
+                    async with aclosing(backend_stream):
+                        for piece in buffered:
+                            message = state.take(piece, chunk)
+                            if message is not None:
+                                if cache_state:
+                                    message.cache, cache_state = cache_state, ""
+                                yield message
+                        async for piece in backend_stream:
+                            message = state.take(piece, chunk)
+                            if message is not None:
+                                yield message
+                except BaseException as error:
+                    # Tokens already left: no restart. A backend fault still counts against its health.
+                    if isinstance(error, RouterError) and error.backend_fault:
+                        await self._dispatch.health.record_failure(route.provider.name, error)
+                    raise
+                if state.first:  # nothing generated: still open the assistant turn
+                    message = chunk(chat_pb2.Delta(role="assistant", content=""))
+                    message.cache = cache_state
+                    yield message
+                if state.prompt_tokens is None or state.completion_tokens is None:
+                    # The provider sent no usage: charge the reservation's prompt bound and one token per piece.
+                    log.warning("stream ended without usage; estimating", extra={"provider": provider})
+                    state.prompt_tokens, state.completion_tokens = plan.prompt_tokens, state.pieces
+                usage = chat_pb2.Usage(
+                    prompt_tokens=state.prompt_tokens,
+                    completion_tokens=state.completion_tokens,
+                    total_tokens=state.prompt_tokens + state.completion_tokens,
+                )
+                finish_reason = state.finish_reason or "stop"
+
+                def record() -> None:
+                    self._settle(plan, usage)
+                    self._recorder.completed(
+                        info,
+                        provider=route.provider,
+                        usage=usage,
+                        finish_reason=finish_reason,
+                        attempts=plan.attempts.count,
                     )
-                return
-            backend_stream, buffered = await self._dispatch.run(
-                plan.attempts, request_id, plan.max_tokens, lambda route, params: _open_stream(route, request, params)
-            )
-            route = plan.attempts.route
-            assert route is not None
-            provider = route.provider.name
-            state = _StreamState(collect=plan.cache_key is not None)
-            try:
-                async with aclosing(backend_stream):
-                    for piece in buffered:
-                        message = state.take(piece, chunk)
-                        if message is not None:
-                            if cache_state:
-                                message.cache, cache_state = cache_state, ""
-                            yield message
-                    async for piece in backend_stream:
-                        message = state.take(piece, chunk)
-                        if message is not None:
-                            yield message
-            except BaseException as error:
-                # Tokens already left: no restart. A backend fault still counts against its health.
-                if isinstance(error, RouterError) and error.backend_fault:
-                    await self._dispatch.health.record_failure(route.provider.name, error)
-                raise
-            if state.first:  # nothing generated: still open the assistant turn
-                message = chunk(chat_pb2.Delta(role="assistant", content=""))
-                message.cache = cache_state
-                yield message
-            yield chunk(chat_pb2.Delta(), state.finish_reason or "stop")
+
+                # The backend has finished: charge and record now, before the last chunks go
+                # out, so a client that leaves at the finish chunk still pays for the work
+                # done and exactly one event is recorded.
+                await self._recorder.end_completed(info, usage.total_tokens, record)
         except BaseException as error:
             router_error = await self._fail(info, plan, error)
             if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
                 raise
             raise router_error from error
-        if state.prompt_tokens is None or state.completion_tokens is None:
-            # The provider sent no usage: charge the reservation's prompt bound and one token per piece.
-            log.warning("stream ended without usage; estimating", extra={"provider": provider})
-            state.prompt_tokens, state.completion_tokens = plan.prompt_tokens, state.pieces
-        usage = chat_pb2.Usage(
-            prompt_tokens=state.prompt_tokens,
-            completion_tokens=state.completion_tokens,
-            total_tokens=state.prompt_tokens + state.completion_tokens,
-        )
-        await self._budget.commit(request_id, usage.total_tokens)
-        self._settle(plan, usage)
-        finish_reason = state.finish_reason or "stop"
-        self._recorder.completed(
-            info, provider=route.provider, usage=usage, finish_reason=finish_reason, attempts=plan.attempts.count
-        )
+        if served_hit:
+            assert plan is not None and plan.cached is not None
+            if request.include_usage:
+                yield router_pb2.ChatStreamResponse(
+                    id=chat_id, model=request.model, created=created, usage=plan.cached.usage, provider=provider
+                )
+            return
+        yield chunk(chat_pb2.Delta(), finish_reason)
         if plan.cache_key is not None and self._cache is not None and state.accumulator is not None:
             self._cache.put(
                 plan.cache_key,

@@ -44,7 +44,6 @@ class EmbeddingService:
             started=time.monotonic(),
         )
         attempts: Attempts | None = None
-        reserved = False
         texts = list(request.input)
         dimensions = request.dimensions if request.HasField("dimensions") else None
         try:
@@ -58,8 +57,7 @@ class EmbeddingService:
                 raise InvalidRequest("dimensions must be at least 1", param="dimensions")
             candidates = self._dispatch.candidates(request.model, "embedding")
             estimate = embedding_token_bound(texts)
-            await self._recorder.budget.reserve(info.pool, estimate, request_id)
-            reserved = True
+            await self._recorder.reserve(info, estimate)
             deadline = self._dispatch.deadline(time_remaining)
             attempts = Attempts(candidates=candidates, deadline=deadline, tokens=estimate)
 
@@ -72,7 +70,7 @@ class EmbeddingService:
             router_error = await self._recorder.end_failed(
                 info,
                 error,
-                reserved=reserved,
+                reserved=False,  # info.reserve_started says whether to release
                 provider=route.provider.name if route else "",
                 attempts=attempts.count if attempts else 0,
             )
@@ -84,10 +82,15 @@ class EmbeddingService:
         # Providers that do not report usage are charged the (upper) estimate.
         prompt_tokens = result.prompt_tokens if result.prompt_tokens is not None else estimate
         usage = chat_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
-        await self._recorder.budget.commit(request_id, prompt_tokens)
-        if attempts.admission is not None:
-            self._dispatch.limiter.correct(route.provider, attempts.admission, estimate, prompt_tokens)
-        self._recorder.completed(info, provider=route.provider, usage=usage, finish_reason="", attempts=attempts.count)
+
+        def record() -> None:
+            if attempts.admission is not None:
+                self._dispatch.limiter.correct(route.provider, attempts.admission, estimate, prompt_tokens)
+            self._recorder.completed(
+                info, provider=route.provider, usage=usage, finish_reason="", attempts=attempts.count
+            )
+
+        await self._recorder.end_completed(info, prompt_tokens, record)
         return router_pb2.EmbedResponse(
             model=result.model or request.model,
             data=[router_pb2.Embedding(index=index, values=vector) for index, vector in enumerate(result.vectors)],

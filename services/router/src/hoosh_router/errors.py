@@ -5,6 +5,8 @@ candidate (``fallback``)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 
@@ -81,6 +83,13 @@ class RateLimited(RouterError):
     error_code = "rate_limit_exceeded"
     retryable = True
     fallback = True
+    # A client always gets a Retry-After with a 429, also when the provider sent none.
+    DEFAULT_RETRY_AFTER = 1
+
+    def __init__(self, message: str, *, retry_after: int | None = None, **kwargs: Any) -> None:
+        super().__init__(
+            message, retry_after=self.DEFAULT_RETRY_AFTER if retry_after is None else retry_after, **kwargs
+        )
 
 
 class UpstreamError(RouterError):

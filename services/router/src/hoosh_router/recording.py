@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,12 +45,36 @@ class RequestInfo:
     stream: bool
     kind: str
     started: float  # time.monotonic()
+    # Set just before the reservation is asked for: from then on a failure releases it,
+    # even if the reply never arrived (a cancellation mid-call). Releasing an id that
+    # was never reserved changes nothing.
+    reserve_started: bool = False
 
 
 class Recorder:
     def __init__(self, budget: Budget, publisher: Publisher) -> None:
         self.budget = budget
         self._publisher = publisher
+        self._tails: set[asyncio.Future[None]] = set()
+
+    async def reserve(self, info: RequestInfo, tokens: int) -> None:
+        """Reserve the request's tokens; see ``RequestInfo.reserve_started``."""
+        info.reserve_started = True
+        await self.budget.reserve(info.pool, tokens, info.request_id)
+
+    async def end_completed(self, info: RequestInfo, used_tokens: int, record: Callable[[], None]) -> None:
+        """Commit ``used_tokens``, then ``record()`` the completion — shielded from
+        cancellation: the backend's work is done, so it is charged and recorded exactly
+        once even if the client goes away meanwhile."""
+
+        async def tail() -> None:
+            await self.budget.commit(info.request_id, used_tokens)
+            record()
+
+        task = asyncio.ensure_future(tail())
+        self._tails.add(task)
+        task.add_done_callback(self._tails.discard)
+        await asyncio.shield(task)
 
     def completed(
         self,
@@ -112,7 +137,7 @@ class Recorder:
         else:
             log.exception("unexpected failure", exc_info=error)
             router_error = UpstreamError(f"Internal failure: {type(error).__name__}")
-        if reserved:
+        if reserved or info.reserve_started:
             await asyncio.shield(self.budget.release(info.request_id))
         self.failed(info, provider=provider, error=router_error, attempts=attempts)
         return router_error

@@ -36,8 +36,8 @@ class BudgetClient:
         """Commit the actual usage; a failure is logged (the lease returns the tokens)."""
         try:
             result = await self._client.commit(reservation_id, used_tokens)
-        except budget_errors.BudgetUnavailable as error:
-            log.error("budget commit failed", extra={"reservation_id": reservation_id, "error": error.message})
+        except Exception as error:  # never let a failed commit swallow the completion event
+            log.error("budget commit failed", extra={"reservation_id": reservation_id, "error": repr(error)})
             return
         if result.already_ended:
             log.warning("reservation had already ended at commit", extra={"reservation_id": reservation_id})

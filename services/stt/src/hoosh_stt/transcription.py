@@ -307,8 +307,10 @@ class TranscriptionService:
                 audio: DecodedAudio = await loop.run_in_executor(self._decoder, decode, data, self._max_audio_seconds)
                 del data
                 tokens = self.tokens_for(audio.duration)
-                await self._budget.reserve(pool, tokens, request_id)
+                # Set before the call: a cancellation mid-reserve still releases (a no-op
+                # when nothing was reserved).
                 reserved = True
+                await self._budget.reserve(pool, tokens, request_id)
                 try:
                     transcript = await ticket.run(
                         partial(self._engine.transcribe, request.model, audio.samples, params)
@@ -325,8 +327,8 @@ class TranscriptionService:
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise stt_error from error
-        await self._budget.commit(request_id, tokens)
-        self._completed(request, request_id, pool, tokens, started)
+        # The engine's work is done: commit and record even if the client leaves meanwhile.
+        await asyncio.shield(self._finish(request, request_id, pool, tokens, started))
         log.info(
             "transcribed",
             extra={"model": request.model, "audio_seconds": round(audio.duration, 3), "tokens": tokens, "pool": pool},
@@ -338,6 +340,12 @@ class TranscriptionService:
             duration=audio.duration,
             charged_tokens=tokens,
         )
+
+    async def _finish(
+        self, request: TranscriptionRequest, request_id: str, pool: str, tokens: int, started: float
+    ) -> None:
+        await self._budget.commit(request_id, tokens)
+        self._completed(request, request_id, pool, tokens, started)
 
     async def _end_failed(
         self,

@@ -6,7 +6,10 @@ request (profiled under load; see the bench results)."""
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -57,9 +60,19 @@ def stream_timeout(seconds: float) -> aiohttp.ClientTimeout:
 
 
 def retry_after_seconds(value: str | None) -> int | None:
-    if value and value.strip().isdigit():
-        return int(value.strip())
-    return None
+    """A Retry-After header in either form (delta-seconds or an HTTP date), as seconds."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0, math.ceil((when - datetime.datetime.now(datetime.UTC)).total_seconds()))
 
 
 def error_detail(body: bytes) -> str:

@@ -200,3 +200,18 @@ async def test_fallback_can_be_turned_off(redis_client: redis.Redis, prefix: str
     dispatcher = dispatcher_for(redis_client, prefix, TWO, fallback=False)
     with pytest.raises(UpstreamUnavailable):
         await run(dispatcher, Scripts(p=[UpstreamUnavailable("down")], q=["ok"]))
+
+
+async def test_failed_attempts_take_their_tokens_back_out_of_the_tpm_window(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    dispatcher = dispatcher_for(redis_client, prefix, [{"name": "p", "tpm": 1000}])
+    scripts = Scripts(p=[UpstreamUnavailable("refused"), UpstreamUnavailable("refused"), "ok"])
+    result, attempts = await run(dispatcher, scripts)
+    assert result == "p:m" and attempts.count == 3
+    await dispatcher.limiter.drain()
+    windows = [key async for key in redis_client.scan_iter(match=f"{dispatcher.limiter.key('p')}:*")]
+    charged = 0
+    for key in windows:
+        charged += int(await redis_client.hget(key, "t") or 0)
+    assert charged == attempts.tokens  # only the attempt that answered; the chat path then settles it

@@ -160,6 +160,11 @@ class Dispatcher:
                         return result
                     if error.backend_fault:
                         await self.health.record_failure(name, error)
+                    if admission is not None:
+                        # The attempt used no tokens: take its estimate back out of the TPM window,
+                        # or retries and fallbacks would pile phantom tokens into it.
+                        self.limiter.correct(route.provider, admission, attempts.tokens, 0)
+                        attempts.admission = None
                     last_error = error
                     delay = self.retry.delay(attempt, error)
                     if delay is None or time.monotonic() + delay >= attempts.deadline:

@@ -17,6 +17,7 @@ import redis.asyncio as redis
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 from hoosh_budget.pools import BudgetStore, PoolView
+from hoosh_cli.stack import free_port
 from hoosh_common import events
 from hoosh_router.backends.base import Backend
 from hoosh_router.backends.factory import build_backend
@@ -72,6 +73,7 @@ async def router(
                     "tpm": 100_000,
                 },
                 {"name": "secondary", "type": "anthropic", "base_url": anthropic_up.base_url, "api_key": "k"},
+                {"name": "worker", "type": "local", "models": []},  # its worker is not running
             ],
             "routes": [
                 {
@@ -88,12 +90,20 @@ async def router(
                         {"provider": "secondary", "model": "claude-ok", "priority": 2},
                     ],
                 },
+                {
+                    "match": "local-first",
+                    "targets": [
+                        {"provider": "worker", "model": "smollm2-135m-instruct", "priority": 1},
+                        {"provider": "primary", "model": "mock-ok", "priority": 2},
+                    ],
+                },
             ],
             "routing": {"retry": {"max_attempts": 3, "backoff_base_ms": 1, "backoff_max_ms": 5}},
             "health": {"failure_threshold": 100, "probe_interval_seconds": 0},
         }
     )
-    entries = [(provider, build_backend(provider, "")) for provider in catalogue.providers]
+    dead_worker = f"127.0.0.1:{free_port()}"
+    entries = [(provider, build_backend(provider, dead_worker)) for provider in catalogue.providers]
     store = BudgetStore(redis_client, f"{prefix}budget:", 60)
     await store.upsert_pool(POOL, 1_000_000)
     health = HealthBoard(redis_client, prefix, entries, catalogue.health)
@@ -308,3 +318,10 @@ async def test_a_cached_stream_closed_at_its_usage_chunk_records_one_event(route
             break  # the usage chunk went out; the caller leaves before asking for more
     await stream.aclose()
     assert [name for name, _ in publisher.calls] == [events.SUBJECT_COMPLETED]
+
+
+async def test_a_candidate_that_cannot_count_tokens_falls_over_to_the_next(router: Router) -> None:
+    reply = await router.chat.chat(request_for("local-first"), rid())
+    assert reply.provider == "primary" and reply.usage.total_tokens > 0
+    pool = await router.pool()
+    assert pool.reserved == 0 and pool.used == reply.usage.total_tokens

@@ -25,6 +25,7 @@ from .cache import ResponseCache
 from .config import ProviderConfig
 from .dispatch import Attempts, Dispatcher
 from .errors import InvalidRequest, RouterError
+from .estimate import prompt_token_bound
 from .recording import Publisher, Recorder, RequestInfo
 from .routing import Route
 
@@ -98,7 +99,14 @@ class ChatService:
         candidates = self._dispatch.candidates(request.model)
         first = candidates[0]
         provider = first.provider
-        prompt_tokens = await first.backend.count_prompt_tokens(request, first.upstream_model)
+        try:
+            prompt_tokens = await first.backend.count_prompt_tokens(request, first.upstream_model)
+        except RouterError as error:
+            if len(candidates) == 1 or not error.fallback:
+                raise
+            # The first candidate cannot count (its worker is down, say): size the
+            # reservation by the byte bound and let dispatch try the others.
+            prompt_tokens = prompt_token_bound(request)
         requested = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None
         if requested is not None and requested < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")

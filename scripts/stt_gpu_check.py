@@ -45,7 +45,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--audio", type=Path, help=f"a recording of {SENTENCE!r} (default: espeak-ng renders it)")
     parser.add_argument("--model-dir", type=Path, help="a CTranslate2 Whisper model (default: the bundled tiny.en)")
-    parser.add_argument("--compute-type", default="float16")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=["cuda", "cpu"],
+        help="cpu: check the engine against real whisperx without a GPU",
+    )
+    parser.add_argument("--compute-type", help="default: float16 on cuda, int8 on cpu")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--align-model-dir", type=Path)
     parser.add_argument("--runs", type=int, default=3)
@@ -59,9 +65,10 @@ def main() -> int:
     except ImportError:
         print("torch is not installed: run this in the GPU image", file=sys.stderr)
         return 2
-    if not torch.cuda.is_available():
-        print("no CUDA device", file=sys.stderr)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device (use --device cpu to check the engine on the CPU)", file=sys.stderr)
         return 2
+    compute_type = args.compute_type or ("float16" if args.device == "cuda" else "int8")
 
     from hoosh_stt.audio import decode
     from hoosh_stt.engine import BUNDLED_MODEL, ModelSpec, TranscribeParams, bundled_model_dir
@@ -77,8 +84,8 @@ def main() -> int:
     try:
         engine = WhisperXEngine(
             [spec],
-            device="cuda",
-            compute_type=args.compute_type,
+            device=args.device,
+            compute_type=compute_type,
             batch_size=args.batch_size,
             align_model_dir=args.align_model_dir,
         )
@@ -90,10 +97,10 @@ def main() -> int:
     load_seconds = time.perf_counter() - started
 
     result: dict[str, object] = {
-        "gpu": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "model": str(spec.path),
-        "compute_type": args.compute_type,
+        "compute_type": compute_type,
         "audio_seconds": round(audio.duration, 3),
         "load_seconds": round(load_seconds, 3),
         "runs": {},

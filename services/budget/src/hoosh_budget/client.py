@@ -8,6 +8,7 @@ from typing import Protocol
 
 import grpc
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
+from hoosh_common.grpc_errors import RETRY_AFTER, metadata_dict
 
 from .errors import BudgetExhausted, BudgetUnavailable, InvalidArgument, PoolNotFound
 from .pools import EndResult, PoolView
@@ -16,13 +17,6 @@ from .pools import EndResult, PoolView
 def _end_result(pool: budget_pb2.Pool, already_ended: bool, state: str) -> EndResult:
     view = PoolView(pool.name, pool.capacity, pool.used, pool.reserved) if pool.name else None
     return EndResult(pool=view, already_ended=already_ended, state="unknown" if already_ended else state)  # type: ignore[arg-type]
-
-
-def _trailing(error: grpc.aio.AioRpcError, key: str) -> str | None:
-    for name, value in error.trailing_metadata() or ():
-        if name == key:
-            return value if isinstance(value, str) else value.decode()
-    return None
 
 
 class BudgetBackend(Protocol):
@@ -56,7 +50,7 @@ class BudgetServiceClient:
             if code == grpc.StatusCode.NOT_FOUND:
                 raise PoolNotFound(pool) from error
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                retry_after = _trailing(error, "retry-after")
+                retry_after = metadata_dict(error.trailing_metadata()).get(RETRY_AFTER)
                 raise BudgetExhausted(
                     pool,
                     tokens,

@@ -7,6 +7,7 @@ from typing import Any, NoReturn
 
 import grpc
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
+from hoosh_common.grpc_errors import error_metadata
 from redis.exceptions import RedisError
 
 from hoosh_budget.errors import BudgetError, BudgetExhausted, InvalidArgument, PoolNotFound
@@ -49,10 +50,8 @@ async def _abort(context: Context, exc: Exception) -> NoReturn:
         log.error("budget store unavailable", extra={"error": str(exc)})
         status, error_type, error_code = grpc.StatusCode.UNAVAILABLE, "api_error", "budget_unavailable"
         message = "Token budget store is unavailable"
-    metadata: list[tuple[str, str]] = [("hoosh-error-type", error_type), ("hoosh-error-code", error_code)]
-    if isinstance(exc, BudgetExhausted):
-        metadata.append(("retry-after", str(exc.retry_after_seconds)))
-    await context.abort(status, message, trailing_metadata=tuple(metadata))
+    retry_after = exc.retry_after_seconds if isinstance(exc, BudgetExhausted) else None
+    await context.abort(status, message, trailing_metadata=error_metadata(error_type, error_code, None, retry_after))
 
 
 class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):

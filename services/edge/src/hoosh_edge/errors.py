@@ -9,13 +9,14 @@ param), Starlette's 404/405, and anything unexpected (500, never a traceback).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import orjson
 from fastapi.exceptions import RequestValidationError
+from hoosh_common.grpc_errors import metadata_dict
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -161,13 +162,6 @@ _TRANSPORT_MESSAGES: dict[grpc.StatusCode, str] = {
 }
 
 
-def _metadata(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in pairs or ():
-        out[key.lower()] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    return out
-
-
 # Application codes (hoosh-error-code) whose HTTP status is not their gRPC status's:
 # a full STT queue is RESOURCE_EXHAUSTED on the wire but a capacity problem (503), not
 # the client's quota (429); an STT upload over its limit is 413.
@@ -179,7 +173,7 @@ def _from_rpc_error(exc: grpc.aio.AioRpcError, not_found_code: str) -> APIError:
     status, error_type, error_code = _GRPC_MAP.get(code, (502, API_ERROR, "upstream_error"))
     if code == grpc.StatusCode.NOT_FOUND:
         error_code = not_found_code
-    metadata = _metadata(exc.trailing_metadata())
+    metadata = metadata_dict(exc.trailing_metadata())
     details = exc.details() or ""
     from_application = "hoosh-error-code" in metadata or "hoosh-error-type" in metadata
     message = details

@@ -11,6 +11,7 @@ from contextlib import aclosing
 import grpc
 from hoosh.chat.v1 import chat_pb2
 from hoosh.inference.v1 import inference_pb2, inference_pb2_grpc
+from hoosh_common.grpc_errors import error_metadata
 from hoosh_common.logs import request_id_var
 from hoosh_common.telemetry import extract_context
 from opentelemetry import trace
@@ -66,12 +67,7 @@ def status_for(error: InferenceError) -> grpc.StatusCode:
 
 def trailing_metadata(error: InferenceError) -> tuple[tuple[str, str], ...]:
     """Error details for the caller, the same keys the router uses."""
-    pairs = [("hoosh-error-type", error.error_type), ("hoosh-error-code", error.code)]
-    if error.param:
-        pairs.append(("hoosh-error-param", error.param))
-    if error.retry_after is not None:
-        pairs.append(("retry-after", str(error.retry_after)))
-    return tuple(pairs)
+    return error_metadata(error.error_type, error.code, error.param, error.retry_after)
 
 
 # -- protobuf -> engine types ------------------------------------------------

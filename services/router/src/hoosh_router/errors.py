@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from hoosh_common.grpc_errors import error_metadata
 
 
 class RouterError(Exception):
@@ -45,12 +46,7 @@ class RouterError(Exception):
         return self.retryable or self.fallback
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        pairs = [("hoosh-error-type", self.error_type), ("hoosh-error-code", self.error_code)]
-        if self.param:
-            pairs.append(("hoosh-error-param", self.param))
-        if self.retry_after is not None:
-            pairs.append(("retry-after", str(self.retry_after)))
-        return tuple(pairs)
+        return error_metadata(self.error_type, self.error_code, self.param, self.retry_after)
 
 
 class InvalidRequest(RouterError):

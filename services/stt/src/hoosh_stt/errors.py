@@ -5,6 +5,7 @@ metadata ``hoosh-error-*``, as the router sends them)."""
 from __future__ import annotations
 
 import grpc
+from hoosh_common.grpc_errors import error_metadata
 
 
 class SttError(Exception):
@@ -29,12 +30,7 @@ class SttError(Exception):
             self.error_code = code
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        pairs = [("hoosh-error-type", self.error_type), ("hoosh-error-code", self.error_code)]
-        if self.param:
-            pairs.append(("hoosh-error-param", self.param))
-        if self.retry_after is not None:
-            pairs.append(("retry-after", str(self.retry_after)))
-        return tuple(pairs)
+        return error_metadata(self.error_type, self.error_code, self.param, self.retry_after)
 
 
 class InvalidRequest(SttError):

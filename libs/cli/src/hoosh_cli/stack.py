@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 
 
 def free_port() -> int:
@@ -44,8 +45,8 @@ class StackConfig:
     config_file: Path | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
     nats_url: str = "nats://127.0.0.1:4222"
-    nats_stream: str = "HOOSH_EVENTS"
-    subject_prefix: str = "hoosh"
+    nats_stream: str = DEFAULT_STREAM
+    subject_prefix: str = SUBJECT_PREFIX
     budget_key_prefix: str = "hoosh:budget:"
     router_key_prefix: str = "hoosh:router:"
     audit_key: str = ""

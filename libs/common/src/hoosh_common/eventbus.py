@@ -22,6 +22,7 @@ from nats.js.client import JetStreamContext
 from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_random_exponential
 
+from hoosh_common import events
 from hoosh_common.logs import request_id_var
 from hoosh_common.telemetry import inject_headers
 
@@ -148,7 +149,7 @@ class EventPublisher:
 
     def subject(self, name: str) -> str:
         """The full subject for an event name, e.g. ``hoosh.inference.completed``."""
-        return f"{self.subject_prefix}.{name}"
+        return events.subject(self.subject_prefix, name)
 
     def _headers(self, event_id: str, extra: Mapping[str, str] | None) -> dict[str, str]:
         headers: dict[str, str] = dict(extra) if extra else {}

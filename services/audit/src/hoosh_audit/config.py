@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,8 +23,8 @@ class AuditSettings(BaseSettings):
 
     audit_listen: str = Field("127.0.0.1:50054", description="gRPC listen address")
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
-    nats_stream: str = Field("HOOSH_EVENTS", description="JetStream stream holding the events")
-    subject_prefix: str = Field("hoosh", description="events live under <prefix>.>")
+    nats_stream: str = Field(DEFAULT_STREAM, description="JetStream stream holding the events")
+    subject_prefix: str = Field(SUBJECT_PREFIX, description="events live under <prefix>.>")
     audit_dir: Path = Field(Path("./.hoosh/audit"), description="directory of audit.jsonl (a volume)")
     audit_consumer: str = Field("audit", description="durable JetStream consumer name")
     audit_hmac_key: SecretStr = Field(description="HMAC-SHA256 key of the chain (required)")

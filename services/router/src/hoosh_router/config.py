@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -64,8 +65,8 @@ class RouterSettings(BaseSettings):
     budget_addr: str = "127.0.0.1:50052"
     inference_addr: str = "127.0.0.1:50053"
     nats_url: str = "nats://127.0.0.1:4222"
-    nats_stream: str = "HOOSH_EVENTS"
-    subject_prefix: str = "hoosh"
+    nats_stream: str = DEFAULT_STREAM
+    subject_prefix: str = SUBJECT_PREFIX
     redis_url: str = "redis://127.0.0.1:6379/0"
     router_key_prefix: str = Field(
         default="hoosh:router:", description="Prefix of every Redis key the router owns (health, limits, cache)"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -24,8 +25,8 @@ class SttSettings(BaseSettings):
     stt_listen: str = Field(default="127.0.0.1:50055", description="gRPC listen address")
     budget_addr: str = Field(default="127.0.0.1:50052", description="Budget gRPC address")
     nats_url: str = "nats://127.0.0.1:4222"
-    nats_stream: str = "HOOSH_EVENTS"
-    subject_prefix: str = "hoosh"
+    nats_stream: str = DEFAULT_STREAM
+    subject_prefix: str = SUBJECT_PREFIX
 
     stt_engine: Literal["auto", "faster-whisper", "whisperx"] = Field(
         default="auto", description="auto: whisperx when CUDA and whisperx are present, faster-whisper otherwise"

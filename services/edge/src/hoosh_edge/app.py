@@ -249,10 +249,17 @@ api = APIRouter()
     tags=["chat"],
 )
 async def create_chat_completion(request: Request) -> Response:
-    """Create a chat completion (OpenAI wire format), blocking or streamed."""
-    body = await parse_body(request, ChatCompletionRequest)
+    """Create a chat completion (OpenAI wire format), blocking or streamed.
+
+    Served by ``chat_fast_path`` ahead of the framework; this route documents it."""
+    return await serve_chat(_edge(request), await request.body(), _request_id(request), request.receive)
+
+
+async def serve_chat(state: EdgeState, raw_body: bytes, request_id: str, receive: Receive) -> Response:
+    """Validate the body, run the completion, and build its (JSON or SSE) response."""
+    body = validate_json(raw_body, ChatCompletionRequest)
     _annotate_span(**{"hoosh.model": body.model, "hoosh.pool": body.pool})
-    result = await _edge(request).chat.create(body, _request_id(request), request.receive)
+    result = await state.chat.create(body, request_id, receive)
     if isinstance(result, ChatStream):
         return EventStreamResponse(result, headers=cache_headers(result.cache))
     return OrjsonResponse(result.body, headers=cache_headers(result.cache))
@@ -576,15 +583,7 @@ def chat_fast_path(app: FastAPI) -> ASGIApp:
     for less CPU per request."""
 
     async def chat(scope: Scope, receive: Receive, send: Send) -> None:
-        state: EdgeState = app.state.edge
-        body = validate_json(await _read_body(receive), ChatCompletionRequest)
-        _annotate_span(**{"hoosh.model": body.model, "hoosh.pool": body.pool})
-        result = await state.chat.create(body, scope["state"]["request_id"], receive)
-        response: Response
-        if isinstance(result, ChatStream):
-            response = EventStreamResponse(result, headers=cache_headers(result.cache))
-        else:
-            response = OrjsonResponse(result.body, headers=cache_headers(result.cache))
+        response = await serve_chat(app.state.edge, await _read_body(receive), scope["state"]["request_id"], receive)
         await response(scope, receive, send)
 
     return chat

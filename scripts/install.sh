@@ -25,10 +25,10 @@ fi
 make --no-print-directory proto VENV="$VENV"
 
 "${PIP[@]}" install -q -r requirements-dev.txt \
-  -e libs/common -e libs/cli \
+  -e libs/common -e libs/metering -e libs/tenancy -e libs/cli \
   -e services/budget -e services/audit -e services/router \
   -e services/local-inference -e services/edge -e services/stt 2>&1 | grep -v 'is ignored' || true
-"$VENV/bin/python" -c "import hoosh_common, hoosh_cli, hoosh_budget, hoosh_audit, hoosh_router, hoosh_inference, hoosh_edge, hoosh_stt, faster_whisper, llama_cpp"
+"$VENV/bin/python" -c "import hoosh_common, hoosh_metering, hoosh_tenancy, hoosh_cli, hoosh_budget, hoosh_audit, hoosh_router, hoosh_inference, hoosh_edge, hoosh_stt, faster_whisper, llama_cpp"
 
 # The speech tests render their audio with espeak-ng (a Debian package, not a PyPI one).
 # Installed only when missing, and only where we may (root with apt).

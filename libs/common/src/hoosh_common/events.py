@@ -11,3 +11,6 @@ DEFAULT_STREAM = "HOOSH_EVENTS"
 def subject(prefix: str, name: str) -> str:
     """Full subject for an event name, e.g. subject("hoosh", "inference.completed")."""
     return f"{prefix}.{name}"
+
+
+SUBJECT_BUDGET_RESET = "budget.reset"

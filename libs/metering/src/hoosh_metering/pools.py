@@ -1,0 +1,1076 @@
+"""Token pools in Redis, arranged as trees: check, reserve, commit, release, renew,
+periods, USD caps, leases and the expiry policy.
+
+Every operation on budgets is one Redis round trip: a Lua script (EVALSHA, see
+``_lua.py``) that reads and writes atomically, so concurrent replicas can never take
+any pool of a chain past its capacity and every reservation ends exactly once. Lease
+clocks use Redis ``TIME`` so replicas with skewed clocks agree; period boundaries are
+computed here, in each pool's time zone, and only ever move forward in Redis.
+
+Keys (``P`` is ``key_prefix``, ``T`` the root of the pool's tree; see docs/tenancy.md):
+
+- ``P pools``            hash: name -> JSON ``{"parent", "root", "period", "tz"}`` (the directory)
+- ``P changes``          pub/sub channel: a pool was created, changed or deleted
+- ``P{T}:pool:<name>``   hash: capacity, parent, period, tz, cap_usd, used, reserved,
+                         used_usd, reserved_usd, period_start, prev_used, prev_used_usd,
+                         prev_period_start, announced_start, children
+- ``P{T}:lease``         sorted set: reservation id -> lease expiry (ms, Redis clock)
+- ``P{T}:res:<id>``      hash: chain, tokens, usd, completion, state, expires, owner, kind,
+                         on_expiry, charged
+
+Every key one script touches carries the tag ``{T}``: the scripts run unchanged on a
+Redis Cluster. The directory is read into memory by every store, so finding a pool's
+tree costs no round trip; a script that finds the caller's picture out of date says
+so, and the store reloads and tries again.
+
+This module has no gRPC imports: any service may use :class:`BudgetStore` in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, TypeVar
+
+from redis.commands.core import AsyncScript
+
+from . import _lua
+from .errors import (
+    BudgetExhausted,
+    BudgetUnavailable,
+    InvalidAmount,
+    InvalidArgument,
+    NotOwner,
+    PoolExists,
+    PoolInUse,
+    PoolNotFound,
+)
+from .periods import PeriodClock, validate_period
+from .redis import RedisClient, guard
+
+log = logging.getLogger(__name__)
+
+# Lua numbers are doubles: stay where every integer is exact.
+MAX_AMOUNT: Final = 2**53 - 1
+# Prices are micro-dollars per million tokens; this bound keeps the exact cost
+# arithmetic of the scripts below 2**53 (about $9,007 per million tokens).
+MAX_PRICE: Final = MAX_AMOUNT // 1_000_000
+MAX_DEPTH: Final = 8
+MAX_ID_LENGTH: Final = 256
+POOL_NAME: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+EndState = Literal["committed", "released", "expired", "unknown"]
+ExpiryPolicy = Literal["commit", "release"]
+RollReason = Literal["period", "admin"]
+_ENDED_STATES: dict[str, EndState] = {"committed": "committed", "released": "released", "expired": "expired"}
+_ATTEMPTS = 3  # tries of one call when the directory turns out stale
+_ROOTS_AT_ONCE = 32  # trees reaped or rolled concurrently
+
+R = TypeVar("R")
+
+
+class _Unset:
+    """The type of :data:`UNSET`: "leave this setting as it is"."""
+
+    _instance: _Unset | None = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Final = _Unset()
+
+
+def cost_micros(tokens: int, price_micros_per_mtok: int) -> int:
+    """What ``tokens`` cost at ``price_micros_per_mtok`` micro-dollars per million tokens, rounded up."""
+    return -(-tokens * price_micros_per_mtok // 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    """What a pool should be: its cap in tokens, parent, period and optional money cap."""
+
+    name: str
+    capacity: int
+    parent: str | None = None
+    period: str = "none"
+    timezone: str = "UTC"
+    cap_usd_micros: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PoolView:
+    """A pool's settings and counters at one instant.
+
+    ``period_start_ms``/``period_end_ms`` are the calendar bounds of the current
+    period (0 for "none"); ``chain`` is this pool, then its ancestors up to the root.
+    """
+
+    name: str
+    capacity: int
+    used: int
+    reserved: int
+    parent: str | None = None
+    period: str = "none"
+    timezone: str = "UTC"
+    cap_usd_micros: int | None = None
+    used_usd_micros: int = 0
+    reserved_usd_micros: int = 0
+    period_start_ms: int = 0
+    period_end_ms: int = 0
+    chain: tuple[str, ...] = ()
+
+    @property
+    def available(self) -> int:
+        """Tokens that can still be reserved in this pool alone: ``max(0, capacity - used - reserved)``."""
+        return max(0, self.capacity - self.used - self.reserved)
+
+    @property
+    def available_usd_micros(self) -> int | None:
+        """Micro-dollars left under the money cap (None without one)."""
+        if self.cap_usd_micros is None:
+            return None
+        return max(0, self.cap_usd_micros - self.used_usd_micros - self.reserved_usd_micros)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """Whether ``tokens`` fit now; ``available`` is the least available along the chain."""
+
+    allowed: bool
+    pool: PoolView
+    available: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A granted (or, with ``created=False``, an already existing) reservation.
+
+    ``tokens`` is all that is reserved (prompt + ``completion_tokens``, the completion
+    granted, which the caller sends upstream as ``max_tokens``); ``usd_micros`` its
+    price reserved against the money caps.
+    """
+
+    reservation_id: str
+    pool: PoolView
+    chain: tuple[str, ...]
+    tokens: int
+    completion_tokens: int
+    usd_micros: int
+    lease_expires_at_ms: int  # Redis clock, ms since the epoch
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EndResult:
+    """The outcome of a commit or release.
+
+    ``already_ended`` is true when this call changed nothing: the reservation was
+    committed, released or expired before (``state`` says which; ``unknown`` when
+    the id was never seen or its record is past retention, and then ``pool`` is None).
+    """
+
+    pool: PoolView | None
+    already_ended: bool
+    state: EndState
+
+
+@dataclass(frozen=True, slots=True)
+class PeriodRoll:
+    """A pool's usage started again at 0: at a period boundary, or by an admin reset.
+
+    ``used``/``used_usd_micros`` are what the ended span used; it ran from
+    ``previous_period_start_ms`` to ``period_start_ms`` (for "admin", the instant of
+    the reset, Redis clock).
+    """
+
+    pool: str
+    chain: tuple[str, ...]
+    period: str
+    reason: RollReason
+    period_start_ms: int
+    previous_period_start_ms: int
+    used: int
+    used_usd_micros: int
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    parent: str | None
+    root: str
+    period: str
+    timezone: str
+
+
+@dataclass(slots=True)
+class _Directory:
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    version: int = 0
+    loaded_at: float = -math.inf
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _check_pool_name(value: str, what: str = "pool") -> None:
+    if not isinstance(value, str) or not POOL_NAME.fullmatch(value):
+        raise InvalidArgument(f"{what} must be 1-64 characters of A-Z a-z 0-9 . _ - (got {value!r})")
+
+
+def _check_id(value: str) -> None:
+    if not value:
+        raise InvalidArgument("reservation_id must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidArgument(f"reservation_id is longer than {MAX_ID_LENGTH} characters")
+
+
+def _check_amount(value: int, what: str, maximum: int = MAX_AMOUNT) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidAmount(f"{what} must be an integer (got {value!r})")
+    if value < 0:
+        raise InvalidAmount(f"{what} must not be negative (got {value})")
+    if value > maximum:
+        raise InvalidAmount(f"{what} must be at most {maximum} (got {value})")
+
+
+class BudgetStore:
+    """Pool trees in Redis; each budget operation is one round trip (a Lua script via EVALSHA).
+
+    Safe to share between coroutines and across replicas: Redis serialises the
+    scripts. ``clock`` (seconds since the epoch) only decides which calendar period
+    is current; leases use the Redis clock.
+    """
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        key_prefix: str,
+        default_lease_seconds: float,
+        *,
+        default_retry_after_seconds: int = 60,
+        ended_retention_seconds: int = 600,
+        reclaim_batch: int = 256,
+        expiry_policy: ExpiryPolicy = "commit",
+        directory_refresh_seconds: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if default_lease_seconds <= 0:
+            raise ValueError("default_lease_seconds must be positive")
+        if expiry_policy not in ("commit", "release"):
+            raise ValueError(f"expiry_policy must be 'commit' or 'release' (got {expiry_policy!r})")
+        if "{" in key_prefix or "}" in key_prefix:
+            raise ValueError("key_prefix must not contain braces: the pool tree's hash tag follows it")
+        self._redis = redis
+        self.key_prefix = key_prefix
+        self.default_lease_seconds = default_lease_seconds
+        self.default_retry_after_seconds = default_retry_after_seconds
+        self.ended_retention_seconds = ended_retention_seconds
+        self.reclaim_batch = reclaim_batch
+        self.expiry_policy: ExpiryPolicy = expiry_policy
+        self.directory_refresh_seconds = directory_refresh_seconds
+        self._clock = clock
+        self._periods = PeriodClock()
+        self._directory_key = f"{key_prefix}pools"
+        self.changes_channel = f"{key_prefix}changes"
+        self._dir = _Directory()
+        self._dir_lock = asyncio.Lock()
+        self._listener: asyncio.Task[None] | None = None
+        # register_script runs EVALSHA and loads the script once on NOSCRIPT.
+        self._lua_reserve = redis.register_script(_lua.RESERVE)
+        self._lua_end = redis.register_script(_lua.END)
+        self._lua_renew = redis.register_script(_lua.RENEW)
+        self._lua_report = redis.register_script(_lua.REPORT)
+        self._lua_view_chain = redis.register_script(_lua.VIEW_CHAIN)
+        self._lua_view_tree = redis.register_script(_lua.VIEW_TREE)
+        self._lua_reap = redis.register_script(_lua.REAP)
+        self._lua_roll = redis.register_script(_lua.ROLL)
+        self._lua_reset = redis.register_script(_lua.RESET)
+        self._lua_define = redis.register_script(_lua.DEFINE)
+        self._lua_delete = redis.register_script(_lua.DELETE)
+
+    # -- keys -----------------------------------------------------------------
+
+    def tree_base(self, root: str) -> str:
+        """The key base of a tree: ``<prefix>{<root>}:`` (every key of the tree starts so)."""
+        return f"{self.key_prefix}{{{root}}}:"
+
+    def pool_key(self, name: str, root: str) -> str:
+        """The Redis hash of a pool (for operators and tests reading raw counters)."""
+        return f"{self.tree_base(root)}pool:{name}"
+
+    def _lease_key(self, root: str) -> str:
+        return f"{self.tree_base(root)}lease"
+
+    # -- the directory ----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the directory and listen for change notices (methods also load it lazily).
+
+        Without start(), the directory is reloaded on a miss and when older than
+        ``directory_refresh_seconds``; with it, a listener reloads within moments of
+        any change on any replica.
+        """
+        await self._reload()
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="hoosh-metering-directory")
+
+    async def close(self) -> None:
+        """Stop listening for changes. The Redis client is the caller's to close."""
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except asyncio.CancelledError:
+                pass
+            self._listener = None
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self.changes_channel)
+                await self._reload()  # a change may have landed before the subscription
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=self.directory_refresh_seconds
+                    )
+                    if message is not None:
+                        # A burst of changes costs one reload.
+                        while await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.01) is not None:
+                            pass
+                        await self._reload()
+                    elif time.monotonic() - self._dir.loaded_at >= self.directory_refresh_seconds:
+                        await self._reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # Redis away: keep serving from memory, try again soon
+                log.warning("pool directory listener interrupted", extra={"error": str(error)})
+                await asyncio.sleep(1.0)
+            finally:
+                try:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                except Exception as error:  # a dead connection may refuse a clean close
+                    log.debug("pubsub close failed", extra={"error": str(error)})
+
+    async def _reload(self, seen_version: int | None = None) -> None:
+        """Read the directory; concurrent reloads after one miss coalesce into one."""
+        async with self._dir_lock:
+            if seen_version is not None and self._dir.version != seen_version:
+                return  # another coroutine reloaded while this one waited
+            raw = await guard(self._redis.hgetall(self._directory_key))
+            entries: dict[str, _Entry] = {}
+            for key, value in raw.items():
+                try:
+                    data = json.loads(_str(value))
+                    entries[_str(key)] = _Entry(
+                        parent=data.get("parent") or None,
+                        root=str(data["root"]),
+                        period=str(data.get("period") or "none"),
+                        timezone=str(data.get("tz") or "UTC"),
+                    )
+                except (ValueError, KeyError, TypeError):
+                    log.warning("unreadable pool directory entry", extra={"pool": _str(key)})
+            chains: dict[str, tuple[str, ...]] = {}
+            for name in entries:
+                chain = [name]
+                while (parent := entries[chain[-1]].parent) is not None and len(chain) <= MAX_DEPTH:
+                    if parent not in entries:
+                        break
+                    chain.append(parent)
+                chains[name] = tuple(chain)
+            self._dir = _Directory(entries, chains, self._dir.version + 1, time.monotonic())
+
+    async def _fresh(self) -> _Directory:
+        if self._listener is None and time.monotonic() - self._dir.loaded_at >= self.directory_refresh_seconds:
+            await self._reload(self._dir.version)
+        return self._dir
+
+    async def _entry(self, pool: str, *, reload: bool = False) -> tuple[_Entry, tuple[str, ...]]:
+        """The pool's directory entry and chain; one reload on a miss. Raises PoolNotFound."""
+        directory = await self._fresh()
+        if reload or pool not in directory.entries:
+            await self._reload(directory.version)
+            directory = self._dir
+        entry = directory.entries.get(pool)
+        if entry is None:
+            raise PoolNotFound(pool)
+        return entry, directory.chains[pool]
+
+    async def chain(self, pool: str) -> tuple[str, ...]:
+        """The pool, then its ancestors up to the root (from memory). Raises PoolNotFound."""
+        _check_pool_name(pool)
+        return (await self._entry(pool))[1]
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _chain_args(self, names: Iterable[str], now_ms: int) -> list[Any]:
+        """The scripts' chain argument: ``name period tz start`` per known pool, joined by ``;``."""
+        entries = self._dir.entries
+        parts: list[str] = []
+        for name in names:
+            entry = entries.get(name)
+            if entry is not None:
+                start = self._periods.bounds(entry.period, entry.timezone, now_ms)[0]
+                parts.append(f"{name} {entry.period} {entry.timezone} {start}")
+        return [";".join(parts)]
+
+    def _view(self, raw: Any, now_ms: int | None = None) -> PoolView | None:
+        if not raw:
+            return None
+        name, period, timezone = _str(raw[0]), _str(raw[5]), _str(raw[6])
+        cap = _str(raw[7])
+        try:
+            start, end = self._periods.bounds(period, timezone, self._now_ms() if now_ms is None else now_ms)
+        except InvalidArgument:
+            start, end = 0, 0
+        return PoolView(
+            name=name,
+            capacity=int(raw[1]),
+            used=int(raw[2]),
+            reserved=int(raw[3]),
+            parent=_str(raw[4]) or None,
+            period=period,
+            timezone=timezone,
+            cap_usd_micros=int(cap) if cap else None,
+            used_usd_micros=int(raw[8]),
+            reserved_usd_micros=int(raw[9]),
+            period_start_ms=start,
+            period_end_ms=end,
+            chain=self._dir.chains.get(name, (name,)),
+        )
+
+    def _require_view(self, raw: Any, pool: str) -> PoolView:
+        view = self._view(raw)
+        if view is None:  # the pool vanished between directory and script: deleted meanwhile
+            raise PoolNotFound(pool)
+        return view
+
+    async def _run_chain(self, script: AsyncScript, pool: str, build: Callable[[str, list[Any]], list[Any]]) -> Any:
+        """Run a chain script for ``pool``; reload the directory and retry when it was stale."""
+        reload = False
+        for _ in range(_ATTEMPTS):
+            entry, chain = await self._entry(pool, reload=reload)
+            now = self._now_ms()
+            result = await guard(
+                script(keys=[self._lease_key(entry.root)], args=build(entry.root, self._chain_args(chain, now)))
+            )
+            status = _str(result[0])
+            if status not in ("stale", "not_found"):
+                return result
+            reload = True
+        if status == "not_found":
+            raise PoolNotFound(pool)
+        raise BudgetUnavailable(f"Pool directory for '{pool}' keeps changing; try again")
+
+    # -- budgets ----------------------------------------------------------------
+
+    async def check(self, pool: str, tokens: int) -> CheckResult:
+        """Whether ``tokens`` could be reserved in ``pool`` and every ancestor now (reserves nothing).
+
+        Expired leases of the tree are settled and periods rolled first.
+        ``available`` is the least available along the chain. Raises PoolNotFound,
+        InvalidArgument, InvalidAmount, BudgetUnavailable.
+        """
+        _check_pool_name(pool)
+        _check_amount(tokens, "tokens")
+        views = await self._chain_views(pool)
+        available = min(view.available for view in views)
+        return CheckResult(allowed=available >= tokens, pool=views[0], available=available)
+
+    async def _chain_views(self, pool: str) -> list[PoolView]:
+        result = await self._run_chain(
+            self._lua_view_chain,
+            pool,
+            lambda root, chain: [self.tree_base(root), self.ended_retention_seconds, self.reclaim_batch, *chain],
+        )
+        now = self._now_ms()
+        views = [self._view(raw, now) for raw in result[1:]]
+        if not views or any(view is None for view in views):
+            raise PoolNotFound(pool)
+        return [view for view in views if view is not None]
+
+    async def reserve(
+        self,
+        pool: str,
+        tokens: int,
+        reservation_id: str,
+        lease_seconds: float | None = None,
+        *,
+        completion_tokens: int = 0,
+        min_completion_tokens: int | None = None,
+        input_price_micros: int = 0,
+        output_price_micros: int = 0,
+        owner: str = "",
+        kind: str = "manual",
+        on_expiry: ExpiryPolicy | None = None,
+    ) -> Reservation:
+        """Reserve ``tokens`` (the prompt) plus up to ``completion_tokens`` in ``pool`` and every ancestor.
+
+        All or none, in one atomic script: expired leases of the tree are settled
+        (by each reservation's ``on_expiry``), periods rolled, then the completion is
+        clamped to what every pool of the chain affords in tokens and, with prices
+        (micro-dollars per million tokens), under every money cap. Fewer than
+        ``min_completion_tokens`` (None: ``completion_tokens``, no clamp) raises
+        BudgetExhausted naming the tightest pool. Idempotent: an active reservation
+        with this id is returned as it is (``created=False``); NotOwner if it was
+        made by another ``owner``. A lease of None or 0 uses the store's default;
+        ``on_expiry`` None uses the store's policy. Raises PoolNotFound,
+        BudgetExhausted, NotOwner, InvalidArgument, InvalidAmount, BudgetUnavailable.
+        """
+        _check_pool_name(pool)
+        _check_id(reservation_id)
+        _check_amount(tokens, "tokens")
+        _check_amount(completion_tokens, "completion_tokens")
+        minimum = completion_tokens if min_completion_tokens is None else min_completion_tokens
+        _check_amount(minimum, "min_completion_tokens")
+        if minimum > completion_tokens:
+            raise InvalidArgument(
+                f"min_completion_tokens ({minimum}) must not exceed completion_tokens ({completion_tokens})"
+            )
+        if tokens + completion_tokens > MAX_AMOUNT:
+            raise InvalidAmount(f"tokens + completion_tokens must be at most {MAX_AMOUNT}")
+        _check_amount(input_price_micros, "input_price_micros", MAX_PRICE)
+        _check_amount(output_price_micros, "output_price_micros", MAX_PRICE)
+        if lease_seconds is not None and lease_seconds < 0:
+            raise InvalidAmount(f"lease_seconds must not be negative (got {lease_seconds})")
+        policy = on_expiry or self.expiry_policy
+        if policy not in ("commit", "release"):
+            raise InvalidArgument(f"on_expiry must be 'commit' or 'release' (got {policy!r})")
+        lease_ms = max(1, int((lease_seconds or self.default_lease_seconds) * 1000))
+        result = await self._run_chain(
+            self._lua_reserve,
+            pool,
+            lambda root, chain: [
+                self.tree_base(root),
+                reservation_id,
+                owner,
+                kind,
+                policy,
+                f"{tokens} {completion_tokens} {minimum} {lease_ms} {self.ended_retention_seconds} "
+                f"{self.reclaim_batch} {self.default_retry_after_seconds} {input_price_micros} {output_price_micros}",
+                *chain,
+            ],
+        )
+        status = _str(result[0])
+        if status == "not_owner":
+            raise NotOwner(reservation_id)
+        if status == "exhausted":
+            tight, reason = _str(result[1]), _str(result[2])
+            retry = int(result[5])
+            if not int(result[6]):  # no lease would cover it: maybe the period's end will
+                entry = self._dir.entries.get(tight)
+                if entry is not None and entry.period != "none":
+                    now = self._now_ms()
+                    end = self._periods.bounds(entry.period, entry.timezone, now)[1]
+                    retry = max(1, min(retry, math.ceil((end - now) / 1000)))
+            raise BudgetExhausted(
+                tight,
+                int(result[3]),
+                available=int(result[4]),
+                retry_after_seconds=retry,
+                reason="usd" if reason == "usd" else "tokens",
+            )
+        chain = tuple(_str(result[5]).split(","))
+        return Reservation(
+            reservation_id=reservation_id,
+            pool=self._require_view(result[1], pool),
+            chain=chain,
+            tokens=int(result[2]),
+            completion_tokens=int(result[6]),
+            usd_micros=int(result[4]),
+            lease_expires_at_ms=int(result[3]),
+            created=status == "ok",
+        )
+
+    async def commit(
+        self,
+        reservation_id: str,
+        used_tokens: int,
+        *,
+        pool: str,
+        used_usd_micros: int = 0,
+        owner: str | None = None,
+        kind: str | None = None,
+    ) -> EndResult:
+        """End a reservation with its actual usage, in every pool of its chain.
+
+        ``reserved -= tokens; used += used_tokens`` (and the same in micro-dollars),
+        after rolling the periods, so the usage lands in the period in which it ends.
+        ``pool`` is the pool it was reserved in (it locates the tree). Exactly once: a
+        repeated commit or release, or one after the lease expired (then settled by
+        its policy), changes nothing and answers ``already_ended=True``; so does an id
+        or pool that is not known (``state="unknown"``). ``owner``/``kind``, when
+        given, must match the reservation's (NotOwner). Raises InvalidArgument,
+        InvalidAmount, NotOwner, BudgetUnavailable.
+        """
+        _check_id(reservation_id)
+        _check_amount(used_tokens, "used_tokens")
+        _check_amount(used_usd_micros, "used_usd_micros")
+        return await self._finish(reservation_id, pool, "commit", used_tokens, used_usd_micros, owner, kind)
+
+    async def release(
+        self, reservation_id: str, *, pool: str, owner: str | None = None, kind: str | None = None
+    ) -> EndResult:
+        """End a reservation without usage (``reserved -= tokens`` along its chain); exactly once, like commit."""
+        _check_id(reservation_id)
+        return await self._finish(reservation_id, pool, "release", 0, 0, owner, kind)
+
+    async def _finish(
+        self,
+        reservation_id: str,
+        pool: str,
+        mode: Literal["commit", "release"],
+        used: int,
+        used_usd: int,
+        owner: str | None,
+        kind: str | None,
+    ) -> EndResult:
+        _check_pool_name(pool)
+        try:
+            entry, chain = await self._entry(pool)
+        except PoolNotFound:
+            # A deleted pool's reservations are settled by their lease: nothing to retry.
+            return EndResult(pool=None, already_ended=True, state="unknown")
+        names: tuple[str, ...] = chain
+        for _ in range(_ATTEMPTS):
+            now = self._now_ms()
+            result = await guard(
+                self._lua_end(
+                    keys=[self._lease_key(entry.root)],
+                    args=[
+                        self.tree_base(entry.root),
+                        reservation_id,
+                        mode,
+                        f"{used} {used_usd} {self.ended_retention_seconds}",
+                        "0" if owner is None else "1",
+                        owner or "",
+                        "0" if kind is None else "1",
+                        kind or "",
+                        *self._chain_args(names, now),
+                    ],
+                )
+            )
+            status = _str(result[0])
+            if status == "chain":  # it was reserved along another chain of this tree
+                names = tuple(_str(result[1]).split(","))
+                continue
+            if status == "stale":
+                await self._reload(self._dir.version)
+                continue
+            if status == "not_owner":
+                raise NotOwner(reservation_id)
+            view = self._view(result[1])
+            if status == "ok":
+                return EndResult(pool=view, already_ended=False, state="committed" if mode == "commit" else "released")
+            return EndResult(pool=view, already_ended=True, state=_ENDED_STATES.get(status, "unknown"))
+        raise BudgetUnavailable(f"Pool directory for '{pool}' keeps changing; try again")
+
+    async def renew(self, reservation_id: str, *, pool: str, lease_seconds: float | None = None) -> int | None:
+        """Extend an active reservation's lease to ``now + lease_seconds`` (never shortens it).
+
+        Returns the new expiry (ms, Redis clock), or None when the reservation is not
+        active (ended, expired now and settled by its policy, or unknown). Raises
+        InvalidArgument, InvalidAmount, BudgetUnavailable.
+        """
+        _check_id(reservation_id)
+        _check_pool_name(pool)
+        if lease_seconds is not None and lease_seconds < 0:
+            raise InvalidAmount(f"lease_seconds must not be negative (got {lease_seconds})")
+        try:
+            entry, _ = await self._entry(pool)
+        except PoolNotFound:
+            return None
+        lease_ms = max(1, int((lease_seconds or self.default_lease_seconds) * 1000))
+        result = await guard(
+            self._lua_renew(
+                keys=[self._lease_key(entry.root)],
+                args=[self.tree_base(entry.root), reservation_id, lease_ms, self.ended_retention_seconds],
+            )
+        )
+        return int(result[1]) if _str(result[0]) == "ok" else None
+
+    async def report(self, pool: str, actual: int, *, usd_micros: int = 0) -> PoolView:
+        """Untracked usage: ``used += actual`` (and ``used_usd += usd_micros``) in the pool and every ancestor.
+
+        For usage that had no reservation; reservations end with commit or release.
+        Raises PoolNotFound, InvalidArgument, InvalidAmount, BudgetUnavailable.
+        """
+        _check_pool_name(pool)
+        _check_amount(actual, "actual")
+        _check_amount(usd_micros, "usd_micros")
+        result = await self._run_chain(
+            self._lua_report,
+            pool,
+            lambda root, chain: [self.tree_base(root), actual, usd_micros, *chain],
+        )
+        return self._require_view(result[1], pool)
+
+    # -- pools ------------------------------------------------------------------
+
+    async def get_pool(self, pool: str) -> PoolView:
+        """The pool's settings and counters, after settling expired leases and rolling periods.
+
+        Raises PoolNotFound, BudgetUnavailable.
+        """
+        _check_pool_name(pool)
+        return (await self._chain_views(pool))[0]
+
+    async def list_pools(self, names: Iterable[str] | None = None) -> list[PoolView]:
+        """Every pool (or those of ``names`` that exist), sorted by name; current as get_pool's."""
+        directory = await self._fresh()
+        wanted = sorted(directory.entries) if names is None else sorted(set(names))
+        if names is not None and any(name not in directory.entries for name in wanted):
+            await self._reload(directory.version)
+            directory = self._dir
+        by_root: dict[str, list[str]] = {}
+        for name in wanted:
+            entry = directory.entries.get(name)
+            if entry is not None:
+                by_root.setdefault(entry.root, []).append(name)
+        now = self._now_ms()
+        results = await asyncio.gather(
+            *(
+                guard(
+                    self._lua_view_tree(
+                        keys=[self._lease_key(root)],
+                        args=[
+                            self.tree_base(root),
+                            self.ended_retention_seconds,
+                            self.reclaim_batch,
+                            *self._chain_args(members, now),
+                        ],
+                    )
+                )
+                for root, members in by_root.items()
+            )
+        )
+        views = [view for result in results for raw in result if (view := self._view(raw, now)) is not None]
+        return sorted(views, key=lambda view: view.name)
+
+    async def _define(
+        self, spec: PoolSpec, mode: str, *, capacity: int | None, cap_usd_micros: int | _Unset | None
+    ) -> tuple[str, PoolView]:
+        """Run DEFINE for ``spec`` in its tree; keep the directory in step. Returns (status, view).
+
+        ``capacity`` None keeps the stored one; ``cap_usd_micros`` UNSET keeps the
+        stored money cap and None removes it.
+        """
+        parent_chain: tuple[str, ...] = ()
+        root = spec.name
+        if spec.parent is not None:
+            try:
+                parent_entry, parent_chain = await self._entry(spec.parent)
+            except PoolNotFound:
+                raise PoolNotFound(spec.parent) from None
+            root = parent_entry.root
+            if len(parent_chain) + 1 > MAX_DEPTH:
+                raise InvalidArgument(f"pool '{spec.name}' would be deeper than {MAX_DEPTH} levels")
+            if spec.name in parent_chain:
+                raise InvalidArgument(f"pool '{spec.name}' cannot be its own ancestor")
+        existing = self._dir.entries.get(spec.name)
+        if existing is None:
+            await self._reload(self._dir.version)
+            existing = self._dir.entries.get(spec.name)
+        if existing is not None and existing.root != root:
+            if await guard(self._redis.exists(self.pool_key(spec.name, existing.root))):
+                if mode == "create":
+                    raise PoolExists(spec.name)
+                if mode == "ensure":  # it exists: left as it is, wherever it is
+                    return "unchanged", await self.get_pool(spec.name)
+                if mode == "apply":
+                    raise InvalidArgument(f"pool '{spec.name}' has parent '{existing.parent}'; a parent is fixed")
+                root = existing.root  # upsert/update of an existing pool elsewhere: follow it
+            # else: a dangling entry left by an interrupted create or delete; replaced below
+        claimed = False
+        entry = _Entry(spec.parent, root, spec.period, spec.timezone)
+        if existing is None and mode != "update":
+            # Claim the name first so two replicas cannot create it in two trees.
+            claimed = bool(await guard(self._redis.hsetnx(self._directory_key, spec.name, self._entry_json(entry))))
+            if not claimed:
+                await self._reload(self._dir.version)
+                return await self._define(spec, mode, capacity=capacity, cap_usd_micros=cap_usd_micros)
+        now = self._now_ms()
+        start = self._periods.bounds(spec.period, spec.timezone, now)[0]
+        cap = "" if isinstance(cap_usd_micros, _Unset) else ("-" if cap_usd_micros is None else cap_usd_micros)
+        result = await guard(
+            self._lua_define(
+                keys=[self.pool_key(spec.name, root)],
+                args=[
+                    self.tree_base(root),
+                    spec.name,
+                    mode,
+                    spec.parent or "",
+                    "" if capacity is None else capacity,
+                    spec.period,
+                    spec.timezone,
+                    cap,
+                    start,
+                ],
+            )
+        )
+        status = _str(result[0])
+        if status in ("no_parent", "not_found"):
+            if claimed:
+                await guard(self._redis.hdel(self._directory_key, spec.name))
+            raise PoolNotFound(spec.parent if status == "no_parent" and spec.parent else spec.name)
+        if status == "exists":
+            raise PoolExists(spec.name)
+        if status == "parent_differs":
+            raise InvalidArgument(f"pool '{spec.name}' has another parent; a parent is fixed at creation")
+        view = self._require_view(result[1], spec.name)
+        stored = _Entry(view.parent, root, view.period, view.timezone)
+        if status in ("created", "updated") and self._dir.entries.get(spec.name) != stored:
+            await guard(self._redis.hset(self._directory_key, spec.name, self._entry_json(stored)))
+            await self._announce_change(spec.name)
+        elif claimed:
+            await self._announce_change(spec.name)
+        return status, self._view(result[1]) or view
+
+    @staticmethod
+    def _entry_json(entry: _Entry) -> str:
+        return json.dumps(
+            {"parent": entry.parent, "root": entry.root, "period": entry.period, "tz": entry.timezone},
+            separators=(",", ":"),
+        )
+
+    async def _announce_change(self, pool: str) -> None:
+        await self._reload()
+        await guard(self._redis.publish(self.changes_channel, pool))
+
+    def _validate_spec(self, spec: PoolSpec) -> None:
+        _check_pool_name(spec.name)
+        if spec.parent is not None:
+            _check_pool_name(spec.parent, "parent")
+            if spec.parent == spec.name:
+                raise InvalidArgument("a pool cannot be its own parent")
+        _check_amount(spec.capacity, "capacity")
+        validate_period(spec.period, spec.timezone)
+        if spec.cap_usd_micros is not None:
+            _check_amount(spec.cap_usd_micros, "cap_usd_micros")
+
+    async def create_pool(self, spec: PoolSpec) -> PoolView:
+        """Create a pool under ``spec.parent`` (None: a new root).
+
+        Raises PoolExists, PoolNotFound (the parent), InvalidArgument (name, period,
+        time zone, depth > 8), InvalidAmount, BudgetUnavailable.
+        """
+        self._validate_spec(spec)
+        return (await self._define(spec, "create", capacity=spec.capacity, cap_usd_micros=spec.cap_usd_micros))[1]
+
+    async def upsert_pool(self, name: str, capacity: int) -> PoolView:
+        """The seed's call: set an existing pool's capacity (keeping all else), or create a root pool."""
+        _check_pool_name(name)
+        _check_amount(capacity, "capacity")
+        try:
+            entry, _ = await self._entry(name)
+        except PoolNotFound:
+            return (await self._define(PoolSpec(name, capacity), "upsert", capacity=capacity, cap_usd_micros=None))[1]
+        spec = PoolSpec(name, capacity, entry.parent, entry.period, entry.timezone)
+        return (await self._define(spec, "upsert", capacity=capacity, cap_usd_micros=UNSET))[1]
+
+    async def ensure_pool(self, spec: PoolSpec) -> PoolView:
+        """Create the pool unless it exists; an existing pool is left as it is."""
+        self._validate_spec(spec)
+        return (await self._define(spec, "ensure", capacity=spec.capacity, cap_usd_micros=spec.cap_usd_micros))[1]
+
+    async def apply_pool(self, spec: PoolSpec) -> PoolView:
+        """Create the pool, or update its capacity, period, time zone and money cap to match ``spec``.
+
+        For pools from configuration at start. Counters are kept. A different parent
+        than the existing pool's raises InvalidArgument (a parent is fixed).
+        """
+        self._validate_spec(spec)
+        return (await self._define(spec, "apply", capacity=spec.capacity, cap_usd_micros=spec.cap_usd_micros))[1]
+
+    async def update_pool(
+        self,
+        name: str,
+        *,
+        capacity: int | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        cap_usd_micros: int | _Unset | None = UNSET,
+    ) -> PoolView:
+        """Change the given settings (None / UNSET: keep); ``cap_usd_micros=None`` removes the money cap.
+
+        Counters are kept. A new period or time zone counts from its current period
+        on, with the usage so far (a settings change grants no fresh budget; use
+        reset_pool for that). Raises PoolNotFound, InvalidArgument, InvalidAmount,
+        BudgetUnavailable.
+        """
+        _check_pool_name(name)
+        if capacity is not None:
+            _check_amount(capacity, "capacity")
+        if isinstance(cap_usd_micros, int):
+            _check_amount(cap_usd_micros, "cap_usd_micros")
+        entry, _ = await self._entry(name)
+        new_period = entry.period if period is None else period
+        new_timezone = entry.timezone if timezone is None else timezone
+        validate_period(new_period, new_timezone)
+        spec = PoolSpec(name, capacity or 0, entry.parent, new_period, new_timezone)
+        return (await self._define(spec, "update", capacity=capacity, cap_usd_micros=cap_usd_micros))[1]
+
+    async def delete_pool(self, name: str) -> None:
+        """Delete a pool: its state and its directory entry.
+
+        Reservations open in it are still settled in its ancestors. Raises PoolInUse
+        while it has children, PoolNotFound, BudgetUnavailable.
+        """
+        _check_pool_name(name)
+        entry, _ = await self._entry(name)
+        result = await guard(
+            self._lua_delete(keys=[self.pool_key(name, entry.root)], args=[self.tree_base(entry.root), name])
+        )
+        status = _str(result[0])
+        if status == "in_use":
+            raise PoolInUse(name, int(result[1]))
+        await guard(self._redis.hdel(self._directory_key, name))
+        await self._announce_change(name)
+        if status == "not_found":
+            raise PoolNotFound(name)
+
+    async def reset_pool(self, name: str) -> PeriodRoll:
+        """Start the pool's usage again at 0 now (reserved tokens stay reserved).
+
+        Returns the roll with reason "admin" for the caller to announce; roll_periods
+        will not return it. Raises PoolNotFound, BudgetUnavailable.
+        """
+        _check_pool_name(name)
+        entry, chain = await self._entry(name)
+        result = await guard(
+            self._lua_reset(keys=[self.pool_key(name, entry.root)], args=[self.tree_base(entry.root), name])
+        )
+        if _str(result[0]) == "not_found":
+            raise PoolNotFound(name)
+        return PeriodRoll(
+            pool=name,
+            chain=chain,
+            period=_str(result[2]),
+            reason="admin",
+            period_start_ms=int(result[3]),
+            previous_period_start_ms=int(result[4]),
+            used=int(result[5]),
+            used_usd_micros=int(result[6]),
+            capacity=int(result[7]),
+        )
+
+    async def roll_periods(self) -> list[PeriodRoll]:
+        """Roll every pool whose period has moved on, and return each roll not yet announced.
+
+        A roll made by any call on any replica (a reserve may roll first) is returned
+        exactly once across every caller: the script marks it announced atomically.
+        (A reply lost to a timeout after the script ran loses that announcement.) A
+        tree that cannot be reached is skipped until the next call; BudgetUnavailable
+        only when none could be reached.
+        """
+        directory = await self._fresh()
+        by_root: dict[str, list[str]] = {}
+        for name, entry in directory.entries.items():
+            if entry.period != "none":
+                by_root.setdefault(entry.root, []).append(name)
+        now = self._now_ms()
+
+        async def roll(root: str) -> list[Any]:
+            result = await guard(
+                self._lua_roll(
+                    keys=[self._lease_key(root)], args=[self.tree_base(root), *self._chain_args(by_root[root], now)]
+                )
+            )
+            return list(result)
+
+        rolls: list[PeriodRoll] = []
+        for raw in [raw for result in await self._each_root(sorted(by_root), roll) for raw in result]:
+            name = _str(raw[0])
+            rolls.append(
+                PeriodRoll(
+                    pool=name,
+                    chain=directory.chains.get(name, (name,)),
+                    period=_str(raw[1]),
+                    reason="period",
+                    period_start_ms=int(raw[2]),
+                    previous_period_start_ms=int(raw[3]),
+                    used=int(raw[4]),
+                    used_usd_micros=int(raw[5]),
+                    capacity=int(raw[6]),
+                )
+            )
+        return rolls
+
+    async def reap_expired(self) -> int:
+        """Settle expired leases in every tree (up to ``reclaim_batch`` per tree) by their policy; returns how many.
+
+        Raises BudgetUnavailable only when no tree could be reached.
+        """
+        directory = await self._fresh()
+
+        async def reap(root: str) -> int:
+            return int(
+                await guard(
+                    self._lua_reap(
+                        keys=[self._lease_key(root)],
+                        args=[self.tree_base(root), self.ended_retention_seconds, self.reclaim_batch],
+                    )
+                )
+            )
+
+        return sum(await self._each_root(sorted({entry.root for entry in directory.entries.values()}), reap))
+
+    async def _each_root(self, roots: list[str], call: Callable[[str], Awaitable[R]]) -> list[R]:
+        """``call`` for every tree, a few at a time. A tree that cannot be reached is
+        skipped (and tried on the next tick) so the others' results are not lost;
+        BudgetUnavailable only when none could be reached."""
+        results: list[R] = []
+        failures: list[BudgetUnavailable] = []
+        for at in range(0, len(roots), _ROOTS_AT_ONCE):
+            chunk = roots[at : at + _ROOTS_AT_ONCE]
+            for root, outcome in zip(
+                chunk, await asyncio.gather(*(call(root) for root in chunk), return_exceptions=True), strict=True
+            ):
+                if isinstance(outcome, BudgetUnavailable):
+                    failures.append(outcome)
+                    log.warning("pool tree unreachable", extra={"root": root, "error": outcome.message})
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    results.append(outcome)
+        if failures and not results:
+            raise failures[0]
+        return results
+
+
+async def reap_forever(store: BudgetStore, interval_seconds: float) -> None:
+    """Settle expired leases every ``interval_seconds`` until cancelled.
+
+    Tokens of a dead holder are settled even when no one reserves from that tree.
+    A Redis outage is logged and retried on the next tick.
+    """
+    while True:
+        try:
+            ended = await store.reap_expired()
+        except BudgetUnavailable as exc:
+            log.warning("lease reaper could not reach Redis", extra={"error": str(exc)})
+        else:
+            if ended:
+                log.info("expired leases settled", extra={"count": ended})
+            if ended >= store.reclaim_batch:
+                await asyncio.sleep(0)  # a full batch: more may be waiting
+                continue
+        await asyncio.sleep(interval_seconds)

@@ -1,0 +1,138 @@
+"""One way to build the Redis client every metering user shares: a single node or a
+Redis Cluster (or Valkey cluster), always with socket timeouts.
+
+A slow Redis must be an error the caller turns into 503, never a hang that holds a
+request (and its reservation) open. The retry is small on purpose: one more try on a
+connection error (a pooled connection the server closed), none on a timeout, where
+the command may already have run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ClusterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+
+from .errors import BudgetUnavailable
+
+T = TypeVar("T")
+
+RedisClient = aioredis.Redis | aioredis.RedisCluster
+
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
+
+
+class BoundedRedisCluster(aioredis.RedisCluster):
+    """A RedisCluster whose callers wait for a free connection instead of failing.
+
+    redis-py's cluster pool raises MaxConnectionsError at once when a node's
+    connections are all busy; a burst of requests must queue, as on a
+    BlockingConnectionPool, for at most ``wait_timeout`` seconds (then a
+    ConnectionError, which the store reports as BudgetUnavailable).
+    """
+
+    def __init__(self, *args: Any, max_commands: int, wait_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._commands = asyncio.Semaphore(max_commands)
+        self._wait_timeout = wait_timeout
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self._wait_timeout):
+                await self._commands.acquire()
+        except TimeoutError as error:
+            raise RedisConnectionError("no free Redis Cluster connection in time") from error
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._commands.release()
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1, supported_errors=(RedisConnectionError,))
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return urlsplit(url).scheme.lower() in CLUSTER_SCHEMES
+
+
+def connect_redis(
+    url: str,
+    *,
+    max_connections: int = 64,
+    socket_timeout: float = 2.0,
+    socket_connect_timeout: float = 2.0,
+) -> RedisClient:
+    """A client for ``url``; no connection is made until the first command.
+
+    ``redis+cluster://host:port`` (or ``rediss+cluster://`` for TLS) gives a
+    :class:`redis.asyncio.RedisCluster` that discovers the other nodes from that one;
+    anything else (``redis://``, ``rediss://``, ``unix://``) a :class:`redis.asyncio.Redis`
+    on a :class:`BlockingConnectionPool` of ``max_connections``, where a caller waits
+    at most ``socket_timeout`` for a free connection. Raises ValueError for a cluster
+    URL without a host.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in CLUSTER_SCHEMES:
+        if not parts.hostname:
+            raise ValueError(f"Redis Cluster URL needs a host: {url!r}")
+        return BoundedRedisCluster(
+            max_commands=max_connections,
+            wait_timeout=socket_timeout,
+            host=parts.hostname,
+            port=parts.port or 6379,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            ssl=CLUSTER_SCHEMES[scheme],
+            # A few more than the commands in flight: pub/sub borrows from the same pools.
+            max_connections=max_connections + 4,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            retry=_retry(),
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=socket_timeout,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_connect_timeout,
+        retry=_retry(),
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether a Redis error means "Redis cannot serve now" (a 503), not a bug of ours."""
+    if isinstance(error, ClusterDownError | TryAgainError | ReadOnlyError | RedisOutOfMemoryError | BusyLoadingError):
+        return True
+    if isinstance(error, ResponseError):  # e.g. a script error: a bug, let it surface
+        return str(error).startswith(("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN"))
+    return isinstance(error, RedisError | RedisClusterException | OSError | TimeoutError)
+
+
+async def guard(call: Awaitable[T]) -> T:
+    """Await a Redis call; Redis unreachable, too slow or failing over becomes BudgetUnavailable."""
+    try:
+        return await call
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as error:
+        if is_unavailable(error):
+            raise BudgetUnavailable(f"Budget store unavailable: {type(error).__name__}: {error}") from error
+        raise

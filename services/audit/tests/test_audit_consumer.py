@@ -219,21 +219,76 @@ async def test_a_graceful_restart_continues_where_it_stopped(publisher, run_cons
     assert verify(log_path, key) == (True, 6, 0, "")
 
 
-async def test_undecodable_and_unknown_events_are_terminated(bus, publisher, run_consumer, log_path) -> None:
+async def test_undecodable_events_are_terminated_and_other_subjects_skipped(
+    bus, publisher, run_consumer, log_path
+) -> None:
     garbage = b"\xff\xff\xff\xff"
     with pytest.raises(Exception, match="Error parsing message"):
         events_pb2.InferenceCompleted.FromString(garbage)
     await bus.js.publish(f"{bus.prefix}.inference.completed", garbage, headers={"Nats-Msg-Id": "bad-1"})
-    await publisher.publish("inference.started", completed(2), "req-2")  # a subject audit cannot decode
-    await publisher.publish("inference.completed", completed(3), "req-3")
+    await bus.js.publish(f"{bus.prefix}.budget.reset", garbage, headers={"Nats-Msg-Id": "bad-2"})
+    # Subjects audit has no decoder for: another consumer's events, not corrupt ones.
+    await publisher.publish("inference.started", completed(2), "req-2")
+    await publisher.publish("keys.changed", completed(3), "key-change-3")
+    await publisher.publish("inference.completed", completed(4), "req-4")
     consumer, audit_log, _ = await run_consumer(log_path)
 
-    await wait_until(lambda: audit_log.last_seq >= 1 and consumer.stats.terminated >= 2, "the valid event")
-    assert [e["event_id"] for e in read_entries(log_path)] == ["req-3"]
-    assert consumer.stats.terminated == 2
+    await wait_until(
+        lambda: audit_log.last_seq >= 1 and consumer.stats.terminated + consumer.stats.skipped >= 4, "the valid event"
+    )
+    assert [e["event_id"] for e in read_entries(log_path)] == ["req-4"]
+    assert (consumer.stats.terminated, consumer.stats.skipped) == (2, 2)
     info = await bus.js.consumer_info(bus.stream, "audit")
-    assert info.num_ack_pending == 0  # terminated: nothing left to redeliver
+    assert info.config.filter_subject == f"{bus.prefix}.>"
+    assert info.num_ack_pending == 0  # terminated or acked: nothing left to redeliver
     assert info.num_redelivered == 0
+
+
+def budget_reset(pool: str, start_ms: int) -> events_pb2.BudgetReset:
+    return events_pb2.BudgetReset(
+        event_id=f"reset:{pool}:{start_ms}",
+        timestamp_ms=start_ms + 5,
+        pool=pool,
+        pool_chain=[pool, "org"],
+        reason="period",
+        period="minute",
+        period_start_ms=start_ms,
+        previous_period_start_ms=start_ms - 60_000,
+        used=1234,
+        capacity=5000,
+    )
+
+
+async def test_budget_reset_events_are_recorded_beside_inference_events(
+    bus, publisher, run_consumer, log_path, key
+) -> None:
+    await publisher.publish("inference.completed", completed(0), "req-0")
+    reset = budget_reset("team-a", 1_700_000_040_000)
+    await publisher.publish("budget.reset", reset, reset.event_id)
+    # The id is the Nats-Msg-Id header, whatever the payload says.
+    admin = events_pb2.BudgetReset(pool="team-b", reason="admin", key_id="key_admin", pool_chain=["team-b"])
+    await publisher.publish("budget.reset", admin, "reset:team-b:admin:1")
+    consumer, audit_log, _ = await run_consumer(log_path)
+
+    await wait_until(lambda: audit_log.last_seq >= 3, "3 entries")
+    await consumer.stop()
+    entries = read_entries(log_path)
+    assert [(e["event_id"], e["subject"]) for e in entries] == [
+        ("req-0", f"{bus.prefix}.inference.completed"),
+        ("reset:team-a:1700000040000", f"{bus.prefix}.budget.reset"),
+        ("reset:team-b:admin:1", f"{bus.prefix}.budget.reset"),
+    ]
+    period = entries[1]["payload"]
+    assert (period["pool"], period["pool_chain"], period["reason"], period["period"]) == (
+        "team-a",
+        ["team-a", "org"],
+        "period",
+        "minute",
+    )
+    assert (period["used"], period["capacity"], period["period_start_ms"]) == ("1234", "5000", "1700000040000")
+    assert entries[2]["payload"]["key_id"] == "key_admin"
+    assert consumer.stats.terminated == consumer.stats.skipped == 0
+    assert verify(log_path, key) == (True, 3, 0, "")
 
 
 async def test_a_deleted_stream_is_declared_again(bus, publisher, run_consumer, log_path, key) -> None:

@@ -73,6 +73,44 @@ async def test_list_entries_limit_and_event_filter(stub, audit_log) -> None:
     assert list(none.entries) == []
 
 
+async def test_list_entries_for_one_key(stub, audit_log) -> None:
+    # Entries of two keys, one without a key (the edge ran open) and one whose payload is
+    # not an event: only the asked key's come back, and total counts them.
+    await audit_log.append_batch(
+        [
+            NewEntry(
+                event_id=f"req-{i % 5}",
+                subject="hoosh.inference.completed",
+                stream_seq=i,
+                payload={"request_id": f"req-{i % 5}", **({"key_id": f"key_{i % 3}"} if i % 3 else {})},
+            )
+            for i in range(1, 31)
+        ]
+    )
+    await audit_log.append_batch(
+        [NewEntry("reset:team:admin:1", "hoosh.budget.reset", 31, {"pool": "team", "key_id": "key_1"})]
+    )
+    mine = await stub.ListEntries(audit_pb2.ListEntriesRequest(key_id="key_1"))
+    expected = [i for i in range(1, 31) if i % 3 == 1] + [31]
+    assert [e.seq for e in mine.entries] == expected
+    assert mine.total == len(expected) == 11
+    assert all(json.loads(e.payload_json)["key_id"] == "key_1" for e in mine.entries)
+    assert mine.chain_valid
+
+    last_two = await stub.ListEntries(audit_pb2.ListEntriesRequest(key_id="key_2", limit=2))
+    assert [e.seq for e in last_two.entries] == [26, 29]
+    assert last_two.total == 10
+
+    one_request = await stub.ListEntries(audit_pb2.ListEntriesRequest(key_id="key_1", event_id="req-2"))
+    assert [e.seq for e in one_request.entries] == [7, 22]
+    assert one_request.total == 2
+
+    nobody = await stub.ListEntries(audit_pb2.ListEntriesRequest(key_id="key_9"))
+    assert (list(nobody.entries), nobody.total) == ([], 0)
+    everyone = await stub.ListEntries(audit_pb2.ListEntriesRequest(limit=1000))
+    assert everyone.total == 31 and len(everyone.entries) == 31
+
+
 async def test_negative_limit_is_invalid(stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.ListEntries(audit_pb2.ListEntriesRequest(limit=-1))

@@ -7,13 +7,36 @@ from pathlib import Path
 import pytest
 from hoosh_budget.__main__ import provision_pools
 from hoosh_budget.config import BudgetSettings, ConfigError, configured_pools
-from hoosh_budget.pools import BudgetStore, PoolView
+from hoosh_metering.pools import BudgetStore, PoolSpec, PoolView
+
+ENV = (
+    "HOOSH_CONFIG",
+    "HOOSH_BUDGET_POOLS",
+    "HOOSH_BUDGET_DEFAULT_CAPACITY",
+    "HOOSH_BUDGET_LISTEN",
+    "HOOSH_BUDGET_EXPIRY_POLICY",
+    "HOOSH_NATS_URL",
+    "HOOSH_NATS_STREAM",
+    "HOOSH_SUBJECT_PREFIX",
+    "HOOSH_REDIS_URL",
+    "HOOSH_BUDGET_KEY_PREFIX",
+)
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HOOSH_CONFIG", "HOOSH_BUDGET_POOLS", "HOOSH_BUDGET_DEFAULT_CAPACITY", "HOOSH_BUDGET_LISTEN"):
+    for name in ENV:
         monkeypatch.delenv(name, raising=False)
+
+
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    path = tmp_path / "hoosh.yaml"
+    path.write_text(text)
+    monkeypatch.setenv("HOOSH_CONFIG", str(path))
+
+
+def summary(views: list[PoolView]) -> list[tuple[str, int, int, int, str | None]]:
+    return [(view.name, view.capacity, view.used, view.reserved, view.parent) for view in views]
 
 
 def test_defaults() -> None:
@@ -23,28 +46,74 @@ def test_defaults() -> None:
     assert settings.budget_key_prefix == "hoosh:budget:"
     assert settings.budget_lease_seconds == 300
     assert settings.budget_default_capacity == 10_000_000
-    assert configured_pools(settings) == {}
+    assert settings.budget_expiry_policy == "commit"
+    # The same event bus settings (names and defaults) as the router's.
+    assert (settings.nats_url, settings.nats_stream, settings.subject_prefix) == (
+        "nats://127.0.0.1:4222",
+        "HOOSH_EVENTS",
+        "hoosh",
+    )
+    assert configured_pools(settings) == []
+
+
+def test_expiry_policy_is_commit_or_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOSH_BUDGET_EXPIRY_POLICY", "release")
+    assert BudgetSettings().budget_expiry_policy == "release"
+    monkeypatch.setenv("HOOSH_BUDGET_EXPIRY_POLICY", "forget")
+    with pytest.raises(ValueError, match="budget_expiry_policy"):
+        BudgetSettings()
 
 
 def test_pools_from_yaml_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tmp_path / "hoosh.yaml"
-    config.write_text(
+    # Children listed before their parents: applied parents first all the same.
+    config_file(
+        tmp_path,
+        monkeypatch,
         "providers:\n  - name: local\n    type: local\n"
-        "pools:\n  - name: team-a\n    capacity: 5000\n  - name: team-b\n    capacity: 10\n"
+        "pools:\n"
+        "  - name: key-1\n    capacity: 100\n    parent: team-a\n"
+        "  - name: team-a\n    capacity: 5000\n    parent: org\n    period: daily\n    timezone: Europe/Berlin\n"
+        "    cap_usd: 12.5\n"
+        "  - name: org\n    capacity: 10000\n    period: monthly\n    cap_usd: 0.000001\n"
+        "  - name: team-b\n    capacity: 10\n",
     )
-    monkeypatch.setenv("HOOSH_CONFIG", str(config))
-    monkeypatch.setenv("HOOSH_BUDGET_POOLS", '{"team-b": 20, "team-c": 30}')
-    assert configured_pools(BudgetSettings()) == {"team-a": 5000, "team-b": 20, "team-c": 30}
+    monkeypatch.setenv("HOOSH_BUDGET_POOLS", '{"team-b": 20, "team-c": 30, "team-a": 6000}')
+    assert configured_pools(BudgetSettings()) == [
+        PoolSpec("org", 10000, period="monthly", cap_usd_micros=1),
+        PoolSpec("team-a", 6000, parent="org", period="daily", timezone="Europe/Berlin", cap_usd_micros=12_500_000),
+        PoolSpec("key-1", 100, parent="team-a"),
+        PoolSpec("team-b", 20),
+        PoolSpec("team-c", 30),
+    ]
 
 
-def test_bad_pool_config_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = tmp_path / "hoosh.yaml"
-    config.write_text("pools:\n  - name: team-a\n    capacity: -5\n")
-    monkeypatch.setenv("HOOSH_CONFIG", str(config))
-    with pytest.raises(ConfigError, match=r"team-a|capacity"):
+@pytest.mark.parametrize(
+    ("pools", "match"),
+    [
+        ("  - name: team-a\n    capacity: -5\n", r"team-a|capacity"),
+        ("  - name: 'a b'\n    capacity: 5\n", r"name"),
+        ("  - name: a\n    capacity: 5\n    period: yearly\n", r"period"),
+        ("  - name: a\n    capacity: 5\n    period: daily\n    timezone: Mars/Olympus\n", r"Mars/Olympus"),
+        ("  - name: a\n    capacity: 5\n    cap_usd: -1\n", r"cap_usd"),
+        ("  - name: a\n    capacity: 5\n    parent: a\n", r"own parent"),
+        ("  - name: a\n    capacity: 5\n  - name: a\n    capacity: 6\n", r"twice"),
+        ("  - name: a\n    capacity: 5\n    parent: b\n  - name: b\n    capacity: 5\n    parent: a\n", r"cycle"),
+    ],
+    ids=["negative", "name", "period", "timezone", "cap", "self-parent", "duplicate", "cycle"],
+)
+def test_bad_pool_config_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pools: str, match: str) -> None:
+    config_file(tmp_path, monkeypatch, "pools:\n" + pools)
+    with pytest.raises(ConfigError, match=match):
         configured_pools(BudgetSettings())
+
+
+def test_missing_or_bad_files_and_env_fail_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOOSH_CONFIG", str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match=r"missing\.yaml"):
+        configured_pools(BudgetSettings())
+    monkeypatch.delenv("HOOSH_CONFIG")
+    monkeypatch.setenv("HOOSH_BUDGET_POOLS", '{"a": -1}')
+    with pytest.raises(ConfigError, match="HOOSH_BUDGET_POOLS"):
         configured_pools(BudgetSettings())
 
 
@@ -55,21 +124,42 @@ async def test_provision_creates_default_and_keeps_its_later_capacity(
     monkeypatch.setenv("HOOSH_BUDGET_DEFAULT_CAPACITY", "1000")
     settings = BudgetSettings()
     await provision_pools(store, settings)
-    assert await store.list_pools() == [
-        PoolView("default", capacity=1000, used=0, reserved=0),
-        PoolView("team", capacity=77, used=0, reserved=0),
-    ]
+    assert summary(await store.list_pools()) == [("default", 1000, 0, 0, None), ("team", 77, 0, 0, None)]
     await store.upsert_pool("default", 5)
     await store.upsert_pool("team", 5)
     await store.reserve("team", 3, "r1")
     await provision_pools(store, settings)  # a restart
-    assert await store.list_pools() == [
-        PoolView("default", capacity=5, used=0, reserved=0),  # not configured: left alone
-        PoolView("team", capacity=77, used=0, reserved=3),  # configured: capacity restored
+    assert summary(await store.list_pools()) == [
+        ("default", 5, 0, 0, None),  # not configured: left alone
+        ("team", 77, 0, 3, None),  # configured: capacity restored, counters kept
     ]
 
 
-async def test_configured_default_pool_is_upserted(store: BudgetStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HOOSH_BUDGET_POOLS", '{"default": 12}')
+async def test_provision_applies_a_tree_and_its_changes_on_restart(
+    store: BudgetStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config_file(
+        tmp_path,
+        monkeypatch,
+        "pools:\n"
+        "  - name: team\n    capacity: 500\n    parent: org\n    period: hourly\n"
+        "  - name: org\n    capacity: 1000\n    cap_usd: 2\n"
+        "  - name: default\n    capacity: 12\n",
+    )
     await provision_pools(store, BudgetSettings())
-    assert await store.list_pools() == [PoolView("default", capacity=12, used=0, reserved=0)]
+    team, org = await store.get_pool("team"), await store.get_pool("org")
+    assert (team.parent, team.period, team.chain, team.cap_usd_micros) == ("org", "hourly", ("team", "org"), None)
+    assert (org.capacity, org.cap_usd_micros) == (1000, 2_000_000)
+    assert (await store.get_pool("default")).capacity == 12  # configured: upserted, not the default capacity
+    await store.report("team", 40)
+
+    config_file(
+        tmp_path,
+        monkeypatch,
+        "pools:\n  - name: team\n    capacity: 600\n    parent: org\n    period: daily\n"
+        "  - name: org\n    capacity: 1000\n",
+    )
+    await provision_pools(store, BudgetSettings())  # a restart with a changed file
+    team, org = await store.get_pool("team"), await store.get_pool("org")
+    assert (team.capacity, team.period, team.used) == (600, "daily", 40)
+    assert org.cap_usd_micros is None and org.used == 40

@@ -1,154 +1,306 @@
-"""BudgetService through a real in-process grpc.aio server on a free port."""
+"""BudgetService through a real in-process grpc.aio server on a free port, on the real
+Redis: every RPC, and every error as its status code and ``hoosh-error-*`` trailers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
-from hoosh_budget.pools import BudgetStore
-from hoosh_budget.server import BudgetServicer, add_to_server
-from hoosh_common.grpc_server import insecure_channel, new_server
+from hoosh_budget.resets import ResetAnnouncer
+from hoosh_common.grpc_server import insecure_channel
+from hoosh_metering.pools import BudgetStore
+from hoosh_metering.redis import connect_redis
 
+from .conftest import Bus, start_server
 
-async def start(store: BudgetStore) -> tuple[grpc.aio.Server, int]:
-    server = new_server()
-    add_to_server(BudgetServicer(store), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
-
-
-@pytest.fixture
-async def stub(store: BudgetStore) -> AsyncIterator[budget_pb2_grpc.BudgetServiceStub]:
-    server, port = await start(store)
-    channel = insecure_channel(f"127.0.0.1:{port}")
-    yield budget_pb2_grpc.BudgetServiceStub(channel)
-    await channel.close()
-    await server.stop(None)
+Stub = budget_pb2_grpc.BudgetServiceStub
 
 
 def trailers(error: grpc.aio.AioRpcError) -> dict[str, str]:
     return {key: str(value) for key, value in (error.trailing_metadata() or ())}
 
 
-async def test_reserve_commit_and_exactly_once(stub: budget_pb2_grpc.BudgetServiceStub) -> None:
+def counters(pool: budget_pb2.Pool) -> tuple[int, int, int]:
+    return pool.used, pool.reserved, pool.available
+
+
+async def refused(call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+async def tree(stub: Stub) -> None:
+    """org (100) <- team (1000) <- key (1000): org is the tightest."""
+    await stub.CreatePool(budget_pb2.CreatePoolRequest(spec=budget_pb2.PoolSpec(name="org", capacity=100)))
+    await stub.CreatePool(
+        budget_pb2.CreatePoolRequest(spec=budget_pb2.PoolSpec(name="team", parent="org", capacity=1000))
+    )
+    await stub.CreatePool(
+        budget_pb2.CreatePoolRequest(spec=budget_pb2.PoolSpec(name="key", parent="team", capacity=1000))
+    )
+
+
+async def test_reserve_commit_and_exactly_once(stub: Stub) -> None:
     await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="p", capacity=1000))
-    reserved = await stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=300, reservation_id="req-1"))
-    assert reserved.reservation_id == "req-1"
-    assert reserved.pool == budget_pb2.Pool(name="p", capacity=1000, used=0, reserved=300, available=700)
+    reserved = await stub.Reserve(
+        budget_pb2.ReserveRequest(pool="p", tokens=300, reservation_id="req-1", owner="key_a", kind="chat")
+    )
+    assert (reserved.reservation_id, reserved.tokens, list(reserved.chain)) == ("req-1", 300, ["p"])
+    assert reserved.lease_expires_at_ms > 0
+    assert reserved.pool.name == "p" and counters(reserved.pool) == (0, 300, 700)
+    assert (reserved.pool.period, reserved.pool.timezone, reserved.pool.parent) == ("none", "UTC", "")
+    assert not reserved.pool.HasField("cap_usd_micros")
 
-    committed = await stub.Commit(budget_pb2.CommitRequest(reservation_id="req-1", used_tokens=120))
-    assert not committed.already_ended
-    assert committed.pool == budget_pb2.Pool(name="p", capacity=1000, used=120, reserved=0, available=880)
+    committed = await stub.Commit(
+        budget_pb2.CommitRequest(reservation_id="req-1", used_tokens=120, pool="p", owner="key_a", kind="chat")
+    )
+    assert (committed.already_ended, committed.state) == (False, "committed")
+    assert counters(committed.pool) == (120, 0, 880)
 
-    again = await stub.Commit(budget_pb2.CommitRequest(reservation_id="req-1", used_tokens=120))
-    assert again.already_ended
-    assert again.pool.used == 120
-    released = await stub.Release(budget_pb2.ReleaseRequest(reservation_id="req-1"))
-    assert released.already_ended
+    again = await stub.Commit(budget_pb2.CommitRequest(reservation_id="req-1", used_tokens=120, pool="p"))
+    assert (again.already_ended, again.state, again.pool.used) == (True, "committed", 120)
+    released = await stub.Release(budget_pb2.ReleaseRequest(reservation_id="req-1", pool="p"))
+    assert (released.already_ended, released.state) == (True, "committed")
 
-    unknown = await stub.Release(budget_pb2.ReleaseRequest(reservation_id="never"))
-    assert unknown.already_ended and not unknown.HasField("pool")
+    unknown = await stub.Release(budget_pb2.ReleaseRequest(reservation_id="never", pool="p"))
+    assert (unknown.already_ended, unknown.state) == (True, "unknown") and not unknown.HasField("pool")
 
 
-async def test_release_through_grpc(stub: budget_pb2_grpc.BudgetServiceStub) -> None:
+async def test_release_and_renew(stub: Stub) -> None:
     await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="p", capacity=100))
-    await stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=60, reservation_id="r", lease_seconds=30))
-    released = await stub.Release(budget_pb2.ReleaseRequest(reservation_id="r"))
-    assert not released.already_ended
-    assert released.pool.available == 100
+    first = await stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=60, reservation_id="r", lease_seconds=30))
+    renewed = await stub.Renew(budget_pb2.RenewRequest(reservation_id="r", pool="p", lease_seconds=600))
+    assert renewed.active and renewed.lease_expires_at_ms >= first.lease_expires_at_ms + 500_000
+
+    released = await stub.Release(budget_pb2.ReleaseRequest(reservation_id="r", pool="p"))
+    assert (released.already_ended, released.state) == (False, "released")
+    assert counters(released.pool) == (0, 0, 100)
+    ended = await stub.Renew(budget_pb2.RenewRequest(reservation_id="r", pool="p"))
+    assert (ended.active, ended.lease_expires_at_ms) == (False, 0)
 
 
-async def test_exhausted_is_resource_exhausted_with_retry_after(stub: budget_pb2_grpc.BudgetServiceStub) -> None:
+async def test_only_the_owner_ends_a_reservation(stub: Stub) -> None:
+    await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="p", capacity=100))
+    await stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=50, reservation_id="r", owner="key_a"))
+    for call in (
+        stub.Commit(budget_pb2.CommitRequest(reservation_id="r", used_tokens=0, pool="p", owner="key_b")),
+        stub.Release(budget_pb2.ReleaseRequest(reservation_id="r", pool="p", owner="key_b")),
+        stub.Commit(budget_pb2.CommitRequest(reservation_id="r", used_tokens=0, pool="p", owner="key_a", kind="chat")),
+        stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=50, reservation_id="r", owner="key_b")),
+    ):
+        error = await refused(call)
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        meta = trailers(error)
+        assert (meta["hoosh-error-type"], meta["hoosh-error-code"]) == (
+            "invalid_request_error",
+            "reservation_not_owned",
+        )
+    pool = (await stub.GetPool(budget_pb2.GetPoolRequest(pool="p"))).pool
+    assert counters(pool) == (0, 50, 50)  # none of them touched it
+
+    committed = await stub.Commit(
+        budget_pb2.CommitRequest(reservation_id="r", used_tokens=30, pool="p", owner="key_a", kind="manual")
+    )
+    assert committed.state == "committed" and counters(committed.pool) == (30, 0, 70)
+
+
+async def test_a_chain_is_reserved_whole_and_the_tightest_pool_decides(stub: Stub) -> None:
+    await tree(stub)
+    check = await stub.Check(budget_pb2.CheckRequest(pool="key", tokens=150))
+    assert not check.allowed and check.available == 100 and check.pool.available == 1000
+    assert list(check.pool.chain) == ["key", "team", "org"] and check.pool.parent == "team"
+
+    reserved = await stub.Reserve(budget_pb2.ReserveRequest(pool="key", tokens=80, reservation_id="r1"))
+    assert list(reserved.chain) == ["key", "team", "org"]
+    listed = await stub.ListPools(budget_pb2.ListPoolsRequest())
+    assert [(pool.name, pool.reserved) for pool in listed.pools] == [("key", 80), ("org", 80), ("team", 80)]
+
+    error = await refused(stub.Reserve(budget_pb2.ReserveRequest(pool="key", tokens=21, reservation_id="r2")))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "'org'" in (error.details() or "")
+    await stub.Commit(budget_pb2.CommitRequest(reservation_id="r1", used_tokens=70, pool="key"))
+    report = await stub.Report(budget_pb2.ReportRequest(pool="team", actual=5, usd_micros=9))
+    assert counters(report.pool) == (75, 0, 925) and report.pool.used_usd_micros == 9
+    org = (await stub.GetPool(budget_pb2.GetPoolRequest(pool="org"))).pool
+    assert counters(org) == (75, 0, 25) and org.used_usd_micros == 9
+
+
+async def test_exhausted_is_resource_exhausted_with_retry_after(stub: Stub) -> None:
     await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="x", capacity=125))
     await stub.Reserve(budget_pb2.ReserveRequest(pool="x", tokens=120, reservation_id="a", lease_seconds=20))
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Reserve(budget_pb2.ReserveRequest(pool="x", tokens=120, reservation_id="b"))
-    error = info.value
+    error = await refused(stub.Reserve(budget_pb2.ReserveRequest(pool="x", tokens=120, reservation_id="b")))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert error.details() == "Token budget exceeded: pool 'x' has 5 tokens available, 120 requested"
     meta = trailers(error)
-    assert meta["hoosh-error-code"] == "budget_exhausted"
+    assert (meta["hoosh-error-type"], meta["hoosh-error-code"]) == ("insufficient_quota", "budget_exhausted")
     assert 1 <= int(meta["retry-after"]) <= 20
 
 
-async def test_exhausted_beyond_leases_uses_default_retry_after(stub: budget_pb2_grpc.BudgetServiceStub) -> None:
+async def test_exhausted_beyond_leases_uses_default_retry_after(stub: Stub) -> None:
     await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="x", capacity=10))
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Reserve(budget_pb2.ReserveRequest(pool="x", tokens=11, reservation_id="b"))
-    assert trailers(info.value)["retry-after"] == "42"
+    error = await refused(stub.Reserve(budget_pb2.ReserveRequest(pool="x", tokens=11, reservation_id="b")))
+    assert trailers(error)["retry-after"] == "42"
 
 
-async def test_unknown_pool_is_not_found(stub: budget_pb2_grpc.BudgetServiceStub) -> None:
+async def test_unknown_pool_is_not_found(stub: Stub) -> None:
     calls = [
         stub.Reserve(budget_pb2.ReserveRequest(pool="ghost", tokens=1, reservation_id="r")),
         stub.Check(budget_pb2.CheckRequest(pool="ghost", tokens=1)),
         stub.GetPool(budget_pb2.GetPoolRequest(pool="ghost")),
-        stub.Report(budget_pb2.ReportRequest(pool="ghost", reserved=1, actual=1)),
+        stub.Report(budget_pb2.ReportRequest(pool="ghost", actual=1)),
+        stub.UpdatePool(budget_pb2.UpdatePoolRequest(name="ghost", capacity=1)),
+        stub.DeletePool(budget_pb2.DeletePoolRequest(name="ghost")),
+        stub.ResetPool(budget_pb2.ResetPoolRequest(name="ghost")),
     ]
     for call in calls:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call
-        assert info.value.code() == grpc.StatusCode.NOT_FOUND
-        assert info.value.details() == "Token pool 'ghost' not found"
-        assert trailers(info.value)["hoosh-error-code"] == "pool_not_found"
+        error = await refused(call)
+        assert error.code() == grpc.StatusCode.NOT_FOUND
+        assert error.details() == "Token pool 'ghost' not found"
+        assert trailers(error)["hoosh-error-code"] == "pool_not_found"
+    error = await refused(
+        stub.CreatePool(budget_pb2.CreatePoolRequest(spec=budget_pb2.PoolSpec(name="c", parent="ghost", capacity=1)))
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "'ghost'" in (error.details() or "")
 
 
-async def test_bad_arguments_are_invalid_argument(stub: budget_pb2_grpc.BudgetServiceStub) -> None:
+async def test_bad_arguments_are_invalid_argument(stub: Stub) -> None:
     await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="p", capacity=10))
+    await stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=2, reservation_id="held"))
     calls = [
         stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=-1, reservation_id="r")),
         stub.Reserve(budget_pb2.ReserveRequest(pool="", tokens=1, reservation_id="r")),
         stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=1, reservation_id="")),
         stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=1, reservation_id="r", lease_seconds=-1)),
-        stub.Commit(budget_pb2.CommitRequest(reservation_id="r", used_tokens=-1)),
+        stub.Reserve(budget_pb2.ReserveRequest(pool="a b", tokens=1, reservation_id="r")),
+        stub.Commit(budget_pb2.CommitRequest(reservation_id="held", used_tokens=-1, pool="p")),
         stub.Check(budget_pb2.CheckRequest(pool="p", tokens=-1)),
         stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="", capacity=1)),
         stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="p", capacity=-1)),
+        # A bare count can never end someone's reservation.
+        stub.Report(budget_pb2.ReportRequest(pool="p", reserved=2, actual=0)),
+        stub.CreatePool(budget_pb2.CreatePoolRequest(spec=budget_pb2.PoolSpec(name="q", capacity=1, period="yearly"))),
+        stub.CreatePool(
+            budget_pb2.CreatePoolRequest(spec=budget_pb2.PoolSpec(name="q", capacity=1, timezone="Mars/Olympus"))
+        ),
+        stub.UpdatePool(budget_pb2.UpdatePoolRequest(name="p", cap_usd_micros=5, clear_cap_usd=True)),
+        stub.UpdatePool(budget_pb2.UpdatePoolRequest(name="p", period="fortnightly")),
     ]
     for call in calls:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await call
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert trailers(info.value)["hoosh-error-code"] == "invalid_request"
-    pool = await stub.GetPool(budget_pb2.GetPoolRequest(pool="p"))
-    assert pool.pool.reserved == 0 and pool.pool.capacity == 10
+        error = await refused(call)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert trailers(error)["hoosh-error-code"] == "invalid_request"
+    pool = (await stub.GetPool(budget_pb2.GetPoolRequest(pool="p"))).pool
+    assert (pool.capacity, pool.used, pool.reserved, pool.period) == (10, 0, 2, "none")
 
 
-async def test_pool_rpcs(stub: budget_pb2_grpc.BudgetServiceStub) -> None:
-    await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="b", capacity=50))
-    await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="a", capacity=10))
-    await stub.Reserve(budget_pb2.ReserveRequest(pool="b", tokens=30, reservation_id="r"))
+async def test_pool_admin_rpcs(stub: Stub) -> None:
+    spec = budget_pb2.PoolSpec(
+        name="org", capacity=5000, period="daily", timezone="Europe/Berlin", cap_usd_micros=2_500_000
+    )
+    created = (await stub.CreatePool(budget_pb2.CreatePoolRequest(spec=spec))).pool
+    assert (created.name, created.capacity, created.period, created.timezone) == ("org", 5000, "daily", "Europe/Berlin")
+    assert created.cap_usd_micros == 2_500_000 and list(created.chain) == ["org"]
+    assert 0 < created.period_start_ms < created.period_end_ms
+    assert 23 * 3_600_000 <= created.period_end_ms - created.period_start_ms <= 25 * 3_600_000
 
-    check = await stub.Check(budget_pb2.CheckRequest(pool="b", tokens=21))
-    assert not check.allowed and check.pool.available == 20
+    error = await refused(stub.CreatePool(budget_pb2.CreatePoolRequest(spec=spec)))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert trailers(error)["hoosh-error-code"] == "pool_exists"
 
-    report = await stub.Report(budget_pb2.ReportRequest(pool="b", reserved=30, actual=45))
-    assert report.pool == budget_pb2.Pool(name="b", capacity=50, used=45, reserved=0, available=5)
+    child = (
+        await stub.CreatePool(
+            budget_pb2.CreatePoolRequest(spec=budget_pb2.PoolSpec(name="team", parent="org", capacity=300))
+        )
+    ).pool
+    assert (child.parent, list(child.chain), child.period, child.timezone) == ("org", ["team", "org"], "none", "UTC")
 
-    upserted = await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="b", capacity=100))
-    assert upserted.pool.used == 45 and upserted.pool.available == 55
+    updated = (
+        await stub.UpdatePool(
+            budget_pb2.UpdatePoolRequest(
+                name="team", capacity=400, period="hourly", timezone="Asia/Tokyo", cap_usd_micros=7
+            )
+        )
+    ).pool
+    assert (updated.capacity, updated.period, updated.timezone, updated.cap_usd_micros) == (
+        400,
+        "hourly",
+        "Asia/Tokyo",
+        7,
+    )
+    kept = (await stub.UpdatePool(budget_pb2.UpdatePoolRequest(name="team", capacity=450))).pool
+    assert (kept.capacity, kept.period, kept.cap_usd_micros) == (450, "hourly", 7)  # unset fields keep
+    cleared = (await stub.UpdatePool(budget_pb2.UpdatePoolRequest(name="team", clear_cap_usd=True))).pool
+    assert not cleared.HasField("cap_usd_micros") and cleared.capacity == 450
 
-    listed = await stub.ListPools(budget_pb2.ListPoolsRequest())
-    assert [pool.name for pool in listed.pools] == ["a", "b"]
-    got = await stub.GetPool(budget_pb2.GetPoolRequest(pool="a"))
-    assert got.pool == budget_pb2.Pool(name="a", capacity=10, used=0, reserved=0, available=10)
+    upserted = (await stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="team", capacity=500))).pool
+    assert (upserted.capacity, upserted.parent, upserted.period) == (500, "org", "hourly")
+
+    listed = await stub.ListPools(budget_pb2.ListPoolsRequest(names=["team", "nobody"]))
+    assert [pool.name for pool in listed.pools] == ["team"]
+    everything = await stub.ListPools(budget_pb2.ListPoolsRequest())
+    assert [pool.name for pool in everything.pools] == ["org", "team"]
+
+    error = await refused(stub.DeletePool(budget_pb2.DeletePoolRequest(name="org")))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert trailers(error)["hoosh-error-code"] == "pool_in_use"
+    await stub.DeletePool(budget_pb2.DeletePoolRequest(name="team"))
+    await stub.DeletePool(budget_pb2.DeletePoolRequest(name="org"))
+    assert list((await stub.ListPools(budget_pb2.ListPoolsRequest())).pools) == []
+    assert (await refused(stub.GetPool(budget_pb2.GetPoolRequest(pool="org")))).code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_unreachable_redis_is_unavailable(prefix: str) -> None:
+async def test_reset_pool_zeroes_usage_keeps_reservations_and_announces_it(stub: Stub, bus: Bus) -> None:
+    await tree(stub)
+    await stub.Reserve(budget_pb2.ReserveRequest(pool="key", tokens=20, reservation_id="held"))
+    await stub.Report(budget_pb2.ReportRequest(pool="team", actual=30))
+
+    reset = (await stub.ResetPool(budget_pb2.ResetPoolRequest(name="team", key_id="key_admin"))).pool
+    assert (reset.name, reset.used, reset.reserved) == ("team", 0, 20)
+    org = (await stub.GetPool(budget_pb2.GetPoolRequest(pool="org"))).pool
+    assert (org.used, org.reserved) == (30, 20)  # only the named pool starts again
+
+    [(msg_id, event)] = await bus.resets(1)
+    assert msg_id == event.event_id and msg_id.startswith("reset:team:admin:")
+    assert (event.pool, list(event.pool_chain), event.reason, event.key_id) == (
+        "team",
+        ["team", "org"],
+        "admin",
+        "key_admin",
+    )
+    assert (event.used, event.capacity, event.period) == (30, 1000, "none")
+    assert event.timestamp_ms > 0
+
+    # Two resets are two events, the reservation still ends exactly once.
+    await stub.ResetPool(budget_pb2.ResetPoolRequest(name="team"))
+    assert len(await bus.resets(2)) == 2
+    committed = await stub.Commit(budget_pb2.CommitRequest(reservation_id="held", used_tokens=15, pool="key"))
+    assert committed.state == "committed"
+    team = (await stub.GetPool(budget_pb2.GetPoolRequest(pool="team"))).pool
+    assert (team.used, team.reserved) == (15, 0)
+
+
+async def test_unreachable_redis_is_unavailable(prefix: str, announcer: ResetAnnouncer) -> None:
     # A real client aimed at a port where nothing listens.
-    dead = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
-    server, port = await start(BudgetStore(dead, prefix, 300))
+    dead = connect_redis("redis://127.0.0.1:1/0", socket_timeout=1, socket_connect_timeout=1)
+    store = BudgetStore(dead, prefix, 300)
+    server, port = await start_server(store, announcer)
     channel = insecure_channel(f"127.0.0.1:{port}")
+    stub = Stub(channel)
     try:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await budget_pb2_grpc.BudgetServiceStub(channel).GetPool(budget_pb2.GetPoolRequest(pool="p"))
+        for call in (
+            stub.GetPool(budget_pb2.GetPoolRequest(pool="p")),
+            stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=1, reservation_id="r")),
+            stub.ListPools(budget_pb2.ListPoolsRequest()),
+        ):
+            error = await refused(call)
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            meta = trailers(error)
+            assert (meta["hoosh-error-type"], meta["hoosh-error-code"]) == ("api_error", "budget_unavailable")
     finally:
         await channel.close()
         await server.stop(None)
+        await store.close()
         await dead.aclose()
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert trailers(info.value)["hoosh-error-code"] == "budget_unavailable"

@@ -1,7 +1,7 @@
 """Fixtures for the STT tests: real speech from espeak-ng, the real tiny.en model,
-and a real stack in-process — the budget service on the real Redis (unique key
-prefix) and the event publisher on the real NATS (unique stream) — behind an
-in-process grpc.aio STT server on a free port."""
+and a real stack in-process — the metering store on the real Redis (unique key
+prefix, as the STT service uses it: in-process) and the event publisher on the real
+NATS (unique stream) — behind an in-process grpc.aio STT server on a free port."""
 
 from __future__ import annotations
 
@@ -20,14 +20,11 @@ import nats
 import nats.js.errors
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
-from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
-from hoosh_budget.pools import BudgetStore
-from hoosh_budget.server import BudgetServicer
-from hoosh_budget.server import add_to_server as add_budget
 from hoosh_common.eventbus import EventPublisher, ensure_stream
-from hoosh_stt.budget import BudgetClient
+from hoosh_metering.pools import BudgetStore, PoolSpec, PoolView
+from hoosh_metering.redis import connect_redis
+from hoosh_stt.budget import SttBudget
 from hoosh_stt.config import BUNDLED_MODEL, ModelSpec, bundled_model_dir
 from hoosh_stt.faster_whisper_engine import FasterWhisperEngine
 from hoosh_stt.server import SttServicer
@@ -94,19 +91,20 @@ def silence() -> Callable[[float], np.ndarray]:
 @dataclass
 class SttStack:
     stub: stt_pb2_grpc.SttServiceStub
-    budget: budget_pb2_grpc.BudgetServiceStub
+    store: BudgetStore
+    budget: SttBudget
     service: TranscriptionService
     js: JetStreamContext
     stream: str
     prefix: str
 
-    async def pool(self, capacity: int = 1_000_000) -> str:
+    async def pool(self, capacity: int = 1_000_000, parent: str | None = None) -> str:
         name = f"pool-{uuid.uuid4().hex[:8]}"
-        await self.budget.UpsertPool(budget_pb2.UpsertPoolRequest(pool=name, capacity=capacity))
+        await self.store.create_pool(PoolSpec(name, capacity, parent=parent))
         return name
 
-    async def pool_state(self, name: str) -> budget_pb2.Pool:
-        return (await self.budget.GetPool(budget_pb2.GetPoolRequest(pool=name))).pool
+    async def pool_state(self, name: str) -> PoolView:
+        return await self.store.get_pool(name)
 
 
 @pytest.fixture
@@ -117,25 +115,22 @@ def stack_options() -> dict[str, int]:
 
 @pytest.fixture
 async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> AsyncIterator[SttStack]:
-    """Budget + STT gRPC servers in-process on free ports, events on a fresh stream."""
+    """The metering store and the STT gRPC server in-process, events on a fresh stream."""
     suffix = uuid.uuid4().hex[:12]
     key_prefix = f"test:stt:{suffix}:"
-    redis = aioredis.Redis.from_url(REDIS_URL)
+    redis = connect_redis(REDIS_URL)
+    store = BudgetStore(redis, key_prefix, default_lease_seconds=300)
+    await store.start()
+    budget = SttBudget(store, lease_seconds=300)
     nc: NATS = await nats.connect(NATS_URL)
     js = nc.jetstream()
     stream, prefix = f"TEST_STT_{suffix}", f"teststt{suffix}"
     await ensure_stream(js, stream, prefix)
     publisher = EventPublisher(nc, js, stream, prefix)
 
-    budget_server = grpc.aio.server()
-    add_budget(BudgetServicer(BudgetStore(redis, key_prefix, default_lease_seconds=300)), budget_server)
-    budget_port = budget_server.add_insecure_port("127.0.0.1:0")
-    await budget_server.start()
-    budget_channel = grpc.aio.insecure_channel(f"127.0.0.1:{budget_port}")
-
     service = TranscriptionService(
         engine,
-        BudgetClient(budget_channel, lease_seconds=300),
+        budget,
         publisher,
         WorkQueue(stack_options["workers"], stack_options["max_queue"], retry_after=1),
         tokens_per_second=TOKENS_PER_SECOND,
@@ -150,7 +145,8 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
     try:
         yield SttStack(
             stub=stt_pb2_grpc.SttServiceStub(channel),
-            budget=budget_pb2_grpc.BudgetServiceStub(budget_channel),
+            store=store,
+            budget=budget,
             service=service,
             js=js,
             stream=stream,
@@ -162,8 +158,8 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
         await publisher.drain()
         service._decoder.shutdown(wait=True)  # the engine is the session's: only this service's threads
         service._queue.shutdown()
-        await budget_channel.close()
-        await budget_server.stop(None)
+        await budget.close()
+        await store.close()
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(stream)
         await nc.close()

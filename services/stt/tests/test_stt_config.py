@@ -20,6 +20,18 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.stt_max_audio_bytes == 26_214_400
 
 
+def test_the_budget_is_the_budget_services_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HOOSH_REDIS_URL", "HOOSH_BUDGET_KEY_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    settings = SttSettings()
+    # The same defaults as the budget service's: one store, used in-process.
+    assert (settings.redis_url, settings.budget_key_prefix) == ("redis://127.0.0.1:6379/0", "hoosh:budget:")
+    monkeypatch.setenv("HOOSH_REDIS_URL", "redis+cluster://10.0.0.5:7000")
+    monkeypatch.setenv("HOOSH_BUDGET_KEY_PREFIX", "tenant1:budget:")
+    settings = SttSettings()
+    assert (settings.redis_url, settings.budget_key_prefix) == ("redis+cluster://10.0.0.5:7000", "tenant1:budget:")
+
+
 def test_bundled_model_is_found_inside_the_package_without_importing_it() -> None:
     directory = bundled_model_dir()
     assert directory.name == "model" and (directory / "model.bin").is_file()

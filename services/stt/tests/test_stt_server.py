@@ -1,5 +1,5 @@
-"""SttService over gRPC with the real budget service (Redis) and the real event
-bus (NATS JetStream): charging, events, errors and the queue bound."""
+"""SttService over gRPC with the real metering store (Redis, in-process) and the real
+event bus (NATS JetStream): charging, events, errors and the queue bound."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import grpc
 import pytest
 from hoosh.events.v1 import events_pb2
 from hoosh.stt.v1 import stt_pb2
+from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_stt.audio import decode
 from hoosh_stt.server import ADMITTED_METADATA
 from hoosh_stt.wer import word_error_rate
@@ -67,6 +68,31 @@ async def test_transcription_charges_audio_seconds_and_publishes_an_event(stt: S
     assert event.request_id == "req-ok-1" and event.kind == "transcription"
     assert event.usage.prompt_tokens == expected_tokens == event.usage.total_tokens
     assert (event.pool, event.model, event.provider, event.user) == (pool, "whisper-tiny.en", "faster-whisper", "u1")
+    assert (event.key_id, list(event.pool_chain)) == ("", [pool])  # no caller: the edge ran open
+
+
+async def test_the_callers_key_is_charged_in_every_pool_of_the_chain_and_named_in_events(
+    stt: SttStack, speech: bytes
+) -> None:
+    org = await stt.pool(capacity=1_000_000)
+    team = await stt.pool(capacity=10_000, parent=org)
+    caller = tenancy_pb2.Caller(key_id="key_0123", key_name="ci", team="t")
+    reply = await transcribe(stt.stub, requests(speech, pool=team, request_id="req-key-1", caller=caller))
+    for name in (team, org):
+        state = await stt.pool_state(name)
+        assert (state.used, state.reserved) == (reply.charged_tokens, 0)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await transcribe(stt.stub, requests(speech, pool=team, request_id="req-key-2", caller=caller, language="fr"))
+
+    (_, completed), (failed_subject, failed) = await events(stt, 2)
+    assert (completed.request_id, completed.key_id, list(completed.pool_chain)) == (
+        "req-key-1",
+        "key_0123",
+        [team, org],
+    )
+    assert failed_subject.endswith("inference.failed")
+    assert (failed.request_id, failed.key_id, list(failed.pool_chain)) == ("req-key-2", "key_0123", [team, org])
+    assert failed.charged_tokens == 0
 
 
 async def test_list_models(stt: SttStack) -> None:

@@ -324,11 +324,37 @@ class AuditLog:
     def recent_sync(self, limit: int, event_id: str | None = None) -> list[dict[str, Any]]:
         """The last ``limit`` committed entries (only ``event_id``'s when given), oldest
         first. Unreadable lines are skipped here; ``verify`` reports them."""
-        if limit <= 0:
-            return []
+        found, _ = self._scan(limit, event_id, None, count_all=False)
+        return found
+
+    async def recent(self, limit: int, event_id: str | None = None) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.recent_sync, limit, event_id)
+
+    def matching_sync(
+        self, limit: int, *, key_id: str, event_id: str | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The last ``limit`` committed entries whose event carries ``key_id`` (and is
+        ``event_id``'s when given), oldest first, and how many entries match in all.
+
+        Reads the whole file to count (as ``verify`` does)."""
+        return self._scan(limit, event_id, key_id, count_all=True)
+
+    async def matching(
+        self, limit: int, *, key_id: str, event_id: str | None = None
+    ) -> tuple[list[dict[str, Any]], int]:
+        return await asyncio.to_thread(self.matching_sync, limit, key_id=key_id, event_id=event_id)
+
+    def _scan(
+        self, limit: int, event_id: str | None, key_id: str | None, *, count_all: bool
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Walk the committed entries last first: the first ``limit`` matches (returned
+        oldest first) and the number of matches (all of them with ``count_all``)."""
+        if limit <= 0 and not count_all:
+            return [], 0
         with self._lock:
             end = self._size
         found: list[dict[str, Any]] = []
+        matches = 0
         for line in _iter_lines_backwards(self._fd, end):
             try:
                 entry = json.loads(line.decode("utf-8"))
@@ -338,14 +364,17 @@ class AuditLog:
                 continue
             if event_id is not None and entry.get("event_id") != event_id:
                 continue
-            found.append(entry)
-            if len(found) >= limit:
-                break
+            if key_id is not None:
+                payload = entry.get("payload")
+                if not isinstance(payload, dict) or payload.get("key_id") != key_id:
+                    continue
+            matches += 1
+            if len(found) < limit:
+                found.append(entry)
+                if len(found) >= limit and not count_all:
+                    break
         found.reverse()
-        return found
-
-    async def recent(self, limit: int, event_id: str | None = None) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self.recent_sync, limit, event_id)
+        return found, matches
 
     def verify_sync(self) -> VerifyResult:
         """Verify the committed part of the file (a write in progress is not seen)."""

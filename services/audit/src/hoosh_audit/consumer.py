@@ -9,6 +9,12 @@ While running, a redelivered message (ack lost, or ack_wait expired during a slo
 write) has a stream sequence <= the last recorded one and is acked without being
 appended. A failed write is retried in place (the batch stays in hand and its ack
 deadline is extended) so later events never overtake it.
+
+What is recorded. The consumer reads every subject under the prefix (NATS 2.9 allows
+one filter subject per consumer) and records the events it has a decoder for
+(``inference.*``, ``budget.reset``). An event on another subject is acked and skipped:
+it is another consumer's, not a corrupt one. A known subject whose payload cannot be
+decoded is terminated.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ log = logging.getLogger(__name__)
 DECODERS: dict[str, type[Message]] = {
     events.SUBJECT_COMPLETED: events_pb2.InferenceCompleted,
     events.SUBJECT_FAILED: events_pb2.InferenceFailed,
+    events.SUBJECT_BUDGET_RESET: events_pb2.BudgetReset,
 }
 
 
@@ -47,26 +54,30 @@ DECODERS: dict[str, type[Message]] = {
 class ConsumerStats:
     appended: int = 0
     duplicates: int = 0  # redeliveries acked without appending
-    terminated: int = 0  # undecodable or unknown messages
+    terminated: int = 0  # undecodable payloads on a known subject
+    skipped: int = 0  # subjects audit has no decoder for (acked, not recorded)
     write_failures: int = 0
 
 
 def decode(
     subject: str, subject_prefix: str, data: bytes, headers: dict[str, str] | None
-) -> tuple[str, dict[str, Any]]:
-    """The event id and the event as a JSON object, or ``UndecodableEvent``."""
+) -> tuple[str, dict[str, Any]] | None:
+    """The event id and the event as a JSON object; None for a subject audit has no
+    decoder for; ``UndecodableEvent`` for a known subject whose payload is not its event.
+
+    The event id is the ``Nats-Msg-Id`` header, else the event's own id field."""
     name = subject.removeprefix(f"{subject_prefix}.") if subject.startswith(f"{subject_prefix}.") else ""
     cls = DECODERS.get(name)
     if cls is None:
-        raise UndecodableEvent(f"no decoder for subject {subject!r}")
+        return None
     try:
         message = cls.FromString(data)
     except DecodeError as exc:
         raise UndecodableEvent(f"payload on {subject!r} is not a {cls.DESCRIPTOR.full_name}: {exc}") from exc
     payload = MessageToDict(message, preserving_proto_field_name=True)
-    event_id = (headers or {}).get(MSG_ID_HEADER) or str(payload.get("request_id", ""))
+    event_id = (headers or {}).get(MSG_ID_HEADER) or str(payload.get("request_id") or payload.get("event_id") or "")
     if not event_id:
-        raise UndecodableEvent(f"event on {subject!r} has neither a {MSG_ID_HEADER} header nor a request_id")
+        raise UndecodableEvent(f"event on {subject!r} has neither a {MSG_ID_HEADER} header nor an id")
     return event_id, payload
 
 
@@ -121,9 +132,9 @@ class AuditConsumer:
 
     @property
     def filter_subject(self) -> str:
-        # Only the events audit can decode; other events under the prefix stay for
-        # other consumers. (One filter subject: NATS 2.9 has no filter_subjects.)
-        return f"{self.subject_prefix}.inference.>"
+        # inference.> and budget.>: NATS 2.9 has no filter_subjects, so take the whole
+        # prefix and skip (ack) the subjects audit has no decoder for.
+        return f"{self.subject_prefix}.>"
 
     async def start(self) -> None:
         """Declare the stream, then (re)create the durable consumer after the log's end."""
@@ -232,7 +243,7 @@ class AuditConsumer:
                 duplicates.append(msg)
                 continue
             try:
-                event_id, payload = decode(msg.subject, self.subject_prefix, msg.data, msg.headers)
+                decoded = decode(msg.subject, self.subject_prefix, msg.data, msg.headers)
             except UndecodableEvent as exc:
                 log.error(
                     "terminating an event that cannot be recorded",
@@ -241,6 +252,14 @@ class AuditConsumer:
                 await self._settle(msg.term())
                 self.stats.terminated += 1
                 continue
+            if decoded is None:
+                # Not an event audit records: another consumer's. Acked so it does not
+                # come back; a redelivery after a restart is skipped the same way.
+                log.debug("skipping an event audit does not record", extra={"subject": msg.subject})
+                await self._settle(msg.ack())
+                self.stats.skipped += 1
+                continue
+            event_id, payload = decoded
             entries.append(NewEntry(event_id=event_id, subject=msg.subject, stream_seq=seq, payload=payload))
             accepted.append(msg)
             watermark = seq

@@ -20,4 +20,4 @@ class AuditWriteError(AuditError):
 
 
 class UndecodableEvent(AuditError):
-    """A message that can never be recorded (unknown subject, bad payload): it is terminated."""
+    """A message on a subject audit records whose payload can never be decoded: it is terminated."""

@@ -46,17 +46,26 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         context: grpc.aio.ServicerContext[audit_pb2.ListEntriesRequest, audit_pb2.ListEntriesResponse],
     ) -> audit_pb2.ListEntriesResponse:
         """The most recent ``limit`` entries (0 = 100, at most 10000), oldest first,
-        optionally only one event id's; plus the result of verifying the whole chain."""
+        optionally only one event id's and only those whose event carries ``key_id``
+        (a user key's own); plus the result of verifying the whole chain.
+
+        ``total`` is the number of entries in the log, or with ``key_id`` the number
+        that match the filters."""
         if request.limit < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must be >= 0")
         limit = min(request.limit or DEFAULT_LIMIT, MAX_LIMIT)
-        entries, result = await asyncio.gather(
-            self._log.recent(limit, request.event_id or None),
-            self._verify(),
-        )
+        event_id = request.event_id or None
+        if request.key_id:
+            (entries, total), result = await asyncio.gather(
+                self._log.matching(limit, key_id=request.key_id, event_id=event_id),
+                self._verify(),
+            )
+        else:
+            entries, result = await asyncio.gather(self._log.recent(limit, event_id), self._verify())
+            total = self._log.last_seq
         return audit_pb2.ListEntriesResponse(
             entries=[to_proto(e) for e in entries],
-            total=self._log.last_seq,
+            total=total,
             chain_valid=result.valid,
             verify_error=result.error,
         )

@@ -1,4 +1,9 @@
-"""``python -m hoosh_budget``: serve BudgetService until SIGTERM."""
+"""``python -m hoosh_budget``: serve BudgetService until SIGTERM.
+
+Besides the RPCs, the service runs two loops over the shared store: the lease
+reaper (a dead holder's reservation is settled by the expiry policy) and the period
+ticker (pools roll into a new period on time, one ``budget.reset`` event each).
+"""
 
 from __future__ import annotations
 
@@ -7,58 +12,83 @@ import contextlib
 import logging
 import sys
 
-import redis.asyncio as aioredis
+import nats
+import nats.errors
+from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
+from hoosh_metering.errors import BudgetError, BudgetUnavailable
+from hoosh_metering.pools import BudgetStore, PoolSpec, reap_forever
+from hoosh_metering.redis import connect_redis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from hoosh_budget.config import DEFAULT_POOL, BudgetSettings, ConfigError, configured_pools
-from hoosh_budget.pools import BudgetStore, reap_forever
+from hoosh_budget.resets import ResetAnnouncer, tick_forever
 from hoosh_budget.server import SERVICE_NAME, BudgetServicer, add_to_server
 
 log = logging.getLogger("hoosh_budget")
 
 
 async def provision_pools(store: BudgetStore, settings: BudgetSettings) -> None:
-    """Upsert the configured pools; create ``default`` if nothing configures it.
+    """Apply the configured pools (parents first); create ``default`` if nothing configures it.
 
-    Configured capacities win on every start; an unconfigured ``default`` keeps a
-    capacity changed later through UpsertPool.
+    Configured settings win on every start; an unconfigured ``default`` keeps a
+    capacity changed later through the API.
     """
     pools = configured_pools(settings)
-    for name, capacity in pools.items():
-        await store.upsert_pool(name, capacity)
-    if DEFAULT_POOL not in pools:
-        await store.ensure_pool(DEFAULT_POOL, settings.budget_default_capacity)
-    log.info("pools provisioned", extra={"pools": sorted({*pools, DEFAULT_POOL})})
+    for spec in pools:
+        await store.apply_pool(spec)
+    names = {spec.name for spec in pools}
+    if DEFAULT_POOL not in names:
+        await store.ensure_pool(PoolSpec(DEFAULT_POOL, settings.budget_default_capacity))
+    log.info("pools provisioned", extra={"pools": sorted({*names, DEFAULT_POOL})})
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def main(settings: BudgetSettings) -> None:
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.budget_redis_max_connections, timeout=5
-    )
-    redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+    redis = connect_redis(settings.redis_url, max_connections=settings.budget_redis_max_connections)
     store = BudgetStore(
         redis,
         settings.budget_key_prefix,
         settings.budget_lease_seconds,
         default_retry_after_seconds=settings.budget_retry_after_seconds,
+        expiry_policy=settings.budget_expiry_policy,
     )
+    nc = await nats.connect(settings.nats_url, name="hoosh-budget", max_reconnect_attempts=-1)
     reaper: asyncio.Task[None] | None = None
+    ticker: asyncio.Task[None] | None = None
     try:
+        js = nc.jetstream()
+        await ensure_stream(js, settings.nats_stream, settings.subject_prefix)
+        # Few tries per publish: ResetPool waits on it, and the ticker retries what is left.
+        publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix, max_attempts=2)
+        announcer = ResetAnnouncer(publisher)
+        await store.start()
         await provision_pools(store, settings)
-        reaper = asyncio.create_task(reap_forever(store, settings.budget_reap_interval_seconds))
+        reaper = asyncio.create_task(reap_forever(store, settings.budget_reap_interval_seconds), name="lease-reaper")
+        ticker = asyncio.create_task(
+            tick_forever(store, announcer, settings.budget_period_tick_seconds), name="period-ticker"
+        )
         server = new_server()
-        add_to_server(BudgetServicer(store), server)
+        add_to_server(BudgetServicer(store, announcer), server)
         await serve(server, settings.budget_listen, [SERVICE_NAME])
     finally:
-        if reaper is not None:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+        await _stop(ticker)
+        await _stop(reaper)
+        try:
+            await nc.drain()
+        except nats.errors.Error as exc:
+            log.warning("NATS drain failed", extra={"error": repr(exc)})
+        await store.close()
         await redis.aclose()
 
 
@@ -75,8 +105,14 @@ def cli() -> None:
         sys.exit(f"hoosh-budget: {exc}")
     try:
         run(main(settings))
+    except BudgetUnavailable as exc:
+        sys.exit(f"hoosh-budget: cannot use Redis (HOOSH_REDIS_URL): {exc.message}")
+    except BudgetError as exc:  # start-up only: a configured pool the store refuses (unknown parent, ...)
+        sys.exit(f"hoosh-budget: cannot apply the configured pools: {exc.message}")
     except RedisError as exc:  # only start-up reaches here: the servicer handles errors per call
         sys.exit(f"hoosh-budget: cannot use Redis (HOOSH_REDIS_URL): {exc}")
+    except (nats.errors.Error, OSError) as exc:
+        sys.exit(f"hoosh-budget: cannot use NATS (HOOSH_NATS_URL): {exc!r}")
 
 
 if __name__ == "__main__":

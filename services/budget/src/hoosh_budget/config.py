@@ -1,39 +1,87 @@
-"""Budget settings (environment, prefix HOOSH_) and the pools to create at start."""
+"""Budget settings (environment, prefix HOOSH_) and the pools to apply at start."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
+from hoosh_metering.errors import InvalidArgument
+from hoosh_metering.periods import validate_period
+from hoosh_metering.pools import PoolSpec
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hoosh_budget.pools import MAX_TOKENS
-
 DEFAULT_POOL = "default"
+# Lua numbers are doubles: every amount stays where integers are exact.
+MAX_AMOUNT = 2**53 - 1
+MICROS_PER_USD = 1_000_000
+# Pool names appear inside Redis hash tags ({root}): a small, safe alphabet.
+POOL_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
 class BudgetSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 
     budget_listen: str = "127.0.0.1:50052"
+    # redis://host:port/db, or redis+cluster://host:port for a Redis Cluster.
     redis_url: str = "redis://127.0.0.1:6379/0"
     budget_key_prefix: str = "hoosh:budget:"
     budget_lease_seconds: int = Field(default=300, gt=0)
-    budget_default_capacity: int = Field(default=10_000_000, ge=0, le=MAX_TOKENS)
+    budget_default_capacity: int = Field(default=10_000_000, ge=0, le=MAX_AMOUNT)
     budget_retry_after_seconds: int = Field(default=60, gt=0)
     budget_reap_interval_seconds: float = Field(default=5.0, gt=0)
+    budget_period_tick_seconds: float = Field(
+        default=1.0, gt=0, description="How often pools due for a new period are rolled and announced"
+    )
+    # commit: the provider may have billed a reservation whose holder died; release: give it back.
+    budget_expiry_policy: Literal["commit", "release"] = "commit"
     # Bursts wait for a free connection instead of failing (redis-py's default pool raises).
     budget_redis_max_connections: int = Field(default=64, gt=0)
-    # JSON object in the environment, e.g. {"team-a": 500000}.
+    # JSON object in the environment, e.g. {"team-a": 500000}: root pools, or new
+    # capacities for pools the YAML file configures.
     budget_pools: dict[str, int] = Field(default_factory=dict)
+    # The event bus (budget.reset events), as the router's settings name it.
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_stream: str = DEFAULT_STREAM
+    subject_prefix: str = SUBJECT_PREFIX
     config: Path | None = Field(default=None, description="Path of the shared hoosh YAML config")
     log_level: str = "INFO"
 
 
 class PoolConfig(BaseModel):
-    name: str = Field(min_length=1)
-    capacity: int = Field(ge=0, le=MAX_TOKENS)
+    """One entry of ``pools:`` in hoosh.yaml."""
+
+    name: str = Field(pattern=POOL_NAME_PATTERN)
+    capacity: int = Field(ge=0, le=MAX_AMOUNT)
+    parent: str | None = Field(default=None, pattern=POOL_NAME_PATTERN)
+    period: str = "none"
+    timezone: str = "UTC"
+    cap_usd: float | None = Field(default=None, ge=0, description="money cap in dollars (stored as micro-dollars)")
+
+    @model_validator(mode="after")
+    def _check(self) -> PoolConfig:
+        if self.parent == self.name:
+            raise ValueError(f"pool '{self.name}' cannot be its own parent")
+        try:
+            validate_period(self.period, self.timezone)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from exc
+        if self.cap_usd is not None and round(self.cap_usd * MICROS_PER_USD) > MAX_AMOUNT:
+            raise ValueError("cap_usd is too large")
+        return self
+
+    def spec(self) -> PoolSpec:
+        cap = None if self.cap_usd is None else round(self.cap_usd * MICROS_PER_USD)
+        return PoolSpec(
+            name=self.name,
+            capacity=self.capacity,
+            parent=self.parent,
+            period=self.period,
+            timezone=self.timezone,
+            cap_usd_micros=cap,
+        )
 
 
 class _PoolsSection(BaseModel):
@@ -44,30 +92,64 @@ class ConfigError(Exception):
     """The configured pools cannot be read; the service refuses to start."""
 
 
-def configured_pools(settings: BudgetSettings) -> dict[str, int]:
-    """Pools to upsert at start: the YAML file's ``pools:``, then HOOSH_BUDGET_POOLS
-    (which wins on a name clash). The caller adds ``default`` when neither names it.
+def _read_yaml_pools(path: Path) -> list[PoolConfig]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read HOOSH_CONFIG {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"HOOSH_CONFIG {path} is not a mapping")
+    try:
+        return _PoolsSection.model_validate({"pools": raw.get("pools") or []}).pools
+    except ValidationError as exc:
+        raise ConfigError(f"bad pools in HOOSH_CONFIG {path}: {exc}") from exc
+
+
+def parent_first(pools: dict[str, PoolConfig]) -> list[PoolConfig]:
+    """The pools ordered so that every configured parent comes before its children.
+
+    A parent that is not configured here must already exist (created through the
+    admin API); a cycle is a configuration error.
+    """
+    ordered: list[PoolConfig] = []
+    placed: set[str] = set()
+
+    def place(name: str, path: tuple[str, ...]) -> None:
+        if name in placed:
+            return
+        if name in path:
+            raise ConfigError(f"pool parents form a cycle: {' -> '.join((*path, name))}")
+        pool = pools[name]
+        if pool.parent is not None and pool.parent in pools:
+            place(pool.parent, (*path, name))
+        placed.add(name)
+        ordered.append(pool)
+
+    for name in pools:
+        place(name, ())
+    return ordered
+
+
+def configured_pools(settings: BudgetSettings) -> list[PoolSpec]:
+    """Pools to apply at start, parents first: the YAML file's ``pools:``, then
+    HOOSH_BUDGET_POOLS (whose capacity wins on a name clash). The caller adds
+    ``default`` when neither names it.
 
     Only the top-level ``pools:`` list of the shared config is read; other services
     own the rest of that file.
     """
-    pools: dict[str, int] = {}
+    pools: dict[str, PoolConfig] = {}
     if settings.config is not None:
-        try:
-            raw = yaml.safe_load(settings.config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read HOOSH_CONFIG {settings.config}: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"HOOSH_CONFIG {settings.config} is not a mapping")
-        try:
-            section = _PoolsSection.model_validate({"pools": raw.get("pools") or []})
-        except ValidationError as exc:
-            raise ConfigError(f"bad pools in HOOSH_CONFIG {settings.config}: {exc}") from exc
-        pools.update({pool.name: pool.capacity for pool in section.pools})
+        for pool in _read_yaml_pools(settings.config):
+            if pool.name in pools:
+                raise ConfigError(f"pool '{pool.name}' is configured twice in HOOSH_CONFIG {settings.config}")
+            pools[pool.name] = pool
     for name, capacity in settings.budget_pools.items():
         try:
-            PoolConfig(name=name, capacity=capacity)
+            if name in pools:
+                pools[name] = PoolConfig.model_validate({**pools[name].model_dump(), "capacity": capacity})
+            else:
+                pools[name] = PoolConfig(name=name, capacity=capacity)
         except ValidationError as exc:
             raise ConfigError(f"bad pool in HOOSH_BUDGET_POOLS: {exc}") from exc
-        pools[name] = capacity
-    return pools
+    return [pool.spec() for pool in parent_first(pools)]

@@ -1,32 +1,78 @@
-"""gRPC transport for BudgetService: translate messages, map errors to status codes."""
+"""gRPC transport for BudgetService: translate messages, map errors to status codes.
+
+The work is ``hoosh_metering.pools.BudgetStore``'s; this module only moves fields
+between the wire and the store, and turns each error into a status code with the
+``hoosh-error-*`` trailing metadata the edge reads back.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, NoReturn
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 from hoosh_common.grpc_errors import error_metadata
+from hoosh_metering.errors import (
+    BudgetError,
+    BudgetExhausted,
+    BudgetUnavailable,
+    InvalidArgument,
+    NotOwner,
+    PoolExists,
+    PoolInUse,
+    PoolNotFound,
+    RateLimited,
+)
+from hoosh_metering.pools import BudgetStore, ExpiryPolicy, PoolSpec, PoolView
 from redis.exceptions import RedisError
 
-from hoosh_budget.errors import BudgetError, BudgetExhausted, InvalidArgument, PoolNotFound
-from hoosh_budget.pools import BudgetStore, PoolView
+from hoosh_budget.resets import ResetAnnouncer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
 
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 
 def pool_message(view: PoolView) -> budget_pb2.Pool:
-    return budget_pb2.Pool(
+    message = budget_pb2.Pool(
         name=view.name,
         capacity=view.capacity,
         used=view.used,
         reserved=view.reserved,
         available=view.available,
+        parent=view.parent or "",
+        period=view.period,
+        timezone=view.timezone,
+        used_usd_micros=view.used_usd_micros,
+        reserved_usd_micros=view.reserved_usd_micros,
+        period_start_ms=view.period_start_ms,
+        period_end_ms=view.period_end_ms,
+        chain=list(view.chain),
+    )
+    if view.cap_usd_micros is not None:
+        message.cap_usd_micros = view.cap_usd_micros
+    return message
+
+
+def _expiry_policy(value: str) -> ExpiryPolicy | None:
+    """The wire's on_expiry: "" = the store's own policy; anything else must be a policy
+    (the store refuses an unknown one with InvalidArgument)."""
+    return value or None  # type: ignore[return-value]
+
+
+def pool_spec(message: budget_pb2.PoolSpec) -> PoolSpec:
+    return PoolSpec(
+        name=message.name,
+        capacity=message.capacity,
+        parent=message.parent or None,
+        period=message.period or "none",
+        timezone=message.timezone or "UTC",
+        cap_usd_micros=message.cap_usd_micros if message.HasField("cap_usd_micros") else None,
     )
 
 
@@ -34,10 +80,21 @@ def _status_of(exc: BudgetError) -> tuple[grpc.StatusCode, str, str]:
     """(status, OpenAI error type, hoosh error code) for a domain error."""
     if isinstance(exc, BudgetExhausted):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "insufficient_quota", "budget_exhausted"
+    if isinstance(exc, RateLimited):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "rate_limit_error", "rate_limit_exceeded"
     if isinstance(exc, PoolNotFound):
         return grpc.StatusCode.NOT_FOUND, "invalid_request_error", "pool_not_found"
+    if isinstance(exc, PoolExists):
+        return grpc.StatusCode.ALREADY_EXISTS, "invalid_request_error", "pool_exists"
+    if isinstance(exc, PoolInUse):
+        return grpc.StatusCode.FAILED_PRECONDITION, "invalid_request_error", "pool_in_use"
+    if isinstance(exc, NotOwner):
+        # OpenAI answers 403 with invalid_request_error; the code says why.
+        return grpc.StatusCode.PERMISSION_DENIED, "invalid_request_error", "reservation_not_owned"
     if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT, "invalid_request_error", "invalid_request"
+    if isinstance(exc, BudgetUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, "api_error", "budget_unavailable"
     return grpc.StatusCode.INTERNAL, "api_error", "internal_error"
 
 
@@ -46,87 +103,175 @@ async def _abort(context: Context, exc: Exception) -> NoReturn:
     if isinstance(exc, BudgetError):
         status, error_type, error_code = _status_of(exc)
         message = exc.message
-    else:  # RedisError: the store is unreachable; the caller may retry elsewhere or later
-        log.error("budget store unavailable", extra={"error": str(exc)})
+    else:  # RedisError: the store is unreachable; nothing may be admitted free
         status, error_type, error_code = grpc.StatusCode.UNAVAILABLE, "api_error", "budget_unavailable"
         message = "Token budget store is unavailable"
-    retry_after = exc.retry_after_seconds if isinstance(exc, BudgetExhausted) else None
+    if status == grpc.StatusCode.UNAVAILABLE:
+        log.error("budget store unavailable", extra={"error": str(exc)})
+    retry_after: int | None = None
+    if isinstance(exc, BudgetExhausted | RateLimited):
+        retry_after = exc.retry_after_seconds
     await context.abort(status, message, trailing_metadata=error_metadata(error_type, error_code, None, retry_after))
 
 
-class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
-    """hoosh.budget.v1.BudgetService over a shared :class:`BudgetStore`."""
+async def _call(context: Context, operation: Awaitable[T]) -> T:
+    """Await a store call; any budget or Redis error ends the RPC with its status."""
+    try:
+        return await operation
+    except (BudgetError, RedisError) as exc:
+        await _abort(context, exc)
 
-    def __init__(self, store: BudgetStore) -> None:
+
+async def _invalid(context: Context, message: str) -> NoReturn:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        message,
+        trailing_metadata=error_metadata("invalid_request_error", "invalid_request"),
+    )
+
+
+class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
+    """hoosh.budget.v1.BudgetService over a shared :class:`BudgetStore`.
+
+    ``announcer`` publishes the ``budget.reset`` event of ResetPool.
+    """
+
+    def __init__(self, store: BudgetStore, announcer: ResetAnnouncer) -> None:
         self._store = store
+        self._announcer = announcer
 
     async def Check(self, request: budget_pb2.CheckRequest, context: Context) -> budget_pb2.CheckResponse:
-        try:
-            result = await self._store.check(request.pool, request.tokens)
-        except (BudgetError, RedisError) as exc:
-            await _abort(context, exc)
-        return budget_pb2.CheckResponse(allowed=result.allowed, pool=pool_message(result.pool))
+        result = await _call(context, self._store.check(request.pool, request.tokens))
+        return budget_pb2.CheckResponse(
+            allowed=result.allowed, pool=pool_message(result.pool), available=result.available
+        )
 
     async def Reserve(self, request: budget_pb2.ReserveRequest, context: Context) -> budget_pb2.ReserveResponse:
-        try:
-            reservation = await self._store.reserve(
-                request.pool, request.tokens, request.reservation_id, request.lease_seconds or None
-            )
-        except (BudgetError, RedisError) as exc:
-            await _abort(context, exc)
+        reservation = await _call(
+            context,
+            self._store.reserve(
+                request.pool,
+                request.tokens,
+                request.reservation_id,
+                request.lease_seconds or None,
+                completion_tokens=request.completion_tokens,
+                min_completion_tokens=(
+                    request.min_completion_tokens if request.HasField("min_completion_tokens") else None
+                ),
+                input_price_micros=request.input_price_micros,
+                output_price_micros=request.output_price_micros,
+                owner=request.owner,
+                kind=request.kind or "manual",
+                on_expiry=_expiry_policy(request.on_expiry),
+            ),
+        )
         return budget_pb2.ReserveResponse(
-            reservation_id=reservation.reservation_id, pool=pool_message(reservation.pool)
+            reservation_id=reservation.reservation_id,
+            pool=pool_message(reservation.pool),
+            tokens=reservation.tokens,
+            lease_expires_at_ms=reservation.lease_expires_at_ms,
+            chain=list(reservation.chain),
+            completion_tokens=reservation.completion_tokens,
+            usd_micros=reservation.usd_micros,
+            created=reservation.created,
         )
 
     async def Commit(self, request: budget_pb2.CommitRequest, context: Context) -> budget_pb2.CommitResponse:
-        try:
-            result = await self._store.commit(request.reservation_id, request.used_tokens)
-        except (BudgetError, RedisError) as exc:
-            await _abort(context, exc)
-        response = budget_pb2.CommitResponse(already_ended=result.already_ended)
+        result = await _call(
+            context,
+            self._store.commit(
+                request.reservation_id,
+                request.used_tokens,
+                pool=request.pool,
+                used_usd_micros=request.used_usd_micros,
+                owner=request.owner or None,
+                kind=request.kind or None,
+            ),
+        )
+        response = budget_pb2.CommitResponse(already_ended=result.already_ended, state=result.state)
         if result.pool is not None:
             response.pool.CopyFrom(pool_message(result.pool))
         return response
 
     async def Release(self, request: budget_pb2.ReleaseRequest, context: Context) -> budget_pb2.ReleaseResponse:
-        try:
-            result = await self._store.release(request.reservation_id)
-        except (BudgetError, RedisError) as exc:
-            await _abort(context, exc)
-        response = budget_pb2.ReleaseResponse(already_ended=result.already_ended)
+        result = await _call(
+            context,
+            self._store.release(
+                request.reservation_id, pool=request.pool, owner=request.owner or None, kind=request.kind or None
+            ),
+        )
+        response = budget_pb2.ReleaseResponse(already_ended=result.already_ended, state=result.state)
         if result.pool is not None:
             response.pool.CopyFrom(pool_message(result.pool))
         return response
 
+    async def Renew(self, request: budget_pb2.RenewRequest, context: Context) -> budget_pb2.RenewResponse:
+        expires = await _call(
+            context,
+            self._store.renew(request.reservation_id, pool=request.pool, lease_seconds=request.lease_seconds or None),
+        )
+        return budget_pb2.RenewResponse(active=expires is not None, lease_expires_at_ms=expires or 0)
+
     async def Report(self, request: budget_pb2.ReportRequest, context: Context) -> budget_pb2.ReportResponse:
-        try:
-            view = await self._store.report(request.pool, request.reserved, request.actual)
-        except (BudgetError, RedisError) as exc:
-            await _abort(context, exc)
+        if request.reserved != 0:
+            # A bare count cannot end a reservation: that would let a caller free
+            # tokens another request holds. Reservations end by id (Commit/Release).
+            await _invalid(context, "reserved must be 0: end a reservation with Commit or Release by its id")
+        view = await _call(context, self._store.report(request.pool, request.actual, usd_micros=request.usd_micros))
         return budget_pb2.ReportResponse(pool=pool_message(view))
 
     async def GetPool(self, request: budget_pb2.GetPoolRequest, context: Context) -> budget_pb2.GetPoolResponse:
-        try:
-            view = await self._store.get_pool(request.pool)
-        except (BudgetError, RedisError) as exc:
-            await _abort(context, exc)
+        view = await _call(context, self._store.get_pool(request.pool))
         return budget_pb2.GetPoolResponse(pool=pool_message(view))
 
     async def ListPools(self, request: budget_pb2.ListPoolsRequest, context: Context) -> budget_pb2.ListPoolsResponse:
-        try:
-            views = await self._store.list_pools()
-        except (BudgetError, RedisError) as exc:
-            await _abort(context, exc)
+        views = await _call(context, self._store.list_pools(list(request.names) or None))
         return budget_pb2.ListPoolsResponse(pools=[pool_message(view) for view in views])
 
     async def UpsertPool(
         self, request: budget_pb2.UpsertPoolRequest, context: Context
     ) -> budget_pb2.UpsertPoolResponse:
-        try:
-            view = await self._store.upsert_pool(request.pool, request.capacity)
-        except (BudgetError, RedisError) as exc:
-            await _abort(context, exc)
+        view = await _call(context, self._store.upsert_pool(request.pool, request.capacity))
         return budget_pb2.UpsertPoolResponse(pool=pool_message(view))
+
+    async def CreatePool(
+        self, request: budget_pb2.CreatePoolRequest, context: Context
+    ) -> budget_pb2.CreatePoolResponse:
+        view = await _call(context, self._store.create_pool(pool_spec(request.spec)))
+        return budget_pb2.CreatePoolResponse(pool=pool_message(view))
+
+    async def UpdatePool(
+        self, request: budget_pb2.UpdatePoolRequest, context: Context
+    ) -> budget_pb2.UpdatePoolResponse:
+        changes: dict[str, Any] = {}
+        if request.HasField("capacity"):
+            changes["capacity"] = request.capacity
+        if request.HasField("period"):
+            changes["period"] = request.period
+        if request.HasField("timezone"):
+            changes["timezone"] = request.timezone
+        if request.clear_cap_usd and request.HasField("cap_usd_micros"):
+            await _invalid(context, "set cap_usd_micros or clear_cap_usd, not both")
+        if request.clear_cap_usd:
+            changes["cap_usd_micros"] = None
+        elif request.HasField("cap_usd_micros"):
+            changes["cap_usd_micros"] = request.cap_usd_micros
+        view = await _call(context, self._store.update_pool(request.name, **changes))
+        return budget_pb2.UpdatePoolResponse(pool=pool_message(view))
+
+    async def DeletePool(
+        self, request: budget_pb2.DeletePoolRequest, context: Context
+    ) -> budget_pb2.DeletePoolResponse:
+        await _call(context, self._store.delete_pool(request.name))
+        return budget_pb2.DeletePoolResponse()
+
+    async def ResetPool(self, request: budget_pb2.ResetPoolRequest, context: Context) -> budget_pb2.ResetPoolResponse:
+        roll = await _call(context, self._store.reset_pool(request.name))
+        # The reset has happened whatever NATS says: an event that cannot be published
+        # now is kept and published again by the period ticker.
+        await self._announcer.announce(roll, key_id=request.key_id)
+        view = await _call(context, self._store.get_pool(request.name))
+        return budget_pb2.ResetPoolResponse(pool=pool_message(view))
 
 
 def add_to_server(servicer: BudgetServicer, server: grpc.aio.Server) -> None:

@@ -1,5 +1,5 @@
-"""``python -m hoosh_stt``: load the models, build the budget client and event
-publisher once, then serve SttService until SIGTERM."""
+"""``python -m hoosh_stt``: load the models, build the budget store (in-process, on
+the budget's Redis) and the event publisher once, then serve SttService until SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import sys
 
 import nats
 from hoosh_common.eventbus import EventPublisher, ensure_stream
-from hoosh_common.grpc_server import insecure_channel, new_server, serve
+from hoosh_common.grpc_server import new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
+from hoosh_metering.errors import BudgetError
+from hoosh_metering.pools import BudgetStore
+from hoosh_metering.redis import connect_redis
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
-from .budget import BudgetClient
+from .budget import SttBudget
 from .config import ModelSpec, SttSettings, model_specs
 from .engine import Engine
 from .errors import EngineUnavailable
@@ -74,10 +78,13 @@ async def main(settings: SttSettings, engine: Engine) -> None:
     js = nc.jetstream()
     await ensure_stream(js, settings.nats_stream, settings.subject_prefix)
     publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix)
-    budget_channel = insecure_channel(settings.budget_addr)
+    redis = connect_redis(settings.redis_url)
+    store = BudgetStore(redis, settings.budget_key_prefix, settings.stt_lease_seconds)
+    await store.start()
+    budget = SttBudget(store, settings.stt_lease_seconds)
     service = TranscriptionService(
         engine,
-        BudgetClient(budget_channel, settings.stt_lease_seconds),
+        budget,
         publisher,
         WorkQueue(settings.stt_workers, settings.stt_max_queue, settings.stt_retry_after_seconds),
         tokens_per_second=settings.stt_tokens_per_second,
@@ -91,7 +98,9 @@ async def main(settings: SttSettings, engine: Engine) -> None:
     async def on_stop() -> None:
         await publisher.drain()  # no event is lost on shutdown
         await nc.drain()
-        await budget_channel.close()
+        await budget.close()
+        await store.close()
+        await redis.aclose()
         service.close()
         engine.close()
 
@@ -121,7 +130,10 @@ def cli() -> None:
         engine.load()
     except (FileNotFoundError, EngineUnavailable) as exc:
         sys.exit(f"hoosh-stt: {exc}")
-    run(main(settings, engine))
+    try:
+        run(main(settings, engine))
+    except (BudgetError, RedisError) as exc:  # start-up only: calls handle their own errors
+        sys.exit(f"hoosh-stt: cannot use the budget's Redis (HOOSH_REDIS_URL): {exc}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ class SttSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 
     stt_listen: str = Field(default="127.0.0.1:50055", description="gRPC listen address")
-    budget_addr: str = Field(default="127.0.0.1:50052", description="Budget gRPC address")
+    # The budget's Redis, used in-process through hoosh_metering (the budget service's defaults).
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="redis://host:port/db, or redis+cluster://host:port"
+    )
+    budget_key_prefix: str = "hoosh:budget:"
     nats_url: str = "nats://127.0.0.1:4222"
     nats_stream: str = DEFAULT_STREAM
     subject_prefix: str = SUBJECT_PREFIX
@@ -53,7 +57,7 @@ class SttSettings(BaseSettings):
     stt_lease_seconds: int = Field(default=1800, gt=0, description="Budget lease of one transcription")
     stt_retry_after_seconds: int = Field(default=1, ge=0, description="Retry-After sent with stt_overloaded")
 
-    @field_validator("stt_listen", "budget_addr")
+    @field_validator("stt_listen")
     @classmethod
     def _address_given(cls, value: str) -> str:
         if not value.strip():

@@ -92,7 +92,7 @@ class Overloaded(SttError):
 
 
 class Unavailable(SttError):
-    """A dependency (the budget service) cannot be reached."""
+    """A dependency (the budget's Redis) cannot be reached; the budget's own code is ``budget_unavailable``."""
 
     status = grpc.StatusCode.UNAVAILABLE
     error_type = "api_error"

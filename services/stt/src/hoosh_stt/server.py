@@ -44,6 +44,7 @@ def to_request(options: stt_pb2.TranscribeOptions) -> TranscriptionRequest:
         pool=options.pool,
         user=options.user,
         filename=options.filename,
+        key_id=options.caller.key_id,
     )
 
 
@@ -112,7 +113,11 @@ class SttServicer(stt_pb2_grpc.SttServiceServicer):
         try:
             with tracer.start_as_current_span(
                 "hoosh.stt.transcribe",
-                attributes={"hoosh.model": first.options.model, "hoosh.pool": first.options.pool},
+                attributes={
+                    "hoosh.model": first.options.model,
+                    "hoosh.pool": first.options.pool,
+                    "hoosh.key_id": first.options.caller.key_id,
+                },
             ) as span:
                 result = await self._service.transcribe(
                     to_request(first.options), _audio(request_iterator), request_id, admitted

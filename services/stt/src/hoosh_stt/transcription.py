@@ -6,9 +6,10 @@ more wait (an upload being received already holds its place); one more is
 refused at once with ``Overloaded`` rather than piling up. The pool is charged
 ``ceil(audio seconds * tokens_per_second)``: reserved once the audio is decoded
 (so the duration is known), committed after the engine succeeds, released on
-any failure or cancellation. Bad audio fails before the reservation, so it is
-never charged. Every outcome publishes an InferenceCompleted/InferenceFailed
-event with ``kind="transcription"``.
+any failure or cancellation. The reservation is the caller's key's (``owner``)
+and covers the pool and every ancestor. Bad audio fails before the reservation,
+so it is never charged. Every outcome publishes an InferenceCompleted/InferenceFailed
+event with ``kind="transcription"``, the key id and the pool chain.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
 from hoosh_common.telemetry import current_trace_id
 
 from .audio import DecodedAudio, decode
-from .budget import BudgetClient
+from .budget import SttBudget
 from .engine import Engine, ModelInfo, TranscribeParams, Transcript
 from .errors import (
     AudioTooLarge,
@@ -64,6 +65,7 @@ class TranscriptionRequest:
     pool: str = ""
     user: str = ""
     filename: str = ""
+    key_id: str = ""  # the caller's API key id ("" when the edge runs open)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +153,7 @@ class TranscriptionService:
     def __init__(
         self,
         engine: Engine,
-        budget: BudgetClient,
+        budget: SttBudget,
         publisher: Publisher,
         queue: WorkQueue,
         *,
@@ -239,7 +241,13 @@ class TranscriptionService:
         return chat_pb2.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens)
 
     def _completed(
-        self, request: TranscriptionRequest, request_id: str, pool: str, tokens: int, started: float
+        self,
+        request: TranscriptionRequest,
+        request_id: str,
+        pool: str,
+        chain: tuple[str, ...],
+        tokens: int,
+        started: float,
     ) -> None:
         event = events_pb2.InferenceCompleted(
             request_id=request_id,
@@ -255,11 +263,19 @@ class TranscriptionService:
             finish_reason="stop",
             cost_usd=0.0,
             kind="transcription",
+            key_id=request.key_id,
+            pool_chain=list(chain),
         )
         self._publisher.publish_background(SUBJECT_COMPLETED, event, request_id)
 
     def _failed(
-        self, request: TranscriptionRequest, request_id: str, pool: str, error: SttError, started: float
+        self,
+        request: TranscriptionRequest,
+        request_id: str,
+        pool: str,
+        chain: tuple[str, ...],
+        error: SttError,
+        started: float,
     ) -> None:
         event = events_pb2.InferenceFailed(
             request_id=request_id,
@@ -276,6 +292,9 @@ class TranscriptionService:
             user=request.user,
             usage=self._usage(0),
             kind="transcription",
+            key_id=request.key_id,
+            pool_chain=list(chain),
+            charged_tokens=0,  # a failed transcription's reservation is released
         )
         self._publisher.publish_background(SUBJECT_FAILED, event, request_id)
 
@@ -296,6 +315,7 @@ class TranscriptionService:
         started = time.monotonic()
         pool = request.pool or DEFAULT_POOL
         reserved = False
+        chain: tuple[str, ...] = ()
         loop = asyncio.get_running_loop()
         try:
             params = self._validate(request)
@@ -310,7 +330,7 @@ class TranscriptionService:
                 # Set before the call: a cancellation mid-reserve still releases (a no-op
                 # when nothing was reserved).
                 reserved = True
-                await self._budget.reserve(pool, tokens, request_id)
+                chain = await self._budget.reserve(pool, tokens, request_id, owner=request.key_id)
                 try:
                     transcript = await ticket.run(
                         partial(self._engine.transcribe, request.model, audio.samples, params)
@@ -323,12 +343,12 @@ class TranscriptionService:
             finally:
                 ticket.close()
         except BaseException as error:
-            stt_error = await self._end_failed(request, request_id, pool, reserved, error, started)
+            stt_error = await self._end_failed(request, request_id, pool, chain, reserved, error, started)
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise stt_error from error
         # The engine's work is done: commit and record even if the client leaves meanwhile.
-        await asyncio.shield(self._finish(request, request_id, pool, tokens, started))
+        await asyncio.shield(self._finish(request, request_id, pool, chain, tokens, started))
         log.info(
             "transcribed",
             extra={"model": request.model, "audio_seconds": round(audio.duration, 3), "tokens": tokens, "pool": pool},
@@ -342,16 +362,23 @@ class TranscriptionService:
         )
 
     async def _finish(
-        self, request: TranscriptionRequest, request_id: str, pool: str, tokens: int, started: float
+        self,
+        request: TranscriptionRequest,
+        request_id: str,
+        pool: str,
+        chain: tuple[str, ...],
+        tokens: int,
+        started: float,
     ) -> None:
-        await self._budget.commit(request_id, tokens)
-        self._completed(request, request_id, pool, tokens, started)
+        await self._budget.commit(request_id, tokens, pool=pool, owner=request.key_id)
+        self._completed(request, request_id, pool, chain, tokens, started)
 
     async def _end_failed(
         self,
         request: TranscriptionRequest,
         request_id: str,
         pool: str,
+        chain: tuple[str, ...],
         reserved: bool,
         error: BaseException,
         started: float,
@@ -366,6 +393,8 @@ class TranscriptionService:
             log.exception("unexpected failure in transcription", exc_info=error)
             stt_error = EngineFailure(f"Internal failure: {type(error).__name__}")
         if reserved:
-            await asyncio.shield(self._budget.release(request_id))
-        self._failed(request, request_id, pool, stt_error, started)
+            await asyncio.shield(self._budget.release(request_id, pool=pool, owner=request.key_id))
+        if not chain:  # refused before (or while) reserving: look the chain up for the event
+            chain = await asyncio.shield(self._budget.chain(pool))
+        self._failed(request, request_id, pool, chain, stt_error, started)
         return stt_error

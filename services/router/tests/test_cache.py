@@ -35,12 +35,34 @@ def test_what_is_cacheable(redis_client: redis.Redis) -> None:
 def test_the_key_ignores_who_asks_but_not_what(redis_client: redis.Redis) -> None:
     cache = ResponseCache(redis_client, "p:", CacheConfig())
     base = cache.key(deterministic())
-    assert cache.key(deterministic(request_id="other", pool="team", user="bob", include_usage=True)) == base
+    asker = deterministic(request_id="other", user="bob", include_usage=True)
+    asker.caller.key_id, asker.caller.rpm = "key_b", 5
+    assert cache.key(asker) == base
     assert cache.key(deterministic("hello")) != base
     seeded = deterministic()
     seeded.sampling.seed = 1
     assert cache.key(seeded) != base
-    assert base.startswith("p:cache:e:")
+    assert base.startswith("p:cache:{")
+
+
+def test_the_key_keeps_the_pool(redis_client: redis.Redis) -> None:
+    """The cache is partitioned by pool: no tenant sees another pool's cached answer."""
+    cache = ResponseCache(redis_client, "p:", CacheConfig())
+    assert cache.key(deterministic(pool="team-a")) != cache.key(deterministic(pool="team-b"))
+    assert cache.key(deterministic(pool="default")) == cache.key(deterministic())  # "" is "default"
+
+
+def test_entry_and_counters_share_a_hash_tag(redis_client: redis.Redis) -> None:
+    """The lookup script touches the entry and its shard's counters: one slot on a cluster."""
+    from redis.crc import key_slot
+
+    cache = ResponseCache(redis_client, "p:", CacheConfig())
+    slots = set()
+    for text in ("a", "b", "c", "d", "e", "f", "g", "h"):
+        key = cache.key(deterministic(text))
+        assert key_slot(key.encode()) == key_slot(cache._stats_key_of(key).encode())
+        slots.add(key_slot(key.encode()))
+    assert len(slots) > 1  # entries still spread over the cluster
 
 
 async def test_miss_store_hit_and_stats(redis_client: redis.Redis, prefix: str) -> None:

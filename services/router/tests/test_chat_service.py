@@ -1,7 +1,8 @@
-"""Chat and embeddings end to end inside the router: the budget library against the
+"""Chat and embeddings end to end inside the router: the metering library against the
 real Redis, events on the real NATS, providers as the bench stand-ins. The spine's
-guarantees under failover, the cache and cancellation: one reservation ended once,
-one event per request, no restart after a token left."""
+guarantees under failover, the cache and cancellation: one reservation ended once
+(streams cut after tokens pay for them), one event per request, no restart after a
+token left."""
 
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ import pytest
 import redis.asyncio as redis
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
-from hoosh_budget.pools import BudgetStore, PoolView
 from hoosh_cli.stack import free_port
 from hoosh_common import events
+from hoosh_metering.limits import KeyLimiter
+from hoosh_metering.pools import BudgetStore, PoolView
 from hoosh_router.backends.base import Backend
 from hoosh_router.backends.factory import build_backend
-from hoosh_router.budget_client import RouterBudget
+from hoosh_router.budget_client import Hold, KeyGate, RouterBudget
 from hoosh_router.cache import ResponseCache
 from hoosh_router.chat import ChatService
 from hoosh_router.config import Catalogue, ProviderConfig
 from hoosh_router.dispatch import Dispatcher, RetryPolicy
 from hoosh_router.embeddings import EmbeddingService
 from hoosh_router.errors import InvalidRequest, UpstreamError
+from hoosh_router.estimate import prompt_token_bound
 from hoosh_router.health import HealthBoard
 from hoosh_router.ratelimit import RateLimiter
 from hoosh_router.recording import Recorder
@@ -117,7 +120,7 @@ async def router(
         upstream_timeout=10,
         request_timeout=30,
     )
-    recorder = Recorder(RouterBudget(store, 60), bus.publisher)
+    recorder = Recorder(RouterBudget(store, 60), bus.publisher, KeyGate(KeyLimiter(redis_client, f"{prefix}budget:")))
     yield Router(
         ChatService(dispatcher, recorder, cache),
         EmbeddingService(dispatcher, recorder),
@@ -161,31 +164,45 @@ async def test_a_stream_fails_over_before_its_first_token(router: Router, openai
     ]
 
 
-async def test_a_stream_cut_after_tokens_is_not_restarted(router: Router, anthropic_up: AnthropicUpstream) -> None:
+async def test_a_stream_cut_after_tokens_is_not_restarted_and_pays_for_them(
+    router: Router, anthropic_up: AnthropicUpstream
+) -> None:
     received: list[str] = []
+    request = request_for("cut-first")
     with pytest.raises(UpstreamError):
-        async for chunk in router.chat.stream(request_for("cut-first"), rid()):
+        async for chunk in router.chat.stream(request, rid()):
             received.extend(c.delta.content for c in chunk.choices)
     assert received == ["Hello", " from"]
     assert anthropic_up.stats.requests == 0  # no silent restart on the fallback
+    # No usage came: the prompt bound plus the streamed pieces' byte bound.
+    charged = prompt_token_bound(request) + len(b"Hello from")
     pool = await router.pool()
-    assert (pool.used, pool.reserved) == (0, 0)
+    assert (pool.used, pool.reserved) == (charged, 0)
     events = await router.bus.events()
-    assert [(name, event.error_code) for name, event in events] == [("inference.failed", "upstream_error")]
+    assert [(name, event.error_code, event.charged_tokens) for name, event in events] == [
+        ("inference.failed", "upstream_error", charged)
+    ]
 
 
-async def test_a_client_leaving_mid_stream_releases_and_records(router: Router) -> None:
-    stream = router.chat.stream(request_for("mock-x"), rid())
+async def test_a_client_leaving_mid_stream_pays_for_what_was_streamed(router: Router) -> None:
+    request = request_for("mock-x")
+    stream = router.chat.stream(request, rid())
     first = await anext(stream)
     assert first.choices[0].delta.content == "Hello"
     await stream.aclose()  # what the gRPC server does when the caller cancels
+    charged = prompt_token_bound(request) + len(b"Hello")
     pool = await router.pool()
-    assert (pool.used, pool.reserved) == (0, 0)
+    assert (pool.used, pool.reserved) == (charged, 0)
     events = await router.bus.events()
-    assert [(name, event.error_code) for name, event in events] == [("inference.failed", "client_disconnected")]
+    assert [(name, event.error_code, event.charged_tokens) for name, event in events] == [
+        ("inference.failed", "client_disconnected", charged)
+    ]
+    assert events[0][1].usage.total_tokens == charged
 
 
-async def test_a_cache_hit_commits_nothing_and_replays_as_a_stream(router: Router, openai_up: OpenAIUpstream) -> None:
+async def test_a_cache_hit_charges_the_original_tokens_and_replays_as_a_stream(
+    router: Router, openai_up: OpenAIUpstream
+) -> None:
     first = await router.chat.chat(request_for("mock-cached", temperature=0), rid())
     assert first.cache == "miss"
     await router.cache.drain()
@@ -198,7 +215,8 @@ async def test_a_cache_hit_commits_nothing_and_replays_as_a_stream(router: Route
     assert streamed[-1].usage == first.usage
     assert openai_up.stats.by_model["mock-cached"] == 1
     pool = await router.pool()
-    assert pool.used == first.usage.total_tokens and pool.reserved == 0  # hits charged 0
+    # cache.charge_hits (the default): every hit pays the original usage's tokens, at USD 0.
+    assert pool.used == 3 * first.usage.total_tokens and pool.reserved == 0
     events = await router.bus.events()
     assert [(event.cached, event.attempts, event.usage == first.usage) for _, event in events] == [
         (False, 1, True),
@@ -227,9 +245,9 @@ async def test_a_streamed_tool_call_is_cached_whole(router: Router) -> None:
 async def test_tpm_is_settled_with_the_real_usage(router: Router, redis_client: redis.Redis, prefix: str) -> None:
     reply = await router.chat.chat(request_for("mock-x"), rid())
     await router.limiter.drain()
-    windows = [key async for key in redis_client.scan_iter(match=f"{prefix}rl:primary:*")]
-    assert len(windows) == 1
-    assert int(await redis_client.hget(windows[0], "t")) == reply.usage.total_tokens
+    counters = await redis_client.hgetall(f"{prefix}rl:primary")
+    tokens = [int(value) for field, value in counters.items() if field.startswith(b"t:")]
+    assert tokens == [reply.usage.total_tokens]
 
 
 async def test_embeddings_commit_prompt_tokens_and_publish(router: Router) -> None:
@@ -286,10 +304,10 @@ async def test_cancel_during_commit_still_commits_and_records_once(router: Route
     real_commit = budget.commit
     entered = asyncio.Event()
 
-    async def slow_commit(reservation_id: str, used: int) -> None:
+    async def slow_commit(hold: Hold, used: int, *, usd_micros: int = 0) -> None:
         entered.set()
         await asyncio.sleep(0.3)
-        await real_commit(reservation_id, used)
+        await real_commit(hold, used, usd_micros=usd_micros)
 
     budget.commit = slow_commit  # type: ignore[method-assign]
     publisher = CountingPublisher(router.chat._recorder._publisher)

@@ -210,8 +210,34 @@ async def test_failed_attempts_take_their_tokens_back_out_of_the_tpm_window(
     result, attempts = await run(dispatcher, scripts)
     assert result == "p:m" and attempts.count == 3
     await dispatcher.limiter.drain()
-    windows = [key async for key in redis_client.scan_iter(match=f"{dispatcher.limiter.key('p')}:*")]
-    charged = 0
-    for key in windows:
-        charged += int(await redis_client.hget(key, "t") or 0)
+    counters = await redis_client.hgetall(dispatcher.limiter.key("p"))
+    charged = sum(int(value) for field, value in counters.items() if field.startswith(b"t:"))
     assert charged == attempts.tokens  # only the attempt that answered; the chat path then settles it
+
+
+async def test_an_upstream_404_for_an_unknown_model_does_not_trip_the_breaker(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    dispatcher = dispatcher_for(redis_client, prefix, TWO, threshold=1)
+    for _ in range(3):
+        scripts = Scripts(p=[ModelNotFound("unknown here", fallback=True)], q=["ok"])
+        assert (await run(dispatcher, scripts))[0] == "q:m"  # the next candidate may know it
+    assert dispatcher.health.state_of("p") == "closed" and dispatcher.health.view("p").failures == 0
+    # A real fault still counts: one opens it at this threshold.
+    await run(dispatcher, Scripts(p=[UpstreamUnavailable("down")], q=["ok"]))
+    assert dispatcher.health.state_of("p") == "open"
+
+
+async def test_attempts_know_when_a_call_went_unanswered(redis_client: redis.Redis, prefix: str) -> None:
+    dispatcher = dispatcher_for(redis_client, prefix, [{"name": "p"}], request_timeout=30.0)
+    answered = Attempts(candidates=dispatcher.candidates("m"), deadline=dispatcher.deadline(None), tokens=10)
+    with pytest.raises(InvalidRequest):
+        await dispatcher.run(answered, "req", 16, Scripts(p=[InvalidRequest("bad")]))
+    assert not answered.maybe_billed  # answered (with an error): nothing to pay
+    hanging = Attempts(candidates=dispatcher.candidates("m"), deadline=dispatcher.deadline(None), tokens=10)
+    task = asyncio.create_task(dispatcher.run(hanging, "req", 16, Scripts(p=[5.0])))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert hanging.in_flight and hanging.maybe_billed  # sent, never answered

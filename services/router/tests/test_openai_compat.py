@@ -77,6 +77,8 @@ def test_statuses_are_classified(status: int, error: type, retryable: bool, fall
     mapped = error_from_status("p", status, b'{"error": {"message": "nope"}}', "3")
     assert type(mapped) is error
     assert (mapped.retryable, mapped.fallback) == (retryable, fallback)
+    # A 404 (a model this provider does not know) falls back without counting against its breaker.
+    assert mapped.backend_fault == (status != 404 and (retryable or fallback))
     if status == 429:
         assert mapped.retry_after == 3
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as redis
 from hoosh_router.config import ProviderConfig
 from hoosh_router.ratelimit import RateLimiter
@@ -14,7 +15,10 @@ def provider(rpm: int | None = None, tpm: int | None = None, name: str = "p") ->
 
 
 async def _window_state(client: redis.Redis, limiter: RateLimiter, name: str, window: int) -> dict[bytes, bytes]:
-    return await client.hgetall(f"{limiter.key(name)}:{window}")
+    """One window's counters, as {b"r": ..., b"t": ...} (they live in the provider's one hash)."""
+    fields = await client.hgetall(limiter.key(name))
+    suffix = f":{window}".encode()
+    return {name_[:1]: value for name_, value in fields.items() if name_.endswith(suffix)}
 
 
 def test_only_configured_providers_are_limited() -> None:
@@ -73,26 +77,76 @@ async def test_both_limits_together(redis_client: redis.Redis, prefix: str) -> N
     assert not (await limiter.admit(limited, 1)).allowed  # requests
 
 
-async def test_the_previous_window_still_weighs(redis_client: redis.Redis, prefix: str) -> None:
-    limiter = RateLimiter(redis_client, prefix, window_seconds=3600)
+class Clock:
+    """Seconds since the epoch, set by the test (given to the limiter's constructor)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "current", "allowed", "retry_after"),
+    [
+        # rpm 10, the whole previous minute at 10: 10 * (1 - elapsed) + current + 1 must fit under 10.
+        (0.00, 0, False, 6),
+        (0.05, 0, False, 3),
+        (0.10, 0, True, 0),
+        (0.45, 4, False, 3),
+        (0.55, 4, True, 0),
+        (0.95, 8, True, 0),
+        (0.97, 9, False, 2),  # only the end of this minute makes room
+    ],
+)
+@pytest.mark.parametrize("minute", [0, 11, 12, 37, 59])
+async def test_the_previous_window_still_weighs(
+    redis_client: redis.Redis,
+    prefix: str,
+    minute: int,
+    elapsed: float,
+    current: int,
+    allowed: bool,
+    retry_after: int,
+) -> None:
+    """Exact at any minute of the hour: the clock comes in through the constructor."""
+    hour = 1_900_000_800  # an hour boundary (a multiple of 3600)
+    window = (hour + minute * 60) // 60
+    clock = Clock(window * 60 + elapsed * 60)
+    limiter = RateLimiter(redis_client, prefix, clock=clock)
     limited = provider(rpm=10)
-    probe = await limiter.admit(limited, 0)  # learn the current window number (counts 1)
-    # The whole previous hour ran at the limit; the part of it that still overlaps the last
-    # hour counts: 10 * (1 - elapsed) + 1 (the probe) + 1 (this one) must fit under 10.
-    await redis_client.hset(f"{limiter.key('p')}:{probe.window - 1}", mapping={"r": 10, "t": 0})
+    fields = {f"r:{window - 1}": 10, f"t:{window - 1}": 0}
+    if current:
+        fields[f"r:{window}"] = current
+    await redis_client.hset(limiter.key("p"), mapping=fields)
+    admission = await limiter.admit(limited, 0)
+    assert (admission.allowed, admission.retry_after, admission.window) == (allowed, retry_after, window)
+    state = await _window_state(redis_client, limiter, "p", window)
+    assert int(state.get(b"r", 0)) == current + (1 if allowed else 0)
 
-    async def elapsed() -> float:
-        seconds, micros = await redis_client.time()
-        return ((seconds % 3600) + micros / 1e6) / 3600
 
-    before = await elapsed()
-    second = await limiter.admit(limited, 0)
-    after = await elapsed()
-    fits = [10 * (1 - e) + 2 <= 10 for e in (before, after)]
-    if fits[0] == fits[1]:  # not straddling the exact instant the answer changes
-        assert second.allowed == fits[0]
-    if not second.allowed:
-        assert second.retry_after >= 1
+async def test_the_previous_window_weighs_on_redis_time(redis_client: redis.Redis, prefix: str) -> None:
+    """Without a clock the script reads Redis' TIME; a huge previous window refuses at any instant."""
+    limiter = RateLimiter(redis_client, prefix)
+    limited = provider(rpm=10)
+    probe = await limiter.admit(limited, 0)  # learn the current window (counts 1)
+    await redis_client.hset(limiter.key("p"), mapping={f"r:{probe.window - 1}": 10**12})
+    refused = await limiter.admit(limited, 0)
+    if refused.window == probe.window:  # not across a minute boundary
+        assert not refused.allowed and refused.retry_after >= 1
+
+
+async def test_old_windows_are_dropped(redis_client: redis.Redis, prefix: str) -> None:
+    clock = Clock(1_900_000_800.0)
+    limiter = RateLimiter(redis_client, prefix, clock=clock)
+    limited = provider(rpm=100)
+    for _ in range(4):
+        await limiter.admit(limited, 1)
+        clock.now += 60
+    fields = await redis_client.hgetall(limiter.key("p"))
+    windows = sorted({int(name.split(b":")[1]) for name in fields})
+    assert windows == [31_666_682, 31_666_683]  # the two newest minutes only
 
 
 async def test_redis_down_admits(prefix: str) -> None:

@@ -62,6 +62,63 @@ def test_provider_prefix_routes_directly_with_the_upstream_name() -> None:
         router.resolve("meta-llama/llama-3")
 
 
+def test_provider_prefix_honours_the_providers_model_list() -> None:
+    router = router_for(
+        {
+            "providers": [
+                {"name": "slow", "type": "openai", "models": ["slow-*"], "embedding_models": ["emb-1"]},
+                {"name": "none", "type": "openai", "models": []},
+                {"name": "listed", "type": "openrouter", "models": ["slow/o1-pro-expensive"]},
+            ]
+        }
+    )
+    assert [r.upstream_model for r in router.resolve("slow/slow-fast").routes] == ["slow-fast"]
+    with pytest.raises(ModelNotFound):
+        router.resolve("slow/o1-mini")  # not on slow's list, and nobody lists the whole name
+    with pytest.raises(ModelNotFound):
+        router.resolve("none/gpt-4o")  # an empty list allows nothing through provider/model
+    # A name a provider's list does not allow may still be another provider's listed name.
+    resolution = router.resolve("slow/o1-pro-expensive")
+    assert [(r.provider.name, r.upstream_model) for r in resolution.routes] == [("listed", "slow/o1-pro-expensive")]
+    assert [r.upstream_model for r in router.resolve("slow/emb-1", "embedding").routes] == ["emb-1"]
+    with pytest.raises(ModelNotFound):
+        router.resolve("slow/emb-2", "embedding")
+    anything = router_for({"providers": [{"name": "any", "type": "openai", "models": ["*"]}]})
+    assert [(r.strategy) for r in [anything.resolve("any/whatever-1")]] == ["direct"]
+    assert [r.upstream_model for r in anything.resolve("any/whatever-1").routes] == ["whatever-1"]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gpt 4o",
+        "gpt-4o?x=1",
+        "a/../b",
+        "../secret",
+        "a//b",
+        "./m",
+        "m/",
+        "m%2F..",
+        "m\\n",
+        "é",
+        "x" * 257,
+    ],
+)
+def test_model_ids_are_validated_before_any_url(model: str) -> None:
+    router = router_for({"providers": [{"name": "any", "type": "openai", "models": ["*"]}]})
+    with pytest.raises(InvalidRequest) as invalid:
+        router.resolve(model)
+    assert invalid.value.param == "model"
+
+
+@pytest.mark.parametrize(
+    "model", ["gpt-4o", "meta-llama/Llama-3.1-8B", "claude-3-5-sonnet@20240620", "ft:gpt-4o:org:x", "a+b", "x" * 256]
+)
+def test_real_model_ids_pass(model: str) -> None:
+    router = router_for({"providers": [{"name": "any", "type": "openai", "models": ["*"]}]})
+    assert router.resolve(model).routes
+
+
 def test_unknown_models_and_embeddings_of_chat_models() -> None:
     router = router_for({"providers": PROVIDERS})
     with pytest.raises(ModelNotFound):

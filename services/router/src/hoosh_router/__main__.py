@@ -1,26 +1,27 @@
-"""python -m hoosh_router: build backends, Redis, budget client and event publisher
-once, start the health board, then serve."""
+"""python -m hoosh_router: build backends, Redis, metering (budget store or client,
+key limiter) and event publisher once, start the health board, then serve."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats
-import redis.asyncio as redis
 from hoosh.router.v1 import router_pb2_grpc
-from hoosh_budget.client import BudgetBackend, BudgetServiceClient
-from hoosh_budget.pools import BudgetStore
 from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import insecure_channel, new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from hoosh_metering.client import BudgetServiceClient
+from hoosh_metering.errors import BudgetError
+from hoosh_metering.limits import KeyLimiter
+from hoosh_metering.pools import BudgetStore
+from hoosh_metering.redis import connect_redis
 
 from .backends.base import Backend
 from .backends.factory import build_backend
-from .budget_client import RouterBudget
+from .budget_client import BudgetBackend, KeyGate, RouterBudget
 from .cache import ResponseCache
 from .chat import ChatService
 from .config import ProviderConfig, RouterSettings, load_catalogue
@@ -33,6 +34,18 @@ from .routing import ModelRouter
 from .server import RouterServicer
 
 log = logging.getLogger("hoosh_router")
+
+
+async def _start_store(store: BudgetStore) -> None:
+    """Load the pool directory and listen for its changes, retrying while Redis is away
+    (requests meanwhile get 503 budget_unavailable; the store also loads lazily)."""
+    while True:
+        try:
+            await store.start()
+            return
+        except BudgetError as error:
+            log.warning("budget store not started yet; retrying", extra={"error": error.message})
+            await asyncio.sleep(2)
 
 
 async def main() -> None:
@@ -49,17 +62,13 @@ async def main() -> None:
     for _, backend in entries:
         await backend.list_models()  # warms context lengths of local models; failures are fine here
 
-    # One pool for budget, health, limits and cache; bounded so a burst cannot exhaust Redis.
-    # A Redis outage must fail fast (health, limits and cache then degrade to local/off),
-    # not hold every request in redis-py's default multi-second reconnect backoff.
-    redis_client = redis.Redis.from_pool(
-        redis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=64,
-            timeout=5,
-            socket_connect_timeout=2.0,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
-        )
+    # One client for budget, key limits, health, provider limits and cache (one node or a
+    # cluster); bounded so a burst cannot exhaust Redis, with socket timeouts so a slow
+    # Redis fails fast: 503 budget_unavailable for budgets, local/off for the rest.
+    redis_client = connect_redis(
+        settings.redis_url,
+        socket_timeout=settings.router_redis_timeout_seconds,
+        socket_connect_timeout=settings.router_redis_timeout_seconds,
     )
     health = HealthBoard(
         redis_client,
@@ -79,13 +88,18 @@ async def main() -> None:
     publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix)
 
     budget_channel = insecure_channel(settings.budget_addr)
-    backend: BudgetBackend
+    budget_backend: BudgetBackend
+    store: BudgetStore | None = None
+    starter: asyncio.Task[None] | None = None
     if settings.router_budget_mode == "redis":
-        backend = BudgetStore(redis_client, settings.budget_key_prefix, settings.router_lease_seconds)
+        store = BudgetStore(redis_client, settings.budget_key_prefix, settings.router_lease_seconds)
+        budget_backend = store
+        starter = asyncio.create_task(_start_store(store), name="budget-directory")
     else:
-        backend = BudgetServiceClient(budget_channel)
-    budget = RouterBudget(backend, settings.router_lease_seconds)
-    recorder = Recorder(budget, publisher)
+        budget_backend = BudgetServiceClient(budget_channel)
+    budget = RouterBudget(budget_backend, settings.router_lease_seconds)
+    gate = KeyGate(KeyLimiter(redis_client, settings.budget_key_prefix))
+    recorder = Recorder(budget, publisher, gate)
     dispatcher = Dispatcher(
         router,
         health,
@@ -103,9 +117,15 @@ async def main() -> None:
     )
 
     async def on_stop() -> None:
+        if starter is not None:
+            starter.cancel()
         await health.stop()
+        # Settlements still being retried get a bounded wait; leases settle the rest.
+        await recorder.drain(settings.router_commit_drain_seconds)
         await cache.drain()
         await limiter.drain()
+        if store is not None:
+            await store.close()
         await publisher.drain()  # no event is lost on shutdown
         await nc.drain()
         await budget_channel.close()

@@ -1,8 +1,24 @@
-"""One chat completion, end to end: resolve, reserve (and look in the cache), call
-with retries and fallback, commit, publish.
+"""One chat completion, end to end: resolve, admit (the key's limits), reserve on the
+pool chain (and look in the cache), call with retries and fallback, settle, publish.
 
-Every reservation ends exactly once: committed with the real usage on success (0
-on a cache hit), released on any failure or cancellation (client disconnect).
+The reservation holds the prompt plus as many completion tokens as every pool of the
+chain affords, up to what the request asked for and at least 1; the granted count is
+the ``max_tokens`` sent upstream, so no completion can outspend its pools. A stream
+renews its lease every third of it while it runs.
+
+Every reservation ends exactly once (settlement rules):
+- success: commit the real usage (the provider's; for a stream without usage, the
+  prompt count plus the streamed completion tokens, see ``_StreamState``);
+- a cache hit: commit the original usage's tokens (``cache.charge_hits``), USD 0;
+- a stream that fails, is cut or is abandoned after its first token: commit what was
+  generated — the provider's usage if it reported one, else the reservation's prompt
+  count plus the completion tokens streamed so far — and record ``inference.failed``
+  with ``charged_tokens``; if the backend had already finished when the client left,
+  ``inference.completed`` with ``settlement = "client_disconnected"``;
+- a request that ends (cancelled, timed out) while an upstream call it sent was never
+  answered: commit the prompt count (the provider has read, and may bill, the prompt);
+- any other failure (before any upstream call, or every call answered with an error):
+  release.
 Every request publishes exactly one event. A stream is retried or failed over
 only until its first token is on its way to the client; after that a failure
 ends it with an error.
@@ -26,7 +42,7 @@ from .config import ProviderConfig
 from .dispatch import Attempts, Dispatcher
 from .errors import InvalidRequest, RouterError
 from .estimate import prompt_token_bound
-from .recording import Publisher, Recorder, RequestInfo
+from .recording import Publisher, Recorder, RequestInfo, usage_of, usd_micros
 from .routing import Route
 
 log = logging.getLogger(__name__)
@@ -42,10 +58,17 @@ class Plan:
     attempts: Attempts
     pool: str
     prompt_tokens: int
-    max_tokens: int
+    max_tokens: int  # granted by the budget: what goes upstream
+    wanted_tokens: int  # what the request would get with budget to spare
     reserved: int
     cache_key: str | None
     cached: router_pb2.ChatResponse | None
+
+    @property
+    def clamped(self) -> bool:
+        """The budget cut max_tokens: the answer may be shorter than the request's own,
+        so it must not be cached for requests that could afford the whole one."""
+        return self.max_tokens < self.wanted_tokens
 
 
 class StreamAccumulator:
@@ -125,46 +148,66 @@ class ChatService:
                     param="messages",
                     code="context_length_exceeded",
                 )
-        pool = request.pool or "default"
-        reserved = prompt_tokens + max_tokens
+        await self._recorder.admit(info, prompt_tokens + max_tokens)
         cache_key = self._cache.key(request) if self._cache is not None and self._cache.cacheable(request) else None
+        # Priced at the dearest candidate: a fallback must not outspend a USD cap either.
+        reserve = self._recorder.reserve(
+            info,
+            prompt_tokens,
+            completion_tokens=max_tokens,
+            min_completion_tokens=1,
+            input_price_micros=max(route.provider.pricing.input_micros for route in candidates),
+            output_price_micros=max(route.provider.pricing.output_micros for route in candidates),
+        )
         cached = None
         if cache_key is not None and self._cache is not None:
             # The lookup rides along with the reservation: no extra latency on a miss.
-            _, cached = await asyncio.gather(self._recorder.reserve(info, reserved), self._cache.get(cache_key))
+            hold, cached = await asyncio.gather(reserve, self._cache.get(cache_key))
+            if cached is not None and self._cache.charge_hits and cached.usage.total_tokens > hold.tokens:
+                cached = None  # the pool cannot pay for the whole answer: no free remainder, go upstream
         else:
-            await self._recorder.reserve(info, reserved)
+            hold = await reserve
+        granted = hold.completion_tokens
         return Plan(
-            attempts=Attempts(candidates=candidates, deadline=deadline, tokens=reserved),
-            pool=pool,
+            attempts=Attempts(candidates=candidates, deadline=deadline, tokens=prompt_tokens + granted),
+            pool=hold.pool,
             prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            reserved=reserved,
+            max_tokens=granted,
+            wanted_tokens=max_tokens,
+            reserved=hold.tokens,
             cache_key=cache_key,
             cached=cached,
         )
 
     @staticmethod
     def _info(request: router_pb2.ChatRequest, request_id: str, stream: bool) -> RequestInfo:
-        return RequestInfo(
+        return RequestInfo.of(
             request_id=request_id,
             model=request.model,
-            pool=request.pool or "default",
+            pool=request.pool,
             user=request.user,
             stream=stream,
             kind="chat",
-            started=time.monotonic(),
+            caller=request.caller,
         )
 
-    async def _fail(self, info: RequestInfo, plan: Plan | None, error: BaseException) -> BaseException:
+    async def _fail(
+        self, info: RequestInfo, plan: Plan | None, error: BaseException, charge: chat_pb2.Usage | None = None
+    ) -> RouterError:
         attempts = plan.attempts if plan else None
         route = attempts.route if attempts else None
+        if charge is None and plan is not None and plan.attempts.maybe_billed:
+            # Sent and never answered: the provider read the prompt and may bill it.
+            charge = usage_of(plan.prompt_tokens, 0)
         return await self._recorder.end_failed(
             info,
             error,
-            reserved=plan is not None,
             provider=route.provider.name if route else "",
             attempts=attempts.count if attempts else 0,
+            charge=charge,
+            usd=usd_micros(route.provider if route else None, charge.prompt_tokens, charge.completion_tokens)
+            if charge is not None
+            else 0,
         )
 
     def _settle(self, plan: Plan, usage: chat_pb2.Usage) -> None:
@@ -175,13 +218,16 @@ class ChatService:
                 attempts.route.provider, attempts.admission, attempts.tokens, usage.total_tokens
             )
 
-    async def _serve_hit(self, info: RequestInfo, cached: router_pb2.ChatResponse) -> None:
-        """A cache hit: commit 0 tokens, record the original usage with cached=true."""
+    async def _serve_hit(self, info: RequestInfo, plan: Plan, cached: router_pb2.ChatResponse) -> None:
+        """A cache hit: no upstream call. The pool pays the original usage's tokens (by
+        default; ``_plan`` served the hit only if the reservation covers them) at USD 0;
+        the event has cached=true and the original usage."""
         route = self._provider_named(cached.provider)
         finish = cached.choices[0].finish_reason if cached.choices else "stop"
+        charged = cached.usage.total_tokens if self._cache is not None and self._cache.charge_hits else 0
         await self._recorder.end_completed(
             info,
-            0,
+            charged,
             lambda: self._recorder.completed(
                 info, provider=route, usage=cached.usage, finish_reason=finish, attempts=0, cached=True
             ),
@@ -200,10 +246,12 @@ class ChatService:
     ) -> router_pb2.ChatResponse:
         info = self._info(request, request_id, stream=False)
         plan: Plan | None = None
+        ended = False  # the request's one ending (commit + event) has begun
         try:
             plan = await self._plan(request, info, self._dispatch.deadline(time_remaining))
             if plan.cached is not None:
-                await self._serve_hit(info, plan.cached)
+                ended = True
+                await self._serve_hit(info, plan, plan.cached)
                 reply = router_pb2.ChatResponse()
                 reply.CopyFrom(plan.cached)
                 reply.id, reply.created, reply.cache = f"chatcmpl-{request_id}", int(time.time()), "hit"
@@ -214,17 +262,16 @@ class ChatService:
 
             completion = await self._dispatch.run(plan.attempts, request_id, plan.max_tokens, call)
         except BaseException as error:
+            if ended:  # cancelled while its (shielded) ending runs: that ending stands
+                raise
             router_error = await self._fail(info, plan, error)
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise router_error from error
         route = plan.attempts.route
         assert route is not None
-        usage = chat_pb2.Usage(
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            total_tokens=completion.prompt_tokens + completion.completion_tokens,
-        )
+        usage = usage_of(completion.prompt_tokens, completion.completion_tokens)
+        usd = usd_micros(route.provider, usage.prompt_tokens, usage.completion_tokens)
 
         def record() -> None:
             self._settle(plan, usage)
@@ -234,9 +281,10 @@ class ChatService:
                 usage=usage,
                 finish_reason=completion.finish_reason,
                 attempts=plan.attempts.count,
+                usd=usd,
             )
 
-        await self._recorder.end_completed(info, usage.total_tokens, record)
+        await self._recorder.end_completed(info, usage.total_tokens, record, usd=usd)
         reply = router_pb2.ChatResponse(
             id=f"chatcmpl-{request_id}",
             model=completion.model or request.model,
@@ -247,7 +295,7 @@ class ChatService:
             system_fingerprint=completion.system_fingerprint,
             cache="miss" if plan.cache_key else "",
         )
-        if plan.cache_key is not None and self._cache is not None:
+        if plan.cache_key is not None and self._cache is not None and not plan.clamped:
             self._cache.put(plan.cache_key, reply)
         return reply
 
@@ -258,6 +306,9 @@ class ChatService:
     ) -> AsyncIterator[router_pb2.ChatStreamResponse]:
         info = self._info(request, request_id, stream=True)
         plan: Plan | None = None
+        state: _StreamState | None = None
+        renewal: asyncio.Task[None] | None = None
+        route: Route | None = None
         chat_id = f"chatcmpl-{request_id}"
         created = int(time.time())
         provider = ""
@@ -273,16 +324,21 @@ class ChatService:
             )
 
         served_hit = False
+        ended = False  # the request's one ending (commit + event) has begun
         try:
             plan = await self._plan(request, info, self._dispatch.deadline(time_remaining))
             cache_state = "miss" if plan.cache_key else ""
             if plan.cached is not None:
                 provider = plan.cached.provider
+                # Settled before the replay: its first chunk already holds the whole answer.
+                ended = True
+                await self._serve_hit(info, plan, plan.cached)
+                served_hit = True
                 async for message in self._replay(plan.cached, chunk):
                     yield message
-                await self._serve_hit(info, plan.cached)
-                served_hit = True
             else:
+                assert info.hold is not None
+                renewal = self._recorder.budget.keep_alive(info.hold)
                 backend_stream, buffered = await self._dispatch.run(
                     plan.attempts,
                     request_id,
@@ -315,35 +371,39 @@ class ChatService:
                     message.cache = cache_state
                     yield message
                 if state.prompt_tokens is None or state.completion_tokens is None:
-                    # The provider sent no usage: charge the reservation's prompt bound and one token per piece.
                     log.warning("stream ended without usage; estimating", extra={"provider": provider})
-                    state.prompt_tokens, state.completion_tokens = plan.prompt_tokens, state.pieces
-                usage = chat_pb2.Usage(
-                    prompt_tokens=state.prompt_tokens,
-                    completion_tokens=state.completion_tokens,
-                    total_tokens=state.prompt_tokens + state.completion_tokens,
-                )
+                usage = state.usage(plan)
                 finish_reason = state.finish_reason or "stop"
-
-                def record() -> None:
-                    self._settle(plan, usage)
-                    self._recorder.completed(
-                        info,
-                        provider=route.provider,
-                        usage=usage,
-                        finish_reason=finish_reason,
-                        attempts=plan.attempts.count,
-                    )
-
                 # The backend has finished: charge and record now, before the last chunks go
                 # out, so a client that leaves at the finish chunk still pays for the work
                 # done and exactly one event is recorded.
-                await self._recorder.end_completed(info, usage.total_tokens, record)
+                ended = True
+                await self._end_stream(info, plan, route, usage, finish_reason)
         except BaseException as error:
-            router_error = await self._fail(info, plan, error)
+            if renewal is not None:
+                renewal.cancel()
+            if ended:  # cancelled while its (shielded) ending runs: that ending stands
+                raise
+            if (
+                state is not None
+                and state.finish_reason
+                and route is not None
+                and plan is not None
+                and isinstance(error, asyncio.CancelledError | GeneratorExit)
+            ):
+                # The backend had finished; only the last chunks had not gone out.
+                await self._end_stream(
+                    info, plan, route, state.usage(plan), state.finish_reason, settlement="client_disconnected"
+                )
+                raise
+            # Tokens generated before the cut are paid for (exact for the local model).
+            charge = state.usage(plan) if state is not None and plan is not None else None
+            router_error = await self._fail(info, plan, error, charge)
             if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
                 raise
             raise router_error from error
+        if renewal is not None:
+            renewal.cancel()
         if served_hit:
             assert plan is not None and plan.cached is not None
             if request.include_usage:
@@ -351,8 +411,14 @@ class ChatService:
                     id=chat_id, model=request.model, created=created, usage=plan.cached.usage, provider=provider
                 )
             return
+        assert plan is not None and state is not None
         yield chunk(chat_pb2.Delta(), finish_reason)
-        if plan.cache_key is not None and self._cache is not None and state.accumulator is not None:
+        if (
+            plan.cache_key is not None
+            and self._cache is not None
+            and state.accumulator is not None
+            and not plan.clamped
+        ):
             self._cache.put(
                 plan.cache_key,
                 router_pb2.ChatResponse(
@@ -368,6 +434,32 @@ class ChatService:
             yield router_pb2.ChatStreamResponse(
                 id=chat_id, model=request.model, created=created, usage=usage, provider=provider
             )
+
+    async def _end_stream(
+        self,
+        info: RequestInfo,
+        plan: Plan,
+        route: Route,
+        usage: chat_pb2.Usage,
+        finish_reason: str,
+        *,
+        settlement: str = "",
+    ) -> None:
+        usd = usd_micros(route.provider, usage.prompt_tokens, usage.completion_tokens)
+
+        def record() -> None:
+            self._settle(plan, usage)
+            self._recorder.completed(
+                info,
+                provider=route.provider,
+                usage=usage,
+                finish_reason=finish_reason,
+                attempts=plan.attempts.count,
+                usd=usd,
+                settlement=settlement,
+            )
+
+        await self._recorder.end_completed(info, usage.total_tokens, record, usd=usd)
 
     @staticmethod
     async def _replay(
@@ -394,16 +486,19 @@ class ChatService:
 
 
 class _StreamState:
-    """Per-stream bookkeeping: role on the first delta, finish reason, usage, cache copy."""
+    """Per-stream bookkeeping: role on the first delta, finish reason, usage, what was
+    generated so far, cache copy."""
 
-    __slots__ = ("accumulator", "completion_tokens", "finish_reason", "first", "pieces", "prompt_tokens")
+    __slots__ = ("accumulator", "completion_tokens", "finish_reason", "first", "generated", "prompt_tokens")
 
     def __init__(self, *, collect: bool) -> None:
         self.first = True
         self.finish_reason = ""
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
-        self.pieces = 0
+        # Completion tokens received from the backend: what each piece says it carries,
+        # else its UTF-8 bytes (BPE never makes more tokens than bytes).
+        self.generated = 0
         self.accumulator = StreamAccumulator() if collect else None
 
     def take(self, piece: StreamPiece, chunk: ChunkMaker) -> router_pb2.ChatStreamResponse | None:
@@ -413,6 +508,7 @@ class _StreamState:
             self.finish_reason = piece.finish_reason
         if piece.content is None and not piece.tool_calls:
             return None
+        self.generated += piece.tokens if piece.tokens is not None else _byte_bound(piece)
         if self.accumulator is not None:
             self.accumulator.add(piece)
         delta = chat_pb2.Delta(tool_calls=piece.tool_calls)
@@ -421,8 +517,21 @@ class _StreamState:
         if self.first:
             delta.role = "assistant"
             self.first = False
-        self.pieces += 1
         return chunk(delta)
+
+    def usage(self, plan: Plan) -> chat_pb2.Usage:
+        """The provider's usage if it reported one; else the reservation's prompt count
+        plus the completion tokens generated so far (no more than were granted)."""
+        if self.prompt_tokens is not None and self.completion_tokens is not None:
+            return usage_of(self.prompt_tokens, self.completion_tokens)
+        return usage_of(plan.prompt_tokens, min(self.generated, plan.max_tokens))
+
+
+def _byte_bound(piece: StreamPiece) -> int:
+    size = len(piece.content.encode()) if piece.content else 0
+    for call in piece.tool_calls:
+        size += len(call.function.name) + len(call.function.arguments.encode())
+    return size
 
 
 async def _open_stream(

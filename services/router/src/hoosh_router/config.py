@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCAL_MODEL_DEFAULT = "smollm2-135m-instruct"
@@ -67,11 +67,16 @@ class RouterSettings(BaseSettings):
     nats_url: str = "nats://127.0.0.1:4222"
     nats_stream: str = DEFAULT_STREAM
     subject_prefix: str = SUBJECT_PREFIX
+    # "redis://…" (one node) or "redis+cluster://host:port" (Redis or Valkey Cluster).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A Redis slower than this is an outage: budget steps answer 503 budget_unavailable.
+    router_redis_timeout_seconds: float = Field(default=2.0, gt=0)
     router_key_prefix: str = Field(
         default="hoosh:router:", description="Prefix of every Redis key the router owns (health, limits, cache)"
     )
-    router_lease_seconds: int = 600
+    router_lease_seconds: int = Field(default=600, ge=3, description="reservation lease; streams renew it every third")
+    # How long shutdown waits for commits still being retried (their leases settle the rest).
+    router_commit_drain_seconds: float = Field(default=10.0, ge=0)
     # "redis": the budget library in-process against the shared Redis (the hot path);
     # "grpc": through the budget service.
     router_budget_mode: Literal["redis", "grpc"] = "redis"
@@ -80,10 +85,29 @@ class RouterSettings(BaseSettings):
 
 
 class Pricing(BaseModel):
-    """USD per million tokens."""
+    """USD per million tokens (as written in the YAML); the budget works in integer
+    micro-dollars per million tokens, converted once here."""
 
-    input_per_mtok: float = 0.0
-    output_per_mtok: float = 0.0
+    input_per_mtok: float = Field(default=0.0, ge=0)
+    output_per_mtok: float = Field(default=0.0, ge=0)
+    _input_micros: int = PrivateAttr(default=0)
+    _output_micros: int = PrivateAttr(default=0)
+
+    @model_validator(mode="after")
+    def _to_micros(self) -> Pricing:
+        self._input_micros = round(self.input_per_mtok * 1_000_000)
+        self._output_micros = round(self.output_per_mtok * 1_000_000)
+        return self
+
+    @property
+    def input_micros(self) -> int:
+        """Micro-dollars per million prompt tokens."""
+        return self._input_micros
+
+    @property
+    def output_micros(self) -> int:
+        """Micro-dollars per million completion tokens."""
+        return self._output_micros
 
 
 class BreakerOverrides(BaseModel):
@@ -100,7 +124,10 @@ class ProviderConfig(BaseModel):
     type: ProviderType
     base_url: str = ""
     api_key: str = ""
-    models: list[str] = Field(default_factory=list, description="chat models: exact names or glob patterns (gpt-*)")
+    models: list[str] = Field(
+        default_factory=list,
+        description='chat models: exact names or glob patterns (gpt-*); also what `provider/model` may name ("*": any)',
+    )
     embedding_models: list[str] = Field(default_factory=list, description="embedding models: names or patterns")
     priority: int = Field(default=10, description="lower is tried first")
     weight: int = Field(default=1, ge=1, description="share under round-robin")
@@ -174,6 +201,9 @@ class CacheConfig(BaseModel):
     ttl_seconds: int = Field(default=600, ge=1)
     # Requests for these models are cached whatever their temperature (an explicit opt-in).
     always: list[str] = Field(default_factory=list, description="model names or patterns")
+    # A hit charges its pool the original usage's tokens (USD 0: nothing went upstream),
+    # so a cache never turns a metered pool into a free one; false charges 0.
+    charge_hits: bool = True
 
 
 class PoolConfig(BaseModel):

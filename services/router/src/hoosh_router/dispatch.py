@@ -69,6 +69,16 @@ class Attempts:
     count: int = 0
     admission: Admission | None = None
     skipped_open: list[str] = field(default_factory=list)
+    # Settlement facts: an upstream call is under way (a cancellation now leaves it
+    # unanswered), and how many calls were sent and never answered (timed out or
+    # cancelled): the provider may have billed those, so a failed request pays its prompt.
+    in_flight: bool = False
+    unanswered: int = 0
+
+    @property
+    def maybe_billed(self) -> bool:
+        """A call was sent and not answered: the provider may have charged for it."""
+        return self.in_flight or self.unanswered > 0
 
 
 class Dispatcher:
@@ -148,6 +158,7 @@ class Dispatcher:
                     attempts.count += 1
                     started = time.monotonic()
                     error: RouterError
+                    attempts.in_flight = True  # stays set if this task is cancelled mid-call
                     try:
                         async with asyncio.timeout(timeout):
                             result = await call(route, params)
@@ -156,8 +167,12 @@ class Dispatcher:
                     except RouterError as raised:
                         error = raised
                     else:
+                        attempts.in_flight = False
                         await self.health.record_success(name, (time.monotonic() - started) * 1000)
                         return result
+                    attempts.in_flight = False
+                    if isinstance(error, UpstreamTimeout):
+                        attempts.unanswered += 1
                     if error.backend_fault:
                         await self.health.record_failure(name, error)
                     if admission is not None:

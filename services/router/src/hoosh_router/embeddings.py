@@ -1,21 +1,20 @@
-"""Embeddings, end to end: resolve (embedding models only), reserve the prompt-token
-bound, call with retries and fallback, commit the real prompt tokens, publish an
-event of kind "embedding". Same guarantees as chat: one reservation ended once,
-one event per request."""
+"""Embeddings, end to end: resolve (embedding models only), admit (the key's limits),
+reserve the prompt-token bound on the pool chain, call with retries and fallback,
+commit the real prompt tokens, publish an event of kind "embedding". Same guarantees
+and settlement rules as chat: one reservation ended once (a call sent and never
+answered pays the bound), one event per request."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 
-from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 
 from .backends.base import CallParams, EmbeddingResult
 from .dispatch import Attempts, Dispatcher
 from .errors import InvalidRequest
 from .estimate import PER_MESSAGE_OVERHEAD
-from .recording import Recorder, RequestInfo
+from .recording import Recorder, RequestInfo, usage_of, usd_micros
 from .routing import Route
 
 MAX_INPUTS = 2048
@@ -34,16 +33,17 @@ class EmbeddingService:
     async def embed(
         self, request: router_pb2.EmbedRequest, request_id: str, time_remaining: float | None = None
     ) -> router_pb2.EmbedResponse:
-        info = RequestInfo(
+        info = RequestInfo.of(
             request_id=request_id,
             model=request.model,
-            pool=request.pool or "default",
+            pool=request.pool,
             user=request.user,
             stream=False,
             kind="embedding",
-            started=time.monotonic(),
+            caller=request.caller,
         )
         attempts: Attempts | None = None
+        estimate = 0
         texts = list(request.input)
         dimensions = request.dimensions if request.HasField("dimensions") else None
         try:
@@ -57,7 +57,10 @@ class EmbeddingService:
                 raise InvalidRequest("dimensions must be at least 1", param="dimensions")
             candidates = self._dispatch.candidates(request.model, "embedding")
             estimate = embedding_token_bound(texts)
-            await self._recorder.reserve(info, estimate)
+            await self._recorder.admit(info, estimate)
+            await self._recorder.reserve(
+                info, estimate, input_price_micros=max(route.provider.pricing.input_micros for route in candidates)
+            )
             deadline = self._dispatch.deadline(time_remaining)
             attempts = Attempts(candidates=candidates, deadline=deadline, tokens=estimate)
 
@@ -67,12 +70,15 @@ class EmbeddingService:
             result = await self._dispatch.run(attempts, request_id, 0, call)
         except BaseException as error:
             route = attempts.route if attempts else None
+            # Sent and never answered: the provider may bill the input; it pays the bound.
+            charge = usage_of(estimate, 0) if attempts is not None and attempts.maybe_billed else None
             router_error = await self._recorder.end_failed(
                 info,
                 error,
-                reserved=False,  # info.reserve_started says whether to release
                 provider=route.provider.name if route else "",
                 attempts=attempts.count if attempts else 0,
+                charge=charge,
+                usd=usd_micros(route.provider if route else None, estimate, 0) if charge is not None else 0,
             )
             if isinstance(error, asyncio.CancelledError):
                 raise
@@ -81,16 +87,17 @@ class EmbeddingService:
         assert route is not None
         # Providers that do not report usage are charged the (upper) estimate.
         prompt_tokens = result.prompt_tokens if result.prompt_tokens is not None else estimate
-        usage = chat_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens)
+        usage = usage_of(prompt_tokens, 0)
+        usd = usd_micros(route.provider, prompt_tokens, 0)
 
         def record() -> None:
             if attempts.admission is not None:
                 self._dispatch.limiter.correct(route.provider, attempts.admission, estimate, prompt_tokens)
             self._recorder.completed(
-                info, provider=route.provider, usage=usage, finish_reason="", attempts=attempts.count
+                info, provider=route.provider, usage=usage, finish_reason="", attempts=attempts.count, usd=usd
             )
 
-        await self._recorder.end_completed(info, prompt_tokens, record)
+        await self._recorder.end_completed(info, prompt_tokens, record, usd=usd)
         return router_pb2.EmbedResponse(
             model=result.model or request.model,
             data=[router_pb2.Embedding(index=index, values=vector) for index, vector in enumerate(result.vectors)],

@@ -18,6 +18,10 @@ class RouterError(Exception):
     # Class defaults; an instance may override them (a 5xx UpstreamError is retryable, malformed output is not).
     retryable: bool = False
     fallback: bool = False
+    # Whether the failure says the backend is sick; None: it is when it is worth another
+    # attempt (retryable or fallback). An upstream 404 for a model it does not know may
+    # fall back, yet says nothing about the provider's health.
+    blames_backend: bool | None = None
 
     def __init__(
         self,
@@ -43,6 +47,8 @@ class RouterError(Exception):
     @property
     def backend_fault(self) -> bool:
         """Whether this failure counts against the backend's health (breaker)."""
+        if self.blames_backend is not None:
+            return self.blames_backend
         return self.retryable or self.fallback
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -56,9 +62,13 @@ class InvalidRequest(RouterError):
 
 
 class ModelNotFound(RouterError):
+    """No backend serves the model, or a provider answered 404 for it (then ``fallback``
+    lets the next candidate try). Never counts against a provider's breaker."""
+
     status = grpc.StatusCode.NOT_FOUND
     error_type = "invalid_request_error"
     error_code = "model_not_found"
+    blames_backend = False
 
 
 class PoolNotFound(InvalidRequest):
@@ -71,8 +81,21 @@ class BudgetExhausted(RouterError):
     error_code = "budget_exhausted"
 
 
+class BudgetUnavailable(RouterError):
+    """Redis (or the budget service) is unreachable or too slow: nothing is admitted free."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    error_type = "api_error"
+    error_code = "budget_unavailable"
+
+    def __init__(self, message: str = "The budget store is unavailable; try again shortly", **kwargs: Any) -> None:
+        kwargs.setdefault("retry_after", 1)
+        super().__init__(message, **kwargs)
+
+
 class RateLimited(RouterError):
-    """A provider said 429 (retryable there), or every candidate is over its hoosh limit."""
+    """A provider said 429 (retryable there), every candidate is over its hoosh limit, or
+    the caller's key is over its own RPM, TPM or concurrency limit."""
 
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
     error_type = "rate_limit_error"

@@ -11,7 +11,8 @@ The hot path never reads Redis: each replica keeps a snapshot, re-read every
 ``sync_interval_seconds`` and updated at once by its own writes. A failure is one
 Lua call (count, maybe open); a success writes only when the snapshot shows
 failures to clear. Redis trouble never fails a request: the board then keeps
-counting locally.
+counting locally. Every call touches one provider's hash (the Lua script declares
+that one key), so the board runs unchanged on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class HealthReport:
 class HealthBoard:
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | redis.RedisCluster,
         key_prefix: str,
         providers: list[tuple[ProviderConfig, Backend]],
         config: HealthConfig,

@@ -1,24 +1,37 @@
-"""The end of every request: exactly one event (completed or failed), and on failure
-the release of the reservation. Shared by chat and embeddings."""
+"""The lifecycle every request shares (chat and embeddings): the key's limits, one
+reservation on the pool chain, then exactly one ending — a commit of what was used
+or a release — and exactly one event (completed or failed), carrying the key id and
+the pool chain.
+
+Settlement rules (the caller decides the amount; this module makes it happen once):
+- success: commit the real usage, priced once here in micro-dollars;
+- a failure that cost the provider something (a stream cut or abandoned after it
+  generated tokens; a call sent and never answered) commits that ``charge`` and
+  records ``inference.failed`` with ``charged_tokens``;
+- any other failure releases the reservation (charged 0).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from google.protobuf.message import Message
 from hoosh.chat.v1 import chat_pb2
 from hoosh.events.v1 import events_pb2
+from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
 from hoosh_common.telemetry import current_trace_id
+from hoosh_metering.limits import KeyLimits
+from hoosh_metering.pools import cost_micros
 
-from .budget_client import Budget
+from .budget_client import Hold, KeyGate, RouterBudget, key_limits
 from .config import ProviderConfig
-from .errors import ClientCancelled, RouterError, UpstreamError, http_status_for
+from .errors import BudgetExhausted, ClientCancelled, InvalidRequest, RouterError, UpstreamError, http_status_for
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +40,23 @@ class Publisher(Protocol):
     def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
 
 
-def cost_usd(provider: ProviderConfig | None, prompt_tokens: int, completion_tokens: int) -> float:
+def usd_micros(provider: ProviderConfig | None, prompt_tokens: int, completion_tokens: int) -> int:
+    """What a provider charges for this usage, in micro-dollars (rounded up per side)."""
     if provider is None:
-        return 0.0
+        return 0
     pricing = provider.pricing
-    return (prompt_tokens * pricing.input_per_mtok + completion_tokens * pricing.output_per_mtok) / 1_000_000
+    return cost_micros(prompt_tokens, pricing.input_micros) + cost_micros(completion_tokens, pricing.output_micros)
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> chat_pb2.Usage:
+    return chat_pb2.Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
 
 
 @dataclass(slots=True)
 class RequestInfo:
-    """The facts of one request every event repeats."""
+    """The facts of one request every event repeats, and where its budget stands."""
 
     request_id: str
     model: str
@@ -45,36 +65,156 @@ class RequestInfo:
     stream: bool
     kind: str
     started: float  # time.monotonic()
-    # Set just before the reservation is asked for: from then on a failure releases it,
-    # even if the reply never arrived (a cancellation mid-call). Releasing an id that
-    # was never reserved changes nothing.
-    reserve_started: bool = False
+    key_id: str = ""
+    limits: KeyLimits | None = None
+    # Set just before the reservation is asked for: from then on a failure ends it, even
+    # if the reply never arrived (a cancellation mid-call). Ending an id that was never
+    # reserved changes nothing. None again after a definitive refusal.
+    hold: Hold | None = None
+    # The estimate the key's limits were charged at admission (None: not admitted, or no limits).
+    admitted_tokens: int | None = None
+
+    @classmethod
+    def of(
+        cls, *, request_id: str, model: str, pool: str, user: str, stream: bool, kind: str, caller: tenancy_pb2.Caller
+    ) -> RequestInfo:
+        return cls(
+            request_id=request_id,
+            model=model,
+            pool=pool or "default",
+            user=user,
+            stream=stream,
+            kind=kind,
+            started=time.monotonic(),
+            key_id=caller.key_id,
+            limits=key_limits(caller.rpm, caller.tpm, caller.max_concurrency),
+        )
+
+    @property
+    def chain(self) -> tuple[str, ...]:
+        return self.hold.chain if self.hold is not None else ()
 
 
 class Recorder:
-    def __init__(self, budget: Budget, publisher: Publisher) -> None:
+    def __init__(self, budget: RouterBudget, publisher: Publisher, gate: KeyGate | None = None) -> None:
         self.budget = budget
+        self.gate = gate or KeyGate(None)
         self._publisher = publisher
         self._tails: set[asyncio.Future[None]] = set()
 
-    async def reserve(self, info: RequestInfo, tokens: int) -> None:
-        """Reserve the request's tokens; see ``RequestInfo.reserve_started``."""
-        info.reserve_started = True
-        await self.budget.reserve(info.pool, tokens, info.request_id)
+    # -- admission ------------------------------------------------------------------------
 
-    async def end_completed(self, info: RequestInfo, used_tokens: int, record: Callable[[], None]) -> None:
-        """Commit ``used_tokens``, then ``record()`` the completion — shielded from
-        cancellation: the backend's work is done, so it is charged and recorded exactly
-        once even if the client goes away meanwhile."""
+    async def admit(self, info: RequestInfo, tokens: int) -> None:
+        """The key's RPM / TPM / concurrency (nothing at all for a key without limits)."""
+        if info.limits is None or not info.key_id:
+            return
+        await self.gate.admit(info.key_id, info.request_id, info.limits, tokens)
+        info.admitted_tokens = tokens
+
+    async def reserve(
+        self,
+        info: RequestInfo,
+        prompt_tokens: int,
+        *,
+        completion_tokens: int = 0,
+        min_completion_tokens: int | None = None,
+        input_price_micros: int = 0,
+        output_price_micros: int = 0,
+    ) -> Hold:
+        """One reservation on the pool chain; see ``RequestInfo.hold``."""
+        hold = info.hold = self.budget.placeholder(info.request_id, info.pool, info.key_id, info.kind)
+        try:
+            return await self.budget.reserve(
+                hold,
+                prompt_tokens,
+                completion_tokens=completion_tokens,
+                min_completion_tokens=min_completion_tokens,
+                input_price_micros=input_price_micros,
+                output_price_micros=output_price_micros,
+            )
+        except (BudgetExhausted, InvalidRequest):  # refused: nothing was reserved
+            info.hold = None
+            raise
+
+    # -- endings --------------------------------------------------------------------------
+
+    async def _tail(self, record: Callable[[], None], settle: Callable[[], Awaitable[None]]) -> None:
+        """Run ``settle`` then ``record`` in a task of their own, shielded from the
+        caller's cancellation: once begun, the ending happens exactly once."""
 
         async def tail() -> None:
-            await self.budget.commit(info.request_id, used_tokens)
+            await settle()
             record()
 
         task = asyncio.ensure_future(tail())
         self._tails.add(task)
         task.add_done_callback(self._tails.discard)
         await asyncio.shield(task)
+
+    async def end_completed(
+        self, info: RequestInfo, used_tokens: int, record: Callable[[], None], *, usd: int = 0
+    ) -> None:
+        """Commit ``used_tokens`` (``usd`` micro-dollars), then ``record()`` the completion —
+        shielded from cancellation: the backend's work is done, so it is charged and
+        recorded exactly once even if the client goes away meanwhile."""
+
+        async def settle() -> None:
+            if info.hold is not None:
+                await self.budget.commit(info.hold, used_tokens, usd_micros=usd)
+            self._finish_key(info, used_tokens)
+
+        await self._tail(record, settle)
+
+    async def end_failed(
+        self,
+        info: RequestInfo,
+        error: BaseException,
+        *,
+        provider: str,
+        attempts: int,
+        charge: chat_pb2.Usage | None = None,
+        usd: int = 0,
+    ) -> RouterError:
+        """End a failed request: commit ``charge`` when it is not empty (the provider did
+        work for it), else release; record the failure; return the error to raise."""
+        task = asyncio.current_task()
+        if isinstance(error, asyncio.CancelledError | GeneratorExit) or (task is not None and task.cancelling()):
+            router_error: RouterError = ClientCancelled("The client cancelled the request")
+        elif isinstance(error, RouterError):
+            router_error = error
+        else:
+            log.exception("unexpected failure", exc_info=error)
+            router_error = UpstreamError(f"Internal failure: {type(error).__name__}")
+        charged = charge.total_tokens if charge is not None and info.hold is not None else 0
+
+        async def settle() -> None:
+            if info.hold is not None:
+                if charged > 0:
+                    await self.budget.commit(info.hold, charged, usd_micros=usd)
+                else:
+                    await self.budget.release(info.hold)
+            self._finish_key(info, charged)
+
+        def record() -> None:
+            self.failed(
+                info,
+                provider=provider,
+                error=router_error,
+                attempts=attempts,
+                charge=charge if charged else None,
+            )
+
+        await self._tail(record, settle)
+        return router_error
+
+    def _finish_key(self, info: RequestInfo, actual_tokens: int) -> None:
+        limits = info.limits
+        # Only TPM and concurrency track a request until it ends; RPM alone needs no finish.
+        if info.admitted_tokens is not None and limits is not None and (limits.tpm or limits.max_concurrency):
+            self.gate.finish(info.key_id, info.request_id, limits, estimated=info.admitted_tokens, actual=actual_tokens)
+        info.admitted_tokens = None  # exactly once
+
+    # -- events ---------------------------------------------------------------------------
 
     def completed(
         self,
@@ -84,7 +224,9 @@ class Recorder:
         usage: chat_pb2.Usage,
         finish_reason: str,
         attempts: int,
+        usd: int = 0,
         cached: bool = False,
+        settlement: str = "",
     ) -> None:
         event = events_pb2.InferenceCompleted(
             request_id=info.request_id,
@@ -99,14 +241,25 @@ class Recorder:
             user=info.user,
             finish_reason=finish_reason,
             # A cache hit costs nothing upstream; its usage stays the original one, for reference.
-            cost_usd=0.0 if cached else cost_usd(provider, usage.prompt_tokens, usage.completion_tokens),
+            cost_usd=0.0 if cached else usd / 1_000_000,
             kind=info.kind,
             cached=cached,
             attempts=attempts,
+            key_id=info.key_id,
+            pool_chain=info.chain,
+            settlement=settlement,
         )
         self._publisher.publish_background(SUBJECT_COMPLETED, event, info.request_id)
 
-    def failed(self, info: RequestInfo, *, provider: str, error: RouterError, attempts: int) -> None:
+    def failed(
+        self,
+        info: RequestInfo,
+        *,
+        provider: str,
+        error: RouterError,
+        attempts: int,
+        charge: chat_pb2.Usage | None = None,
+    ) -> None:
         event = events_pb2.InferenceFailed(
             request_id=info.request_id,
             trace_id=current_trace_id(),
@@ -122,22 +275,17 @@ class Recorder:
             user=info.user,
             kind=info.kind,
             attempts=attempts,
+            key_id=info.key_id,
+            pool_chain=info.chain,
+            charged_tokens=charge.total_tokens if charge is not None else 0,
         )
+        if charge is not None:
+            event.usage.CopyFrom(charge)
         self._publisher.publish_background(SUBJECT_FAILED, event, info.request_id)
 
-    async def end_failed(
-        self, info: RequestInfo, error: BaseException, *, reserved: bool, provider: str, attempts: int
-    ) -> RouterError:
-        """Release the reservation (if one was made) and record the failure; returns the error to raise."""
-        task = asyncio.current_task()
-        if isinstance(error, asyncio.CancelledError | GeneratorExit) or (task is not None and task.cancelling()):
-            router_error: RouterError = ClientCancelled("The client cancelled the request")
-        elif isinstance(error, RouterError):
-            router_error = error
-        else:
-            log.exception("unexpected failure", exc_info=error)
-            router_error = UpstreamError(f"Internal failure: {type(error).__name__}")
-        if reserved or info.reserve_started:
-            await asyncio.shield(self.budget.release(info.request_id))
-        self.failed(info, provider=provider, error=router_error, attempts=attempts)
-        return router_error
+    async def drain(self, commit_timeout: float) -> None:
+        """Shutdown: endings under way, then settlements being retried, then key finishes."""
+        if self._tails:
+            await asyncio.gather(*self._tails, return_exceptions=True)
+        await self.budget.drain(commit_timeout)
+        await self.gate.drain()

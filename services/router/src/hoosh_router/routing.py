@@ -1,7 +1,10 @@
 """Model -> candidate backends, and the strategies that order them per request.
 
-Resolution (cached per model name):
-  1. ``provider/model`` names a provider directly: that provider only (strategy ``direct``).
+Resolution (cached per model name; the name is validated first, see ``validate_model_id``):
+  1. ``provider/model`` names a provider directly: that provider only (strategy ``direct``),
+     when its ``models`` (``embedding_models``) list allows ``model`` (``["*"]`` allows any;
+     an empty list none). A name the list does not allow resolves as a whole, as any
+     other name (it may be a listed OpenRouter-style ``org/model``), else 404.
   2. An explicit route (``routes:`` in the catalogue) whose ``match`` equals the name,
      else the first whose pattern matches: its targets.
   3. Providers listing the name in ``models`` (``embedding_models`` for embeddings):
@@ -20,6 +23,7 @@ Strategies, applied per request to the resolved candidates:
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -29,6 +33,22 @@ from .config import ProviderConfig, RouteConfig, Strategy
 from .errors import InvalidRequest, ModelNotFound
 
 Kind = Literal["chat", "embedding"]
+
+MAX_MODEL_ID_LENGTH = 256
+_MODEL_ID = re.compile(r"[A-Za-z0-9._:/@+-]+")
+
+
+def validate_model_id(model: str) -> None:
+    """InvalidRequest unless ``model`` is safe to put in an upstream URL or body: at most
+    256 characters of ``[A-Za-z0-9._:/@+-]``, no empty, ``.`` or ``..`` path segment."""
+    if not model:
+        raise InvalidRequest("model is required", param="model")
+    if len(model) > MAX_MODEL_ID_LENGTH:
+        raise InvalidRequest(f"model must be at most {MAX_MODEL_ID_LENGTH} characters", param="model")
+    if _MODEL_ID.fullmatch(model) is None:
+        raise InvalidRequest("model may contain only letters, digits and . _ : / @ + -", param="model")
+    if any(segment in ("", ".", "..") for segment in model.split("/")):
+        raise InvalidRequest("model must not contain empty, '.' or '..' path segments", param="model")
 
 
 @dataclass(slots=True, frozen=True)
@@ -111,6 +131,7 @@ class ModelRouter:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        validate_model_id(model)
         resolution = self._resolve(model, kind)
         if not resolution.routes:
             if kind == "embedding" and self._resolve(model, "chat").routes:
@@ -127,7 +148,9 @@ class ModelRouter:
         provider_name, _, rest = model.partition("/")
         if rest and provider_name in self._by_name:
             config, backend = self._by_name[provider_name]
-            return Resolution([self._route(config, backend, rest)], "direct")
+            is_exact, is_pattern = _matches(rest, config.embedding_models if kind == "embedding" else config.models)
+            if is_exact or is_pattern:
+                return Resolution([self._route(config, backend, rest)], "direct")
         explicit = self._explicit(model, kind)
         if explicit is not None:
             return explicit

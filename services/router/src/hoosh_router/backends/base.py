@@ -31,6 +31,10 @@ class StreamPiece:
     finish_reason: str = ""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    # Completion tokens this piece carries, when the backend knows (the local worker sends
+    # one message per generated token); None: unknown, bounded by the piece's UTF-8 bytes.
+    # What a stream cut before the provider's usage arrived is charged for.
+    tokens: int | None = None
 
 
 @dataclass(slots=True)

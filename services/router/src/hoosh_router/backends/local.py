@@ -115,14 +115,23 @@ class LocalBackend:
         call = self._stub.GenerateStream(self._generate_request(request, params), timeout=params.timeout)
         try:
             async for reply in call:
-                if reply.text:
-                    yield StreamPiece(content=reply.text)
-                if reply.finish_reason:
-                    yield StreamPiece(finish_reason=reply.finish_reason)
                 if reply.HasField("usage"):
+                    # The last message. Its usage goes first, so the exact count is known
+                    # even if the client leaves while its text goes out; that text was held
+                    # back (a possible stop string, a partial character), not a new token.
                     yield StreamPiece(
                         prompt_tokens=reply.usage.prompt_tokens, completion_tokens=reply.usage.completion_tokens
                     )
+                    if reply.finish_reason:
+                        yield StreamPiece(finish_reason=reply.finish_reason)
+                    if reply.text:
+                        yield StreamPiece(content=reply.text, tokens=0)
+                    continue
+                if reply.text:
+                    # llama.cpp sends each generated token's text as a message of its own.
+                    yield StreamPiece(content=reply.text, tokens=1)
+                if reply.finish_reason:
+                    yield StreamPiece(finish_reason=reply.finish_reason)
         except grpc.aio.AioRpcError as error:
             raise _map_rpc_error(self.name, error) from error
         finally:

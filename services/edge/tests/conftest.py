@@ -1,20 +1,32 @@
 """Fixtures: the edge app over httpx's ASGI transport, its gRPC channels pointed at a
-closed port (a real channel to nothing: every backend call fails as UNAVAILABLE)."""
+closed port (a real channel to nothing: every backend call fails as UNAVAILABLE) or at
+in-process fakes (backends.py), its key store in the real Redis under a fresh prefix.
+
+``make_edge`` runs open auth unless told otherwise (the tests of validation, limits and
+mapping do not need keys); the tenancy tests pass ``auth="keys"`` and an admin key."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 from hoosh_edge.app import create_app
+from hoosh_edge.auth import Tenancy
 from hoosh_edge.clients import Clients
 from hoosh_edge.config import Settings
+
+from .backends import Backends, start_backends
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+ADMIN_KEY = "test-admin-key-0123456789abcdef0123456789"
 
 
 def free_port() -> int:
@@ -29,6 +41,18 @@ class Edge:
     app: FastAPI
     client: httpx.AsyncClient
     settings: Settings
+    tenancy: Tenancy
+
+
+@pytest.fixture
+async def tenancy_prefix() -> AsyncIterator[str]:
+    """A fresh key prefix in the real Redis, emptied after the test."""
+    prefix = f"hoosh:test:edge:{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = aioredis.Redis.from_url(REDIS_URL)
+    async for key in client.scan_iter(match=f"{prefix}*"):
+        await client.delete(key)
+    await client.aclose()
 
 
 @pytest.fixture
@@ -37,14 +61,16 @@ def closed_addr() -> str:
 
 
 @pytest.fixture
-def make_settings(closed_addr: str) -> Callable[..., Settings]:
+def make_settings(closed_addr: str, tenancy_prefix: str) -> Callable[..., Settings]:
     def make(**overrides: object) -> Settings:
         values: dict[str, object] = {
             "router_addr": closed_addr,
             "budget_addr": closed_addr,
             "audit_addr": closed_addr,
             "stt_addr": closed_addr,
-            "api_keys": "",
+            "auth": "open",
+            "redis_url": REDIS_URL,
+            "tenancy_key_prefix": tenancy_prefix,
             "edge_rpc_timeout_seconds": 5.0,
             "edge_request_timeout_seconds": 5.0,
         }
@@ -54,28 +80,45 @@ def make_settings(closed_addr: str) -> Callable[..., Settings]:
     return make
 
 
-@pytest.fixture
-async def make_edge(make_settings: Callable[..., Settings]) -> AsyncIterator[Callable[..., Edge]]:
-    """Build edges with setting overrides; every channel and client is closed after the test."""
-    opened: list[tuple[Clients, httpx.AsyncClient]] = []
+MakeEdge = Callable[..., Awaitable[Edge]]
 
-    def make(**overrides: object) -> Edge:
+
+@pytest.fixture
+async def make_edge(make_settings: Callable[..., Settings]) -> AsyncIterator[MakeEdge]:
+    """Build edges (each a replica with its own key cache) with setting overrides; every
+    channel, cache and client is closed after the test."""
+    opened: list[tuple[Clients, Tenancy, httpx.AsyncClient]] = []
+
+    async def make(**overrides: object) -> Edge:
         settings = make_settings(**overrides)
         clients = Clients.connect(settings)
-        app = create_app(settings, clients)
+        tenancy = Tenancy.connect(settings)
+        await tenancy.start(wait_seconds=2.0)
+        app = create_app(settings, clients, tenancy)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge")
-        opened.append((clients, client))
-        return Edge(app, client, settings)
+        opened.append((clients, tenancy, client))
+        return Edge(app, client, settings, tenancy)
 
     yield make
-    for clients, client in opened:
+    for clients, tenancy, client in opened:
         await client.aclose()
         await clients.close()
+        await tenancy.close()
 
 
 @pytest.fixture
-async def client(make_edge: Callable[..., Edge]) -> httpx.AsyncClient:
-    return make_edge().client
+async def client(make_edge: MakeEdge) -> httpx.AsyncClient:
+    return (await make_edge()).client
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Backends]:
+    """Router, budget and audit fakes on one in-process gRPC server (pools: default, team-a, team-b)."""
+    started = await start_backends()
+    for pool in ("default", "org", "team-a", "team-b"):
+        started.budget.add_pool(pool)
+    yield started
+    await started.server.stop(None)
 
 
 @pytest.fixture

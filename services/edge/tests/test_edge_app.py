@@ -14,6 +14,8 @@ import orjson
 import pytest
 from hoosh_edge.protocol import ErrorResponse
 
+from .conftest import ADMIN_KEY
+
 CHAT = "/v1/chat/completions"
 USER = {"role": "user", "content": "hi"}
 HEX_ID = re.compile(r"[0-9a-f]{32}")
@@ -90,7 +92,7 @@ async def test_chunked_body_over_limit_is_413(client: httpx.AsyncClient) -> None
 
 
 async def test_small_limit_applies(make_edge: Callable[..., Any]) -> None:
-    client = make_edge(edge_max_body_bytes=64).client
+    client = (await make_edge(edge_max_body_bytes=64)).client
     response = await client.post(CHAT, json={"model": "m", "messages": [USER] * 5})
     assert_envelope(response, 413)
 
@@ -139,33 +141,38 @@ async def test_client_request_id_never_becomes_ours(client: httpx.AsyncClient, g
 
 
 async def test_auth_refuses_missing_and_wrong_keys(make_edge: Callable[..., Any]) -> None:
-    client = make_edge(api_keys="sk-one, sk-two").client
-    for headers in ({}, {"authorization": "Bearer sk-three"}, {"authorization": "Basic sk-one"}):
+    client = (await make_edge(auth="keys", admin_key=ADMIN_KEY)).client
+    wrong = [{}, {"authorization": "Bearer sk-three"}, {"authorization": f"Basic {ADMIN_KEY}"}]
+    wrong.append({"authorization": "Bearer sk-hoosh-" + "A" * 43})  # shaped like a key, unknown
+    for headers in wrong:
         response = await client.post(CHAT, json={"model": "m", "messages": [USER]}, headers=headers)
         error = assert_envelope(response, 401)
         assert error["code"] == "invalid_api_key"
+        assert error["type"] == "invalid_request_error"
         assert response.headers["www-authenticate"] == "Bearer"
+        assert ADMIN_KEY not in response.text
     # The unknown path is refused before routing: nothing is revealed without a key.
     assert_envelope(await client.get("/v1/nope"), 401)
 
 
-async def test_auth_accepts_each_configured_key(make_edge: Callable[..., Any]) -> None:
-    client = make_edge(api_keys="sk-one,sk-two").client
-    for key in ("sk-one", "sk-two"):
-        # Past auth, the empty body fails validation: 400, not 401.
-        response = await client.post(CHAT, json={}, headers={"authorization": f"Bearer {key}"})
-        assert_envelope(response, 400, param="messages")
+async def test_auth_accepts_the_bootstrap_admin_key(make_edge: Callable[..., Any]) -> None:
+    client = (await make_edge(auth="keys", admin_key=ADMIN_KEY)).client
+    # Past auth, the empty body fails validation: 400, not 401.
+    response = await client.post(CHAT, json={}, headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert_envelope(response, 400, param="messages")
 
 
-async def test_health_needs_no_key(make_edge: Callable[..., Any]) -> None:
-    client = make_edge(api_keys="sk-one").client
+async def test_health_and_docs_need_no_key(make_edge: Callable[..., Any]) -> None:
+    client = (await make_edge(auth="keys", admin_key=ADMIN_KEY)).client
     response = await client.get("/v1/health")
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
     assert (await client.get("/v1/health/ready")).status_code == 503  # exempt, and the router is down
+    assert (await client.get("/openapi.json")).status_code == 200
+    assert (await client.get("/docs")).status_code == 200
 
 
-async def test_no_keys_means_auth_off(client: httpx.AsyncClient) -> None:
+async def test_open_auth_serves_without_a_key(client: httpx.AsyncClient) -> None:
     assert_envelope(await client.post(CHAT, json={}), 400, param="messages")
 
 
@@ -191,7 +198,7 @@ async def test_streaming_chat_with_router_down_is_503_not_a_stream(client: httpx
         ("GET", "/v1/tokens/pools", None),
         ("POST", "/v1/tokens/check", {"pool": "default", "tokens": 1}),
         ("POST", "/v1/tokens/reserve", {"pool": "default", "tokens": 1}),
-        ("POST", "/v1/tokens/report", {"pool": "default", "actual": 1}),
+        ("POST", "/v1/tokens/report", {"pool": "default", "actual": 1, "reservation_id": "r"}),
         ("GET", "/v1/audit", None),
     ],
 )
@@ -214,7 +221,7 @@ async def test_readiness_reports_each_backend(client: httpx.AsyncClient) -> None
 
 
 async def test_unexpected_exception_is_500_without_traceback(make_edge: Callable[..., Any]) -> None:
-    edge = make_edge()
+    edge = await make_edge()
 
     async def boom() -> None:
         raise RuntimeError("internal secret")

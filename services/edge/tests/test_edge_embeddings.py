@@ -19,6 +19,7 @@ from hoosh_edge.serving_embeddings import (
     to_embed_request,
 )
 
+from .conftest import ADMIN_KEY, MakeEdge
 from .test_edge_app import assert_envelope
 
 EMBEDDINGS = "/v1/embeddings"
@@ -48,9 +49,11 @@ async def test_a_valid_request_reaches_the_router(client: httpx.AsyncClient) -> 
     assert_envelope(response, 503)
 
 
-async def test_health_and_cache_views_need_the_router(client: httpx.AsyncClient) -> None:
-    assert_envelope(await client.get("/v1/health/providers"), 503)
-    assert_envelope(await client.get("/v1/cache/stats"), 503)
+async def test_health_and_cache_views_need_the_router(make_edge: MakeEdge) -> None:
+    client = (await make_edge(admin_key=ADMIN_KEY)).client
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    assert_envelope(await client.get("/v1/health/providers", headers=admin), 503)
+    assert_envelope(await client.get("/v1/cache/stats", headers=admin), 503)
 
 
 def test_the_router_request() -> None:

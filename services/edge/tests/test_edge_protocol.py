@@ -26,7 +26,7 @@ def request(**fields: Any) -> ChatCompletionRequest:
 
 def test_minimal_request_has_defaults() -> None:
     req = request()
-    assert req.pool == "default"
+    assert req.pool is None  # the edge charges the key's default pool
     assert req.stream is False
     assert req.effective_max_tokens is None
     assert req.include_usage is False

@@ -60,7 +60,7 @@ async def test_a_valid_form_reaches_the_stt_service(client: httpx.AsyncClient) -
 
 
 async def test_without_an_stt_address_the_route_says_so(make_edge: Callable[..., Any]) -> None:
-    client = make_edge(stt_addr="").client
+    client = (await make_edge(stt_addr="")).client
     response = await client.post(PATH, data=form(), files={"file": ("a.wav", WAV)})
     error = assert_envelope(response, 503)
     assert "HOOSH_STT_ADDR" in error["message"]
@@ -68,7 +68,7 @@ async def test_without_an_stt_address_the_route_says_so(make_edge: Callable[...,
 
 
 async def test_the_upload_route_has_its_own_body_limit(make_edge: Callable[..., Any]) -> None:
-    client = make_edge(edge_max_body_bytes=1000, edge_max_audio_bytes=5000).client
+    client = (await make_edge(edge_max_body_bytes=1000, edge_max_audio_bytes=5000)).client
     big = b"\x00" * 3000
     # 3 kB: over the JSON routes' limit, under the upload route's.
     assert_envelope(await client.post(CHAT, content=big, headers={"content-type": "application/json"}), 413)
@@ -158,3 +158,12 @@ def test_options_ask_for_words_only_with_verbose_json() -> None:
     assert list(options.timestamp_granularities) == [stt_pb2.TIMESTAMP_GRANULARITY_SEGMENT]
     assert not options.HasField("temperature")
     assert to_options(TranscriptionRequest(model="m", temperature=0.4), "", "r").temperature == pytest.approx(0.4)
+
+
+def test_the_options_carry_the_authorized_pool_and_the_caller() -> None:
+    from hoosh.tenancy.v1 import tenancy_pb2
+
+    caller = tenancy_pb2.Caller(key_id="key_1", team="a")
+    options = to_options(TranscriptionRequest(model="m"), "a.wav", "rid", pool="team-a", caller=caller)
+    assert (options.pool, options.caller) == ("team-a", caller)
+    assert not to_options(TranscriptionRequest(model="m"), "a.wav", "rid").HasField("caller")

@@ -1,4 +1,5 @@
-"""The `hoosh` command. `hoosh up` runs the whole gateway on this machine."""
+"""The `hoosh` command. `hoosh up` runs the whole gateway on this machine; `hoosh keys`
+and `hoosh pools` manage API keys and token pools through the edge's admin API."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from hoosh_common.logs import configure_logging
 
+from . import admin
 from .infra import ensure_nats, ensure_redis
 from .stack import Ports, Stack, StackConfig
 
@@ -33,11 +35,51 @@ def audit_key(state_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def admin_key(state_dir: Path) -> str:
+    """The edge's bootstrap admin key: $HOOSH_ADMIN_KEY, else one generated once into
+    <state dir>/admin.key (0600), where `hoosh keys` finds it."""
+    if os.environ.get("HOOSH_ADMIN_KEY", "").strip():
+        return os.environ["HOOSH_ADMIN_KEY"].strip()
+    path = state_dir / "admin.key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        # Created 0600 from the start: the key is never readable by others, even briefly.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("sk-hoosh-admin-" + secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
 def default_config() -> Path | None:
     if os.environ.get("HOOSH_CONFIG"):
         return Path(os.environ["HOOSH_CONFIG"])
     candidate = Path("hoosh.yaml")
     return candidate if candidate.exists() else None
+
+
+def banner(base_url: str, auth: str, state_dir: Path) -> str:
+    """What `hoosh up` prints once every service is healthy (never the admin key itself)."""
+    key_source = "$HOOSH_ADMIN_KEY" if os.environ.get("HOOSH_ADMIN_KEY", "").strip() else state_dir / "admin.key"
+    bearer = "" if auth == "open" else ' -H "Authorization: Bearer $KEY"'
+    lines = [
+        f"\nhoosh is up: {base_url}/v1  (OpenAPI docs: {base_url}/docs)\n",
+        f"  curl {base_url}/v1/chat/completions -H 'Content-Type: application/json'{bearer} \\",
+        '    -d \'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}]}\'\n',
+        f"  curl {base_url}/v1/audio/transcriptions{bearer} -F file=@speech.wav -F model=whisper-tiny.en\n",
+    ]
+    if auth == "open":
+        lines.append(
+            "Auth is OPEN on loopback (127.0.0.1): requests without a key are served. "
+            "`hoosh up --auth keys` requires a key for every request."
+        )
+    else:
+        lines.append("Auth is on: every request needs an API key (Authorization: Bearer <key>).")
+    lines += [
+        f"Create a key (the admin key is in {key_source}):",
+        "  hoosh keys create --name me --pool default",
+        "\nCtrl-C stops everything.",
+    ]
+    return "\n".join(lines)
 
 
 async def up(args: argparse.Namespace) -> int:
@@ -61,6 +103,8 @@ async def up(args: argparse.Namespace) -> int:
         redis_url=redis_url,
         nats_url=nats_url,
         audit_key=audit_key(state_dir),
+        admin_key=admin_key(state_dir),
+        auth=args.auth,
     )
     stack = Stack(config)
     print(f"starting hoosh services (logs in {log_dir}) ...", flush=True)
@@ -71,14 +115,7 @@ async def up(args: argparse.Namespace) -> int:
     exit_code = 0
     try:
         await stack.start()
-        print(
-            f"\nhoosh is up: {stack.base_url}/v1  (OpenAPI docs: {stack.base_url}/docs)\n\n"
-            f"  curl {stack.base_url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-            '    -d \'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}]}\'\n\n'
-            f"  curl {stack.base_url}/v1/audio/transcriptions -F file=@speech.wav -F model=whisper-tiny.en\n\n"
-            "Ctrl-C stops everything.",
-            flush=True,
-        )
+        print(banner(stack.base_url, args.auth, state_dir), flush=True)
         while not stop.is_set():
             if (dead := stack.failed()) is not None:
                 log.error("service exited; stopping", extra={"service": dead.name})
@@ -107,7 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     up_parser.add_argument("--port", type=int, default=int(os.environ.get("HOOSH_EDGE_PORT", "8088")))
     up_parser.add_argument("--config", default=str(default_config() or ""), help="hoosh YAML config")
     up_parser.add_argument("--state-dir", default=os.environ.get("HOOSH_STATE_DIR", ".hoosh"))
+    up_parser.add_argument(
+        "--auth",
+        choices=("open", "keys"),
+        default=os.environ.get("HOOSH_AUTH", "open"),
+        help="open (default): requests without a key are served, on loopback only; keys: every request needs one",
+    )
+    admin.add_commands(commands)
     args = parser.parse_args(argv)
+    if args.command in ("keys", "pools"):
+        sys.exit(admin.run(args))
     configure_logging("cli", os.environ.get("HOOSH_LOG_LEVEL", "INFO"))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the health polls are not news
     if args.command == "up":

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import grpc
 import httpx
@@ -51,6 +53,12 @@ class StackConfig:
     router_key_prefix: str = "hoosh:router:"
     audit_key: str = ""
     audit_consumer: str = "audit"
+    # The edge's bootstrap admin key (HOOSH_ADMIN_KEY): a fresh one unless given.
+    admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # open: requests without a known key are served (the edge binds loopback only);
+    # keys: every request needs a key.
+    auth: Literal["open", "keys"] = "open"
+    tenancy_key_prefix: str = "hoosh:tenancy:"
     with_inference: bool = True
     with_stt: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -68,6 +76,10 @@ class StackConfig:
             "HOOSH_AUDIT_HMAC_KEY": self.audit_key,
             "HOOSH_AUDIT_DIR": str(self.state_dir / "audit"),
             "HOOSH_AUDIT_CONSUMER": self.audit_consumer,
+            "HOOSH_AUTH": self.auth,
+            "HOOSH_ADMIN_KEY": self.admin_key,
+            "HOOSH_ADMIN_KEY_FILE": "",  # blank = unset: the key above is the one
+            "HOOSH_TENANCY_KEY_PREFIX": self.tenancy_key_prefix,
             "HOOSH_EDGE_HOST": "127.0.0.1",
             "HOOSH_EDGE_PORT": str(ports.edge),
             "HOOSH_ROUTER_LISTEN": f"127.0.0.1:{ports.router}",
@@ -171,7 +183,7 @@ class Stack:
                 )
             except grpc.aio.AioRpcError:
                 return False
-            return reply.status == health_pb2.HealthCheckResponse.SERVING
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def failed(self) -> ServiceProcess | None:
         """The first service whose process has exited, if any."""

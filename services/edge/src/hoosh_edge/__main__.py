@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import uvicorn
@@ -20,8 +21,14 @@ def main() -> None:
     try:
         settings = Settings()
     except ValidationError as exc:
-        log.error("invalid edge settings", extra={"errors": exc.errors(include_url=False)})
+        # Without the inputs: they may hold the admin key.
+        log.error("invalid edge settings", extra={"errors": exc.errors(include_url=False, include_input=False)})
         sys.exit(2)
+    if os.environ.get("HOOSH_API_KEYS"):
+        log.warning(
+            "HOOSH_API_KEYS is no longer read: create keys with `hoosh keys create` (POST /v1/admin/keys); "
+            "the bootstrap admin key is HOOSH_ADMIN_KEY or HOOSH_ADMIN_KEY_FILE"
+        )
     log.info(
         "edge starting",
         extra={
@@ -31,6 +38,10 @@ def main() -> None:
             "router": settings.router_addr,
             "budget": settings.budget_addr,
             "audit": settings.audit_addr,
+            "auth": settings.auth,
+            "env": settings.env,
+            "admin_key": "set" if settings.admin_keys else "none",
+            "tenancy_key_prefix": settings.tenancy_key_prefix,
         },
     )
     # A factory by import path: with several workers each process builds its own app,

@@ -1,20 +1,42 @@
-"""Edge settings, read once from the environment (prefix ``HOOSH_``)."""
+"""Edge settings, read once from the environment (prefix ``HOOSH_``).
+
+Auth fails fast: ``HOOSH_AUTH=open`` is refused unless the edge binds a loopback
+address and always with ``HOOSH_ENV=production``; production also needs a bootstrap
+admin key (``HOOSH_ADMIN_KEY`` or ``HOOSH_ADMIN_KEY_FILE``) of at least 32 characters.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from hoosh_tenancy import DEFAULT_KEY_PREFIX
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_PRODUCTION_ADMIN_KEY_LENGTH = 32
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
-    """Everything the edge reads from the environment.
+    """Everything the edge reads from the environment."""
 
-    ``HOOSH_API_KEYS`` is a comma-separated list of accepted bearer tokens; when it is
-    empty, authentication is off (a warning is logged at start).
-    """
+    # hide_input_in_errors: a validation error must never print the admin key.
+    model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore", hide_input_in_errors=True)
 
-    model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
-
+    env: Literal["development", "production"] = Field(
+        default="development", description="production refuses open auth and needs an admin key"
+    )
     edge_host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds")
     edge_port: int = Field(default=8088, ge=0, le=65535, description="Port the HTTP server binds")
     router_addr: str = Field(default="127.0.0.1:50051", description="Router gRPC address")
@@ -23,8 +45,18 @@ class Settings(BaseSettings):
     stt_addr: str = Field(
         default="127.0.0.1:50055", description="Speech-to-text gRPC address; empty turns /v1/audio/transcriptions off"
     )
-    # A str, not list[str]: pydantic-settings would expect JSON for a list.
-    api_keys: str = Field(default="", description="Comma-separated bearer tokens; empty turns auth off")
+    auth: Literal["keys", "open"] = Field(
+        default="keys",
+        description="keys: every request but health and docs needs a valid key; open: a request without a known "
+        "key is served as an anonymous user (every pool and model, no admin routes). Open only on loopback",
+    )
+    admin_key: SecretStr | None = Field(default=None, description="Bootstrap admin key (never logged)")
+    admin_key_file: Path | None = Field(default=None, description="A file holding the bootstrap admin key")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis of the key records")
+    tenancy_redis_url: str = Field(
+        default="", description="Redis of the key records when it differs from HOOSH_REDIS_URL (a cluster there)"
+    )
+    tenancy_key_prefix: str = Field(default=DEFAULT_KEY_PREFIX, min_length=1, description="Prefix of key records")
     edge_max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Largest accepted request body")
     edge_max_audio_bytes: int = Field(
         default=25 * 1024 * 1024, gt=0, description="Largest body of /v1/audio/transcriptions (OpenAI's 25 MB)"
@@ -36,6 +68,16 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="gRPC deadline of the small calls: models, tokens, audit, health"
     )
     edge_workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+
+    _admin_key_value: str | None = PrivateAttr(default=None)
+
+    @field_validator("admin_key", "admin_key_file", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # An empty variable (a blank secret, a launcher that clears one of the two) is unset.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
 
     @field_validator("router_addr", "budget_addr", "audit_addr")
     @classmethod
@@ -49,7 +91,47 @@ class Settings(BaseSettings):
     def _optional_address(cls, value: str) -> str:
         return value.strip()
 
+    @model_validator(mode="after")
+    def _auth_is_safe(self) -> Settings:
+        # Messages never include the key: validation errors get logged.
+        if self.admin_key is not None and self.admin_key_file is not None:
+            raise ValueError("set HOOSH_ADMIN_KEY or HOOSH_ADMIN_KEY_FILE, not both")
+        key: str | None = None
+        if self.admin_key is not None:
+            key = self.admin_key.get_secret_value().strip()
+        elif self.admin_key_file is not None:
+            try:
+                key = self.admin_key_file.read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"HOOSH_ADMIN_KEY_FILE cannot be read: {exc.strerror}") from None
+            if not key:
+                raise ValueError("HOOSH_ADMIN_KEY_FILE is empty")
+        if self.env == "production":
+            if self.auth == "open":
+                raise ValueError("HOOSH_AUTH=open is refused in production (HOOSH_ENV=production)")
+            if key is None:
+                raise ValueError("production needs a bootstrap admin key: HOOSH_ADMIN_KEY or HOOSH_ADMIN_KEY_FILE")
+            if len(key) < MIN_PRODUCTION_ADMIN_KEY_LENGTH:
+                raise ValueError(
+                    f"the admin key is shorter than {MIN_PRODUCTION_ADMIN_KEY_LENGTH} characters (a placeholder?)"
+                )
+        if self.auth == "open" and not is_loopback(self.edge_host):
+            raise ValueError(
+                f"HOOSH_AUTH=open is only allowed when the edge binds a loopback address, not {self.edge_host!r}"
+            )
+        if self.key_store_redis_url.split("://", 1)[0].endswith("+cluster"):
+            raise ValueError(
+                "the key records need a single Redis node: HOOSH_REDIS_URL is a cluster, "
+                "so set HOOSH_TENANCY_REDIS_URL to one node"
+            )
+        self._admin_key_value = key
+        return self
+
     @property
-    def api_key_list(self) -> list[str]:
-        """The configured keys, blanks dropped."""
-        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+    def admin_keys(self) -> list[str]:
+        """The bootstrap admin key, when configured (empty list otherwise)."""
+        return [self._admin_key_value] if self._admin_key_value else []
+
+    @property
+    def key_store_redis_url(self) -> str:
+        return self.tenancy_redis_url or self.redis_url

@@ -17,12 +17,14 @@ import grpc
 import orjson
 from fastapi.exceptions import RequestValidationError
 from hoosh_common.grpc_errors import metadata_dict
+from hoosh_tenancy import InvalidKeyRecord, KeyNotFound, TenancyUnavailable
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 INVALID_REQUEST = "invalid_request_error"
 API_ERROR = "api_error"  # the router's type for 5xx, kept for one vocabulary across services
 RATE_LIMIT = "rate_limit_error"
+BUDGET_UNAVAILABLE = "budget_unavailable"  # Redis (budget or key store) unreachable or too slow
 
 INVALID_JSON_MESSAGE = (
     "We could not parse the JSON body of your request. The body must be valid JSON (Content-Type: application/json)."
@@ -63,6 +65,21 @@ class AuthenticationError(EdgeError):
     status_code = 401
     error_type = INVALID_REQUEST
     code = "invalid_api_key"
+
+
+class PermissionDeniedError(EdgeError):
+    """A valid key asked for something its scope does not hold: a pool, a model, an admin
+    route. OpenAI answers 403 with ``invalid_request_error``; the code says which."""
+
+    status_code = 403
+    error_type = INVALID_REQUEST
+    code = "insufficient_scope"
+
+
+class ServiceUnavailableError(EdgeError):
+    status_code = 503
+    error_type = API_ERROR
+    code = "service_unavailable"
 
 
 class NotFoundError(EdgeError):
@@ -168,9 +185,13 @@ _TRANSPORT_MESSAGES: dict[grpc.StatusCode, str] = {
 _CODE_STATUS: dict[str, int] = {"stt_overloaded": 503, "request_too_large": 413}
 
 
-def _from_rpc_error(exc: grpc.aio.AioRpcError, not_found_code: str) -> APIError:
+def _from_rpc_error(
+    exc: grpc.aio.AioRpcError, not_found_code: str, overrides: Mapping[grpc.StatusCode, tuple[int, str | None]]
+) -> APIError:
     code = exc.code()
     status, error_type, error_code = _GRPC_MAP.get(code, (502, API_ERROR, "upstream_error"))
+    if code in overrides:
+        status, error_code = overrides[code]
     if code == grpc.StatusCode.NOT_FOUND:
         error_code = not_found_code
     metadata = metadata_dict(exc.trailing_metadata())
@@ -288,18 +309,35 @@ def validation_error(errors: Sequence[Mapping[str, Any]], data: Any = None, *, s
     return APIError(400, message, INVALID_REQUEST, param=param, code=_code_for(str(first.get("type", ""))))
 
 
-def to_api_error(exc: BaseException, *, not_found_code: str = "model_not_found") -> APIError:
+KEY_STORE_UNAVAILABLE = "The key store (Redis) is unavailable; try again shortly."
+
+
+def to_api_error(
+    exc: BaseException,
+    *,
+    not_found_code: str = "model_not_found",
+    overrides: Mapping[grpc.StatusCode, tuple[int, str | None]] | None = None,
+) -> APIError:
     """Map any exception to the client-facing error (status, envelope fields, headers).
 
     ``not_found_code`` is the code of a gRPC NOT_FOUND without hoosh-error-code metadata
-    (a model for the router; the budget routes pass ``pool_not_found``).
+    (a model for the router; the budget routes pass ``pool_not_found``). ``overrides``
+    changes the (HTTP status, default code) of some gRPC statuses for one route group
+    (the admin pool routes answer FAILED_PRECONDITION with 409).
     """
     if isinstance(exc, MappedError):
         return exc.error
     if isinstance(exc, EdgeError):
         return APIError(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, dict(exc.headers))
     if isinstance(exc, grpc.aio.AioRpcError):
-        return _from_rpc_error(exc, not_found_code)
+        return _from_rpc_error(exc, not_found_code, overrides or {})
+    if isinstance(exc, TenancyUnavailable):
+        # The same Redis outage the budget answers with budget_unavailable: one code for clients.
+        return APIError(503, KEY_STORE_UNAVAILABLE, API_ERROR, code=BUDGET_UNAVAILABLE, log_detail=exc.message)
+    if isinstance(exc, KeyNotFound):
+        return APIError(404, exc.message, INVALID_REQUEST, code="key_not_found")
+    if isinstance(exc, InvalidKeyRecord):
+        return APIError(400, exc.message, INVALID_REQUEST, code="invalid_value")
     if isinstance(exc, RequestValidationError):
         return validation_error(exc.errors(), getattr(exc, "body", None), skip_prefix=True)
     if isinstance(exc, ValidationError):

@@ -6,8 +6,6 @@ once, adds one response header and wraps ``receive`` only when a body has no len
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 import uuid
@@ -19,7 +17,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import AuthenticationError, RequestTooLargeError, to_api_error
+from .auth import Authenticator
+from .errors import RequestTooLargeError, to_api_error
 from .responses import error_response
 
 log = logging.getLogger(__name__)
@@ -31,20 +30,18 @@ _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 AUTH_EXEMPT_PATHS = frozenset({"/v1/health", "/v1/health/ready", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 
 
-def _digest(key: str | bytes) -> bytes:
-    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
-
-
 class EdgeMiddleware:
-    """Request id on every response, optional bearer auth, body size limit.
+    """Request id on every response, bearer auth, body size limit.
 
     - ``X-Request-Id``: always a fresh uuid4 hex minted here, because the id is also the
       budget reservation id and the event's dedup id (``Nats-Msg-Id``): a client reusing
       one must never merge two requests. A client's own sane ``X-Request-Id``
       (``[A-Za-z0-9._-]{1,128}``) is logged as ``client_request_id``. The id is set in
       ``hoosh_common.logs.request_id_var`` and in ``scope["state"]["request_id"]``.
-    - Auth: with keys configured, ``Authorization: Bearer <key>`` is required except on
-      :data:`AUTH_EXEMPT_PATHS`; keys are compared as SHA-256 digests in constant time.
+    - Auth: every path but :data:`AUTH_EXEMPT_PATHS` goes through the
+      :class:`~hoosh_edge.auth.Authenticator`; the principal (a key record, the bootstrap
+      admin or open mode's anonymous user) goes in ``scope["state"]["principal"]``.
+      Refusals (401, 503) use the error envelope.
     - Body limit: a Content-Length over the limit is refused before reading; a body
       without one is counted as it streams in. Both answer 413. The limit is
       ``max_body_bytes`` unless ``body_limits`` names the path (uploads get more).
@@ -56,7 +53,7 @@ class EdgeMiddleware:
         app: ASGIApp,
         *,
         max_body_bytes: int,
-        api_keys: list[str],
+        authenticator: Authenticator,
         body_limits: Mapping[str, int] | None = None,
         fast_routes: Mapping[tuple[str, str], ASGIApp] | None = None,
     ) -> None:
@@ -66,16 +63,7 @@ class EdgeMiddleware:
         self.fast_routes = dict(fast_routes or {})
         self.max_body_bytes = max_body_bytes
         self.body_limits = dict(body_limits or {})
-        self._key_digests = tuple(_digest(key) for key in api_keys)
-
-    def _authorized(self, header: bytes | None) -> bool:
-        if header is None or header[:7].lower() != b"bearer ":
-            return False
-        presented = _digest(header[7:].strip())
-        ok = False
-        for digest in self._key_digests:  # no early exit: the time does not say which key matched
-            ok |= hmac.compare_digest(presented, digest)
-        return ok
+        self.authenticator = authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -133,10 +121,18 @@ class EdgeMiddleware:
         async def refuse(exc: Exception) -> None:
             await error_response(to_api_error(exc))(scope, receive, send_with_request_id)
 
-        if self._key_digests and scope["path"] not in AUTH_EXEMPT_PATHS and not self._authorized(authorization):
-            message = "Incorrect API key provided." if authorization else "Missing API key (Authorization: Bearer)."
-            await refuse(AuthenticationError(message, headers={"WWW-Authenticate": "Bearer"}))
-            return
+        if scope["path"] not in AUTH_EXEMPT_PATHS:
+            try:
+                principal = await self.authenticator.principal(authorization)
+            except Exception as exc:
+                error = to_api_error(exc)
+                if error.status >= 500:
+                    log.warning("authentication unavailable", extra={"code": error.code, "detail": error.log_detail})
+                await error_response(error)(scope, receive, send_with_request_id)
+                return
+            scope["state"]["principal"] = principal
+            if principal.id:
+                span.set_attribute("hoosh.key_id", principal.id)
 
         limit = self.body_limits.get(scope["path"], self.max_body_bytes)
         app_receive = receive

@@ -11,12 +11,31 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from hoosh_tenancy import POOL_NAME, valid_model_id
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 INT32_MAX = 2**31 - 1
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
+
+MODEL_ID_MESSAGE = (
+    "a model id uses only letters, digits and . _ : / @ + - (1-256 characters), "
+    "with no empty, '.' or '..' part between slashes"
+)
+
+
+def _model_id(value: str) -> str:
+    # Checked before anything else sees the id: it may end up in an upstream URL.
+    if not valid_model_id(value):
+        raise ValueError(MODEL_ID_MESSAGE)
+    return value
+
+
+# A model id as requests carry it: ``[A-Za-z0-9._:/@+-]{1,256}`` (``provider/model`` included).
+ModelId = Annotated[str, AfterValidator(_model_id)]
+# A pool name as hoosh_metering accepts it (it appears inside Redis hash tags).
+PoolName = Annotated[str, Field(pattern=f"^{POOL_NAME.pattern}$", min_length=1, max_length=64)]
 
 
 class OpenAIModel(BaseModel):
@@ -161,7 +180,7 @@ class ChatCompletionRequest(OpenAIModel):
     """POST /v1/chat/completions. OpenAI's fields first, hoosh's extension (``pool``) last."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str = Field(min_length=1)
+    model: ModelId
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -183,10 +202,10 @@ class ChatCompletionRequest(OpenAIModel):
     response_format: dict[str, Any] | None = Field(
         default=None, description="Passed to the backend as JSON: {type: text | json_object | json_schema}"
     )
-    pool: str = Field(
-        default="default",
-        min_length=1,
-        description="hoosh extension: the token pool (budget) this request is charged to",
+    pool: PoolName | None = Field(
+        default=None,
+        description="hoosh extension: the token pool (budget) this request is charged to; "
+        "default: the API key's first pool",
     )
 
     @field_validator("n")
@@ -334,17 +353,19 @@ class TranscriptionRequest(OpenAIModel):
     the ``file`` part is checked on its own). Others (``stream``, ``include[]``,
     ``chunking_strategy``) are accepted and ignored, as OpenAI does for whisper-1."""
 
-    model: str = Field(min_length=1, description="A speech-to-text model, e.g. whisper-tiny.en")
+    model: ModelId = Field(description="A speech-to-text model, e.g. whisper-tiny.en")
     language: str | None = Field(default=None, description="ISO-639-1 language of the audio, e.g. en")
     prompt: str | None = Field(default=None, description="Text to guide the style or continue a previous segment")
     response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] = "json"
     temperature: float = Field(default=0.0, ge=0.0, le=1.0, description="0: the engine raises it when decoding fails")
     timestamp_granularities: list[Literal["word", "segment"]] = Field(
-        default_factory=lambda: ["segment"],
+        default_factory=lambda: list[Literal["word", "segment"]](["segment"]),
         description="verbose_json only: word and/or segment timings (form field timestamp_granularities[])",
     )
     # hoosh's extension
-    pool: str | None = Field(default=None, description="Token pool charged for the audio seconds; 'default' if absent")
+    pool: PoolName | None = Field(
+        default=None, description="Token pool charged for the audio seconds; default: the API key's first pool"
+    )
 
 
 class TranscriptionUsage(OpenAIModel):
@@ -420,17 +441,17 @@ class PoolInfo(OpenAIModel):
 
 
 class TokenCheckRequest(OpenAIModel):
-    pool: str = Field(min_length=1, description="Pool name")
+    pool: PoolName = Field(description="Pool name")
     tokens: int = Field(ge=0, le=INT64_MAX, description="Tokens the caller wants to use")
 
 
 class TokenCheckResponse(OpenAIModel):
     allowed: bool = Field(description="Whether the pool can cover the tokens now")
-    available: int = Field(description="Tokens available in the pool")
+    available: int = Field(description="Tokens available now: the least along the pool and its ancestors")
 
 
 class TokenReserveRequest(OpenAIModel):
-    pool: str = Field(min_length=1, description="Pool name")
+    pool: PoolName = Field(description="Pool name")
     tokens: int = Field(ge=0, le=INT64_MAX, description="Tokens to reserve")
 
 
@@ -441,7 +462,7 @@ class TokenReserveResponse(OpenAIModel):
 
 
 class TokenReportRequest(OpenAIModel):
-    pool: str = Field(min_length=1, description="Pool name")
+    pool: PoolName = Field(description="Pool name")
     reserved: int = Field(
         default=0,
         ge=0,
@@ -492,16 +513,16 @@ class EmbeddingRequest(OpenAIModel):
     input: str | Annotated[list[str], Field(min_length=1, max_length=2048)] = Field(
         description="Text to embed, or an array of texts (at most 2048); none may be empty"
     )
-    model: str = Field(min_length=1)
+    model: ModelId
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="base64: little-endian float32 values, base64-encoded"
     )
     dimensions: int | None = Field(default=None, ge=1, le=INT32_MAX, description="Output size, if the model can cut")
     user: str | None = None
-    pool: str = Field(
-        default="default",
-        min_length=1,
-        description="hoosh extension: the token pool (budget) this request is charged to",
+    pool: PoolName | None = Field(
+        default=None,
+        description="hoosh extension: the token pool (budget) this request is charged to; "
+        "default: the API key's first pool",
     )
 
     @field_validator("input", mode="before")

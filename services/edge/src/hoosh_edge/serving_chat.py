@@ -18,6 +18,7 @@ import grpc
 import orjson
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
+from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_common.telemetry import inject_metadata
 
 from .errors import ClientClosedRequestError, to_api_error
@@ -94,13 +95,23 @@ def _fill_message(target: chat_pb2.ChatMessage, message: Any) -> None:
         target.tool_call_id = message.tool_call_id
 
 
-def to_router_request(request: ChatCompletionRequest, request_id: str) -> router_pb2.ChatRequest:
+def to_router_request(
+    request: ChatCompletionRequest,
+    request_id: str,
+    *,
+    pool: str | None = None,
+    caller: tenancy_pb2.Caller | None = None,
+) -> router_pb2.ChatRequest:
     """Map a validated OpenAI request onto the router's ChatRequest.
 
-    Optional sampling fields are set only when the client gave them, so the router can
-    tell "absent" from zero; ``max_completion_tokens`` wins over ``max_tokens``.
+    ``pool`` is the pool the edge authorized (default: the request's, else ``default``);
+    ``caller`` the authenticated principal. Optional sampling fields are set only when
+    the client gave them, so the router can tell "absent" from zero;
+    ``max_completion_tokens`` wins over ``max_tokens``.
     """
-    out = router_pb2.ChatRequest(request_id=request_id, model=request.model, pool=request.pool or "default")
+    out = router_pb2.ChatRequest(
+        request_id=request_id, model=request.model, pool=pool or request.pool or "default", caller=caller
+    )
     for message in request.messages:
         _fill_message(out.messages.add(), message)
 
@@ -384,14 +395,20 @@ class ServingChat:
         self._timeout = timeout
 
     async def create(
-        self, request: ChatCompletionRequest, request_id: str, receive: Receive
+        self,
+        request: ChatCompletionRequest,
+        request_id: str,
+        receive: Receive,
+        *,
+        pool: str | None = None,
+        caller: tenancy_pb2.Caller | None = None,
     ) -> ChatCompletion | ChatStream:
         """Run one completion: a :class:`ChatCompletion`, or a started :class:`ChatStream`.
 
         gRPC errors raised here (for a stream: before its first message) propagate, so
         the client gets a plain HTTP error status. A client disconnect cancels the call.
         """
-        router_request = to_router_request(request, request_id)
+        router_request = to_router_request(request, request_id, pool=pool, caller=caller)
         metadata = (("x-request-id", request_id), *inject_metadata())
         completion_id = f"chatcmpl-{request_id}"
         if request.stream:

@@ -9,6 +9,7 @@ import struct
 from typing import Any
 
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
+from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_common.telemetry import inject_metadata
 
 from .errors import ClientClosedRequestError
@@ -16,8 +17,20 @@ from .protocol import EmbeddingRequest
 from .serving_chat import DisconnectWatch, Receive
 
 
-def to_embed_request(request: EmbeddingRequest, request_id: str) -> router_pb2.EmbedRequest:
-    out = router_pb2.EmbedRequest(request_id=request_id, model=request.model, input=request.texts, pool=request.pool)
+def to_embed_request(
+    request: EmbeddingRequest,
+    request_id: str,
+    *,
+    pool: str | None = None,
+    caller: tenancy_pb2.Caller | None = None,
+) -> router_pb2.EmbedRequest:
+    out = router_pb2.EmbedRequest(
+        request_id=request_id,
+        model=request.model,
+        input=request.texts,
+        pool=pool or request.pool or "default",
+        caller=caller,
+    )
     if request.dimensions is not None:
         out.dimensions = request.dimensions
     if request.user is not None:
@@ -80,10 +93,19 @@ class ServingEmbeddings:
         self._router = router
         self._timeout = timeout
 
-    async def create(self, request: EmbeddingRequest, request_id: str, receive: Receive) -> dict[str, Any]:
+    async def create(
+        self,
+        request: EmbeddingRequest,
+        request_id: str,
+        receive: Receive,
+        *,
+        pool: str | None = None,
+        caller: tenancy_pb2.Caller | None = None,
+    ) -> dict[str, Any]:
         """Embed the input; a client disconnect cancels the router call (releasing its reservation)."""
         metadata = (("x-request-id", request_id), *inject_metadata())
-        call = self._router.Embed(to_embed_request(request, request_id), metadata=metadata, timeout=self._timeout)
+        embed_request = to_embed_request(request, request_id, pool=pool, caller=caller)
+        call = self._router.Embed(embed_request, metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)
         try:
             reply = await call

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
+from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_common.telemetry import inject_metadata
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
@@ -132,7 +133,7 @@ def _usage(reply: stt_pb2.TranscribeResponse) -> dict[str, Any]:
     return {"type": "duration", "seconds": round(reply.duration, 3)}
 
 
-def to_verbose_json(reply: stt_pb2.TranscribeResponse, granularities: list[str]) -> dict[str, Any]:
+def to_verbose_json(reply: stt_pb2.TranscribeResponse, granularities: Sequence[str]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "task": "transcribe",
         "language": reply.language_name or reply.language,
@@ -168,27 +169,36 @@ def render(reply: stt_pb2.TranscribeResponse, body: TranscriptionRequest) -> Res
         return OrjsonResponse({"text": reply.text, "usage": _usage(reply)})
     if fmt == "verbose_json":
         return OrjsonResponse(to_verbose_json(reply, body.timestamp_granularities))
-    text = {
-        "text": lambda: reply.text + "\n",
-        "srt": lambda: to_srt(reply.segments),
-        "vtt": lambda: to_vtt(reply.segments),
-    }
-    return Response(text[fmt](), media_type="text/plain; charset=utf-8")
+    if fmt == "srt":
+        text = to_srt(reply.segments)
+    elif fmt == "vtt":
+        text = to_vtt(reply.segments)
+    else:
+        text = reply.text + "\n"
+    return Response(text, media_type="text/plain; charset=utf-8")
 
 
 # --------------------------------------------------------------------------- the call
 
 
-def to_options(body: TranscriptionRequest, filename: str, request_id: str) -> stt_pb2.TranscribeOptions:
+def to_options(
+    body: TranscriptionRequest,
+    filename: str,
+    request_id: str,
+    *,
+    pool: str | None = None,
+    caller: tenancy_pb2.Caller | None = None,
+) -> stt_pb2.TranscribeOptions:
     granularities = body.timestamp_granularities if body.response_format == "verbose_json" else ["segment"]
     options = stt_pb2.TranscribeOptions(
         model=body.model,
         language=body.language or "",
         prompt=body.prompt or "",
         timestamp_granularities=sorted({_GRANULARITY[g] for g in granularities}),
-        pool=body.pool or "",
+        pool=pool or body.pool or "",
         request_id=request_id,
         filename=filename,
+        caller=caller,
     )
     if body.temperature:
         options.temperature = body.temperature
@@ -204,7 +214,14 @@ class ServingTranscription:
         self._models: tuple[float, list[stt_pb2.Model]] | None = None
 
     async def create(
-        self, body: TranscriptionRequest, upload: UploadFile, request_id: str, receive: Receive
+        self,
+        body: TranscriptionRequest,
+        upload: UploadFile,
+        request_id: str,
+        receive: Receive,
+        *,
+        pool: str | None = None,
+        caller: tenancy_pb2.Caller | None = None,
     ) -> Response:
         """Stream the upload to the STT service and render its reply.
 
@@ -219,7 +236,8 @@ class ServingTranscription:
         watch = DisconnectWatch(receive, call)
         try:
             try:
-                await call.write(stt_pb2.TranscribeRequest(options=to_options(body, upload.filename or "", request_id)))
+                options = to_options(body, upload.filename or "", request_id, pool=pool, caller=caller)
+                await call.write(stt_pb2.TranscribeRequest(options=options))
                 if ADMITTED in tuple(await call.initial_metadata()):
                     while chunk := await upload.read(CHUNK_BYTES):
                         await call.write(stt_pb2.TranscribeRequest(audio=chunk))

@@ -1,0 +1,44 @@
+"""hoosh tenancy: API key records (hashes only) in Redis, the in-memory key cache kept
+current by change notifications, and the scope checks of a key."""
+
+from .cache import KeyCache
+from .errors import InvalidKeyRecord, KeyNotFound, TenancyError, TenancyUnavailable
+from .keys import (
+    ALL,
+    ANONYMOUS,
+    BOOTSTRAP_ADMIN,
+    DEFAULT_POOL,
+    KEY_PREFIX,
+    MODEL_ID,
+    POOL_NAME,
+    KeyRecord,
+    Scope,
+    generate_key,
+    hash_key,
+    valid_model_id,
+)
+from .redis import DEFAULT_KEY_PREFIX, connect_redis
+from .store import KeyStore
+
+__all__ = [
+    "ALL",
+    "ANONYMOUS",
+    "BOOTSTRAP_ADMIN",
+    "DEFAULT_KEY_PREFIX",
+    "DEFAULT_POOL",
+    "KEY_PREFIX",
+    "MODEL_ID",
+    "POOL_NAME",
+    "InvalidKeyRecord",
+    "KeyCache",
+    "KeyNotFound",
+    "KeyRecord",
+    "KeyStore",
+    "Scope",
+    "TenancyError",
+    "TenancyUnavailable",
+    "connect_redis",
+    "generate_key",
+    "hash_key",
+    "valid_model_id",
+]

@@ -91,9 +91,15 @@ class RunningStack:
     stt_addr: str
     key_prefix: str
     stream: str
+    admin_key: str = ""
     router_addr: str = ""
     stack_config: StackConfig | None = None
     stand_ins: StandIns | None = None
+
+
+def admin_headers(hoosh: RunningStack) -> dict[str, str]:
+    """The bootstrap admin key, for the admin-only routes."""
+    return {"Authorization": f"Bearer {hoosh.admin_key}"}
 
 
 @dataclass
@@ -190,6 +196,11 @@ pools:
         router_key_prefix=f"hoosh:test:{run_id}:router:",  # under the budget prefix: one cleanup
         audit_key=audit_key,
         audit_consumer=f"audit_{run_id}",
+        # As `hoosh up` runs: open on loopback for keyless requests, keys still checked and
+        # scoped when presented, admin routes only with the admin key.
+        admin_key="sk-hoosh-" + secrets.token_urlsafe(32),
+        auth="open",
+        tenancy_key_prefix=f"hoosh:test:{run_id}:tenancy:",  # under the budget prefix: one cleanup
         extra_env={
             "HOOSH_TEST_UPSTREAM_KEY": "sk-test-upstream",
             # One transcription at a time and three waiting: test_stt_e2e fills the queue.
@@ -211,6 +222,7 @@ pools:
             key_prefix=config.budget_key_prefix,
             stream=config.nats_stream,
             router_addr=f"127.0.0.1:{config.ports.router}",
+            admin_key=config.admin_key,
             stack_config=config,
             stand_ins=stand_ins,
         )

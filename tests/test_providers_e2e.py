@@ -27,7 +27,7 @@ from hoosh_cli.stack import free_port
 
 from bench.upstream import fake_embedding
 
-from .conftest import LOCAL_MODEL, RunningStack, StandIns
+from .conftest import LOCAL_MODEL, RunningStack, StandIns, admin_headers
 from .test_chat_e2e import client_for, create_pool, pool_state, wait_for_audit
 
 REPLY = "Hello from the upstream stand-in."
@@ -71,7 +71,7 @@ def event_of(hoosh: RunningStack, request_id: str) -> dict:
 
 
 def provider_health(hoosh: RunningStack) -> dict[str, dict]:
-    response = httpx.get(f"{hoosh.base_url}/v1/health/providers")
+    response = httpx.get(f"{hoosh.base_url}/v1/health/providers", headers=admin_headers(hoosh))
     assert response.status_code == 200
     return {item["name"]: item for item in response.json()["data"]}
 
@@ -418,7 +418,7 @@ async def test_two_router_processes_hold_one_60_rpm_limit(hoosh: RunningStack, t
 
 
 def _cache_stats(hoosh: RunningStack) -> dict:
-    response = httpx.get(f"{hoosh.base_url}/v1/cache/stats")
+    response = httpx.get(f"{hoosh.base_url}/v1/cache/stats", headers=admin_headers(hoosh))
     assert response.status_code == 200
     return response.json()
 
@@ -443,12 +443,19 @@ async def test_the_same_deterministic_request_twice_is_a_cache_hit(hoosh: Runnin
     assert second.json()["id"] != first.json()["id"]
     assert control(upstream_root(hoosh))["by_model"][model] == 1  # no upstream call
 
-    # A hit charges no tokens: the pool holds only the first request's usage.
+    # A hit makes no upstream call but still pays its pool the original usage's tokens
+    # (cache.charge_hits, the default): a cache is no way around a budget.
     state = pool_state(hoosh, pool)
-    assert state["used"] == first.json()["usage"]["total_tokens"] and state["reserved"] == 0
+    assert state["used"] == 2 * first.json()["usage"]["total_tokens"] and state["reserved"] == 0
     entry = event_of(hoosh, second.headers["x-request-id"])
     assert entry["subject"].endswith("inference.completed")
     assert entry["payload"]["cached"] is True and entry["payload"]["usage"] == first.json()["usage"]
+
+    # Another pool never sees this pool's cached answer.
+    other = await create_pool(hoosh, capacity=1_000_000)
+    elsewhere = httpx.post(f"{hoosh.base_url}/v1/chat/completions", json={**body, "pool": other})
+    assert elsewhere.status_code == 200 and elsewhere.headers["x-hoosh-cache"] == "miss"
+    assert control(upstream_root(hoosh))["by_model"][model] == 2
 
     # The same request streamed is served from the cache too.
     with httpx.stream("POST", f"{hoosh.base_url}/v1/chat/completions", json={**body, "stream": True}) as response:
@@ -457,7 +464,7 @@ async def test_the_same_deterministic_request_twice_is_a_cache_hit(hoosh: Runnin
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == REPLY
-    assert control(upstream_root(hoosh))["by_model"][model] == 1
+    assert control(upstream_root(hoosh))["by_model"][model] == 2
     assert _cache_stats(hoosh)["hits"] >= hits_before + 2
 
 

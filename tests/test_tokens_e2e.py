@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from .conftest import RunningStack
+from .conftest import RunningStack, admin_headers
 from .test_chat_e2e import create_pool, pool_state
 
 
@@ -32,10 +32,12 @@ async def test_check_reserve_and_report_by_reservation_id(hoosh: RunningStack) -
 async def test_report_without_reservation_id_is_untracked_usage_only(hoosh: RunningStack) -> None:
     pool = await create_pool(hoosh, capacity=100)
     base = f"{hoosh.base_url}/v1/tokens"
-    untracked = httpx.post(f"{base}/report", json={"pool": pool, "actual": 7})
+    # Untracked usage is an operator's correction: admin only (a user key gets 403).
+    assert httpx.post(f"{base}/report", json={"pool": pool, "actual": 7}).status_code == 403
+    untracked = httpx.post(f"{base}/report", json={"pool": pool, "actual": 7}, headers=admin_headers(hoosh))
     assert untracked.status_code == 200 and untracked.json() == {"used": 7, "available": 93}
     # Ending a leased reservation by a bare count would free it twice when its lease expires.
-    bare = httpx.post(f"{base}/report", json={"pool": pool, "reserved": 5, "actual": 5})
+    bare = httpx.post(f"{base}/report", json={"pool": pool, "reserved": 5, "actual": 5}, headers=admin_headers(hoosh))
     assert bare.status_code == 400 and bare.json()["error"]["param"] == "reservation_id"
     assert pool_state(hoosh, pool)["used"] == 7
 

@@ -62,8 +62,10 @@ async def accounting_run(
     nothing reserved, one audit entry per request, chain valid."""
     from hoosh_audit.chain import verify
 
-    pool = await hoosh.new_pool()
-    target = load.Target("hoosh", hoosh.base_url, model, extra_body={"pool": pool})
+    pool, key = await hoosh.new_pool()
+    target = load.Target(
+        "hoosh", hoosh.base_url, model, headers={"Authorization": f"Bearer {key}"}, extra_body={"pool": pool}
+    )
     processes = hoosh.processes()
     cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
     result = await load.closed_loop(target, concurrency, requests)
@@ -114,7 +116,7 @@ def run_quick(requests: int = 300, concurrency: int = 32) -> dict[str, object]:
         try:
             targets = [
                 load.Target("direct", upstream.base_url, "bench-fast"),
-                load.Target("hoosh", hoosh.base_url, "bench-fast"),
+                load.Target("hoosh", hoosh.base_url, "bench-fast", headers=hoosh.headers),
             ]
             latency = load.interleaved_latency(targets, rounds=2, per_round=50, warmup=5)
             capacity, check = asyncio.run(accounting_run(hoosh, "bench-fast", concurrency, requests))
@@ -242,7 +244,7 @@ def run_full(args: argparse.Namespace) -> int:
         def targets(model: str) -> list[load.Target]:
             found = [
                 load.Target("direct", (fast if model == "bench-fast" else slow).base_url, model),
-                load.Target("hoosh", hoosh.base_url, model),
+                load.Target("hoosh", hoosh.base_url, model, headers=hoosh.headers),
             ]
             if litellm is not None:
                 found.append(load.Target("litellm", litellm.base_url, model, headers=litellm.headers))

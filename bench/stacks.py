@@ -19,6 +19,7 @@ from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 from hoosh_cli.stack import Ports, Stack, StackConfig, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH_ORG, BENCH_TEAM = "bench-org", "bench-team"
 LITELLM_VERSION = "1.108.7"
 LITELLM_MASTER_KEY = "sk-bench-" + "7f3a9c1e5b2d4086"
 
@@ -105,9 +106,33 @@ class Upstream:
 
 @dataclass
 class HooshUnderTest:
+    """hoosh with governance on: auth (a user key), a two-level pool chain (team -> org)."""
+
     stack: Stack
     config: StackConfig
     pool: str
+    key: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The user key every measured request carries."""
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def admin(self, method: str, path: str, body: dict[str, object]) -> dict[str, object]:
+        response = httpx.request(
+            method,
+            f"{self.stack.base_url}{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {self.config.admin_key}"},
+            timeout=30,
+        )
+        response.raise_for_status()
+        result: dict[str, object] = response.json()
+        return result
+
+    def new_key(self, pools: list[str]) -> str:
+        created = self.admin("POST", "/v1/admin/keys", {"name": f"bench-{uuid.uuid4().hex[:6]}", "pools": pools})
+        return str(created["key"])
 
     @property
     def base_url(self) -> str:
@@ -125,13 +150,12 @@ class HooshUnderTest:
                 found[name] = pids[0]
         return found
 
-    async def new_pool(self, capacity: int = 10**12) -> str:
+    async def new_pool(self, capacity: int = 10**12) -> tuple[str, str]:
+        """A fresh team pool under the org, and a user key that may charge it."""
         name = f"bench-{uuid.uuid4().hex[:8]}"
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.config.ports.budget}") as channel:
-            await budget_pb2_grpc.BudgetServiceStub(channel).UpsertPool(
-                budget_pb2.UpsertPoolRequest(pool=name, capacity=capacity)
-            )
-        return name
+        body = {"name": name, "parent": BENCH_ORG, "capacity": capacity}
+        await asyncio.to_thread(self.admin, "POST", "/v1/admin/pools", body)
+        return name, await asyncio.to_thread(self.new_key, [name])
 
     async def pool_state(self, name: str) -> budget_pb2.Pool:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.config.ports.budget}") as channel:
@@ -178,8 +202,13 @@ def start_hoosh(
         )
     if with_inference:
         providers.append("  - {name: local, type: local, models: [smollm2-135m-instruct]}")
+    # Governance on: every request reserves in its team pool and the org above it.
     config_file.write_text(
-        "providers:\n" + "\n".join(providers) + "\npools:\n  - {name: default, capacity: 1000000000000}\n"
+        "providers:\n"
+        + "\n".join(providers)
+        + "\npools:\n  - {name: default, capacity: 1000000000000}\n"
+        + f"  - {{name: {BENCH_ORG}, capacity: 1000000000000000}}\n"
+        + f"  - {{name: {BENCH_TEAM}, parent: {BENCH_ORG}, capacity: 1000000000000}}\n"
     )
     config = StackConfig(
         state_dir=state_dir,
@@ -192,11 +221,16 @@ def start_hoosh(
         audit_key=secrets.token_hex(32),
         audit_consumer=f"audit_bench_{run_id}",
         with_inference=with_inference,
+        admin_key="sk-hoosh-" + secrets.token_urlsafe(32),
+        auth="keys",
+        tenancy_key_prefix=f"hoosh:bench:{run_id}:tenancy:",
         extra_env={"HOOSH_LOG_LEVEL": "WARNING"},
     )
     stack = Stack(config)
     asyncio.run(stack.start(timeout=180))
-    return HooshUnderTest(stack, config, "default")
+    hoosh = HooshUnderTest(stack, config, BENCH_TEAM)
+    hoosh.key = hoosh.new_key([BENCH_TEAM])
+    return hoosh
 
 
 class LiteLLM:

@@ -16,6 +16,12 @@ every dialect:
   *odd-finish*      an unknown finish reason ("banana" / "BANANA")
   *no-usage*        a stream without usage
   *tool*            answers with a tool call to the first tool in the request
+  *think*           reasons first, in the dialect's own way (Anthropic: a thinking block;
+                    Gemini: thought parts; OpenAI-compatible: reasoning_content deltas,
+                    as DeepSeek and vLLM send), and counts those tokens in its usage
+  *slow-stream*     pauses STREAM_GAP_SECONDS after each streamed piece
+  *stall*           streams its pieces, then neither ends nor cuts the stream: it sends
+                    keep-alive pings until the client hangs up (or STALL_SECONDS pass)
 
 Control (tests): ``POST /control`` with ``{"fail_status": 503}`` makes every request
 (models listing included) fail with that status (0 turns it off; ``{"reset": true}`` also
@@ -40,6 +46,10 @@ from typing import Any
 import orjson
 
 REPLY_WORDS = ["Hello", " from", " the", " upstream", " stand", "-in", "."]
+# *think*: the reasoning that precedes the reply, one token per piece.
+THOUGHT_WORDS = ["The", " user", " says", " hi", ";", " a", " short", " greeting", " will", " do", "."]
+STREAM_GAP_SECONDS = 0.05  # *slow-stream*
+STALL_SECONDS = 10.0  # *stall*: the longest it hangs before cutting the stream
 
 _REASONS = {
     200: "OK",
@@ -106,6 +116,26 @@ class ChunkedWriter:
     async def cut(self) -> None:
         """Close the connection mid-body (no terminating chunk)."""
         await self._writer.drain()
+        self._writer.close()
+
+    async def pace(self, model: str) -> None:
+        """Send what is written; for a *slow-stream* model, then pause."""
+        await self._writer.drain()
+        if "slow-stream" in model:
+            await asyncio.sleep(STREAM_GAP_SECONDS)
+
+    async def stall(self, ping: bytes) -> None:
+        """Keep the stream open without ending it: ``ping`` (a keep-alive the dialect
+        allows) every few tens of milliseconds until the client hangs up or
+        STALL_SECONDS pass; then cut it."""
+        deadline = time.monotonic() + STALL_SECONDS
+        try:
+            while time.monotonic() < deadline and not self._writer.is_closing():
+                self.raw(ping)
+                await self._writer.drain()
+                await asyncio.sleep(0.05)
+        except ConnectionError:
+            return
         self._writer.close()
 
     async def end(self) -> None:
@@ -274,6 +304,7 @@ class OpenAIUpstream(StandIn):
         finish = "stop" if len(words) == len(REPLY_WORDS) else "length"
         if "odd-finish" in model:
             finish = "banana"
+        thoughts = THOUGHT_WORDS if "think" in model else []
         tool_call = None
         if "tool" in model and request.get("tools"):
             tool_call = {
@@ -283,12 +314,14 @@ class OpenAIUpstream(StandIn):
             }
             finish = "tool_calls"
         if request.get("stream"):
-            await self._stream(writer, model, words, finish, prompt_tokens, tool_call, request)
-            return "cut-stream" not in model
+            await self._stream(writer, model, words, finish, prompt_tokens, tool_call, request, thoughts)
+            return "cut-stream" not in model and "stall" not in model
         message: dict[str, object] = {"role": "assistant", "content": None if tool_call else "".join(words)}
         if tool_call:
             message["tool_calls"] = [tool_call]
-        completion_tokens = 1 if tool_call else len(words)
+        if thoughts:
+            message["reasoning_content"] = "".join(thoughts)
+        completion_tokens = (1 if tool_call else len(words)) + len(thoughts)
         reply = {
             "id": "chatcmpl-upstream",
             "object": "chat.completion",
@@ -335,6 +368,7 @@ class OpenAIUpstream(StandIn):
         prompt_tokens: int,
         tool_call: dict[str, object] | None,
         request: dict[str, object],
+        thoughts: list[str],
     ) -> None:
         out = ChunkedWriter(writer)
 
@@ -355,6 +389,10 @@ class OpenAIUpstream(StandIn):
                 }
             )
         )
+        for thought in thoughts:
+            delta = {"reasoning_content": thought}
+            send(orjson.dumps({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
+            await out.pace(model)
         if tool_call:
             function = tool_call["function"]
             assert isinstance(function, dict)
@@ -372,18 +410,25 @@ class OpenAIUpstream(StandIn):
                 send(
                     orjson.dumps({**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]})
                 )
+                await out.pace(model)
                 if "cut-stream" in model and position == 1:
                     await out.cut()
                     return
             completion_tokens = len(words)
+        if "stall" in model:
+            await out.stall(b": ping\n\n")
+            return
         send(orjson.dumps({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}))
         options = request.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") and "no-usage" not in model:
-            usage = {
+            completion_tokens += len(thoughts)
+            usage: dict[str, Any] = {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             }
+            if thoughts:
+                usage["completion_tokens_details"] = {"reasoning_tokens": len(thoughts)}
             send(orjson.dumps({**base, "choices": [], "usage": usage}))
         send(b"[DONE]")
         await out.end()

@@ -20,7 +20,10 @@ from typing import Any
 
 import orjson
 
-from bench.upstream import REPLY_WORDS, ChunkedWriter, StandIn, count_words, response_bytes
+from bench.upstream import REPLY_WORDS, THOUGHT_WORDS, ChunkedWriter, StandIn, count_words, response_bytes
+
+# What the real API sends after a thinking block's text: its (opaque) signature.
+_SIGNATURE = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgxBdjrkzLoky3dl1pkiMOYds"
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -133,11 +136,15 @@ class AnthropicUpstream(StandIn):
             words, stop_reason = ["Let me check."], "tool_use"
         if "odd-finish" in model:
             stop_reason = "banana"
-        output_tokens = len(words) + (3 if tool else 0)
+        thoughts = THOUGHT_WORDS if "think" in model else []
+        output_tokens = len(thoughts) + len(words) + (3 if tool else 0)
         if request.get("stream"):
-            await self._stream(writer, model, words, tool, stop_reason, input_tokens, output_tokens)
-            return "cut-stream" not in model
-        content: list[dict[str, Any]] = [{"type": "text", "text": "".join(words)}]
+            await self._stream(writer, model, words, tool, stop_reason, input_tokens, output_tokens, thoughts)
+            return "cut-stream" not in model and "stall" not in model
+        content: list[dict[str, Any]] = []
+        if thoughts:
+            content.append({"type": "thinking", "thinking": "".join(thoughts), "signature": _SIGNATURE})
+        content.append({"type": "text", "text": "".join(words)})
         if tool:
             content.append({"type": "tool_use", **tool})
         reply = {
@@ -167,6 +174,7 @@ class AnthropicUpstream(StandIn):
         stop_reason: str,
         input_tokens: int,
         output_tokens: int,
+        thoughts: list[str],
     ) -> None:
         out = ChunkedWriter(writer)
 
@@ -184,21 +192,36 @@ class AnthropicUpstream(StandIn):
             "usage": {"input_tokens": input_tokens, "output_tokens": 1},
         }
         send("message_start", {"message": message})
-        send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        index = 0
+        if thoughts:
+            send("content_block_start", {"index": index, "content_block": {"type": "thinking", "thinking": ""}})
+            for thought in thoughts:
+                send("content_block_delta", {"index": index, "delta": {"type": "thinking_delta", "thinking": thought}})
+                await out.pace(model)
+            send("content_block_delta", {"index": index, "delta": {"type": "signature_delta", "signature": _SIGNATURE}})
+            send("content_block_stop", {"index": index})
+            index += 1
+        send("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
         send("ping", {})
         for position, word in enumerate(words):
-            send("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": word}})
+            send("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": word}})
+            await out.pace(model)
             if "cut-stream" in model and position == 1:
                 await out.cut()
                 return
-        send("content_block_stop", {"index": 0})
+        if "stall" in model:
+            await out.stall(b"event: ping\ndata: " + orjson.dumps({"type": "ping"}) + b"\n\n")
+            return
+        send("content_block_stop", {"index": index})
         if tool:
+            index += 1
             block = {"type": "tool_use", "id": tool["id"], "name": tool["name"], "input": {}}
-            send("content_block_start", {"index": 1, "content_block": block})
+            send("content_block_start", {"index": index, "content_block": block})
             arguments = orjson.dumps(tool["input"]).decode()
             for piece in (arguments[:5], arguments[5:]):
-                send("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": piece}})
-            send("content_block_stop", {"index": 1})
+                delta = {"type": "input_json_delta", "partial_json": piece}
+                send("content_block_delta", {"index": index, "delta": delta})
+            send("content_block_stop", {"index": index})
         send(
             "message_delta",
             {"delta": {"stop_reason": stop_reason, "stop_sequence": None}, "usage": {"output_tokens": output_tokens}},

@@ -21,7 +21,15 @@ from urllib.parse import parse_qs
 
 import orjson
 
-from bench.upstream import REPLY_WORDS, ChunkedWriter, StandIn, count_words, fake_embedding, response_bytes
+from bench.upstream import (
+    REPLY_WORDS,
+    THOUGHT_WORDS,
+    ChunkedWriter,
+    StandIn,
+    count_words,
+    fake_embedding,
+    response_bytes,
+)
 
 _STATUS_NAMES = {
     400: "INVALID_ARGUMENT",
@@ -131,18 +139,24 @@ class GeminiUpstream(StandIn):
             finish = "STOP"
         if "odd-finish" in model:
             finish = "BANANA"
+        thoughts = THOUGHT_WORDS if "think" in model else []
         if action == "streamGenerateContent":
-            await self._stream(writer, model, words, call, finish, prompt_tokens, sse=params.get("alt") == ["sse"])
-            return "cut-stream" not in model
-        parts: list[dict[str, Any]] = [{"functionCall": call}] if call else [{"text": "".join(words)}]
+            sse = params.get("alt") == ["sse"]
+            await self._stream(writer, model, words, call, finish, prompt_tokens, thoughts, sse=sse)
+            return "cut-stream" not in model and "stall" not in model
+        parts: list[dict[str, Any]] = [{"text": "".join(thoughts), "thought": True}] if thoughts else []
+        parts += [{"functionCall": call}] if call else [{"text": "".join(words)}]
         completion_tokens = 3 if call else len(words)
+        usage = {
+            "promptTokenCount": prompt_tokens,
+            "candidatesTokenCount": completion_tokens,
+            "totalTokenCount": prompt_tokens + completion_tokens + len(thoughts),
+        }
+        if thoughts:
+            usage["thoughtsTokenCount"] = len(thoughts)
         reply = {
             "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}],
-            "usageMetadata": {
-                "promptTokenCount": prompt_tokens,
-                "candidatesTokenCount": completion_tokens,
-                "totalTokenCount": prompt_tokens + completion_tokens,
-            },
+            "usageMetadata": usage,
             "modelVersion": model,
             "responseId": "standin-response",
         }
@@ -171,35 +185,39 @@ class GeminiUpstream(StandIn):
         call: dict[str, Any] | None,
         finish: str,
         prompt_tokens: int,
+        thoughts: list[str],
         *,
         sse: bool,
     ) -> None:
         chunks: list[dict[str, Any]] = []
-        pieces: list[dict[str, Any]] = [{"functionCall": call}] if call else [{"text": word} for word in words]
+        answer: list[dict[str, Any]] = [{"functionCall": call}] if call else [{"text": word} for word in words]
+        pieces = [{"text": thought, "thought": True} for thought in thoughts] + answer
         for position, part in enumerate(pieces):
             last = position == len(pieces) - 1
             candidate: dict[str, Any] = {"content": {"role": "model", "parts": [part]}, "index": 0}
-            if last:
+            if last and "stall" not in model:
                 candidate["finishReason"] = finish
-            used = 3 if call else position + 1
-            chunks.append(
-                {
-                    "candidates": [candidate],
-                    "usageMetadata": {
-                        "promptTokenCount": prompt_tokens,
-                        "candidatesTokenCount": used,
-                        "totalTokenCount": prompt_tokens + used,
-                    },
-                    "modelVersion": model,
-                }
-            )
+            thought = min(position + 1, len(thoughts))
+            used = 3 if call and last else max(0, position + 1 - len(thoughts))
+            usage = {
+                "promptTokenCount": prompt_tokens,
+                "candidatesTokenCount": used,
+                "totalTokenCount": prompt_tokens + used + thought,
+            }
+            if thought:
+                usage["thoughtsTokenCount"] = thought
+            chunks.append({"candidates": [candidate], "usageMetadata": usage, "modelVersion": model})
         if not sse:  # without alt=sse the API streams one JSON array
             writer.write(response_bytes(200, orjson.dumps(chunks)))
             return
         out = ChunkedWriter(writer)
         for position, chunk in enumerate(chunks):
             out.raw(b"data: " + orjson.dumps(chunk) + b"\r\n\r\n")
-            if "cut-stream" in model and position == 1:
+            await out.pace(model)
+            if "cut-stream" in model and position == 1 + len(thoughts):
                 await out.cut()
                 return
+        if "stall" in model:
+            await out.stall(b": ping\r\n\r\n")
+            return
         await out.end()

@@ -209,8 +209,12 @@ async def test_pool_accounting_and_audit_chain_after_n_chats(hoosh: RunningStack
 
 
 def test_editing_one_byte_of_the_audit_file_breaks_verification(hoosh: RunningStack) -> None:
-    client_for(hoosh).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
-    body = audit(hoosh)
+    raw = client_for(hoosh).chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
+    # Events land asynchronously: wait for this one, or the audit service could append it
+    # while the file is being tampered with and restored (and the restore would drop it).
+    body = wait_for_audit(hoosh, {raw.http_response.headers["x-request-id"]})
     assert body["total"] >= 1 and body["chain_valid"] is True
     original = hoosh.audit_file.read_bytes()
     position = original.index(b'"model"') + 9  # a byte inside the first entry's payload

@@ -17,6 +17,7 @@ from hoosh_router.backends.anthropic import (
 from hoosh_router.config import ProviderConfig
 from hoosh_router.errors import InvalidRequest, RateLimited, UpstreamError
 
+from bench.upstream import REPLY_WORDS, THOUGHT_WORDS
 from bench.upstream_anthropic import AnthropicUpstream
 
 from .helpers import assistant_call, chat_request, params, system, tool_result, user
@@ -284,6 +285,25 @@ async def test_a_cut_stream_raises_after_its_tokens(backend: AnthropicBackend) -
             if piece.content:
                 seen.append(piece.content)
     assert seen == ["Hello", " from"]
+
+
+async def test_thinking_is_counted_as_hidden_tokens_never_as_content(backend: AnthropicBackend) -> None:
+    pieces = [piece async for piece in backend.stream(chat_request(user("hi")), params("claude-think", 100))]
+    assert "".join(p.content or "" for p in pieces) == "".join(REPLY_WORDS)
+    assert sum(p.hidden_tokens for p in pieces) == len("".join(THOUGHT_WORDS).encode())
+    assert pieces[-1].completion_tokens == len(THOUGHT_WORDS) + len(REPLY_WORDS)  # usage counts the thinking
+
+
+def test_thinking_and_redacted_thinking_blocks_are_hidden_tokens() -> None:
+    translator = AnthropicStreamTranslator("a")
+    events = [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "héllo"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig"}},
+        {"type": "content_block_start", "index": 1, "content_block": {"type": "redacted_thinking", "data": "Zm9v"}},
+    ]
+    pieces = [piece for event in events for piece in translator.feed(event)]
+    assert [(p.content, p.hidden_tokens) for p in pieces] == [(None, 6), (None, 4)]
 
 
 async def test_missing_key_is_a_credentials_error(anthropic_up: AnthropicUpstream) -> None:

@@ -18,7 +18,7 @@ from hoosh_router.backends.gemini import (
 from hoosh_router.config import ProviderConfig
 from hoosh_router.errors import InvalidRequest, ModelNotFound, UpstreamError
 
-from bench.upstream import fake_embedding
+from bench.upstream import REPLY_WORDS, THOUGHT_WORDS, fake_embedding
 from bench.upstream_gemini import GeminiUpstream
 
 from .helpers import assistant_call, chat_request, params, system, tool_result, user
@@ -188,6 +188,20 @@ def test_stream_chunks_become_pieces() -> None:
     assert (pieces[-1].prompt_tokens, pieces[-1].completion_tokens) == (5, 3)
 
 
+def test_thinking_without_thought_parts_is_counted_from_the_usage() -> None:
+    """Without includeThoughts there are no thought parts: the chunks' cumulative
+    thoughtsTokenCount still surfaces as hidden tokens (what a cut stream pays for)."""
+    translator = GeminiStreamTranslator("g")
+    chunks = [
+        {"candidates": [{"content": {"parts": [{"text": "Hi"}]}}], "usageMetadata": {"thoughtsTokenCount": 120}},
+        {"candidates": [{"content": {"parts": [{"text": "!", "thought": True}]}}]},
+        {"candidates": [{"content": {"parts": [{"text": " there"}]}}], "usageMetadata": {"thoughtsTokenCount": 150}},
+    ]
+    pieces = [piece for chunk in chunks for piece in translator.feed(chunk)]
+    assert "".join(p.content or "" for p in pieces) == "Hi there"
+    assert sum(p.hidden_tokens for p in pieces) == 150
+
+
 def test_stream_error_chunk() -> None:
     with pytest.raises(UpstreamError) as raised:
         GeminiStreamTranslator("g").feed({"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}})
@@ -217,6 +231,13 @@ async def test_chat_stream_and_tools_against_the_stand_in(backend: GeminiBackend
     assert [p.finish_reason for p in tool_pieces if p.finish_reason] == ["tool_calls"]
     assert {model.id for model in await backend.list_models()} == {"gemini-2.0-flash", "text-embedding-004"}
     await backend.probe()
+
+
+async def test_thought_parts_are_counted_as_hidden_tokens_never_as_content(backend: GeminiBackend) -> None:
+    pieces = [piece async for piece in backend.stream(chat_request(user("hi")), params("gemini-think"))]
+    assert "".join(p.content or "" for p in pieces) == "".join(REPLY_WORDS)
+    assert sum(p.hidden_tokens for p in pieces) == len("".join(THOUGHT_WORDS).encode())
+    assert pieces[-1].completion_tokens == len(THOUGHT_WORDS) + len(REPLY_WORDS)  # thoughtsTokenCount included
 
 
 async def test_embeddings_against_the_stand_in(backend: GeminiBackend) -> None:

@@ -56,7 +56,9 @@ from hoosh_router.ratelimit import RateLimiter
 from hoosh_router.recording import Recorder
 from hoosh_router.routing import ModelRouter
 
-from bench.upstream import ChunkedWriter, OpenAIUpstream
+from bench.upstream import REPLY_WORDS, THOUGHT_WORDS, ChunkedWriter, OpenAIUpstream
+from bench.upstream_anthropic import AnthropicUpstream
+from bench.upstream_gemini import GeminiUpstream
 
 from .conftest import Bus
 from .helpers import user
@@ -232,6 +234,8 @@ async def make_rig(
         inference_addr: str = "",
         cache: dict[str, Any] | None = None,
         health: dict[str, Any] | None = None,
+        limiter_redis: Any = None,
+        drain_seconds: float = 30.0,
     ) -> Rig:
         catalogue = Catalogue.model_validate(
             {
@@ -250,7 +254,7 @@ async def make_rig(
             await backend.list_models()  # the local model's context window
         store = BudgetStore(budget_redis or redis_client, f"{prefix}budget:", lease_seconds)
         budget = RouterBudget(store, lease_seconds, retry_base_seconds=0.05, retry_max_seconds=0.2)
-        limiter = KeyLimiter(redis_client, f"{prefix}budget:")
+        limiter = KeyLimiter(limiter_redis or redis_client, f"{prefix}budget:")
         recorder = Recorder(budget, bus.publisher, KeyGate(limiter))
         board = HealthBoard(redis_client, prefix, entries, catalogue.health)
         response_cache = ResponseCache(redis_client, prefix, catalogue.cache)
@@ -263,7 +267,7 @@ async def make_rig(
             request_timeout=120,
         )
         rig = Rig(
-            ChatService(dispatcher, recorder, response_cache),
+            ChatService(dispatcher, recorder, response_cache, drain_seconds=drain_seconds),
             EmbeddingService(dispatcher, recorder),
             store,
             budget,
@@ -413,6 +417,196 @@ async def test_a_timed_out_call_pays_the_prompt_and_an_answered_error_pays_nothi
     assert (state.used, state.reserved) == (prompt_token_bound(timed_out), 0)
     events = await rig.bus.events()
     assert [event.charged_tokens for _, event in events] == [prompt_token_bound(timed_out), 0]
+
+
+# --------------------------------------------------------------------------- streams the client leaves
+
+# Each paid dialect's stand-in, and a model name prefix its provider entry serves.
+DIALECTS = {
+    "anthropic": ("claude", "anthropic"),
+    "gemini": ("gemini", "gemini"),
+    "openai": ("gpt", "openai"),
+}
+
+
+@pytest.fixture
+def stand_ins(openai_up: OpenAIUpstream, anthropic_up: AnthropicUpstream, gemini_up: GeminiUpstream) -> dict[str, Any]:
+    return {"openai": openai_up, "anthropic": anthropic_up, "gemini": gemini_up}
+
+
+def paid_provider(dialect: str, stand_in: Any) -> dict[str, Any]:
+    prefix, kind = DIALECTS[dialect]
+    return {"name": dialect, "type": kind, "base_url": stand_in.base_url, "api_key": "k", "models": [f"{prefix}-*"]}
+
+
+def events_of(events: list[tuple[str, Any]], request_id: str) -> list[tuple[str, Any]]:
+    return [(name, event) for name, event in events if event.request_id == request_id]
+
+
+@pytest.mark.parametrize("dialect", list(DIALECTS))
+async def test_a_reasoning_stream_the_client_leaves_is_charged_the_providers_own_usage(
+    make_rig: RigFactory, stand_ins: dict[str, Any], dialect: str
+) -> None:
+    """The client reads the first words and hangs up; the provider goes on (and bills its
+    hidden reasoning, which usage reports only at the end): the router reads on in the
+    background and commits the provider's usage, while the client's stream ends at once."""
+    rig = await make_rig([paid_provider(dialect, stand_ins[dialect])], cache={"enabled": False})
+    prefix = DIALECTS[dialect][0]
+    pool = await new_pool(rig.store, 1_000_000)
+    whole = [chunk async for chunk in rig.chat.stream(ask(f"{prefix}-think", pool, max_tokens=200), rid())]
+    usage = whole[-1].usage
+    assert usage.completion_tokens == len(THOUGHT_WORDS) + len(REPLY_WORDS)  # the reasoning is billed
+    # ...but never shown.
+    assert "".join(c.choices[0].delta.content for c in whole if c.choices) == "".join(REPLY_WORDS)
+    await rig.settled()
+    before = (await rig.pool(pool)).used
+
+    request_id = rid()
+    stream = rig.chat.stream(ask(f"{prefix}-think-slow-stream", pool, max_tokens=200, who=caller()), request_id)
+    first = await anext(stream)
+    assert first.choices[0].delta.content == "Hello"
+    started = time.monotonic()
+    await stream.aclose()  # the client hangs up
+    assert time.monotonic() - started < 0.2  # its stream ended at once...
+    assert (await rig.pool(pool)).reserved > 0  # ...while the provider still streams (and the lease is held)
+    await rig.settled()
+    state = await rig.pool(pool)
+    assert (state.used - before, state.reserved) == (usage.total_tokens, 0)
+    ((name, event),) = events_of(await rig.bus.events(), request_id)  # one event
+    assert (name, event.error_code, event.charged_tokens) == (
+        "inference.failed",
+        "client_disconnected",
+        usage.total_tokens,
+    )
+    assert (event.usage.prompt_tokens, event.usage.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    assert event.key_id == "key_a" and list(event.pool_chain) == [pool]
+
+
+@pytest.mark.parametrize("dialect", list(DIALECTS))
+async def test_a_client_that_leaves_while_the_model_still_thinks_pays_for_the_thinking(
+    make_rig: RigFactory, stand_ins: dict[str, Any], dialect: str
+) -> None:
+    """Cancelled before the first visible token (the model is reasoning): the upstream
+    call is read on all the same, and the provider's usage is charged, not the prompt alone."""
+    stand_in = stand_ins[dialect]
+    rig = await make_rig([paid_provider(dialect, stand_in)], cache={"enabled": False})
+    prefix = DIALECTS[dialect][0]
+    pool = await new_pool(rig.store, 1_000_000)
+    whole = [chunk async for chunk in rig.chat.stream(ask(f"{prefix}-think", pool, max_tokens=200), rid())]
+    usage = whole[-1].usage
+    await rig.settled()
+    before = (await rig.pool(pool)).used
+
+    received: list[router_pb2.ChatStreamResponse] = []
+
+    async def client() -> None:
+        async for chunk in rig.chat.stream(ask(f"{prefix}-think-slow-stream", pool, max_tokens=200), request_id):
+            received.append(chunk)
+
+    request_id = rid()
+    task = asyncio.create_task(client())
+    await wait_for(lambda: stand_in.stats.requests == 2)
+    await asyncio.sleep(0.15)  # a few thoughts in, no visible token yet
+    task.cancel()  # the gRPC server cancels the handler when its caller goes away
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert received == []
+    await rig.settled()
+    state = await rig.pool(pool)
+    assert (state.used - before, state.reserved) == (usage.total_tokens, 0)
+    ((name, event),) = events_of(await rig.bus.events(), request_id)
+    assert (name, event.error_code, event.charged_tokens) == (
+        "inference.failed",
+        "client_disconnected",
+        usage.total_tokens,
+    )
+
+
+@pytest.mark.parametrize("dialect", list(DIALECTS))
+async def test_a_left_stream_whose_usage_never_comes_pays_the_estimate_with_its_reasoning(
+    make_rig: RigFactory, stand_ins: dict[str, Any], dialect: str
+) -> None:
+    """The provider streams its reasoning and answer, then neither ends nor reports usage:
+    the drain gives up after its bound, and the charge is the prompt bound plus every
+    byte generated, the hidden reasoning included."""
+    rig = await make_rig([paid_provider(dialect, stand_ins[dialect])], drain_seconds=1.0)
+    prefix = DIALECTS[dialect][0]
+    pool = await new_pool(rig.store, 1_000_000)
+    request = ask(f"{prefix}-think-stall", pool, max_tokens=1000)
+    stream = rig.chat.stream(request, request_id := rid())
+    assert (await anext(stream)).choices[0].delta.content == "Hello"
+    await stream.aclose()
+    started = time.monotonic()
+    await rig.settled()
+    assert 0.5 < time.monotonic() - started < 5  # bounded by drain_seconds
+    charged = prompt_token_bound(request) + len("".join(THOUGHT_WORDS).encode()) + len("".join(REPLY_WORDS).encode())
+    state = await rig.pool(pool)
+    assert (state.used, state.reserved) == (charged, 0)
+    ((name, event),) = events_of(await rig.bus.events(), request_id)
+    assert (name, event.error_code, event.charged_tokens) == ("inference.failed", "client_disconnected", charged)
+
+
+async def test_a_left_stream_is_not_read_past_the_requests_deadline(
+    make_rig: RigFactory, anthropic_up: AnthropicUpstream
+) -> None:
+    """The drain never outlives the request's own deadline: with none left, the estimate
+    is charged at once."""
+    rig = await make_rig([paid_provider("anthropic", anthropic_up)])
+    pool = await new_pool(rig.store, 1_000_000)
+    request = ask("claude-think-stall", pool, max_tokens=1000)
+    stream = rig.chat.stream(request, request_id := rid(), time_remaining=0.3)
+    assert (await anext(stream)).choices[0].delta.content == "Hello"
+    await asyncio.sleep(0.3)  # the deadline passes
+    await stream.aclose()
+    started = time.monotonic()
+    await rig.settled()
+    assert time.monotonic() - started < 0.5
+    state = await rig.pool(pool)
+    # What had been received: the prompt bound, the reasoning (read ahead of the first
+    # word) and at least that first word.
+    assert state.reserved == 0
+    assert state.used >= prompt_token_bound(request) + len("".join(THOUGHT_WORDS).encode()) + len(b"Hello")
+    ((name, event),) = events_of(await rig.bus.events(), request_id)
+    assert (name, event.charged_tokens) == ("inference.failed", state.used)
+
+
+# --------------------------------------------------------------------------- blocking calls renew their lease
+
+
+async def test_a_long_blocking_call_renews_its_lease(make_rig: RigFactory) -> None:
+    """A call that outlasts its lease keeps its reservation: no expiry settles it, and its
+    real commit lands (not the whole reservation by the expiry policy)."""
+    slow = OpenAIUpstream(latency_ms=2000)
+    await slow.start()
+    try:
+        lease = 0.6
+        rig = await make_rig(
+            [{"name": "slow", "type": "openai", "base_url": slow.base_url, "models": ["mock-*"]}], lease_seconds=lease
+        )
+        pool = await new_pool(rig.store, 1_000_000)
+        task = asyncio.create_task(rig.chat.chat(ask("mock-x", pool, max_tokens=50), rid()))
+        reaped = 0
+        while not task.done():
+            reaped += await rig.store.reap_expired()  # an unrenewed lease would be settled here
+            await asyncio.sleep(0.05)
+        reply = await task
+        assert reaped == 0
+        await rig.settled()
+        state = await rig.pool(pool)
+        assert (state.used, state.reserved) == (reply.usage.total_tokens, 0)
+        assert [name for name, _ in await rig.bus.events()] == ["inference.completed"]
+    finally:
+        await slow.close()
+
+
+async def test_a_short_call_starts_no_renewal(make_rig: RigFactory) -> None:
+    rig = await make_rig()
+    pool = await new_pool(rig.store, 1_000_000)
+    hold = rig.budget.placeholder(rid(), pool, "", "chat")
+    renewal = rig.budget.keep_alive(hold)
+    await asyncio.sleep(0.05)
+    renewal.cancel()
+    assert not renewal.renewing  # a timer only: no task, no Redis call
 
 
 # --------------------------------------------------------------------------- clamping
@@ -625,6 +819,128 @@ async def test_a_keys_concurrency_limit(make_rig: RigFactory, slow_up: OpenAIUps
     await running
     await rig.settled()  # finish() freed the slot
     await rig.chat.chat(ask("mock-x", pool, who=limited), rid())
+
+
+class HeldReplies:
+    """A TCP proxy in front of the real Redis that can hold its replies back while the
+    commands still reach it: a script that ran whose reply was lost."""
+
+    def __init__(self, port: int = 6379) -> None:
+        self._target = port
+        self._open = asyncio.Event()
+        self._open.set()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        self._writers += [writer, up_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, gated: bool) -> None:
+            try:
+                while data := await source.read(65536):
+                    if gated:
+                        await self._open.wait()
+                    sink.write(data)
+                    await sink.drain()
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    async def close(self) -> None:
+        self.release()
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.mark.parametrize("lost", ["timeout", "cancel"])
+async def test_a_lost_admit_reply_still_frees_the_keys_slot(
+    make_rig: RigFactory, redis_client: redis.Redis, openai_up: OpenAIUpstream, lost: str
+) -> None:
+    """The ADMIT script ran (the slot is taken) but its reply never came back — Redis too
+    slow, or the client cancelled meanwhile: the request's ending still frees the slot,
+    once Redis answers again, not after the limiter's in-flight TTL (900 s)."""
+    proxy = HeldReplies()
+    await proxy.start()
+    client = connect_redis(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=0.3, socket_connect_timeout=0.3)
+    try:
+        rig = await make_rig(limiter_redis=client)
+        pool = await new_pool(rig.store, 1_000_000)
+        who = caller(f"key_lost_{lost}", max_concurrency=1)
+        base = rig.limiter.key_base(who.key_id)
+        inflight = f"{base}inflight"
+
+        async def admitted() -> int:
+            windows = [key async for key in redis_client.scan_iter(match=f"{base}w:*")]
+            return sum([int(await redis_client.hget(key, "r") or 0) for key in windows])
+
+        await rig.chat.chat(ask("mock-x", pool, who=who), rid())  # a connection, the script loaded
+        await rig.settled()
+        assert await admitted() == 1 and await redis_client.zcard(inflight) == 0
+        proxy.hold()
+        if lost == "timeout":
+            with pytest.raises(BudgetUnavailable):
+                await rig.chat.chat(ask("mock-x", pool, who=who), rid())
+        else:
+            task = asyncio.create_task(rig.chat.chat(ask("mock-x", pool, who=who), rid()))
+            for _ in range(200):
+                if await admitted() == 2:
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert await admitted() == 2  # the script did run...
+        assert await redis_client.zcard(inflight) == 1  # ...and took the slot
+        await asyncio.sleep(0.5)  # the first finish cannot get through either
+        proxy.release()
+        deadline = time.monotonic() + 10
+        while await redis_client.zcard(inflight):
+            assert time.monotonic() < deadline, "the slot was never freed"
+            await asyncio.sleep(0.05)
+        await rig.chat.chat(ask("mock-x", pool, who=who), rid())  # the key is usable again
+        assert openai_up.stats.requests == 2  # the lost admission never went upstream
+        await rig.settled()
+        assert (await rig.pool(pool)).reserved == 0
+    finally:
+        await proxy.close()
+        await client.aclose()
+
+
+async def test_a_rate_limited_request_sends_no_finish(make_rig: RigFactory) -> None:
+    rig = await make_rig()
+    pool = await new_pool(rig.store, 1_000_000)
+    limited = caller("key_rpm1", rpm=1, max_concurrency=5)
+    await rig.chat.chat(ask("mock-x", pool, who=limited), rid())
+    await rig.settled()
+    finishing: list[str] = []
+    real_finish = rig.recorder.gate.finish
+
+    def finish(key_id: str, request_id: str, *args: Any, **kwargs: Any) -> None:
+        finishing.append(request_id)
+        real_finish(key_id, request_id, *args, **kwargs)
+
+    rig.recorder.gate.finish = finish  # type: ignore[method-assign]
+    with pytest.raises(RateLimited):
+        await rig.chat.chat(ask("mock-x", pool, who=limited), rid())
+    assert finishing == []  # refused: nothing was counted, nothing to free
 
 
 async def test_a_key_without_limits_costs_no_limiter_call(make_rig: RigFactory, redis_client: redis.Redis) -> None:

@@ -22,7 +22,7 @@ from hoosh_router.errors import (
     UpstreamUnavailable,
 )
 
-from bench.upstream import OpenAIUpstream, fake_embedding
+from bench.upstream import REPLY_WORDS, THOUGHT_WORDS, OpenAIUpstream, fake_embedding
 
 from .helpers import assistant_call, chat_request, params, system, tool_result, user
 
@@ -217,6 +217,18 @@ def test_replies_and_stream_chunks_from_json(backend: OpenAICompatibleBackend) -
         backend._pieces(b"{nope")
     with pytest.raises(UpstreamError, match="mid-stream"):
         backend._pieces(b'{"error": {"message": "overloaded"}}')
+
+
+async def test_reasoning_content_is_counted_as_hidden_tokens_never_as_content(
+    backend: OpenAICompatibleBackend,
+) -> None:
+    pieces = [piece async for piece in backend.stream(chat_request(user("hi")), params("mock-think"))]
+    assert "".join(p.content or "" for p in pieces) == "".join(REPLY_WORDS)
+    assert sum(p.hidden_tokens for p in pieces) == len("".join(THOUGHT_WORDS).encode())
+    assert pieces[-1].completion_tokens == len(THOUGHT_WORDS) + len(REPLY_WORDS)
+    # OpenRouter and Ollama name it "reasoning".
+    (piece,) = backend._pieces(b'{"choices": [{"index": 0, "delta": {"reasoning": "abc"}}]}')
+    assert (piece.content, piece.hidden_tokens) == (None, 3)
 
 
 def test_retry_after_is_read_in_both_forms() -> None:

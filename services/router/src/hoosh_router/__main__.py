@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 import nats
 from hoosh.router.v1 import router_pb2_grpc
@@ -17,14 +18,15 @@ from hoosh_metering.client import BudgetServiceClient
 from hoosh_metering.errors import BudgetError
 from hoosh_metering.limits import KeyLimiter
 from hoosh_metering.pools import BudgetStore
-from hoosh_metering.redis import connect_redis
+from hoosh_metering.redis import RedisClient, connect_redis
+from pydantic import ValidationError
 
 from .backends.base import Backend
 from .backends.factory import build_backend
 from .budget_client import BudgetBackend, KeyGate, RouterBudget
 from .cache import ResponseCache
 from .chat import ChatService
-from .config import ProviderConfig, RouterSettings, load_catalogue
+from .config import BUDGET_RPC_TIMEOUT_SECONDS, ProviderConfig, RouterSettings, load_catalogue
 from .dispatch import Dispatcher, RetryPolicy
 from .embeddings import EmbeddingService
 from .health import HealthBoard
@@ -48,8 +50,19 @@ async def _start_store(store: BudgetStore) -> None:
             await asyncio.sleep(2)
 
 
-async def main() -> None:
-    settings = RouterSettings()
+def budget_store(settings: RouterSettings, redis_client: RedisClient) -> BudgetStore:
+    """The budget library in-process, as the budget service would run it: the same key
+    prefix and the same expiry policy (HOOSH_BUDGET_EXPIRY_POLICY)."""
+    return BudgetStore(
+        redis_client,
+        settings.budget_key_prefix,
+        settings.router_lease_seconds,
+        expiry_policy=settings.budget_expiry_policy,
+    )
+
+
+async def main(settings: RouterSettings | None = None) -> None:
+    settings = settings or RouterSettings()
     configure_logging("router")
     configure_tracing("router")
     catalogue = load_catalogue(settings.config)
@@ -92,11 +105,11 @@ async def main() -> None:
     store: BudgetStore | None = None
     starter: asyncio.Task[None] | None = None
     if settings.router_budget_mode == "redis":
-        store = BudgetStore(redis_client, settings.budget_key_prefix, settings.router_lease_seconds)
+        store = budget_store(settings, redis_client)
         budget_backend = store
         starter = asyncio.create_task(_start_store(store), name="budget-directory")
     else:
-        budget_backend = BudgetServiceClient(budget_channel)
+        budget_backend = BudgetServiceClient(budget_channel, timeout=BUDGET_RPC_TIMEOUT_SECONDS)
     budget = RouterBudget(budget_backend, settings.router_lease_seconds)
     gate = KeyGate(KeyLimiter(redis_client, settings.budget_key_prefix))
     recorder = Recorder(budget, publisher, gate)
@@ -137,5 +150,13 @@ async def main() -> None:
     await serve(server, settings.router_listen, ["hoosh.router.v1.RouterService"], on_stop=on_stop)
 
 
+def cli() -> None:
+    try:
+        settings = RouterSettings()
+    except ValidationError as exc:  # fail fast, before binding
+        sys.exit(f"hoosh-router: bad settings: {exc}")
+    run(main(settings))
+
+
 if __name__ == "__main__":
-    run(main())
+    cli()

@@ -1,5 +1,5 @@
 """The router's side of metering (``hoosh_metering``): the key's own limits at
-admission, one reservation across the pool chain, lease renewal for long streams,
+admission, one reservation across the pool chain, lease renewal for long calls,
 and settlement that is never dropped. Metering errors become the router's.
 
 The backend is the metering library in-process against Redis
@@ -164,32 +164,34 @@ class RouterBudget:
 
     # -- leases -------------------------------------------------------------------------
 
-    def keep_alive(self, hold: Hold) -> asyncio.Task[None]:
-        """Renew ``hold``'s lease every third of it until the returned task is cancelled
-        (a long stream must not see its reservation expire under it)."""
-        return asyncio.create_task(self._renew_forever(hold), name=f"renew-{hold.reservation_id}")
+    def keep_alive(self, hold: Hold) -> Renewal:
+        """Renew ``hold``'s lease every third of it until the returned renewal is
+        cancelled (a long call or stream must not see its reservation expire under it).
+        Until the first third has passed it is one timer: a short call costs no task."""
+        return Renewal(self, hold)
 
     async def _renew_forever(self, hold: Hold) -> None:
+        """Renew now, then every third of the lease."""
         interval = self.lease_seconds / 3
         while True:
-            await asyncio.sleep(interval)
             sent = time.monotonic()
             try:
                 expires = await self._backend.renew(
                     hold.reservation_id, pool=hold.pool, lease_seconds=self.lease_seconds
                 )
             except UNREACHABLE as error:
-                # Two more tries before the lease ends: the next tick may reach Redis.
+                # Another try before the lease ends: the next tick may reach Redis.
                 log.warning("lease renewal failed", extra={"reservation_id": hold.reservation_id, "error": repr(error)})
-                continue
             except metering.BudgetError as error:
                 log.error(
                     "lease renewal refused", extra={"reservation_id": hold.reservation_id, "error": error.message}
                 )
                 return
-            if expires is None:
-                return  # it has ended already: nothing left to keep alive
-            hold.lease_until = sent + self.lease_seconds
+            else:
+                if expires is None:
+                    return  # it has ended already: nothing left to keep alive
+                hold.lease_until = sent + self.lease_seconds
+            await asyncio.sleep(interval)
 
     # -- settlement ---------------------------------------------------------------------
 
@@ -316,6 +318,36 @@ class RouterBudget:
             await asyncio.gather(worker, return_exceptions=True)
 
 
+class Renewal:
+    """A hold's lease kept alive (``RouterBudget.keep_alive``) until ``cancel()``."""
+
+    __slots__ = ("_budget", "_hold", "_task", "_timer")
+
+    def __init__(self, budget: RouterBudget, hold: Hold) -> None:
+        self._budget = budget
+        self._hold = hold
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            budget.lease_seconds / 3, self._start
+        )
+
+    def _start(self) -> None:
+        self._timer = None
+        self._task = asyncio.ensure_future(self._budget._renew_forever(self._hold))
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def renewing(self) -> bool:
+        """A renewal task has started (the call outlasted a third of the lease)."""
+        return self._task is not None
+
+
 @dataclass(slots=True)
 class _Pending:
     hold: Hold
@@ -329,11 +361,22 @@ class KeyGate:
 
     ``admit`` is one Redis round trip for a key with limits and none otherwise;
     ``finish`` (exactly once per admitted request, with the real tokens) runs in the
-    background, off the response path."""
+    background, off the response path.
 
-    def __init__(self, limiter: KeyLimiter | None) -> None:
+    An admission whose reply never came (Redis too slow, the request cancelled) may or
+    may not have taken a slot: it is finished all the same (finishing an id that was
+    never admitted changes nothing), and, since the limiter's finish is best effort and
+    cannot say whether it landed, repeated after ``unconfirmed_repeats`` seconds, so a
+    slot the script did take comes back once Redis answers again rather than after the
+    in-flight TTL. Repeats are harmless: the TPM correction applies once."""
+
+    def __init__(
+        self, limiter: KeyLimiter | None, *, unconfirmed_repeats: tuple[float, ...] = (1.0, 4.0, 25.0)
+    ) -> None:
         self._limiter = limiter
+        self._repeats = unconfirmed_repeats
         self._pending: set[asyncio.Task[None]] = set()
+        self._repeating: set[asyncio.Future[None]] = set()
 
     async def admit(self, key_id: str, request_id: str, limits: KeyLimits, tokens: int) -> None:
         """Raises RateLimited (429 with Retry-After) or BudgetUnavailable."""
@@ -348,23 +391,59 @@ class KeyGate:
         except UNREACHABLE as error:
             raise BudgetUnavailable() from error
 
-    def finish(self, key_id: str, request_id: str, limits: KeyLimits, *, estimated: int, actual: int) -> None:
+    def finish(
+        self,
+        key_id: str,
+        request_id: str,
+        limits: KeyLimits,
+        *,
+        estimated: int,
+        actual: int,
+        unconfirmed: bool = False,
+    ) -> None:
+        """Free the request's slot and correct TPM, in the background; ``unconfirmed``:
+        its admission's reply never came (see the class)."""
         if self._limiter is None:
             return
-        task = asyncio.create_task(self._finish(key_id, request_id, limits, estimated, actual))
+        task = asyncio.create_task(self._finish(key_id, request_id, limits, estimated, actual, unconfirmed))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _finish(self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int) -> None:
+    async def _finish(
+        self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int, unconfirmed: bool
+    ) -> None:
+        await self._finish_once(key_id, request_id, limits, estimated, actual)
+        if unconfirmed and self._repeats:
+            later = asyncio.ensure_future(self._repeat(key_id, request_id, limits, estimated, actual))
+            self._repeating.add(later)
+            later.add_done_callback(self._repeating.discard)
+
+    async def _repeat(self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int) -> None:
+        for delay in self._repeats:
+            await asyncio.sleep(delay)
+            await self._finish_once(key_id, request_id, limits, estimated, actual)
+
+    async def _finish_once(self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int) -> None:
         assert self._limiter is not None
         try:
             await self._limiter.finish(key_id, request_id, limits, estimated_tokens=estimated, actual_tokens=actual)
         except Exception as error:  # best effort: the in-flight entry has a TTL
             log.warning("key limit finish failed", extra={"key_id": key_id, "error": repr(error)})
 
-    async def drain(self) -> None:
+    async def drain(self, wait_seconds: float | None = None) -> None:
+        """Wait (at most ``wait_seconds``) for finishes under way; the repeats of
+        unconfirmed ones still waiting are dropped (the in-flight TTL frees those slots)."""
         if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+            _, left = await asyncio.wait(set(self._pending), timeout=wait_seconds)
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.gather(*left, return_exceptions=True)
+        repeating = list(self._repeating)
+        for future in repeating:
+            future.cancel()
+        if repeating:
+            await asyncio.gather(*repeating, return_exceptions=True)
 
 
 def key_limits(rpm: int, tpm: int, max_concurrency: int) -> KeyLimits | None:

@@ -3,18 +3,26 @@ pool chain (and look in the cache), call with retries and fallback, settle, publ
 
 The reservation holds the prompt plus as many completion tokens as every pool of the
 chain affords, up to what the request asked for and at least 1; the granted count is
-the ``max_tokens`` sent upstream, so no completion can outspend its pools. A stream
-renews its lease every third of it while it runs.
+the ``max_tokens`` sent upstream, so no completion can outspend its pools. A call,
+blocking or streamed, renews its lease every third of it while it runs.
 
 Every reservation ends exactly once (settlement rules):
 - success: commit the real usage (the provider's; for a stream without usage, the
   prompt count plus the streamed completion tokens, see ``_StreamState``);
 - a cache hit: commit the original usage's tokens (``cache.charge_hits``), USD 0;
-- a stream that fails, is cut or is abandoned after its first token: commit what was
-  generated — the provider's usage if it reported one, else the reservation's prompt
-  count plus the completion tokens streamed so far — and record ``inference.failed``
-  with ``charged_tokens``; if the backend had already finished when the client left,
-  ``inference.completed`` with ``settlement = "client_disconnected"``;
+- a stream the client leaves (cancels, or stops reading) once its upstream call is
+  open, on a provider that keeps generating and billing after hoosh hangs up (every
+  HTTP provider): the client's stream ends at once, and a background task goes on
+  reading the upstream stream for at most ``drain_seconds`` (never past the request's
+  deadline) and about ``max_tokens`` pieces, to see the provider's own usage (hidden
+  reasoning included) and commit it; when that does not come, the estimate below;
+- a stream that fails, is cut, or is left on the local model (cancelling stops it):
+  commit what was generated — the provider's usage if it reported one, else the
+  reservation's prompt count plus the completion tokens received so far, visible or
+  hidden reasoning, no more than were granted (exact for the local model);
+- either way ``inference.failed`` with ``charged_tokens`` is recorded; if the backend
+  had already finished when the client left, ``inference.completed`` with
+  ``settlement = "client_disconnected"``;
 - a request that ends (cancelled, timed out) while an upstream call it sent was never
   answered: commit the prompt count (the provider has read, and may bill, the prompt);
 - any other failure (before any upstream call, or every call answered with an error):
@@ -30,13 +38,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
 from dataclasses import dataclass
 
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 
 from .backends.base import CallParams, Completion, StreamPiece
+from .budget_client import Renewal
 from .cache import ResponseCache
 from .config import ProviderConfig
 from .dispatch import Attempts, Dispatcher
@@ -44,6 +52,7 @@ from .errors import InvalidRequest, RouterError
 from .estimate import prompt_token_bound
 from .recording import Publisher, Recorder, RequestInfo, usage_of, usd_micros
 from .routing import Route
+from .streaming import UpstreamStream
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,12 @@ log = logging.getLogger(__name__)
 __all__ = ["ChatService", "Publisher"]
 
 ChunkMaker = Callable[..., router_pb2.ChatStreamResponse]
+
+# How long a stream the client left is read on for the provider's usage (at most; never
+# past the request's deadline), and how many pieces beyond the granted max_tokens
+# (framing: the first tool-call delta, a split character) it may take.
+DRAIN_SECONDS = 30.0
+DRAIN_SLACK_PIECES = 16
 
 
 @dataclass(slots=True)
@@ -107,10 +122,13 @@ class ChatService:
         dispatcher: Dispatcher,
         recorder: Recorder,
         cache: ResponseCache | None = None,
+        *,
+        drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         self._dispatch = dispatcher
         self._recorder = recorder
         self._cache = cache
+        self._drain_seconds = drain_seconds
 
     # -- planning -----------------------------------------------------------------
 
@@ -246,6 +264,7 @@ class ChatService:
     ) -> router_pb2.ChatResponse:
         info = self._info(request, request_id, stream=False)
         plan: Plan | None = None
+        renewal: Renewal | None = None
         ended = False  # the request's one ending (commit + event) has begun
         try:
             plan = await self._plan(request, info, self._dispatch.deadline(time_remaining))
@@ -260,14 +279,22 @@ class ChatService:
             async def call(route: Route, params: CallParams) -> Completion:
                 return await route.backend.chat(request, params)
 
+            # A call that outlasts a third of the lease renews it (a timer until then),
+            # so its real commit never meets a reservation the expiry policy settled.
+            assert info.hold is not None
+            renewal = self._recorder.budget.keep_alive(info.hold)
             completion = await self._dispatch.run(plan.attempts, request_id, plan.max_tokens, call)
         except BaseException as error:
+            if renewal is not None:
+                renewal.cancel()
             if ended:  # cancelled while its (shielded) ending runs: that ending stands
                 raise
             router_error = await self._fail(info, plan, error)
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise router_error from error
+        if renewal is not None:
+            renewal.cancel()
         route = plan.attempts.route
         assert route is not None
         usage = usage_of(completion.prompt_tokens, completion.completion_tokens)
@@ -307,8 +334,9 @@ class ChatService:
         info = self._info(request, request_id, stream=True)
         plan: Plan | None = None
         state: _StreamState | None = None
-        renewal: asyncio.Task[None] | None = None
+        renewal: Renewal | None = None
         route: Route | None = None
+        opened = _Opened()
         chat_id = f"chatcmpl-{request_id}"
         created = int(time.time())
         provider = ""
@@ -339,28 +367,23 @@ class ChatService:
             else:
                 assert info.hold is not None
                 renewal = self._recorder.budget.keep_alive(info.hold)
-                backend_stream, buffered = await self._dispatch.run(
+                upstream = await self._dispatch.run(
                     plan.attempts,
                     request_id,
                     plan.max_tokens,
-                    lambda route, params: _open_stream(route, request, params),
+                    lambda route, params: opened.open(route, request, params),
                 )
                 route = plan.attempts.route
                 assert route is not None
                 provider = route.provider.name
                 state = _StreamState(collect=plan.cache_key is not None)
                 try:
-                    async with aclosing(backend_stream):
-                        for piece in buffered:
-                            message = state.take(piece, chunk)
-                            if message is not None:
-                                if cache_state:
-                                    message.cache, cache_state = cache_state, ""
-                                yield message
-                        async for piece in backend_stream:
-                            message = state.take(piece, chunk)
-                            if message is not None:
-                                yield message
+                    async for piece in upstream:
+                        message = state.take(piece, chunk)
+                        if message is not None:
+                            if cache_state:
+                                message.cache, cache_state = cache_state, ""
+                            yield message
                 except BaseException as error:
                     # Tokens already left: no restart. A backend fault still counts against its health.
                     if isinstance(error, RouterError) and error.backend_fault:
@@ -380,10 +403,38 @@ class ChatService:
                 ended = True
                 await self._end_stream(info, plan, route, usage, finish_reason)
         except BaseException as error:
+            if ended:  # cancelled while its (shielded) ending runs: that ending stands
+                if renewal is not None:
+                    renewal.cancel()
+                raise
+            upstream = opened.upstream
+            if (
+                isinstance(error, asyncio.CancelledError | GeneratorExit)
+                and plan is not None
+                and plan.attempts.route is not None
+                and upstream is not None
+                and upstream.bills_when_left
+                and not upstream.ended
+            ):
+                # The client left while the provider still generates (and bills): its stream
+                # ends now; the ending waits, in the background, for the provider's usage.
+                self._recorder.spawn(
+                    self._settle_left(
+                        info,
+                        plan,
+                        plan.attempts.route,
+                        state or _StreamState(collect=False),
+                        upstream,
+                        renewal,
+                        error,
+                        finished=state is not None and bool(state.finish_reason),
+                    )
+                )
+                raise
             if renewal is not None:
                 renewal.cancel()
-            if ended:  # cancelled while its (shielded) ending runs: that ending stands
-                raise
+            if upstream is not None:
+                await upstream.close()
             if (
                 state is not None
                 and state.finish_reason
@@ -434,6 +485,46 @@ class ChatService:
             yield router_pb2.ChatStreamResponse(
                 id=chat_id, model=request.model, created=created, usage=usage, provider=provider
             )
+
+    async def _settle_left(
+        self,
+        info: RequestInfo,
+        plan: Plan,
+        route: Route,
+        state: _StreamState,
+        upstream: UpstreamStream,
+        renewal: Renewal | None,
+        error: BaseException,
+        *,
+        finished: bool,
+    ) -> None:
+        """The ending of a stream its client left: read the rest of the upstream stream
+        (bounded) for the provider's usage, then commit that — or, when it does not
+        come, the prompt plus what was generated, hidden reasoning included — and record
+        the one event. The lease is renewed until then."""
+        cancelled = False
+        try:
+            seconds = min(self._drain_seconds, plan.attempts.deadline - time.monotonic())
+            complete = await upstream.drain(state.count, seconds, plan.max_tokens + DRAIN_SLACK_PIECES)
+        except asyncio.CancelledError:  # shutting down: settle with what is known
+            cancelled, complete = True, False
+        finally:
+            if renewal is not None:
+                renewal.cancel()
+        if not complete or state.prompt_tokens is None or state.completion_tokens is None:
+            log.warning(
+                "a stream its client left gave no usage; charging the estimate",
+                extra={"provider": route.provider.name, "request_id": info.request_id},
+            )
+        usage = state.usage(plan)
+        if finished:
+            await self._end_stream(
+                info, plan, route, usage, state.finish_reason or "stop", settlement="client_disconnected"
+            )
+        else:
+            await self._fail(info, plan, error, usage)
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _end_stream(
         self,
@@ -496,19 +587,28 @@ class _StreamState:
         self.finish_reason = ""
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
-        # Completion tokens received from the backend: what each piece says it carries,
-        # else its UTF-8 bytes (BPE never makes more tokens than bytes).
+        # Completion tokens received from the backend, hidden reasoning included: what each
+        # piece says it carries, else its UTF-8 bytes (BPE never makes more tokens than bytes).
         self.generated = 0
         self.accumulator = StreamAccumulator() if collect else None
 
-    def take(self, piece: StreamPiece, chunk: ChunkMaker) -> router_pb2.ChatStreamResponse | None:
+    def count(self, piece: StreamPiece) -> bool:
+        """The bookkeeping of one piece; True when it carries generated tokens."""
         if piece.prompt_tokens is not None:
             self.prompt_tokens, self.completion_tokens = piece.prompt_tokens, piece.completion_tokens
         if piece.finish_reason:
             self.finish_reason = piece.finish_reason
+        self.generated += piece.hidden_tokens  # reasoning: billed though never shown
+        if piece.content is None and not piece.tool_calls:
+            return piece.hidden_tokens > 0
+        self.generated += piece.tokens if piece.tokens is not None else _byte_bound(piece)
+        return True
+
+    def take(self, piece: StreamPiece, chunk: ChunkMaker) -> router_pb2.ChatStreamResponse | None:
+        """Count ``piece``; the chunk it makes for the client, if any."""
+        self.count(piece)
         if piece.content is None and not piece.tool_calls:
             return None
-        self.generated += piece.tokens if piece.tokens is not None else _byte_bound(piece)
         if self.accumulator is not None:
             self.accumulator.add(piece)
         delta = chat_pb2.Delta(tool_calls=piece.tool_calls)
@@ -521,7 +621,8 @@ class _StreamState:
 
     def usage(self, plan: Plan) -> chat_pb2.Usage:
         """The provider's usage if it reported one; else the reservation's prompt count
-        plus the completion tokens generated so far (no more than were granted)."""
+        plus the completion tokens generated so far, hidden reasoning included (no more
+        than were granted)."""
         if self.prompt_tokens is not None and self.completion_tokens is not None:
             return usage_of(self.prompt_tokens, self.completion_tokens)
         return usage_of(plan.prompt_tokens, min(self.generated, plan.max_tokens))
@@ -534,22 +635,32 @@ def _byte_bound(piece: StreamPiece) -> int:
     return size
 
 
-async def _open_stream(
-    route: Route, request: router_pb2.ChatRequest, params: CallParams
-) -> tuple[AsyncIterator[StreamPiece], list[StreamPiece]]:
-    """Start a backend stream and read it up to its first token (or its end).
+class _Opened:
+    """The upstream stream of a request's current attempt: the one a client who leaves
+    is drained from, or that is closed when the request ends otherwise."""
 
-    Failures until then are ordinary attempt failures (retried, failed over); the
-    caller continues the returned iterator after the buffered pieces.
-    """
-    backend_stream = route.backend.stream(request, params)
-    buffered: list[StreamPiece] = []
-    try:
-        async for piece in backend_stream:
-            buffered.append(piece)
-            if piece.content is not None or piece.tool_calls:
-                break
-    except BaseException:
-        await backend_stream.aclose()  # type: ignore[attr-defined]
-        raise
-    return backend_stream, buffered
+    __slots__ = ("upstream",)
+
+    def __init__(self) -> None:
+        self.upstream: UpstreamStream | None = None
+
+    async def open(self, route: Route, request: router_pb2.ChatRequest, params: CallParams) -> UpstreamStream:
+        """Start a backend stream (read by its own task) up to its first token or its end.
+
+        Failures until then are ordinary attempt failures (retried, failed over). A
+        cancellation (the attempt timed out, or the client left) leaves the stream
+        running, for the caller to close or drain."""
+        if self.upstream is not None:
+            self.upstream.close_soon()  # an earlier attempt that timed out
+        upstream = self.upstream = UpstreamStream(
+            route.backend.stream(request, params), bills_when_left=route.backend.bills_abandoned_streams
+        )
+        try:
+            await upstream.start()
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            self.upstream = None  # it has ended: nothing to drain or to close
+            upstream.close_soon()
+            raise
+        return upstream

@@ -56,6 +56,9 @@ ProviderType = Literal[
 ]
 Strategy = Literal["priority", "round-robin", "lowest-latency", "direct"]
 
+# The deadline of one call to the budget service (HOOSH_ROUTER_BUDGET_MODE=grpc).
+BUDGET_RPC_TIMEOUT_SECONDS = 10.0
+
 
 class RouterSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
@@ -74,14 +77,37 @@ class RouterSettings(BaseSettings):
     router_key_prefix: str = Field(
         default="hoosh:router:", description="Prefix of every Redis key the router owns (health, limits, cache)"
     )
-    router_lease_seconds: int = Field(default=600, ge=3, description="reservation lease; streams renew it every third")
+    router_lease_seconds: int = Field(
+        default=600, ge=3, description="reservation lease; a call or stream renews it every third"
+    )
     # How long shutdown waits for commits still being retried (their leases settle the rest).
     router_commit_drain_seconds: float = Field(default=10.0, ge=0)
     # "redis": the budget library in-process against the shared Redis (the hot path);
     # "grpc": through the budget service.
     router_budget_mode: Literal["redis", "grpc"] = "redis"
     budget_key_prefix: str = "hoosh:budget:"
+    # How a reservation whose lease ran out (its holder died) is settled: "commit" charges
+    # it whole (the provider may have billed it), "release" gives it back. The budget
+    # service's setting of the same name; in-process (redis mode) the router applies it.
+    budget_expiry_policy: Literal["commit", "release"] = "commit"
     router_upstream_timeout_seconds: float = 300.0
+
+    @model_validator(mode="after")
+    def _a_renewal_lands_within_the_lease(self) -> RouterSettings:
+        """A call renews its lease a third of the way in; that renewal, even when the
+        budget store takes its whole timeout to answer, must land before the lease ends,
+        or every long call would see its reservation settled by the expiry policy."""
+        timeout = (
+            self.router_redis_timeout_seconds if self.router_budget_mode == "redis" else BUDGET_RPC_TIMEOUT_SECONDS
+        )
+        lease = self.router_lease_seconds
+        if lease / 3 + timeout > lease:
+            setting = "router_redis_timeout_seconds" if self.router_budget_mode == "redis" else "the budget RPC timeout"
+            raise ValueError(
+                f"router_lease_seconds ({lease}) is too short: its renewal, sent at a third of it, may take "
+                f"{setting} ({timeout:g} s) to land; the lease must be at least {1.5 * timeout:g} s"
+            )
+        return self
 
 
 class Pricing(BaseModel):

@@ -11,6 +11,7 @@ import asyncio
 from hoosh.router.v1 import router_pb2
 
 from .backends.base import CallParams, EmbeddingResult
+from .budget_client import Renewal
 from .dispatch import Attempts, Dispatcher
 from .errors import InvalidRequest
 from .estimate import PER_MESSAGE_OVERHEAD
@@ -43,6 +44,7 @@ class EmbeddingService:
             caller=request.caller,
         )
         attempts: Attempts | None = None
+        renewal: Renewal | None = None
         estimate = 0
         texts = list(request.input)
         dimensions = request.dimensions if request.HasField("dimensions") else None
@@ -67,8 +69,12 @@ class EmbeddingService:
             async def call(route: Route, params: CallParams) -> EmbeddingResult:
                 return await route.backend.embed(texts, dimensions, params)
 
+            assert info.hold is not None
+            renewal = self._recorder.budget.keep_alive(info.hold)  # a long batch keeps its reservation
             result = await self._dispatch.run(attempts, request_id, 0, call)
         except BaseException as error:
+            if renewal is not None:
+                renewal.cancel()
             route = attempts.route if attempts else None
             # Sent and never answered: the provider may bill the input; it pays the bound.
             charge = usage_of(estimate, 0) if attempts is not None and attempts.maybe_billed else None
@@ -83,6 +89,8 @@ class EmbeddingService:
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise router_error from error
+        if renewal is not None:
+            renewal.cancel()
         route = attempts.route
         assert route is not None
         # Providers that do not report usage are charged the (upper) estimate.

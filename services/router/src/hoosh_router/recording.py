@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf.message import Message
 from hoosh.chat.v1 import chat_pb2
@@ -31,7 +31,15 @@ from hoosh_metering.pools import cost_micros
 
 from .budget_client import Hold, KeyGate, RouterBudget, key_limits
 from .config import ProviderConfig
-from .errors import BudgetExhausted, ClientCancelled, InvalidRequest, RouterError, UpstreamError, http_status_for
+from .errors import (
+    BudgetExhausted,
+    ClientCancelled,
+    InvalidRequest,
+    RateLimited,
+    RouterError,
+    UpstreamError,
+    http_status_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,8 @@ class RequestInfo:
     hold: Hold | None = None
     # The estimate the key's limits were charged at admission (None: not admitted, or no limits).
     admitted_tokens: int | None = None
+    # The admission's reply never came: it may or may not have taken a slot.
+    admit_unconfirmed: bool = False
 
     @classmethod
     def of(
@@ -108,8 +118,19 @@ class Recorder:
         """The key's RPM / TPM / concurrency (nothing at all for a key without limits)."""
         if info.limits is None or not info.key_id:
             return
-        await self.gate.admit(info.key_id, info.request_id, info.limits, tokens)
+        # Marked before the call: if the ADMIT script ran but its reply was lost (a
+        # timeout, a cancellation), the request's ending must still free the slot, or it
+        # stays held for the limiter's in-flight TTL. Finishing an id that was never
+        # admitted changes nothing.
         info.admitted_tokens = tokens
+        try:
+            await self.gate.admit(info.key_id, info.request_id, info.limits, tokens)
+        except RateLimited:
+            info.admitted_tokens = None  # refused: nothing was counted, nothing to finish
+            raise
+        except BaseException:
+            info.admit_unconfirmed = True
+            raise
 
     async def reserve(
         self,
@@ -150,6 +171,19 @@ class Recorder:
         self._tails.add(task)
         task.add_done_callback(self._tails.discard)
         await asyncio.shield(task)
+
+    def spawn(self, ending: Coroutine[Any, Any, None]) -> None:
+        """Run a request's ending in a task of its own, beyond the request's (a stream
+        its client left is drained for the provider's usage first). Tracked like the
+        other endings, so shutdown waits for it."""
+        task = asyncio.ensure_future(ending)
+        self._tails.add(task)
+        task.add_done_callback(self._ended_alone)
+
+    def _ended_alone(self, task: asyncio.Future[None]) -> None:
+        self._tails.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a request's ending failed", exc_info=task.exception())
 
     async def end_completed(
         self, info: RequestInfo, used_tokens: int, record: Callable[[], None], *, usd: int = 0
@@ -211,7 +245,14 @@ class Recorder:
         limits = info.limits
         # Only TPM and concurrency track a request until it ends; RPM alone needs no finish.
         if info.admitted_tokens is not None and limits is not None and (limits.tpm or limits.max_concurrency):
-            self.gate.finish(info.key_id, info.request_id, limits, estimated=info.admitted_tokens, actual=actual_tokens)
+            self.gate.finish(
+                info.key_id,
+                info.request_id,
+                limits,
+                estimated=info.admitted_tokens,
+                actual=actual_tokens,
+                unconfirmed=info.admit_unconfirmed,
+            )
         info.admitted_tokens = None  # exactly once
 
     # -- events ---------------------------------------------------------------------------
@@ -288,4 +329,4 @@ class Recorder:
         if self._tails:
             await asyncio.gather(*self._tails, return_exceptions=True)
         await self.budget.drain(commit_timeout)
-        await self.gate.drain()
+        await self.gate.drain(commit_timeout)

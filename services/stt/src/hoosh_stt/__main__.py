@@ -79,7 +79,9 @@ async def main(settings: SttSettings, engine: Engine) -> None:
     await ensure_stream(js, settings.nats_stream, settings.subject_prefix)
     publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix)
     redis = connect_redis(settings.redis_url)
-    store = BudgetStore(redis, settings.budget_key_prefix, settings.stt_lease_seconds)
+    store = BudgetStore(
+        redis, settings.budget_key_prefix, settings.stt_lease_seconds, expiry_policy=settings.budget_expiry_policy
+    )
     await store.start()
     budget = SttBudget(store, settings.stt_lease_seconds)
     service = TranscriptionService(

@@ -28,6 +28,9 @@ class SttSettings(BaseSettings):
         default="redis://127.0.0.1:6379/0", description="redis://host:port/db, or redis+cluster://host:port"
     )
     budget_key_prefix: str = "hoosh:budget:"
+    # How a transcription's reservation whose lease ran out is settled (the budget
+    # service's setting of the same name): "commit" charges it whole, "release" gives it back.
+    budget_expiry_policy: Literal["commit", "release"] = "commit"
     nats_url: str = "nats://127.0.0.1:4222"
     nats_stream: str = DEFAULT_STREAM
     subject_prefix: str = SUBJECT_PREFIX

@@ -230,6 +230,17 @@ def completion_from_anthropic(provider: str, data: dict[str, Any], fallback_mode
     )
 
 
+def _hidden_bytes(block: dict[str, Any]) -> int:
+    """The bytes of reasoning a block opens with: a ``thinking`` block's text, or a
+    ``redacted_thinking`` block's (encrypted) data, which stands for thinking the model did."""
+    kind = block.get("type")
+    if kind == "thinking":
+        return len(str(block.get("thinking") or "").encode())
+    if kind == "redacted_thinking":
+        return len(str(block.get("data") or "").encode())
+    return 0
+
+
 class AnthropicStreamTranslator:
     """Anthropic SSE events -> stream pieces. ``done`` once ``message_stop`` arrived."""
 
@@ -260,7 +271,12 @@ class AnthropicStreamTranslator:
                     return []
                 call = chat_pb2.ToolCallDelta(index=ordinal, function=chat_pb2.FunctionCall(arguments=partial))
                 return [StreamPiece(tool_calls=[call])]
-            return []  # thinking_delta, signature_delta, citations_delta
+            if delta_type == "thinking_delta":
+                # Extended thinking: generated and billed, never shown. Counted (by its
+                # bytes) toward what a stream cut before message_stop is charged.
+                thinking = str(delta.get("thinking") or "")
+                return [StreamPiece(hidden_tokens=len(thinking.encode()))] if thinking else []
+            return []  # signature_delta, citations_delta
         if kind == "content_block_start":
             block = event["content_block"]
             if block.get("type") == "tool_use":
@@ -275,7 +291,8 @@ class AnthropicStreamTranslator:
                 return [StreamPiece(tool_calls=[call])]
             if block.get("type") == "text" and block.get("text"):
                 return [StreamPiece(content=str(block["text"]))]
-            return []
+            hidden = _hidden_bytes(block)
+            return [StreamPiece(hidden_tokens=hidden)] if hidden else []
         if kind == "message_start":
             usage = event["message"].get("usage") or {}
             self._prompt_tokens = _prompt_tokens(usage)

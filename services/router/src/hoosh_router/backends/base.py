@@ -24,7 +24,8 @@ class Completion:
 
 @dataclass(slots=True)
 class StreamPiece:
-    """One step of a stream: a content piece, tool-call deltas, the finish reason, or usage."""
+    """One step of a stream: a content piece, tool-call deltas, hidden reasoning, the
+    finish reason, or usage."""
 
     content: str | None = None
     tool_calls: list[chat_pb2.ToolCallDelta] = field(default_factory=list)
@@ -35,6 +36,10 @@ class StreamPiece:
     # one message per generated token); None: unknown, bounded by the piece's UTF-8 bytes.
     # What a stream cut before the provider's usage arrived is charged for.
     tokens: int | None = None
+    # Completion tokens of hidden reasoning (Anthropic's thinking, Gemini's thought parts,
+    # reasoning_content) this piece stands for: never sent to the client, but generated
+    # and billed. A bound: the UTF-8 bytes of the reasoning text.
+    hidden_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -64,6 +69,10 @@ class CallParams:
 
 class Backend(Protocol):
     name: str
+    # The provider keeps generating, and billing, a stream its client left: such a
+    # stream is drained for the provider's usage rather than cut (HTTP providers). The
+    # local worker stops when its call is cancelled and bills nothing more (False).
+    bills_abandoned_streams: bool
 
     async def chat(self, request: router_pb2.ChatRequest, params: CallParams) -> Completion: ...
 

@@ -270,6 +270,7 @@ class GeminiStreamTranslator:
         self.done = False
         self._tool_calls = 0
         self._usage: tuple[int, int] | None = None
+        self._hidden = 0  # hidden-reasoning tokens surfaced so far (a bound)
 
     def feed(self, chunk: dict[str, Any]) -> list[StreamPiece]:
         try:
@@ -288,6 +289,11 @@ class GeminiStreamTranslator:
         if usage is not None:
             self._usage = usage  # cumulative: the last one wins
         pieces: list[StreamPiece] = []
+        # Thinking shows as thought parts (summaries, with includeThoughts) and as the
+        # cumulative thoughtsTokenCount of a chunk's usage: surfaced as hidden tokens, the
+        # larger of the two so far, so a stream cut before its end still pays for it.
+        metadata = chunk.get("usageMetadata")
+        thoughts = int(metadata.get("thoughtsTokenCount") or 0) if isinstance(metadata, dict) else 0
         candidates = chunk.get("candidates") or []
         if not candidates:
             if (chunk.get("promptFeedback") or {}).get("blockReason"):
@@ -309,8 +315,17 @@ class GeminiStreamTranslator:
                 )
                 self._tool_calls += 1
                 pieces.append(StreamPiece(tool_calls=[delta]))
-            elif part.get("text") and not part.get("thought"):
-                pieces.append(StreamPiece(content=str(part["text"])))
+            elif part.get("text"):
+                if part.get("thought"):
+                    # A thought summary: generated and billed, never shown (bound: its bytes).
+                    hidden = len(str(part["text"]).encode())
+                    self._hidden += hidden
+                    pieces.append(StreamPiece(hidden_tokens=hidden))
+                else:
+                    pieces.append(StreamPiece(content=str(part["text"])))
+        if thoughts > self._hidden:
+            pieces.append(StreamPiece(hidden_tokens=thoughts - self._hidden))
+            self._hidden = thoughts
         reason = candidate.get("finishReason")
         if reason:
             self.done = True

@@ -192,6 +192,10 @@ class HTTPBackend:
     """The plumbing every HTTP dialect shares: one pooled session (built inside the
     running loop), GET/POST with error mapping, and streamed POSTs."""
 
+    # A paid provider does not stop when hoosh hangs up: a stream the client left is
+    # drained for the provider's own usage (see chat.py).
+    bills_abandoned_streams = True
+
     def __init__(self, config: ProviderConfig, headers: dict[str, str]) -> None:
         self.name = config.name
         self.config = config

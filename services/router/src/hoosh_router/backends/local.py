@@ -44,6 +44,10 @@ def _map_rpc_error(provider: str, error: grpc.aio.AioRpcError) -> RouterError:
 
 
 class LocalBackend:
+    # Cancelling GenerateStream stops the model: nothing is generated (or billed) after
+    # the client leaves, and the tokens it read are the exact count.
+    bills_abandoned_streams = False
+
     def __init__(self, config: ProviderConfig, address: str) -> None:
         self.name = config.name
         self.config = config

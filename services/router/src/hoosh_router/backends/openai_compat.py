@@ -122,6 +122,12 @@ class OpenAICompatibleBackend(HTTPBackend):
                 piece.content = str(delta["content"])
             if delta.get("tool_calls"):
                 piece.tool_calls = openai_wire.tool_call_deltas_from_json(delta["tool_calls"])
+            # Reasoning streamed beside the answer (DeepSeek, vLLM and others:
+            # reasoning_content; OpenRouter, Ollama: reasoning): billed as completion
+            # tokens, never sent on to the client.
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(reasoning, str) and reasoning:
+                piece.hidden_tokens = len(reasoning.encode())
             finish_reason = choice.get("finish_reason")
             if finish_reason:
                 if finish_reason not in KNOWN_FINISH_REASONS:

@@ -297,7 +297,8 @@ async def test_two_edges_two_routers_never_overspend_any_pool_of_the_hierarchy(
     refused = [r for r in responses if r.status_code != 200]
     assert served and refused, "the org pool should have run out part-way"
     for response in refused:
-        assert_openai_error(response, 429, "budget_exhausted")
+        error = assert_openai_error(response, 429, "budget_exhausted")
+        assert org not in error["message"]  # a user key never learns the names of pools it does not hold
     seen = sum(r.json()["usage"]["total_tokens"] for r in served)
     assert len(samples) > 10
     for snapshot in samples:

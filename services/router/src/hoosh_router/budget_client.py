@@ -91,6 +91,8 @@ class Hold:
     completion_tokens: int = 0  # granted: what goes upstream as max_tokens
     tokens: int = 0  # prompt + granted completion
     confirmed: bool = False  # the store answered the reserve call
+    # A user key sees only its own pools: an exhausted ancestor is named only to admins.
+    reveal_ancestors: bool = False
 
 
 class RouterBudget:
@@ -147,7 +149,14 @@ class RouterBudget:
         except metering.PoolNotFound as error:
             raise PoolNotFound(f"Token pool '{hold.pool}' does not exist", param="pool") from error
         except metering.BudgetExhausted as error:
-            raise BudgetExhausted(error.message, retry_after=error.retry_after_seconds) from error
+            message = error.message
+            if error.pool != hold.pool and not hold.reveal_ancestors:
+                unit = "micro-dollars" if error.reason == "usd" else "tokens"
+                message = (
+                    f"Budget exceeded: a pool above '{hold.pool}' cannot cover the {error.requested} {unit} "
+                    "this request needs right now"
+                )
+            raise BudgetExhausted(message, retry_after=error.retry_after_seconds) from error
         except metering.InvalidArgument as error:
             raise InvalidRequest(error.message, param="pool") from error
         except metering.NotOwner as error:  # the request id names another holder's reservation

@@ -75,6 +75,7 @@ class RequestInfo:
     started: float  # time.monotonic()
     key_id: str = ""
     limits: KeyLimits | None = None
+    admin: bool = False  # an admin caller may see ancestor pools' names in errors
     # Set just before the reservation is asked for: from then on a failure ends it, even
     # if the reply never arrived (a cancellation mid-call). Ending an id that was never
     # reserved changes nothing. None again after a definitive refusal.
@@ -97,6 +98,7 @@ class RequestInfo:
             kind=kind,
             started=time.monotonic(),
             key_id=caller.key_id,
+            admin=caller.admin or not caller.key_id,
             limits=key_limits(caller.rpm, caller.tpm, caller.max_concurrency),
         )
 
@@ -144,6 +146,7 @@ class Recorder:
     ) -> Hold:
         """One reservation on the pool chain; see ``RequestInfo.hold``."""
         hold = info.hold = self.budget.placeholder(info.request_id, info.pool, info.key_id, info.kind)
+        hold.reveal_ancestors = info.admin
         try:
             return await self.budget.reserve(
                 hold,

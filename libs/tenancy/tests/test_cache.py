@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 import redis.asyncio as aioredis
 from hoosh_tenancy import KeyCache, KeyRecord, KeyStore, TenancyUnavailable, connect_redis, generate_key, hash_key
 
-from .conftest import RedisServer
+from .conftest import REDIS_URL, RedisServer
 
 MakeCache = Callable[..., Awaitable[KeyCache]]
 
@@ -162,3 +162,117 @@ async def test_a_revocation_during_a_lost_subscription_is_seen(own_redis: RedisS
 
     await eventually(refused, within=1.0)
     await client.aclose()
+
+
+class CountingStore(KeyStore):
+    """The real store, counting the cache's reads of records (full loads and partial reads)."""
+
+    full_loads = 0
+    partial_reads: list[list[str]]
+
+    async def load_all(self) -> tuple[int, dict[str, KeyRecord]]:
+        self.full_loads += 1
+        return await super().load_all()
+
+    async def by_hashes(self, hashes: Sequence[str]) -> dict[str, KeyRecord | None]:
+        self.partial_reads.append(list(hashes))
+        return await super().by_hashes(hashes)
+
+
+@pytest.fixture
+async def counting(prefix: str, redis: aioredis.Redis) -> AsyncIterator[tuple[KeyStore, CountingStore, KeyCache]]:
+    """A writer store, and a cache (checking the version every 50 ms) over a counting
+    store with its own client (another replica); the ``redis`` fixture empties the prefix."""
+    reader_client = connect_redis(REDIS_URL)
+    reader = CountingStore(reader_client, prefix)
+    reader.partial_reads = []
+    cache = KeyCache(reader, reload_seconds=0.05)
+    yield KeyStore(redis, prefix), reader, cache
+    await cache.close()
+    await reader_client.aclose()
+
+
+async def write_unannounced(redis: aioredis.Redis, store: KeyStore, key_hash: str, record: KeyRecord) -> None:
+    """Write a record with its version bump but no notice: a notice this cache missed."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(store.record_key(key_hash), record.model_dump_json())
+        pipe.hset(f"{store.prefix}ids", record.id, key_hash)
+        pipe.incr(f"{store.prefix}version")
+        await pipe.execute()
+    version = int(await redis.get(f"{store.prefix}version"))
+    await redis.zadd(f"{store.prefix}changed", {key_hash: version})
+
+
+async def test_an_unchanged_version_reads_no_record_and_keeps_the_cache_fresh(
+    counting: tuple[KeyStore, CountingStore, KeyCache],
+) -> None:
+    writer, reader, cache = counting
+    keys = [(await writer.create(name=f"k{n}"))[1] for n in range(3)]
+    assert await cache.start(wait_seconds=5.0)
+    deadline = time.monotonic() + 0.6  # about a dozen version checks
+    while time.monotonic() < deadline:
+        assert cache.fresh
+        await asyncio.sleep(0.01)
+    assert (reader.full_loads, reader.partial_reads) == (1, [])
+    # A write this cache hears of: the notice applies it and its version. (A check that
+    # ran between the write and its notice reads that one record; nothing else, once.)
+    record, key = await writer.create(name="heard")
+    await eventually(lambda: _known(cache, key, record), within=1.0)
+    await asyncio.sleep(0.3)
+    assert reader.full_loads == 1
+    assert reader.partial_reads in ([], [[hash_key(key)]])
+    reads = len(reader.partial_reads)
+    await asyncio.sleep(0.3)
+    assert len(reader.partial_reads) == reads  # settled: the version holds still
+    for known in keys:
+        assert await cache.authenticate(known) is not None
+    assert cache.redis_lookups <= 1  # at most the new key, used before its notice arrived
+
+
+async def _known(cache: KeyCache, key: str, record: KeyRecord | None) -> bool:
+    return await cache.authenticate(key) == record
+
+
+async def test_a_missed_notice_is_caught_up_by_reading_only_what_changed(
+    counting: tuple[KeyStore, CountingStore, KeyCache],
+) -> None:
+    writer, reader, cache = counting
+    record, key = await writer.create(name="x")
+    others = [(await writer.create(name=f"other{n}"))[0] for n in range(5)]
+    assert await cache.start(wait_seconds=5.0)
+    assert await cache.authenticate(key) == record and len(cache) == 6
+    # Revoked and a new key written, both without a notice.
+    revoked = KeyRecord.model_validate({**record.model_dump(), "revoked_at": int(time.time())})
+    await write_unannounced(writer.redis, writer, hash_key(key), revoked)
+    new_key = generate_key()
+    created = KeyRecord(id="key_unannounced", name="new", created_at=int(time.time()))
+    await write_unannounced(writer.redis, writer, hash_key(new_key), created)
+
+    async def caught_up() -> bool:
+        return len(cache) == 7  # (asking for the new key would look it up in Redis)
+
+    await eventually(caught_up, within=1.0)
+    await eventually(lambda: _known(cache, key, None), within=1.0)
+    assert await cache.authenticate(new_key) == created
+    assert reader.full_loads == 1
+    read = [h for hashes in reader.partial_reads for h in hashes]
+    assert sorted(set(read)) == sorted({hash_key(key), hash_key(new_key)})  # not the others
+    assert len(cache) == 1 + len(others) + 1
+    assert cache.redis_lookups == 0
+
+
+async def test_a_version_that_went_backwards_reloads_everything(
+    counting: tuple[KeyStore, CountingStore, KeyCache],
+) -> None:
+    writer, reader, cache = counting
+    record, key = await writer.create(name="x")
+    await writer.update(record.id, name="y")
+    assert await cache.start(wait_seconds=5.0)
+    # Redis lost its version and change log (replaced, restored): what changed is unknown.
+    revoked = KeyRecord.model_validate({**record.model_dump(), "name": "y", "revoked_at": int(time.time())})
+    async with writer.redis.pipeline(transaction=True) as pipe:
+        pipe.delete(f"{writer.prefix}version", f"{writer.prefix}changed")
+        pipe.set(writer.record_key(hash_key(key)), revoked.model_dump_json())
+        await pipe.execute()
+    await eventually(lambda: _known(cache, key, None), within=1.0)
+    assert reader.full_loads == 2

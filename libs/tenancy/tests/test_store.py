@@ -20,7 +20,13 @@ async def test_create_stores_only_the_hash(store: KeyStore, redis: aioredis.Redi
     # Nothing in Redis holds the key itself.
     async for name in redis.scan_iter(match=f"{prefix}*"):
         kind = (await redis.type(name)).decode()
-        values = [await redis.get(name)] if kind == "string" else list((await redis.hgetall(name)).values())
+        if kind == "string":
+            values = [await redis.get(name)]
+        elif kind == "hash":
+            values = list((await redis.hgetall(name)).values())
+        else:  # the sorted set of changed records: hashes only
+            assert kind == "zset"
+            values = await redis.zrange(name, 0, -1)
         assert all(key.encode() not in (value or b"") for value in values)
         assert key.encode() not in name
 
@@ -85,3 +91,34 @@ async def test_every_write_publishes_a_notice(store: KeyStore, redis: aioredis.R
     assert {n["hash"] for n in notices} == {hash_key(key)}
     assert {n["id"] for n in notices} == {record.id}
     await pubsub.aclose()
+
+
+async def test_every_write_bumps_the_version_and_names_what_changed(store: KeyStore, redis: aioredis.Redis) -> None:
+    assert await store.changed_since(0) == (0, [])
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(store.channel)
+    assert (await pubsub.get_message(timeout=1.0))["type"] == "subscribe"
+    first, first_key = await store.create(name="one")
+    second, second_key = await store.create(name="two")
+    await store.update(first.id, name="uno")
+    await store.revoke(second.id)
+    versions = []
+    while len(versions) < 4:
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        assert message is not None
+        versions.append(json.loads(message["data"])["version"])
+    assert versions == [1, 2, 3, 4]  # each notice carries the version its write made
+    await pubsub.aclose()
+
+    assert await store.changed_since(4) == (4, [])
+    assert await store.changed_since(3) == (4, [hash_key(second_key)])
+    version, changed = await store.changed_since(0)
+    assert (version, sorted(changed)) == (4, sorted([hash_key(first_key), hash_key(second_key)]))
+    version, records = await store.load_all()
+    assert version == 4 and records[hash_key(first_key)].name == "uno"
+    assert records[hash_key(second_key)].revoked_at is not None
+    missing = hash_key(first_key + "x")
+    assert await store.by_hashes([hash_key(first_key), missing]) == {
+        hash_key(first_key): records[hash_key(first_key)],
+        missing: None,
+    }

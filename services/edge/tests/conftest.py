@@ -46,7 +46,7 @@ class Edge:
 
 @pytest.fixture
 async def tenancy_prefix() -> AsyncIterator[str]:
-    """A fresh key prefix in the real Redis, emptied after the test."""
+    """A fresh key prefix in the real Redis (the key limit windows under it too), emptied after the test."""
     prefix = f"hoosh:test:edge:{uuid.uuid4().hex[:12]}:"
     yield prefix
     client = aioredis.Redis.from_url(REDIS_URL)
@@ -71,6 +71,7 @@ def make_settings(closed_addr: str, tenancy_prefix: str) -> Callable[..., Settin
             "auth": "open",
             "redis_url": REDIS_URL,
             "tenancy_key_prefix": tenancy_prefix,
+            "budget_key_prefix": f"{tenancy_prefix}budget:",  # the key limit windows; emptied with the rest
             "edge_rpc_timeout_seconds": 5.0,
             "edge_request_timeout_seconds": 5.0,
         }

@@ -85,3 +85,9 @@ def test_the_service_refuses_to_start_open_in_production(tmp_path: Path) -> None
     assert done.returncode == 2
     assert "refused in production" in done.stderr + done.stdout
     assert KEY not in done.stderr + done.stdout
+
+
+def test_the_budget_prefix_takes_no_hash_tag() -> None:
+    with pytest.raises(ValidationError, match="braces"):
+        settings(budget_key_prefix="hoosh:{budget}:")
+    assert settings().budget_key_prefix == "hoosh:budget:"  # the router's default: the same limit windows

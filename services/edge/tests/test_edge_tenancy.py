@@ -7,6 +7,8 @@ in-process gRPC fakes that record what the edge sends (backends.py).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import uvicorn
 from hoosh_tenancy import hash_key
 
 from .backends import Backends
@@ -155,6 +158,96 @@ async def test_open_mode_serves_anonymous_and_still_checks_known_keys(make_edge:
     assert error["code"] == "pool_not_allowed"
     await edge.client.delete(f"/v1/admin/keys/{record['id']}", headers=ADMIN)
     assert_envelope(await edge.client.post(CHAT, json=body, headers=bearer(key)), 401)
+
+
+def outward_address() -> str | None:
+    """A non-loopback address of this machine (the interface a default route uses), if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET: nothing is sent
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+def client_from(edge: Edge, host: str) -> httpx.AsyncClient:
+    """Requests to the edge's app whose ASGI scope says they come from ``host``."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=edge.app, client=(host, 40000)), base_url="http://edge")
+
+
+async def test_open_mode_serves_anonymous_only_to_a_loopback_peer(make_edge: MakeEdge, backends: Backends) -> None:
+    edge = await edge_on(make_edge, backends, auth="open")
+    key, _ = await create_key(edge, pools=["team-b"])
+    body = {"pool": "team-b", "tokens": 5}
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+        async with client_from(edge, host) as client:
+            assert (await client.post("/v1/tokens/reserve", json=body)).status_code == 200, host
+    for host in ("192.0.2.7", "10.0.0.1", "::ffff:192.0.2.7", "fd00::2", "0.0.0.0", "localhost", ""):
+        async with client_from(edge, host) as client:
+            for headers in ({}, bearer("not-a-key"), bearer("sk-hoosh-" + "x" * 43)):
+                response = await client.post("/v1/tokens/reserve", json=body, headers=headers)
+                assert_envelope(response, 401)
+                assert response.headers["www-authenticate"] == "Bearer"
+            # A known key is served from anywhere, as in keys mode.
+            assert (await client.post("/v1/tokens/reserve", json=body, headers=bearer(key))).status_code == 200
+    assert backends.recorder.count("Reserve") == 4 + 7
+
+
+async def test_open_mode_on_all_interfaces_refuses_a_remote_client_without_a_key(
+    make_edge: MakeEdge, backends: Backends
+) -> None:
+    address = outward_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    # Settings validated for loopback, the app then served on 0.0.0.0 by another launcher.
+    edge = await edge_on(make_edge, backends, auth="open")
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(edge.app, host="0.0.0.0", port=port, loop="none", log_config=None, access_log=False)
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            assert not task.done(), "uvicorn did not start"
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient() as client:
+            body = {"pool": "team-b", "tokens": 5}
+            remote = await client.post(f"http://{address}:{port}/v1/tokens/reserve", json=body)
+            assert_envelope(remote, 401)
+            local = await client.post(f"http://127.0.0.1:{port}/v1/tokens/reserve", json=body)
+            assert local.status_code == 200, local.text
+    finally:
+        server.should_exit = True
+        await task
+    assert backends.recorder.count("Reserve") == 1
+
+
+async def test_anonymous_reservations_have_an_owner_and_cannot_end_a_keys(
+    make_edge: MakeEdge, backends: Backends
+) -> None:
+    edge = await edge_on(make_edge, backends, auth="open")
+    key, record = await create_key(edge, pools=["team-a"])
+    mine = await edge.client.post("/v1/tokens/reserve", json={"pool": "team-a", "tokens": 5}, headers=bearer(key))
+    theirs = (await edge.client.post("/v1/tokens/reserve", json={"pool": "team-a", "tokens": 5})).json()
+    assert backends.recorder.last("Reserve").owner == "anonymous"  # never empty: empty means "any owner"
+
+    # Anonymous cannot commit the key's reservation...
+    report = {"pool": "team-a", "actual": 0, "reservation_id": mine.json()["reservation_id"]}
+    error = assert_envelope(await edge.client.post("/v1/tokens/report", json=report), 403)
+    assert error["code"] == "reservation_not_owned"
+    assert backends.recorder.last("Commit").owner == "anonymous"
+    # ...nor the key anonymous's; each ends its own.
+    other = {"pool": "team-a", "actual": 2, "reservation_id": theirs["reservation_id"]}
+    assert_envelope(await edge.client.post("/v1/tokens/report", json=other, headers=bearer(key)), 403)
+    assert (await edge.client.post("/v1/tokens/report", json=other)).status_code == 200
+    assert (await edge.client.post("/v1/tokens/report", json=report, headers=bearer(key))).status_code == 200
+    assert backends.recorder.last("Commit").owner == record["id"]
+    # Only an admin sends the empty owner.
+    third = (await edge.client.post("/v1/tokens/reserve", json={"pool": "team-a", "tokens": 5})).json()
+    admin_report = {"pool": "team-a", "actual": 1, "reservation_id": third["reservation_id"]}
+    assert (await edge.client.post("/v1/tokens/report", json=admin_report, headers=ADMIN)).status_code == 200
+    assert backends.recorder.last("Commit").owner == ""
 
 
 # --------------------------------------------------------------------------- scopes: chat, embeddings, models

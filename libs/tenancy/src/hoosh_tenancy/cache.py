@@ -2,15 +2,23 @@
 
 A warm request is a dict lookup of the key's SHA-256: no Redis round trip. One
 background task holds the pub/sub subscription: it applies each change notice as it
-arrives (milliseconds), pings the subscription a few times a second, reloads every
-record every few seconds and after each (re)subscription (a notice may have been
-missed meanwhile).
+arrives (milliseconds), pings the subscription a few times a second, and loads every
+record after each (re)subscription (a notice may have been missed meanwhile).
 
-Freshness: the records are trusted only while the subscription was heard from within
-``stale_after_seconds`` (1 s) and no notice failed to apply. Past that, a known key is
-looked up in Redis on every request (a revocation must not be missed), and a Redis that
-cannot answer raises :class:`TenancyUnavailable` (the edge answers 503) rather than
-admitting a key that may have been revoked.
+Missed notices: every write bumps the store's version (``P version``) and records which
+record it changed (``P changed``), in the write's own transaction. Every second the
+cache asks for the version and the records changed since the one it holds, in one
+round trip: when nothing changed (the usual case) that is all, and otherwise only the
+changed records are read. A notice carries its version, so a cache that heard every
+notice has nothing to read at the check. A version that went backwards (a Redis that
+lost its data) means a full reload.
+
+Freshness: the records are trusted only while Redis was heard from within
+``stale_after_seconds`` (1 s), by the subscription (a message or a pong) or by a
+version check (which shows that nothing changed unseen), and no notice failed to apply.
+Past that, a known key is looked up in Redis on every request (a revocation must not be
+missed), and a Redis that cannot answer raises :class:`TenancyUnavailable` (the edge
+answers 503) rather than admitting a key that may have been revoked.
 
 Unknown keys: a hash not in memory may be a key created a few milliseconds ago on
 another replica, so it is looked up in Redis, at most once at a time per hash, and
@@ -48,7 +56,7 @@ class KeyCache:
         self,
         store: KeyStore,
         *,
-        reload_seconds: float = 5.0,
+        reload_seconds: float = 1.0,
         stale_after_seconds: float = 1.0,
         ping_seconds: float = 0.2,
         reconnect_after_seconds: float = 3.0,
@@ -75,8 +83,11 @@ class KeyCache:
         # Bumped by every applied notice and reload: a Redis lookup that started before
         # one may carry older data, so its result is not remembered.
         self._version = 0
+        # The store's version the records reflect (every write up to it is applied);
+        # None until the first full load.
+        self._loaded_version: int | None = None
         self._synced = False  # a reload completed and no notice has failed to apply since
-        self._last_heard = 0.0  # monotonic time of the subscription's latest message or pong
+        self._last_heard = 0.0  # monotonic time of the latest message, pong or version check
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._ready: asyncio.Event | None = None
@@ -225,7 +236,7 @@ class KeyCache:
                 await pubsub.ping()
                 next_ping = now + self._ping_seconds
             if now >= next_reload:
-                await self._reload()
+                await self._catch_up()
                 next_reload = time.monotonic() + self._reload_seconds
             message: dict[str, Any] | None = await pubsub.get_message(timeout=self._ping_seconds)
             if message is None:
@@ -243,7 +254,8 @@ class KeyCache:
         try:
             notice = json.loads(data)
             key_hash = str(notice["hash"])
-        except (ValueError, KeyError, TypeError):
+            version = notice.get("version")
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("unreadable key change notice; ignored")
             return
         try:
@@ -251,6 +263,11 @@ class KeyCache:
         except TenancyUnavailable:
             self._synced = False  # a change is known and not applied: trust nothing until a reload
             raise
+        # Notices arrive in the order of their writes: the next version is now applied.
+        # After a gap (a missed notice), the next version check reads what was missed.
+        loaded = self._loaded_version
+        if loaded is not None and isinstance(version, int) and version == loaded + 1:
+            self._loaded_version = version
 
     async def refresh(self, key_hash: str) -> KeyRecord | None:
         """Read one record from Redis into memory now (a change notice, or this replica's
@@ -265,10 +282,36 @@ class KeyCache:
         return record
 
     async def _reload(self) -> None:
-        records = await self._store.all_by_hash()
+        """Load every record (the first load, and after each (re)subscription)."""
+        version, records = await self._store.load_all()
         self._version += 1
         self._records = records
+        self._loaded_version = version
         self._synced = True
         self._last_heard = time.monotonic()
         if self._ready is not None:
             self._ready.set()
+
+    async def _catch_up(self) -> None:
+        """The periodic check: one round trip for the store's version and what changed
+        since ours; read only the changed records. Hearing from Redis that nothing
+        changed unseen keeps the records fresh."""
+        loaded = self._loaded_version
+        if loaded is None:
+            await self._reload()
+            return
+        version, changed = await self._store.changed_since(loaded)
+        if version < loaded:
+            log.warning("the key store's version went backwards (Redis replaced or emptied?); reloading every key")
+            await self._reload()
+            return
+        if changed:
+            self._version += 1
+            for key_hash, record in (await self._store.by_hashes(changed)).items():
+                self._negative.pop(key_hash, None)
+                if record is None:
+                    self._records.pop(key_hash, None)
+                else:
+                    self._records[key_hash] = record
+        self._loaded_version = version
+        self._last_heard = time.monotonic()

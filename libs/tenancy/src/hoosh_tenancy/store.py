@@ -4,9 +4,13 @@ Layout under the prefix ``P`` (``HOOSH_TENANCY_KEY_PREFIX``, default ``hoosh:ten
 
 - ``P key:<sha256 hex>`` — the record as JSON (:class:`KeyRecord`);
 - ``P ids`` — hash: key id -> sha256 hex (lookups by id, listing);
-- ``P changes`` — pub/sub channel: one JSON notice ``{"op", "id", "hash"}`` per write.
+- ``P version`` — integer: bumped by every write (the caches' cheap "did anything change?");
+- ``P changed`` — sorted set: sha256 hex -> the version of the record's latest write
+  (what changed since a version, without reading every record);
+- ``P changes`` — pub/sub channel: one JSON notice ``{"op", "id", "hash", "version"}`` per write.
 
-Each write and its notice go out in one MULTI/EXEC, so no write is left unannounced.
+Each write, its version bump and its notice go out in one MULTI/EXEC, so no write is
+left unannounced or unversioned.
 """
 
 from __future__ import annotations
@@ -35,11 +39,29 @@ _MGET_CHUNK = 500
 _WATCH_RETRIES = 100
 UNAVAILABLE_MESSAGE = "The key store (Redis) is unavailable."
 
+# KEYS: version, changed. ARGV: key hash, channel, the notice's JSON without its closing
+# brace. Bumps the version, records which record it changed, publishes the notice
+# carrying that version (queued inside the write's MULTI: all or nothing).
+_ANNOUNCE = r"""
+local v = redis.call('INCR', KEYS[1])
+redis.call('ZADD', KEYS[2], v, ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3] .. ',"version":' .. string.format('%d', v) .. '}')
+return v
+"""
+
 
 def _invalid(exc: ValidationError) -> InvalidKeyRecord:
     first = exc.errors(include_url=False, include_input=False)[0]
     field = ".".join(str(part) for part in first["loc"]) or "record"
     return InvalidKeyRecord(f"Invalid value for '{field}': {first['msg'].removeprefix('Value error, ')}.")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: bytes | str | None) -> int:
+    return 0 if value is None else int(value)
 
 
 def parse_record(raw: bytes | str) -> KeyRecord | None:
@@ -65,13 +87,17 @@ class KeyStore:
         self.prefix = key_prefix
         self.channel = f"{key_prefix}changes"
         self._ids = f"{key_prefix}ids"
+        self._version = f"{key_prefix}version"
+        self._changed = f"{key_prefix}changed"
         self._clock = clock
 
     def record_key(self, key_hash: str) -> str:
         return f"{self.prefix}key:{key_hash}"
 
-    def _notice(self, op: str, record: KeyRecord, key_hash: str) -> bytes:
-        return json.dumps({"op": op, "id": record.id, "hash": key_hash}).encode()
+    def _announce(self, pipe: Any, op: str, record: KeyRecord, key_hash: str) -> None:
+        """Queue the version bump, the change record and the notice of one write."""
+        notice = json.dumps({"op": op, "id": record.id, "hash": key_hash})
+        pipe.eval(_ANNOUNCE, 2, self._version, self._changed, key_hash, self.channel, notice[:-1])
 
     # ---------------------------------------------------------------- writes
 
@@ -113,7 +139,7 @@ class KeyStore:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.set(self.record_key(key_hash), record.model_dump_json())
                 pipe.hset(self._ids, record.id, key_hash)
-                pipe.publish(self.channel, self._notice("create", record, key_hash))
+                self._announce(pipe, "create", record, key_hash)
                 await pipe.execute()
         except RedisError as exc:
             raise TenancyUnavailable(UNAVAILABLE_MESSAGE) from exc
@@ -163,7 +189,7 @@ class KeyStore:
                         updated = apply(current)
                         pipe.multi()  # type: ignore[no-untyped-call]
                         pipe.set(key, updated.model_dump_json())
-                        pipe.publish(self.channel, self._notice(op, updated, key_hash))
+                        self._announce(pipe, op, updated, key_hash)
                         await pipe.execute()
                         return updated
                     except WatchError:
@@ -210,19 +236,53 @@ class KeyStore:
         return None if raw is None else parse_record(raw)
 
     async def all_by_hash(self) -> dict[str, KeyRecord]:
-        """Every record, by hash (the cache's full reload)."""
+        """Every record, by hash."""
+        return (await self.load_all())[1]
+
+    async def load_all(self) -> tuple[int, dict[str, KeyRecord]]:
+        """The version and every record, by hash (the cache's full reload).
+
+        The version is read with the list of hashes, in one MULTI: every record read
+        is at least that recent (a newer one is read again at the next version check,
+        which is harmless)."""
         try:
-            hashes = [h.decode() if isinstance(h, bytes) else str(h) for h in await self.redis.hvals(self._ids)]
-            out: dict[str, KeyRecord] = {}
-            for start in range(0, len(hashes), _MGET_CHUNK):
-                chunk = hashes[start : start + _MGET_CHUNK]
-                raws = await self.redis.mget([self.record_key(h) for h in chunk])
-                for key_hash, raw in zip(chunk, raws, strict=True):
-                    record = None if raw is None else parse_record(raw)
-                    if record is not None:
-                        out[key_hash] = record
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.get(self._version)
+                pipe.hvals(self._ids)
+                raw_version, raw_hashes = await pipe.execute()
+            hashes = [_text(h) for h in raw_hashes]
+            return _int(raw_version), {
+                key_hash: record for key_hash, record in (await self._records(hashes)).items() if record is not None
+            }
         except RedisError as exc:
             raise TenancyUnavailable(UNAVAILABLE_MESSAGE) from exc
+
+    async def changed_since(self, version: int) -> tuple[int, builtins.list[str]]:
+        """The current version and the hashes of the records written after ``version``
+        (one round trip; nothing but the version when nothing changed)."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.get(self._version)
+                pipe.zrangebyscore(self._changed, f"({version}", "+inf")
+                raw_version, raw_hashes = await pipe.execute()
+        except RedisError as exc:
+            raise TenancyUnavailable(UNAVAILABLE_MESSAGE) from exc
+        return _int(raw_version), [_text(h) for h in raw_hashes]
+
+    async def by_hashes(self, hashes: Sequence[str]) -> dict[str, KeyRecord | None]:
+        """The records stored for these hashes (None: no readable record)."""
+        try:
+            return await self._records(hashes)
+        except RedisError as exc:
+            raise TenancyUnavailable(UNAVAILABLE_MESSAGE) from exc
+
+    async def _records(self, hashes: Sequence[str]) -> dict[str, KeyRecord | None]:
+        out: dict[str, KeyRecord | None] = {}
+        for start in range(0, len(hashes), _MGET_CHUNK):
+            chunk = hashes[start : start + _MGET_CHUNK]
+            raws = await self.redis.mget([self.record_key(h) for h in chunk])
+            for key_hash, raw in zip(chunk, raws, strict=True):
+                out[key_hash] = None if raw is None else parse_record(raw)
         return out
 
     async def list(self) -> builtins.list[KeyRecord]:

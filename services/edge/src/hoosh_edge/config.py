@@ -52,7 +52,16 @@ class Settings(BaseSettings):
     )
     admin_key: SecretStr | None = Field(default=None, description="Bootstrap admin key (never logged)")
     admin_key_file: Path | None = Field(default=None, description="A file holding the bootstrap admin key")
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis of the key records")
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis of the budget (the keys' RPM/TPM/concurrency windows) and, unless "
+        "HOOSH_TENANCY_REDIS_URL is set, of the key records; a redis+cluster:// URL is accepted",
+    )
+    budget_key_prefix: str = Field(
+        default="hoosh:budget:",
+        min_length=1,
+        description="Prefix of the budget's Redis keys: the per-key limit windows the router counts too",
+    )
     tenancy_redis_url: str = Field(
         default="", description="Redis of the key records when it differs from HOOSH_REDIS_URL (a cluster there)"
     )
@@ -85,6 +94,13 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("a gRPC address (host:port) is required")
         return value.strip()
+
+    @field_validator("budget_key_prefix")
+    @classmethod
+    def _no_hash_tag(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain braces: each key's hash tag follows it")
+        return value
 
     @field_validator("stt_addr")
     @classmethod

@@ -17,6 +17,7 @@ import grpc
 import orjson
 from fastapi.exceptions import RequestValidationError
 from hoosh_common.grpc_errors import metadata_dict
+from hoosh_metering.errors import BudgetUnavailable, RateLimited
 from hoosh_tenancy import InvalidKeyRecord, KeyNotFound, TenancyUnavailable
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -310,6 +311,7 @@ def validation_error(errors: Sequence[Mapping[str, Any]], data: Any = None, *, s
 
 
 KEY_STORE_UNAVAILABLE = "The key store (Redis) is unavailable; try again shortly."
+BUDGET_STORE_UNAVAILABLE = "The budget store (Redis) is unavailable; try again shortly."
 
 
 def to_api_error(
@@ -331,6 +333,16 @@ def to_api_error(
         return APIError(exc.status_code, exc.message, exc.error_type, exc.param, exc.code, dict(exc.headers))
     if isinstance(exc, grpc.aio.AioRpcError):
         return _from_rpc_error(exc, not_found_code, overrides or {})
+    if isinstance(exc, RateLimited):  # a key's RPM / TPM / concurrency, checked at the edge
+        return APIError(
+            429,
+            exc.message,
+            RATE_LIMIT,
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, exc.retry_after_seconds))},
+        )
+    if isinstance(exc, BudgetUnavailable):
+        return APIError(503, BUDGET_STORE_UNAVAILABLE, API_ERROR, code=BUDGET_UNAVAILABLE, log_detail=exc.message)
     if isinstance(exc, TenancyUnavailable):
         # The same Redis outage the budget answers with budget_unavailable: one code for clients.
         return APIError(503, KEY_STORE_UNAVAILABLE, API_ERROR, code=BUDGET_UNAVAILABLE, log_detail=exc.message)

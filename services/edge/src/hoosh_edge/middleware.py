@@ -40,8 +40,9 @@ class EdgeMiddleware:
       ``hoosh_common.logs.request_id_var`` and in ``scope["state"]["request_id"]``.
     - Auth: every path but :data:`AUTH_EXEMPT_PATHS` goes through the
       :class:`~hoosh_edge.auth.Authenticator`; the principal (a key record, the bootstrap
-      admin or open mode's anonymous user) goes in ``scope["state"]["principal"]``.
-      Refusals (401, 503) use the error envelope.
+      admin or open mode's anonymous user, which only a loopback peer, ``scope["client"]``,
+      can be) goes in ``scope["state"]["principal"]``. Refusals (401, 503) use the error
+      envelope.
     - Body limit: a Content-Length over the limit is refused before reading; a body
       without one is counted as it streams in. Both answer 413. The limit is
       ``max_body_bytes`` unless ``body_limits`` names the path (uploads get more).
@@ -123,7 +124,7 @@ class EdgeMiddleware:
 
         if scope["path"] not in AUTH_EXEMPT_PATHS:
             try:
-                principal = await self.authenticator.principal(authorization)
+                principal = await self.authenticator.principal(authorization, scope.get("client"))
             except Exception as exc:
                 error = to_api_error(exc)
                 if error.status >= 500:

@@ -1,8 +1,14 @@
 """The token endpoints (/v1/tokens/*): pools, check, reserve, report, within the key's pools.
 
 Reservations made here are ``kind="manual"`` and owned by the key that made them: a
-report that commits one must come from that key (admin: any manual one), and a chat's
-own reservation (kind ``chat``) can never be committed through here.
+report that commits one must come from that key (admin: any manual one; open mode's
+anonymous user: only its own, owner ``anonymous``), and a chat's own reservation (kind
+``chat``) can never be committed through here.
+
+A reservation is a call under the key's own limits: one request against its RPM, the
+tokens it reserved against its TPM (429 ``rate_limit_exceeded`` with Retry-After), a
+concurrency slot while the call runs; and a user key with a TPM cannot reserve more
+than its TPM at once.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from hoosh.budget.v1 import budget_pb2
 from starlette.responses import Response
 
 from .errors import ConflictError, InvalidRequestError, MappedError, PermissionDeniedError, to_api_error
+from .key_limits import limits_of
 from .protocol import (
     PoolInfo,
     TokenCheckRequest,
@@ -26,11 +33,24 @@ from .protocol import (
 )
 from .responses import OrjsonResponse
 from .routing import ERRORS, call_budget, edge, grpc_metadata, json_body, parse_body, request_id
-from .scopes import authorize_pool, pool_filter, principal_of
+from .scopes import authorize_pool, ending_owner, pool_filter, principal_of, reservation_owner
 
 router = APIRouter(tags=["tokens"])
 
 MANUAL = "manual"  # the kind of reservations made through /v1/tokens/reserve
+
+# Budget answers that say for certain nothing was reserved (TPM is given those tokens back).
+_NOT_RESERVED = frozenset(
+    {
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.ALREADY_EXISTS,
+    }
+)
 
 
 def pool_info(pool: budget_pb2.Pool) -> dict[str, Any]:
@@ -90,21 +110,40 @@ async def reserve_tokens(request: Request) -> Response:
 
     The reservation id is the request id; it is leased, so it is settled if never
     reported. Only the key that made it can commit it (``/v1/tokens/report``).
+
+    The key's limits apply: the call counts one request (RPM) and the tokens it
+    reserves (TPM), 429 with Retry-After past either or past its concurrency; a user
+    key with a TPM may reserve at most its TPM at once (400).
     """
     body = await parse_body(request, TokenReserveRequest)
     principal = principal_of(request)
     pool = authorize_pool(principal, body.pool)
+    if principal.tpm and not principal.is_admin and body.tokens > principal.tpm:
+        raise InvalidRequestError(
+            f"This API key may use {principal.tpm} tokens per minute, so one reservation can hold at most "
+            f"{principal.tpm} tokens ({body.tokens} requested): reserve less, in several reservations, "
+            "or ask an admin for a higher tpm.",
+            param="tokens",
+            code="invalid_value",
+        )
     state = edge(request)
     timeout = state.settings.edge_rpc_timeout_seconds
+    rid = request_id(request)
+    limits = limits_of(principal)
+    gate = state.tenancy.limits
+    await gate.admit(principal.id, rid, limits, body.tokens)  # RateLimited: 429; BudgetUnavailable: 503
+    charged = body.tokens  # what TPM keeps: unless the budget surely reserved nothing
     try:
         reply = await state.clients.budget.Reserve(
             budget_pb2.ReserveRequest(
-                pool=pool, tokens=body.tokens, reservation_id=request_id(request), owner=principal.id, kind=MANUAL
+                pool=pool, tokens=body.tokens, reservation_id=rid, owner=reservation_owner(principal), kind=MANUAL
             ),
             metadata=grpc_metadata(request),
             timeout=timeout,
         )
     except grpc.aio.AioRpcError as exc:
+        if exc.code() in _NOT_RESERVED:
+            charged = 0
         if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise MappedError(to_api_error(exc, not_found_code="pool_not_found")) from exc
         current = await call_budget(
@@ -113,6 +152,9 @@ async def reserve_tokens(request: Request) -> Response:
             )
         )
         return OrjsonResponse({"reserved": False, "available": current.pool.available, "reservation_id": None})
+    finally:
+        # The reservation outlives this call; the call's concurrency slot does not.
+        await gate.finish(principal.id, rid, limits, estimated=body.tokens, actual=charged)
     return OrjsonResponse({"reserved": True, "available": reply.pool.available, "reservation_id": reply.reservation_id})
 
 
@@ -142,7 +184,7 @@ async def report_tokens(request: Request) -> Response:
                     reservation_id=body.reservation_id,
                     used_tokens=body.actual,
                     pool=pool,
-                    owner="" if principal.is_admin else principal.id,  # admin: any manual reservation
+                    owner=ending_owner(principal),  # admin: any manual reservation; never empty otherwise
                     kind=MANUAL,  # a chat's reservation never ends here
                 ),
                 metadata=grpc_metadata(request),

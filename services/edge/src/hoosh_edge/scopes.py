@@ -49,6 +49,21 @@ def pool_filter(principal: KeyRecord) -> list[str]:
     return [] if principal.all_pools else list(principal.pools)
 
 
+# The owner of open mode's anonymous reservations. Never empty: the budget reads an
+# empty owner on Commit/Release as "no owner check" (admin only).
+ANONYMOUS_OWNER = "anonymous"
+
+
+def reservation_owner(principal: KeyRecord) -> str:
+    """The owner a manual reservation records (Reserve): the key id, never empty."""
+    return principal.id or ANONYMOUS_OWNER
+
+
+def ending_owner(principal: KeyRecord) -> str:
+    """The owner Commit/Release must match: empty (any manual reservation) only for admin."""
+    return "" if principal.is_admin else reservation_owner(principal)
+
+
 def audit_filter(principal: KeyRecord) -> str:
     """ListEntries ``key_id``: the key's own id, or empty (every entry) for admin.
 

@@ -377,3 +377,69 @@ async def test_a_stale_directory_is_corrected_by_the_script(backend: tuple[str, 
         assert reader._dir.entries["org"].period == "daily"
     finally:
         await other.aclose()
+
+
+async def test_a_pool_created_again_under_a_deleted_name_is_a_new_pool(store: BudgetStore) -> None:
+    """Reservations of the deleted pool never touch the new one (its incarnation differs)."""
+    await store.create_pool(PoolSpec("org", 1_000_000))
+    await store.create_pool(PoolSpec("team", 1_000, parent="org"))
+    await store.reserve("team", 900, "old", owner="k", kind="chat")
+    await store.reserve("team", 50, "old2", owner="k", kind="chat")
+    await store.delete_pool("team")
+    await store.create_pool(PoolSpec("team", 1_000, parent="org"))
+    await store.reserve("team", 1_000, "new1", owner="k", kind="chat")
+    released = await store.release("old", pool="team", owner="k", kind="chat")
+    assert released.state == "released" and not released.already_ended
+    committed = await store.commit("old2", 30, pool="team", owner="k", kind="chat")
+    assert committed.state == "committed"
+    assert await counters(store) == {"org": (1_000_000, 30, 1_000), "team": (1_000, 0, 1_000)}
+    with pytest.raises(BudgetExhausted):  # new1 still holds the whole new pool
+        await store.reserve("team", 900, "new2", owner="k", kind="chat")
+    # The same through the lease: the old reservation expires in the old pool's ancestors only.
+    await store.release("new1", pool="team")
+    await store.reserve("team", 5, "short", owner="k", kind="chat", lease_seconds=0.2)
+    await store.reserve("team", 100, "stays", owner="k", kind="chat")
+    await store.delete_pool("team")
+    await store.create_pool(PoolSpec("team", 1_000, parent="org"))
+    await store.reserve("team", 10, "fresh", owner="k", kind="chat")
+    await asyncio.sleep(0.3)
+    assert await store.reap_expired() == 1
+    assert await counters(store) == {"org": (1_000_000, 35, 110), "team": (1_000, 0, 10)}
+
+
+@pytest.mark.parametrize("end", ["commit", "release", "expire"])
+async def test_a_reservation_whose_pool_was_deleted_settles_in_its_ancestors(store: BudgetStore, end: str) -> None:
+    await tree(store)
+    await store.reserve("key", 100, "r1", lease_seconds=0.3 if end == "expire" else None, owner="k", kind="chat")
+    await store.delete_pool("key")
+    if end == "commit":
+        result = await store.commit("r1", 60, pool="key", owner="k", kind="chat")
+        assert (result.state, result.already_ended, result.pool) == ("committed", False, None)
+        assert (await store.commit("r1", 60, pool="key")).state == "committed"  # exactly once
+    elif end == "release":
+        result = await store.release("r1", pool="key", owner="k", kind="chat")
+        assert (result.state, result.already_ended) == ("released", False)
+    else:
+        await asyncio.sleep(0.4)
+        assert await store.reap_expired() == 1
+    charged = 0 if end == "release" else (60 if end == "commit" else 100)
+    assert await counters(store) == {"org": (1000, charged, 0), "team": (500, charged, 0)}
+    assert (await store.commit("never", 1, pool="key")).state == "unknown"
+
+
+async def test_a_deleted_pools_reservation_settles_even_when_its_name_moved_to_another_tree(
+    store: BudgetStore,
+) -> None:
+    await tree(store)
+    await store.reserve("key", 100, "r1", owner="k", kind="chat")
+    await store.delete_pool("key")
+    await store.create_pool(PoolSpec("other", 50))
+    await store.create_pool(PoolSpec("key", 50, parent="other"))  # the name now lives elsewhere
+    result = await store.commit("r1", 70, pool="key", owner="k", kind="chat")
+    assert (result.state, result.already_ended) == ("committed", False)
+    assert await counters(store) == {
+        "org": (1000, 70, 0),
+        "team": (500, 70, 0),
+        "other": (50, 0, 0),
+        "key": (50, 0, 0),
+    }

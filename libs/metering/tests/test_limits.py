@@ -138,3 +138,43 @@ async def test_no_limits_cost_no_round_trip() -> None:
         await limiter.finish("k1", "a", KeyLimits(max_concurrency=1), estimated_tokens=1, actual_tokens=1)
     finally:
         await nowhere.aclose()
+
+
+def run_twice(script):  # type: ignore[no-untyped-def]
+    """What redis-py's retry does after a reply is lost: the same command, sent again."""
+
+    async def call(keys: list, args: list) -> object:  # type: ignore[type-arg]
+        await script(keys=keys, args=args)
+        return await script(keys=keys, args=args)
+
+    return call
+
+
+@pytest.mark.parametrize("limits", [KeyLimits(rpm=3), KeyLimits(rpm=3, tpm=1_000), KeyLimits(rpm=3, max_concurrency=9)])
+async def test_a_retried_admission_counts_once(limiter: KeyLimiter, clock: Clock, limits: KeyLimits) -> None:
+    clock.now += 10
+    limiter._admit = run_twice(limiter._admit)  # type: ignore[method-assign]
+    for i in range(3):
+        await limiter.admit("k1", f"req-{i}", limits, 10)
+    with pytest.raises(RateLimited) as info:
+        await limiter.admit("k1", "req-3", limits, 10)
+    assert info.value.limit == "rpm"
+    # A refused request is not remembered as admitted: its retry is refused too.
+    with pytest.raises(RateLimited):
+        await limiter.admit("k1", "req-3", limits, 10)
+
+
+async def test_huge_token_counts_saturate(
+    limiter: KeyLimiter, clock: Clock, backend: tuple[str, RedisClient, str]
+) -> None:
+    client = backend[1]
+    clock.now += 10
+    limits = KeyLimits(tpm=100)
+    await limiter.admit("k1", "big", limits, 10**30)  # one request bigger than the TPM fits an empty window
+    # The correction past 2**53 saturates instead of wrapping the window's count negative.
+    await limiter.finish("k1", "big", limits, estimated_tokens=0, actual_tokens=10**30)
+    window = int(clock.now // 60)
+    value = await client.hget(f"{limiter.key_base('k1')}w:{window}", "t")
+    assert value is not None and int(value) == 2**53 - 1
+    with pytest.raises(RateLimited):
+        await limiter.admit("k1", "next", limits, 1)

@@ -4,6 +4,7 @@ injected, so the test decides when the minute ends)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -154,11 +155,18 @@ def minute_start() -> float:
     return (time.time() // 60) * 60
 
 
+def past_minute() -> float:
+    """The start of a minute far enough back that the test's clock, moved on a few
+    minutes, is still behind Redis's: a period start later than the Redis clock is
+    refused (a replica whose clock runs ahead cannot end a period early)."""
+    return minute_start() - 300
+
+
 async def test_a_minute_pool_rolls_over_without_losing_or_double_counting(
     backend: tuple[str, RedisClient, str],
 ) -> None:
     _, client, prefix = backend
-    base = minute_start()
+    base = past_minute()
     clock = Clock(base + 10)
     store = BudgetStore(client, prefix, 300, clock=clock)
     replica = BudgetStore(client, prefix, 300, clock=clock)
@@ -229,7 +237,7 @@ async def test_an_exhausted_minute_pool_says_to_retry_at_the_boundary(
 
 async def test_changing_the_period_keeps_the_usage_so_far(backend: tuple[str, RedisClient, str]) -> None:
     _, client, prefix = backend
-    clock = Clock(minute_start() + 5)
+    clock = Clock(past_minute() + 5)
     store = BudgetStore(client, prefix, 300, clock=clock)
     await store.create_pool(PoolSpec("p", 100))
     await store.report("p", 60)
@@ -238,3 +246,59 @@ async def test_changing_the_period_keeps_the_usage_so_far(backend: tuple[str, Re
     assert await store.roll_periods() == []  # no boundary has passed: nothing to announce
     clock.now += 60
     assert [(roll.pool, roll.used) for roll in await store.roll_periods()] == [("p", 60)]
+
+
+@pytest.mark.parametrize("settled_by", ["reaper", "sibling reserve", "renew", "list"])
+async def test_an_expired_lease_is_charged_to_the_period_in_which_it_is_settled(
+    backend: tuple[str, RedisClient, str], settled_by: str
+) -> None:
+    """A holder died; its lease ran out after the boundary: the charge is the new period's."""
+    _, client, prefix = backend
+    base = past_minute()
+    clock = Clock(base + 10)
+    store = BudgetStore(client, prefix, 300, clock=clock)
+    await store.create_pool(PoolSpec("org", 1000))
+    await store.create_pool(PoolSpec("a", 1000, parent="org", period="minute"))
+    await store.create_pool(PoolSpec("b", 1000, parent="org", period="minute", timezone="Asia/Kolkata"))
+    await store.reserve("b", 400, "dead", lease_seconds=0.2, kind="chat")
+    await store.report("b", 7)
+    clock.now = base + 70  # the next minute has begun...
+    await asyncio.sleep(0.3)  # ...and the lease has run out
+    if settled_by == "reaper":
+        assert await store.reap_expired() == 1
+    elif settled_by == "sibling reserve":
+        await store.reserve("a", 1, "other", kind="chat")  # reclaims the tree's expired leases
+    elif settled_by == "renew":
+        assert await store.renew("dead", pool="b") is None
+    else:
+        await store.list_pools(["a"])
+    raw = await client.hmget(store.pool_key("b", "org"), ["used", "reserved", "prev_used", "period_start"])
+    assert [int(value) for value in raw] == [400, 0, 7, int((base + 60) * 1000)]
+    b = await store.get_pool("b")
+    assert (b.used, b.reserved) == (400, 0)
+    assert sorted((roll.pool, roll.used) for roll in await store.roll_periods()) == [("a", 0), ("b", 7)]
+
+
+async def test_a_clock_ahead_of_redis_cannot_start_a_period_early(backend: tuple[str, RedisClient, str]) -> None:
+    _, client, prefix = backend
+    store = BudgetStore(client, prefix, 300, clock=Clock(past_minute()))
+    await store.create_pool(PoolSpec("org", 1000, period="minute"))
+    await store.create_pool(PoolSpec("team", 1000, parent="org", period="minute"))
+    await store.reserve("team", 100, "r1", kind="chat")
+    await store.commit("r1", 80, pool="team")
+    start = (await store.get_pool("team")).period_start_ms
+
+    ahead = BudgetStore(client, prefix, 300, clock=Clock(time.time() + 120))  # two minutes fast
+    await ahead.reserve("team", 10, "r2", kind="chat")
+    await ahead.commit("r2", 10, pool="team")
+    await ahead.report("team", 5)
+    assert await ahead.roll_periods() == []
+    await ahead.list_pools()
+    raw = await client.hmget(store.pool_key("team", "org"), ["used", "period_start"])
+    assert [int(value) for value in raw] == [95, start]  # nothing rolled: the usage stays in its period
+
+    # A replica on time rolls (its clock is at or behind Redis's).
+    on_time = BudgetStore(client, prefix, 300, clock=Clock(time.time() - 1))
+    rolls = await on_time.roll_periods()
+    assert sorted((roll.pool, roll.used) for roll in rolls) == [("org", 95), ("team", 95)]
+    assert all(roll.period_start_ms > start for roll in rolls)

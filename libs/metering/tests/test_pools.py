@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 from hoosh_metering.errors import BudgetExhausted, InvalidAmount, InvalidArgument, PoolNotFound
-from hoosh_metering.pools import BudgetStore, PoolView, reap_forever
+from hoosh_metering.pools import MAX_AMOUNT, BudgetStore, PoolSpec, PoolView, reap_forever
 from hoosh_metering.redis import RedisClient, connect_redis
 
 
@@ -44,8 +44,9 @@ async def test_release_returns_the_reservation(store: BudgetStore) -> None:
 
 
 async def test_commit_may_exceed_reservation_and_capacity(store: BudgetStore) -> None:
+    # Metered usage (a chat's) is charged honestly, even past the reservation.
     await store.upsert_pool("p", 100)
-    await store.reserve("p", 50, "r1")
+    await store.reserve("p", 50, "r1", kind="chat")
     result = await store.commit("r1", 180, pool="p")
     assert counts(result.pool) == (100, 180, 0)
     assert result.pool is not None and result.pool.available == 0
@@ -285,8 +286,91 @@ async def test_upsert_changes_capacity_and_keeps_counters(store: BudgetStore) ->
 async def test_large_counts_stay_exact(store: BudgetStore) -> None:
     big = 2**53 - 1
     await store.upsert_pool("big", big)
-    await store.reserve("big", 10**15 + 1, "r1")
+    await store.reserve("big", 10**15 + 1, "r1", kind="chat")
     result = await store.commit("r1", 10**15 + 3, pool="big")
     assert counts(result.pool) == (big, 10**15 + 3, 0)
     with pytest.raises(InvalidAmount):
         await store.upsert_pool("big", 2**53)
+
+
+async def test_a_manual_commit_is_capped_at_its_reservation(store: BudgetStore) -> None:
+    """Self-reported usage (kind manual, /v1/tokens/report) charges at most what was reserved."""
+    await store.create_pool(PoolSpec("org", 10_000, cap_usd_micros=10**12))
+    await store.create_pool(PoolSpec("team-a", 1_000, parent="org"))
+    await store.create_pool(PoolSpec("team-b", 1_000, parent="org"))
+    await store.reserve("team-a", 10, "m1", owner="key_a", kind="manual", input_price_micros=1_000_000)
+    result = await store.commit("m1", MAX_AMOUNT, pool="team-a", used_usd_micros=MAX_AMOUNT, owner="key_a")
+    assert result.state == "committed" and counts(result.pool) == (1_000, 10, 0)
+    org = await store.get_pool("org")
+    assert (org.used, org.used_usd_micros) == (10, 10)  # 10 tokens at $1 per million: 10 micro-dollars
+    # The sibling's shared org is untouched by the attempt.
+    assert (await store.reserve("team-b", 1_000, "b1", kind="chat")).tokens == 1_000
+    # Below the reservation, the report is what is charged.
+    await store.reserve("team-a", 10, "m2", kind="manual")
+    assert counts((await store.commit("m2", 3, pool="team-a")).pool) == (1_000, 13, 0)
+
+
+async def test_a_manual_reservation_must_reserve_something(store: BudgetStore) -> None:
+    await store.upsert_pool("p", 100)
+    with pytest.raises(InvalidAmount, match="nothing to reserve"):
+        await store.reserve("p", 0, "m0", kind="manual")
+    with pytest.raises(InvalidAmount, match="nothing to reserve"):
+        await store.reserve("p", 0, "m0")  # manual is the default kind
+    assert (await store.reserve("p", 0, "m1", completion_tokens=5)).tokens == 5
+    assert (await store.reserve("p", 0, "c1", kind="chat")).tokens == 0  # metered kinds may start at 0
+    assert (await store.get_pool("p")).reserved == 5
+
+
+async def test_counters_saturate_instead_of_wrapping(store: BudgetStore, client: RedisClient) -> None:
+    """However much is committed or reported, no counter passes 2**53 - 1 or goes negative."""
+    await store.create_pool(PoolSpec("org", 1_000))
+    await store.create_pool(PoolSpec("team", 1_000, parent="org"))
+    for i in range(4):
+        await store.reserve("team", 1, f"c{i}", kind="chat")
+    for i in range(4):
+        await store.commit(f"c{i}", MAX_AMOUNT, pool="team", used_usd_micros=MAX_AMOUNT)
+        await store.report("org", MAX_AMOUNT, usd_micros=MAX_AMOUNT)
+    for name in ("team", "org"):
+        raw = {
+            key.decode(): int(value)
+            for key, value in (await client.hgetall(store.pool_key(name, "org"))).items()
+            if value.lstrip(b"-").isdigit()
+        }
+        assert (raw["used"], raw["used_usd"], raw["reserved"], raw["reserved_usd"]) == (MAX_AMOUNT, MAX_AMOUNT, 0, 0)
+    view = await store.get_pool("team")
+    assert (view.used, view.available) == (MAX_AMOUNT, 0)
+    with pytest.raises(BudgetExhausted):
+        await store.reserve("team", 1, "after", kind="chat")
+    # A counter already out of range (written by an older script) is read as saturated.
+    await client.hset(store.pool_key("team", "org"), mapping={"used": "-9223372036854775808", "reserved": "-5"})
+    await client.hset(store.pool_key("org", "org"), "used", "0")
+    reservation = await store.reserve("team", 10, "r1", kind="chat")
+    assert (reservation.pool.used, reservation.pool.reserved) == (0, 10)
+    await store.commit("r1", 4, pool="team")
+    raw = await client.hmget(store.pool_key("team", "org"), ["used", "reserved"])
+    assert [int(value) for value in raw] == [4, 0]
+
+
+def run_twice(script):  # type: ignore[no-untyped-def]
+    """What redis-py's retry does after a reply is lost: the same command, sent again."""
+
+    async def call(keys: list, args: list) -> object:  # type: ignore[type-arg]
+        await script(keys=keys, args=args)
+        return await script(keys=keys, args=args)
+
+    return call
+
+
+async def test_report_is_counted_once_per_id_and_a_retried_call_once(store: BudgetStore) -> None:
+    await store.create_pool(PoolSpec("org", 1_000))
+    await store.create_pool(PoolSpec("team", 1_000, parent="org"))
+    assert (await store.report("team", 7, report_id="rep-1")).used == 7
+    assert (await store.report("team", 7, report_id="rep-1")).used == 7  # the same report again
+    assert (await store.report("team", 5, report_id="rep-2")).used == 12
+    assert (await store.report("team", 1)).used == 13  # without an id every call counts
+    assert (await store.report("team", 1)).used == 14
+    store._lua_report = run_twice(store._lua_report)  # type: ignore[method-assign]
+    assert (await store.report("team", 10)).used == 24  # the client's retry ran the script again
+    assert (await store.get_pool("org")).used == 24
+    with pytest.raises(InvalidArgument):
+        await store.report("team", 1, report_id="")

@@ -66,6 +66,8 @@ async def test_service_applies_pools_announces_resets_and_stops_gracefully(
         HOOSH_NATS_STREAM=bus.stream,
         HOOSH_SUBJECT_PREFIX=bus.prefix,
         HOOSH_CONFIG=str(config),
+        HOOSH_BUDGET_EXPIRY_POLICY="release",
+        HOOSH_BUDGET_REAP_INTERVAL_SECONDS="0.2",
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hoosh_budget", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
@@ -103,6 +105,20 @@ async def test_service_applies_pools_announces_resets_and_stops_gracefully(
         # (A minute boundary may pass meanwhile: team's period event is not this one.)
         [(msg_id, event)] = [found for found in await bus.resets(1) if found[1].reason == "admin"]
         assert msg_id.startswith("reset:org:admin:") and (event.used, event.key_id) == (7, "key_admin")
+
+        # budget_expiry_policy=release: an expired lease (a dead holder) is given back, uncharged.
+        await stub.Reserve(
+            budget_pb2.ReserveRequest(pool="org", tokens=30, reservation_id="dead", lease_seconds=1, kind="chat")
+        )
+        while True:
+            org = (await stub.GetPool(budget_pb2.GetPoolRequest(pool="org"))).pool
+            if org.reserved == 0:
+                break
+            assert loop.time() < deadline, "the reaper never settled the expired lease"
+            await asyncio.sleep(0.1)
+        assert org.used == 0
+        ended = await stub.Commit(budget_pb2.CommitRequest(reservation_id="dead", used_tokens=30, pool="org"))
+        assert (ended.already_ended, ended.state) == (True, "expired")
     finally:
         await channel.close()
         if proc.returncode is None:

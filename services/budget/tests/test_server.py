@@ -175,6 +175,9 @@ async def test_bad_arguments_are_invalid_argument(stub: Stub) -> None:
         stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=1, reservation_id="")),
         stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=1, reservation_id="r", lease_seconds=-1)),
         stub.Reserve(budget_pb2.ReserveRequest(pool="a b", tokens=1, reservation_id="r")),
+        # A manual reservation of nothing (its commit is capped at what it reserves).
+        stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=0, reservation_id="r", kind="manual")),
+        stub.Reserve(budget_pb2.ReserveRequest(pool="p", tokens=0, reservation_id="r")),
         stub.Commit(budget_pb2.CommitRequest(reservation_id="held", used_tokens=-1, pool="p")),
         stub.Check(budget_pb2.CheckRequest(pool="p", tokens=-1)),
         stub.UpsertPool(budget_pb2.UpsertPoolRequest(pool="", capacity=1)),
@@ -304,3 +307,41 @@ async def test_unreachable_redis_is_unavailable(prefix: str, announcer: ResetAnn
         await server.stop(None)
         await store.close()
         await dead.aclose()
+
+
+async def test_manual_commits_are_capped_and_metered_ones_saturate(stub: Stub) -> None:
+    await tree(stub)
+    await stub.UpdatePool(budget_pb2.UpdatePoolRequest(name="org", capacity=10_000))
+    top = 2**53 - 1
+    await stub.Reserve(budget_pb2.ReserveRequest(pool="key", tokens=5, reservation_id="m", owner="key_a"))
+    manual = await stub.Commit(
+        budget_pb2.CommitRequest(reservation_id="m", used_tokens=top, pool="key", owner="key_a", kind="manual")
+    )
+    assert manual.state == "committed" and manual.pool.used == 5
+    for rid in ("c1", "c2"):
+        await stub.Reserve(budget_pb2.ReserveRequest(pool="key", tokens=1, reservation_id=rid, kind="chat"))
+    for rid in ("c1", "c2"):
+        await stub.Commit(budget_pb2.CommitRequest(reservation_id=rid, used_tokens=top, pool="key", kind="chat"))
+    await stub.Report(budget_pb2.ReportRequest(pool="org", actual=top))
+    pools = {pool.name: pool for pool in (await stub.ListPools(budget_pb2.ListPoolsRequest())).pools}
+    assert {name: counters(pool) for name, pool in pools.items()} == {
+        name: (top, 0, 0) for name in ("org", "team", "key")
+    }
+
+
+async def test_a_deleted_pools_reservation_settles_in_its_ancestors(stub: Stub) -> None:
+    await tree(stub)
+    await stub.Reserve(budget_pb2.ReserveRequest(pool="key", tokens=40, reservation_id="r", kind="chat"))
+    await stub.DeletePool(budget_pb2.DeletePoolRequest(name="key"))
+    await stub.CreatePool(
+        budget_pb2.CreatePoolRequest(spec=budget_pb2.PoolSpec(name="key", parent="team", capacity=1000))
+    )
+    committed = await stub.Commit(budget_pb2.CommitRequest(reservation_id="r", used_tokens=25, pool="key"))
+    assert (committed.already_ended, committed.state) == (False, "committed")
+    pools = {pool.name: pool for pool in (await stub.ListPools(budget_pb2.ListPoolsRequest())).pools}
+    # The pool created again under the name is a new pool: the old reservation never touches it.
+    assert {name: counters(pool)[:2] for name, pool in pools.items()} == {
+        "org": (25, 0),
+        "team": (25, 0),
+        "key": (0, 0),
+    }

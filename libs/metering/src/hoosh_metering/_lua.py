@@ -3,14 +3,32 @@ hash tag ``{root}`` of one pool tree (KEYS[1] is always one of them, so a cluste
 client routes the EVALSHA; the script builds the other names with the same tag).
 
 Conventions: ARGV[1] is the tree's key base ``<prefix>{<root>}:``. Numbers are Lua
-doubles, so every count stays below 2**53 and is written back with ``%d``. Replies
-carry counters as strings (exact) and statuses as the first element.
+doubles, so every count stays below 2**53 and is written back with ``%d``: every
+counter saturates at MAX_AMOUNT (2**53 - 1) and 0, whatever is added to it, so no
+value is ever formatted above 2**53 - 1 (``%d`` of a double past 2**63 wraps
+negative) and none is stored below 0. Replies carry counters as strings (exact) and
+statuses as the first element.
 
 A *chain* argument is one string of ``name period tz start`` quadruples joined by
 ``;``, leaf first: the caller's picture of the pool and its ancestors, with each
 pool's current period start (0 for "none") computed by the client in the pool's time
 zone. Numbers travel packed the same way (space-separated) where a script takes many:
 each argument costs the client as much to encode as the script costs to run.
+
+A *starts* argument is the tree's period starts by period and time zone: ``period tz
+start`` triples joined by ``;`` (one per distinct pair among the tree's pools; '' when
+no pool of the tree has a period). Scripts that settle expired leases take it, so
+that each pool of an expired reservation's chain rolls into the current period before
+the charge lands, like the chain's own pools do.
+
+Every pool has an incarnation ``inc`` (a per-tree sequence number given at creation;
+0 for pools made before incarnations existed); a reservation records the incarnation
+of each pool of its chain (``incs``) and is settled only in pools whose incarnation
+still matches, so a pool deleted and created again under the same name is a new pool
+that no old reservation can touch.
+
+A period start is trusted only up to ``CLOCK_TOLERANCE_MS`` past the Redis clock: a
+replica whose clock runs ahead cannot start a period early.
 """
 
 from __future__ import annotations
@@ -19,13 +37,29 @@ PRELUDE = r"""
 local base = ARGV[1]
 local lease_key = base .. 'lease'
 local MEGA = 1000000
-local function int(x) return string.format('%d', x) end
+local MAX = 9007199254740991  -- 2**53 - 1: every integer up to it is exact in a double
+local CLOCK_TOLERANCE_MS = 2000
+-- Formats an integer; never above MAX (a double past 2**63 would wrap negative).
+local function int(x)
+  if x > MAX then x = MAX end
+  return string.format('%d', x)
+end
+-- A counter's value: within [0, MAX].
+local function clamp(x)
+  if x < 0 then return 0 end
+  if x > MAX then return MAX end
+  return x
+end
 local function num(x) return tonumber(x) or 0 end
 local function pool_key(name) return base .. 'pool:' .. name end
 local function res_key(id) return base .. 'res:' .. id end
+local clock_ms = nil
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not clock_ms then
+    local t = redis.call('TIME')
+    clock_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock_ms
 end
 
 -- Exact integer division of non-negative integers below 2**53 (fmod is exact).
@@ -55,7 +89,7 @@ end
 -- Pools are read once per script into `cache` (one HMGET each), changed in memory
 -- and written back by done() (one HSET each): a chain costs two calls per level.
 local FIELDS = {'capacity', 'used', 'reserved', 'parent', 'period', 'tz', 'cap_usd', 'used_usd', 'reserved_usd',
-  'period_start'}
+  'period_start', 'inc'}
 local cache = {}
 
 local function get(name)
@@ -66,9 +100,9 @@ local function get(name)
     cache[name] = false
     return nil
   end
-  s = {name = name, capacity = num(v[1]), used = num(v[2]), reserved = num(v[3]), parent = v[4] or '',
-    period = v[5] or 'none', tz = v[6] or 'UTC', cap_usd = v[7] and num(v[7]) or nil, used_usd = num(v[8]),
-    reserved_usd = num(v[9]), period_start = num(v[10]), dirty = {}}
+  s = {name = name, capacity = num(v[1]), used = clamp(num(v[2])), reserved = clamp(num(v[3])), parent = v[4] or '',
+    period = v[5] or 'none', tz = v[6] or 'UTC', cap_usd = v[7] and num(v[7]) or nil, used_usd = clamp(num(v[8])),
+    reserved_usd = clamp(num(v[9])), period_start = num(v[10]), inc = num(v[11]), dirty = {}}
   cache[name] = s
   return s
 end
@@ -78,12 +112,10 @@ local function put(s, field, value)
   s.dirty[field] = true
 end
 
--- Saturating change of a counter: never below zero.
+-- Saturating change of a counter: never below 0, never above MAX.
 local function add(s, field, n)
   if n == 0 then return end
-  local v = s[field] + n
-  if v < 0 then v = 0 end
-  put(s, field, v)
+  put(s, field, clamp(s[field] + n))
 end
 
 -- Write back what changed, then reply. Every script ends here.
@@ -148,9 +180,12 @@ end
 
 -- Start a new period when the caller's period start is later than the stored one.
 -- used restarts at 0 and prev_* keep the ended period; reserved is untouched, so
--- reservations in flight commit into the period in which they end. Only forward.
+-- reservations in flight commit into the period in which they end. Only forward, and
+-- never to a start later than the Redis clock (plus a small tolerance): a replica
+-- whose clock runs ahead cannot end a period early.
 local function roll(s, start)
   if not s or s.period == 'none' or not start or start <= s.period_start then return end
+  if start > now_ms() + CLOCK_TOLERANCE_MS then return end
   put(s, 'prev_used', s.used)
   put(s, 'prev_used_usd', s.used_usd)
   put(s, 'prev_period_start', s.period_start)
@@ -163,20 +198,33 @@ local function roll_chain(chain)
   for _, c in ipairs(chain) do roll(get(c.name), c.start) end
 end
 
-local function read_res(id)
-  local r = redis.call('HMGET', res_key(id), 'chain', 'tokens', 'usd', 'state', 'expires', 'owner', 'kind',
-    'on_expiry', 'completion')
-  if not r[1] then return nil end
-  return {chain = r[1], tokens = num(r[2]), usd = num(r[3]), state = r[4], expires = num(r[5]),
-    owner = r[6] or '', kind = r[7] or '', on_expiry = r[8] or 'commit', completion = num(r[9])}
+-- The tree's period starts by 'period tz' (see the module's docstring).
+local starts = {}
+local function parse_starts(packed)
+  for period, tz, start in string.gmatch(packed or '', '([^ ;]+) ([^ ;]+) (%d+)') do
+    starts[period .. ' ' .. tz] = tonumber(start)
+  end
 end
 
--- Take a reservation out of every pool of its chain that still exists, charging
--- `charge` tokens and `charge_usd` micro-dollars as used.
+local function read_res(id)
+  local r = redis.call('HMGET', res_key(id), 'chain', 'tokens', 'usd', 'state', 'expires', 'owner', 'kind',
+    'on_expiry', 'completion', 'incs')
+  if not r[1] then return nil end
+  return {chain = r[1], tokens = num(r[2]), usd = num(r[3]), state = r[4], expires = num(r[5]),
+    owner = r[6] or '', kind = r[7] or '', on_expiry = r[8] or 'commit', completion = num(r[9]), incs = r[10]}
+end
+
+-- Take a reservation out of every pool of its chain that still exists as the pool it
+-- was reserved in (same incarnation), charging `charge` tokens and `charge_usd`
+-- micro-dollars as used. Each such pool first rolls into the current period (when
+-- the caller passed the tree's starts), so the charge lands in the period in which
+-- the reservation ends.
 local function settle(rec, charge, charge_usd)
-  for _, name in ipairs(split(rec.chain)) do
+  local incs = rec.incs and numbers(string.gsub(rec.incs, ',', ' '))
+  for i, name in ipairs(split(rec.chain)) do
     local s = get(name)
-    if s then
+    if s and (not incs or incs[i] == s.inc) then
+      roll(s, starts[s.period .. ' ' .. s.tz])
       add(s, 'reserved', -rec.tokens)
       add(s, 'reserved_usd', -rec.usd)
       add(s, 'used', charge)
@@ -226,7 +274,7 @@ end
 
 # KEYS[1]: the tree's lease key. ARGV: base, id, owner, kind, on_expiry, numbers
 # (prompt completion min_completion lease_ms ended_ttl limit default_retry
-# input_price output_price), chain.
+# input_price output_price), chain, starts.
 RESERVE = (
     PRELUDE
     + r"""
@@ -235,6 +283,7 @@ local n = numbers(ARGV[6])
 local prompt, completion, min_completion, lease_ms = n[1], n[2], n[3], n[4]
 local ended_ttl, limit, default_retry, in_price, out_price = n[5], n[6], n[7], n[8], n[9]
 local chain = parse_chain(ARGV[7])
+parse_starts(ARGV[8])
 local now = now_ms()
 local bad = verify(chain)
 if bad then return {bad} end
@@ -285,17 +334,19 @@ if granted >= min_completion then
   local tokens = prompt + granted
   local usd = cost_in + cost(granted, out_price)
   local expires = now + lease_ms
-  local names = {}
+  local names, incs = {}, {}
   for i, c in ipairs(chain) do
     local s = get(c.name)
     add(s, 'reserved', tokens)
     add(s, 'reserved_usd', usd)
     names[i] = c.name
+    incs[i] = int(s.inc)
   end
   local csv = table.concat(names, ',')
   if cur then redis.call('DEL', rk) end  -- an ended record reusing this id
   redis.call('HSET', rk, 'chain', csv, 'tokens', int(tokens), 'usd', int(usd), 'completion', int(granted),
-    'state', 'active', 'expires', int(expires), 'owner', owner, 'kind', kind, 'on_expiry', on_expiry)
+    'state', 'active', 'expires', int(expires), 'owner', owner, 'kind', kind, 'on_expiry', on_expiry,
+    'incs', table.concat(incs, ','))
   redis.call('ZADD', lease_key, int(expires), id)
   return done({'ok', view(chain[1].name), int(tokens), int(expires), int(usd), csv, int(granted)})
 end
@@ -370,7 +421,12 @@ if rec.expires <= now then
   return done({'expired', view(leaf)})
 end
 if mode == 'commit' then
-  -- Metering is honest: usage may exceed the reservation and even the capacity.
+  if rec.kind == 'manual' then
+    -- Self-reported usage (/v1/tokens/report) can charge at most what was reserved.
+    used, used_usd = math.min(used, rec.tokens), math.min(used_usd, rec.usd)
+  end
+  -- Otherwise metering is honest: usage may exceed the reservation and even the
+  -- capacity (the counters saturate at MAX).
   finish(id, rec, 'committed', used, used_usd, ended_ttl)
 else
   finish(id, rec, 'released', 0, 0, ended_ttl)
@@ -379,12 +435,13 @@ return done({'ok', view(leaf)})
 """
 )
 
-# KEYS[1]: the tree's lease key. ARGV: base, id, lease_ms, ended_ttl.
+# KEYS[1]: the tree's lease key. ARGV: base, id, lease_ms, ended_ttl, starts.
 # Returns {'ok', expires} or {state}.
 RENEW = (
     PRELUDE
     + r"""
 local id, lease_ms, ended_ttl = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+parse_starts(ARGV[5])
 local now = now_ms()
 local rec = read_res(id)
 if not rec then return {'unknown'} end
@@ -404,15 +461,20 @@ return {'ok', int(expires)}
 """
 )
 
-# KEYS[1]: the tree's lease key. ARGV: base, actual, usd, chain.
+# KEYS[1]: the tree's lease key. ARGV: base, actual, usd, chain, report id, ttl.
+# A report id seen within ttl seconds is not counted again (a retried call).
 REPORT = (
     PRELUDE
     + r"""
 local actual, usd = tonumber(ARGV[2]), tonumber(ARGV[3])
 local chain = parse_chain(ARGV[4])
+local report_id, ttl = ARGV[5], tonumber(ARGV[6])
 local bad = verify(chain)
 if bad then return {bad} end
 roll_chain(chain)
+if report_id ~= '' and not redis.call('SET', base .. 'report:' .. report_id, '1', 'NX', 'EX', int(ttl)) then
+  return done({'ok', view(chain[1].name)})
+end
 for _, c in ipairs(chain) do
   local s = get(c.name)
   add(s, 'used', actual)
@@ -422,13 +484,14 @@ return done({'ok', view(chain[1].name)})
 """
 )
 
-# KEYS[1]: the tree's lease key. ARGV: base, ended_ttl, limit, chain.
+# KEYS[1]: the tree's lease key. ARGV: base, ended_ttl, limit, chain, starts.
 # Reclaims expired leases and rolls periods first, so the views are current.
 VIEW_CHAIN = (
     PRELUDE
     + r"""
 local ended_ttl, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local chain = parse_chain(ARGV[4])
+parse_starts(ARGV[5])
 local bad = verify(chain)
 if bad then return {bad} end
 roll_chain(chain)
@@ -440,12 +503,14 @@ return done(out)
 )
 
 # KEYS[1]: the tree's lease key. ARGV: base, ended_ttl, limit, pools (as a chain
-# argument, in any order). Views of the pools that exist (rolled, leases reclaimed).
+# argument, in any order), starts. Views of the pools that exist (rolled, leases
+# reclaimed).
 VIEW_TREE = (
     PRELUDE
     + r"""
 local ended_ttl, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
 local pools = parse_chain(ARGV[4])
+parse_starts(ARGV[5])
 for _, c in ipairs(pools) do
   local s = get(c.name)
   if s and s.period == c.period and s.tz == c.tz then roll(s, c.start) end
@@ -460,10 +525,12 @@ return done(out)
 """
 )
 
-# KEYS[1]: the tree's lease key. ARGV: base, ended_ttl, limit. Returns how many ended.
+# KEYS[1]: the tree's lease key. ARGV: base, ended_ttl, limit, starts. Returns how
+# many ended; each expired reservation's pools roll before it is charged.
 REAP = (
     PRELUDE
     + r"""
+parse_starts(ARGV[4])
 return done(reclaim(now_ms(), tonumber(ARGV[2]), tonumber(ARGV[3])))
 """
 )
@@ -533,9 +600,12 @@ local cur = redis.call('HMGET', pk, 'capacity', 'parent', 'period', 'tz', 'perio
 if not cur[1] then
   if mode == 'update' then return {'not_found', false} end
   if parent ~= '' and redis.call('EXISTS', pool_key(parent)) == 0 then return {'no_parent', false} end
+  -- A new incarnation: reservations of an earlier pool of this name never touch it.
+  local inc = redis.call('INCR', base .. 'seq')
   redis.call('HSET', pk, 'capacity', capacity, 'parent', parent, 'period', period, 'tz', tz,
     'used', '0', 'reserved', '0', 'used_usd', '0', 'reserved_usd', '0', 'period_start', int(start),
-    'prev_used', '0', 'prev_used_usd', '0', 'prev_period_start', '0', 'announced_start', int(start), 'children', '0')
+    'prev_used', '0', 'prev_used_usd', '0', 'prev_period_start', '0', 'announced_start', int(start), 'children', '0',
+    'inc', inc)
   if cap_usd ~= '' and cap_usd ~= '-' then redis.call('HSET', pk, 'cap_usd', cap_usd) end
   if parent ~= '' then redis.call('HINCRBY', pool_key(parent), 'children', 1) end
   return {'created', view(name)}
@@ -581,7 +651,7 @@ if v[2] and v[2] ~= '' then
 else
   -- The root goes last: the tree is empty. Its open reservations have no pool left.
   for _, id in ipairs(redis.call('ZRANGE', lease_key, 0, -1)) do redis.call('DEL', res_key(id)) end
-  redis.call('DEL', lease_key)
+  redis.call('DEL', lease_key, base .. 'seq')
 end
 return {'ok'}
 """

@@ -13,6 +13,8 @@ Keys, one hash tag per key id (``P`` is ``key_prefix``):
 - ``P{k:<key_id>}:w:<minute>``  hash: r (requests), t (tokens) of one minute window
 - ``P{k:<key_id>}:inflight``    sorted set: request id -> expiry (ms)
 - ``P{k:<key_id>}:admitted``    hash: request id -> the minute its estimate was charged to
+- ``P{k:<key_id>}:a:<request id>``  string with a TTL of one window: an untracked (RPM-only)
+  request already counted, so a retried admission does not count it twice
 
 Time is the Redis clock unless a ``clock`` is given (then every replica should share
 one source of time, as tests do).
@@ -31,6 +33,7 @@ from .redis import RedisClient, guard
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
+MAX_TOKENS = 2**53 - 1  # counts stay where a Lua double is exact
 
 # KEYS[1]: the key's in-flight set. ARGV: base, rpm, tpm, max_concurrency (0 = none),
 # tokens, request id, now_ms ('' = Redis TIME), inflight_ttl_ms, window_seconds.
@@ -49,6 +52,7 @@ local inflight, admitted = KEYS[1], base .. 'admitted'
 local tracked = maxc > 0 or tpm > 0
 
 -- Slots of holders that never finished come back once their expiry passes.
+local seen = base .. 'a:' .. id
 if tracked then
   local dead = redis.call('ZRANGEBYSCORE', inflight, '-inf', now_ms)
   if #dead > 0 then
@@ -59,6 +63,8 @@ if tracked then
   if redis.call('ZSCORE', inflight, id) then
     return {1, tonumber(redis.call('HGET', admitted, id)) or -1}
   end
+elseif redis.call('EXISTS', seen) == 1 then
+  return {1, -1}  -- the same (RPM-only) request, admitted moments ago: a retry
 end
 
 if maxc > 0 and redis.call('ZCARD', inflight) >= maxc then
@@ -109,12 +115,15 @@ if tracked then
   local keep = math.ceil(ttl_ms / 1000) + 1
   redis.call('EXPIRE', inflight, keep)
   redis.call('EXPIRE', admitted, keep)
+else
+  redis.call('SET', seen, '1', 'EX', size)
 end
 return {1, window}
 """
 
-# KEYS[1]: the key's in-flight set. ARGV: base, delta (actual - estimated).
-# Frees the slot; moves the TPM window the estimate went to by delta (not below 0).
+# KEYS[1]: the key's in-flight set. ARGV: base, delta (actual - estimated), request id.
+# Frees the slot; moves the TPM window the estimate went to by delta (within
+# [0, 2**53 - 1]: never formatted past what a double holds exactly).
 FINISH = r"""
 local base, delta, id = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local admitted = base .. 'admitted'
@@ -126,6 +135,7 @@ if window and delta ~= 0 then
   if redis.call('EXISTS', key) == 1 then
     local t = (tonumber(redis.call('HGET', key, 't')) or 0) + delta
     if t < 0 then t = 0 end
+    if t > 9007199254740991 then t = 9007199254740991 end
     redis.call('HSET', key, 't', string.format('%d', t))
   end
 end
@@ -187,7 +197,9 @@ class KeyLimiter:
         """Count one request of ``tokens`` (estimated) against the key's limits, or refuse it.
 
         One round trip; none at all when ``limits`` sets nothing. Admitting the same
-        ``request_id`` again while it is in flight counts it once. Raises RateLimited
+        ``request_id`` again while it is in flight (RPM only: within a window) counts
+        it once, so the Redis client's retry after a lost reply cannot count a
+        request twice. ``tokens`` counts at most 2**53 - 1. Raises RateLimited
         (with the limit that refused and when to retry) or BudgetUnavailable (Redis
         unreachable: nothing is admitted free).
         """
@@ -202,7 +214,7 @@ class KeyLimiter:
                     limits.rpm or 0,
                     limits.tpm or 0,
                     limits.max_concurrency or 0,
-                    max(0, tokens),
+                    min(max(0, tokens), MAX_TOKENS),
                     request_id,
                     self._now_arg(),
                     int(self.inflight_ttl_seconds * 1000),
@@ -228,6 +240,7 @@ class KeyLimiter:
             return
         base = self.key_base(key_id)
         delta = actual_tokens - estimated_tokens if limits.tpm else 0
+        delta = max(-MAX_TOKENS, min(MAX_TOKENS, delta))
         try:
             await guard(self._finish(keys=[f"{base}inflight"], args=[base, delta, request_id]))
         except BudgetUnavailable as error:

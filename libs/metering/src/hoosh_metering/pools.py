@@ -10,13 +10,20 @@ computed here, in each pool's time zone, and only ever move forward in Redis.
 Keys (``P`` is ``key_prefix``, ``T`` the root of the pool's tree; see docs/tenancy.md):
 
 - ``P pools``            hash: name -> JSON ``{"parent", "root", "period", "tz"}`` (the directory)
+- ``P retired``          hash: name of a deleted non-root pool -> JSON ``{"root", "parent"}``,
+                         so reservations left open in it still settle in its ancestors
 - ``P changes``          pub/sub channel: a pool was created, changed or deleted
 - ``P{T}:pool:<name>``   hash: capacity, parent, period, tz, cap_usd, used, reserved,
                          used_usd, reserved_usd, period_start, prev_used, prev_used_usd,
-                         prev_period_start, announced_start, children
+                         prev_period_start, announced_start, children, inc (incarnation)
+- ``P{T}:seq``           counter: the tree's last pool incarnation
 - ``P{T}:lease``         sorted set: reservation id -> lease expiry (ms, Redis clock)
-- ``P{T}:res:<id>``      hash: chain, tokens, usd, completion, state, expires, owner, kind,
-                         on_expiry, charged
+- ``P{T}:res:<id>``      hash: chain, incs (each chain pool's incarnation), tokens, usd,
+                         completion, state, expires, owner, kind, on_expiry, charged
+- ``P{T}:report:<id>``   string with a TTL: a report() already counted (retries are no-ops)
+
+Counters saturate at MAX_AMOUNT (2**53 - 1) and never go below 0, whatever is
+committed or reported.
 
 Every key one script touches carries the tag ``{T}``: the scripts run unchanged on a
 Redis Cluster. The directory is read into memory by every store, so finding a pool's
@@ -34,6 +41,7 @@ import logging
 import math
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeVar
@@ -221,6 +229,8 @@ class _Entry:
 class _Directory:
     entries: dict[str, _Entry] = field(default_factory=dict)
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # root -> the distinct (period, time zone) pairs of its tree's pools with a period
+    periods: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     version: int = 0
     loaded_at: float = -math.inf
 
@@ -234,11 +244,11 @@ def _check_pool_name(value: str, what: str = "pool") -> None:
         raise InvalidArgument(f"{what} must be 1-64 characters of A-Z a-z 0-9 . _ - (got {value!r})")
 
 
-def _check_id(value: str) -> None:
+def _check_id(value: str, what: str = "reservation_id") -> None:
     if not value:
-        raise InvalidArgument("reservation_id must not be empty")
+        raise InvalidArgument(f"{what} must not be empty")
     if len(value) > MAX_ID_LENGTH:
-        raise InvalidArgument(f"reservation_id is longer than {MAX_ID_LENGTH} characters")
+        raise InvalidArgument(f"{what} is longer than {MAX_ID_LENGTH} characters")
 
 
 def _check_amount(value: int, what: str, maximum: int = MAX_AMOUNT) -> None:
@@ -288,6 +298,7 @@ class BudgetStore:
         self._clock = clock
         self._periods = PeriodClock()
         self._directory_key = f"{key_prefix}pools"
+        self._retired_key = f"{key_prefix}retired"
         self.changes_channel = f"{key_prefix}changes"
         self._dir = _Directory()
         self._dir_lock = asyncio.Lock()
@@ -395,7 +406,17 @@ class BudgetStore:
                         break
                     chain.append(parent)
                 chains[name] = tuple(chain)
-            self._dir = _Directory(entries, chains, self._dir.version + 1, time.monotonic())
+            periods: dict[str, set[tuple[str, str]]] = {}
+            for entry in entries.values():
+                if entry.period != "none":
+                    periods.setdefault(entry.root, set()).add((entry.period, entry.timezone))
+            self._dir = _Directory(
+                entries,
+                chains,
+                {root: tuple(sorted(pairs)) for root, pairs in periods.items()},
+                self._dir.version + 1,
+                time.monotonic(),
+            )
 
     async def _fresh(self) -> _Directory:
         if self._listener is None and time.monotonic() - self._dir.loaded_at >= self.directory_refresh_seconds:
@@ -431,6 +452,16 @@ class BudgetStore:
                 start = self._periods.bounds(entry.period, entry.timezone, now_ms)[0]
                 parts.append(f"{name} {entry.period} {entry.timezone} {start}")
         return [";".join(parts)]
+
+    def _starts_arg(self, root: str, now_ms: int | None = None) -> str:
+        """The scripts' starts argument: ``period tz start`` per distinct pair of the tree, joined by ``;``."""
+        pairs = self._dir.periods.get(root)
+        if not pairs:
+            return ""
+        now = self._now_ms() if now_ms is None else now_ms
+        return ";".join(
+            f"{period} {timezone} {self._periods.bounds(period, timezone, now)[0]}" for period, timezone in pairs
+        )
 
     def _view(self, raw: Any, now_ms: int | None = None) -> PoolView | None:
         if not raw:
@@ -499,7 +530,13 @@ class BudgetStore:
         result = await self._run_chain(
             self._lua_view_chain,
             pool,
-            lambda root, chain: [self.tree_base(root), self.ended_retention_seconds, self.reclaim_batch, *chain],
+            lambda root, chain: [
+                self.tree_base(root),
+                self.ended_retention_seconds,
+                self.reclaim_batch,
+                *chain,
+                self._starts_arg(root),
+            ],
         )
         now = self._now_ms()
         views = [self._view(raw, now) for raw in result[1:]]
@@ -532,8 +569,11 @@ class BudgetStore:
         BudgetExhausted naming the tightest pool. Idempotent: an active reservation
         with this id is returned as it is (``created=False``); NotOwner if it was
         made by another ``owner``. A lease of None or 0 uses the store's default;
-        ``on_expiry`` None uses the store's policy. Raises PoolNotFound,
-        BudgetExhausted, NotOwner, InvalidArgument, InvalidAmount, BudgetUnavailable.
+        ``on_expiry`` None uses the store's policy. A ``kind="manual"`` reservation
+        (self-reported usage, /v1/tokens/report) must reserve something: its commit
+        is capped at what it reserved, so ``tokens + completion_tokens == 0`` raises
+        InvalidAmount. Raises PoolNotFound, BudgetExhausted, NotOwner,
+        InvalidArgument, InvalidAmount, BudgetUnavailable.
         """
         _check_pool_name(pool)
         _check_id(reservation_id)
@@ -547,6 +587,8 @@ class BudgetStore:
             )
         if tokens + completion_tokens > MAX_AMOUNT:
             raise InvalidAmount(f"tokens + completion_tokens must be at most {MAX_AMOUNT}")
+        if kind == "manual" and tokens + completion_tokens == 0:
+            raise InvalidAmount("nothing to reserve: a manual reservation needs tokens + completion_tokens > 0")
         _check_amount(input_price_micros, "input_price_micros", MAX_PRICE)
         _check_amount(output_price_micros, "output_price_micros", MAX_PRICE)
         if lease_seconds is not None and lease_seconds < 0:
@@ -567,6 +609,7 @@ class BudgetStore:
                 f"{tokens} {completion_tokens} {minimum} {lease_ms} {self.ended_retention_seconds} "
                 f"{self.reclaim_batch} {self.default_retry_after_seconds} {input_price_micros} {output_price_micros}",
                 *chain,
+                self._starts_arg(root),
             ],
         )
         status = _str(result[0])
@@ -614,12 +657,19 @@ class BudgetStore:
 
         ``reserved -= tokens; used += used_tokens`` (and the same in micro-dollars),
         after rolling the periods, so the usage lands in the period in which it ends.
-        ``pool`` is the pool it was reserved in (it locates the tree). Exactly once: a
-        repeated commit or release, or one after the lease expired (then settled by
-        its policy), changes nothing and answers ``already_ended=True``; so does an id
-        or pool that is not known (``state="unknown"``). ``owner``/``kind``, when
-        given, must match the reservation's (NotOwner). Raises InvalidArgument,
-        InvalidAmount, NotOwner, BudgetUnavailable.
+        Metered kinds (chat, embedding, transcription, ...) are charged what they
+        used, even past the reservation; a ``kind="manual"`` reservation (usage its
+        holder reports itself) is charged at most what it reserved: ``used_tokens``
+        is capped at its tokens and ``used_usd_micros`` at its micro-dollars. Every
+        counter saturates at MAX_AMOUNT. ``pool`` is the pool it was reserved in (it
+        locates the tree; the pool may have been deleted since: the reservation then
+        settles in the ancestors that remain, and in no pool created again under a
+        deleted pool's name). Exactly once: a repeated commit or release, or one
+        after the lease expired (then settled by its policy), changes nothing and
+        answers ``already_ended=True``; so does an id or pool that is not known
+        (``state="unknown"``). ``owner``/``kind``, when given, must match the
+        reservation's (NotOwner). Raises InvalidArgument, InvalidAmount, NotOwner,
+        BudgetUnavailable.
         """
         _check_id(reservation_id)
         _check_amount(used_tokens, "used_tokens")
@@ -644,19 +694,56 @@ class BudgetStore:
         kind: str | None,
     ) -> EndResult:
         _check_pool_name(pool)
+        root: str | None = None
+        names: tuple[str, ...] = ()
         try:
-            entry, chain = await self._entry(pool)
+            entry, names = await self._entry(pool)
+            root = entry.root
         except PoolNotFound:
-            # A deleted pool's reservations are settled by their lease: nothing to retry.
-            return EndResult(pool=None, already_ended=True, state="unknown")
-        names: tuple[str, ...] = chain
+            pass
+        result = None
+        if root is not None:
+            result = await self._end(reservation_id, root, names, mode, used, used_usd, owner, kind)
+        if result is None or (result.state == "unknown" and result.pool is None):
+            # The pool was deleted (and maybe created again in another tree): its
+            # open reservations still settle in the ancestors that remain.
+            retired = await self._retired(pool)
+            if retired is not None and retired[0] != root:
+                parent = retired[1]
+                names = self._dir.chains.get(parent, ()) if parent else ()
+                return await self._end(reservation_id, retired[0], names, mode, used, used_usd, owner, kind)
+        return result or EndResult(pool=None, already_ended=True, state="unknown")
+
+    async def _retired(self, pool: str) -> tuple[str, str | None] | None:
+        """(root, parent) of the tree a deleted pool of this name was in, if one was."""
+        raw = await guard(self._redis.hget(self._retired_key, pool))
+        if raw is None:
+            return None
+        try:
+            data = json.loads(_str(raw))
+            return str(data["root"]), data.get("parent") or None
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    async def _end(
+        self,
+        reservation_id: str,
+        root: str,
+        names: tuple[str, ...],
+        mode: Literal["commit", "release"],
+        used: int,
+        used_usd: int,
+        owner: str | None,
+        kind: str | None,
+    ) -> EndResult:
+        """Run END in ``root``'s tree with ``names`` as the caller's picture of the chain."""
         for _ in range(_ATTEMPTS):
             now = self._now_ms()
             result = await guard(
                 self._lua_end(
-                    keys=[self._lease_key(entry.root)],
+                    keys=[self._lease_key(root)],
                     args=[
-                        self.tree_base(entry.root),
+                        self.tree_base(root),
                         reservation_id,
                         mode,
                         f"{used} {used_usd} {self.ended_retention_seconds}",
@@ -681,7 +768,7 @@ class BudgetStore:
             if status == "ok":
                 return EndResult(pool=view, already_ended=False, state="committed" if mode == "commit" else "released")
             return EndResult(pool=view, already_ended=True, state=_ENDED_STATES.get(status, "unknown"))
-        raise BudgetUnavailable(f"Pool directory for '{pool}' keeps changing; try again")
+        raise BudgetUnavailable(f"Pool directory for tree '{root}' keeps changing; try again")
 
     async def renew(self, reservation_id: str, *, pool: str, lease_seconds: float | None = None) -> int | None:
         """Extend an active reservation's lease to ``now + lease_seconds`` (never shortens it).
@@ -702,24 +789,39 @@ class BudgetStore:
         result = await guard(
             self._lua_renew(
                 keys=[self._lease_key(entry.root)],
-                args=[self.tree_base(entry.root), reservation_id, lease_ms, self.ended_retention_seconds],
+                args=[
+                    self.tree_base(entry.root),
+                    reservation_id,
+                    lease_ms,
+                    self.ended_retention_seconds,
+                    self._starts_arg(entry.root),
+                ],
             )
         )
         return int(result[1]) if _str(result[0]) == "ok" else None
 
-    async def report(self, pool: str, actual: int, *, usd_micros: int = 0) -> PoolView:
+    async def report(self, pool: str, actual: int, *, usd_micros: int = 0, report_id: str | None = None) -> PoolView:
         """Untracked usage: ``used += actual`` (and ``used_usd += usd_micros``) in the pool and every ancestor.
 
-        For usage that had no reservation; reservations end with commit or release.
-        Raises PoolNotFound, InvalidArgument, InvalidAmount, BudgetUnavailable.
+        For usage that had no reservation (admin only); reservations end with commit
+        or release. The counters saturate at MAX_AMOUNT. Counted once per
+        ``report_id`` within ``ended_retention_seconds`` (a repeated report is a
+        no-op that returns the pool as it is); without one, the call gets its own,
+        so a retry of this call by the Redis client cannot count twice. Raises
+        PoolNotFound, InvalidArgument, InvalidAmount, BudgetUnavailable.
         """
         _check_pool_name(pool)
         _check_amount(actual, "actual")
         _check_amount(usd_micros, "usd_micros")
+        if report_id is None:
+            report_id = uuid.uuid4().hex
+        else:
+            _check_id(report_id, "report_id")
+        ttl = max(1, self.ended_retention_seconds)
         result = await self._run_chain(
             self._lua_report,
             pool,
-            lambda root, chain: [self.tree_base(root), actual, usd_micros, *chain],
+            lambda root, chain: [self.tree_base(root), actual, usd_micros, *chain, report_id, ttl],
         )
         return self._require_view(result[1], pool)
 
@@ -756,6 +858,7 @@ class BudgetStore:
                             self.ended_retention_seconds,
                             self.reclaim_batch,
                             *self._chain_args(members, now),
+                            self._starts_arg(root, now),
                         ],
                     )
                 )
@@ -931,8 +1034,11 @@ class BudgetStore:
     async def delete_pool(self, name: str) -> None:
         """Delete a pool: its state and its directory entry.
 
-        Reservations open in it are still settled in its ancestors. Raises PoolInUse
-        while it has children, PoolNotFound, BudgetUnavailable.
+        Reservations open in it are still settled (commit, release or expiry) in its
+        ancestors, never in a pool created later under the same name: that is a new
+        pool (a new incarnation), untouched by the old reservations. Deleting a root
+        (the last pool of its tree) drops the tree's open reservations. Raises
+        PoolInUse while it has children, PoolNotFound, BudgetUnavailable.
         """
         _check_pool_name(name)
         entry, _ = await self._entry(name)
@@ -942,6 +1048,10 @@ class BudgetStore:
         status = _str(result[0])
         if status == "in_use":
             raise PoolInUse(name, int(result[1]))
+        if status == "ok" and entry.parent is not None:
+            # Where its open reservations live, once the directory forgets it.
+            retired = json.dumps({"root": entry.root, "parent": entry.parent}, separators=(",", ":"))
+            await guard(self._redis.hset(self._retired_key, name, retired))
         await guard(self._redis.hdel(self._directory_key, name))
         await self._announce_change(name)
         if status == "not_found":
@@ -1017,6 +1127,8 @@ class BudgetStore:
     async def reap_expired(self) -> int:
         """Settle expired leases in every tree (up to ``reclaim_batch`` per tree) by their policy; returns how many.
 
+        Each pool of an expired reservation's chain rolls into its current period
+        first, so the charge lands in the period in which the lease is settled.
         Raises BudgetUnavailable only when no tree could be reached.
         """
         directory = await self._fresh()
@@ -1026,7 +1138,12 @@ class BudgetStore:
                 await guard(
                     self._lua_reap(
                         keys=[self._lease_key(root)],
-                        args=[self.tree_base(root), self.ended_retention_seconds, self.reclaim_batch],
+                        args=[
+                            self.tree_base(root),
+                            self.ended_retention_seconds,
+                            self.reclaim_batch,
+                            self._starts_arg(root),
+                        ],
                     )
                 )
             )

@@ -879,7 +879,10 @@ async def test_a_lost_admit_reply_still_frees_the_keys_slot(
     once Redis answers again, not after the limiter's in-flight TTL (900 s)."""
     proxy = HeldReplies()
     await proxy.start()
-    client = connect_redis(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=0.3, socket_connect_timeout=0.3)
+    # "cancel" must cancel while the reply is still awaited: a timeout far longer than the
+    # polling below (on a loaded machine that polling alone can take more than 0.3 s).
+    timeout = 0.3 if lost == "timeout" else 10.0
+    client = connect_redis(f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         rig = await make_rig(limiter_redis=client)
         pool = await new_pool(rig.store, 1_000_000)

@@ -217,7 +217,12 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             # A bare count cannot end a reservation: that would let a caller free
             # tokens another request holds. Reservations end by id (Commit/Release).
             await _invalid(context, "reserved must be 0: end a reservation with Commit or Release by its id")
-        view = await _call(context, self._store.report(request.pool, request.actual, usd_micros=request.usd_micros))
+        view = await _call(
+            context,
+            self._store.report(
+                request.pool, request.actual, usd_micros=request.usd_micros, report_id=request.report_id or None
+            ),
+        )
         return budget_pb2.ReportResponse(pool=pool_message(view))
 
     async def GetPool(self, request: budget_pb2.GetPoolRequest, context: Context) -> budget_pb2.GetPoolResponse:

@@ -212,7 +212,7 @@ async def report_tokens(request: Request) -> Response:
         )
     reply = await call_budget(
         state.clients.budget.Report(
-            budget_pb2.ReportRequest(pool=pool, reserved=0, actual=body.actual),
+            budget_pb2.ReportRequest(pool=pool, reserved=0, actual=body.actual, report_id=request_id(request)),
             metadata=grpc_metadata(request),
             timeout=timeout,
         )

@@ -1,7 +1,8 @@
 """Fixtures for the STT tests: real speech from espeak-ng, the real tiny.en model,
-and a real stack in-process — the metering store on the real Redis (unique key
-prefix, as the STT service uses it: in-process) and the event publisher on the real
-NATS (unique stream) — behind an in-process grpc.aio STT server on a free port."""
+and a real stack in-process — the metering store and the key limiter on the real
+Redis (unique key prefix, as the STT service uses them: in-process) and the event
+publisher on the real NATS (unique stream) — behind an in-process grpc.aio STT
+server on a free port."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ import numpy as np
 import pytest
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
 from hoosh_common.eventbus import EventPublisher, ensure_stream
+from hoosh_metering.limits import KeyLimiter
 from hoosh_metering.pools import BudgetStore, PoolSpec, PoolView
-from hoosh_metering.redis import connect_redis
+from hoosh_metering.redis import RedisClient, connect_redis
 from hoosh_stt.budget import SttBudget
 from hoosh_stt.config import BUNDLED_MODEL, ModelSpec, bundled_model_dir
 from hoosh_stt.faster_whisper_engine import FasterWhisperEngine
@@ -97,6 +99,8 @@ class SttStack:
     js: JetStreamContext
     stream: str
     prefix: str
+    limiter: KeyLimiter  # the callers' own limits, on the store's Redis and key prefix
+    redis: RedisClient
 
     async def pool(self, capacity: int = 1_000_000, parent: str | None = None) -> str:
         name = f"pool-{uuid.uuid4().hex[:8]}"
@@ -122,6 +126,7 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
     store = BudgetStore(redis, key_prefix, default_lease_seconds=300)
     await store.start()
     budget = SttBudget(store, lease_seconds=300)
+    limiter = KeyLimiter(redis, key_prefix)
     nc: NATS = await nats.connect(NATS_URL)
     js = nc.jetstream()
     stream, prefix = f"TEST_STT_{suffix}", f"teststt{suffix}"
@@ -136,6 +141,7 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
         tokens_per_second=TOKENS_PER_SECOND,
         max_audio_bytes=stack_options["max_audio_bytes"],
         max_audio_seconds=600,
+        limiter=limiter,
     )
     stt_server = grpc.aio.server()
     add_stt(SttServicer(service), stt_server)
@@ -151,6 +157,8 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
             js=js,
             stream=stream,
             prefix=prefix,
+            limiter=limiter,
+            redis=redis,
         )
     finally:
         await channel.close()

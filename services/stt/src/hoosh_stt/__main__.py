@@ -1,5 +1,6 @@
-"""``python -m hoosh_stt``: load the models, build the budget store (in-process, on
-the budget's Redis) and the event publisher once, then serve SttService until SIGTERM."""
+"""``python -m hoosh_stt``: load the models, build the budget store and the key
+limiter (in-process, on the budget's Redis) and the event publisher once, then serve
+SttService until SIGTERM."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hoosh_common.logs import configure_logging
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
 from hoosh_metering.errors import BudgetError
+from hoosh_metering.limits import KeyLimiter
 from hoosh_metering.pools import BudgetStore
 from hoosh_metering.redis import connect_redis
 from pydantic import ValidationError
@@ -93,6 +95,8 @@ async def main(settings: SttSettings, engine: Engine) -> None:
         max_audio_bytes=settings.stt_max_audio_bytes,
         max_audio_seconds=settings.stt_max_audio_seconds,
         decode_workers=settings.stt_decode_workers,
+        # The callers' own RPM / TPM / concurrency, in the same Redis as the router's.
+        limiter=KeyLimiter(redis, settings.budget_key_prefix),
     )
     server = new_server()
     add_to_server(SttServicer(service), server)

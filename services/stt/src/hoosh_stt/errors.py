@@ -81,6 +81,16 @@ class BudgetExhausted(SttError):
     http_status = 429
 
 
+class RateLimited(SttError):
+    """The caller's key is over its own RPM, TPM or concurrency limit: 429 with
+    Retry-After at the edge (the router's type and code for the same refusal)."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "rate_limit_error"
+    error_code = "rate_limit_exceeded"
+    http_status = 429
+
+
 class Overloaded(SttError):
     """The transcription queue is full. RESOURCE_EXHAUSTED on the wire; the edge
     answers 503 for ``stt_overloaded`` (a capacity problem, not the client's quota)."""

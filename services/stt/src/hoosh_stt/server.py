@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
+from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_common.logs import request_id_var
 from hoosh_common.telemetry import extract_context
+from hoosh_metering.limits import KeyLimits
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
@@ -33,6 +35,13 @@ def _request_id(options: stt_pb2.TranscribeOptions, metadata: tuple[tuple[str, s
     return uuid.uuid4().hex
 
 
+def key_limits(caller: tenancy_pb2.Caller) -> KeyLimits | None:
+    """The caller's own limits (0 = unlimited); None when it has none (no Redis call at all)."""
+    if not (caller.rpm or caller.tpm or caller.max_concurrency):
+        return None
+    return KeyLimits(rpm=caller.rpm or None, tpm=caller.tpm or None, max_concurrency=caller.max_concurrency or None)
+
+
 def to_request(options: stt_pb2.TranscribeOptions) -> TranscriptionRequest:
     """The domain request from the wire options."""
     return TranscriptionRequest(
@@ -45,6 +54,7 @@ def to_request(options: stt_pb2.TranscribeOptions) -> TranscriptionRequest:
         user=options.user,
         filename=options.filename,
         key_id=options.caller.key_id,
+        limits=key_limits(options.caller),
     )
 
 

@@ -8,8 +8,13 @@ refused at once with ``Overloaded`` rather than piling up. The pool is charged
 (so the duration is known), committed after the engine succeeds, released on
 any failure or cancellation. The reservation is the caller's key's (``owner``)
 and covers the pool and every ancestor. Bad audio fails before the reservation,
-so it is never charged. Every outcome publishes an InferenceCompleted/InferenceFailed
-event with ``kind="transcription"``, the key id and the pool chain.
+so it is never charged. The caller's key's own RPM / TPM / concurrency limits
+(``KeyLimiter``) are checked once the charge is known, just before reserving (one
+Redis round trip, none for a key without limits), counting that charge against TPM;
+an admitted transcription is finished exactly once when it ends, with the tokens it
+was really charged (0 when it failed). Every outcome publishes an
+InferenceCompleted/InferenceFailed event with ``kind="transcription"``, the key id
+and the pool chain.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from hoosh.chat.v1 import chat_pb2
 from hoosh.events.v1 import events_pb2
 from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
 from hoosh_common.telemetry import current_trace_id
+from hoosh_metering import errors as metering
+from hoosh_metering.limits import KeyLimiter, KeyLimits
+from redis.exceptions import RedisError
 
 from .audio import DecodedAudio, decode
 from .budget import SttBudget
@@ -40,7 +48,9 @@ from .errors import (
     InvalidRequest,
     ModelNotFound,
     Overloaded,
+    RateLimited,
     SttError,
+    Unavailable,
 )
 from .languages import LANGUAGES, language_name
 
@@ -66,6 +76,7 @@ class TranscriptionRequest:
     user: str = ""
     filename: str = ""
     key_id: str = ""  # the caller's API key id ("" when the edge runs open)
+    limits: KeyLimits | None = None  # the key's own limits (None: it has none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +172,11 @@ class TranscriptionService:
         max_audio_bytes: int,
         max_audio_seconds: float,
         decode_workers: int = 2,
+        limiter: KeyLimiter | None = None,
     ) -> None:
         self._engine = engine
         self._budget = budget
+        self._limiter = limiter
         self._publisher = publisher
         self._queue = queue
         self._tokens_per_second = tokens_per_second
@@ -315,6 +328,7 @@ class TranscriptionService:
         started = time.monotonic()
         pool = request.pool or DEFAULT_POOL
         reserved = False
+        admitted: int | None = None  # the tokens the key's limits were charged at admission
         chain: tuple[str, ...] = ()
         loop = asyncio.get_running_loop()
         try:
@@ -327,6 +341,15 @@ class TranscriptionService:
                 audio: DecodedAudio = await loop.run_in_executor(self._decoder, decode, data, self._max_audio_seconds)
                 del data
                 tokens = self.tokens_for(audio.duration)
+                if self._limiter is not None and request.limits is not None and request.key_id:
+                    # Set before the call: if the script ran but its reply was lost, the
+                    # end still frees the slot (finishing an id never admitted is a no-op).
+                    admitted = tokens
+                    try:
+                        await self._admit_key(request, request_id, tokens)
+                    except RateLimited:
+                        admitted = None  # refused: nothing was counted, nothing to finish
+                        raise
                 # Set before the call: a cancellation mid-reserve still releases (a no-op
                 # when nothing was reserved).
                 reserved = True
@@ -343,12 +366,15 @@ class TranscriptionService:
             finally:
                 ticket.close()
         except BaseException as error:
-            stt_error = await self._end_failed(request, request_id, pool, chain, reserved, error, started)
+            try:
+                stt_error = await self._end_failed(request, request_id, pool, chain, reserved, error, started)
+            finally:  # nothing was charged; shielded, so a second cancellation cannot skip it
+                await asyncio.shield(self._finish_key(request, request_id, admitted, 0))
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise stt_error from error
         # The engine's work is done: commit and record even if the client leaves meanwhile.
-        await asyncio.shield(self._finish(request, request_id, pool, chain, tokens, started))
+        await asyncio.shield(self._finish(request, request_id, pool, chain, tokens, started, admitted))
         log.info(
             "transcribed",
             extra={"model": request.model, "audio_seconds": round(audio.duration, 3), "tokens": tokens, "pool": pool},
@@ -361,6 +387,35 @@ class TranscriptionService:
             charged_tokens=tokens,
         )
 
+    async def _admit_key(self, request: TranscriptionRequest, request_id: str, tokens: int) -> None:
+        """Count this transcription (``tokens`` against TPM) against its key's limits.
+        Raises RateLimited (429 with Retry-After at the edge) or Unavailable."""
+        assert self._limiter is not None and request.limits is not None
+        try:
+            await self._limiter.admit(request.key_id, request_id, request.limits, tokens)
+        except metering.RateLimited as error:
+            raise RateLimited(error.message, retry_after=max(1, error.retry_after_seconds)) from error
+        except (metering.BudgetUnavailable, RedisError) as error:
+            # Nothing is admitted free; the reply may have been lost after the script
+            # ran, so the end still finishes it.
+            raise Unavailable(
+                "The key's rate limits are unavailable; retry shortly.", code="budget_unavailable"
+            ) from error
+
+    async def _finish_key(
+        self, request: TranscriptionRequest, request_id: str, admitted: int | None, actual: int
+    ) -> None:
+        """Free the key's concurrency slot and correct its TPM by ``actual - admitted``;
+        best effort (an unfreed slot frees itself after the limiter's in-flight TTL)."""
+        if admitted is None or self._limiter is None or request.limits is None:
+            return
+        try:
+            await self._limiter.finish(
+                request.key_id, request_id, request.limits, estimated_tokens=admitted, actual_tokens=actual
+            )
+        except Exception as error:
+            log.warning("key limit finish failed", extra={"key_id": request.key_id, "error": repr(error)})
+
     async def _finish(
         self,
         request: TranscriptionRequest,
@@ -369,9 +424,13 @@ class TranscriptionService:
         chain: tuple[str, ...],
         tokens: int,
         started: float,
+        admitted: int | None,
     ) -> None:
-        await self._budget.commit(request_id, tokens, pool=pool, owner=request.key_id)
-        self._completed(request, request_id, pool, chain, tokens, started)
+        try:
+            await self._budget.commit(request_id, tokens, pool=pool, owner=request.key_id)
+            self._completed(request, request_id, pool, chain, tokens, started)
+        finally:
+            await self._finish_key(request, request_id, admitted, tokens)
 
     async def _end_failed(
         self,

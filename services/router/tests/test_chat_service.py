@@ -19,11 +19,11 @@ from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 from hoosh_cli.stack import free_port
 from hoosh_common import events
-from hoosh_metering.limits import KeyLimiter
+from hoosh_metering.limits import KeyGate, KeyLimiter
 from hoosh_metering.pools import BudgetStore, PoolView
 from hoosh_router.backends.base import Backend
 from hoosh_router.backends.factory import build_backend
-from hoosh_router.budget_client import Hold, KeyGate, RouterBudget
+from hoosh_router.budget_client import Hold, RouterBudget
 from hoosh_router.cache import ResponseCache
 from hoosh_router.chat import ChatService
 from hoosh_router.config import Catalogue, ProviderConfig

@@ -30,12 +30,12 @@ from hoosh.inference.v1 import inference_pb2, inference_pb2_grpc
 from hoosh.router.v1 import router_pb2
 from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_cli.stack import free_port
-from hoosh_metering.limits import KeyLimiter
+from hoosh_metering.limits import KeyGate, KeyLimiter
 from hoosh_metering.pools import BudgetStore, PoolSpec, PoolView
 from hoosh_metering.redis import connect_redis
 from hoosh_router.backends.base import Backend
 from hoosh_router.backends.factory import build_backend
-from hoosh_router.budget_client import KeyGate, RouterBudget
+from hoosh_router.budget_client import RouterBudget
 from hoosh_router.cache import ResponseCache
 from hoosh_router.chat import ChatService
 from hoosh_router.config import Catalogue, ProviderConfig
@@ -934,13 +934,13 @@ async def test_a_rate_limited_request_sends_no_finish(make_rig: RigFactory) -> N
     await rig.chat.chat(ask("mock-x", pool, who=limited), rid())
     await rig.settled()
     finishing: list[str] = []
-    real_finish = rig.recorder.gate.finish
+    real_finish = rig.recorder.gate.finish_later
 
-    def finish(key_id: str, request_id: str, *args: Any, **kwargs: Any) -> None:
+    def finish(key_id: str, request_id: str, *args: Any, **kwargs: Any) -> Any:
         finishing.append(request_id)
-        real_finish(key_id, request_id, *args, **kwargs)
+        return real_finish(key_id, request_id, *args, **kwargs)
 
-    rig.recorder.gate.finish = finish  # type: ignore[method-assign]
+    rig.recorder.gate.finish_later = finish  # type: ignore[method-assign]
     with pytest.raises(RateLimited):
         await rig.chat.chat(ask("mock-x", pool, who=limited), rid())
     assert finishing == []  # refused: nothing was counted, nothing to free

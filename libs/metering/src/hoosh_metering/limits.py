@@ -22,6 +22,7 @@ one source of time, as tests do).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable
@@ -245,3 +246,108 @@ class KeyLimiter:
             await guard(self._finish(keys=[f"{base}inflight"], args=[base, delta, request_id]))
         except BudgetUnavailable as error:
             log.warning("key limit finish failed", extra={"key_id": key_id, "error": str(error)})
+
+
+class KeyGate:
+    """The life of one call against its key's limits, for every service that admits
+    calls (router, stt, the edge's token routes): admit, then finish exactly once.
+
+    ``admit`` is one Redis round trip for a key with limits and none otherwise.
+    ``finish`` frees the call's slot and corrects TPM to what the call really charged;
+    it is best effort, runs in a task of its own (a caller cancelled mid-way still frees
+    its slot) and is a no-op when nothing is tracked for the key. An admission whose
+    reply never came (Redis too slow, the call cancelled) may or may not have taken a
+    slot: finish it with ``unconfirmed=True`` and it is repeated after
+    ``unconfirmed_repeats`` seconds, since the limiter's finish cannot say whether it
+    landed. A slot the script did take then comes back once Redis answers again rather
+    than after the in-flight TTL; repeats are harmless (finishing an id that was never
+    admitted changes nothing and the TPM correction applies once).
+    """
+
+    def __init__(
+        self, limiter: KeyLimiter | None, *, unconfirmed_repeats: tuple[float, ...] = (1.0, 4.0, 25.0)
+    ) -> None:
+        self.limiter = limiter
+        self._repeats = unconfirmed_repeats
+        self._pending: set[asyncio.Task[None]] = set()
+        self._repeating: set[asyncio.Task[None]] = set()
+
+    async def admit(self, key_id: str, request_id: str, limits: KeyLimits, tokens: int) -> None:
+        """Raises RateLimited or BudgetUnavailable (then the call still ends with
+        ``finish(..., unconfirmed=True)``: the script may have run)."""
+        if self.limiter is not None:
+            await self.limiter.admit(key_id, request_id, limits, tokens)
+
+    def finish_later(
+        self,
+        key_id: str,
+        request_id: str,
+        limits: KeyLimits,
+        *,
+        estimated: int,
+        actual: int,
+        unconfirmed: bool = False,
+    ) -> asyncio.Task[None] | None:
+        """Free the call's slot and keep ``actual`` of the ``estimated`` tokens in TPM, in
+        the background; the task, or None when there is nothing to finish."""
+        if self.limiter is None or not limits.tracked:
+            return None
+        task = asyncio.create_task(self._finish(key_id, request_id, limits, estimated, actual, unconfirmed))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    async def finish(
+        self,
+        key_id: str,
+        request_id: str,
+        limits: KeyLimits,
+        *,
+        estimated: int,
+        actual: int,
+        unconfirmed: bool = False,
+    ) -> None:
+        """As :meth:`finish_later`, and wait for it (shielded: a cancellation of the caller
+        does not stop it)."""
+        task = self.finish_later(
+            key_id, request_id, limits, estimated=estimated, actual=actual, unconfirmed=unconfirmed
+        )
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def drain(self, wait_seconds: float | None = None) -> None:
+        """Wait (at most ``wait_seconds``) for finishes under way, cancel the rest; the
+        repeats of unconfirmed ones still waiting are dropped (the in-flight TTL frees
+        those slots)."""
+        if self._pending:
+            _, left = await asyncio.wait(set(self._pending), timeout=wait_seconds)
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.gather(*left, return_exceptions=True)
+        repeating = list(self._repeating)
+        for task in repeating:
+            task.cancel()
+        if repeating:
+            await asyncio.gather(*repeating, return_exceptions=True)
+
+    async def _finish(
+        self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int, unconfirmed: bool
+    ) -> None:
+        await self._finish_once(key_id, request_id, limits, estimated, actual)
+        if unconfirmed and self._repeats:
+            later = asyncio.create_task(self._repeat(key_id, request_id, limits, estimated, actual))
+            self._repeating.add(later)
+            later.add_done_callback(self._repeating.discard)
+
+    async def _repeat(self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int) -> None:
+        for delay in self._repeats:
+            await asyncio.sleep(delay)
+            await self._finish_once(key_id, request_id, limits, estimated, actual)
+
+    async def _finish_once(self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int) -> None:
+        assert self.limiter is not None
+        try:
+            await self.limiter.finish(key_id, request_id, limits, estimated_tokens=estimated, actual_tokens=actual)
+        except Exception as error:  # best effort: the in-flight entry has a TTL
+            log.warning("key limit finish failed", extra={"key_id": key_id, "error": repr(error)})

@@ -15,14 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from hoosh_metering.limits import KeyLimiter
+from hoosh_metering.limits import KeyGate, KeyLimiter
 from hoosh_metering.redis import RedisClient
 from hoosh_metering.redis import connect_redis as connect_budget_redis
 from hoosh_tenancy import ANONYMOUS, BOOTSTRAP_ADMIN, KEY_PREFIX, KeyCache, KeyRecord, KeyStore, connect_redis
 
 from .config import Settings
 from .errors import AuthenticationError, ServiceUnavailableError
-from .key_limits import KeyGate
 
 _BEARER = b"bearer "
 _KEY_PREFIX = KEY_PREFIX.encode()
@@ -65,7 +64,7 @@ class Tenancy:
 
     async def close(self) -> None:
         await self.cache.close()
-        await self.limits.close()
+        await self.limits.drain(0)  # finishes still waiting: the in-flight TTL frees those slots
         await self.redis.aclose()
         await self.limits_redis.aclose()
 

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from fastapi import APIRouter, Request
 from hoosh.budget.v1 import budget_pb2
+from hoosh_metering.errors import BudgetUnavailable
 from starlette.responses import Response
 
 from .errors import ConflictError, InvalidRequestError, MappedError, PermissionDeniedError, to_api_error
@@ -131,7 +132,12 @@ async def reserve_tokens(request: Request) -> Response:
     rid = request_id(request)
     limits = limits_of(principal)
     gate = state.tenancy.limits
-    await gate.admit(principal.id, rid, limits, body.tokens)  # RateLimited: 429; BudgetUnavailable: 503
+    try:
+        await gate.admit(principal.id, rid, limits, body.tokens)  # RateLimited: 429; BudgetUnavailable: 503
+    except BudgetUnavailable:
+        # The script may have run and taken a slot: finish it all the same (repeated).
+        gate.finish_later(principal.id, rid, limits, estimated=body.tokens, actual=0, unconfirmed=True)
+        raise
     charged = body.tokens  # what TPM keeps: unless the budget surely reserved nothing
     try:
         reply = await state.clients.budget.Reserve(

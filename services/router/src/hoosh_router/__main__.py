@@ -16,14 +16,14 @@ from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
 from hoosh_metering.client import BudgetServiceClient
 from hoosh_metering.errors import BudgetError
-from hoosh_metering.limits import KeyLimiter
+from hoosh_metering.limits import KeyGate, KeyLimiter
 from hoosh_metering.pools import BudgetStore
 from hoosh_metering.redis import RedisClient, connect_redis
 from pydantic import ValidationError
 
 from .backends.base import Backend
 from .backends.factory import build_backend
-from .budget_client import BudgetBackend, KeyGate, RouterBudget
+from .budget_client import BudgetBackend, RouterBudget
 from .cache import ResponseCache
 from .chat import ChatService
 from .config import BUDGET_RPC_TIMEOUT_SECONDS, ProviderConfig, RouterSettings, load_catalogue

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from hoosh_metering import errors as metering
-from hoosh_metering.limits import KeyLimiter, KeyLimits
+from hoosh_metering.limits import KeyLimits
 from hoosh_metering.pools import EndResult, Reservation
 from redis.exceptions import RedisError
 
-from .errors import BudgetExhausted, BudgetUnavailable, InvalidRequest, PoolNotFound, RateLimited
+from .errors import BudgetExhausted, BudgetUnavailable, InvalidRequest, PoolNotFound
 
 log = logging.getLogger(__name__)
 
@@ -363,96 +363,6 @@ class _Pending:
     what: Literal["commit", "release"]
     action: SettleAction
     attempts: int  # calls made so far
-
-
-class KeyGate:
-    """The caller's own RPM, TPM and concurrency limits (``hoosh_metering.limits``).
-
-    ``admit`` is one Redis round trip for a key with limits and none otherwise;
-    ``finish`` (exactly once per admitted request, with the real tokens) runs in the
-    background, off the response path.
-
-    An admission whose reply never came (Redis too slow, the request cancelled) may or
-    may not have taken a slot: it is finished all the same (finishing an id that was
-    never admitted changes nothing), and, since the limiter's finish is best effort and
-    cannot say whether it landed, repeated after ``unconfirmed_repeats`` seconds, so a
-    slot the script did take comes back once Redis answers again rather than after the
-    in-flight TTL. Repeats are harmless: the TPM correction applies once."""
-
-    def __init__(
-        self, limiter: KeyLimiter | None, *, unconfirmed_repeats: tuple[float, ...] = (1.0, 4.0, 25.0)
-    ) -> None:
-        self._limiter = limiter
-        self._repeats = unconfirmed_repeats
-        self._pending: set[asyncio.Task[None]] = set()
-        self._repeating: set[asyncio.Future[None]] = set()
-
-    async def admit(self, key_id: str, request_id: str, limits: KeyLimits, tokens: int) -> None:
-        """Raises RateLimited (429 with Retry-After) or BudgetUnavailable."""
-        if self._limiter is None:
-            return
-        try:
-            await self._limiter.admit(key_id, request_id, limits, tokens)
-        except metering.RateLimited as error:
-            raise RateLimited(
-                error.message, retry_after=max(1, error.retry_after_seconds), fallback=False, retryable=False
-            ) from error
-        except UNREACHABLE as error:
-            raise BudgetUnavailable() from error
-
-    def finish(
-        self,
-        key_id: str,
-        request_id: str,
-        limits: KeyLimits,
-        *,
-        estimated: int,
-        actual: int,
-        unconfirmed: bool = False,
-    ) -> None:
-        """Free the request's slot and correct TPM, in the background; ``unconfirmed``:
-        its admission's reply never came (see the class)."""
-        if self._limiter is None:
-            return
-        task = asyncio.create_task(self._finish(key_id, request_id, limits, estimated, actual, unconfirmed))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _finish(
-        self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int, unconfirmed: bool
-    ) -> None:
-        await self._finish_once(key_id, request_id, limits, estimated, actual)
-        if unconfirmed and self._repeats:
-            later = asyncio.ensure_future(self._repeat(key_id, request_id, limits, estimated, actual))
-            self._repeating.add(later)
-            later.add_done_callback(self._repeating.discard)
-
-    async def _repeat(self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int) -> None:
-        for delay in self._repeats:
-            await asyncio.sleep(delay)
-            await self._finish_once(key_id, request_id, limits, estimated, actual)
-
-    async def _finish_once(self, key_id: str, request_id: str, limits: KeyLimits, estimated: int, actual: int) -> None:
-        assert self._limiter is not None
-        try:
-            await self._limiter.finish(key_id, request_id, limits, estimated_tokens=estimated, actual_tokens=actual)
-        except Exception as error:  # best effort: the in-flight entry has a TTL
-            log.warning("key limit finish failed", extra={"key_id": key_id, "error": repr(error)})
-
-    async def drain(self, wait_seconds: float | None = None) -> None:
-        """Wait (at most ``wait_seconds``) for finishes under way; the repeats of
-        unconfirmed ones still waiting are dropped (the in-flight TTL frees those slots)."""
-        if self._pending:
-            _, left = await asyncio.wait(set(self._pending), timeout=wait_seconds)
-            for task in left:
-                task.cancel()
-            if left:
-                await asyncio.gather(*left, return_exceptions=True)
-        repeating = list(self._repeating)
-        for future in repeating:
-            future.cancel()
-        if repeating:
-            await asyncio.gather(*repeating, return_exceptions=True)
 
 
 def key_limits(rpm: int, tpm: int, max_concurrency: int) -> KeyLimits | None:

@@ -26,13 +26,15 @@ from hoosh.events.v1 import events_pb2
 from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
 from hoosh_common.telemetry import current_trace_id
-from hoosh_metering.limits import KeyLimits
+from hoosh_metering import errors as metering
+from hoosh_metering.limits import KeyGate, KeyLimits
 from hoosh_metering.pools import cost_micros
 
-from .budget_client import Hold, KeyGate, RouterBudget, key_limits
+from .budget_client import UNREACHABLE, Hold, RouterBudget, key_limits
 from .config import ProviderConfig
 from .errors import (
     BudgetExhausted,
+    BudgetUnavailable,
     ClientCancelled,
     InvalidRequest,
     RateLimited,
@@ -127,11 +129,15 @@ class Recorder:
         info.admitted_tokens = tokens
         try:
             await self.gate.admit(info.key_id, info.request_id, info.limits, tokens)
-        except RateLimited:
+        except metering.RateLimited as error:
             info.admitted_tokens = None  # refused: nothing was counted, nothing to finish
-            raise
-        except BaseException:
+            raise RateLimited(
+                error.message, retry_after=max(1, error.retry_after_seconds), fallback=False, retryable=False
+            ) from error
+        except BaseException as error:
             info.admit_unconfirmed = True
+            if isinstance(error, UNREACHABLE):
+                raise BudgetUnavailable() from error
             raise
 
     async def reserve(
@@ -246,9 +252,9 @@ class Recorder:
 
     def _finish_key(self, info: RequestInfo, actual_tokens: int) -> None:
         limits = info.limits
-        # Only TPM and concurrency track a request until it ends; RPM alone needs no finish.
-        if info.admitted_tokens is not None and limits is not None and (limits.tpm or limits.max_concurrency):
-            self.gate.finish(
+        # The gate finishes only what is tracked (TPM, concurrency); RPM alone needs no finish.
+        if info.admitted_tokens is not None and limits is not None:
+            self.gate.finish_later(
                 info.key_id,
                 info.request_id,
                 limits,

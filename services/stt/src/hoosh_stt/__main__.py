@@ -102,6 +102,7 @@ async def main(settings: SttSettings, engine: Engine) -> None:
     add_to_server(SttServicer(service), server)
 
     async def on_stop() -> None:
+        await service.drain_key_limits()
         await publisher.drain()  # no event is lost on shutdown
         await nc.drain()
         await budget.close()

@@ -35,7 +35,7 @@ from hoosh.events.v1 import events_pb2
 from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
 from hoosh_common.telemetry import current_trace_id
 from hoosh_metering import errors as metering
-from hoosh_metering.limits import KeyLimiter, KeyLimits
+from hoosh_metering.limits import KeyGate, KeyLimiter, KeyLimits
 from redis.exceptions import RedisError
 
 from .audio import DecodedAudio, decode
@@ -177,6 +177,7 @@ class TranscriptionService:
         self._engine = engine
         self._budget = budget
         self._limiter = limiter
+        self._gate = KeyGate(limiter)
         self._publisher = publisher
         self._queue = queue
         self._tokens_per_second = tokens_per_second
@@ -329,6 +330,7 @@ class TranscriptionService:
         pool = request.pool or DEFAULT_POOL
         reserved = False
         admitted: int | None = None  # the tokens the key's limits were charged at admission
+        admit_unconfirmed = False  # the admission's reply never came: it may have taken a slot
         chain: tuple[str, ...] = ()
         loop = asyncio.get_running_loop()
         try:
@@ -350,6 +352,9 @@ class TranscriptionService:
                     except RateLimited:
                         admitted = None  # refused: nothing was counted, nothing to finish
                         raise
+                    except BaseException:
+                        admit_unconfirmed = True
+                        raise
                 # Set before the call: a cancellation mid-reserve still releases (a no-op
                 # when nothing was reserved).
                 reserved = True
@@ -369,7 +374,7 @@ class TranscriptionService:
             try:
                 stt_error = await self._end_failed(request, request_id, pool, chain, reserved, error, started)
             finally:  # nothing was charged; shielded, so a second cancellation cannot skip it
-                await asyncio.shield(self._finish_key(request, request_id, admitted, 0))
+                await asyncio.shield(self._finish_key(request, request_id, admitted, 0, unconfirmed=admit_unconfirmed))
             if isinstance(error, asyncio.CancelledError):
                 raise
             raise stt_error from error
@@ -392,7 +397,7 @@ class TranscriptionService:
         Raises RateLimited (429 with Retry-After at the edge) or Unavailable."""
         assert self._limiter is not None and request.limits is not None
         try:
-            await self._limiter.admit(request.key_id, request_id, request.limits, tokens)
+            await self._gate.admit(request.key_id, request_id, request.limits, tokens)
         except metering.RateLimited as error:
             raise RateLimited(error.message, retry_after=max(1, error.retry_after_seconds)) from error
         except (metering.BudgetUnavailable, RedisError) as error:
@@ -403,18 +408,25 @@ class TranscriptionService:
             ) from error
 
     async def _finish_key(
-        self, request: TranscriptionRequest, request_id: str, admitted: int | None, actual: int
+        self,
+        request: TranscriptionRequest,
+        request_id: str,
+        admitted: int | None,
+        actual: int,
+        *,
+        unconfirmed: bool = False,
     ) -> None:
         """Free the key's concurrency slot and correct its TPM by ``actual - admitted``;
         best effort (an unfreed slot frees itself after the limiter's in-flight TTL)."""
-        if admitted is None or self._limiter is None or request.limits is None:
+        if admitted is None or request.limits is None:
             return
-        try:
-            await self._limiter.finish(
-                request.key_id, request_id, request.limits, estimated_tokens=admitted, actual_tokens=actual
-            )
-        except Exception as error:
-            log.warning("key limit finish failed", extra={"key_id": request.key_id, "error": repr(error)})
+        await self._gate.finish(
+            request.key_id, request_id, request.limits, estimated=admitted, actual=actual, unconfirmed=unconfirmed
+        )
+
+    async def drain_key_limits(self) -> None:
+        """At shutdown: finishes under way may complete; repeats still waiting are dropped."""
+        await self._gate.drain(1.0)
 
     async def _finish(
         self,

@@ -16,6 +16,7 @@ from fnmatch import fnmatchcase
 from typing import Any, Literal
 
 from hoosh.tenancy.v1 import tenancy_pb2
+from hoosh_common.model_ids import model_id_problem
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scope = Literal["admin", "user"]
@@ -26,7 +27,6 @@ DEFAULT_POOL = "default"
 
 POOL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Model ids reach URLs and logs: a closed alphabet, bounded length.
-MODEL_ID = re.compile(r"[A-Za-z0-9._:/@+-]{1,256}")
 # The same alphabet plus fnmatch's wildcards and character classes.
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9._:/@+*?\[\]!-]{1,256}")
 _WILDCARDS = frozenset("*?[")
@@ -54,9 +54,7 @@ def new_key_id() -> str:
 def valid_model_id(model: str) -> bool:
     """Whether ``model`` uses only ``[A-Za-z0-9._:/@+-]``, is 1-256 characters long and has
     no empty, ``.`` or ``..`` segment between slashes (an id may end up in a URL path)."""
-    if MODEL_ID.fullmatch(model) is None:
-        return False
-    return all(segment not in ("", ".", "..") for segment in model.split("/"))
+    return model_id_problem(model) is None
 
 
 class KeyRecord(BaseModel):

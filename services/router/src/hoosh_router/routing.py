@@ -23,10 +23,11 @@ Strategies, applied per request to the resolved candidates:
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+from hoosh_common.model_ids import model_id_problem
 
 from .backends.base import Backend
 from .config import ProviderConfig, RouteConfig, Strategy
@@ -34,21 +35,13 @@ from .errors import InvalidRequest, ModelNotFound
 
 Kind = Literal["chat", "embedding"]
 
-MAX_MODEL_ID_LENGTH = 256
-_MODEL_ID = re.compile(r"[A-Za-z0-9._:/@+-]+")
-
 
 def validate_model_id(model: str) -> None:
-    """InvalidRequest unless ``model`` is safe to put in an upstream URL or body: at most
-    256 characters of ``[A-Za-z0-9._:/@+-]``, no empty, ``.`` or ``..`` path segment."""
-    if not model:
-        raise InvalidRequest("model is required", param="model")
-    if len(model) > MAX_MODEL_ID_LENGTH:
-        raise InvalidRequest(f"model must be at most {MAX_MODEL_ID_LENGTH} characters", param="model")
-    if _MODEL_ID.fullmatch(model) is None:
-        raise InvalidRequest("model may contain only letters, digits and . _ : / @ + -", param="model")
-    if any(segment in ("", ".", "..") for segment in model.split("/")):
-        raise InvalidRequest("model must not contain empty, '.' or '..' path segments", param="model")
+    """InvalidRequest unless ``model`` is safe to put in an upstream URL or body
+    (``hoosh_common.model_ids``: the same rule the edge applies)."""
+    problem = model_id_problem(model)
+    if problem is not None:
+        raise InvalidRequest(problem, param="model")
 
 
 @dataclass(slots=True, frozen=True)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_common.model_ids import model_id_problem
+from hoosh_metering.pools import POOL_NAME  # the metering's rule: pool names sit inside Redis hash tags
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Scope = Literal["admin", "user"]
@@ -25,7 +26,6 @@ KEY_PREFIX = "sk-hoosh-"
 ALL = "*"  # in ``pools``: every pool; in ``models``: every model
 DEFAULT_POOL = "default"
 
-POOL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Model ids reach URLs and logs: a closed alphabet, bounded length.
 # The same alphabet plus fnmatch's wildcards and character classes.
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9._:/@+*?\[\]!-]{1,256}")

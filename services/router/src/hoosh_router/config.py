@@ -59,6 +59,20 @@ Strategy = Literal["priority", "round-robin", "lowest-latency", "direct"]
 # The deadline of one call to the budget service (HOOSH_ROUTER_BUDGET_MODE=grpc).
 BUDGET_RPC_TIMEOUT_SECONDS = 10.0
 
+MIB = 1024 * 1024
+# A provider's bounds, when its entry sets none (see ProviderConfig and the README).
+# A stream may run this long, from its request to its last byte: a long reasoning
+# answer takes minutes; one that trickles on past this is cut.
+STREAM_TIMEOUT_SECONDS = 600.0
+# One line or event of a streamed answer. Models stream text in small deltas; the
+# largest events in practice are a whole tool call's arguments or a Gemini chunk with
+# inline data (an image: a few MB of base64). 8 MiB is room for those, and bounds what
+# a stream can make hoosh hold (about twice this, per stream).
+MAX_EVENT_BYTES = 8 * MIB
+# A non-streamed answer. A chat answer is at most max_tokens of text (128k tokens of
+# JSON-escaped text is a few MB); embeddings may hold more per input (http.py).
+MAX_RESPONSE_BYTES = 32 * MIB
+
 
 class RouterSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
@@ -159,7 +173,24 @@ class ProviderConfig(BaseModel):
     weight: int = Field(default=1, ge=1, description="share under round-robin")
     default_max_tokens: int = 1024
     max_tokens_limit: int | None = None
-    timeout_seconds: float | None = Field(default=None, gt=0, description="one upstream attempt")
+    timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="one upstream attempt: a blocking call's whole exchange, a stream's wait for its first token "
+        "(default HOOSH_ROUTER_UPSTREAM_TIMEOUT_SECONDS)",
+    )
+    read_timeout_seconds: float | None = Field(
+        default=None, gt=0, description="the longest silence between two reads from the provider (default: timeout)"
+    )
+    stream_timeout_seconds: float = Field(
+        default=STREAM_TIMEOUT_SECONDS, gt=0, description="one stream, from its request to its last byte"
+    )
+    max_event_bytes: int = Field(
+        default=MAX_EVENT_BYTES, ge=1024, description="the largest line or event of a streamed answer (else 502)"
+    )
+    max_response_bytes: int = Field(
+        default=MAX_RESPONSE_BYTES, ge=1024, description="the largest non-streamed answer (else 502)"
+    )
     pricing: Pricing = Field(default_factory=Pricing)
     enabled: bool = True
     rpm: int | None = Field(default=None, ge=1, description="requests per minute, shared by all router replicas")

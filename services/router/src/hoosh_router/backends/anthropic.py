@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
 from ..errors import InvalidRequest, RouterError, UpstreamError
-from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece
+from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece, checked_model
 from .http import HTTPBackend, arguments_object, iter_sse, loads_object, malformed, parse_data_url
 
 log = logging.getLogger(__name__)
@@ -353,7 +354,8 @@ class AnthropicBackend(HTTPBackend):
         return models
 
     def _body(self, request: router_pb2.ChatRequest, params: CallParams, *, stream: bool) -> bytes:
-        return orjson.dumps(request_to_anthropic(request, params.upstream_model, params.max_tokens, stream=stream))
+        model = checked_model(params.upstream_model)
+        return orjson.dumps(request_to_anthropic(request, model, params.max_tokens, stream=stream))
 
     async def chat(self, request: router_pb2.ChatRequest, params: CallParams) -> Completion:
         body = self._body(request, params, stream=False)
@@ -363,8 +365,11 @@ class AnthropicBackend(HTTPBackend):
     async def stream(self, request: router_pb2.ChatRequest, params: CallParams) -> AsyncIterator[StreamPiece]:
         body = self._body(request, params, stream=True)
         translator = AnthropicStreamTranslator(self.name)
-        async with self._stream("/v1/messages", body, params.request_id, params.timeout) as response:
-            async for _event, data in iter_sse(response):
+        async with (
+            self._stream("/v1/messages", body, params.request_id, params.timeout) as response,
+            aclosing(iter_sse(response, self.config.max_event_bytes, self.name)) as events,
+        ):
+            async for _event, data in events:
                 for piece in translator.feed(loads_object(self.name, data)):
                     yield piece
                 if translator.done:

@@ -8,8 +8,23 @@ from typing import Protocol
 
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
+from hoosh_common.model_ids import model_id_problem
+
+from ..errors import InvalidRequest
 
 PROBE_TIMEOUT = 10.0  # seconds; the health board bounds a probe more tightly
+
+
+def checked_model(model: str) -> str:
+    """``model`` if it is a safe model id (``hoosh_common.model_ids``, the edge's rule),
+    else InvalidRequest. Every backend checks the upstream model of each call before it
+    goes into a URL, a body or an RPC: routing checks the *requested* name, but the
+    upstream one may come from a route target, and any internal caller can reach the
+    router."""
+    problem = model_id_problem(model)
+    if problem is not None:
+        raise InvalidRequest(f"Upstream model id {model[:80]!r} refused: {problem}", param="model")
+    return model
 
 
 @dataclass(slots=True)

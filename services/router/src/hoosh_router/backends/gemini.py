@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -23,8 +24,17 @@ from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
 from ..errors import InvalidRequest, RouterError, UpstreamError
-from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece
-from .http import HTTPBackend, arguments_object, iter_sse, loads_object, malformed, parse_data_url
+from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece, checked_model
+from .http import (
+    HTTPBackend,
+    arguments_object,
+    embedding_response_limit,
+    iter_sse,
+    loads_object,
+    malformed,
+    parse_data_url,
+    path_segment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +72,32 @@ def finish_reason(provider: str, reason: str, has_tool_calls: bool) -> str:
     return "tool_calls" if mapped == "stop" and has_tool_calls else mapped
 
 
+# Resource collections a model name may already name (``models/gemini-2.0-flash``).
+_COLLECTIONS = ("models/", "tunedModels/")
+
+
+def _resource(model: str) -> tuple[str, str]:
+    """The model's collection (``models/``, or ``tunedModels/``) and id."""
+    model = checked_model(model)
+    for collection in _COLLECTIONS:
+        if model.startswith(collection):
+            return collection, model.removeprefix(collection)
+    return "models/", model
+
+
+def _model_name(model: str) -> str:
+    """The model's resource name, as a request body names it: ``models/<id>``."""
+    collection, model_id = _resource(model)
+    return collection + model_id
+
+
 def _model_path(model: str) -> str:
-    return model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
+    """The model's resource name as the URL path it is put in, the id one
+    percent-encoded segment: no model id (a checked one has no ``..`` segment, ``?`` or
+    space, but may have ``/`` or ``:``) can add a path segment, start a query or name
+    another method."""
+    collection, model_id = _resource(model)
+    return collection + path_segment(model_id)
 
 
 # --------------------------------------------------------------------------- request
@@ -371,23 +405,27 @@ class GeminiBackend(HTTPBackend):
         body = orjson.dumps(request_to_gemini(request, params.max_tokens))
         path = f"/{_model_path(params.upstream_model)}:streamGenerateContent?alt=sse"
         translator = GeminiStreamTranslator(self.name)
-        async with self._stream(path, body, params.request_id, params.timeout) as response:
-            async for _event, data in iter_sse(response):
+        async with (
+            self._stream(path, body, params.request_id, params.timeout) as response,
+            aclosing(iter_sse(response, self.config.max_event_bytes, self.name)) as events,
+        ):
+            async for _event, data in events:
                 for piece in translator.feed(loads_object(self.name, data, "stream chunk")):
                     yield piece
         if not translator.done:
             raise UpstreamError(f"Provider '{self.name}' ended the stream without a finishReason")
 
     async def embed(self, texts: list[str], dimensions: int | None, params: CallParams) -> EmbeddingResult:
-        model = _model_path(params.upstream_model)
+        name, path = _model_name(params.upstream_model), _model_path(params.upstream_model)
         requests = []
         for text in texts:
-            item: dict[str, Any] = {"model": model, "content": {"parts": [{"text": text}]}}
+            item: dict[str, Any] = {"model": name, "content": {"parts": [{"text": text}]}}
             if dimensions is not None:
                 item["outputDimensionality"] = dimensions
             requests.append(item)
         body = orjson.dumps({"requests": requests})
-        content = await self._post(f"/{model}:batchEmbedContents", body, params.request_id, params.timeout)
+        limit = embedding_response_limit(self.config, len(texts), dimensions)
+        content = await self._post(f"/{path}:batchEmbedContents", body, params.request_id, params.timeout, limit=limit)
         data = loads_object(self.name, content, "response")
         try:
             vectors = [[float(value) for value in item["values"]] for item in data["embeddings"]]

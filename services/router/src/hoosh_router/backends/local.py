@@ -1,7 +1,13 @@
-"""The local-inference worker, over one long-lived gRPC channel."""
+"""The local-inference worker, over one long-lived gRPC channel.
+
+A blocking call's deadline is the attempt's timeout; a stream's is the provider's
+``stream_timeout_seconds`` (the gRPC deadline, which also stops the generation), and
+each of its messages must come within ``read_timeout_seconds`` (by default the
+attempt's timeout) of the one before."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,7 +26,7 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from .base import PROBE_TIMEOUT, BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece
+from .base import PROBE_TIMEOUT, BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece, checked_model
 
 
 def _map_rpc_error(provider: str, error: grpc.aio.AioRpcError) -> RouterError:
@@ -64,7 +70,7 @@ class LocalBackend:
         sampling.max_tokens = params.max_tokens
         return inference_pb2.GenerateRequest(
             request_id=params.request_id,
-            model=params.upstream_model,
+            model=checked_model(params.upstream_model),
             messages=request.messages,
             sampling=sampling,
             tools=request.tools,
@@ -77,7 +83,8 @@ class LocalBackend:
     async def count_prompt_tokens(self, request: router_pb2.ChatRequest, upstream_model: str) -> int:
         try:
             reply = await self._stub.CountTokens(
-                inference_pb2.CountTokensRequest(model=upstream_model, messages=request.messages), timeout=30
+                inference_pb2.CountTokensRequest(model=checked_model(upstream_model), messages=request.messages),
+                timeout=30,
             )
         except grpc.aio.AioRpcError as error:
             raise _map_rpc_error(self.name, error) from error
@@ -116,9 +123,18 @@ class LocalBackend:
         )
 
     async def stream(self, request: router_pb2.ChatRequest, params: CallParams) -> AsyncIterator[StreamPiece]:
-        call = self._stub.GenerateStream(self._generate_request(request, params), timeout=params.timeout)
+        total = self.config.stream_timeout_seconds
+        read = min(self.config.read_timeout_seconds or params.timeout, params.timeout)
+        call = self._stub.GenerateStream(self._generate_request(request, params), timeout=total)
         try:
-            async for reply in call:
+            while True:
+                try:
+                    async with asyncio.timeout(read):
+                        reply = await call.read()
+                except TimeoutError:
+                    raise UpstreamTimeout(f"Local model '{self.name}' sent nothing for {read:g}s") from None
+                if reply is grpc.aio.EOF:
+                    break
                 if reply.HasField("usage"):
                     # The last message. Its usage goes first, so the exact count is known
                     # even if the client leaves while its text goes out; that text was held

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,8 @@ from hoosh.router.v1 import router_pb2
 from ..config import ProviderConfig
 from ..errors import RouterError, UpstreamError
 from . import openai_wire
-from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece
-from .http import HTTPBackend, loads_object, malformed
+from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece, checked_model
+from .http import HTTPBackend, embedding_response_limit, iter_lines, loads_object, malformed
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ class OpenAICompatibleBackend(HTTPBackend):
 
     def _body(self, request: router_pb2.ChatRequest, params: CallParams, *, stream: bool) -> bytes:
         body = openai_wire.request_to_json(
-            request, params.upstream_model, params.max_tokens, stream=stream, stream_options=self._quirks.stream_options
+            request,
+            checked_model(params.upstream_model),
+            params.max_tokens,
+            stream=stream,
+            stream_options=self._quirks.stream_options,
         )
         if self._quirks.seed_field != "seed" and "seed" in body:
             body[self._quirks.seed_field] = body.pop("seed")
@@ -96,9 +101,12 @@ class OpenAICompatibleBackend(HTTPBackend):
 
     async def stream(self, request: router_pb2.ChatRequest, params: CallParams) -> AsyncIterator[StreamPiece]:
         body = self._body(request, params, stream=True)
-        async with self._stream("/chat/completions", body, params.request_id, params.timeout) as response:
+        async with (
+            self._stream("/chat/completions", body, params.request_id, params.timeout) as response,
+            aclosing(iter_lines(response, self.config.max_event_bytes, self.name)) as lines,
+        ):
             done = False
-            async for raw_line in response.content:
+            async for raw_line in lines:
                 if not raw_line.startswith(b"data:"):
                     continue
                 payload = raw_line[5:].strip()
@@ -147,10 +155,12 @@ class OpenAICompatibleBackend(HTTPBackend):
         return pieces
 
     async def embed(self, texts: list[str], dimensions: int | None, params: CallParams) -> EmbeddingResult:
-        body: dict[str, Any] = {"model": params.upstream_model, "input": texts, "encoding_format": "float"}
+        model = checked_model(params.upstream_model)
+        body: dict[str, Any] = {"model": model, "input": texts, "encoding_format": "float"}
         if dimensions is not None:
             body["dimensions"] = dimensions
-        content = await self._post("/embeddings", orjson.dumps(body), params.request_id, params.timeout)
+        limit = embedding_response_limit(self.config, len(texts), dimensions)
+        content = await self._post("/embeddings", orjson.dumps(body), params.request_id, params.timeout, limit=limit)
         try:
             data = orjson.loads(content)
             items = sorted(data["data"], key=lambda item: int(item.get("index", 0)))

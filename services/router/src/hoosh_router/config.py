@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
-from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCAL_MODEL_DEFAULT = "smollm2-135m-instruct"
@@ -126,28 +127,22 @@ class RouterSettings(BaseSettings):
 
 class Pricing(BaseModel):
     """USD per million tokens (as written in the YAML); the budget works in integer
-    micro-dollars per million tokens, converted once here."""
+    micro-dollars per million tokens, converted once here (and cached as plain
+    attributes: every chat reads them, and a pydantic private attribute costs a
+    ``__getattr__`` per read)."""
 
     input_per_mtok: float = Field(default=0.0, ge=0)
     output_per_mtok: float = Field(default=0.0, ge=0)
-    _input_micros: int = PrivateAttr(default=0)
-    _output_micros: int = PrivateAttr(default=0)
 
-    @model_validator(mode="after")
-    def _to_micros(self) -> Pricing:
-        self._input_micros = round(self.input_per_mtok * 1_000_000)
-        self._output_micros = round(self.output_per_mtok * 1_000_000)
-        return self
-
-    @property
+    @cached_property
     def input_micros(self) -> int:
         """Micro-dollars per million prompt tokens."""
-        return self._input_micros
+        return round(self.input_per_mtok * 1_000_000)
 
-    @property
+    @cached_property
     def output_micros(self) -> int:
         """Micro-dollars per million completion tokens."""
-        return self._output_micros
+        return round(self.output_per_mtok * 1_000_000)
 
 
 class BreakerOverrides(BaseModel):

@@ -367,12 +367,16 @@ async def test_broken_provider_output_gives_clean_error_and_failed_event(
     request_id = response.headers["x-request-id"]
     entry = next(e for e in wait_for_audit(hoosh, {request_id})["entries"] if e["event_id"] == request_id)
     assert entry["subject"].endswith("inference.failed")
+    # A 400 was refused before the provider did anything: nothing is charged. Output that
+    # proved unusable after a 200 pays the prompt the provider read (and may bill).
+    charged = int(entry["payload"].get("charged_tokens", 0))
+    assert (charged > 0) == (status == 502)
     assert pool_state(hoosh, pool) | {"name": ""} == {
         "name": "",
         "capacity": 1_000_000,
-        "used": 0,
+        "used": charged,
         "reserved": 0,
-        "available": 1_000_000,
+        "available": 1_000_000 - charged,
     }
 
 

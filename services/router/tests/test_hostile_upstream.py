@@ -695,12 +695,13 @@ async def test_a_ten_megabyte_line_after_a_token_is_a_502_and_the_token_is_paid(
     assert pumps() == []
 
 
-async def test_a_ten_megabyte_first_line_is_a_502_and_nothing_is_charged(rig: Rig) -> None:
-    request_id = uuid.uuid4().hex
-    text, error = await stream_until_failure(rig, ask("m-huge-first"), request_id)
+async def test_a_ten_megabyte_first_line_is_a_502_and_pays_its_prompt(rig: Rig) -> None:
+    request, request_id = ask("m-huge-first"), uuid.uuid4().hex
+    text, error = await stream_until_failure(rig, request, request_id)
     assert text == "" and isinstance(error, UpstreamError)
-    # Answered (200) and refused before any token: released, as every answered failure is.
-    assert await settled(rig, request_id) == (0, 0, ("inference.failed", "upstream_error", 0))
+    # Accepted (200) and refused before any token: the provider read the prompt and may bill it.
+    charge = prompt_token_bound(request)
+    assert await settled(rig, request_id) == (charge, 0, ("inference.failed", "upstream_error", charge))
     await wait_for(lambda: rig.up.connections == 0)
     assert pumps() == []
 
@@ -726,9 +727,11 @@ async def test_a_stream_trickling_before_its_first_token_is_cut_and_pays_its_pro
     await wait_for(lambda: rig.up.connections == 0)
 
 
-async def test_a_huge_blocking_answer_is_a_502_and_the_reservation_ends(rig: Rig) -> None:
-    request_id = uuid.uuid4().hex
+async def test_a_huge_blocking_answer_is_a_502_and_pays_its_prompt(rig: Rig) -> None:
+    request, request_id = ask("m-huge-body"), uuid.uuid4().hex
     with pytest.raises(UpstreamError, match="larger than"):
-        await rig.chat.chat(ask("m-huge-body"), request_id)
-    assert await settled(rig, request_id) == (0, 0, ("inference.failed", "upstream_error", 0))
+        await rig.chat.chat(request, request_id)
+    # The provider answered 200 (and generated the whole answer): at least the prompt is paid.
+    charge = prompt_token_bound(request)
+    assert await settled(rig, request_id) == (charge, 0, ("inference.failed", "upstream_error", charge))
     await wait_for(lambda: rig.up.connections == 0)

@@ -70,8 +70,9 @@ class Attempts:
     admission: Admission | None = None
     skipped_open: list[str] = field(default_factory=list)
     # Settlement facts: an upstream call is under way (a cancellation now leaves it
-    # unanswered), and how many calls were sent and never answered (timed out or
-    # cancelled): the provider may have billed those, so a failed request pays its prompt.
+    # unanswered), and how many calls were sent and never usably answered (timed out,
+    # cancelled, or accepted and then cut, oversized or malformed): the provider may
+    # have billed those, so a failed request pays its prompt.
     in_flight: bool = False
     unanswered: int = 0
 
@@ -171,7 +172,7 @@ class Dispatcher:
                         await self.health.record_success(name, (time.monotonic() - started) * 1000)
                         return result
                     attempts.in_flight = False
-                    if isinstance(error, UpstreamTimeout):
+                    if isinstance(error, UpstreamTimeout) or error.accepted:
                         attempts.unanswered += 1
                     if error.backend_fault:
                         await self.health.record_failure(name, error)

@@ -22,6 +22,10 @@ class RouterError(Exception):
     # attempt (retryable or fallback). An upstream 404 for a model it does not know may
     # fall back, yet says nothing about the provider's health.
     blames_backend: bool | None = None
+    # The provider accepted the call (answered 200) before it failed: a body over
+    # hoosh's bounds, malformed output, a connection cut mid-answer. It read the prompt
+    # and may bill it, so a request that ends on such a failure pays its prompt.
+    accepted: bool = False
 
     def __init__(
         self,

@@ -23,9 +23,9 @@ from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
-from ..errors import InvalidRequest, RouterError, UpstreamError
+from ..errors import InvalidRequest, RouterError
 from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece, checked_model
-from .http import HTTPBackend, arguments_object, iter_sse, loads_object, malformed, parse_data_url
+from .http import HTTPBackend, accepted_failure, arguments_object, iter_sse, loads_object, malformed, parse_data_url
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def finish_reason(provider: str, stop_reason: str | None) -> str:
     try:
         return STOP_REASONS[stop_reason]
     except KeyError:
-        raise UpstreamError(f"Provider '{provider}' sent an unknown stop_reason '{stop_reason}'") from None
+        raise accepted_failure(f"Provider '{provider}' sent an unknown stop_reason '{stop_reason}'") from None
 
 
 # --------------------------------------------------------------------------- request
@@ -199,7 +199,7 @@ def completion_from_anthropic(provider: str, data: dict[str, Any], fallback_mode
     """A Messages API response as a Completion (text joined, tool_use -> tool_calls)."""
     try:
         if data.get("type") == "error":
-            raise UpstreamError(f"Provider '{provider}' failed: {str(data.get('error'))[:300]}")
+            raise accepted_failure(f"Provider '{provider}' failed: {str(data.get('error'))[:300]}")
         texts: list[str] = []
         message = chat_pb2.ChatMessage(role="assistant")
         for block in data["content"]:
@@ -315,7 +315,7 @@ class AnthropicStreamTranslator:
         if kind == "error":
             error = event.get("error") or {}
             error_type = str(error.get("type") or "")
-            raise UpstreamError(
+            raise accepted_failure(
                 f"Provider '{self.provider}' failed mid-stream: {error_type}: {str(error.get('message'))[:300]}",
                 retryable=error_type in _RETRYABLE_STREAM_ERRORS,
             )
@@ -375,7 +375,7 @@ class AnthropicBackend(HTTPBackend):
                 if translator.done:
                     break
         if not translator.done:
-            raise UpstreamError(f"Provider '{self.name}' ended the stream before message_stop")
+            raise accepted_failure(f"Provider '{self.name}' ended the stream before message_stop")
 
     async def embed(self, texts: list[str], dimensions: int | None, params: CallParams) -> EmbeddingResult:
         raise InvalidRequest(f"The model '{params.upstream_model}' does not support embeddings", param="model")

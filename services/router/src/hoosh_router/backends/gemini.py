@@ -23,10 +23,11 @@ from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
-from ..errors import InvalidRequest, RouterError, UpstreamError
+from ..errors import InvalidRequest, RouterError
 from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece, checked_model
 from .http import (
     HTTPBackend,
+    accepted_failure,
     arguments_object,
     embedding_response_limit,
     iter_sse,
@@ -68,7 +69,7 @@ def finish_reason(provider: str, reason: str, has_tool_calls: bool) -> str:
     try:
         mapped = FINISH_REASONS[reason]
     except KeyError:
-        raise UpstreamError(f"Provider '{provider}' sent an unknown finishReason '{reason}'") from None
+        raise accepted_failure(f"Provider '{provider}' sent an unknown finishReason '{reason}'") from None
     return "tool_calls" if mapped == "stop" and has_tool_calls else mapped
 
 
@@ -315,7 +316,7 @@ class GeminiStreamTranslator:
     def _feed(self, chunk: dict[str, Any]) -> list[StreamPiece]:
         if "error" in chunk:
             error = chunk["error"] or {}
-            raise UpstreamError(
+            raise accepted_failure(
                 f"Provider '{self.provider}' failed mid-stream: {str(error.get('message'))[:300]}",
                 retryable=int(error.get("code") or 0) in (429, 500, 503, 504),
             )
@@ -413,7 +414,7 @@ class GeminiBackend(HTTPBackend):
                 for piece in translator.feed(loads_object(self.name, data, "stream chunk")):
                     yield piece
         if not translator.done:
-            raise UpstreamError(f"Provider '{self.name}' ended the stream without a finishReason")
+            raise accepted_failure(f"Provider '{self.name}' ended the stream without a finishReason")
 
     async def embed(self, texts: list[str], dimensions: int | None, params: CallParams) -> EmbeddingResult:
         name, path = _model_name(params.upstream_model), _model_path(params.upstream_model)

@@ -157,14 +157,25 @@ def transport_error(provider: str, error: BaseException) -> RouterError:
     return UpstreamError(f"Provider '{provider}' broke the connection: {type(error).__name__}", retryable=True)
 
 
+def accepted_failure(message: str, *, retryable: bool | None = None) -> UpstreamError:
+    """A failure in what a provider sent after it accepted the call (a 200): an error
+    event mid-stream, output hoosh cannot use. It read the prompt and may bill it."""
+    error = UpstreamError(message, retryable=retryable)
+    error.accepted = True
+    return error
+
+
 def malformed(provider: str, what: str = "response") -> UpstreamError:
-    return UpstreamError(f"Provider '{provider}' sent a malformed {what}")
+    """Output hoosh cannot read; it came after the provider accepted the call."""
+    return accepted_failure(f"Provider '{provider}' sent a malformed {what}")
 
 
 def too_large(provider: str, what: str, limit: int) -> UpstreamError:
     """A provider's answer over hoosh's bound: not retried there (it would repeat); the
-    next candidate may answer."""
-    return UpstreamError(f"Provider '{provider}' sent a {what} larger than {limit} bytes; refused")
+    next candidate may answer. Only a 200's body is measured, so the call was accepted."""
+    error = UpstreamError(f"Provider '{provider}' sent a {what} larger than {limit} bytes; refused")
+    error.accepted = True
+    return error
 
 
 async def read_body(response: aiohttp.ClientResponse, limit: int, provider: str) -> bytes:
@@ -373,6 +384,7 @@ class HTTPBackend:
         by default the provider's ``max_response_bytes``); a non-200 status raises the
         mapped error."""
         read = self._read_timeout(seconds)
+        status = 0
         try:
             async with self._client.post(
                 self._url(path),
@@ -386,7 +398,9 @@ class HTTPBackend:
                 else:
                     content = await read_body(response, limit or self.config.max_response_bytes, self.name)
         except TRANSPORT_ERRORS as error:
-            raise self._transport_error(error, seconds, read) from error
+            mapped = self._transport_error(error, seconds, read)
+            mapped.accepted = status == 200  # cut while reading an answer the provider was giving
+            raise mapped from error
         if status != 200:
             raise error_from_status(self.name, status, content, retry_after)
         return content
@@ -399,6 +413,7 @@ class HTTPBackend:
         bound cuts it with UpstreamTimeout. Transport errors while the caller reads it
         are mapped here too."""
         total, read = self.config.stream_timeout_seconds, self._read_timeout(seconds)
+        accepted = False
         try:
             async with self._client.post(
                 self._url(path),
@@ -409,6 +424,9 @@ class HTTPBackend:
                 if response.status != 200:
                     content = await read_head(response)
                     raise error_from_status(self.name, response.status, content, response.headers.get("retry-after"))
+                accepted = True
                 yield response
         except TRANSPORT_ERRORS as error:
-            raise self._transport_error(error, total, read) from error
+            mapped = self._transport_error(error, total, read)
+            mapped.accepted = accepted  # cut mid-stream: the provider had accepted the call
+            raise mapped from error

@@ -15,10 +15,10 @@ import orjson
 from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
-from ..errors import RouterError, UpstreamError
+from ..errors import RouterError
 from . import openai_wire
 from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece, checked_model
-from .http import HTTPBackend, embedding_response_limit, iter_lines, loads_object, malformed
+from .http import HTTPBackend, accepted_failure, embedding_response_limit, iter_lines, loads_object, malformed
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class OpenAICompatibleBackend(HTTPBackend):
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
             raise malformed(self.name) from error
         if finish_reason not in KNOWN_FINISH_REASONS:
-            raise UpstreamError(f"Provider '{self.name}' sent an unknown finish_reason '{finish_reason}'")
+            raise accepted_failure(f"Provider '{self.name}' sent an unknown finish_reason '{finish_reason}'")
         return Completion(
             message=message,
             finish_reason=finish_reason,
@@ -116,12 +116,12 @@ class OpenAICompatibleBackend(HTTPBackend):
                 for piece in self._pieces(payload):
                     yield piece
             if not done:
-                raise UpstreamError(f"Provider '{self.name}' ended the stream before [DONE]")
+                raise accepted_failure(f"Provider '{self.name}' ended the stream before [DONE]")
 
     def _pieces(self, payload: bytes) -> list[StreamPiece]:
         chunk = loads_object(self.name, payload, "stream chunk")
         if "error" in chunk:
-            raise UpstreamError(f"Provider '{self.name}' failed mid-stream: {str(chunk['error'])[:300]}")
+            raise accepted_failure(f"Provider '{self.name}' failed mid-stream: {str(chunk['error'])[:300]}")
         pieces = []
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
@@ -139,7 +139,7 @@ class OpenAICompatibleBackend(HTTPBackend):
             finish_reason = choice.get("finish_reason")
             if finish_reason:
                 if finish_reason not in KNOWN_FINISH_REASONS:
-                    raise UpstreamError(f"Provider '{self.name}' sent an unknown finish_reason '{finish_reason}'")
+                    raise accepted_failure(f"Provider '{self.name}' sent an unknown finish_reason '{finish_reason}'")
                 piece.finish_reason = finish_reason
             pieces.append(piece)
         usage = chunk.get("usage")

@@ -24,9 +24,11 @@ Every reservation ends exactly once (settlement rules):
   had already finished when the client left, ``inference.completed`` with
   ``settlement = "client_disconnected"``;
 - a request that ends (cancelled, timed out) while an upstream call it sent was never
-  answered: commit the prompt count (the provider has read, and may bill, the prompt);
-- any other failure (before any upstream call, or every call answered with an error):
-  release.
+  answered, or after a provider accepted a call (200) whose output then failed
+  (oversized, malformed, an error event, cut before any token): commit the prompt
+  count (the provider has read, and may bill, the prompt);
+- any other failure (before any upstream call, or every call refused with an error
+  status): release.
 Every request publishes exactly one event. A stream is retried or failed over
 only until its first token is on its way to the client; after that a failure
 ends it with an error.

@@ -1,4 +1,4 @@
-"""Router, budget and audit as in-process grpc.aio servers that record what the edge
+"""Router, budget, audit and speech-to-text as in-process grpc.aio servers that record what the edge
 sends them: real gRPC on a real port, with just enough behaviour to answer (pools and
 manual reservations with owners, a fixed model list, echoing chats).
 
@@ -10,19 +10,31 @@ tested in their own packages and end to end in tests/.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from hoosh.audit.v1 import audit_pb2, audit_pb2_grpc
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
+from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
 from hoosh_common.grpc_errors import error_metadata
 
 MODELS = ("gpt-4o-mini", "gpt-4o", "slow-1", "local/llama-3", "text-embedding-3-small")
+STT_MODELS = ("whisper-tiny.en",)
+SERVICES = (
+    "hoosh.router.v1.RouterService",
+    "hoosh.budget.v1.BudgetService",
+    "hoosh.audit.v1.AuditService",
+    "hoosh.stt.v1.SttService",
+)
 
 
 @dataclass
@@ -226,14 +238,61 @@ class FakeAudit(audit_pb2_grpc.AuditServiceServicer):
         return audit_pb2.ListEntriesResponse(total=0, chain_valid=True)
 
 
+class FakeStt(stt_pb2_grpc.SttServiceServicer):
+    """Admits every upload (the ``hoosh-stt-admitted`` go-ahead), reads it, answers one segment."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.gate: asyncio.Event | None = None  # set: each call waits for it before answering
+        self.entered = asyncio.Event()  # set once a call arrived
+        self.open_files: list[str] = []  # what this process had open when the last call arrived
+
+    async def Transcribe(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        first = await anext(aiter(request_iterator))
+        self.recorder.record("Transcribe", first)
+        self.open_files = _open_files()
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        await context.send_initial_metadata((("hoosh-stt-admitted", "1"),))
+        size = 0
+        async for chunk in request_iterator:
+            size += len(chunk.audio)
+        segment = stt_pb2.Segment(id=0, start=0.0, end=1.0, text=" ok", tokens=[1])
+        return stt_pb2.TranscribeResponse(
+            request_id=first.options.request_id,
+            model=first.options.model,
+            text="ok",
+            language="en",
+            language_name="english",
+            duration=1.0,
+            segments=[segment],
+            words=[stt_pb2.Word(word="ok", start=0.0, end=1.0)],
+        )
+
+    async def ListModels(self, request: stt_pb2.ListModelsRequest, context: grpc.aio.ServicerContext) -> Any:
+        self.recorder.record("SttListModels", request)
+        return stt_pb2.ListModelsResponse(models=[stt_pb2.Model(id=m, owned_by="test") for m in STT_MODELS])
+
+
+def _open_files() -> list[str]:
+    """The paths this process has open (Linux: /proc/self/fd), deleted temporary files included."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return paths
+
+
 @dataclass
 class Backends:
-    """The three fakes on one in-process server."""
+    """The fakes on one in-process server, which reports every service SERVING (grpc.health.v1)."""
 
     address: str
     recorder: Recorder
     budget: FakeBudget
     server: grpc.aio.Server
+    stt: FakeStt
 
 
 async def start_backends() -> Backends:
@@ -243,6 +302,12 @@ async def start_backends() -> Backends:
     router_pb2_grpc.add_RouterServiceServicer_to_server(FakeRouter(recorder), server)
     budget_pb2_grpc.add_BudgetServiceServicer_to_server(budget, server)
     audit_pb2_grpc.add_AuditServiceServicer_to_server(FakeAudit(recorder), server)
+    stt = FakeStt(recorder)
+    stt_pb2_grpc.add_SttServiceServicer_to_server(stt, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return Backends(f"127.0.0.1:{port}", recorder, budget, server)
+    for service in SERVICES:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return Backends(f"127.0.0.1:{port}", recorder, budget, server, stt)

@@ -11,6 +11,7 @@ from hoosh_common.logs import configure_logging
 from pydantic import ValidationError
 
 from .config import Settings
+from .server import uvicorn_options
 
 log = logging.getLogger("hoosh_edge")
 
@@ -35,6 +36,7 @@ def main() -> None:
             "host": settings.edge_host,
             "port": settings.edge_port,
             "workers": settings.edge_workers,
+            "max_connections": settings.edge_max_connections,
             "router": settings.router_addr,
             "budget": settings.budget_addr,
             "audit": settings.audit_addr,
@@ -53,12 +55,12 @@ def main() -> None:
         port=settings.edge_port,
         workers=settings.edge_workers,
         loop="uvloop",
-        http="httptools",
         lifespan="on",
         access_log=False,
         log_config=None,  # keep hoosh's JSON logging
-        server_header=False,
         timeout_graceful_shutdown=10,
+        # httptools with read deadlines, header and connection bounds; the keep-alive timeout
+        **uvicorn_options(settings),
     )
 
 

@@ -19,21 +19,24 @@ from hoosh_tenancy.keys import MAX_MODELS, MAX_POOLS, MODEL_PATTERN
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
-from .errors import InvalidRequestError, MappedError, to_api_error
+from .errors import InvalidRequestError, MappedError, NotFoundError, to_api_error
+from .protocol import JsonInt, PositiveInt32, not_null
 from .responses import OrjsonResponse
-from .routing import ERRORS, edge, grpc_metadata, json_body, parse_body
+from .routing import BACKEND, edge, errors, grpc_metadata, json_body, parse_body
 from .scopes import admin_only
 
 router = APIRouter(prefix="/v1/admin/keys", tags=["admin"], dependencies=[Depends(admin_only)])
 
 PoolRef = Annotated[str, Field(pattern=rf"^(\*|{POOL_NAME.pattern})$", description="A pool name, or '*'")]
 ModelRef = Annotated[str, Field(pattern=rf"^{MODEL_PATTERN.pattern}$", description="A model id or glob pattern")]
+PositiveSafeInt = Annotated[int, Field(strict=False, ge=1, le=2**53 - 1), JsonInt]
+UnixSeconds = Annotated[int, Field(strict=False, ge=0, le=253_402_300_799), JsonInt]  # up to 9999-12-31
 
 
 class KeyCreateRequest(BaseModel):
     """A new key. Unknown fields are refused (a typo must not create a wider key)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=128, description="A label for people")
     scope: Literal["admin", "user"] = Field(
@@ -54,18 +57,22 @@ class KeyCreateRequest(BaseModel):
         description="Models it may use: exact ids or glob patterns matched against the id as requested "
         "('provider/model' included); ['*'] = every model",
     )
-    rpm: int | None = Field(default=None, ge=1, le=2**31 - 1, description="Requests per minute; null = no own limit")
-    tpm: int | None = Field(default=None, ge=1, le=2**53 - 1, description="Tokens per minute; null = no own limit")
-    max_concurrency: int | None = Field(
-        default=None, ge=1, le=2**31 - 1, description="Requests in flight at once; null = no own limit"
+    rpm: PositiveInt32 | None = Field(default=None, description="Requests per minute; null = no own limit")
+    tpm: PositiveSafeInt | None = Field(default=None, description="Tokens per minute; null = no own limit")
+    max_concurrency: PositiveInt32 | None = Field(
+        default=None, description="Requests in flight at once; null = no own limit"
     )
-    expires_at: int | None = Field(default=None, ge=0, description="Unix seconds after which the key is refused")
+    expires_at: UnixSeconds | None = Field(
+        default=None, description="Unix seconds after which the key is refused; must be in the future"
+    )
 
 
 class KeyUpdateRequest(BaseModel):
     """Only the fields sent change; ``null`` clears a limit or the expiry."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra=not_null("name", "team", "user", "pools", "models")
+    )
 
     name: str | None = Field(default=None, min_length=1, max_length=128, description="A label for people")
     team: str | None = Field(default=None, max_length=128, description="Owner label: the team")
@@ -76,12 +83,12 @@ class KeyUpdateRequest(BaseModel):
     models: list[ModelRef] | None = Field(
         default=None, min_length=1, max_length=MAX_MODELS, description="Replaces its model ids and patterns"
     )
-    rpm: int | None = Field(default=None, ge=1, le=2**31 - 1, description="Requests per minute; null = no own limit")
-    tpm: int | None = Field(default=None, ge=1, le=2**53 - 1, description="Tokens per minute; null = no own limit")
-    max_concurrency: int | None = Field(
-        default=None, ge=1, le=2**31 - 1, description="Requests in flight at once; null = no own limit"
+    rpm: PositiveInt32 | None = Field(default=None, description="Requests per minute; null = no own limit")
+    tpm: PositiveSafeInt | None = Field(default=None, description="Tokens per minute; null = no own limit")
+    max_concurrency: PositiveInt32 | None = Field(
+        default=None, description="Requests in flight at once; null = no own limit"
     )
-    expires_at: int | None = Field(default=None, ge=0, description="Unix seconds; null = never expires")
+    expires_at: UnixSeconds | None = Field(default=None, description="Unix seconds; null = never expires")
 
     @model_validator(mode="after")
     def _labels_not_null(self) -> KeyUpdateRequest:
@@ -102,7 +109,8 @@ class KeyList(BaseModel):
 
 
 async def _check_pools_exist(request: Request, pools: list[str]) -> None:
-    """400 ``pool_not_found`` naming the first pool the budget service does not know."""
+    """404 ``pool_not_found`` naming the first pool the budget service does not know (as
+    an unknown parent pool is, and an unknown pool on the token routes)."""
     state = edge(request)
     names = [pool for pool in pools if pool != ALL]
 
@@ -122,7 +130,7 @@ async def _check_pools_exist(request: Request, pools: list[str]) -> None:
     found = await asyncio.gather(*(exists(pool) for pool in names))
     for pool, ok in zip(names, found, strict=True):
         if not ok:
-            raise InvalidRequestError(
+            raise NotFoundError(
                 f"The pool '{pool}' does not exist; create it first (POST /v1/admin/pools).",
                 param=f"pools[{pools.index(pool)}]",
                 code="pool_not_found",
@@ -133,7 +141,12 @@ def _record(record: KeyRecord) -> dict[str, Any]:
     return record.model_dump(mode="json")
 
 
-@router.post("", response_model=KeyCreateResponse, responses=ERRORS, openapi_extra=json_body(KeyCreateRequest))
+@router.post(
+    "",
+    response_model=KeyCreateResponse,
+    responses=errors(400, 403, 404, *BACKEND),
+    openapi_extra=json_body(KeyCreateRequest),
+)
 async def create_key(request: Request) -> Response:
     """Create a key. The response carries the key itself, once; store it now."""
     body = await parse_body(request, KeyCreateRequest)
@@ -144,20 +157,25 @@ async def create_key(request: Request) -> Response:
     return OrjsonResponse({"key": key, "record": _record(record)})
 
 
-@router.get("", response_model=KeyList, responses=ERRORS)
+@router.get("", response_model=KeyList, responses=errors(403))
 async def list_keys(request: Request) -> Response:
     """Every key's record (revoked ones included), oldest first. Never the keys themselves."""
     records = await edge(request).tenancy.store.list()
     return OrjsonResponse({"object": "list", "data": [_record(record) for record in records]})
 
 
-@router.get("/{key_id}", response_model=KeyRecord, responses=ERRORS)
+@router.get("/{key_id}", response_model=KeyRecord, responses=errors(403, 404))
 async def get_key(request: Request, key_id: str) -> Response:
     """One key's record; 404 ``key_not_found``."""
     return OrjsonResponse(_record(await edge(request).tenancy.store.get(key_id)))
 
 
-@router.patch("/{key_id}", response_model=KeyRecord, responses=ERRORS, openapi_extra=json_body(KeyUpdateRequest))
+@router.patch(
+    "/{key_id}",
+    response_model=KeyRecord,
+    responses=errors(400, 403, 404, *BACKEND),
+    openapi_extra=json_body(KeyUpdateRequest),
+)
 async def update_key(request: Request, key_id: str) -> Response:
     """Change a key's name, owner labels, pools, models, limits or expiry."""
     body = await parse_body(request, KeyUpdateRequest)
@@ -172,7 +190,7 @@ async def update_key(request: Request, key_id: str) -> Response:
     return OrjsonResponse(_record(record))
 
 
-@router.delete("/{key_id}", response_model=KeyRecord, responses=ERRORS)
+@router.delete("/{key_id}", response_model=KeyRecord, responses=errors(403, 404))
 async def revoke_key(request: Request, key_id: str) -> Response:
     """Revoke a key: every edge refuses it within a second. The record stays (with
     ``revoked_at``) for listing and audit; revoking again changes nothing."""

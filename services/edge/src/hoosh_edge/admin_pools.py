@@ -9,7 +9,7 @@ Errors: a taken name (ALREADY_EXISTS) and a pool with children (FAILED_PRECONDIT
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import grpc
 from fastapi import APIRouter, Depends, Request
@@ -17,9 +17,9 @@ from hoosh.budget.v1 import budget_pb2
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
-from .protocol import PoolName
+from .protocol import JsonInt, PoolName, not_null
 from .responses import OrjsonResponse
-from .routing import ERRORS, call_budget, edge, grpc_metadata, json_body, parse_body
+from .routing import BACKEND, call_budget, edge, errors, grpc_metadata, json_body, parse_body
 from .scopes import admin_only, principal_of
 
 router = APIRouter(prefix="/v1/admin/pools", tags=["admin"], dependencies=[Depends(admin_only)])
@@ -27,6 +27,7 @@ router = APIRouter(prefix="/v1/admin/pools", tags=["admin"], dependencies=[Depen
 Period = Literal["none", "minute", "hourly", "daily", "weekly", "monthly"]
 MAX_AMOUNT = 2**53 - 1  # the budget's Lua counts in doubles: integers are exact up to here
 MICROS_PER_USD = 1_000_000
+Amount = Annotated[int, Field(strict=False, ge=0, le=MAX_AMOUNT), JsonInt]
 
 # The admin routes' view of the budget's statuses (the token routes keep the defaults).
 _OVERRIDES: dict[grpc.StatusCode, tuple[int, str | None]] = {
@@ -43,15 +44,24 @@ class PoolCreateRequest(BaseModel):
     """A new pool; the parent (fixed for life) must exist. Give the money cap in dollars
     (``cap_usd``) or micro-dollars (``cap_usd_micros``), not both."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "not": {
+                "required": ["cap_usd", "cap_usd_micros"],
+                "properties": {"cap_usd": {"type": "number"}, "cap_usd_micros": {"type": "integer"}},
+            }
+        },
+    )
 
     name: PoolName = Field(description="Pool name: [A-Za-z0-9._-], 1-64 characters")
     parent: PoolName | None = Field(default=None, description="The parent pool (key -> team -> org); null = a root")
-    capacity: int = Field(ge=0, le=MAX_AMOUNT, description="Tokens per period (or in all, without a period)")
+    capacity: Amount = Field(description="Tokens per period (or in all, without a period)")
     period: Period = Field(default="none", description="When usage starts again at 0, calendar-aligned")
     timezone: str = Field(default="UTC", min_length=1, max_length=64, description="IANA zone of the period")
     cap_usd: float | None = Field(default=None, ge=0, le=9e9, description="Money cap per period, in dollars")
-    cap_usd_micros: int | None = Field(default=None, ge=0, le=MAX_AMOUNT, description="Money cap, micro-dollars")
+    cap_usd_micros: Amount | None = Field(default=None, description="Money cap, micro-dollars")
 
     @model_validator(mode="after")
     def _one_cap(self) -> PoolCreateRequest:
@@ -63,19 +73,26 @@ class PoolCreateRequest(BaseModel):
         return _micros(self.cap_usd) if self.cap_usd is not None else self.cap_usd_micros
 
 
+def _update_schema(schema: dict[str, Any]) -> None:
+    not_null("capacity", "period", "timezone")(schema)
+    schema["not"] = {"required": ["cap_usd", "cap_usd_micros"]}  # one of the two, even as null
+
+
 class PoolUpdateRequest(BaseModel):
     """Only the fields sent change; ``cap_usd: null`` (or ``cap_usd_micros: null``)
     removes the money cap. The parent cannot change."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra=lambda schema: _update_schema(schema),
+    )
 
-    capacity: int | None = Field(default=None, ge=0, le=MAX_AMOUNT, description="New token capacity")
+    capacity: Amount | None = Field(default=None, description="New token capacity")
     period: Period | None = Field(default=None, description="New period")
     timezone: str | None = Field(default=None, min_length=1, max_length=64, description="New IANA zone")
     cap_usd: float | None = Field(default=None, ge=0, le=9e9, description="New money cap in dollars; null removes it")
-    cap_usd_micros: int | None = Field(
-        default=None, ge=0, le=MAX_AMOUNT, description="New money cap in micro-dollars; null removes it"
-    )
+    cap_usd_micros: Amount | None = Field(default=None, description="New money cap in micro-dollars; null removes it")
 
     @model_validator(mode="after")
     def _one_cap(self) -> PoolUpdateRequest:
@@ -136,7 +153,12 @@ def admin_pool(pool: budget_pb2.Pool) -> dict[str, Any]:
     }
 
 
-@router.post("", response_model=AdminPool, responses=ERRORS, openapi_extra=json_body(PoolCreateRequest))
+@router.post(
+    "",
+    response_model=AdminPool,
+    responses=errors(400, 403, 404, 409, *BACKEND),
+    openapi_extra=json_body(PoolCreateRequest),
+)
 async def create_pool(request: Request) -> Response:
     """Create a pool (409 ``pool_exists`` when the name is taken; 404 for an unknown parent)."""
     body = await parse_body(request, PoolCreateRequest)
@@ -160,7 +182,7 @@ async def create_pool(request: Request) -> Response:
     return OrjsonResponse(admin_pool(reply.pool))
 
 
-@router.get("", response_model=AdminPoolList, responses=ERRORS)
+@router.get("", response_model=AdminPoolList, responses=errors(403, *BACKEND))
 async def list_pools(request: Request) -> Response:
     """Every pool with its settings and counters."""
     state = edge(request)
@@ -175,8 +197,8 @@ async def list_pools(request: Request) -> Response:
     return OrjsonResponse({"object": "list", "data": [admin_pool(pool) for pool in reply.pools]})
 
 
-@router.get("/{name}", response_model=AdminPool, responses=ERRORS)
-async def get_pool(request: Request, name: str) -> Response:
+@router.get("/{name}", response_model=AdminPool, responses=errors(400, 403, 404, *BACKEND))
+async def get_pool(request: Request, name: PoolName) -> Response:
     """One pool; 404 ``pool_not_found``."""
     state = edge(request)
     reply = await call_budget(
@@ -190,8 +212,13 @@ async def get_pool(request: Request, name: str) -> Response:
     return OrjsonResponse(admin_pool(reply.pool))
 
 
-@router.patch("/{name}", response_model=AdminPool, responses=ERRORS, openapi_extra=json_body(PoolUpdateRequest))
-async def update_pool(request: Request, name: str) -> Response:
+@router.patch(
+    "/{name}",
+    response_model=AdminPool,
+    responses=errors(400, 403, 404, *BACKEND),
+    openapi_extra=json_body(PoolUpdateRequest),
+)
+async def update_pool(request: Request, name: PoolName) -> Response:
     """Resize a pool, change its period or time zone, set or remove its money cap."""
     body = await parse_body(request, PoolUpdateRequest)
     update = budget_pb2.UpdatePoolRequest(name=name)
@@ -217,8 +244,8 @@ async def update_pool(request: Request, name: str) -> Response:
     return OrjsonResponse(admin_pool(reply.pool))
 
 
-@router.post("/{name}/reset", response_model=AdminPool, responses=ERRORS)
-async def reset_pool(request: Request, name: str) -> Response:
+@router.post("/{name}/reset", response_model=AdminPool, responses=errors(400, 403, 404, *BACKEND))
+async def reset_pool(request: Request, name: PoolName) -> Response:
     """Usage back to 0 now (reserved tokens stay reserved); a ``budget.reset`` event
     carrying the admin key's id reaches the audit."""
     state = edge(request)
@@ -233,8 +260,8 @@ async def reset_pool(request: Request, name: str) -> Response:
     return OrjsonResponse(admin_pool(reply.pool))
 
 
-@router.delete("/{name}", response_model=PoolDeleted, responses=ERRORS)
-async def delete_pool(request: Request, name: str) -> Response:
+@router.delete("/{name}", response_model=PoolDeleted, responses=errors(400, 403, 404, 409, *BACKEND))
+async def delete_pool(request: Request, name: PoolName) -> Response:
     """Delete a pool (409 ``pool_in_use`` while it has children)."""
     state = edge(request)
     await call_budget(

@@ -16,11 +16,11 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from hoosh_tenancy import TenancyError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import admin_keys, admin_pools, routes_inference, routes_operations, routes_tokens
@@ -31,13 +31,16 @@ from .clients import Clients
 from .config import Settings
 from .errors import ClientClosedRequestError, EdgeError, MethodNotAllowedError, NotFoundError, to_api_error
 from .middleware import EdgeMiddleware
+from .openapi import install_openapi
 from .protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     EmbeddingRequest,
+    ErrorResponse,
     TokenCheckRequest,
     TokenReportRequest,
     TokenReserveRequest,
+    TranscriptionResponse,
     TranscriptionVerboseResponse,
 )
 from .responses import OrjsonResponse, error_response
@@ -58,13 +61,24 @@ _SCHEMA_MODELS: tuple[type[BaseModel], ...] = (
     TokenCheckRequest,
     TokenReserveRequest,
     TokenReportRequest,
+    TranscriptionResponse,
     TranscriptionVerboseResponse,
     EmbeddingRequest,
     KeyCreateRequest,
     KeyUpdateRequest,
     PoolCreateRequest,
     PoolUpdateRequest,
+    ErrorResponse,
 )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on the request's path (several routes may share a path)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, BaseRoute) and route.matches(request.scope)[0] != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 async def _handle_error(request: Request, exc: Exception) -> Response:
@@ -72,7 +86,10 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, StarletteHTTPException) and exc.status_code == 404:
         exc = NotFoundError(f"Invalid URL ({request.method} {request.url.path})", code="unknown_url")
     elif isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
-        exc = MethodNotAllowedError(f"Method {request.method} is not allowed on {request.url.path}")
+        exc = MethodNotAllowedError(
+            f"Method {request.method} is not allowed on {request.url.path}",
+            headers={"Allow": ", ".join(_allowed_methods(request))},
+        )
     error = to_api_error(exc)
     if error.status >= 500:
         log.warning(
@@ -80,26 +97,6 @@ async def _handle_error(request: Request, exc: Exception) -> Response:
             extra={"status": error.status, "code": error.code, "detail": error.log_detail or error.message},
         )
     return error_response(error)
-
-
-def _install_openapi(app: FastAPI) -> None:
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in _SCHEMA_MODELS:
-                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                for name, definition in model_schema.pop("$defs", {}).items():
-                    components.setdefault(name, definition)
-                components[model.__name__] = model_schema
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "An API key: sk-hoosh-..."}
-            }
-            schema["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -212,7 +209,7 @@ def create_app(
         "body_limits": {TRANSCRIPTIONS_PATH: settings.edge_max_audio_bytes},
         "fast_routes": {("POST", CHAT_PATH): chat_fast_path(app)},
     }
-    _install_openapi(app)
+    install_openapi(app, _SCHEMA_MODELS)
     return app
 
 

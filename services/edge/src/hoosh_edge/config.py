@@ -8,12 +8,15 @@ admin key (``HOOSH_ADMIN_KEY`` or ``HOOSH_ADMIN_KEY_FILE``) of at least 32 chara
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
 from hoosh_tenancy import DEFAULT_KEY_PREFIX
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .json_depth import DEFAULT_MAX_JSON_DEPTH
 
 MIN_PRODUCTION_ADMIN_KEY_LENGTH = 32
 
@@ -70,6 +73,12 @@ class Settings(BaseSettings):
     edge_max_audio_bytes: int = Field(
         default=25 * 1024 * 1024, gt=0, description="Largest body of /v1/audio/transcriptions (OpenAI's 25 MB)"
     )
+    edge_max_json_depth: int = Field(
+        default=DEFAULT_MAX_JSON_DEPTH,
+        ge=4,
+        le=200,  # orjson serializes 254 levels: a tool schema 5 levels down stays inside that
+        description="Deepest nesting of arrays and objects accepted in a JSON body (deeper: 400 json_too_deep)",
+    )
     edge_request_timeout_seconds: float = Field(
         default=600.0, gt=0, description="gRPC deadline of one chat completion (blocking or the whole stream)"
     )
@@ -77,6 +86,40 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="gRPC deadline of the small calls: models, tokens, audit, health"
     )
     edge_workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    edge_max_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="Open connections per worker process; one more is answered 503 (Retry-After: 1) and closed",
+    )
+    edge_header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time to send a request line and headers (from the connection's start, or the request's first "
+        "byte on a kept-alive connection); a slower client is disconnected",
+    )
+    edge_body_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="Time to send a request body after its headers; a slower client is disconnected "
+        "(25 MB of audio in 120 s needs about 1.7 Mbit/s)",
+    )
+    edge_max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="Largest request line plus headers; larger: 431"
+    )
+    edge_keep_alive_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="Idle time a kept-alive connection waits for its next request"
+    )
+    edge_upload_dir: Path | None = Field(
+        default=None,
+        description="Directory uploads (audio files) spill to past 1 MB in memory; default: the system's "
+        "temporary directory. Must exist and be writable",
+    )
+    edge_upload_max_spool_bytes: int = Field(
+        default=128 * 1024 * 1024,
+        gt=0,
+        description="Upload bytes one worker process holds at once (memory and upload directory); "
+        "an upload that would exceed it is answered 503 upload_capacity (Retry-After)",
+    )
 
     _admin_key_value: str | None = PrivateAttr(default=None)
 
@@ -100,6 +143,17 @@ class Settings(BaseSettings):
     def _no_hash_tag(cls, value: str) -> str:
         if "{" in value or "}" in value:
             raise ValueError("must not contain braces: each key's hash tag follows it")
+        return value
+
+    @field_validator("edge_upload_dir")
+    @classmethod
+    def _usable_dir(cls, value: Path | None) -> Path | None:
+        if value is None or not str(value).strip():
+            return None
+        if not value.is_dir():
+            raise ValueError(f"HOOSH_EDGE_UPLOAD_DIR {str(value)!r} is not a directory")
+        if not os.access(value, os.W_OK | os.X_OK):
+            raise ValueError(f"HOOSH_EDGE_UPLOAD_DIR {str(value)!r} is not writable")
         return value
 
     @field_validator("stt_addr")
@@ -134,6 +188,11 @@ class Settings(BaseSettings):
         if self.auth == "open" and not is_loopback(self.edge_host):
             raise ValueError(
                 f"HOOSH_AUTH=open is only allowed when the edge binds a loopback address, not {self.edge_host!r}"
+            )
+        if self.edge_upload_max_spool_bytes < self.edge_max_audio_bytes:
+            raise ValueError(
+                "HOOSH_EDGE_UPLOAD_MAX_SPOOL_BYTES must be at least HOOSH_EDGE_MAX_AUDIO_BYTES "
+                "(one upload of the largest size must fit)"
             )
         if self.key_store_redis_url.split("://", 1)[0].endswith("+cluster"):
             raise ValueError(

@@ -11,8 +11,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from hoosh_common.model_ids import MAX_MODEL_ID_LENGTH
 from hoosh_tenancy import POOL_NAME, valid_model_id
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 INT32_MAX = 2**31 - 1
@@ -25,6 +35,13 @@ MODEL_ID_MESSAGE = (
 )
 
 
+# hoosh_common.model_ids' rule as one regular expression, for the API document (the check
+# itself is model_id_problem): slash-separated parts that are neither empty, '.' nor '..'.
+_ID_CHAR = r"[A-Za-z0-9._:@+-]"
+_ID_SEGMENT = rf"(?:[A-Za-z0-9_:@+-]{_ID_CHAR}*|\.[A-Za-z0-9_:@+-]{_ID_CHAR}*|\.\.{_ID_CHAR}+)"
+MODEL_ID_PATTERN = rf"^{_ID_SEGMENT}(?:/{_ID_SEGMENT})*$"
+
+
 def _model_id(value: str) -> str:
     # Checked before anything else sees the id: it may end up in an upstream URL.
     if not valid_model_id(value):
@@ -32,16 +49,70 @@ def _model_id(value: str) -> str:
     return value
 
 
+MODEL_ID_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_MODEL_ID_LENGTH,
+    "pattern": MODEL_ID_PATTERN,
+}
+
 # A model id as requests carry it: ``[A-Za-z0-9._:/@+-]{1,256}`` (``provider/model`` included).
-ModelId = Annotated[str, AfterValidator(_model_id)]
+ModelId = Annotated[str, AfterValidator(_model_id), WithJsonSchema(MODEL_ID_SCHEMA)]
 # A pool name as hoosh_metering accepts it (it appears inside Redis hash tags).
 PoolName = Annotated[str, Field(pattern=f"^{POOL_NAME.pattern}$", min_length=1, max_length=64)]
 
 
-class OpenAIModel(BaseModel):
-    """Base of every wire model: unknown fields are ignored, not rejected."""
+def _json_integer(value: Any) -> Any:
+    # JSON has no integer type apart from numbers: 3.0 is an integer (JSON Schema says
+    # so too); true and "3" are not.
+    if isinstance(value, bool | str):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
 
-    model_config = ConfigDict(extra="ignore")
+
+# Integer fields of JSON bodies: strict (no booleans or strings) but 3.0 counts as 3. The
+# bounds sit inside the type so that the document shows them as minimum / maximum.
+JsonInt = BeforeValidator(_json_integer)
+PositiveInt32 = Annotated[int, Field(strict=False, ge=1, le=INT32_MAX), JsonInt]
+Int64 = Annotated[int, Field(strict=False, ge=INT64_MIN, le=INT64_MAX), JsonInt]
+Count64 = Annotated[int, Field(strict=False, ge=0, le=INT64_MAX), JsonInt]
+ChoiceCount = Annotated[int, Field(strict=False, ge=1, le=128), JsonInt]
+
+
+class OpenAIModel(BaseModel):
+    """Base of every wire model: unknown fields are ignored, not rejected; values are
+    taken as their JSON types say (no "1" for 1, no 1 for true), as documented."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def schema_patch(**properties: dict[str, Any]) -> Any:
+    """A ``json_schema_extra`` that replaces the named properties' schemas (their title and
+    description kept): for rules a validator enforces that pydantic cannot describe."""
+
+    def patch(schema: dict[str, Any]) -> None:
+        for name, replacement in properties.items():
+            kept = {key: schema["properties"][name][key] for key in ("title", "description")}
+            schema["properties"][name] = {**replacement, **{k: v for k, v in kept.items() if v}}
+
+    return patch
+
+
+def not_null(*names: str) -> Any:
+    """A ``json_schema_extra`` dropping ``null`` (and the null default) from optional
+    fields that may be left out but never sent as null."""
+
+    def patch(schema: dict[str, Any]) -> None:
+        for name in names:
+            prop = schema["properties"][name]
+            prop.pop("default", None)
+            options = [option for option in prop.pop("anyOf", []) if option.get("type") != "null"]
+            if len(options) == 1:
+                prop.update(options[0])
+            elif options:
+                prop["anyOf"] = options
+
+    return patch
 
 
 # --------------------------------------------------------------------------- content parts
@@ -114,6 +185,16 @@ class UserMessage(OpenAIModel):
 
 
 class AssistantMessage(OpenAIModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
+                {"required": ["refusal"], "properties": {"refusal": {"type": "string"}}},
+            ]
+        }
+    )
+
     role: Literal["assistant"]
     content: str | Annotated[list[AssistantContentPart], Field(min_length=1)] | None = None
     refusal: str | None = None
@@ -176,24 +257,55 @@ class StreamOptions(OpenAIModel):
 # --------------------------------------------------------------------------- the request
 
 
+_RESPONSE_FORMAT_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {
+            "type": "object",
+            "required": ["type", "json_schema"],
+            "properties": {"type": {"const": "json_schema"}, "json_schema": {"type": "object"}},
+        },
+        {"type": "null"},
+    ]
+}
+
+
+def _chat_schema(schema: dict[str, Any]) -> None:
+    """What the validators add to the fields' own schemas: n is 1, response_format's shape,
+    stream_options only with stream: true."""
+    schema_patch(
+        n={"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1}, {"type": "null"}]},
+        response_format=_RESPONSE_FORMAT_SCHEMA,
+    )(schema)
+    schema["anyOf"] = [
+        {"not": {"required": ["stream_options"]}},
+        {"properties": {"stream_options": {"type": "null"}}},
+        {"required": ["stream"], "properties": {"stream": {"const": True}}},
+    ]
+
+
 class ChatCompletionRequest(OpenAIModel):
     """POST /v1/chat/completions. OpenAI's fields first, hoosh's extension (``pool``) last."""
 
+    model_config = ConfigDict(
+        json_schema_extra=lambda schema: _chat_schema(schema),
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     model: ModelId
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=128, description="At most 128 (OpenAI's limit)")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX, description="Deprecated by OpenAI")
-    max_completion_tokens: int | None = Field(
-        default=None, ge=1, le=INT32_MAX, description="Wins over max_tokens when both are set"
+    max_tokens: PositiveInt32 | None = Field(default=None, description="Deprecated by OpenAI")
+    max_completion_tokens: PositiveInt32 | None = Field(
+        default=None, description="Wins over max_tokens when both are set"
     )
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     # OpenAI's spec asks for 1-4 items; an empty list is accepted here as "no stop".
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    n: int | None = Field(default=None, ge=1, le=128, description="Only 1 is supported")
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    n: ChoiceCount | None = Field(default=None, description="Only 1 is supported")
+    seed: Int64 | None = None
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -353,6 +465,8 @@ class TranscriptionRequest(OpenAIModel):
     the ``file`` part is checked on its own). Others (``stream``, ``include[]``,
     ``chunking_strategy``) are accepted and ignored, as OpenAI does for whisper-1."""
 
+    model_config = ConfigDict(strict=False)  # form fields are text: "0.5" is a temperature
+
     model: ModelId = Field(description="A speech-to-text model, e.g. whisper-tiny.en")
     language: str | None = Field(default=None, description="ISO-639-1 language of the audio, e.g. en")
     prompt: str | None = Field(default=None, description="Text to guide the style or continue a previous segment")
@@ -442,7 +556,7 @@ class PoolInfo(OpenAIModel):
 
 class TokenCheckRequest(OpenAIModel):
     pool: PoolName = Field(description="Pool name")
-    tokens: int = Field(ge=0, le=INT64_MAX, description="Tokens the caller wants to use")
+    tokens: Count64 = Field(description="Tokens the caller wants to use")
 
 
 class TokenCheckResponse(OpenAIModel):
@@ -452,7 +566,7 @@ class TokenCheckResponse(OpenAIModel):
 
 class TokenReserveRequest(OpenAIModel):
     pool: PoolName = Field(description="Pool name")
-    tokens: int = Field(ge=0, le=INT64_MAX, description="Tokens to reserve")
+    tokens: Count64 = Field(description="Tokens to reserve")
 
 
 class TokenReserveResponse(OpenAIModel):
@@ -462,15 +576,23 @@ class TokenReserveResponse(OpenAIModel):
 
 
 class TokenReportRequest(OpenAIModel):
+    # reserved > 0 needs reservation_id (a reservation ends only by its id).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["reservation_id"], "properties": {"reservation_id": {"type": "string"}}},
+                {"properties": {"reserved": {"maximum": 0}}},
+            ]
+        }
+    )
+
     pool: PoolName = Field(description="Pool name")
-    reserved: int = Field(
+    reserved: Count64 = Field(
         default=0,
-        ge=0,
-        le=INT64_MAX,
         description="Tokens reserved earlier. Reservations are tracked and leased, so a report that ends one "
         "must name it with `reservation_id`; without it `reserved` must be 0 (untracked usage only).",
     )
-    actual: int = Field(ge=0, le=INT64_MAX, description="Tokens actually used")
+    actual: Count64 = Field(description="Tokens actually used")
     reservation_id: str | None = Field(
         default=None,
         min_length=1,
@@ -510,6 +632,17 @@ class EmbeddingRequest(OpenAIModel):
     """POST /v1/embeddings (OpenAI's ``CreateEmbeddingRequest``). Text input only: token
     arrays are refused (the providers behind hoosh tokenize differently)."""
 
+    model_config = ConfigDict(
+        json_schema_extra=schema_patch(
+            input={
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 2048},
+                ]
+            }
+        )
+    )
+
     input: str | Annotated[list[str], Field(min_length=1, max_length=2048)] = Field(
         description="Text to embed, or an array of texts (at most 2048); none may be empty"
     )
@@ -517,7 +650,7 @@ class EmbeddingRequest(OpenAIModel):
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="base64: little-endian float32 values, base64-encoded"
     )
-    dimensions: int | None = Field(default=None, ge=1, le=INT32_MAX, description="Output size, if the model can cut")
+    dimensions: PositiveInt32 | None = Field(default=None, description="Output size, if the model can cut")
     user: str | None = None
     pool: PoolName | None = Field(
         default=None,

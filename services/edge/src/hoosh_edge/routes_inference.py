@@ -24,15 +24,16 @@ from .protocol import (
     EmbeddingResponse,
     ErrorResponse,
     ModelCard,
+    ModelId,
     ModelList,
-    TranscriptionResponse,
 )
 from .responses import EventStreamResponse, OrjsonResponse
 from .routing import (
-    ERRORS,
+    BACKEND,
     EdgeState,
     annotate_span,
     edge,
+    errors,
     grpc_metadata,
     json_body,
     parse_body,
@@ -45,16 +46,40 @@ from .serving_transcription import TRANSCRIPTIONS_PATH, openapi_body, read_form,
 
 router = APIRouter()
 
+# One event of a streamed chat (OpenAPI 3.1: an event stream's schema describes each event).
+CHAT_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/ChatCompletionChunk"},
+                },
+                {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/ErrorResponse"},
+                },
+            ]
+        }
+    },
+}
+
 
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
     responses={
-        **ERRORS,
+        **errors(400, 403, 404, 429, *BACKEND),
         200: {
             "description": "A chat.completion, or with stream=true an SSE stream of chat.completion.chunk "
-            "events ending with `data: [DONE]`",
-            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}},
+            "events ending with `data: [DONE]` (a failure after the first chunk is one error event, then "
+            "`data: [DONE]`)",
+            "content": {"text/event-stream": {"schema": CHAT_EVENT_SCHEMA}},
         },
     },
     openapi_extra=json_body(ChatCompletionRequest),
@@ -72,7 +97,7 @@ async def create_chat_completion(request: Request) -> Response:
 async def serve_chat(state: EdgeState, raw_body: bytes, rid: str, receive: Receive, principal: KeyRecord) -> Response:
     """Validate the body, check the key's pool and model, run the completion, and build
     its (JSON or SSE) response."""
-    body = validate_json(raw_body, ChatCompletionRequest)
+    body = validate_json(raw_body, ChatCompletionRequest, max_depth=state.settings.edge_max_json_depth)
     pool = authorize_pool(principal, body.pool)
     authorize_model(principal, body.model)
     annotate_span(**{"hoosh.model": body.model, "hoosh.pool": pool})
@@ -85,7 +110,7 @@ async def serve_chat(state: EdgeState, raw_body: bytes, rid: str, receive: Recei
 @router.post(
     "/v1/embeddings",
     response_model=EmbeddingResponse,
-    responses=ERRORS,
+    responses=errors(400, 403, 404, 429, *BACKEND),
     openapi_extra=json_body(EmbeddingRequest),
     tags=["embeddings"],
 )
@@ -125,15 +150,16 @@ async def _visible_models(request: Request) -> list[router_pb2.Model | stt_pb2.M
     return [model for model in models if principal.allows_model(model.id)]
 
 
-@router.get("/v1/models", response_model=ModelList, responses=ERRORS, tags=["models"])
+@router.get("/v1/models", response_model=ModelList, responses=errors(*BACKEND), tags=["models"])
 async def list_models(request: Request) -> Response:
     """Every model the router can serve, and the speech-to-text models, that the key may use."""
     return OrjsonResponse({"object": "list", "data": [_model_card(m) for m in await _visible_models(request)]})
 
 
-@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERRORS, tags=["models"])
-async def retrieve_model(request: Request, model: str) -> Response:
-    """One model by id (ids may contain '/'); 404 for one the key may not use."""
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=errors(400, 404, *BACKEND), tags=["models"])
+async def retrieve_model(request: Request, model: ModelId) -> Response:
+    """One model by id (ids may contain '/'); 404 for one the key may not use; 400 for an
+    id no model can have (checked before the router is asked)."""
     for candidate in await _visible_models(request):
         if candidate.id == model:
             return OrjsonResponse(_model_card(candidate))
@@ -142,19 +168,27 @@ async def retrieve_model(request: Request, model: str) -> Response:
 
 @router.post(
     TRANSCRIPTIONS_PATH,
-    response_model=TranscriptionResponse,
     responses={
-        **ERRORS,
+        **errors(400, 403, 404, 413, 429, *BACKEND),
         200: {
             "description": "response_format json (default) or verbose_json: JSON; text, srt and vtt: text/plain",
             "content": {
                 "application/json": {
-                    "schema": {"$ref": "#/components/schemas/TranscriptionVerboseResponse"},
+                    "schema": {
+                        "anyOf": [
+                            {"$ref": "#/components/schemas/TranscriptionResponse"},
+                            {"$ref": "#/components/schemas/TranscriptionVerboseResponse"},
+                        ]
+                    },
                 },
                 "text/plain": {"schema": {"type": "string"}},
             },
         },
-        503: {"model": ErrorResponse, "description": "Speech-to-text is at capacity (see Retry-After) or down"},
+        503: {
+            "model": ErrorResponse,
+            "description": "Speech-to-text is at capacity or down, or this gateway holds as many uploads as it "
+            "can (`upload_capacity`); see Retry-After",
+        },
     },
     openapi_extra=openapi_body(),
     tags=["audio"],
@@ -165,15 +199,19 @@ async def create_transcription(request: Request) -> Response:
     hoosh's extension: a ``pool`` form field names the token pool charged for the audio
     seconds (default: the key's first pool).
     """
-    form = await read_form(request)
-    try:
-        body, upload = validate_form(form)
-        principal = principal_of(request)
-        pool = authorize_pool(principal, body.pool)
-        authorize_model(principal, body.model)
-        annotate_span(**{"hoosh.model": body.model, "hoosh.pool": pool})
-        return await edge(request).transcription.create(
-            body, upload, request_id(request), request.receive, pool=pool, caller=principal.caller()
-        )
-    finally:
-        await form.close()  # removes the spooled upload
+    state = edge(request)
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else state.settings.edge_max_audio_bytes
+    with state.uploads.hold(size):  # 503 upload_capacity when this process holds too much already
+        form = await read_form(request, state.uploads)
+        try:
+            body, upload = validate_form(form)
+            principal = principal_of(request)
+            pool = authorize_pool(principal, body.pool)
+            authorize_model(principal, body.model)
+            annotate_span(**{"hoosh.model": body.model, "hoosh.pool": pool})
+            return await state.transcription.create(
+                body, upload, request_id(request), request.receive, pool=pool, caller=principal.caller()
+            )
+        finally:
+            await form.close()  # removes the spooled upload

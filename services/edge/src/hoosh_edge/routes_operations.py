@@ -18,7 +18,7 @@ from starlette.responses import Response
 from .clients import HealthTarget
 from .protocol import AuditListResponse, CacheStats, HealthResponse, ProviderHealthList, ReadinessResponse
 from .responses import OrjsonResponse
-from .routing import ERRORS, edge, grpc_metadata
+from .routing import BACKEND, edge, errors, grpc_metadata
 from .scopes import audit_filter, principal_of, require_admin
 from .serving_embeddings import cache_stats_to_dict, provider_health_to_dict
 
@@ -73,7 +73,7 @@ async def ready(request: Request) -> Response:
     return OrjsonResponse({"status": status, "checks": checks})
 
 
-@router.get("/v1/health/providers", response_model=ProviderHealthList, responses=ERRORS, tags=["health"])
+@router.get("/v1/health/providers", response_model=ProviderHealthList, responses=errors(403, *BACKEND), tags=["health"])
 async def provider_health(request: Request) -> Response:
     """Admin: every backend's circuit breaker as all router replicas share it: state,
     consecutive failures, last error, observed latency and rate limits."""
@@ -87,7 +87,7 @@ async def provider_health(request: Request) -> Response:
     return OrjsonResponse({"object": "list", "data": [provider_health_to_dict(item) for item in reply.providers]})
 
 
-@router.get("/v1/cache/stats", response_model=CacheStats, responses=ERRORS, tags=["cache"])
+@router.get("/v1/cache/stats", response_model=CacheStats, responses=errors(403, *BACKEND), tags=["cache"])
 async def cache_stats(request: Request) -> Response:
     """Admin: response-cache counters (shared by all router replicas)."""
     require_admin(principal_of(request))
@@ -119,7 +119,7 @@ def _audit_entry(entry: audit_pb2.AuditEntry) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/audit", response_model=AuditListResponse, responses=ERRORS, tags=["audit"])
+@router.get("/v1/audit", response_model=AuditListResponse, responses=errors(400, *BACKEND), tags=["audit"])
 async def list_audit(
     request: Request,
     limit: int = Query(100, ge=1, le=10_000, description="Most recent N entries"),

@@ -33,7 +33,7 @@ from .protocol import (
     TokenReserveResponse,
 )
 from .responses import OrjsonResponse
-from .routing import ERRORS, call_budget, edge, grpc_metadata, json_body, parse_body, request_id
+from .routing import BACKEND, call_budget, edge, errors, grpc_metadata, json_body, parse_body, request_id
 from .scopes import authorize_pool, ending_owner, pool_filter, principal_of, reservation_owner
 
 router = APIRouter(tags=["tokens"])
@@ -64,7 +64,7 @@ def pool_info(pool: budget_pb2.Pool) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/tokens/pools", response_model=list[PoolInfo], responses=ERRORS)
+@router.get("/v1/tokens/pools", response_model=list[PoolInfo], responses=errors(*BACKEND))
 async def list_pools(request: Request) -> Response:
     """The token pools the key may use (admin: every pool) with their counters."""
     state = edge(request)
@@ -81,7 +81,7 @@ async def list_pools(request: Request) -> Response:
 @router.post(
     "/v1/tokens/check",
     response_model=TokenCheckResponse,
-    responses=ERRORS,
+    responses=errors(400, 403, 404, *BACKEND),
     openapi_extra=json_body(TokenCheckRequest),
 )
 async def check_tokens(request: Request) -> Response:
@@ -103,7 +103,7 @@ async def check_tokens(request: Request) -> Response:
 @router.post(
     "/v1/tokens/reserve",
     response_model=TokenReserveResponse,
-    responses=ERRORS,
+    responses=errors(400, 403, 404, 429, *BACKEND),
     openapi_extra=json_body(TokenReserveRequest),
 )
 async def reserve_tokens(request: Request) -> Response:
@@ -167,7 +167,7 @@ async def reserve_tokens(request: Request) -> Response:
 @router.post(
     "/v1/tokens/report",
     response_model=TokenReportResponse,
-    responses=ERRORS,
+    responses=errors(400, 403, 404, 409, *BACKEND),
     openapi_extra=json_body(TokenReportRequest),
 )
 async def report_tokens(request: Request) -> Response:

@@ -18,27 +18,42 @@ from .auth import Tenancy
 from .clients import Clients
 from .config import Settings
 from .errors import INVALID_JSON_MESSAGE, InvalidRequestError, MappedError, to_api_error, validation_error
+from .json_depth import DEFAULT_MAX_JSON_DEPTH, exceeds_depth
 from .protocol import ErrorResponse
 from .serving_chat import ServingChat
 from .serving_embeddings import ServingEmbeddings
 from .serving_transcription import ServingTranscription
+from .uploads import UploadSpool
 
 M = TypeVar("M", bound=BaseModel)
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in {
-        400: "Invalid request",
-        401: "Missing, wrong, revoked or expired API key",
-        403: "The key's scope does not hold this pool, model or route",
-        404: "Unknown model, pool or URL",
-        413: "Body over the size limit",
-        429: "Budget exhausted or rate limited (see Retry-After)",
-        502: "A backend failed",
-        503: "No backend available",
-        504: "A backend timed out",
-    }.items()
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Invalid request: a bad JSON body, field, parameter or model id (`param` names it)",
+    401: "Missing, wrong, revoked or expired API key",
+    403: "The key's scope does not hold this pool, model or route",
+    404: "Unknown model, pool, key, reservation or URL",
+    409: "Conflicts with the current state (the code says which)",
+    413: "Body over the size limit",
+    429: "Budget exhausted or rate limited (see Retry-After)",
+    500: "An unexpected error inside the gateway (never a traceback)",
+    502: "A backend failed",
+    503: "A backend or the key and budget store (Redis) is unavailable (`budget_unavailable`)",
+    504: "A backend timed out",
 }
+BACKEND = (502, 503, 504)  # what any route that calls a backend can answer
+
+
+def errors(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """``responses`` of a route: each status with the error envelope. The statuses every
+    route can answer (413, 500; and 401, 503 where a key is needed) are added to the
+    document by openapi.py. ``descriptions`` override by status (``s503=...``)."""
+    return {
+        status: {
+            "model": ErrorResponse,
+            "description": descriptions.get(f"s{status}", ERROR_DESCRIPTIONS[status]),
+        }
+        for status in sorted(set(statuses))
+    }
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
@@ -61,8 +76,10 @@ class EdgeState:
     chat: ServingChat = field(init=False)
     transcription: ServingTranscription = field(init=False)
     embeddings: ServingEmbeddings = field(init=False)
+    uploads: UploadSpool = field(init=False)
 
     def __post_init__(self) -> None:
+        self.uploads = UploadSpool(self.settings.edge_upload_dir, self.settings.edge_upload_max_spool_bytes)
         timeout = self.settings.edge_request_timeout_seconds
         self.chat = ServingChat(self.clients.router, timeout=timeout)
         self.transcription = ServingTranscription(self.clients.stt, timeout=timeout)
@@ -89,15 +106,26 @@ def annotate_span(**attributes: str) -> None:
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """Read and validate a JSON body; bad JSON or a bad field is a 400 naming the field."""
-    return validate_json(await request.body(), model)
+    return validate_json(await request.body(), model, max_depth=edge(request).settings.edge_max_json_depth)
 
 
-def validate_json(body: bytes, model: type[M]) -> M:
-    """Validate a JSON body; bad JSON or a bad field is a 400 naming the field."""
+def too_deep(limit: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"The JSON body nests arrays and objects more than {limit} levels deep.", code="json_too_deep"
+    )
+
+
+def validate_json(body: bytes, model: type[M], *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> M:
+    """Validate a JSON body; bad JSON, a body nested deeper than ``max_depth`` or a bad
+    field is a 400 (the last naming the field)."""
     try:
         data = orjson.loads(body)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in exc.msg:  # orjson stops at 1,024 levels
+            raise too_deep(max_depth) from None
         raise InvalidRequestError(INVALID_JSON_MESSAGE) from None
+    if exceeds_depth(body, max_depth):
+        raise too_deep(max_depth)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ import grpc
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
 from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_common.telemetry import inject_metadata
+from hoosh_tenancy import POOL_NAME
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
@@ -26,6 +28,7 @@ from .errors import ClientClosedRequestError, EdgeError, InvalidRequestError, Ma
 from .protocol import TranscriptionRequest
 from .responses import OrjsonResponse
 from .serving_chat import DisconnectWatch, Receive
+from .uploads import UploadSpool
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,9 @@ CHUNK_BYTES = 256 * 1024  # one gRPC message of the upload
 ADMITTED = ("hoosh-stt-admitted", "1")  # the STT service's go-ahead for the upload (stt.proto)
 MODELS_CACHE_SECONDS = 30.0
 MODELS_TIMEOUT_SECONDS = 2.0  # /v1/models must not wait long on an absent STT service
+# A form's temperature as text: a decimal number from 0 to 1 (what the document promises).
+TEMPERATURE_TEXT = r"0?\.[0-9]+|0(?:\.[0-9]*)?|1(?:\.0*)?"
+_TEMPERATURE = re.compile(TEMPERATURE_TEXT)
 _GRANULARITY = {"word": stt_pb2.TIMESTAMP_GRANULARITY_WORD, "segment": stt_pb2.TIMESTAMP_GRANULARITY_SEGMENT}
 
 
@@ -53,6 +59,12 @@ def _form_fields(form: FormData) -> dict[str, Any]:
         if isinstance(value, UploadFile):
             raise InvalidRequestError(f"'{name}' must be a text field, not a file.", param=name, code="invalid_type")
         if value is not None and (value != "" or name in ("model", "response_format")):
+            if name == "temperature" and not _TEMPERATURE.fullmatch(value):
+                raise InvalidRequestError(
+                    "Invalid value for 'temperature': a decimal number from 0 to 1.",
+                    param="temperature",
+                    code="invalid_value",
+                )
             data[name] = value
     granularities = [*form.getlist("timestamp_granularities[]"), *form.getlist("timestamp_granularities")]
     if granularities:
@@ -60,9 +72,10 @@ def _form_fields(form: FormData) -> dict[str, Any]:
     return data
 
 
-async def read_form(request: Request) -> FormData:
-    """The multipart form (one file at most); the caller closes it (temporary files)."""
-    return await request.form(max_files=1, max_fields=64)
+async def read_form(request: Request, spool: UploadSpool) -> FormData:
+    """The multipart form (one file at most, spooled where ``spool`` says); the caller
+    closes it (temporary files)."""
+    return await spool.read_multipart(request, max_files=1, max_fields=64)
 
 
 def validate_form(form: FormData) -> tuple[TranscriptionRequest, UploadFile]:
@@ -87,9 +100,19 @@ def validate_form(form: FormData) -> tuple[TranscriptionRequest, UploadFile]:
 
 
 def openapi_body() -> dict[str, Any]:
-    """The multipart request body for the OpenAPI document (the form is parsed by hand)."""
+    """The multipart request body for the OpenAPI document (the form is parsed by hand): a
+    field is text or left out, never null; an empty optional field counts as left out."""
     properties: dict[str, Any] = {"file": {"type": "string", "format": "binary", "description": "The audio file"}}
     for name, schema in TranscriptionRequest.model_json_schema()["properties"].items():
+        # A form field is text or absent, never null.
+        options = [option for option in schema.pop("anyOf", []) if option.get("type") != "null"]
+        schema.update(options[0] if len(options) == 1 else {"anyOf": options} if options else {})
+        if schema.get("default", 0) is None:
+            del schema["default"]
+        if name == "temperature":
+            schema = {"type": "string", "pattern": f"^(?:|{TEMPERATURE_TEXT})$", "description": schema["description"]}
+        elif name == "pool":  # empty: left out (the key's first pool)
+            schema = {**schema, "minLength": 0, "pattern": f"^(?:|{POOL_NAME.pattern})$"}
         properties["timestamp_granularities[]" if name == "timestamp_granularities" else name] = schema
     return {
         "requestBody": {

@@ -71,6 +71,25 @@ def encode(wav: bytes, container: str, codec: str, rate: int | None = None) -> b
     return out.getvalue()
 
 
+def silent_mp3(minutes: int) -> bytes:
+    """``minutes`` of silence as a mono MP3 at 8 kbps (8 kHz), about 60 KB a minute: the
+    hostile upload of issue 9 (an hour is 3.6 MB; seven hours fit under 25 MiB).
+
+    One minute is encoded (without Xing or ID3 headers) and its frames repeated: MP3
+    is a plain sequence of frames, so the repetition is a valid file, built in
+    milliseconds whatever its length."""
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp3", options={"write_xing": "0", "id3v2_version": "0"}) as target:
+        stream = target.add_stream("libmp3lame", rate=8_000)
+        stream.layout = "mono"
+        stream.bit_rate = 8_000
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 60 * 8_000), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8_000
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            target.mux(packet)
+    return out.getvalue() * minutes
+
+
 @pytest.fixture(scope="session")
 def speech(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """The sentence, spoken by espeak-ng, as WAV bytes."""
@@ -113,7 +132,8 @@ class SttStack:
 
 @pytest.fixture
 def stack_options() -> dict[str, int]:
-    """Override per test (indirectly) to change the queue bound or the byte limit."""
+    """Override per test (indirectly) to change the queue bound, the byte limit or
+    (``max_audio_seconds``, default 600) the duration limit."""
     return {"workers": 1, "max_queue": 4, "max_audio_bytes": 25 * 1024 * 1024}
 
 
@@ -140,7 +160,7 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
         WorkQueue(stack_options["workers"], stack_options["max_queue"], retry_after=1),
         tokens_per_second=TOKENS_PER_SECOND,
         max_audio_bytes=stack_options["max_audio_bytes"],
-        max_audio_seconds=600,
+        max_audio_seconds=stack_options.get("max_audio_seconds", 600),
         limiter=limiter,
     )
     stt_server = grpc.aio.server()

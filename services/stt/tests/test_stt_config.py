@@ -20,6 +20,24 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.stt_max_audio_bytes == 26_214_400
 
 
+def test_long_audio_limits_and_vad(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HOOSH_STT_MAX_AUDIO_SECONDS", "HOOSH_STT_WINDOW_SECONDS", "HOOSH_STT_VAD_FILTER"):
+        monkeypatch.delenv(name, raising=False)
+    settings = SttSettings()
+    assert (settings.stt_max_audio_seconds, settings.stt_window_seconds, settings.stt_vad_filter) == (7200, 300, True)
+    engine = build_engine(settings, model_specs(settings))
+    assert isinstance(engine, FasterWhisperEngine) and engine._vad_filter
+    monkeypatch.setenv("HOOSH_STT_VAD_FILTER", "false")
+    monkeypatch.setenv("HOOSH_STT_WINDOW_SECONDS", "600")
+    settings = SttSettings()
+    assert (settings.stt_window_seconds, settings.stt_vad_filter) == (600, False)
+    engine = build_engine(settings, model_specs(settings))
+    assert isinstance(engine, FasterWhisperEngine) and not engine._vad_filter
+    monkeypatch.setenv("HOOSH_STT_WINDOW_SECONDS", "5")  # Whisper's own chunk is 30 s: shorter is refused
+    with pytest.raises(ValidationError):
+        SttSettings()
+
+
 def test_the_budget_is_the_budget_services_redis(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HOOSH_REDIS_URL", "HOOSH_BUDGET_KEY_PREFIX"):
         monkeypatch.delenv(name, raising=False)

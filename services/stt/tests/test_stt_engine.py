@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 from faster_whisper.tokenizer import _LANGUAGE_CODES
 from hoosh_stt.audio import SAMPLE_RATE, decode, wav_shortfall
 from hoosh_stt.engine import TranscribeParams
-from hoosh_stt.errors import AudioTooLarge, AudioTooShort, EngineUnavailable, InvalidAudio
+from hoosh_stt.errors import AudioTooLong, AudioTooShort, EngineUnavailable, InvalidAudio
 from hoosh_stt.faster_whisper_engine import FasterWhisperEngine
 from hoosh_stt.languages import LANGUAGES, language_name
 from hoosh_stt.wer import word_error_rate
@@ -66,6 +68,26 @@ def test_words_only_when_asked(engine: FasterWhisperEngine, speech: bytes) -> No
 
 
 @pytest.mark.slow
+def test_silence_gives_no_text_through_the_voice_activity_filter(
+    engine: FasterWhisperEngine, silence: Callable[[float], np.ndarray]
+) -> None:
+    # Without the filter, tiny.en answers a minute of silence with "You" (issue 9).
+    transcript = engine.transcribe("whisper-tiny.en", silence(60), TranscribeParams())
+    assert (transcript.text, transcript.segments) == ("", ())
+
+
+def test_the_vad_model_ships_inside_faster_whisper() -> None:
+    # No download: Silero's ONNX file is a package asset, run by onnxruntime.
+    import faster_whisper
+    from faster_whisper.vad import get_vad_model
+
+    package = Path(faster_whisper.__file__).parent
+    assert any(path.suffix == ".onnx" for path in (package / "assets").iterdir())
+    probabilities = get_vad_model()(np.zeros(512 * 32, dtype=np.float32))  # whole 32 ms frames
+    assert float(np.max(probabilities)) < 0.5  # silence is not speech
+
+
+@pytest.mark.slow
 def test_engine_reports_its_models(engine: FasterWhisperEngine) -> None:
     [model] = engine.models()
     assert model.id == "whisper-tiny.en" and model.engine == "faster-whisper" and model.english_only
@@ -103,8 +125,15 @@ def test_audio_shorter_than_a_tenth_of_a_second_is_too_short(speech: bytes) -> N
 
 
 def test_audio_over_the_duration_limit_is_refused(speech: bytes) -> None:
-    with pytest.raises(AudioTooLarge):
+    with pytest.raises(AudioTooLong) as raised:
         decode(speech, max_seconds=1.0)
+    error = raised.value
+    assert (error.http_status, error.error_type, error.error_code, error.param) == (
+        400,
+        "invalid_request_error",
+        "audio_too_long",
+        "file",
+    )
 
 
 def test_streamed_wav_without_a_length_is_not_called_truncated(speech: bytes) -> None:

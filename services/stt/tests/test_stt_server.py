@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterator
 
 import grpc
+import numpy as np
 import pytest
 from hoosh.events.v1 import events_pb2
 from hoosh.stt.v1 import stt_pb2
 from hoosh.tenancy.v1 import tenancy_pb2
-from hoosh_stt.audio import decode
+from hoosh_stt import transcription
+from hoosh_stt.audio import decode, probe
 from hoosh_stt.server import ADMITTED_METADATA
 from hoosh_stt.wer import word_error_rate
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from .conftest import SENTENCE, TOKENS_PER_SECOND, SttStack, requests, transcribe
+from .conftest import SENTENCE, TOKENS_PER_SECOND, SttStack, requests, silent_mp3, transcribe
 
 pytestmark = pytest.mark.slow  # loads the real Whisper model
 
@@ -224,3 +227,62 @@ async def test_a_client_that_hangs_up_mid_upload_frees_its_place(stt: SttStack, 
     [(subject, event)] = await events(stt, 1)
     assert subject.endswith("failed") and event.error_code == "client_disconnected"
     assert (await stt.pool_state(pool)).reserved == 0
+
+
+def spy_on_reserve_and_decode(stt: SttStack, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record, in order, each reservation (with its tokens) and each start of decoding."""
+    seen: list[tuple[str, int]] = []
+    reserve, windows = stt.budget.reserve, transcription.windows
+
+    async def reserving(pool: str, tokens: int, reservation_id: str, *, owner: str) -> tuple[str, ...]:
+        seen.append(("reserve", tokens))
+        return await reserve(pool, tokens, reservation_id, owner=owner)
+
+    def decoding(data: bytes, window_seconds: float, max_seconds: float) -> Iterator[np.ndarray]:
+        seen.append(("decode", 0))  # called when the windows are set up, before the first is decoded
+        return windows(data, window_seconds, max_seconds)
+
+    monkeypatch.setattr(stt.budget, "reserve", reserving)
+    monkeypatch.setattr(transcription, "windows", decoding)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "stack_options", [{"workers": 1, "max_queue": 1, "max_audio_bytes": 25 * 1024 * 1024, "max_audio_seconds": 600}]
+)
+async def test_audio_over_the_duration_limit_is_refused_before_reserving_or_decoding(
+    stt: SttStack, speech: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = await stt.pool()
+    seen = spy_on_reserve_and_decode(stt, monkeypatch)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:  # 11 minutes of silence, 660 KB
+        await transcribe(stt.stub, requests(silent_mp3(11), pool=pool, request_id="req-too-long"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "maximum of 600 seconds" in (raised.value.details() or "")
+    trailing = metadata(raised.value)
+    assert (trailing["hoosh-error-code"], trailing["hoosh-error-param"]) == ("audio_too_long", "file")
+    assert trailing["hoosh-error-type"] == "invalid_request_error"
+    assert seen == []  # no reservation to release, nothing decoded
+    state = await stt.pool_state(pool)
+    assert (state.used, state.reserved) == (0, 0)
+    assert stt.service._queue.admitted == 0
+    [(subject, event)] = await events(stt, 1)
+    assert subject.endswith("inference.failed")
+    assert (event.error_code, event.http_status, event.charged_tokens) == ("audio_too_long", 400, 0)
+    # The next one, within the limit, is served.
+    assert (await transcribe(stt.stub, requests(speech, pool=pool))).text
+
+
+async def test_the_pool_is_reserved_for_the_probed_duration_before_decoding(
+    stt: SttStack, speech: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = await stt.pool()
+    seen = spy_on_reserve_and_decode(stt, monkeypatch)
+    reply = await transcribe(stt.stub, requests(speech, pool=pool))
+    probed = probe(speech, max_seconds=60).duration
+    assert seen == [("reserve", math.ceil(probed * TOKENS_PER_SECOND)), ("decode", 0)]
+    # Charged for what was decoded (the probe's count within a few ms of it).
+    assert reply.charged_tokens == math.ceil(reply.duration * TOKENS_PER_SECOND)
+    assert abs(reply.duration - probed) < 0.05
+    state = await stt.pool_state(pool)
+    assert (state.used, state.reserved) == (reply.charged_tokens, 0)

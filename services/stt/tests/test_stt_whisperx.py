@@ -21,6 +21,7 @@ from faster_whisper.transcribe import TranscriptionOptions
 from hoosh_stt.audio import decode
 from hoosh_stt.engine import BUNDLED_MODEL, ModelSpec, TranscribeParams, bundled_model_dir
 from hoosh_stt.errors import EngineUnavailable
+from hoosh_stt.transcription import transcribe_windows
 from hoosh_stt.wer import word_error_rate
 from hoosh_stt.whisperx_engine import WhisperXEngine
 
@@ -114,6 +115,15 @@ def test_whisperx_engine_transcribes_with_words(
     assert word_error_rate(SENTENCE, " ".join(w.word for w in worded.words)) <= 0.25
     starts = [w.start for w in worded.words]
     assert starts == sorted(starts) and all(w.start <= w.end for w in worded.words)
+
+    # As the service drives it: one window at a time, joined on the whole timeline.
+    seconds = len(audio) / 16_000
+    twice, total = transcribe_windows(engine, BUNDLED_MODEL, [audio, audio], TranscribeParams(word_timestamps=True))
+    assert total == pytest.approx(2 * seconds)
+    assert word_error_rate(f"{SENTENCE} {SENTENCE}", twice.text) <= 0.25
+    assert [segment.id for segment in twice.segments] == list(range(len(twice.segments)))
+    assert twice.segments[-1].start >= seconds and twice.segments[-1].end <= 2 * seconds + 0.5
+    assert sum(word.start >= seconds for word in twice.words) >= 7
     engine.close()
 
 

@@ -62,6 +62,7 @@ def build_engine(settings: SttSettings, specs: list[ModelSpec]) -> Engine:
             beam_size=settings.stt_beam_size,
             cpu_threads=settings.stt_cpu_threads,
             align_model_dir=settings.stt_align_model_dir,
+            vad_filter=settings.stt_vad_filter,
         )
     from .faster_whisper_engine import FasterWhisperEngine
 
@@ -72,6 +73,7 @@ def build_engine(settings: SttSettings, specs: list[ModelSpec]) -> Engine:
         cpu_threads=settings.stt_cpu_threads,
         workers=settings.stt_workers,
         beam_size=settings.stt_beam_size,
+        vad_filter=settings.stt_vad_filter,
     )
 
 
@@ -94,6 +96,7 @@ async def main(settings: SttSettings, engine: Engine) -> None:
         tokens_per_second=settings.stt_tokens_per_second,
         max_audio_bytes=settings.stt_max_audio_bytes,
         max_audio_seconds=settings.stt_max_audio_seconds,
+        window_seconds=settings.stt_window_seconds,
         decode_workers=settings.stt_decode_workers,
         # The callers' own RPM / TPM / concurrency, in the same Redis as the router's.
         limiter=KeyLimiter(redis, settings.budget_key_prefix),
@@ -118,6 +121,9 @@ async def main(settings: SttSettings, engine: Engine) -> None:
             "models": [model.id for model in engine.models()],
             "workers": settings.stt_workers,
             "max_queue": settings.stt_max_queue,
+            "max_audio_seconds": settings.stt_max_audio_seconds,
+            "window_seconds": settings.stt_window_seconds,
+            "vad_filter": settings.stt_vad_filter,
         },
     )
     await serve(server, settings.stt_listen, [SERVICE_NAME], on_stop=on_stop)

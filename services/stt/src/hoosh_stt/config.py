@@ -55,7 +55,14 @@ class SttSettings(BaseSettings):
     stt_max_queue: int = Field(default=8, ge=0, description="Requests that may wait beyond the running ones")
     stt_decode_workers: int = Field(default=2, ge=1, description="Uploads decoded at once")
     stt_max_audio_bytes: int = Field(default=OPENAI_MAX_UPLOAD_BYTES, gt=0)
-    stt_max_audio_seconds: float = Field(default=3 * 3600.0, gt=0, description="Longest audio accepted")
+    # 25 MiB lasts 2 h at 29 kbps; speech is usually uploaded at 32-128 kbps (27 min to
+    # 1.8 h in 25 MiB): only very low bitrates or padded/silent files run longer.
+    # Refused (400 audio_too_long) before decoding, so never charged.
+    stt_max_audio_seconds: float = Field(default=2 * 3600.0, gt=0, description="Longest audio accepted")
+    stt_window_seconds: float = Field(
+        default=300.0, ge=30.0, le=1800.0, description="Audio decoded and transcribed at a time (bounds memory)"
+    )
+    stt_vad_filter: bool = Field(default=True, description="Drop non-speech (Silero VAD) before Whisper sees it")
     stt_tokens_per_second: float = Field(default=10.0, gt=0, description="Pool tokens charged per second of audio")
     stt_lease_seconds: int = Field(default=1800, gt=0, description="Budget lease of one transcription")
     stt_retry_after_seconds: int = Field(default=1, ge=0, description="Retry-After sent with stt_overloaded")

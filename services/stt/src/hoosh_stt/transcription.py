@@ -1,18 +1,27 @@
-"""One transcription, end to end: admit, receive, decode, reserve, transcribe,
-commit, publish.
+"""One transcription, end to end: admit, receive, probe, reserve, decode and
+transcribe window by window, commit, publish.
 
 Admission is bounded: at most ``workers`` transcriptions run and ``max_queue``
 more wait (an upload being received already holds its place); one more is
-refused at once with ``Overloaded`` rather than piling up. The pool is charged
-``ceil(audio seconds * tokens_per_second)``: reserved once the audio is decoded
-(so the duration is known), committed after the engine succeeds, released on
-any failure or cancellation. The reservation is the caller's key's (``owner``)
-and covers the pool and every ancestor. Bad audio fails before the reservation,
-so it is never charged. The caller's key's own RPM / TPM / concurrency limits
-(``KeyLimiter``) are checked once the charge is known, just before reserving (one
-Redis round trip, none for a key without limits), counting that charge against TPM;
-an admitted transcription is finished exactly once when it ends, with the tokens it
-was really charged (0 when it failed). Every outcome publishes an
+refused at once with ``Overloaded`` rather than piling up.
+
+Every request is bounded in memory and time. The upload is at most
+``max_audio_bytes``. Its duration is probed from the container's packets before
+anything is decoded: past ``max_audio_seconds`` it is refused (400
+``audio_too_long``) with nothing reserved. Then the pool is reserved
+``ceil(probed seconds * tokens_per_second)``, and only then is the audio decoded,
+``window_seconds`` at a time, each window transcribed and dropped before the next is
+decoded: what a transcription holds does not grow with the file's length. A caller
+that leaves stops its transcription at the next window. The pool is charged for the
+seconds really decoded (within milliseconds of the probe's count, which includes the
+codec's padding), committed after the engine succeeds, released on any
+failure or cancellation. The reservation is the caller's key's (``owner``) and
+covers the pool and every ancestor. Bad audio fails at the probe, before the
+reservation, so it is never charged. The caller's key's own RPM / TPM / concurrency
+limits (``KeyLimiter``) are checked once the charge is known, just before reserving
+(one Redis round trip, none for a key without limits), counting that charge against
+TPM; an admitted transcription is finished exactly once when it ends, with the tokens
+it was really charged (0 when it failed). Every outcome publishes an
 InferenceCompleted/InferenceFailed event with ``kind="transcription"``, the key id
 and the pool chain.
 """
@@ -22,13 +31,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 from google.protobuf.message import Message
 from hoosh.chat.v1 import chat_pb2
 from hoosh.events.v1 import events_pb2
@@ -38,9 +49,9 @@ from hoosh_metering import errors as metering
 from hoosh_metering.limits import KeyGate, KeyLimiter, KeyLimits
 from redis.exceptions import RedisError
 
-from .audio import DecodedAudio, decode
+from .audio import SAMPLE_RATE, probe, windows
 from .budget import SttBudget
-from .engine import Engine, ModelInfo, TranscribeParams, Transcript
+from .engine import Engine, ModelInfo, TranscribeParams, Transcript, TranscriptJoiner
 from .errors import (
     AudioTooLarge,
     ClientCancelled,
@@ -160,6 +171,35 @@ def _free_slot(slots: asyncio.Semaphore) -> Callable[[asyncio.Future[object]], N
     return done
 
 
+def transcribe_windows(
+    engine: Engine,
+    model: str,
+    audio: Iterable[np.ndarray],
+    params: TranscribeParams,
+    stop: threading.Event | None = None,
+) -> tuple[Transcript, float]:
+    """Transcribe ``audio``'s windows one after another (blocking: an engine thread);
+    returns the joined transcript and the seconds of audio. Raises ``ClientCancelled``
+    at the next window once ``stop`` is set, and whatever the decoding or the engine
+    raise; the windows are closed in every case."""
+    joiner = TranscriptJoiner(params)
+    iterator = iter(audio)
+    try:
+        while True:
+            if stop is not None and stop.is_set():
+                raise ClientCancelled("The client cancelled the request")
+            samples = next(iterator, None)
+            if samples is None:
+                break
+            joiner.add(engine.transcribe(model, samples, joiner.params()), len(samples) / SAMPLE_RATE)
+            del samples
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    return joiner.transcript(), joiner.seconds
+
+
 class TranscriptionService:
     def __init__(
         self,
@@ -171,6 +211,7 @@ class TranscriptionService:
         tokens_per_second: float,
         max_audio_bytes: int,
         max_audio_seconds: float,
+        window_seconds: float = 300.0,
         decode_workers: int = 2,
         limiter: KeyLimiter | None = None,
     ) -> None:
@@ -183,6 +224,7 @@ class TranscriptionService:
         self._tokens_per_second = tokens_per_second
         self._max_audio_bytes = max_audio_bytes
         self._max_audio_seconds = max_audio_seconds
+        self._window_seconds = window_seconds
         self._decoder = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="hoosh-stt-decode")
         self._models: dict[str, ModelInfo] = {model.id: model for model in engine.models()}
 
@@ -332,6 +374,7 @@ class TranscriptionService:
         admitted: int | None = None  # the tokens the key's limits were charged at admission
         admit_unconfirmed = False  # the admission's reply never came: it may have taken a slot
         chain: tuple[str, ...] = ()
+        stop = threading.Event()
         loop = asyncio.get_running_loop()
         try:
             params = self._validate(request)
@@ -340,9 +383,9 @@ class TranscriptionService:
                 if on_admitted is not None:
                     await on_admitted()
                 data = await self._receive(chunks)
-                audio: DecodedAudio = await loop.run_in_executor(self._decoder, decode, data, self._max_audio_seconds)
-                del data
-                tokens = self.tokens_for(audio.duration)
+                # Refuses bad and over-long audio before anything is reserved or decoded.
+                info = await loop.run_in_executor(self._decoder, probe, data, self._max_audio_seconds)
+                tokens = self.tokens_for(info.duration)
                 if self._limiter is not None and request.limits is not None and request.key_id:
                     # Set before the call: if the script ran but its reply was lost, the
                     # end still frees the slot (finishing an id never admitted is a no-op).
@@ -359,16 +402,20 @@ class TranscriptionService:
                 # when nothing was reserved).
                 reserved = True
                 chain = await self._budget.reserve(pool, tokens, request_id, owner=request.key_id)
+                audio = windows(data, self._window_seconds, self._max_audio_seconds)
+                del data
                 try:
-                    transcript = await ticket.run(
-                        partial(self._engine.transcribe, request.model, audio.samples, params)
+                    transcript, duration = await ticket.run(
+                        partial(transcribe_windows, self._engine, request.model, audio, params, stop)
                     )
                 except SttError:
                     raise
                 except Exception as exc:
                     log.exception("engine failed", extra={"model": request.model})
                     raise EngineFailure(f"The speech-to-text engine failed: {type(exc).__name__}") from exc
+                charged = self.tokens_for(duration)
             finally:
+                stop.set()  # a caller gone mid-transcription: its job stops at the next window
                 ticket.close()
         except BaseException as error:
             try:
@@ -379,17 +426,17 @@ class TranscriptionService:
                 raise
             raise stt_error from error
         # The engine's work is done: commit and record even if the client leaves meanwhile.
-        await asyncio.shield(self._finish(request, request_id, pool, chain, tokens, started, admitted))
+        await asyncio.shield(self._finish(request, request_id, pool, chain, charged, started, admitted))
         log.info(
             "transcribed",
-            extra={"model": request.model, "audio_seconds": round(audio.duration, 3), "tokens": tokens, "pool": pool},
+            extra={"model": request.model, "audio_seconds": round(duration, 3), "tokens": charged, "pool": pool},
         )
         return TranscriptionResult(
             model=request.model,
             transcript=transcript,
             language_name=language_name(transcript.language),
-            duration=audio.duration,
-            charged_tokens=tokens,
+            duration=duration,
+            charged_tokens=charged,
         )
 
     async def _admit_key(self, request: TranscriptionRequest, request_id: str, tokens: int) -> None:

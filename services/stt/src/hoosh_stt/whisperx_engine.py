@@ -10,6 +10,11 @@ Offline rules: the pyannote VAD bundled with whisperx works offline once
 Word alignment needs a wav2vec2 model on local disk (``HOOSH_STT_ALIGN_MODEL_DIR``,
 or the torch/HF caches); when none loads, word timings come from faster-whisper's
 own cross-attention timestamps on the same model instead.
+
+Silence: the batched pipeline only ever transcribes what pyannote's VAD found to be
+speech; ``vad_filter`` (``HOOSH_STT_VAD_FILTER``) governs the one path that bypasses
+it, that fallback (faster-whisper's bundled Silero VAD, as the CPU engine uses).
+Like every engine it is handed one window of the audio at a time.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class WhisperXEngine:
         beam_size: int = 5,
         cpu_threads: int = 0,
         align_model_dir: Path | None = None,
+        vad_filter: bool = True,
     ) -> None:
         os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "0")
         try:
@@ -69,6 +75,7 @@ class WhisperXEngine:
         self._beam_size = beam_size
         self._cpu_threads = cpu_threads
         self._align_model_dir = align_model_dir
+        self._vad_filter = vad_filter
         self._pipelines: dict[str, Any] = {}
         self._english_only: dict[str, bool] = {}
         self._aligners: dict[str, tuple[Any, Any] | None] = {}  # language -> (model, metadata); None: unavailable
@@ -138,6 +145,7 @@ class WhisperXEngine:
                         temperature=temperatures if len(temperatures) > 1 else temperatures[0],
                         beam_size=self._beam_size,
                         word_timestamps=True,
+                        vad_filter=self._vad_filter,
                     )
                     return from_faster_whisper(segments, info.language, True)
                 align_model, metadata = aligner

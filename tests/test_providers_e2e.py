@@ -439,7 +439,9 @@ async def test_the_same_deterministic_request_twice_is_a_cache_hit(hoosh: Runnin
     second = httpx.post(f"{hoosh.base_url}/v1/chat/completions", json=body)
     assert second.status_code == 200 and second.headers["x-hoosh-cache"] == "hit"
     assert second.json()["choices"] == first.json()["choices"]
-    assert second.json()["usage"] == first.json()["usage"]  # the original usage, for reference
+    # The original usage, for reference; a hit costs nothing upstream, and says so.
+    assert second.json()["usage"] == first.json()["usage"] | {"cost_usd_micros": 0}
+    assert first.json()["usage"]["cost_usd_micros"] > 0 and second.headers["x-hoosh-cost-usd-micros"] == "0"
     assert second.json()["id"] != first.json()["id"]
     assert control(upstream_root(hoosh))["by_model"][model] == 1  # no upstream call
 
@@ -449,7 +451,12 @@ async def test_the_same_deterministic_request_twice_is_a_cache_hit(hoosh: Runnin
     assert state["used"] == 2 * first.json()["usage"]["total_tokens"] and state["reserved"] == 0
     entry = event_of(hoosh, second.headers["x-request-id"])
     assert entry["subject"].endswith("inference.completed")
-    assert entry["payload"]["cached"] is True and entry["payload"]["usage"] == first.json()["usage"]
+    assert entry["payload"]["cached"] is True
+    tokens = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert {name: int(entry["payload"]["usage"][name]) for name in tokens} == {
+        name: first.json()["usage"][name] for name in tokens
+    }
+    assert int(entry["payload"].get("cost_usd_micros", 0)) == 0  # no provider was paid
 
     # Another pool never sees this pool's cached answer.
     other = await create_pool(hoosh, capacity=1_000_000)

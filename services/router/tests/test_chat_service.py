@@ -310,10 +310,10 @@ async def test_cancel_during_commit_still_commits_and_records_once(router: Route
     real_commit = budget.commit
     entered = asyncio.Event()
 
-    async def slow_commit(hold: Hold, used: int, *, usd_micros: int = 0) -> None:
+    async def slow_commit(hold: Hold, used: int, **options: Any) -> None:
         entered.set()
         await asyncio.sleep(0.3)
-        await real_commit(hold, used, usd_micros=usd_micros)
+        await real_commit(hold, used, **options)
 
     budget.commit = slow_commit  # type: ignore[method-assign]
     publisher = CountingPublisher(router.chat._recorder._publisher)

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -185,6 +186,46 @@ def pools_delete(args: argparse.Namespace) -> Any:
     return _request(args, "DELETE", f"/v1/admin/pools/{args.name}")
 
 
+# --------------------------------------------------------------------------- costs
+
+
+def costs(args: argparse.Namespace) -> Any:
+    query = {"group_by": args.by}
+    for name in ("start", "end", "pool", "key_id"):
+        value = getattr(args, name)
+        if value:
+            query[name] = value
+    return _request(args, "GET", "/v1/costs?" + urlencode(query))
+
+
+def print_costs(report: dict[str, Any]) -> None:
+    """The ledger as a table people read: one row per group, then the total."""
+    from rich.console import Console
+    from rich.table import Table
+
+    dimensions: list[str] = report["group_by"]
+    table = Table(title=f"costs {report['start']} .. {report['end']} (UTC days)", show_footer=True)
+    total = report["total"]
+    for index, dimension in enumerate(dimensions):
+        table.add_column(dimension, footer="total" if index == 0 else "")
+    for metric, footer in (
+        ("requests", str(total["requests"])),
+        ("prompt_tokens", str(total["prompt_tokens"])),
+        ("completion_tokens", str(total["completion_tokens"])),
+        ("cost_usd", total["cost_usd"]),
+    ):
+        table.add_column(metric.replace("_", " "), footer=footer, justify="right")
+    for line in report["data"]:
+        table.add_row(
+            *(str(line.get(dimension) or "-") for dimension in dimensions),
+            str(line["requests"]),
+            str(line["prompt_tokens"]),
+            str(line["completion_tokens"]),
+            line["cost_usd"],
+        )
+    Console().print(table)
+
+
 # --------------------------------------------------------------------------- the parsers
 
 
@@ -214,7 +255,7 @@ def _key_options(parser: argparse.ArgumentParser, *, creating: bool) -> None:
 
 
 def add_commands(commands: Any) -> None:
-    """Add the ``keys`` and ``pools`` command groups to the top-level subparsers."""
+    """Add the ``keys``, ``pools`` and ``costs`` commands to the top-level subparsers."""
     keys = commands.add_parser("keys", help="API keys: create, list, get, update, revoke (the admin API)")
     key_commands = keys.add_subparsers(dest="action", required=True)
     create = key_commands.add_parser("create", help="create a key; prints it once, with its record")
@@ -268,6 +309,20 @@ def add_commands(commands: Any) -> None:
     update.add_argument("--cap-usd", type=_dollars, default=_UNSET, help="dollars; 'none' removes the cap")
     update.set_defaults(run=pools_update)
 
+    ledger = commands.add_parser("costs", help="what calls cost, from the ledger (GET /v1/costs), as a table")
+    _common(ledger)
+    ledger.add_argument("--start", default=None, help="first UTC day, YYYY-MM-DD (default: 29 days before end)")
+    ledger.add_argument("--end", default=None, help="last UTC day, YYYY-MM-DD (default: today)")
+    ledger.add_argument(
+        "--by",
+        default="provider,model",
+        help="dimensions to total by: day, provider, model, pool, key_id (%(default)s)",
+    )
+    ledger.add_argument("--pool", default=None, help="only this pool")
+    ledger.add_argument("--key-id", dest="key_id", default=None, help="only this key's charges")
+    ledger.add_argument("--json", action="store_true", help="the JSON answer instead of a table")
+    ledger.set_defaults(run=costs, show=print_costs)
+
 
 def run(args: argparse.Namespace) -> int:
     """Run a keys/pools command: JSON on stdout (0), or the error on stderr (1)."""
@@ -276,5 +331,9 @@ def run(args: argparse.Namespace) -> int:
     except CliError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2))
+    show = getattr(args, "show", None)
+    if show is not None and not getattr(args, "json", False):
+        show(result)
+    else:
+        print(json.dumps(result, indent=2))
     return 0

@@ -233,6 +233,21 @@ local function settle(rec, charge, charge_usd)
   end
 end
 
+-- The ledger: per tree and UTC day (one hash, kept LEDGER_TTL seconds), what each
+-- charge cost, by provider, model, pool and key: fields '<provider>\t<model>\t<pool>\t
+-- <key>\t<metric>', metric r(equests) p(rompt) c(ompletion) u(sd micros). pcall: a
+-- counter past int64 must never stop the charge itself from landing.
+local LEDGER_TTL = 400 * 86400
+local function ledger(pool, key, provider, model, prompt, completion, usd)
+  local k = base .. 'costs:' .. math.floor(now_ms() / 86400000)
+  local line = provider .. '\t' .. model .. '\t' .. pool .. '\t' .. key .. '\t'
+  redis.pcall('HINCRBY', k, line .. 'r', 1)
+  if prompt > 0 then redis.pcall('HINCRBY', k, line .. 'p', int(prompt)) end
+  if completion > 0 then redis.pcall('HINCRBY', k, line .. 'c', int(completion)) end
+  if usd > 0 then redis.pcall('HINCRBY', k, line .. 'u', int(usd)) end
+  redis.call('EXPIRE', k, LEDGER_TTL, 'NX')
+end
+
 -- End an active reservation once; its record lingers ended_ttl seconds.
 local function finish(id, rec, state, charge, charge_usd, ended_ttl)
   settle(rec, charge, charge_usd)
@@ -248,6 +263,7 @@ local function expire(id, rec, ended_ttl)
     finish(id, rec, 'expired', 0, 0, ended_ttl)
   else
     finish(id, rec, 'expired', rec.tokens, rec.usd, ended_ttl)
+    ledger(split(rec.chain)[1], rec.owner, '', '', rec.tokens, 0, rec.usd)
   end
 end
 
@@ -384,7 +400,9 @@ return done({'exhausted', s.name, tight_reason, int(need), int(math.max(0, raw))
 )
 
 # KEYS[1]: the tree's lease key. ARGV: base, id, mode (commit|release), numbers
-# (used used_usd ended_ttl), has_owner, owner, has_kind, kind, chain.
+# (used used_usd ended_ttl), has_owner, owner, has_kind, kind, chain, line. line:
+# 'provider model prompt completion' for the ledger ('' when the caller has none:
+# the whole charge is then prompt, under provider and model '').
 END = (
     PRELUDE
     + r"""
@@ -393,6 +411,8 @@ local n = numbers(ARGV[4])
 local used, used_usd, ended_ttl = n[1], n[2], n[3]
 local has_owner, owner, has_kind, kind = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local chain = parse_chain(ARGV[9])
+local line_provider, line_model, line_prompt, line_completion = string.match(ARGV[10] or '',
+  '^(%S*) (%S*) (%d+) (%d+)$')
 local now = now_ms()
 local rec = read_res(id)
 if not rec then return {'unknown', false} end
@@ -428,6 +448,11 @@ if mode == 'commit' then
   -- Otherwise metering is honest: usage may exceed the reservation and even the
   -- capacity (the counters saturate at MAX).
   finish(id, rec, 'committed', used, used_usd, ended_ttl)
+  if line_provider then
+    ledger(leaf, rec.owner, line_provider, line_model, tonumber(line_prompt), tonumber(line_completion), used_usd)
+  else
+    ledger(leaf, rec.owner, '', '', used, 0, used_usd)
+  end
 else
   finish(id, rec, 'released', 0, 0, ended_ttl)
 end
@@ -480,6 +505,7 @@ for _, c in ipairs(chain) do
   add(s, 'used', actual)
   add(s, 'used_usd', usd)
 end
+ledger(chain[1].name, '', '', '', actual, 0, usd)
 return done({'ok', view(chain[1].name)})
 """
 )

@@ -29,7 +29,7 @@ from .errors import (
     PoolNotFound,
     RateLimited,
 )
-from .pools import EndResult, EndState, ExpiryPolicy, PoolView, Reservation
+from .pools import EndResult, EndState, ExpiryPolicy, LedgerLine, PoolView, Reservation
 
 _STATES: dict[str, EndState] = {"committed": "committed", "released": "released", "expired": "expired"}
 
@@ -158,6 +158,7 @@ class BudgetServiceClient:
         used_usd_micros: int = 0,
         owner: str | None = None,
         kind: str | None = None,
+        ledger: LedgerLine | None = None,
     ) -> EndResult:
         """As :meth:`BudgetStore.commit` (``already_ended`` when it had ended before).
 
@@ -172,6 +173,15 @@ class BudgetServiceClient:
             kind=kind or "",
             used_usd_micros=used_usd_micros,
         )
+        if ledger is not None:
+            request.ledger.CopyFrom(
+                budget_pb2.LedgerLine(
+                    provider=ledger.provider,
+                    model=ledger.model,
+                    prompt_tokens=ledger.prompt_tokens,
+                    completion_tokens=ledger.completion_tokens,
+                )
+            )
         try:
             reply = await self._stub.Commit(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as error:

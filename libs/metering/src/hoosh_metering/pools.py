@@ -44,6 +44,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Any, Final, Literal, TypeVar
 
 from redis.commands.core import AsyncScript
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 
 # Lua numbers are doubles: stay where every integer is exact.
 MAX_AMOUNT: Final = 2**53 - 1
+_EPOCH_DAY = date(1970, 1, 1)
+# The ledger's metric letters (see _lua.ledger) and the CostLine fields they add to.
+_LEDGER_METRICS = {"r": "requests", "p": "prompt_tokens", "c": "completion_tokens", "u": "usd_micros"}
 # Prices are micro-dollars per million tokens; this bound keeps the exact cost
 # arithmetic of the scripts below 2**53 (about $9,007 per million tokens).
 MAX_PRICE: Final = MAX_AMOUNT // 1_000_000
@@ -198,6 +202,33 @@ class EndResult:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerLine:
+    """What a commit records in the cost ledger beside the pool counters: which provider
+    and model served it and how its tokens split (the pool, key and day come from the
+    reservation and the Redis clock)."""
+
+    provider: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class CostLine:
+    """One ledger line: a UTC day's charges of one (provider, model, pool, key)."""
+
+    day: str  # YYYY-MM-DD (UTC)
+    provider: str
+    model: str
+    pool: str
+    key_id: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usd_micros: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class PeriodRoll:
     """A pool's usage started again at 0: at a period boundary, or by an admin reset.
 
@@ -242,6 +273,13 @@ def _str(value: Any) -> str:
 def _check_pool_name(value: str, what: str = "pool") -> None:
     if not isinstance(value, str) or not POOL_NAME.fullmatch(value):
         raise InvalidArgument(f"{what} must be 1-64 characters of A-Z a-z 0-9 . _ - (got {value!r})")
+
+
+def _check_ledger_name(value: str, what: str) -> None:
+    """A provider or model name in a ledger line: no whitespace (the line is packed with
+    spaces, fields with tabs), at most 256 characters; '' means unknown."""
+    if not isinstance(value, str) or len(value) > 256 or any(ch.isspace() for ch in value):
+        raise InvalidArgument(f"{what} must be at most 256 characters without whitespace (got {value!r})")
 
 
 def _check_id(value: str, what: str = "reservation_id") -> None:
@@ -299,6 +337,7 @@ class BudgetStore:
         self._periods = PeriodClock()
         self._directory_key = f"{key_prefix}pools"
         self._retired_key = f"{key_prefix}retired"
+        self._retired_roots_key = f"{key_prefix}retired_roots"
         self.changes_channel = f"{key_prefix}changes"
         self._dir = _Directory()
         self._dir_lock = asyncio.Lock()
@@ -652,6 +691,7 @@ class BudgetStore:
         used_usd_micros: int = 0,
         owner: str | None = None,
         kind: str | None = None,
+        ledger: LedgerLine | None = None,
     ) -> EndResult:
         """End a reservation with its actual usage, in every pool of its chain.
 
@@ -668,13 +708,22 @@ class BudgetStore:
         after the lease expired (then settled by its policy), changes nothing and
         answers ``already_ended=True``; so does an id or pool that is not known
         (``state="unknown"``). ``owner``/``kind``, when given, must match the
-        reservation's (NotOwner). Raises InvalidArgument, InvalidAmount, NotOwner,
-        BudgetUnavailable.
+        reservation's (NotOwner). The same script adds the charge to the cost ledger
+        (see ``costs``): ``ledger`` names the provider and model and splits the tokens;
+        without it the charge is recorded as prompt tokens of provider and model ''.
+        Raises InvalidArgument, InvalidAmount, NotOwner, BudgetUnavailable.
         """
         _check_id(reservation_id)
         _check_amount(used_tokens, "used_tokens")
         _check_amount(used_usd_micros, "used_usd_micros")
-        return await self._finish(reservation_id, pool, "commit", used_tokens, used_usd_micros, owner, kind)
+        line = ""
+        if ledger is not None:
+            _check_ledger_name(ledger.provider, "provider")
+            _check_ledger_name(ledger.model, "model")
+            _check_amount(ledger.prompt_tokens, "prompt_tokens")
+            _check_amount(ledger.completion_tokens, "completion_tokens")
+            line = f"{ledger.provider} {ledger.model} {ledger.prompt_tokens} {ledger.completion_tokens}"
+        return await self._finish(reservation_id, pool, "commit", used_tokens, used_usd_micros, owner, kind, line)
 
     async def release(
         self, reservation_id: str, *, pool: str, owner: str | None = None, kind: str | None = None
@@ -692,6 +741,7 @@ class BudgetStore:
         used_usd: int,
         owner: str | None,
         kind: str | None,
+        line: str = "",
     ) -> EndResult:
         _check_pool_name(pool)
         root: str | None = None
@@ -703,7 +753,7 @@ class BudgetStore:
             pass
         result = None
         if root is not None:
-            result = await self._end(reservation_id, root, names, mode, used, used_usd, owner, kind)
+            result = await self._end(reservation_id, root, names, mode, used, used_usd, owner, kind, line)
         if result is None or (result.state == "unknown" and result.pool is None):
             # The pool was deleted (and maybe created again in another tree): its
             # open reservations still settle in the ancestors that remain.
@@ -711,7 +761,7 @@ class BudgetStore:
             if retired is not None and retired[0] != root:
                 parent = retired[1]
                 names = self._dir.chains.get(parent, ()) if parent else ()
-                return await self._end(reservation_id, retired[0], names, mode, used, used_usd, owner, kind)
+                return await self._end(reservation_id, retired[0], names, mode, used, used_usd, owner, kind, line)
         return result or EndResult(pool=None, already_ended=True, state="unknown")
 
     async def _retired(self, pool: str) -> tuple[str, str | None] | None:
@@ -735,6 +785,7 @@ class BudgetStore:
         used_usd: int,
         owner: str | None,
         kind: str | None,
+        line: str = "",
     ) -> EndResult:
         """Run END in ``root``'s tree with ``names`` as the caller's picture of the chain."""
         for _ in range(_ATTEMPTS):
@@ -752,6 +803,7 @@ class BudgetStore:
                         "0" if kind is None else "1",
                         kind or "",
                         *self._chain_args(names, now),
+                        line,
                     ],
                 )
             )
@@ -867,6 +919,51 @@ class BudgetStore:
         )
         views = [view for result in results for raw in result if (view := self._view(raw, now)) is not None]
         return sorted(views, key=lambda view: view.name)
+
+    # -- the cost ledger ----------------------------------------------------------
+
+    async def costs(self, first_day: date, last_day: date) -> list[CostLine]:
+        """The ledger's lines for UTC days ``first_day`` through ``last_day`` (at most 400
+        days, kept as long), every tree's: the trees of the pools that exist and of pools
+        deleted since. Each line is exact: the commits' own counters, written in the same
+        script as the charge. Raises InvalidArgument, BudgetUnavailable."""
+        if last_day < first_day:
+            raise InvalidArgument("the range ends before it starts")
+        if (last_day - first_day).days >= 400:
+            raise InvalidArgument("a cost query spans at most 400 days")
+        directory = await self._fresh()
+        roots = {entry.root for entry in directory.entries.values()}
+        retired, retired_roots = await asyncio.gather(
+            guard(self._redis.hvals(self._retired_key)), guard(self._redis.smembers(self._retired_roots_key))
+        )
+        roots.update(_str(root) for root in retired_roots)
+        for raw in retired:
+            try:
+                roots.add(str(json.loads(_str(raw))["root"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        first = (first_day - _EPOCH_DAY).days
+        days = range(first, (last_day - _EPOCH_DAY).days + 1)
+        keys = [(root, day) for root in sorted(roots) for day in days]
+        if not keys:
+            return []
+        hashes = await asyncio.gather(
+            *(guard(self._redis.hgetall(f"{self.tree_base(root)}costs:{day}")) for root, day in keys)
+        )
+        lines: dict[tuple[int, str, str, str, str], CostLine] = {}
+        for (_, day), fields in zip(keys, hashes, strict=True):
+            for raw_field, raw_value in fields.items():
+                parts = _str(raw_field).split("\t")
+                if len(parts) != 5 or parts[4] not in _LEDGER_METRICS:
+                    continue
+                provider, model, pool, key_id, metric = parts
+                line = lines.get((day, provider, model, pool, key_id))
+                if line is None:
+                    line = lines[(day, provider, model, pool, key_id)] = CostLine(
+                        (_EPOCH_DAY + timedelta(days=day)).isoformat(), provider, model, pool, key_id
+                    )
+                setattr(line, _LEDGER_METRICS[metric], getattr(line, _LEDGER_METRICS[metric]) + int(raw_value))
+        return sorted(lines.values(), key=lambda line: (line.day, line.provider, line.model, line.pool, line.key_id))
 
     async def _define(
         self, spec: PoolSpec, mode: str, *, capacity: int | None, cap_usd_micros: int | _Unset | None
@@ -1052,6 +1149,9 @@ class BudgetStore:
             # Where its open reservations live, once the directory forgets it.
             retired = json.dumps({"root": entry.root, "parent": entry.parent}, separators=(",", ":"))
             await guard(self._redis.hset(self._retired_key, name, retired))
+        elif status == "ok":
+            # A whole tree is gone; its cost ledger stays readable (``costs``) until it expires.
+            await guard(self._redis.sadd(self._retired_roots_key, entry.root))
         await guard(self._redis.hdel(self._directory_key, name))
         await self._announce_change(name)
         if status == "not_found":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
+from datetime import date
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -25,7 +26,7 @@ from hoosh_metering.errors import (
     PoolNotFound,
     RateLimited,
 )
-from hoosh_metering.pools import BudgetStore, ExpiryPolicy, PoolSpec, PoolView
+from hoosh_metering.pools import BudgetStore, ExpiryPolicy, LedgerLine, PoolSpec, PoolView
 from redis.exceptions import RedisError
 
 from hoosh_budget.resets import ResetAnnouncer
@@ -186,6 +187,7 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
                 used_usd_micros=request.used_usd_micros,
                 owner=request.owner or None,
                 kind=request.kind or None,
+                ledger=ledger_line(request.ledger) if request.HasField("ledger") else None,
             ),
         )
         response = budget_pb2.CommitResponse(already_ended=result.already_ended, state=result.state)
@@ -277,6 +279,35 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         await self._announcer.announce(roll, key_id=request.key_id)
         view = await _call(context, self._store.get_pool(request.name))
         return budget_pb2.ResetPoolResponse(pool=pool_message(view))
+
+    async def GetCosts(self, request: budget_pb2.GetCostsRequest, context: Context) -> budget_pb2.GetCostsResponse:
+        try:
+            first, last = date.fromisoformat(request.first_day), date.fromisoformat(request.last_day)
+        except ValueError:
+            await _abort(context, InvalidArgument("first_day and last_day must be dates (YYYY-MM-DD)"))
+        lines = await _call(context, self._store.costs(first, last))
+        pools = set(request.pools)
+        return budget_pb2.GetCostsResponse(
+            lines=[
+                budget_pb2.CostLine(
+                    day=line.day,
+                    provider=line.provider,
+                    model=line.model,
+                    pool=line.pool,
+                    key_id=line.key_id,
+                    requests=line.requests,
+                    prompt_tokens=line.prompt_tokens,
+                    completion_tokens=line.completion_tokens,
+                    usd_micros=line.usd_micros,
+                )
+                for line in lines
+                if (not request.key_id or line.key_id == request.key_id) and (not pools or line.pool in pools)
+            ]
+        )
+
+
+def ledger_line(message: budget_pb2.LedgerLine) -> LedgerLine:
+    return LedgerLine(message.provider, message.model, message.prompt_tokens, message.completion_tokens)
 
 
 def add_to_server(servicer: BudgetServicer, server: grpc.aio.Server) -> None:

@@ -23,7 +23,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import admin_keys, admin_pools, routes_inference, routes_operations, routes_tokens
+from . import admin_keys, admin_pools, routes_costs, routes_inference, routes_operations, routes_tokens
 from .admin_keys import KeyCreateRequest, KeyUpdateRequest
 from .admin_pools import PoolCreateRequest, PoolUpdateRequest
 from .auth import Authenticator, Tenancy
@@ -190,7 +190,7 @@ def create_app(
     )
     if clients is not None and tenancy is not None:
         app.state.edge = EdgeState(settings, clients, tenancy)
-    for module in (routes_inference, routes_tokens, routes_operations, admin_keys, admin_pools):
+    for module in (routes_inference, routes_tokens, routes_operations, routes_costs, admin_keys, admin_pools):
         app.include_router(module.router)
     # Anything else reaches EdgeMiddleware, which answers 500 with the same envelope.
     # Exception covers the unexpected too: the envelope, not the framework's plain text 500.

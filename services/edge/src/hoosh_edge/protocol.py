@@ -363,10 +363,19 @@ class ChatCompletionRequest(OpenAIModel):
 # --------------------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(OpenAIModel):
+    cached_tokens: int = Field(description="Prompt tokens the provider served from its prompt cache")
+
+
 class Usage(OpenAIModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    cost_usd_micros: int = Field(
+        description="hoosh: what the call cost, in integer micro-dollars (the price table's figure; 0 for a "
+        "cache hit); the same figure the cost ledger (/v1/costs) adds up"
+    )
 
 
 class ResponseMessage(OpenAIModel):
@@ -625,6 +634,30 @@ class AuditListResponse(OpenAIModel):
     verify_error: str | None = Field(default=None, description="Why verification failed; left out when valid")
 
 
+class CostLine(OpenAIModel):
+    day: str | None = Field(default=None, description="UTC day (YYYY-MM-DD), when grouped by day")
+    provider: str | None = Field(
+        default=None, description="'' for charges no provider answered (expired leases, reports)"
+    )
+    model: str | None = Field(default=None, description="The upstream model")
+    pool: str | None = None
+    key_id: str | None = None
+    requests: int = Field(description="Charges counted (commits)")
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd_micros: int = Field(description="Exact, in integer micro-dollars")
+    cost_usd: str = Field(description="The same as a decimal string of USD")
+
+
+class CostsResponse(OpenAIModel):
+    object: Literal["list"] = "list"
+    start: str
+    end: str
+    group_by: list[str]
+    data: list[CostLine]
+    total: CostLine
+
+
 # --------------------------------------------------------------------------- embeddings
 
 
@@ -686,6 +719,7 @@ class Embedding(OpenAIModel):
 class EmbeddingUsage(OpenAIModel):
     prompt_tokens: int
     total_tokens: int
+    cost_usd_micros: int = Field(description="hoosh: what the call cost, in integer micro-dollars")
 
 
 class EmbeddingResponse(OpenAIModel):

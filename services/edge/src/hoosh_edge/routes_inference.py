@@ -41,7 +41,7 @@ from .routing import (
     validate_json,
 )
 from .scopes import authorize_model, authorize_pool, principal_of
-from .serving_chat import ChatStream, cache_headers
+from .serving_chat import COST_HEADER, ChatStream, cache_headers
 from .serving_transcription import TRANSCRIPTIONS_PATH, openapi_body, read_form, validate_form
 
 router = APIRouter()
@@ -104,7 +104,7 @@ async def serve_chat(state: EdgeState, raw_body: bytes, rid: str, receive: Recei
     result = await state.chat.create(body, rid, receive, pool=pool, caller=principal.caller())
     if isinstance(result, ChatStream):
         return EventStreamResponse(result, headers=cache_headers(result.cache))
-    return OrjsonResponse(result.body, headers=cache_headers(result.cache))
+    return OrjsonResponse(result.body, headers=cache_headers(result.cache, result.cost_usd_micros))
 
 
 @router.post(
@@ -124,7 +124,7 @@ async def create_embeddings(request: Request) -> Response:
     reply = await edge(request).embeddings.create(
         body, request_id(request), request.receive, pool=pool, caller=principal.caller()
     )
-    return OrjsonResponse(reply)
+    return OrjsonResponse(reply, headers={COST_HEADER: str(reply["usage"]["cost_usd_micros"])})
 
 
 def _model_card(model: router_pb2.Model | stt_pb2.Model) -> dict[str, Any]:

@@ -37,11 +37,17 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE_EVENT = b"data: [DONE]\n\n"
 CACHE_HEADER = "X-Hoosh-Cache"
+COST_HEADER = "X-Hoosh-Cost-Usd-Micros"
 
 
-def cache_headers(state: str) -> dict[str, str] | None:
-    """``X-Hoosh-Cache: hit|miss`` when the router consulted its response cache."""
-    return {CACHE_HEADER: state} if state else None
+def cache_headers(state: str, cost_usd_micros: int | None = None) -> dict[str, str] | None:
+    """``X-Hoosh-Cache: hit|miss`` when the router consulted its response cache, and
+    ``X-Hoosh-Cost-Usd-Micros`` with what a blocking call cost (a stream's cost is in
+    its usage chunk: its headers leave before the cost is known)."""
+    headers = {CACHE_HEADER: state} if state else {}
+    if cost_usd_micros is not None:
+        headers[COST_HEADER] = str(cost_usd_micros)
+    return headers or None
 
 
 _TOOL_CHOICE_MODES = {
@@ -166,11 +172,15 @@ def to_router_request(
 # --------------------------------------------------------------------------- reply mapping
 
 
-def _usage(usage: chat_pb2.Usage) -> dict[str, int]:
+def _usage(usage: chat_pb2.Usage) -> dict[str, Any]:
+    """OpenAI's usage object, plus what the call cost in integer micro-dollars (hoosh's
+    extension: exact, so a client can add its costs up to the ledger's figure)."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "cost_usd_micros": usage.cost_usd_micros,
     }
 
 
@@ -381,10 +391,12 @@ class ChatStream:
 
 @dataclass(slots=True)
 class ChatCompletion:
-    """A blocking completion: the ``chat.completion`` body and the router's cache state."""
+    """A blocking completion: the ``chat.completion`` body, the router's cache state and
+    the call's cost in micro-dollars."""
 
     body: dict[str, Any]
     cache: str = ""
+    cost_usd_micros: int = 0
 
 
 class ServingChat:
@@ -423,7 +435,11 @@ class ServingChat:
             raise
         finally:
             watch.stop()
-        return ChatCompletion(completion_to_dict(reply, completion_id=completion_id, model=request.model), reply.cache)
+        return ChatCompletion(
+            completion_to_dict(reply, completion_id=completion_id, model=request.model),
+            reply.cache,
+            reply.usage.cost_usd_micros,
+        )
 
     async def _start_stream(
         self,

@@ -53,7 +53,11 @@ def embeddings_to_dict(reply: router_pb2.EmbedResponse, *, model: str, encoding_
             for item in reply.data
         ],
         "model": reply.model or model,
-        "usage": {"prompt_tokens": reply.usage.prompt_tokens, "total_tokens": reply.usage.total_tokens},
+        "usage": {
+            "prompt_tokens": reply.usage.prompt_tokens,
+            "total_tokens": reply.usage.total_tokens,
+            "cost_usd_micros": reply.usage.cost_usd_micros,  # hoosh's extension: exact micro-dollars
+        },
     }
 
 

@@ -27,7 +27,7 @@ from typing import Literal, Protocol
 
 from hoosh_metering import errors as metering
 from hoosh_metering.limits import KeyLimits
-from hoosh_metering.pools import EndResult, Reservation
+from hoosh_metering.pools import EndResult, LedgerLine, Reservation
 from redis.exceptions import RedisError
 
 from .errors import BudgetExhausted, BudgetUnavailable, InvalidRequest, PoolNotFound
@@ -65,6 +65,7 @@ class BudgetBackend(Protocol):
         used_usd_micros: int = 0,
         owner: str | None = None,
         kind: str | None = None,
+        ledger: LedgerLine | None = None,
     ) -> EndResult: ...
 
     async def release(
@@ -204,9 +205,12 @@ class RouterBudget:
 
     # -- settlement ---------------------------------------------------------------------
 
-    async def commit(self, hold: Hold, used_tokens: int, *, usd_micros: int = 0) -> None:
-        """Commit the real usage: one try now, then retries in the background until it
-        lands or the lease runs out. Never raises."""
+    async def commit(
+        self, hold: Hold, used_tokens: int, *, usd_micros: int = 0, ledger: LedgerLine | None = None
+    ) -> None:
+        """Commit the real usage (and its cost-ledger line, in the same script): one try
+        now, then retries in the background until it lands or the lease runs out. Never
+        raises."""
 
         def action() -> Awaitable[EndResult]:
             return self._backend.commit(
@@ -216,6 +220,7 @@ class RouterBudget:
                 used_usd_micros=usd_micros,
                 owner=hold.owner,
                 kind=hold.kind,
+                ledger=ledger,
             )
 
         await self._settle(hold, "commit", action)

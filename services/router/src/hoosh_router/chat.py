@@ -52,7 +52,7 @@ from .config import ProviderConfig
 from .dispatch import Attempts, Dispatcher
 from .errors import InvalidRequest, RouterError
 from .estimate import prompt_token_bound
-from .recording import Publisher, Recorder, RequestInfo, usage_of, usd_micros
+from .recording import Publisher, Recorder, RequestInfo, ledger_line, priced, usage_of
 from .routing import Route
 from .streaming import UpstreamStream
 
@@ -176,8 +176,8 @@ class ChatService:
             prompt_tokens,
             completion_tokens=max_tokens,
             min_completion_tokens=1,
-            input_price_micros=max(route.provider.pricing.input_micros for route in candidates),
-            output_price_micros=max(route.provider.pricing.output_micros for route in candidates),
+            input_price_micros=max(route.provider.chat_price(route.upstream_model).input for route in candidates),
+            output_price_micros=max(route.provider.chat_price(route.upstream_model).output for route in candidates),
         )
         cached = None
         if cache_key is not None and self._cache is not None:
@@ -217,17 +217,18 @@ class ChatService:
         attempts = plan.attempts if plan else None
         route = attempts.route if attempts else None
         if charge is None and plan is not None and plan.attempts.maybe_billed:
-            # Sent and never answered: the provider read the prompt and may bill it.
+            # Sent and never usably answered: the provider read the prompt and may bill it.
             charge = usage_of(plan.prompt_tokens, 0)
+        model = route.upstream_model if route else ""
+        if charge is not None:
+            priced(charge, route.provider if route else None, model)
         return await self._recorder.end_failed(
             info,
             error,
             provider=route.provider.name if route else "",
             attempts=attempts.count if attempts else 0,
             charge=charge,
-            usd=usd_micros(route.provider if route else None, charge.prompt_tokens, charge.completion_tokens)
-            if charge is not None
-            else 0,
+            model=model,
         )
 
     def _settle(self, plan: Plan, usage: chat_pb2.Usage) -> None:
@@ -245,12 +246,15 @@ class ChatService:
         route = self._provider_named(cached.provider)
         finish = cached.choices[0].finish_reason if cached.choices else "stop"
         charged = cached.usage.total_tokens if self._cache is not None and self._cache.charge_hits else 0
+        # The ledger counts the hit's tokens (what the pool pays) at USD 0.
+        ledger = ledger_line(route, cached.model, usage_of(cached.usage.prompt_tokens, cached.usage.completion_tokens))
         await self._recorder.end_completed(
             info,
             charged,
             lambda: self._recorder.completed(
                 info, provider=route, usage=cached.usage, finish_reason=finish, attempts=0, cached=True
             ),
+            ledger=ledger if charged else None,
         )
 
     def _provider_named(self, name: str) -> ProviderConfig | None:
@@ -276,6 +280,7 @@ class ChatService:
                 reply = router_pb2.ChatResponse()
                 reply.CopyFrom(plan.cached)
                 reply.id, reply.created, reply.cache = f"chatcmpl-{request_id}", int(time.time()), "hit"
+                reply.usage.cost_usd_micros = 0  # served from the cache: no provider was paid
                 return reply
 
             async def call(route: Route, params: CallParams) -> Completion:
@@ -299,8 +304,12 @@ class ChatService:
             renewal.cancel()
         route = plan.attempts.route
         assert route is not None
-        usage = usage_of(completion.prompt_tokens, completion.completion_tokens)
-        usd = usd_micros(route.provider, usage.prompt_tokens, usage.completion_tokens)
+        usage = priced(
+            usage_of(completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens),
+            route.provider,
+            route.upstream_model,
+        )
+        usd = usage.cost_usd_micros
 
         def record() -> None:
             self._settle(plan, usage)
@@ -313,7 +322,9 @@ class ChatService:
                 usd=usd,
             )
 
-        await self._recorder.end_completed(info, usage.total_tokens, record, usd=usd)
+        await self._recorder.end_completed(
+            info, usage.total_tokens, record, usd=usd, ledger=ledger_line(route.provider, route.upstream_model, usage)
+        )
         reply = router_pb2.ChatResponse(
             id=f"chatcmpl-{request_id}",
             model=completion.model or request.model,
@@ -460,8 +471,11 @@ class ChatService:
         if served_hit:
             assert plan is not None and plan.cached is not None
             if request.include_usage:
+                hit_usage = chat_pb2.Usage()
+                hit_usage.CopyFrom(plan.cached.usage)
+                hit_usage.cost_usd_micros = 0  # served from the cache: no provider was paid
                 yield router_pb2.ChatStreamResponse(
-                    id=chat_id, model=request.model, created=created, usage=plan.cached.usage, provider=provider
+                    id=chat_id, model=request.model, created=created, usage=hit_usage, provider=provider
                 )
             return
         assert plan is not None and state is not None
@@ -538,7 +552,8 @@ class ChatService:
         *,
         settlement: str = "",
     ) -> None:
-        usd = usd_micros(route.provider, usage.prompt_tokens, usage.completion_tokens)
+        priced(usage, route.provider, route.upstream_model)
+        usd = usage.cost_usd_micros
 
         def record() -> None:
             self._settle(plan, usage)
@@ -552,7 +567,9 @@ class ChatService:
                 settlement=settlement,
             )
 
-        await self._recorder.end_completed(info, usage.total_tokens, record, usd=usd)
+        await self._recorder.end_completed(
+            info, usage.total_tokens, record, usd=usd, ledger=ledger_line(route.provider, route.upstream_model, usage)
+        )
 
     @staticmethod
     async def _replay(
@@ -582,13 +599,22 @@ class _StreamState:
     """Per-stream bookkeeping: role on the first delta, finish reason, usage, what was
     generated so far, cache copy."""
 
-    __slots__ = ("accumulator", "completion_tokens", "finish_reason", "first", "generated", "prompt_tokens")
+    __slots__ = (
+        "accumulator",
+        "cached_tokens",
+        "completion_tokens",
+        "finish_reason",
+        "first",
+        "generated",
+        "prompt_tokens",
+    )
 
     def __init__(self, *, collect: bool) -> None:
         self.first = True
         self.finish_reason = ""
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.cached_tokens = 0
         # Completion tokens received from the backend, hidden reasoning included: what each
         # piece says it carries, else its UTF-8 bytes (BPE never makes more tokens than bytes).
         self.generated = 0
@@ -598,6 +624,7 @@ class _StreamState:
         """The bookkeeping of one piece; True when it carries generated tokens."""
         if piece.prompt_tokens is not None:
             self.prompt_tokens, self.completion_tokens = piece.prompt_tokens, piece.completion_tokens
+            self.cached_tokens = piece.cached_tokens
         if piece.finish_reason:
             self.finish_reason = piece.finish_reason
         self.generated += piece.hidden_tokens  # reasoning: billed though never shown
@@ -626,7 +653,7 @@ class _StreamState:
         plus the completion tokens generated so far, hidden reasoning included (no more
         than were granted)."""
         if self.prompt_tokens is not None and self.completion_tokens is not None:
-            return usage_of(self.prompt_tokens, self.completion_tokens)
+            return usage_of(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
         return usage_of(plan.prompt_tokens, min(self.generated, plan.max_tokens))
 
 

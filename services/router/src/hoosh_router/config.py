@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
+from hoosh_common.prices import FREE, TokenPrice, default_table, usd_to_micros
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -125,24 +127,42 @@ class RouterSettings(BaseSettings):
         return self
 
 
-class Pricing(BaseModel):
-    """USD per million tokens (as written in the YAML); the budget works in integer
-    micro-dollars per million tokens, converted once here (and cached as plain
-    attributes: every chat reads them, and a pydantic private attribute costs a
-    ``__getattr__`` per read)."""
+def _first(*values: Decimal | None) -> Decimal | None:
+    return next((value for value in values if value is not None), None)
 
-    input_per_mtok: float = Field(default=0.0, ge=0)
-    output_per_mtok: float = Field(default=0.0, ge=0)
 
-    @cached_property
-    def input_micros(self) -> int:
-        """Micro-dollars per million prompt tokens."""
-        return round(self.input_per_mtok * 1_000_000)
+class ModelPricing(BaseModel):
+    """USD per million tokens (as written in the YAML: ``0.15`` or ``"0.15"``); unset
+    fields fall through to the next source (see ``Pricing``)."""
 
-    @cached_property
-    def output_micros(self) -> int:
-        """Micro-dollars per million completion tokens."""
-        return round(self.output_per_mtok * 1_000_000)
+    input_per_mtok: Decimal | None = Field(default=None, ge=0)
+    cached_input_per_mtok: Decimal | None = Field(
+        default=None, ge=0, description="prompt tokens served from the provider's cache (default: the input price)"
+    )
+    output_per_mtok: Decimal | None = Field(default=None, ge=0)
+
+    @property
+    def configured(self) -> bool:
+        return self.input_per_mtok is not None or self.output_per_mtok is not None
+
+    def token_price(self) -> TokenPrice:
+        """As integer micro-dollars per million tokens (exact)."""
+        input_micros = usd_to_micros(self.input_per_mtok or 0)
+        cached = self.cached_input_per_mtok
+        return TokenPrice(
+            input=input_micros,
+            cached_input=input_micros if cached is None else usd_to_micros(cached),
+            output=usd_to_micros(self.output_per_mtok or 0),
+        )
+
+
+class Pricing(ModelPricing):
+    """A provider's prices. For a model, the first that applies: its entry in ``models``,
+    then the provider-wide prices set here, then the shipped price table
+    (``hoosh_common.prices``, by provider type and model id), else 0 (a local model is
+    priced only here)."""
+
+    models: dict[str, ModelPricing] = Field(default_factory=dict, description="per model id (upstream name)")
 
 
 class BreakerOverrides(BaseModel):
@@ -198,6 +218,41 @@ class ProviderConfig(BaseModel):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @cached_property
+    def price_memo(self) -> dict[tuple[str, str], TokenPrice]:
+        """Resolved prices by (catalogue, model): a request costs a dictionary hit."""
+        return {}
+
+    def chat_price(self, model: str) -> TokenPrice:
+        """What a chat call to ``model`` (the upstream name) costs per million tokens."""
+        return self._price("chat", model)
+
+    def embedding_price(self, model: str) -> TokenPrice:
+        return self._price("embeddings", model)
+
+    def _price(self, catalogue: Literal["chat", "embeddings"], model: str) -> TokenPrice:
+        memo = self.price_memo
+        found = memo.get((catalogue, model))
+        if found is None:
+            entry = self.pricing.models.get(model)
+            if entry is not None and entry.configured:
+                # A field the model's entry leaves unset is the provider-wide one.
+                wide = self.pricing
+                found = ModelPricing(
+                    input_per_mtok=_first(entry.input_per_mtok, wide.input_per_mtok),
+                    cached_input_per_mtok=_first(entry.cached_input_per_mtok, wide.cached_input_per_mtok),
+                    output_per_mtok=_first(entry.output_per_mtok, wide.output_per_mtok),
+                ).token_price()
+            elif self.pricing.configured:
+                found = self.pricing.token_price()
+            else:
+                table = default_table()
+                listed = table.chat(self.type, model) if catalogue == "chat" else table.embeddings(self.type, model)
+                found = listed or FREE
+            if len(memo) < 1024:
+                memo[(catalogue, model)] = found
+        return found
 
     @model_validator(mode="after")
     def _default_base_url(self) -> ProviderConfig:

@@ -15,7 +15,7 @@ from .budget_client import Renewal
 from .dispatch import Attempts, Dispatcher
 from .errors import InvalidRequest
 from .estimate import PER_MESSAGE_OVERHEAD
-from .recording import Recorder, RequestInfo, usage_of, usd_micros
+from .recording import Recorder, RequestInfo, ledger_line, priced, usage_of
 from .routing import Route
 
 MAX_INPUTS = 2048
@@ -61,7 +61,9 @@ class EmbeddingService:
             estimate = embedding_token_bound(texts)
             await self._recorder.admit(info, estimate)
             await self._recorder.reserve(
-                info, estimate, input_price_micros=max(route.provider.pricing.input_micros for route in candidates)
+                info,
+                estimate,
+                input_price_micros=max(r.provider.embedding_price(r.upstream_model).input for r in candidates),
             )
             deadline = self._dispatch.deadline(time_remaining)
             attempts = Attempts(candidates=candidates, deadline=deadline, tokens=estimate)
@@ -78,13 +80,16 @@ class EmbeddingService:
             route = attempts.route if attempts else None
             # Sent and never answered: the provider may bill the input; it pays the bound.
             charge = usage_of(estimate, 0) if attempts is not None and attempts.maybe_billed else None
+            model = route.upstream_model if route else ""
+            if charge is not None:
+                priced(charge, route.provider if route else None, model, embedding=True)
             router_error = await self._recorder.end_failed(
                 info,
                 error,
                 provider=route.provider.name if route else "",
                 attempts=attempts.count if attempts else 0,
                 charge=charge,
-                usd=usd_micros(route.provider if route else None, estimate, 0) if charge is not None else 0,
+                model=model,
             )
             if isinstance(error, asyncio.CancelledError):
                 raise
@@ -95,8 +100,8 @@ class EmbeddingService:
         assert route is not None
         # Providers that do not report usage are charged the (upper) estimate.
         prompt_tokens = result.prompt_tokens if result.prompt_tokens is not None else estimate
-        usage = usage_of(prompt_tokens, 0)
-        usd = usd_micros(route.provider, prompt_tokens, 0)
+        usage = priced(usage_of(prompt_tokens, 0), route.provider, route.upstream_model, embedding=True)
+        usd = usage.cost_usd_micros
 
         def record() -> None:
             if attempts.admission is not None:
@@ -105,7 +110,9 @@ class EmbeddingService:
                 info, provider=route.provider, usage=usage, finish_reason="", attempts=attempts.count, usd=usd
             )
 
-        await self._recorder.end_completed(info, prompt_tokens, record, usd=usd)
+        await self._recorder.end_completed(
+            info, prompt_tokens, record, usd=usd, ledger=ledger_line(route.provider, route.upstream_model, usage)
+        )
         return router_pb2.EmbedResponse(
             model=result.model or request.model,
             data=[router_pb2.Embedding(index=index, values=vector) for index, vector in enumerate(result.vectors)],

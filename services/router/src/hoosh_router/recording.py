@@ -28,7 +28,7 @@ from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
 from hoosh_common.telemetry import current_trace_id
 from hoosh_metering import errors as metering
 from hoosh_metering.limits import KeyGate, KeyLimits
-from hoosh_metering.pools import cost_micros
+from hoosh_metering.pools import LedgerLine
 
 from .budget_client import UNREACHABLE, Hold, RouterBudget, key_limits
 from .config import ProviderConfig
@@ -50,18 +50,31 @@ class Publisher(Protocol):
     def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
 
 
-def usd_micros(provider: ProviderConfig | None, prompt_tokens: int, completion_tokens: int) -> int:
-    """What a provider charges for this usage, in micro-dollars (rounded up per side)."""
-    if provider is None:
-        return 0
-    pricing = provider.pricing
-    return cost_micros(prompt_tokens, pricing.input_micros) + cost_micros(completion_tokens, pricing.output_micros)
-
-
-def usage_of(prompt_tokens: int, completion_tokens: int) -> chat_pb2.Usage:
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> chat_pb2.Usage:
     return chat_pb2.Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        cached_tokens=min(max(cached_tokens, 0), max(prompt_tokens, 0)),
     )
+
+
+def priced(
+    usage: chat_pb2.Usage, provider: ProviderConfig | None, model: str, *, embedding: bool = False
+) -> chat_pb2.Usage:
+    """Set ``usage.cost_usd_micros``: what ``provider`` charges for it at ``model``'s price
+    (the upstream model; see ``ProviderConfig.chat_price``), rounded up per side. The one
+    place the router prices a call: the client, the commit, the ledger and the event all
+    read this figure."""
+    if provider is not None:
+        price = provider.embedding_price(model) if embedding else provider.chat_price(model)
+        usage.cost_usd_micros = price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+    return usage
+
+
+def ledger_line(provider: ProviderConfig | None, model: str, usage: chat_pb2.Usage) -> LedgerLine:
+    """The cost ledger's line for a charge of ``usage`` (provider '' when none answered)."""
+    return LedgerLine(provider.name if provider else "", model, usage.prompt_tokens, usage.completion_tokens)
 
 
 @dataclass(slots=True)
@@ -195,15 +208,22 @@ class Recorder:
             log.error("a request's ending failed", exc_info=task.exception())
 
     async def end_completed(
-        self, info: RequestInfo, used_tokens: int, record: Callable[[], None], *, usd: int = 0
+        self,
+        info: RequestInfo,
+        used_tokens: int,
+        record: Callable[[], None],
+        *,
+        usd: int = 0,
+        ledger: LedgerLine | None = None,
     ) -> None:
-        """Commit ``used_tokens`` (``usd`` micro-dollars), then ``record()`` the completion —
-        shielded from cancellation: the backend's work is done, so it is charged and
-        recorded exactly once even if the client goes away meanwhile."""
+        """Commit ``used_tokens`` (``usd`` micro-dollars; ``ledger`` its cost-ledger line),
+        then ``record()`` the completion — shielded from cancellation: the backend's work
+        is done, so it is charged and recorded exactly once even if the client goes away
+        meanwhile."""
 
         async def settle() -> None:
             if info.hold is not None:
-                await self.budget.commit(info.hold, used_tokens, usd_micros=usd)
+                await self.budget.commit(info.hold, used_tokens, usd_micros=usd, ledger=ledger)
             self._finish_key(info, used_tokens)
 
         await self._tail(record, settle)
@@ -216,10 +236,11 @@ class Recorder:
         provider: str,
         attempts: int,
         charge: chat_pb2.Usage | None = None,
-        usd: int = 0,
+        model: str = "",
     ) -> RouterError:
-        """End a failed request: commit ``charge`` when it is not empty (the provider did
-        work for it), else release; record the failure; return the error to raise."""
+        """End a failed request: commit ``charge`` (priced: its ``cost_usd_micros``) when it
+        is not empty (the provider did work for it), else release; record the failure;
+        return the error to raise. ``model``: the upstream model, for the cost ledger."""
         task = asyncio.current_task()
         if isinstance(error, asyncio.CancelledError | GeneratorExit) or (task is not None and task.cancelling()):
             router_error: RouterError = ClientCancelled("The client cancelled the request")
@@ -232,8 +253,9 @@ class Recorder:
 
         async def settle() -> None:
             if info.hold is not None:
-                if charged > 0:
-                    await self.budget.commit(info.hold, charged, usd_micros=usd)
+                if charged > 0 and charge is not None:
+                    ledger = LedgerLine(provider, model, charge.prompt_tokens, charge.completion_tokens)
+                    await self.budget.commit(info.hold, charged, usd_micros=charge.cost_usd_micros, ledger=ledger)
                 else:
                     await self.budget.release(info.hold)
             self._finish_key(info, charged)
@@ -292,6 +314,7 @@ class Recorder:
             finish_reason=finish_reason,
             # A cache hit costs nothing upstream; its usage stays the original one, for reference.
             cost_usd=0.0 if cached else usd / 1_000_000,
+            cost_usd_micros=0 if cached else usd,
             kind=info.kind,
             cached=cached,
             attempts=attempts,
@@ -328,6 +351,7 @@ class Recorder:
             key_id=info.key_id,
             pool_chain=info.chain,
             charged_tokens=charge.total_tokens if charge is not None else 0,
+            cost_usd_micros=charge.cost_usd_micros if charge is not None else 0,
         )
         if charge is not None:
             event.usage.CopyFrom(charge)

@@ -187,6 +187,11 @@ def request_to_anthropic(
 # --------------------------------------------------------------------------- response
 
 
+def _cached_tokens(usage: dict[str, Any]) -> int:
+    """Prompt tokens read from Anthropic's prompt cache (a part of ``_prompt_tokens``)."""
+    return max(0, int(usage.get("cache_read_input_tokens") or 0))
+
+
 def _prompt_tokens(usage: dict[str, Any]) -> int:
     return (
         int(usage.get("input_tokens") or 0)
@@ -220,6 +225,7 @@ def completion_from_anthropic(provider: str, data: dict[str, Any], fallback_mode
         usage = data["usage"]
         prompt_tokens = _prompt_tokens(usage)
         completion_tokens = int(usage["output_tokens"])
+        cached_tokens = _cached_tokens(usage)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise malformed(provider) from error
     return Completion(
@@ -228,6 +234,7 @@ def completion_from_anthropic(provider: str, data: dict[str, Any], fallback_mode
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         model=str(data.get("model") or fallback_model),
+        cached_tokens=cached_tokens,
     )
 
 
@@ -250,6 +257,7 @@ class AnthropicStreamTranslator:
         self.done = False
         self._tool_ordinal: dict[int, int] = {}  # content block index -> OpenAI tool_calls index
         self._prompt_tokens = 0
+        self._cached_tokens = 0
         self._completion_tokens = 0
 
     def feed(self, event: dict[str, Any]) -> list[StreamPiece]:
@@ -297,6 +305,7 @@ class AnthropicStreamTranslator:
         if kind == "message_start":
             usage = event["message"].get("usage") or {}
             self._prompt_tokens = _prompt_tokens(usage)
+            self._cached_tokens = _cached_tokens(usage)
             self._completion_tokens = int(usage.get("output_tokens") or 0)
             return []
         if kind == "message_delta":
@@ -305,13 +314,20 @@ class AnthropicStreamTranslator:
                 self._completion_tokens = int(usage["output_tokens"])  # cumulative
             if usage.get("input_tokens") is not None:
                 self._prompt_tokens = _prompt_tokens(usage)
+                self._cached_tokens = _cached_tokens(usage)
             stop_reason = (event.get("delta") or {}).get("stop_reason")
             if stop_reason:
                 return [StreamPiece(finish_reason=finish_reason(self.provider, stop_reason))]
             return []
         if kind == "message_stop":
             self.done = True
-            return [StreamPiece(prompt_tokens=self._prompt_tokens, completion_tokens=self._completion_tokens)]
+            return [
+                StreamPiece(
+                    prompt_tokens=self._prompt_tokens,
+                    completion_tokens=self._completion_tokens,
+                    cached_tokens=self._cached_tokens,
+                )
+            ]
         if kind == "error":
             error = event.get("error") or {}
             error_type = str(error.get("type") or "")

@@ -35,6 +35,7 @@ class Completion:
     completion_tokens: int
     model: str
     system_fingerprint: str = ""
+    cached_tokens: int = 0  # of the prompt tokens, those served from the provider's prompt cache
 
 
 @dataclass(slots=True)
@@ -47,6 +48,7 @@ class StreamPiece:
     finish_reason: str = ""
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int = 0  # with the usage: prompt tokens served from the provider's prompt cache
     # Completion tokens this piece carries, when the backend knows (the local worker sends
     # one message per generated token); None: unknown, bounded by the piece's UTF-8 bytes.
     # What a stream cut before the provider's usage arrived is charged for.

@@ -242,13 +242,15 @@ def request_to_gemini(request: router_pb2.ChatRequest, max_tokens: int) -> dict[
 # --------------------------------------------------------------------------- response
 
 
-def _usage(data: dict[str, Any]) -> tuple[int, int] | None:
+def _usage(data: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached) tokens; thinking counts as completion, the cached
+    content as a part of the prompt."""
     usage = data.get("usageMetadata")
     if not isinstance(usage, dict):
         return None
     prompt = int(usage.get("promptTokenCount") or 0)
     completion = int(usage.get("candidatesTokenCount") or 0) + int(usage.get("thoughtsTokenCount") or 0)
-    return prompt, completion
+    return prompt, completion, max(0, int(usage.get("cachedContentTokenCount") or 0))
 
 
 def _call_id(call: dict[str, Any]) -> str:
@@ -263,7 +265,7 @@ def completion_from_gemini(provider: str, data: dict[str, Any], fallback_model: 
             # The prompt itself was blocked: no candidate, a promptFeedback.blockReason.
             if (data.get("promptFeedback") or {}).get("blockReason"):
                 message.text = ""
-                usage = _usage(data) or (0, 0)
+                usage = _usage(data) or (0, 0, 0)
                 return Completion(message, "content_filter", usage[0], usage[1], fallback_model)
             raise malformed(provider)
         candidate = candidates[0]
@@ -294,6 +296,7 @@ def completion_from_gemini(provider: str, data: dict[str, Any], fallback_model: 
         prompt_tokens=usage[0],
         completion_tokens=usage[1],
         model=str(data.get("modelVersion") or fallback_model),
+        cached_tokens=usage[2],
     )
 
 
@@ -304,7 +307,7 @@ class GeminiStreamTranslator:
         self.provider = provider
         self.done = False
         self._tool_calls = 0
-        self._usage: tuple[int, int] | None = None
+        self._usage: tuple[int, int, int] | None = None
         self._hidden = 0  # hidden-reasoning tokens surfaced so far (a bound)
 
     def feed(self, chunk: dict[str, Any]) -> list[StreamPiece]:
@@ -371,7 +374,7 @@ class GeminiStreamTranslator:
     def _usage_piece(self) -> StreamPiece:
         if self._usage is None:
             return StreamPiece()
-        return StreamPiece(prompt_tokens=self._usage[0], completion_tokens=self._usage[1])
+        return StreamPiece(prompt_tokens=self._usage[0], completion_tokens=self._usage[1], cached_tokens=self._usage[2])
 
 
 # --------------------------------------------------------------------------- backend

@@ -86,6 +86,7 @@ class OpenAICompatibleBackend(HTTPBackend):
             message = openai_wire.message_from_json(choice["message"])
             prompt_tokens = int(usage["prompt_tokens"])
             completion_tokens = int(usage["completion_tokens"])
+            cached_tokens = _cached_tokens(usage)
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
             raise malformed(self.name) from error
         if finish_reason not in KNOWN_FINISH_REASONS:
@@ -97,6 +98,7 @@ class OpenAICompatibleBackend(HTTPBackend):
             completion_tokens=completion_tokens,
             model=str(data.get("model") or params.upstream_model),
             system_fingerprint=str(data.get("system_fingerprint") or ""),
+            cached_tokens=cached_tokens,
         )
 
     async def stream(self, request: router_pb2.ChatRequest, params: CallParams) -> AsyncIterator[StreamPiece]:
@@ -147,7 +149,9 @@ class OpenAICompatibleBackend(HTTPBackend):
             try:
                 pieces.append(
                     StreamPiece(
-                        prompt_tokens=int(usage["prompt_tokens"]), completion_tokens=int(usage["completion_tokens"])
+                        prompt_tokens=int(usage["prompt_tokens"]),
+                        completion_tokens=int(usage["completion_tokens"]),
+                        cached_tokens=_cached_tokens(usage),
                     )
                 )
             except (KeyError, TypeError, ValueError) as error:
@@ -174,3 +178,11 @@ class OpenAICompatibleBackend(HTTPBackend):
         return EmbeddingResult(
             vectors=vectors, prompt_tokens=prompt_tokens, model=str(data.get("model") or params.upstream_model)
         )
+
+
+def _cached_tokens(usage: dict[str, Any]) -> int:
+    """OpenAI's ``usage.prompt_tokens_details.cached_tokens`` (a part of the prompt tokens)."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, dict):
+        return 0
+    return max(0, int(details.get("cached_tokens") or 0))

@@ -24,6 +24,7 @@ LOCAL_MODEL = "smollm2-135m-instruct"
 STT_MODEL = "whisper-tiny.en"
 STT_WORKERS = 1
 STT_MAX_QUEUE = 3
+STT_PRICE_PER_MINUTE_USD = "0.006"
 
 # The providers and routes test_providers_e2e.py exercises (after `local` and `upstream`).
 PROVIDERS_YAML = """
@@ -206,6 +207,8 @@ pools:
             # One transcription at a time and three waiting: test_stt_e2e fills the queue.
             "HOOSH_STT_WORKERS": str(STT_WORKERS),
             "HOOSH_STT_MAX_QUEUE": str(STT_MAX_QUEUE),
+            # The local Whisper priced like OpenAI's whisper-1, so transcriptions have a cost.
+            "HOOSH_STT_PRICE_PER_MINUTE_USD": STT_PRICE_PER_MINUTE_USD,
         },
     )
     stack = Stack(config)

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from hoosh_common.prices import TokenPrice, default_table, usd_to_micros
+from hoosh_common.prices import AudioPrice, TokenPrice, default_table, usd_to_micros
 
-from .conftest import RunningStack
+from .conftest import STT_MODEL, STT_PRICE_PER_MINUTE_USD, RunningStack
+from .test_stt_e2e import speech  # noqa: F401 - the spoken sentence fixture
 from .test_tenancy_e2e import admin_client, audit_entry, make_key, make_pool
 
 pytestmark = pytest.mark.slow
@@ -43,7 +45,11 @@ def ledger(base_url: str, key: str, **query: str) -> dict[str, Any]:
     return body
 
 
-def test_every_cost_a_client_is_told_adds_up_to_the_ledger(hoosh: RunningStack, admin: httpx.Client) -> None:
+def test_every_cost_a_client_is_told_adds_up_to_the_ledger(
+    hoosh: RunningStack,
+    admin: httpx.Client,
+    speech: Path,  # noqa: F811 - the fixture imported above
+) -> None:
     team = make_pool(admin, 10_000_000)
     key, key_id = make_key(admin, [team])
     client = openai.OpenAI(base_url=f"{hoosh.base_url}/v1", api_key=key, max_retries=0)
@@ -88,6 +94,24 @@ def test_every_cost_a_client_is_told_adds_up_to_the_ledger(hoosh: RunningStack, 
     assert int(embedded.headers["x-hoosh-cost-usd-micros"]) == cost == UPSTREAM.cost(vectors.usage.prompt_tokens, 0) > 0
     told.append(cost)
 
+    # A transcription: priced per minute of audio (tests/conftest.py prices the local Whisper).
+    with speech.open("rb") as audio:
+        heard = httpx.post(
+            f"{hoosh.base_url}/v1/audio/transcriptions",
+            data={"model": STT_MODEL, "response_format": "json"},
+            files={"file": ("speech.wav", audio, "audio/wav")},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=120,
+        )
+    assert heard.status_code == 200, heard.text
+    usage = heard.json()["usage"]
+    cost = int(usage["cost_usd_micros"])
+    assert int(heard.headers["x-hoosh-cost-usd-micros"]) == cost
+    per_minute = AudioPrice(per_minute=usd_to_micros(STT_PRICE_PER_MINUTE_USD))
+    # The reply's duration is rounded to the millisecond; the charge used the exact one.
+    assert abs(cost - per_minute.cost(round(usage["seconds"] * 1000))) <= 1 and cost > 0
+    told.append(cost)
+
     # An abandoned stream: the client left before any cost reached it; the router read the
     # rest for the provider's usage, charged it, and the event says what it cost.
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 64, "stream": True, "pool": team}
@@ -112,12 +136,13 @@ def test_every_cost_a_client_is_told_adds_up_to_the_ledger(hoosh: RunningStack, 
         time.sleep(0.1)  # the abandoned stream's commit lands after its drain
         report = ledger(hoosh.base_url, key, group_by="key_id")
     assert report["total"]["cost_usd_micros"] == expected
-    assert report["total"]["requests"] == 5
+    assert report["total"]["requests"] == 6
     assert [line["key_id"] for line in report["data"]] == [key_id]
     assert report["total"]["cost_usd"] == f"{expected // 1_000_000}.{expected % 1_000_000:06d}"
 
     # By model: each model's line is the sum of its calls.
-    by_model = {line["model"]: line["cost_usd_micros"] for line in ledger(hoosh.base_url, key, group_by="model")["data"]}
+    lines = ledger(hoosh.base_url, key, group_by="model")["data"]
+    by_model = {line["model"]: line["cost_usd_micros"] for line in lines}
     assert by_model["gemini-2.0-flash"] == told[1]
     assert sum(by_model.values()) == expected
 
@@ -127,7 +152,7 @@ def test_every_cost_a_client_is_told_adds_up_to_the_ledger(hoosh: RunningStack, 
     assert seen_by_admin["data"] == [
         {
             "pool": team,
-            "requests": 5,
+            "requests": 6,
             "prompt_tokens": seen_by_admin["total"]["prompt_tokens"],
             "completion_tokens": seen_by_admin["total"]["completion_tokens"],
             "cost_usd_micros": expected,

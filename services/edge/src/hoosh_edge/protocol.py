@@ -494,6 +494,7 @@ class TranscriptionRequest(OpenAIModel):
 class TranscriptionUsage(OpenAIModel):
     type: Literal["duration"] = "duration"
     seconds: float = Field(description="Duration of the input audio in seconds")
+    cost_usd_micros: int = Field(description="hoosh: what the transcription cost, in integer micro-dollars")
 
 
 class TranscriptionResponse(OpenAIModel):

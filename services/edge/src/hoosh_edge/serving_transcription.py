@@ -27,7 +27,7 @@ from starlette.responses import Response
 from .errors import ClientClosedRequestError, EdgeError, InvalidRequestError, MappedError, validation_error
 from .protocol import TranscriptionRequest
 from .responses import OrjsonResponse
-from .serving_chat import DisconnectWatch, Receive
+from .serving_chat import COST_HEADER, DisconnectWatch, Receive
 from .uploads import UploadSpool
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ def to_vtt(segments: Iterable[stt_pb2.Segment]) -> str:
 
 
 def _usage(reply: stt_pb2.TranscribeResponse) -> dict[str, Any]:
-    return {"type": "duration", "seconds": round(reply.duration, 3)}
+    """OpenAI's duration usage, plus hoosh's exact cost in micro-dollars."""
+    return {"type": "duration", "seconds": round(reply.duration, 3), "cost_usd_micros": reply.cost_usd_micros}
 
 
 def to_verbose_json(reply: stt_pb2.TranscribeResponse, granularities: Sequence[str]) -> dict[str, Any]:
@@ -186,19 +187,21 @@ def to_verbose_json(reply: stt_pb2.TranscribeResponse, granularities: Sequence[s
 
 
 def render(reply: stt_pb2.TranscribeResponse, body: TranscriptionRequest) -> Response:
-    """The reply in the asked-for format, with OpenAI's content types."""
+    """The reply in the asked-for format, with OpenAI's content types; the cost in the
+    ``X-Hoosh-Cost-Usd-Micros`` header whatever the format (text formats have no usage)."""
     fmt = body.response_format
+    headers = {COST_HEADER: str(reply.cost_usd_micros)}
     if fmt == "json":
-        return OrjsonResponse({"text": reply.text, "usage": _usage(reply)})
+        return OrjsonResponse({"text": reply.text, "usage": _usage(reply)}, headers=headers)
     if fmt == "verbose_json":
-        return OrjsonResponse(to_verbose_json(reply, body.timestamp_granularities))
+        return OrjsonResponse(to_verbose_json(reply, body.timestamp_granularities), headers=headers)
     if fmt == "srt":
         text = to_srt(reply.segments)
     elif fmt == "vtt":
         text = to_vtt(reply.segments)
     else:
         text = reply.text + "\n"
-    return Response(text, media_type="text/plain; charset=utf-8")
+    return Response(text, media_type="text/plain; charset=utf-8", headers=headers)
 
 
 # --------------------------------------------------------------------------- the call

@@ -11,6 +11,7 @@ import nats
 from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import new_server, serve
 from hoosh_common.logs import configure_logging
+from hoosh_common.prices import AudioPrice, usd_to_micros
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
 from hoosh_metering.errors import BudgetError
@@ -98,6 +99,7 @@ async def main(settings: SttSettings, engine: Engine) -> None:
         max_audio_seconds=settings.stt_max_audio_seconds,
         window_seconds=settings.stt_window_seconds,
         decode_workers=settings.stt_decode_workers,
+        price=AudioPrice(per_minute=usd_to_micros(settings.stt_price_per_minute_usd)),
         # The callers' own RPM / TPM / concurrency, in the same Redis as the router's.
         limiter=KeyLimiter(redis, settings.budget_key_prefix),
     )

@@ -17,7 +17,7 @@ import random
 from collections.abc import Awaitable, Callable
 
 from hoosh_metering import errors as metering
-from hoosh_metering.pools import BudgetStore, EndResult
+from hoosh_metering.pools import BudgetStore, EndResult, LedgerLine
 from redis.exceptions import RedisError
 
 from .errors import BudgetExhausted, InvalidRequest, PoolNotFound, Unavailable
@@ -81,12 +81,30 @@ class SttBudget:
         except (metering.BudgetError, RedisError):
             return ()
 
-    async def commit(self, reservation_id: str, used_tokens: int, *, pool: str, owner: str) -> None:
-        """Charge the actual usage; retried in the background while Redis is unreachable."""
+    async def commit(
+        self,
+        reservation_id: str,
+        used_tokens: int,
+        *,
+        pool: str,
+        owner: str,
+        usd_micros: int = 0,
+        ledger: LedgerLine | None = None,
+    ) -> None:
+        """Charge the actual usage (and its cost, with its cost-ledger line); retried in the
+        background while Redis is unreachable."""
         await self._settle(
             "commit",
             reservation_id,
-            lambda: self._store.commit(reservation_id, used_tokens, pool=pool, owner=owner, kind=KIND),
+            lambda: self._store.commit(
+                reservation_id,
+                used_tokens,
+                pool=pool,
+                owner=owner,
+                kind=KIND,
+                used_usd_micros=usd_micros,
+                ledger=ledger,
+            ),
         )
 
     async def release(self, reservation_id: str, *, pool: str, owner: str) -> None:

@@ -3,6 +3,7 @@ catalogue: the bundled Whisper tiny.en plus any CTranslate2 Whisper models named
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +65,9 @@ class SttSettings(BaseSettings):
     )
     stt_vad_filter: bool = Field(default=True, description="Drop non-speech (Silero VAD) before Whisper sees it")
     stt_tokens_per_second: float = Field(default=10.0, gt=0, description="Pool tokens charged per second of audio")
+    # The local engines are priced only here (USD per minute of audio, a decimal; 0: free);
+    # the cost is returned to the client, recorded in the event and the cost ledger.
+    stt_price_per_minute_usd: Decimal = Field(default=Decimal(0), ge=0, description="USD per minute of audio")
     stt_lease_seconds: int = Field(default=1800, gt=0, description="Budget lease of one transcription")
     stt_retry_after_seconds: int = Field(default=1, ge=0, description="Retry-After sent with stt_overloaded")
 

@@ -86,6 +86,7 @@ def to_response(result: TranscriptionResult, request_id: str) -> stt_pb2.Transcr
             stt_pb2.Word(word=w.word, start=w.start, end=w.end, probability=w.probability) for w in transcript.words
         ],
         charged_tokens=result.charged_tokens,
+        cost_usd_micros=result.cost_usd_micros,
     )
 
 

@@ -44,9 +44,11 @@ from google.protobuf.message import Message
 from hoosh.chat.v1 import chat_pb2
 from hoosh.events.v1 import events_pb2
 from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
+from hoosh_common.prices import FREE_AUDIO, AudioPrice
 from hoosh_common.telemetry import current_trace_id
 from hoosh_metering import errors as metering
 from hoosh_metering.limits import KeyGate, KeyLimiter, KeyLimits
+from hoosh_metering.pools import LedgerLine
 from redis.exceptions import RedisError
 
 from .audio import SAMPLE_RATE, probe, windows
@@ -97,6 +99,7 @@ class TranscriptionResult:
     language_name: str
     duration: float
     charged_tokens: int
+    cost_usd_micros: int = 0
 
 
 class WorkQueue:
@@ -214,6 +217,7 @@ class TranscriptionService:
         window_seconds: float = 300.0,
         decode_workers: int = 2,
         limiter: KeyLimiter | None = None,
+        price: AudioPrice = FREE_AUDIO,
     ) -> None:
         self._engine = engine
         self._budget = budget
@@ -222,6 +226,7 @@ class TranscriptionService:
         self._publisher = publisher
         self._queue = queue
         self._tokens_per_second = tokens_per_second
+        self._price = price
         self._max_audio_bytes = max_audio_bytes
         self._max_audio_seconds = max_audio_seconds
         self._window_seconds = window_seconds
@@ -304,6 +309,7 @@ class TranscriptionService:
         chain: tuple[str, ...],
         tokens: int,
         started: float,
+        usd: int = 0,
     ) -> None:
         event = events_pb2.InferenceCompleted(
             request_id=request_id,
@@ -317,7 +323,8 @@ class TranscriptionService:
             stream=False,
             user=request.user,
             finish_reason="stop",
-            cost_usd=0.0,
+            cost_usd=usd / 1_000_000,
+            cost_usd_micros=usd,
             kind="transcription",
             key_id=request.key_id,
             pool_chain=list(chain),
@@ -414,6 +421,7 @@ class TranscriptionService:
                     log.exception("engine failed", extra={"model": request.model})
                     raise EngineFailure(f"The speech-to-text engine failed: {type(exc).__name__}") from exc
                 charged = self.tokens_for(duration)
+                cost = self._price.cost(math.ceil(duration * 1000))
             finally:
                 stop.set()  # a caller gone mid-transcription: its job stops at the next window
                 ticket.close()
@@ -426,7 +434,7 @@ class TranscriptionService:
                 raise
             raise stt_error from error
         # The engine's work is done: commit and record even if the client leaves meanwhile.
-        await asyncio.shield(self._finish(request, request_id, pool, chain, charged, started, admitted))
+        await asyncio.shield(self._finish(request, request_id, pool, chain, charged, started, admitted, cost))
         log.info(
             "transcribed",
             extra={"model": request.model, "audio_seconds": round(duration, 3), "tokens": charged, "pool": pool},
@@ -437,6 +445,7 @@ class TranscriptionService:
             language_name=language_name(transcript.language),
             duration=duration,
             charged_tokens=charged,
+            cost_usd_micros=cost,
         )
 
     async def _admit_key(self, request: TranscriptionRequest, request_id: str, tokens: int) -> None:
@@ -484,10 +493,14 @@ class TranscriptionService:
         tokens: int,
         started: float,
         admitted: int | None,
+        usd: int = 0,
     ) -> None:
         try:
-            await self._budget.commit(request_id, tokens, pool=pool, owner=request.key_id)
-            self._completed(request, request_id, pool, chain, tokens, started)
+            ledger = LedgerLine(self._engine.name, request.model, tokens, 0)
+            await self._budget.commit(
+                request_id, tokens, pool=pool, owner=request.key_id, usd_micros=usd, ledger=ledger
+            )
+            self._completed(request, request_id, pool, chain, tokens, started, usd)
         finally:
             await self._finish_key(request, request_id, admitted, tokens)
 

@@ -1,0 +1,84 @@
+"""The event-bus settings every service that declares the stream or publishes to it
+shares, read from the environment (prefix ``HOOSH_``).
+
+A service's settings class inherits them (``class RouterSettings(EventBusSettings)``)
+so that router, stt, budget and audit read the same variables: every process that
+declares the stream must pass the same ``StreamPolicy`` (or none), and each
+publishing process has its own outbox directory under ``HOOSH_EVENTS_OUTBOX_DIR``.
+
+- ``HOOSH_EVENTS_OUTBOX_DIR`` (unset: no outbox, events NATS does not take are
+  lost): the parent directory; each service uses ``<dir>/<service>``. It must
+  outlive the process: a PersistentVolumeClaim per pod (StatefulSet
+  ``volumeClaimTemplates``) keeps it across pod deletion; an ``emptyDir`` only
+  across container restarts (a crash, an OOM kill) within one pod.
+- ``HOOSH_EVENTS_OUTBOX_MAX_ENTRIES`` (100000), ``HOOSH_EVENTS_OUTBOX_MAX_BYTES``
+  (256 MiB): the outbox's bounds. ``HOOSH_EVENTS_OUTBOX_HIGH_WATER`` (0.9): the
+  fraction of either bound from which the publisher reports unhealthy.
+- ``HOOSH_NATS_STREAM_RETENTION`` (unset: the stream's bounds are not managed):
+  ``workqueue`` (recommended, needs the audit consumer to deliver ALL) or ``limits``.
+- ``HOOSH_NATS_STREAM_MAX_BYTES`` (1 GiB), ``HOOSH_NATS_STREAM_MAX_MSGS`` (-1: none),
+  ``HOOSH_NATS_STREAM_MAX_AGE_SECONDS`` (0: none; ``limits`` only, and required
+  there), ``HOOSH_NATS_STREAM_REPLICAS`` (1; 3 on a three-node cluster).
+- ``HOOSH_NATS_DUPLICATE_WINDOW_SECONDS`` (120): JetStream's Nats-Msg-Id window.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hoosh_common.eventbus import DEFAULT_STREAM_MAX_BYTES, DUPLICATE_WINDOW_S, StreamPolicy
+from hoosh_common.outbox import DEFAULT_HIGH_WATER, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Outbox
+
+
+class EventBusSettings(BaseSettings):
+    """Stream bounds and the publisher's outbox (see the module docstring)."""
+
+    model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
+
+    events_outbox_dir: Path | None = Field(
+        default=None, description="Parent of each service's outbox directory; unset: no outbox (events may be lost)"
+    )
+    events_outbox_max_entries: int = Field(default=DEFAULT_MAX_ENTRIES, ge=1)
+    events_outbox_max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1)
+    events_outbox_high_water: float = Field(default=DEFAULT_HIGH_WATER, gt=0, le=1)
+    nats_stream_retention: Literal["workqueue", "limits"] | None = Field(
+        default=None, description="Stream retention with bounds; unset: leave the stream's bounds as they are"
+    )
+    nats_stream_max_bytes: int = Field(default=DEFAULT_STREAM_MAX_BYTES, ge=1)
+    nats_stream_max_msgs: int = Field(default=-1, ge=-1)
+    nats_stream_max_age_seconds: float = Field(default=0.0, ge=0)
+    nats_stream_replicas: int = Field(default=1, ge=1, le=5)
+    nats_duplicate_window_seconds: float = Field(default=DUPLICATE_WINDOW_S, gt=0)
+
+    @model_validator(mode="after")
+    def _policy_is_valid(self) -> EventBusSettings:
+        self.stream_policy()  # fail at start, not at the first declaration
+        return self
+
+    def stream_policy(self) -> StreamPolicy | None:
+        """The stream's bounds for ``ensure_stream(policy=...)``; None when unmanaged.
+        Raises ValueError for a combination that could drop unaudited events."""
+        if self.nats_stream_retention is None:
+            return None
+        return StreamPolicy(
+            retention=self.nats_stream_retention,
+            max_bytes=self.nats_stream_max_bytes,
+            max_msgs=self.nats_stream_max_msgs,
+            max_age=self.nats_stream_max_age_seconds,
+            replicas=self.nats_stream_replicas,
+        )
+
+    def event_outbox(self, service: str) -> Outbox | None:
+        """This service's outbox (``<dir>/<service>``, not opened yet), or None."""
+        if self.events_outbox_dir is None:
+            return None
+        return Outbox(
+            self.events_outbox_dir / service,
+            max_entries=self.events_outbox_max_entries,
+            max_bytes=self.events_outbox_max_bytes,
+            high_water=self.events_outbox_high_water,
+        )

@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import pytest
 import redis.asyncio as redis
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 from hoosh_cli.stack import free_port
 from hoosh_common import events
+from hoosh_common.eventbus import EventPublisher
+from hoosh_common.outbox import Outbox, OutboxEntry
 from hoosh_metering.limits import KeyGate, KeyLimiter
 from hoosh_metering.pools import BudgetStore, PoolView
 from hoosh_router.backends.base import Backend
@@ -29,7 +32,7 @@ from hoosh_router.chat import ChatService
 from hoosh_router.config import Catalogue, ProviderConfig
 from hoosh_router.dispatch import Dispatcher, RetryPolicy
 from hoosh_router.embeddings import EmbeddingService
-from hoosh_router.errors import InvalidRequest, UpstreamError
+from hoosh_router.errors import EventsUnavailable, InvalidRequest, UpstreamError
 from hoosh_router.estimate import prompt_token_bound
 from hoosh_router.health import HealthBoard
 from hoosh_router.ratelimit import RateLimiter
@@ -286,6 +289,10 @@ class CountingPublisher:
         self.calls.append((name, event_id))
         return self.inner.publish_background(name, message, event_id)
 
+    @property
+    def healthy(self) -> bool:
+        return bool(self.inner.healthy)
+
 
 async def test_cancel_after_reserve_while_the_cache_lookup_is_pending_releases(router: Router) -> None:
     cache = router.cache
@@ -349,3 +356,37 @@ async def test_a_candidate_that_cannot_count_tokens_falls_over_to_the_next(route
     assert reply.provider == "primary" and reply.usage.total_tokens > 0
     pool = await router.pool()
     assert pool.reserved == 0 and pool.used == reply.usage.total_tokens
+
+
+async def test_while_events_cannot_be_kept_no_request_is_admitted(router: Router, tmp_path: Any) -> None:
+    """An outbox past its high-water mark: every chat and embedding is refused with 503
+    events_unavailable before anything is reserved; once it drains, service resumes."""
+    outbox = Outbox(tmp_path / "outbox", max_entries=4, high_water=0.5)
+    bus = router.bus
+    publisher = EventPublisher(bus.nc, bus.js, bus.stream, bus.subject_prefix, outbox=outbox)
+    await outbox.open()
+    for index in range(2):  # two of four: at the high-water mark
+        await outbox.put(
+            OutboxEntry(
+                subject=f"{bus.subject_prefix}.test",
+                event_id=f"kept-{index}",
+                data=b"{}",
+                headers={"Nats-Msg-Id": f"kept-{index}"},
+                first_attempt_ms=1_700_000_000_000,
+            )
+        )
+    assert not publisher.healthy
+    real = router.recorder._publisher
+    router.recorder._publisher = publisher  # type: ignore[assignment]
+    before = await router.pool()
+    with pytest.raises(EventsUnavailable) as refused:
+        await router.chat.chat(request_for("mock-x"), rid())
+    assert refused.value.status == grpc.StatusCode.UNAVAILABLE and refused.value.retry_after == 5
+    with pytest.raises(EventsUnavailable):
+        await router.embeddings.embed(
+            router_pb2.EmbedRequest(model="text-embedding-3-small", input=["x"], pool=POOL), rid()
+        )
+    after = await router.pool()
+    assert (after.used, after.reserved) == (before.used, before.reserved)
+    router.recorder._publisher = real
+    await outbox.close()

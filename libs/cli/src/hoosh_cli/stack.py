@@ -75,6 +75,8 @@ class StackConfig:
             "HOOSH_ROUTER_KEY_PREFIX": self.router_key_prefix,
             "HOOSH_AUDIT_HMAC_KEY": self.audit_key,
             "HOOSH_AUDIT_DIR": str(self.state_dir / "audit"),
+            # Events NATS does not ack wait here (one directory per publishing service).
+            "HOOSH_EVENTS_OUTBOX_DIR": str(self.state_dir / "outbox"),
             "HOOSH_AUDIT_CONSUMER": self.audit_consumer,
             "HOOSH_AUTH": self.auth,
             "HOOSH_ADMIN_KEY": self.admin_key,

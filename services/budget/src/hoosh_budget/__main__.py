@@ -66,11 +66,27 @@ async def main(settings: BudgetSettings) -> None:
     nc = await nats.connect(settings.nats_url, name="hoosh-budget", max_reconnect_attempts=-1)
     reaper: asyncio.Task[None] | None = None
     ticker: asyncio.Task[None] | None = None
+    publisher: EventPublisher | None = None
     try:
         js = nc.jetstream()
-        await ensure_stream(js, settings.nats_stream, settings.subject_prefix)
+        await ensure_stream(
+            js,
+            settings.nats_stream,
+            settings.subject_prefix,
+            duplicate_window=settings.nats_duplicate_window_seconds,
+            policy=settings.stream_policy(),
+        )
         # Few tries per publish: ResetPool waits on it, and the ticker retries what is left.
-        publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix, max_attempts=2)
+        publisher = EventPublisher(
+            nc,
+            js,
+            settings.nats_stream,
+            settings.subject_prefix,
+            max_attempts=2,
+            outbox=settings.event_outbox("budget"),
+            duplicate_window=settings.nats_duplicate_window_seconds,
+        )
+        await publisher.start()
         announcer = ResetAnnouncer(publisher)
         await store.start()
         await provision_pools(store, settings)
@@ -84,6 +100,8 @@ async def main(settings: BudgetSettings) -> None:
     finally:
         await _stop(ticker)
         await _stop(reaper)
+        if publisher is not None:
+            await publisher.close(grace=5.0)
         try:
             await nc.drain()
         except nats.errors.Error as exc:

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from hoosh_metering.errors import InvalidArgument
 from hoosh_metering.periods import validate_period
 from hoosh_metering.pools import PoolSpec
 from pydantic import BaseModel, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 DEFAULT_POOL = "default"
 # Lua numbers are doubles: every amount stays where integers are exact.
@@ -21,7 +22,9 @@ MICROS_PER_USD = 1_000_000
 POOL_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
-class BudgetSettings(BaseSettings):
+class BudgetSettings(EventBusSettings):
+    """The budget service's environment (prefix ``HOOSH_``), the event bus's included."""
+
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 
     budget_listen: str = "127.0.0.1:50052"

@@ -97,8 +97,26 @@ async def main(settings: RouterSettings | None = None) -> None:
 
     nc = await nats.connect(settings.nats_url, name="hoosh-router", max_reconnect_attempts=-1)
     js = nc.jetstream()
-    await ensure_stream(js, settings.nats_stream, settings.subject_prefix)
-    publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix)
+    await ensure_stream(
+        js,
+        settings.nats_stream,
+        settings.subject_prefix,
+        duplicate_window=settings.nats_duplicate_window_seconds,
+        policy=settings.stream_policy(),
+    )
+    outbox = settings.event_outbox("router")
+    publisher = EventPublisher(
+        nc,
+        js,
+        settings.nats_stream,
+        settings.subject_prefix,
+        outbox=outbox,
+        # With an outbox an unacked event goes to disk after ~3 s, not ~10 s in memory.
+        max_attempts=3 if outbox is not None else 5,
+        ack_timeout=1.0 if outbox is not None else 2.0,
+        duplicate_window=settings.nats_duplicate_window_seconds,
+    )
+    await publisher.start()  # drains what an earlier process left in the outbox
 
     budget_channel = insecure_channel(settings.budget_addr)
     budget_backend: BudgetBackend
@@ -139,7 +157,7 @@ async def main(settings: RouterSettings | None = None) -> None:
         await limiter.drain()
         if store is not None:
             await store.close()
-        await publisher.drain()  # no event is lost on shutdown
+        await publisher.close(grace=5.0)  # no event is lost: what NATS does not take stays in the outbox
         await nc.drain()
         await budget_channel.close()
         await redis_client.aclose()

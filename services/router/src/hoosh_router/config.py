@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from hoosh_common.prices import FREE, TokenPrice, default_table, usd_to_micros
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 LOCAL_MODEL_DEFAULT = "smollm2-135m-instruct"
 
@@ -77,7 +78,9 @@ MAX_EVENT_BYTES = 8 * MIB
 MAX_RESPONSE_BYTES = 32 * MIB
 
 
-class RouterSettings(BaseSettings):
+class RouterSettings(EventBusSettings):
+    """The router's environment (prefix ``HOOSH_``), the event bus's included."""
+
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 
     router_listen: str = "127.0.0.1:50051"

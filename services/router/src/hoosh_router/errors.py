@@ -97,6 +97,19 @@ class BudgetUnavailable(RouterError):
         super().__init__(message, **kwargs)
 
 
+class EventsUnavailable(RouterError):
+    """Neither NATS nor the local outbox can take more events: a request now could not
+    be recorded, so none is admitted until the outbox drains (503, Retry-After)."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    error_type = "api_error"
+    error_code = "events_unavailable"
+
+    def __init__(self, message: str = "Events cannot be recorded right now; try again shortly", **kwargs: Any) -> None:
+        kwargs.setdefault("retry_after", 5)
+        super().__init__(message, **kwargs)
+
+
 class RateLimited(RouterError):
     """A provider said 429 (retryable there), every candidate is over its hoosh limit, or
     the caller's key is over its own RPM, TPM or concurrency limit."""

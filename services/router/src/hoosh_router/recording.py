@@ -36,6 +36,7 @@ from .errors import (
     BudgetExhausted,
     BudgetUnavailable,
     ClientCancelled,
+    EventsUnavailable,
     InvalidRequest,
     RateLimited,
     RouterError,
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 
 class Publisher(Protocol):
     def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
+
+    @property
+    def healthy(self) -> bool:
+        """False while events could not be kept (the outbox past its high-water mark)."""
+        ...
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> chat_pb2.Usage:
@@ -132,7 +138,10 @@ class Recorder:
     # -- admission ------------------------------------------------------------------------
 
     async def admit(self, info: RequestInfo, tokens: int) -> None:
-        """The key's RPM / TPM / concurrency (nothing at all for a key without limits)."""
+        """Refuse every request while its event could not be kept (503, Retry-After);
+        then the key's RPM / TPM / concurrency (nothing at all for a key without limits)."""
+        if not self._publisher.healthy:
+            raise EventsUnavailable()
         if info.limits is None or not info.key_id:
             return
         # Marked before the call: if the ADMIT script ran but its reply was lost (a

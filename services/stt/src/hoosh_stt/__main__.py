@@ -81,8 +81,25 @@ def build_engine(settings: SttSettings, specs: list[ModelSpec]) -> Engine:
 async def main(settings: SttSettings, engine: Engine) -> None:
     nc = await nats.connect(settings.nats_url, name="hoosh-stt", max_reconnect_attempts=-1)
     js = nc.jetstream()
-    await ensure_stream(js, settings.nats_stream, settings.subject_prefix)
-    publisher = EventPublisher(nc, js, settings.nats_stream, settings.subject_prefix)
+    await ensure_stream(
+        js,
+        settings.nats_stream,
+        settings.subject_prefix,
+        duplicate_window=settings.nats_duplicate_window_seconds,
+        policy=settings.stream_policy(),
+    )
+    outbox = settings.event_outbox("stt")
+    publisher = EventPublisher(
+        nc,
+        js,
+        settings.nats_stream,
+        settings.subject_prefix,
+        outbox=outbox,
+        max_attempts=3 if outbox is not None else 5,
+        ack_timeout=1.0 if outbox is not None else 2.0,
+        duplicate_window=settings.nats_duplicate_window_seconds,
+    )
+    await publisher.start()  # drains what an earlier process left in the outbox
     redis = connect_redis(settings.redis_url)
     store = BudgetStore(
         redis, settings.budget_key_prefix, settings.stt_lease_seconds, expiry_policy=settings.budget_expiry_policy
@@ -108,7 +125,7 @@ async def main(settings: SttSettings, engine: Engine) -> None:
 
     async def on_stop() -> None:
         await service.drain_key_limits()
-        await publisher.drain()  # no event is lost on shutdown
+        await publisher.close(grace=5.0)  # no event is lost: what NATS does not take stays in the outbox
         await nc.drain()
         await budget.close()
         await store.close()

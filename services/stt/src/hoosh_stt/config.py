@@ -7,9 +7,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
+from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from .engine import BUNDLED_MODEL, ModelSpec, bundled_model_dir
 
@@ -18,8 +19,8 @@ __all__ = ["BUNDLED_MODEL", "OPENAI_MAX_UPLOAD_BYTES", "ModelSpec", "SttSettings
 OPENAI_MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's documented 25 MB (26214400 bytes)
 
 
-class SttSettings(BaseSettings):
-    """Everything the STT service reads from the environment."""
+class SttSettings(EventBusSettings):
+    """Everything the STT service reads from the environment (the event bus's included)."""
 
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 

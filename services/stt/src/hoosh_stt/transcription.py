@@ -77,6 +77,11 @@ DRAIN_FACTOR = 2  # an oversized upload is read (and dropped) up to this many ti
 class Publisher(Protocol):
     def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
 
+    @property
+    def healthy(self) -> bool:
+        """False while events could not be kept (the outbox past its high-water mark)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class TranscriptionRequest:
@@ -385,6 +390,10 @@ class TranscriptionService:
         loop = asyncio.get_running_loop()
         try:
             params = self._validate(request)
+            if not self._publisher.healthy:  # its event could not be kept: refuse before any work
+                raise Unavailable(
+                    "Events cannot be recorded right now; try again shortly", code="events_unavailable", retry_after=5
+                )
             ticket = self._queue.admit()
             try:
                 if on_admitted is not None:

@@ -41,10 +41,15 @@ async def serve(
     *,
     grace_seconds: float = 10.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    ready: Callable[[], bool] | None = None,
+    ready_interval_seconds: float = 1.0,
 ) -> None:
     """Bind, mark every service SERVING, and run until SIGTERM/SIGINT.
 
-    The grace period is shorter than Kubernetes' default termination grace (30 s).
+    ``ready``: polled every ``ready_interval_seconds``; while it is false the named
+    services are NOT_SERVING (readiness: no new work routed here) and the overall ""
+    stays SERVING (liveness: the process is fine; its outbox, say, is draining). The
+    grace period is shorter than Kubernetes' default termination grace (30 s).
     """
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -60,10 +65,34 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if ready is not None:
+        watcher = asyncio.create_task(_watch_readiness(health_servicer, service_names, ready, ready_interval_seconds))
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     log.info("stopping gRPC server", extra={"grace_seconds": grace_seconds})
     for name in [*service_names, ""]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace_seconds)
     if on_stop is not None:
         await on_stop()
+
+
+async def _watch_readiness(
+    health_servicer: health.aio.HealthServicer, service_names: list[str], ready: Callable[[], bool], interval: float
+) -> None:
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            now = bool(ready())
+        except Exception:
+            log.exception("readiness check failed")
+            now = False
+        if now != serving:
+            serving = now
+            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in service_names:
+                await health_servicer.set(name, status)
+            log.warning("readiness changed", extra={"ready": now, "services": service_names})

@@ -165,7 +165,14 @@ async def main(settings: RouterSettings | None = None) -> None:
             await backend.close()
 
     log.info("router starting", extra={"providers": [p.name for p in catalogue.providers]})
-    await serve(server, settings.router_listen, ["hoosh.router.v1.RouterService"], on_stop=on_stop)
+    # Not ready (no new work routed here) while events could not be kept; live all along.
+    await serve(
+        server,
+        settings.router_listen,
+        ["hoosh.router.v1.RouterService"],
+        on_stop=on_stop,
+        ready=lambda: publisher.healthy,
+    )
 
 
 def cli() -> None:

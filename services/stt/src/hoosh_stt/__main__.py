@@ -145,7 +145,7 @@ async def main(settings: SttSettings, engine: Engine) -> None:
             "vad_filter": settings.stt_vad_filter,
         },
     )
-    await serve(server, settings.stt_listen, [SERVICE_NAME], on_stop=on_stop)
+    await serve(server, settings.stt_listen, [SERVICE_NAME], on_stop=on_stop, ready=lambda: publisher.healthy)
 
 
 def cli() -> None:

@@ -100,3 +100,13 @@ async def test_a_line_with_whitespace_is_refused(store: BudgetStore) -> None:
     await store.reserve("team", 3, "x", owner="k", kind="chat")
     with pytest.raises(InvalidArgument):
         await store.commit("x", 3, pool="team", ledger=LedgerLine("a provider", "m", 3, 0))
+
+
+async def test_a_days_ledger_expires(store: BudgetStore, client: RedisClient) -> None:
+    await tree(store)
+    for index, line in enumerate((LedgerLine("p", "m", 1, 0), LedgerLine("p", "other", 1, 0))):
+        await store.reserve("team", 1, f"x{index}", owner="k", kind="chat")
+        await store.commit(f"x{index}", 1, pool="team", ledger=line)
+    day = (today() - date(1970, 1, 1)).days
+    ttl = await client.ttl(f"{store.tree_base('org')}costs:{day}")
+    assert 399 * 86400 < ttl <= 400 * 86400

@@ -241,11 +241,12 @@ local LEDGER_TTL = 400 * 86400
 local function ledger(pool, key, provider, model, prompt, completion, usd)
   local k = base .. 'costs:' .. math.floor(now_ms() / 86400000)
   local line = provider .. '\t' .. model .. '\t' .. pool .. '\t' .. key .. '\t'
-  redis.pcall('HINCRBY', k, line .. 'r', 1)
+  -- A day's hash is created by the first request of its first line: only then is an
+  -- expiry due (NX keeps an existing one).
+  if redis.pcall('HINCRBY', k, line .. 'r', 1) == 1 then redis.call('EXPIRE', k, LEDGER_TTL, 'NX') end
   if prompt > 0 then redis.pcall('HINCRBY', k, line .. 'p', int(prompt)) end
   if completion > 0 then redis.pcall('HINCRBY', k, line .. 'c', int(completion)) end
   if usd > 0 then redis.pcall('HINCRBY', k, line .. 'u', int(usd)) end
-  redis.call('EXPIRE', k, LEDGER_TTL, 'NX')
 end
 
 -- End an active reservation once; its record lingers ended_ttl seconds.

@@ -127,7 +127,7 @@ def announcer(bus: Bus) -> ResetAnnouncer:
 
 async def start_server(store: BudgetStore, announcer: ResetAnnouncer) -> tuple[grpc.aio.Server, int]:
     server = new_server()
-    add_to_server(BudgetServicer(store, announcer), server)
+    add_to_server(BudgetServicer(store, announcer, announcer.sink), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port

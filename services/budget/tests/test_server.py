@@ -8,10 +8,12 @@ from collections.abc import Awaitable
 import grpc
 import pytest
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
+from hoosh.events.v1 import events_pb2
 from hoosh_budget.resets import ResetAnnouncer
 from hoosh_common.grpc_server import insecure_channel
 from hoosh_metering.pools import BudgetStore
 from hoosh_metering.redis import connect_redis
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from .conftest import Bus, start_server
 
@@ -345,3 +347,49 @@ async def test_a_deleted_pools_reservation_settles_in_its_ancestors(stub: Stub) 
         "team": (25, 0),
         "key": (0, 0),
     }
+
+
+async def admin_actions(bus: Bus, expected: int) -> list[tuple[str, str, events_pb2.AdminAction]]:
+    """(subject, Nats-Msg-Id, event) of every admin action in the stream."""
+    subscription = await bus.js.pull_subscribe(
+        f"{bus.prefix}.admin.>", config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    )
+    found: list[tuple[str, str, events_pb2.AdminAction]] = []
+    try:
+        while len(found) < expected:
+            for message in await subscription.fetch(10, timeout=5):
+                headers = message.headers or {}
+                found.append(
+                    (message.subject, headers.get("Nats-Msg-Id", ""), events_pb2.AdminAction.FromString(message.data))
+                )
+                await message.ack()
+    finally:
+        await subscription.unsubscribe()
+    return found
+
+
+async def test_an_admin_action_is_published_as_an_event(stub: budget_pb2_grpc.BudgetServiceStub, bus: Bus) -> None:
+    action = events_pb2.AdminAction(
+        event_id="req-admin-1", action="key.revoked", actor_key_id="key_admin", target="key_x", details_json="{}"
+    )
+    await stub.RecordAdminAction(action)
+    ((subject, msg_id, event),) = await admin_actions(bus, 1)
+    assert subject == f"{bus.prefix}.admin.key.revoked" and msg_id == "req-admin-1"
+    assert (event.action, event.actor_key_id, event.target) == ("key.revoked", "key_admin", "key_x")
+    assert event.timestamp_ms > 0
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        events_pb2.AdminAction(event_id="e", action="key.stolen"),
+        events_pb2.AdminAction(event_id="", action="key.created"),
+        events_pb2.AdminAction(event_id="e", action="pool.created", details_json="x" * 20_000),
+    ],
+)
+async def test_a_malformed_admin_action_is_refused(
+    stub: budget_pb2_grpc.BudgetServiceStub, action: events_pb2.AdminAction
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.RecordAdminAction(action)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

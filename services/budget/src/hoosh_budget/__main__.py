@@ -95,7 +95,7 @@ async def main(settings: BudgetSettings) -> None:
             tick_forever(store, announcer, settings.budget_period_tick_seconds), name="period-ticker"
         )
         server = new_server()
-        add_to_server(BudgetServicer(store, announcer), server)
+        add_to_server(BudgetServicer(store, announcer, publisher), server)
         await serve(server, settings.budget_listen, [SERVICE_NAME])
     finally:
         await _stop(ticker)

@@ -75,6 +75,11 @@ class ResetAnnouncer:
         self._pending: OrderedDict[str, events_pb2.BudgetReset] = OrderedDict()
 
     @property
+    def sink(self) -> EventSink:
+        """Where the events go (the service's publisher)."""
+        return self._sink
+
+    @property
     def pending(self) -> int:
         """Events not published yet."""
         return len(self._pending)

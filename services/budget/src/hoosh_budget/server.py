@@ -8,12 +8,15 @@ between the wire and the store, and turns each error into a status code with the
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable
 from datetime import date
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
+from hoosh.events.v1 import events_pb2
+from hoosh_common.eventbus import EventPublishError
 from hoosh_common.grpc_errors import error_metadata
 from hoosh_metering.errors import (
     BudgetError,
@@ -29,7 +32,7 @@ from hoosh_metering.errors import (
 from hoosh_metering.pools import BudgetStore, ExpiryPolicy, LedgerLine, PoolSpec, PoolView
 from redis.exceptions import RedisError
 
-from hoosh_budget.resets import ResetAnnouncer
+from hoosh_budget.resets import EventSink, ResetAnnouncer
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +140,9 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     ``announcer`` publishes the ``budget.reset`` event of ResetPool.
     """
 
-    def __init__(self, store: BudgetStore, announcer: ResetAnnouncer) -> None:
+    def __init__(self, store: BudgetStore, announcer: ResetAnnouncer, events: EventSink | None = None) -> None:
         self._store = store
+        self._events = events
         self._announcer = announcer
 
     async def Check(self, request: budget_pb2.CheckRequest, context: Context) -> budget_pb2.CheckResponse:
@@ -304,6 +308,54 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
                 if (not request.key_id or line.key_id == request.key_id) and (not pools or line.pool in pools)
             ]
         )
+
+    async def RecordAdminAction(
+        self, request: events_pb2.AdminAction, context: Context
+    ) -> budget_pb2.RecordAdminActionResponse:
+        problem = admin_action_problem(request)
+        if problem is not None:
+            await _abort(context, InvalidArgument(problem))
+        if self._events is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "This budget service publishes no events")
+        event = events_pb2.AdminAction()
+        event.CopyFrom(request)
+        if not event.timestamp_ms:
+            event.timestamp_ms = int(time.time() * 1000)
+        try:
+            # Awaited: NATS acked it, or the outbox holds it (fsynced) when NATS is away.
+            await self._events.publish(admin_subject(event.action), event, event.event_id)
+        except EventPublishError as exc:
+            log.error("admin action not recorded", extra={"event_id": event.event_id, "error": str(exc)})
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "The admin action could not be recorded; try again",
+                trailing_metadata=error_metadata("api_error", "events_unavailable", None, 5),
+            )
+        return budget_pb2.RecordAdminActionResponse()
+
+
+ADMIN_ACTIONS = frozenset(
+    {"key.created", "key.updated", "key.revoked", "pool.created", "pool.updated", "pool.deleted", "tokens.reported"}
+)
+MAX_ADMIN_DETAILS = 16 * 1024
+
+
+def admin_subject(action: str) -> str:
+    """The event name of an admin action (``admin.key.created``) under the subject prefix."""
+    return f"admin.{action}"
+
+
+def admin_action_problem(action: events_pb2.AdminAction) -> str | None:
+    """Why an admin action cannot be recorded as given, or None."""
+    if action.action not in ADMIN_ACTIONS:
+        return f"action must be one of {', '.join(sorted(ADMIN_ACTIONS))}"
+    if not action.event_id or len(action.event_id) > 128:
+        return "event_id must be 1-128 characters"
+    if len(action.target) > 256 or len(action.actor_key_id) > 128:
+        return "target or actor_key_id too long"
+    if len(action.details_json) > MAX_ADMIN_DETAILS:
+        return f"details_json must be at most {MAX_ADMIN_DETAILS} bytes"
+    return None
 
 
 def ledger_line(message: budget_pb2.LedgerLine) -> LedgerLine:

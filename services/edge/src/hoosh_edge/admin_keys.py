@@ -19,6 +19,7 @@ from hoosh_tenancy.keys import MAX_MODELS, MAX_POOLS, MODEL_PATTERN
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
+from .admin_events import record_admin_action
 from .errors import InvalidRequestError, MappedError, NotFoundError, to_api_error
 from .protocol import JsonInt, PositiveInt32, not_null
 from .responses import OrjsonResponse
@@ -141,6 +142,11 @@ def _record(record: KeyRecord) -> dict[str, Any]:
     return record.model_dump(mode="json")
 
 
+def _changes(changes: dict[str, Any]) -> dict[str, Any]:
+    """An update's fields as JSON values (tuples as lists)."""
+    return {name: list(value) if isinstance(value, tuple) else value for name, value in changes.items()}
+
+
 @router.post(
     "",
     response_model=KeyCreateResponse,
@@ -154,6 +160,7 @@ async def create_key(request: Request) -> Response:
         raise InvalidRequestError("expires_at is in the past.", param="expires_at", code="invalid_value")
     await _check_pools_exist(request, body.pools or ([DEFAULT_POOL] if body.scope == "user" else []))
     record, key = await edge(request).tenancy.store.create(**body.model_dump())
+    await record_admin_action(request, "key.created", record.id, _record(record))
     return OrjsonResponse({"key": key, "record": _record(record)})
 
 
@@ -187,6 +194,7 @@ async def update_key(request: Request, key_id: str) -> Response:
         return OrjsonResponse(_record(await tenancy.store.get(key_id)))
     record = await tenancy.store.update(key_id, **changes)
     await tenancy.cache.refresh(await tenancy.store.hash_of(key_id))  # in force here at once
+    await record_admin_action(request, "key.updated", key_id, {"changes": _changes(changes)})
     return OrjsonResponse(_record(record))
 
 
@@ -198,4 +206,5 @@ async def revoke_key(request: Request, key_id: str) -> Response:
     record = await tenancy.store.revoke(key_id)
     # In force on this replica at once; the others hear of it through the change channel.
     await tenancy.cache.refresh(await tenancy.store.hash_of(key_id))
+    await record_admin_action(request, "key.revoked", key_id, {"revoked_at": record.revoked_at})
     return OrjsonResponse(_record(record))

@@ -17,6 +17,7 @@ from hoosh.budget.v1 import budget_pb2
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
+from .admin_events import record_admin_action
 from .protocol import JsonInt, PoolName, not_null
 from .responses import OrjsonResponse
 from .routing import BACKEND, call_budget, edge, errors, grpc_metadata, json_body, parse_body
@@ -179,7 +180,9 @@ async def create_pool(request: Request) -> Response:
         ),
         overrides=_OVERRIDES,
     )
-    return OrjsonResponse(admin_pool(reply.pool))
+    created = admin_pool(reply.pool)
+    await record_admin_action(request, "pool.created", body.name, created)
+    return OrjsonResponse(created)
 
 
 @router.get("", response_model=AdminPoolList, responses=errors(403, *BACKEND))
@@ -241,7 +244,9 @@ async def update_pool(request: Request, name: PoolName) -> Response:
         ),
         overrides=_OVERRIDES,
     )
-    return OrjsonResponse(admin_pool(reply.pool))
+    updated = admin_pool(reply.pool)
+    await record_admin_action(request, "pool.updated", name, {"set": body.model_dump(exclude_unset=True), **updated})
+    return OrjsonResponse(updated)
 
 
 @router.post("/{name}/reset", response_model=AdminPool, responses=errors(400, 403, 404, *BACKEND))
@@ -272,4 +277,5 @@ async def delete_pool(request: Request, name: PoolName) -> Response:
         ),
         overrides=_OVERRIDES,
     )
+    await record_admin_action(request, "pool.deleted", name, {})
     return OrjsonResponse({"name": name, "deleted": True})

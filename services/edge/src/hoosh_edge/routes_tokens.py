@@ -21,6 +21,7 @@ from hoosh.budget.v1 import budget_pb2
 from hoosh_metering.errors import BudgetUnavailable
 from starlette.responses import Response
 
+from .admin_events import record_admin_action
 from .errors import ConflictError, InvalidRequestError, MappedError, PermissionDeniedError, to_api_error
 from .key_limits import limits_of
 from .protocol import (
@@ -223,4 +224,5 @@ async def report_tokens(request: Request) -> Response:
             timeout=timeout,
         )
     )
+    await record_admin_action(request, "tokens.reported", pool, {"actual": body.actual})
     return OrjsonResponse({"used": reply.pool.used, "available": reply.pool.available})

@@ -71,7 +71,13 @@ class Replicas:
 
     def start(self, module: str, overrides: dict[str, str] | None = None, timeout: float = 60.0) -> Replica:
         port = free_port()
-        env = {**os.environ, **self.config.environment(), **(overrides or {})}
+        # Each process owns its outbox directory (a lock): a replica gets its own.
+        env = {
+            **os.environ,
+            **self.config.environment(),
+            "HOOSH_EVENTS_OUTBOX_DIR": str(self.log_dir / f"outbox-{port}"),
+            **(overrides or {}),
+        }
         if module == "hoosh_edge":
             env["HOOSH_EDGE_PORT"] = str(port)
         else:

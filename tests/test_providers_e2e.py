@@ -380,7 +380,12 @@ async def _wait_grpc_healthy(address: str, process: subprocess.Popen[bytes]) -> 
 async def test_two_router_processes_hold_one_60_rpm_limit(hoosh: RunningStack, tmp_path: Path) -> None:
     assert hoosh.stack_config is not None
     second = f"127.0.0.1:{free_port()}"
-    env = {**os.environ, **hoosh.stack_config.environment(), "HOOSH_ROUTER_LISTEN": second}
+    env = {
+        **os.environ,
+        **hoosh.stack_config.environment(),
+        "HOOSH_ROUTER_LISTEN": second,
+        "HOOSH_EVENTS_OUTBOX_DIR": str(tmp_path / "outbox"),  # each process owns its outbox
+    }
     with open(tmp_path / "router-2.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "hoosh_router"], env=env, stdout=log, stderr=log)
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hoosh_audit.config import load_settings
 from hoosh_audit.errors import ConfigError
+from hoosh_audit.keys import key_fingerprint
 
 GOOD_KEY = "3f9a1c0e5b7d2a4c6e8f0a1b3c5d7e9f"
 
@@ -22,6 +23,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "HOOSH_NATS_STREAM",
         "HOOSH_SUBJECT_PREFIX",
         "HOOSH_AUDIT_CONSUMER",
+        "HOOSH_AUDIT_HMAC_KEY_ID",
+        "HOOSH_AUDIT_HMAC_KEYS",
+        "HOOSH_AUDIT_HMAC_KEYS_FILE",
+        "HOOSH_AUDIT_SEGMENT_MAX_BYTES",
+        "HOOSH_AUDIT_SEGMENT_MAX_AGE_SECONDS",
+        "HOOSH_AUDIT_CHECKPOINT_PREFIX",
+        "HOOSH_AUDIT_ACCEPT_CHECKPOINT_LOSS",
+        "HOOSH_REDIS_URL",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -37,7 +46,13 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.audit_file == Path(".hoosh/audit/audit.jsonl")
     assert settings.env == "production"
     assert settings.key_bytes == GOOD_KEY.encode()
+    assert settings.keyring.current_id == key_fingerprint(GOOD_KEY.encode())
+    assert (settings.audit_segment_max_bytes, settings.audit_segment_max_age_seconds) == (64 << 20, 86_400)
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.checkpoint_key == "hoosh:audit:HOOSH_EVENTS:audit:checkpoint"
+    assert settings.accept_checkpoint_loss is False
     assert GOOD_KEY not in repr(settings)
+    assert GOOD_KEY not in repr(settings.keyring)
 
 
 def test_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -74,4 +89,69 @@ def test_empty_key_is_refused_even_in_development(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY", "")
     monkeypatch.setenv("HOOSH_ENV", "development")
     with pytest.raises(ConfigError, match="must not be empty"):
+        load_settings()
+
+
+def test_several_keys_one_signing(monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = "0" * 8 + GOOD_KEY, "1" * 8 + GOOD_KEY
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEYS", f'{{"2024": "{old}", "2025": "{new}"}}')
+    with pytest.raises(ConfigError, match="HOOSH_AUDIT_HMAC_KEY_ID"):
+        load_settings()  # which one signs?
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY_ID", "2025")
+    settings = load_settings()
+    assert (settings.keyring.current_id, settings.key_bytes) == ("2025", new.encode())
+    assert set(settings.keyring.keys) == {"2024", "2025"}
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY_ID", "2026")
+    with pytest.raises(ConfigError, match="no configured key has the id '2026'"):
+        load_settings()
+
+
+def test_a_new_key_beside_old_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    old = "0" * 8 + GOOD_KEY
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY", GOOD_KEY)
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY_ID", "2025")
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEYS", f'["{old}"]')  # ids: fingerprints
+    settings = load_settings()
+    assert settings.keyring.current_id == "2025"
+    assert settings.keyring.keys == {"2025": GOOD_KEY.encode(), key_fingerprint(old.encode()): old.encode()}
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEYS", f'{{"2025": "{old}"}}')
+    with pytest.raises(ConfigError, match="twice with different secrets"):
+        load_settings()
+
+
+def test_keys_from_a_file_outside_the_log(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    keys = tmp_path / "secrets" / "audit-keys.json"
+    keys.parent.mkdir()
+    keys.write_text(f'{{"k1": "{GOOD_KEY}"}}')
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEYS_FILE", str(keys))
+    monkeypatch.setenv("HOOSH_AUDIT_DIR", str(tmp_path / "audit"))
+    assert load_settings().keyring.current_id == "k1"
+    inside = tmp_path / "audit" / "keys.json"
+    inside.parent.mkdir()
+    inside.write_text(keys.read_text())
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEYS_FILE", str(inside))
+    with pytest.raises(ConfigError, match="keep the keys away from the log"):
+        load_settings()
+
+
+def test_every_key_must_be_strong(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY", GOOD_KEY)
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEYS", '{"old": "secret"}')
+    with pytest.raises(ConfigError, match="placeholder"):
+        load_settings()
+
+
+def test_segments_and_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY", GOOD_KEY)
+    monkeypatch.setenv("HOOSH_AUDIT_SEGMENT_MAX_BYTES", "1048576")
+    monkeypatch.setenv("HOOSH_AUDIT_SEGMENT_MAX_AGE_SECONDS", "3600")
+    monkeypatch.setenv("HOOSH_AUDIT_CHECKPOINT_PREFIX", "org:audit:")
+    monkeypatch.setenv("HOOSH_NATS_STREAM", "EV")
+    monkeypatch.setenv("HOOSH_ENV", "development")
+    settings = load_settings()
+    assert (settings.audit_segment_max_bytes, settings.audit_segment_max_age_seconds) == (1 << 20, 3600)
+    assert settings.checkpoint_key == "org:audit:EV:audit:checkpoint"
+    assert settings.accept_checkpoint_loss is True  # development
+    monkeypatch.setenv("HOOSH_AUDIT_SEGMENT_MAX_BYTES", "10")
+    with pytest.raises(ConfigError, match="HOOSH_AUDIT_SEGMENT_MAX_BYTES"):
         load_settings()

@@ -1,69 +1,155 @@
-"""``python -m hoosh_audit`` as a real process: serve, stop on SIGTERM, verify offline."""
+"""``python -m hoosh_audit`` as a real process: serve, checkpoint, survive SIGKILL, stop on
+SIGTERM, refuse a log that lost entries; then the offline verifier agrees."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+import nats
+import pytest
+import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hoosh.audit.v1 import audit_pb2, audit_pb2_grpc
 from hoosh.events.v1 import events_pb2
-from hoosh_audit.chain import AuditLog, NewEntry
+from hoosh_audit.checkpoint import CheckpointStore, checkpoint_key
+from hoosh_audit.keys import Keyring
+from hoosh_audit.log import AuditLog
 from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import insecure_channel
 
-DEADLINE_S = 30.0
+from .conftest import NATS_URL, REDIS_URL, Bus
+from .helpers import DEADLINE_S, entries, read_entries, rewrite_lines, segment_files
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 def audit_env(key: bytes, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOSH_")}
-    env.update({"HOOSH_AUDIT_HMAC_KEY": key.decode(), **extra})
+    env.update({"HOOSH_AUDIT_HMAC_KEY": key.decode(), "HOOSH_REDIS_URL": REDIS_URL, **extra})
     return env
 
 
-def run_verify(key: bytes, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hoosh_audit", "verify", *args],
-        env=audit_env(key),
+class Service:
+    """One audit process on a stream, a directory and a checkpoint key prefix."""
+
+    def __init__(self, bus: Bus, directory: Path, key: bytes, prefix: str, **extra: str) -> None:
+        self.port = free_port()
+        self.env = audit_env(
+            key,
+            HOOSH_AUDIT_LISTEN=f"127.0.0.1:{self.port}",
+            HOOSH_NATS_STREAM=bus.stream,
+            HOOSH_SUBJECT_PREFIX=bus.prefix,
+            HOOSH_AUDIT_DIR=str(directory),
+            HOOSH_AUDIT_CONSUMER="audit-test",
+            HOOSH_AUDIT_CHECKPOINT_PREFIX=prefix,
+            **extra,
+        )
+        self.checkpoint_key = checkpoint_key(prefix, bus.stream, "audit-test")
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> asyncio.subprocess.Process:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "hoosh_audit",
+            env=self.env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        return self.proc
+
+    async def list(self, **fields: Any) -> audit_pb2.ListEntriesResponse:
+        channel = insecure_channel(f"127.0.0.1:{self.port}")
+        try:
+            stub = audit_pb2_grpc.AuditServiceStub(channel)
+            return await stub.ListEntries(audit_pb2.ListEntriesRequest(**fields), timeout=2)
+        finally:
+            await channel.close()
+
+    async def wait_for(self, total: int) -> audit_pb2.ListEntriesResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE_S
+        while True:
+            assert self.proc is not None and self.proc.returncode is None, "the service died"
+            try:
+                reply = await self.list(limit=1)
+                if reply.total >= total:
+                    return reply
+            except grpc.aio.AioRpcError:
+                pass
+            assert loop.time() < deadline, f"the service never recorded {total} entries"
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> tuple[int, str]:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(self.proc.communicate(), DEADLINE_S)
+        assert self.proc.returncode is not None
+        return self.proc.returncode, stderr.decode()
+
+    async def exited(self) -> tuple[int, str]:
+        """Wait for the process to end on its own."""
+        assert self.proc is not None
+        _, stderr = await asyncio.wait_for(self.proc.communicate(), DEADLINE_S)
+        assert self.proc.returncode is not None
+        return self.proc.returncode, stderr.decode()
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # SIGKILL: no cleanup of any kind
+        await self.proc.communicate()
+
+
+@pytest.fixture
+async def publisher(bus: Bus) -> EventPublisher:
+    await ensure_stream(bus.js, bus.stream, bus.prefix)
+    return EventPublisher(bus.nc, bus.js, bus.stream, bus.prefix)
+
+
+@pytest.fixture
+async def services() -> AsyncIterator[list[Service]]:
+    started: list[Service] = []
+    yield started
+    for service in started:
+        if service.proc is not None and service.proc.returncode is None:
+            service.proc.kill()
+            await service.proc.communicate()
+
+
+def hoosh_verify(service: Service, directory: Path) -> tuple[int, dict[str, Any]]:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hoosh_cli",
+            "audit",
+            "verify",
+            str(directory),
+            "--checkpoint-key",
+            service.checkpoint_key,
+        ],
+        env=service.env,
         capture_output=True,
         text=True,
         check=False,
     )
-
-
-async def test_verify_command(log_path: Path, key: bytes) -> None:
-    audit_log = await AuditLog.open(log_path, key)
-    await audit_log.append_batch([NewEntry(f"r{i}", "hoosh.inference.completed", i, {"i": i}) for i in range(1, 4)])
-    audit_log.close()
-
-    ok = await asyncio.to_thread(run_verify, key, "--file", str(log_path))
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout) == {
-        "file": str(log_path),
-        "valid": True,
-        "entries": 3,
-        "first_bad_seq": 0,
-        "error": "",
-    }
-
-    log_path.write_bytes(log_path.read_bytes().replace(b'"i":2', b'"i":3'))
-    bad = await asyncio.to_thread(run_verify, key, "--file", str(log_path))
-    assert bad.returncode == 1
-    result = json.loads(bad.stdout)
-    assert (result["valid"], result["entries"], result["first_bad_seq"]) == (False, 1, 2)
+    return done.returncode, json.loads(done.stdout) if done.stdout.strip() else {"stderr": done.stderr}
 
 
 async def test_missing_key_stops_the_service_with_a_clear_message() -> None:
@@ -75,53 +161,133 @@ async def test_missing_key_stops_the_service_with_a_clear_message() -> None:
     assert "HOOSH_AUDIT_HMAC_KEY: is required" in done.stderr
 
 
-async def test_service_records_events_and_stops_gracefully(bus, tmp_path: Path, key: bytes) -> None:
-    await ensure_stream(bus.js, bus.stream, bus.prefix)
-    publisher = EventPublisher(bus.nc, bus.js, bus.stream, bus.prefix)
+async def test_service_records_events_checkpoints_and_stops_gracefully(
+    bus: Bus, publisher: EventPublisher, tmp_path: Path, key: bytes, redis_prefix: str, services: list[Service]
+) -> None:
     for i in range(5):
         await publisher.publish("inference.completed", events_pb2.InferenceCompleted(request_id=f"r{i}"), f"r{i}")
-
-    port = free_port()
-    env = audit_env(
-        key,
-        HOOSH_AUDIT_LISTEN=f"127.0.0.1:{port}",
-        HOOSH_NATS_STREAM=bus.stream,
-        HOOSH_SUBJECT_PREFIX=bus.prefix,
-        HOOSH_AUDIT_DIR=str(tmp_path / "audit"),
-        HOOSH_AUDIT_CONSUMER="audit-test",
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "hoosh_audit", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    service = Service(bus, tmp_path / "audit", key, redis_prefix)
+    services.append(service)
+    await service.start()
+    await service.wait_for(5)
+    listed = await service.list()
+    assert [e.event_id for e in listed.entries] == [f"r{i}" for i in range(5)]
+    assert listed.chain_valid
+    channel = insecure_channel(f"127.0.0.1:{service.port}")
     try:
-        stub = audit_pb2_grpc.AuditServiceStub(channel)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEADLINE_S
-        total = -1
-        while total < 5:
-            assert loop.time() < deadline, "the service never recorded the events"
-            try:
-                total = (await stub.ListEntries(audit_pb2.ListEntriesRequest(), timeout=2)).total
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
-        listed = await stub.ListEntries(audit_pb2.ListEntriesRequest())
-        assert [e.event_id for e in listed.entries] == [f"r{i}" for i in range(5)]
-        assert listed.chain_valid
         health = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="hoosh.audit.v1.AuditService")
         )
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await channel.close()
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(proc.communicate(), DEADLINE_S)
-    assert proc.returncode == 0, stderr.decode()[-2000:]
-    assert b'"audit stopped"' in stderr
+    code, stderr = await service.stop()
+    assert code == 0, stderr[-2000:]
+    assert '"audit stopped"' in stderr
 
-    ok = await asyncio.to_thread(run_verify, key, "--file", str(tmp_path / "audit" / "audit.jsonl"))
-    assert ok.returncode == 0 and json.loads(ok.stdout)["entries"] == 5
+    verified, report = await asyncio.to_thread(hoosh_verify, service, tmp_path / "audit")
+    assert verified == 0, report
+    assert (report["entries"], report["checkpoint"]["seq"]) == (5, 5)
     info = await bus.js.consumer_info(bus.stream, "audit-test")
     assert info.num_ack_pending == 0
+
+
+async def test_sigkill_at_random_moments_loses_and_repeats_nothing(
+    bus: Bus, publisher: EventPublisher, tmp_path: Path, key: bytes, redis_prefix: str, services: list[Service]
+) -> None:
+    directory = tmp_path / "audit"
+    service = Service(bus, directory, key, redis_prefix, HOOSH_AUDIT_SEGMENT_MAX_BYTES="4096")
+    services.append(service)
+    # Every ack the server receives, seen from a second connection.
+    watcher = await nats.connect(NATS_URL)
+    acked: set[int] = set()
+
+    async def on_ack(msg: Any) -> None:
+        tokens = msg.subject.split(".")
+        if bus.stream in tokens and msg.data in (b"", b"+ACK"):
+            acked.add(int(tokens[tokens.index(bus.stream) + 3]))
+
+    await watcher.subscribe("$JS.ACK.>", cb=on_ack)
+    await watcher.flush()
+    published = 0
+    stop_publishing = asyncio.Event()
+
+    async def publish_steadily() -> None:
+        nonlocal published
+        while not stop_publishing.is_set():
+            for _ in range(5):
+                request_id = f"r{published}"
+                await publisher.publish(
+                    "inference.completed",
+                    events_pb2.InferenceCompleted(request_id=request_id, model="m", pool="p"),
+                    request_id,
+                )
+                published += 1
+            await asyncio.sleep(0.005)
+
+    rng = random.Random(11)
+    feeder = asyncio.create_task(publish_steadily())
+    try:
+        for _ in range(3):
+            await service.start()
+            await service.wait_for(1)
+            await asyncio.sleep(rng.uniform(0.3, 0.9))
+            await service.kill()
+        stop_publishing.set()
+        await feeder
+        await service.start()
+        await service.wait_for(published)
+        code, stderr = await service.stop()
+        assert code == 0, stderr[-2000:]
+    finally:
+        stop_publishing.set()
+        await watcher.close()
+
+    found = read_entries(directory)
+    assert [e["event_id"] for e in found] == [f"r{i}" for i in range(published)]  # each once, in order
+    assert [e["stream_seq"] for e in found] == list(range(1, published + 1))
+    assert acked <= {e["stream_seq"] for e in found}  # nothing acked was lost
+    assert len(segment_files(directory)) > 3
+    verified, report = await asyncio.to_thread(hoosh_verify, service, directory)
+    assert verified == 0, report
+    assert report["checkpoint"]["seq"] == published
+
+
+async def test_a_log_behind_its_checkpoint_stops_the_service(
+    bus: Bus,
+    tmp_path: Path,
+    key: bytes,
+    keyring: Keyring,
+    redis_prefix: str,
+    redis_client: aioredis.Redis,
+    services: list[Service],
+) -> None:
+    directory = tmp_path / "audit"
+    service = Service(bus, directory, key, redis_prefix)
+    services.append(service)
+    audit_log = await AuditLog.open(directory, keyring, subject_prefix=bus.prefix)
+    await audit_log.append_batch(entries(10))
+    checkpoint = audit_log.checkpoint()
+    audit_log.close()
+    assert checkpoint is not None
+    store = CheckpointStore(redis_client, service.checkpoint_key)
+    await store.write(checkpoint)
+    rewrite_lines(segment_files(directory)[0], lambda lines: lines[:-3])
+
+    await service.start()
+    code, stderr = await service.exited()
+    assert code == 2
+    assert "entries 8..10 are missing" in stderr
+    assert await store.read() == checkpoint  # the evidence stays
+
+    # An operator accepts the loss: the checkpoint is moved aside and the log goes on.
+    accepting = Service(bus, directory, key, redis_prefix, HOOSH_AUDIT_ACCEPT_CHECKPOINT_LOSS="true")
+    services.append(accepting)
+    await accepting.start()
+    reply = await accepting.wait_for(7)
+    assert reply.chain_valid
+    code, stderr = await accepting.stop()
+    assert code == 0, stderr[-2000:]
+    assert "the loss is accepted" in stderr
+    moved = [k async for k in redis_client.scan_iter(match=f"{service.checkpoint_key}:superseded:*")]
+    assert len(moved) == 1

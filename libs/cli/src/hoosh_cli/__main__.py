@@ -1,5 +1,6 @@
 """The `hoosh` command. `hoosh up` runs the whole gateway on this machine; `hoosh keys`
-and `hoosh pools` manage API keys and token pools through the edge's admin API."""
+and `hoosh pools` manage API keys and token pools through the edge's admin API;
+`hoosh audit` verifies the audit log offline."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from hoosh_common.logs import configure_logging
 
-from . import admin
+from . import admin, audit
 from .infra import ensure_nats, ensure_redis
 from .stack import Ports, Stack, StackConfig
 
@@ -151,9 +152,12 @@ def main(argv: list[str] | None = None) -> None:
         help="open (default): requests without a key are served, on loopback only; keys: every request needs one",
     )
     admin.add_commands(commands)
+    audit.add_commands(commands)
     args = parser.parse_args(argv)
-    if args.command in ("keys", "pools"):
+    if args.command in ("keys", "pools", "costs"):
         sys.exit(admin.run(args))
+    if args.command == "audit":
+        sys.exit(audit.run(args))
     configure_logging("cli", os.environ.get("HOOSH_LOG_LEVEL", "INFO"))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the health polls are not news
     if args.command == "up":

@@ -1,7 +1,9 @@
 """``python -m hoosh_audit``: consume events into the chain and serve queries.
 
-``python -m hoosh_audit verify [--file PATH]``: verify a log offline (key from
-HOOSH_AUDIT_HMAC_KEY), print the result as JSON, exit 0 if valid, 1 if not.
+``python -m hoosh_audit verify [DIR]``: verify a log offline against its last
+checkpoint (keys from HOOSH_AUDIT_HMAC_KEY[S], checkpoint from Redis or
+``--checkpoint``), print the report as JSON, exit 0 if valid, 1 if not, 2 if it
+cannot run. The same as ``hoosh audit verify``.
 """
 
 from __future__ import annotations
@@ -11,32 +13,104 @@ import asyncio
 import contextlib
 import logging
 import sys
+import time
 from pathlib import Path
 
 import nats
 import nats.errors
-import orjson
 from hoosh.audit.v1 import audit_pb2, audit_pb2_grpc
 from hoosh_common import grpc_server, runtime
 from hoosh_common.logs import configure_logging
 from hoosh_common.telemetry import configure_tracing
+from redis.exceptions import RedisError
 
-from hoosh_audit.chain import AuditLog, verify
+from hoosh_audit.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, connect
+from hoosh_audit.cli import add_verify_arguments, run_verify
 from hoosh_audit.config import AuditSettings, load_settings
 from hoosh_audit.consumer import AuditConsumer
-from hoosh_audit.errors import AuditError
+from hoosh_audit.errors import AuditError, CheckpointError, LogBehindCheckpoint
+from hoosh_audit.log import AuditLog
 from hoosh_audit.server import AuditServicer
 
 log = logging.getLogger("hoosh_audit")
 
 SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
 GRACE_SECONDS = 10.0
+CHECKPOINT_READ_SECONDS = 10.0
+
+
+async def read_checkpoint(store: CheckpointStore) -> Checkpoint | None:
+    """The stored checkpoint; None when there is none, or when Redis stays away (then
+    the whole log is verified on open and checkpoints resume when Redis is back)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + CHECKPOINT_READ_SECONDS
+    delay = 0.2
+    while True:
+        try:
+            return await store.read()
+        except (RedisError, OSError) as exc:
+            if loop.time() >= deadline:
+                log.warning(
+                    "cannot read the audit checkpoint; verifying the whole log instead",
+                    extra={"key": store.key, "error": repr(exc)},
+                )
+                return None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+async def open_log(settings: AuditSettings, store: CheckpointStore) -> AuditLog:
+    """Open the log against its checkpoint. A log that ends before it (or a checkpoint
+    that does not verify) stops the service, unless the loss is accepted: then the
+    checkpoint is moved aside, as evidence, and the log goes on from its files."""
+    options = {
+        "segment_max_bytes": settings.audit_segment_max_bytes,
+        "segment_max_age_s": settings.audit_segment_max_age_seconds,
+        "subject_prefix": settings.subject_prefix,
+    }
+    try:
+        checkpoint = await read_checkpoint(store)
+        return await AuditLog.open(settings.audit_dir, settings.keyring, checkpoint=checkpoint, **options)
+    except (LogBehindCheckpoint, CheckpointError) as exc:
+        if not settings.accept_checkpoint_loss:
+            raise
+        moved = await store.archive(str(time.time_ns() // 1_000_000))
+        log.error(
+            "the audit log does not match its checkpoint; the loss is accepted and the checkpoint moved aside",
+            extra={"error": str(exc), "checkpoint_moved_to": moved},
+        )
+        return await AuditLog.open(settings.audit_dir, settings.keyring, checkpoint=None, **options)
+
+
+async def watch_integrity(audit_log: AuditLog, interval: float) -> None:
+    """Look for segments changed behind the service's back; log each change of state."""
+    last_error = ""
+    while True:
+        integrity = await audit_log.integrity()
+        if integrity.error != last_error:
+            if integrity.valid:
+                log.info("the audit chain verifies again", extra={"head_seq": integrity.head_seq})
+            else:
+                log.error("the audit chain does not verify", extra={"problem": integrity.error})
+            last_error = integrity.error
+        await asyncio.sleep(interval)
 
 
 async def serve(settings: AuditSettings) -> int:
     """Run the consumer and the gRPC server until SIGTERM/SIGINT; the exit status."""
-    audit_log = await AuditLog.open(settings.audit_file, settings.key_bytes)
-    log.info("audit log opened", extra={"file": str(settings.audit_file), "entries": audit_log.last_seq})
+    redis = connect(settings.redis_url)
+    store = CheckpointStore(redis, settings.checkpoint_key)
+    try:
+        audit_log = await open_log(settings, store)
+    except BaseException:
+        await redis.aclose()
+        raise
+    log.info(
+        "audit log opened",
+        extra={"dir": str(settings.audit_dir), "entries": audit_log.last_seq, "segment": audit_log.head_segment},
+    )
+    writer = CheckpointWriter(store, audit_log)
+    writer.notify()  # entries written after the last checkpoint (a crash before it was stored)
     nc = await nats.connect(
         servers=[s.strip() for s in settings.nats_url.split(",")],
         name="hoosh-audit",
@@ -49,10 +123,15 @@ async def serve(settings: AuditSettings) -> int:
         stream=settings.nats_stream,
         subject_prefix=settings.subject_prefix,
         durable=settings.audit_consumer,
+        on_durable=writer.notify,
     )
     server = grpc_server.new_server()
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_log), server)
 
+    writer_task = asyncio.create_task(writer.run(), name="audit-checkpoints")
+    watch_task = asyncio.create_task(
+        watch_integrity(audit_log, settings.audit_integrity_check_seconds), name="audit-integrity"
+    )
     consumer_task = asyncio.create_task(consumer.run(), name="audit-consumer")
     serve_task = asyncio.create_task(
         grpc_server.serve(
@@ -79,28 +158,19 @@ async def serve(settings: AuditSettings) -> int:
             await consumer_task  # stopped by on_stop: the batch in hand is acked
     finally:
         await consumer.stop()
+        watch_task.cancel()
+        await writer.stop()  # the last head reaches Redis (bounded wait)
+        for task in (watch_task, writer_task):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         try:
             await nc.drain()  # flushes the last acks
         except nats.errors.Error as exc:
             log.warning("NATS drain failed", extra={"error": repr(exc)})
+        await redis.aclose()
         audit_log.close()
         log.info("audit stopped")
     return status
-
-
-def _verify_command(file: Path | None) -> int:
-    settings = load_settings()
-    path = file or settings.audit_file
-    result = verify(path, settings.key_bytes)
-    out = {
-        "file": str(path),
-        "valid": result.valid,
-        "entries": result.count,
-        "first_bad_seq": result.first_bad_seq,
-        "error": result.error,
-    }
-    sys.stdout.write(orjson.dumps(out).decode() + "\n")
-    return 0 if result.valid else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m hoosh_audit", description="hoosh audit: the HMAC-chained record of every event"
     )
     sub = parser.add_subparsers(dest="command")
-    verify_parser = sub.add_parser("verify", help="verify an audit log offline")
-    verify_parser.add_argument("--file", type=Path, default=None, help="log file (default: HOOSH_AUDIT_DIR)")
+    verify_parser = sub.add_parser("verify", help="verify an audit log offline against its last checkpoint")
+    add_verify_arguments(verify_parser, default_dir="./.hoosh/audit")
     args = parser.parse_args(argv)
 
     configure_logging("audit")
     try:
         if args.command == "verify":
-            return _verify_command(args.file)
+            return run_verify(args, default_dir=Path("./.hoosh/audit"))
         settings = load_settings()
         configure_tracing("audit")
         status = 0

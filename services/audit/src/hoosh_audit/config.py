@@ -6,16 +6,21 @@ from pathlib import Path
 from typing import Literal
 
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hoosh_audit.checkpoint import checkpoint_key
 from hoosh_audit.errors import ConfigError
+from hoosh_audit.keys import Keyring, load_keyring
+from hoosh_audit.log import DEFAULT_SEGMENT_MAX_AGE_S, DEFAULT_SEGMENT_MAX_BYTES
+from hoosh_audit.segments import HEAD_LINK
 
-AUDIT_FILE_NAME = "audit.jsonl"
 MIN_KEY_LENGTH = 16
 PLACEHOLDER_KEYS = frozenset(
     {"change-me", "changeme", "change_me", "secret", "password", "test", "dev", "default", "hoosh", "key"}
 )
+# Kept for older callers: the link to the head segment.
+AUDIT_FILE_NAME = HEAD_LINK
 
 
 class AuditSettings(BaseSettings):
@@ -25,36 +30,100 @@ class AuditSettings(BaseSettings):
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
     nats_stream: str = Field(DEFAULT_STREAM, description="JetStream stream holding the events")
     subject_prefix: str = Field(SUBJECT_PREFIX, description="events live under <prefix>.>")
-    audit_dir: Path = Field(Path("./.hoosh/audit"), description="directory of audit.jsonl (a volume)")
+    audit_dir: Path = Field(Path("./.hoosh/audit"), description="directory of the segments and the index (a volume)")
     audit_consumer: str = Field("audit", description="durable JetStream consumer name")
-    audit_hmac_key: SecretStr = Field(description="HMAC-SHA256 key of the chain (required)")
+    audit_hmac_key: SecretStr | None = Field(
+        None, description="the HMAC-SHA256 key that signs new entries (id: HOOSH_AUDIT_HMAC_KEY_ID or its fingerprint)"
+    )
+    audit_hmac_key_id: str | None = Field(
+        None, description="id of HOOSH_AUDIT_HMAC_KEY; without it, picks the signing key among HOOSH_AUDIT_HMAC_KEYS"
+    )
+    audit_hmac_keys: SecretStr | None = Field(
+        None, description='more keys, JSON: {"id": "secret", ...} or ["secret", ...]; old keys keep verifying'
+    )
+    audit_hmac_keys_file: Path | None = Field(
+        None, description="a file with the same JSON (a mounted secret; not inside HOOSH_AUDIT_DIR)"
+    )
+    audit_segment_max_bytes: int = Field(
+        DEFAULT_SEGMENT_MAX_BYTES, ge=4096, description="start a new segment before the head grows past this"
+    )
+    audit_segment_max_age_seconds: float = Field(
+        DEFAULT_SEGMENT_MAX_AGE_S, gt=0, description="start a new segment once the head's first entry is this old"
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the checkpoints")
+    audit_checkpoint_prefix: str = Field(
+        "hoosh:audit:", description="checkpoint key: <prefix><stream>:<consumer>:checkpoint"
+    )
+    audit_accept_checkpoint_loss: bool = Field(
+        False,
+        description="start even if the log ends before its checkpoint (moved aside as evidence); "
+        "always so with HOOSH_ENV=development",
+    )
+    audit_integrity_check_seconds: float = Field(
+        10.0, gt=0, description="how often the service looks for segments changed behind its back"
+    )
     env: Literal["production", "development"] = "production"
+    _keyring: Keyring | None = PrivateAttr(None)
 
     @property
     def audit_file(self) -> Path:
+        """The link to the head segment."""
         return self.audit_dir / AUDIT_FILE_NAME
 
     @property
+    def keyring(self) -> Keyring:
+        assert self._keyring is not None
+        return self._keyring
+
+    @property
     def key_bytes(self) -> bytes:
-        return self.audit_hmac_key.get_secret_value().encode("utf-8")
+        """The current (signing) key."""
+        return self.keyring.current
+
+    @property
+    def checkpoint_key(self) -> str:
+        return checkpoint_key(self.audit_checkpoint_prefix, self.nats_stream, self.audit_consumer)
+
+    @property
+    def accept_checkpoint_loss(self) -> bool:
+        return self.audit_accept_checkpoint_loss or self.env == "development"
 
     @model_validator(mode="after")
-    def _refuse_weak_key(self) -> AuditSettings:
-        key = self.audit_hmac_key.get_secret_value()
-        if not key:
+    def _load_keys(self) -> AuditSettings:
+        key = self.audit_hmac_key.get_secret_value() if self.audit_hmac_key is not None else None
+        if key is not None and not key:
             raise ValueError("HOOSH_AUDIT_HMAC_KEY must not be empty")
+        if self.audit_hmac_keys_file is not None:
+            keys_file = self.audit_hmac_keys_file.resolve()
+            if keys_file.is_relative_to(self.audit_dir.resolve()):
+                raise ValueError(
+                    "HOOSH_AUDIT_HMAC_KEYS_FILE is inside HOOSH_AUDIT_DIR: keep the keys away from the log "
+                    "(whoever can edit the log must not be able to read them)"
+                )
+        try:
+            keyring = load_keyring(
+                key=key or None,
+                key_id=self.audit_hmac_key_id or None,
+                keys_json=self.audit_hmac_keys.get_secret_value() if self.audit_hmac_keys else None,
+                keys_file=self.audit_hmac_keys_file,
+            )
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         if self.env != "development":
-            if key.strip().lower() in PLACEHOLDER_KEYS:
-                raise ValueError(
-                    "HOOSH_AUDIT_HMAC_KEY is a placeholder; set a random secret "
-                    "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`) "
-                    "or HOOSH_ENV=development"
-                )
-            if len(key) < MIN_KEY_LENGTH:
-                raise ValueError(
-                    f"HOOSH_AUDIT_HMAC_KEY is shorter than {MIN_KEY_LENGTH} characters; "
-                    "use a random secret or HOOSH_ENV=development"
-                )
+            for kid, secret in keyring.keys.items():
+                text = secret.decode("utf-8", "replace")
+                if text.strip().lower() in PLACEHOLDER_KEYS:
+                    raise ValueError(
+                        f"HOOSH_AUDIT_HMAC_KEY (key {kid}) is a placeholder; set a random secret "
+                        "(e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`) "
+                        "or HOOSH_ENV=development"
+                    )
+                if len(secret) < MIN_KEY_LENGTH:
+                    raise ValueError(
+                        f"HOOSH_AUDIT_HMAC_KEY (key {kid}) is shorter than {MIN_KEY_LENGTH} characters; "
+                        "use a random secret or HOOSH_ENV=development"
+                    )
+        self._keyring = keyring
         return self
 
 
@@ -69,5 +138,5 @@ def load_settings() -> AuditSettings:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "missing":
                 msg = "is required"
-            problems.append(f"{name}: {msg}")
+            problems.append(f"{name}: {msg}" if err["loc"] else msg)
         raise ConfigError("invalid audit settings: " + "; ".join(problems)) from None

@@ -12,15 +12,23 @@ deadline is extended) so later events never overtake it.
 
 What is recorded. The consumer reads every subject under the prefix (NATS 2.9 allows
 one filter subject per consumer) and records the events it has a decoder for
-(``inference.*``, ``budget.reset``). An event on another subject is acked and skipped:
-it is another consumer's, not a corrupt one. A known subject whose payload cannot be
-decoded is terminated.
+(``inference.*``, ``budget.reset``) and, whatever their payload, the admin actions
+under ``admin.>`` (key and pool changes, token reports, config reloads: the decoded
+JSON object, or the bytes in base64 until producers publish a message type for them).
+An event on another subject is acked and skipped: it is another consumer's, not a
+corrupt one. A known subject whose payload cannot be decoded is terminated.
+
+Durability. A batch is written and fsynced before any of its messages is acked; then
+the checkpoint writer is told, and stores the new head outside the log (off the ack
+path: Redis being slow delays the checkpoint, never the acks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -38,8 +46,9 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
-from hoosh_audit.chain import AuditLog, NewEntry
+from hoosh_audit.chain import NewEntry, canonical
 from hoosh_audit.errors import AuditWriteError, UndecodableEvent
+from hoosh_audit.log import AuditLog
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,11 @@ DECODERS: dict[str, type[Message]] = {
     events.SUBJECT_FAILED: events_pb2.InferenceFailed,
     events.SUBJECT_BUDGET_RESET: events_pb2.BudgetReset,
 }
+# Recorded whatever the payload (see decode_any).
+ADMIN_SUBJECTS = "admin."
+
+# Called once a batch is durable, before its acks: False skips the acks (a lost ack).
+DurableHook = Callable[[list[Msg]], bool]
 
 
 @dataclass(slots=True)
@@ -59,14 +73,37 @@ class ConsumerStats:
     write_failures: int = 0
 
 
-def decode(
-    subject: str, subject_prefix: str, data: bytes, headers: dict[str, str] | None
-) -> tuple[str, dict[str, Any]] | None:
-    """The event id and the event as a JSON object; None for a subject audit has no
-    decoder for; ``UndecodableEvent`` for a known subject whose payload is not its event.
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
-    The event id is the ``Nats-Msg-Id`` header, else the event's own id field."""
+
+def decode_any(data: bytes) -> dict[str, Any]:
+    """A payload audit has no message type for, as a JSON object: the payload itself if
+    it is one, ``{"data_json": value}`` for other JSON, else ``{"data_base64": ...}``."""
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+        payload = value if isinstance(value, dict) else {"data_json": value}
+        canonical(payload)  # it must also be writable (no lone surrogates, not too deep)
+        return payload
+    except (UnicodeError, ValueError, RecursionError):
+        return {"data_base64": base64.b64encode(data).decode("ascii")}
+
+
+def decode(
+    subject: str, subject_prefix: str, data: bytes, headers: dict[str, str] | None, stream_seq: int = 0
+) -> tuple[str, dict[str, Any]] | None:
+    """The event id and the event as a JSON object; None for a subject audit does not
+    record; ``UndecodableEvent`` for a known subject whose payload is not its event.
+
+    The event id is the ``Nats-Msg-Id`` header, else the event's own id field (for an
+    admin action without either: ``nats:<stream sequence>``)."""
     name = subject.removeprefix(f"{subject_prefix}.") if subject.startswith(f"{subject_prefix}.") else ""
+    header_id = (headers or {}).get(MSG_ID_HEADER)
+    if name.startswith(ADMIN_SUBJECTS):
+        payload = decode_any(data)
+        fallback = payload.get("event_id") or payload.get("request_id")
+        event_id = header_id or (fallback if isinstance(fallback, str) and fallback else f"nats:{stream_seq}")
+        return event_id, payload
     cls = DECODERS.get(name)
     if cls is None:
         return None
@@ -75,7 +112,7 @@ def decode(
     except DecodeError as exc:
         raise UndecodableEvent(f"payload on {subject!r} is not a {cls.DESCRIPTOR.full_name}: {exc}") from exc
     payload = MessageToDict(message, preserving_proto_field_name=True)
-    event_id = (headers or {}).get(MSG_ID_HEADER) or str(payload.get("request_id") or payload.get("event_id") or "")
+    event_id = header_id or str(payload.get("request_id") or payload.get("event_id") or "")
     if not event_id:
         raise UndecodableEvent(f"event on {subject!r} has neither a {MSG_ID_HEADER} header nor an id")
     return event_id, payload
@@ -104,7 +141,12 @@ class AuditConsumer:
         retry_max_delay: float = 5.0,
         check_interval: float = 10.0,
         linger: float = 0.01,
+        on_durable: Callable[[], None] | None = None,
+        before_ack: DurableHook | None = None,
     ) -> None:
+        """``on_durable`` is called after every batch is fsynced (the checkpoint writer's
+        ``notify``). ``before_ack`` sees each durable batch before it is acked and may
+        skip the acks by returning False (fault injection: a lost ack)."""
         self._js = js
         self._log = audit_log
         self.stream = stream
@@ -126,9 +168,8 @@ class AuditConsumer:
         self._running = False
         self._done = asyncio.Event()
         self.stats = ConsumerStats()
-        # Fault injection for tests: called once a batch is durable, before its acks;
-        # returning False skips the acks (a lost ack), raising is a crash before acking.
-        self.before_ack: Callable[[list[Msg]], bool] | None = None
+        self._on_durable = on_durable
+        self._before_ack = before_ack
 
     @property
     def filter_subject(self) -> str:
@@ -243,7 +284,7 @@ class AuditConsumer:
                 duplicates.append(msg)
                 continue
             try:
-                decoded = decode(msg.subject, self.subject_prefix, msg.data, msg.headers)
+                decoded = decode(msg.subject, self.subject_prefix, msg.data, msg.headers, seq)
             except UndecodableEvent as exc:
                 log.error(
                     "terminating an event that cannot be recorded",
@@ -269,7 +310,9 @@ class AuditConsumer:
         self._watermark = watermark
         self.stats.appended += len(entries)
         self.stats.duplicates += len(duplicates)
-        if self.before_ack is not None and not self.before_ack(accepted):
+        if entries and self._on_durable is not None:
+            self._on_durable()
+        if self._before_ack is not None and not self._before_ack(accepted):
             return
         for msg in accepted:
             await self._settle(msg.ack())

@@ -41,7 +41,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 from hoosh.events.v1 import events_pb2
 from hoosh_common import events
-from hoosh_common.eventbus import MSG_ID_HEADER, ensure_stream
+from hoosh_common.eventbus import MSG_ID_HEADER, OUTBOX_HEADER, ensure_stream
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
@@ -100,6 +100,12 @@ def decode(
     name = subject.removeprefix(f"{subject_prefix}.") if subject.startswith(f"{subject_prefix}.") else ""
     header_id = (headers or {}).get(MSG_ID_HEADER)
     if name.startswith(ADMIN_SUBJECTS):
+        try:  # hoosh's own admin actions; anything else under admin.> as it came
+            action = events_pb2.AdminAction.FromString(data)
+        except DecodeError:
+            action = None
+        if action is not None and action.action and action.event_id:
+            return header_id or action.event_id, MessageToDict(action, preserving_proto_field_name=True)
         payload = decode_any(data)
         fallback = payload.get("event_id") or payload.get("request_id")
         event_id = header_id or (fallback if isinstance(fallback, str) and fallback else f"nats:{stream_seq}")
@@ -277,6 +283,7 @@ class AuditConsumer:
         accepted: list[Msg] = []
         entries: list[NewEntry] = []
         duplicates: list[Msg] = []
+        batch_ids: set[str] = set()
         watermark = self._watermark
         for msg in msgs:
             seq = msg.metadata.sequence.stream
@@ -301,6 +308,14 @@ class AuditConsumer:
                 self.stats.skipped += 1
                 continue
             event_id, payload = decoded
+            if (msg.headers or {}).get(OUTBOX_HEADER) and (
+                event_id in batch_ids or await self._log.has_event(event_id)
+            ):
+                # Republished from a publisher's outbox after JetStream's duplicate
+                # window: already recorded once, so acked and not recorded again.
+                duplicates.append(msg)
+                continue
+            batch_ids.add(event_id)
             entries.append(NewEntry(event_id=event_id, subject=msg.subject, stream_seq=seq, payload=payload))
             accepted.append(msg)
             watermark = seq

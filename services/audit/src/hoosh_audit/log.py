@@ -818,6 +818,16 @@ class AuditLog:
         oldest = locations[0].seq if locations else 0
         return Page(entries, segments, more, oldest, total, problem)
 
+    def has_event_sync(self, event_id: str) -> bool:
+        """Whether an entry with this event id is in the log (as far as it is indexed)."""
+        index = self._index
+        assert index is not None
+        head = self._indexed_seq
+        return bool(index.page(Filters(event_id=event_id), before=head + 1, limit=1, head_seq=head))
+
+    async def has_event(self, event_id: str) -> bool:
+        return await asyncio.to_thread(self.has_event_sync, event_id)
+
     async def query(self, filters: Filters, *, before: int = 0, limit: int = 100) -> Page:
         return await asyncio.to_thread(self.query_sync, filters, before=before, limit=limit)
 

@@ -626,12 +626,20 @@ class AuditEntry(OpenAIModel):
     payload: Any = Field(description="The event, decoded")
     prev_mac: str = Field(description="Hex HMAC of the previous entry")
     mac: str = Field(description="Hex HMAC-SHA256 of this entry")
+    signing_key_id: str = Field(description="The id of the HMAC key that signed it")
+    segment: str = Field(description="The segment file holding it")
 
 
 class AuditListResponse(OpenAIModel):
     entries: list[AuditEntry]
-    total: int = Field(description="Entries in the whole log")
-    chain_valid: bool = Field(description="Result of verifying the whole chain")
+    total: int = Field(description="Entries matching the filters in the whole log")
+    chain_valid: bool = Field(
+        description="The chain verifies, as far as the audit service knows, and so does this page"
+    )
+    head_seq: int = Field(description="The last entry of the log")
+    checkpoint_seq: int = Field(description="The last checkpoint stored outside the log (0: none yet)")
+    next_cursor: str | None = Field(default=None, description="Pass as cursor for the page of older entries")
+    first_bad_seq: int | None = Field(default=None, description="With verify_error: the first entry that fails")
     verify_error: str | None = Field(default=None, description="Why verification failed; left out when valid")
 
 

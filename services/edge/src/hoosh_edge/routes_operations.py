@@ -16,6 +16,7 @@ from hoosh.router.v1 import router_pb2
 from starlette.responses import Response
 
 from .clients import HealthTarget
+from .errors import PermissionDeniedError
 from .protocol import AuditListResponse, CacheStats, HealthResponse, ProviderHealthList, ReadinessResponse
 from .responses import OrjsonResponse
 from .routing import BACKEND, edge, errors, grpc_metadata
@@ -116,21 +117,51 @@ def _audit_entry(entry: audit_pb2.AuditEntry) -> dict[str, Any]:
         "payload": payload,
         "prev_mac": entry.prev_mac,
         "mac": entry.mac,
+        "signing_key_id": entry.signing_key_id,
+        "segment": entry.segment,
     }
 
 
 @router.get("/v1/audit", response_model=AuditListResponse, responses=errors(400, *BACKEND), tags=["audit"])
 async def list_audit(
     request: Request,
-    limit: int = Query(100, ge=1, le=10_000, description="Most recent N entries"),
+    limit: int = Query(100, ge=1, le=10_000, description="Page size: the newest N matching entries"),
     request_id: str | None = Query(None, max_length=128, description="Only the entries of this request id"),
+    since_ms: int | None = Query(None, ge=0, description="Only entries appended at or after (Unix ms)"),
+    until_ms: int | None = Query(None, ge=0, description="Only entries appended before (Unix ms)"),
+    pool: str | None = Query(None, max_length=64, description="Only entries of this pool"),
+    model: str | None = Query(None, max_length=256, description="Only entries of this model"),
+    provider: str | None = Query(None, max_length=128, description="Only entries of this provider"),
+    kind: str | None = Query(
+        None,
+        max_length=64,
+        description="chat | embedding | transcription, or another event's subject (budget.reset, admin.key.created)",
+    ),
+    outcome: str | None = Query(None, max_length=32, description="completed | failed (inference events)"),
+    key_id: str | None = Query(None, max_length=64, description="Admin: only the entries of this key"),
+    cursor: str | None = Query(None, max_length=512, description="next_cursor of the previous page: older entries"),
 ) -> Response:
-    """The most recent audit entries (payloads decoded) and whether the whole chain
-    verifies. A user key sees only the entries carrying its key id; admin sees all."""
+    """Audit entries, newest page first (each page oldest first), filtered and paged with
+    a cursor, and whether the chain verifies as far as the audit service knows. A user
+    key sees only the entries carrying its key id; admin sees all (or one key's)."""
+    principal = principal_of(request)
+    own = audit_filter(principal)
+    if own and key_id and key_id != own:
+        raise PermissionDeniedError("A user key sees only its own audit entries.", param="key_id")
     state = edge(request)
     reply = await state.clients.audit.ListEntries(
         audit_pb2.ListEntriesRequest(
-            limit=limit, event_id=request_id or "", key_id=audit_filter(principal_of(request))
+            limit=limit,
+            request_id=request_id or "",
+            key_id=own or key_id or "",
+            since_ms=since_ms or 0,
+            until_ms=until_ms or 0,
+            pool=pool or "",
+            model=model or "",
+            provider=provider or "",
+            kind=kind or "",
+            outcome=outcome or "",
+            cursor=cursor or "",
         ),
         metadata=grpc_metadata(request),
         timeout=state.settings.edge_rpc_timeout_seconds,
@@ -139,7 +170,12 @@ async def list_audit(
         "entries": [_audit_entry(entry) for entry in reply.entries],
         "total": reply.total,
         "chain_valid": reply.chain_valid,
+        "head_seq": reply.head_seq,
+        "checkpoint_seq": reply.checkpoint_seq,
     }
+    if reply.next_cursor:
+        body["next_cursor"] = reply.next_cursor
     if reply.verify_error:
         body["verify_error"] = reply.verify_error
+        body["first_bad_seq"] = reply.first_bad_seq
     return OrjsonResponse(body)

@@ -78,6 +78,8 @@ class StackConfig:
             # Events NATS does not ack wait here (one directory per publishing service).
             "HOOSH_EVENTS_OUTBOX_DIR": str(self.state_dir / "outbox"),
             "HOOSH_AUDIT_CONSUMER": self.audit_consumer,
+            # Under the budget prefix: a run's cleanup of that prefix removes it too.
+            "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"{self.budget_key_prefix}audit:",
             "HOOSH_AUTH": self.auth,
             "HOOSH_ADMIN_KEY": self.admin_key,
             "HOOSH_ADMIN_KEY_FILE": "",  # blank = unset: the key above is the one

@@ -23,7 +23,7 @@ from hoosh_audit.consumer import AuditConsumer, decode
 from hoosh_audit.keys import Keyring
 from hoosh_audit.log import AuditLog
 from hoosh_audit.verification import verify_log
-from hoosh_common.eventbus import EventPublisher, ensure_stream
+from hoosh_common.eventbus import EventPublisher, StreamPolicy, ensure_stream
 
 from .conftest import NATS_URL, Bus
 from .helpers import DEADLINE_S, read_entries, segment_files, wait_until
@@ -498,4 +498,36 @@ async def test_a_deleted_stream_is_declared_again(
 
     entries = read_entries(log_dir)
     assert [(e["event_id"], e["stream_seq"]) for e in entries] == [("req-0", 1), ("req-1", 1)]
+    assert verify_log(log_dir, keyring).valid
+
+
+async def test_on_a_work_queue_stream_recorded_events_leave_it_and_a_restart_resumes(
+    bus: Bus, run_consumer: StartConsumer, log_dir: Path, keyring: Keyring
+) -> None:
+    """With bounded work-queue retention an event leaves the stream once audit has
+    written and acked it; a restarted consumer (which cannot start at a sequence on a
+    work queue) takes what is left, recording nothing twice."""
+    policy = StreamPolicy(retention="workqueue", max_bytes=16 << 20)
+    await ensure_stream(bus.js, bus.stream, bus.prefix, policy=policy)
+    publisher = EventPublisher(bus.nc, bus.js, bus.stream, bus.prefix)
+    for i in range(10):
+        await publisher.publish("inference.completed", completed(i), f"req-{i}")
+    consumer, audit_log, _ = await run_consumer(log_dir, stream_policy=policy)
+    await wait_until(lambda: audit_log.last_seq >= 10, "10 entries")
+
+    async def left_in_stream() -> int:
+        return int((await bus.js.stream_info(bus.stream)).state.messages)
+
+    for _ in range(100):
+        if await left_in_stream() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await left_in_stream() == 0  # acked: gone from the stream
+    await consumer.stop()
+    audit_log.close()
+    for i in range(10, 15):
+        await publisher.publish("inference.completed", completed(i), f"req-{i}")
+    _, reopened, _ = await run_consumer(log_dir, stream_policy=policy)
+    await wait_until(lambda: reopened.last_seq >= 15, "15 entries")
+    assert [e["event_id"] for e in read_entries(log_dir)] == [f"req-{i}" for i in range(15)]
     assert verify_log(log_dir, keyring).valid

@@ -77,6 +77,9 @@ class StackConfig:
             "HOOSH_AUDIT_DIR": str(self.state_dir / "audit"),
             # Events NATS does not ack wait here (one directory per publishing service).
             "HOOSH_EVENTS_OUTBOX_DIR": str(self.state_dir / "outbox"),
+            # A bounded stream that drops nothing audit has not written: an event
+            # leaves it once audit has acked it; when full, new events wait in outboxes.
+            "HOOSH_NATS_STREAM_RETENTION": "workqueue",
             "HOOSH_AUDIT_CONSUMER": self.audit_consumer,
             # Under the budget prefix: a run's cleanup of that prefix removes it too.
             "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"{self.budget_key_prefix}audit:",

@@ -124,6 +124,8 @@ async def serve(settings: AuditSettings) -> int:
         subject_prefix=settings.subject_prefix,
         durable=settings.audit_consumer,
         on_durable=writer.notify,
+        stream_policy=settings.stream_policy(),
+        duplicate_window=settings.nats_duplicate_window_seconds,
     )
     server = grpc_server.new_server()
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_log), server)

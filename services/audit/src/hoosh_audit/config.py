@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from hoosh_audit.checkpoint import checkpoint_key
 from hoosh_audit.errors import ConfigError
@@ -23,7 +24,9 @@ PLACEHOLDER_KEYS = frozenset(
 AUDIT_FILE_NAME = HEAD_LINK
 
 
-class AuditSettings(BaseSettings):
+class AuditSettings(EventBusSettings):
+    """The audit's environment (prefix ``HOOSH_``), the event bus's included."""
+
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 
     audit_listen: str = Field("127.0.0.1:50054", description="gRPC listen address")

@@ -41,9 +41,9 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 from hoosh.events.v1 import events_pb2
 from hoosh_common import events
-from hoosh_common.eventbus import MSG_ID_HEADER, OUTBOX_HEADER, ensure_stream
+from hoosh_common.eventbus import DUPLICATE_WINDOW_S, MSG_ID_HEADER, OUTBOX_HEADER, StreamPolicy, ensure_stream
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy
 from nats.js.client import JetStreamContext
 
 from hoosh_audit.chain import NewEntry, canonical
@@ -149,10 +149,15 @@ class AuditConsumer:
         linger: float = 0.01,
         on_durable: Callable[[], None] | None = None,
         before_ack: DurableHook | None = None,
+        stream_policy: StreamPolicy | None = None,
+        duplicate_window: float = DUPLICATE_WINDOW_S,
     ) -> None:
         """``on_durable`` is called after every batch is fsynced (the checkpoint writer's
         ``notify``). ``before_ack`` sees each durable batch before it is acked and may
-        skip the acks by returning False (fault injection: a lost ack)."""
+        skip the acks by returning False (fault injection: a lost ack). ``stream_policy``
+        / ``duplicate_window``: the stream's bounds, as every service declares them."""
+        self._stream_policy = stream_policy
+        self._duplicate_window = duplicate_window
         self._js = js
         self._log = audit_log
         self.stream = stream
@@ -185,7 +190,14 @@ class AuditConsumer:
 
     async def start(self) -> None:
         """Declare the stream, then (re)create the durable consumer after the log's end."""
-        info = await ensure_stream(self._js, self.stream, self.subject_prefix)
+        info = await ensure_stream(
+            self._js,
+            self.stream,
+            self.subject_prefix,
+            duplicate_window=self._duplicate_window,
+            policy=self._stream_policy,
+        )
+        work_queue = info.config.retention == RetentionPolicy.WORK_QUEUE
         recorded = self._log.last_stream_seq
         last_seq, first_seq = info.state.last_seq, info.state.first_seq
         if recorded > last_seq:
@@ -210,10 +222,12 @@ class AuditConsumer:
             filter_subject=self.filter_subject,
             max_deliver=-1,
         )
-        if recorded:
+        if recorded and not work_queue:
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = recorded + 1
         else:
+            # A work queue holds only what audit has not acked (it refuses a start
+            # sequence); the watermark skips what was written but not acked.
             config.deliver_policy = DeliverPolicy.ALL
         # A consumer's start position cannot be changed in place: replace it.
         try:

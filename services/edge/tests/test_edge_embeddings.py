@@ -77,10 +77,12 @@ def test_floats_and_base64_shapes() -> None:
         data=[router_pb2.Embedding(index=0, values=[0.5, -0.25]), router_pb2.Embedding(index=1, values=[1.0, 0.0])],
     )
     reply.usage.prompt_tokens = reply.usage.total_tokens = 7
+    reply.usage.cost_usd_micros = 3
     floats = embeddings_to_dict(reply, model="e", encoding_format="float")
     EmbeddingResponse.model_validate(floats)
     assert floats["data"][0] == {"object": "embedding", "embedding": [0.5, -0.25], "index": 0}
-    assert floats["usage"] == {"prompt_tokens": 7, "total_tokens": 7} and floats["model"] == "e-1"
+    assert floats["usage"] == {"prompt_tokens": 7, "total_tokens": 7, "cost_usd_micros": 3}
+    assert floats["model"] == "e-1"
     packed = embeddings_to_dict(reply, model="e", encoding_format="base64")["data"][0]["embedding"]
     assert struct.unpack("<2f", base64.b64decode(packed)) == (0.5, -0.25)
 

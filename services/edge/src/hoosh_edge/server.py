@@ -123,6 +123,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._reading_body = False
         self._header_bytes = 0
+        self._pending_header_bytes = 0  # raw bytes received while the headers are incomplete
         self._refused = False
         self._headers_too_large = False
 
@@ -146,6 +147,17 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if not self._reading_body and (self.cycle is None or self.cycle.response_complete):
+            # Headers still incomplete after this chunk: all of it was request line and
+            # headers, which httptools holds until a header ends (on_header counts only
+            # complete ones). An endless header value is cut here, not at the deadline.
+            self._pending_header_bytes += len(data)
+            if self._pending_header_bytes > self.limits.max_header_bytes:
+                self._headers_too_large = True
+                self.send_400_response("request headers too large")
+                return
         # Bytes that start no request (blank lines before one) still must not keep an
         # idle connection open: uvicorn's keep-alive timer stopped at the first of them.
         if (
@@ -175,12 +187,14 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        self._pending_header_bytes = 0
         self._reading_body = True
         self._arm(self.limits.body_timeout)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._reading_body = False
+        self._pending_header_bytes = 0
         self._disarm()
 
     def send_400_response(self, msg: str) -> None:

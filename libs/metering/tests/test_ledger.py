@@ -110,3 +110,19 @@ async def test_a_days_ledger_expires(store: BudgetStore, client: RedisClient) ->
     day = (today() - date(1970, 1, 1)).days
     ttl = await client.ttl(f"{store.tree_base('org')}costs:{day}")
     assert 399 * 86400 < ttl <= 400 * 86400
+
+
+async def test_costs_of_some_pools_read_only_their_trees(store: BudgetStore) -> None:
+    await tree(store)
+    await store.create_pool(PoolSpec("elsewhere", 1000))
+    for pool, key in (("team", "k1"), ("team", "k2"), ("elsewhere", "k1")):
+        rid = f"{pool}-{key}"
+        await store.reserve(pool, 2, rid, owner=key, kind="chat")
+        await store.commit(rid, 2, pool=pool, ledger=LedgerLine("p", "m", 2, 0))
+    mine = await store.costs(today(), today(), pools=["team"], key_id="k1")
+    assert [(line.pool, line.key_id) for line in mine] == [("team", "k1")]
+    assert {(line.pool, line.key_id) for line in await store.costs(today(), today(), key_id="k1")} == {
+        ("team", "k1"),
+        ("elsewhere", "k1"),
+    }
+    assert await store.costs(today(), today(), pools=["no-such-pool"]) == []

@@ -36,6 +36,7 @@ This module has no gRPC imports: any service may use :class:`BudgetStore` in-pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -70,6 +71,7 @@ MAX_AMOUNT: Final = 2**53 - 1
 _EPOCH_DAY = date(1970, 1, 1)
 # The ledger's metric letters (see _lua.ledger) and the CostLine fields they add to.
 _LEDGER_METRICS = {"r": "requests", "p": "prompt_tokens", "c": "completion_tokens", "u": "usd_micros"}
+_COST_READERS = 4  # trees read at once by ``costs`` (each one pipelined round trip)
 # Prices are micro-dollars per million tokens; this bound keeps the exact cost
 # arithmetic of the scripts below 2**53 (about $9,007 per million tokens).
 MAX_PRICE: Final = MAX_AMOUNT // 1_000_000
@@ -922,47 +924,72 @@ class BudgetStore:
 
     # -- the cost ledger ----------------------------------------------------------
 
-    async def costs(self, first_day: date, last_day: date) -> list[CostLine]:
+    async def costs(
+        self, first_day: date, last_day: date, *, pools: Iterable[str] | None = None, key_id: str | None = None
+    ) -> list[CostLine]:
         """The ledger's lines for UTC days ``first_day`` through ``last_day`` (at most 400
-        days, kept as long), every tree's: the trees of the pools that exist and of pools
-        deleted since. Each line is exact: the commits' own counters, written in the same
-        script as the charge. Raises InvalidArgument, BudgetUnavailable."""
+        days, kept as long): every tree's (those of the pools that exist and of pools
+        deleted since), or with ``pools`` only the trees those pools are in; with
+        ``pools`` / ``key_id`` only their lines. Each line is exact: the commits' own
+        counters, written in the same script as the charge. One pipelined read per tree,
+        a few trees at a time, so a long range never takes every Redis connection.
+        Raises InvalidArgument, BudgetUnavailable."""
         if last_day < first_day:
             raise InvalidArgument("the range ends before it starts")
         if (last_day - first_day).days >= 400:
             raise InvalidArgument("a cost query spans at most 400 days")
         directory = await self._fresh()
-        roots = {entry.root for entry in directory.entries.values()}
-        retired, retired_roots = await asyncio.gather(
-            guard(self._redis.hvals(self._retired_key)), guard(self._redis.smembers(self._retired_roots_key))
-        )
-        roots.update(_str(root) for root in retired_roots)
-        for raw in retired:
-            try:
-                roots.add(str(json.loads(_str(raw))["root"]))
-            except (ValueError, KeyError, TypeError):
-                continue
+        wanted = set(pools) if pools is not None else None
+        if wanted is not None:
+            roots = {directory.entries[name].root for name in wanted if name in directory.entries}
+            retired_names = [name for name in wanted if name not in directory.entries]
+            if retired_names:
+                for raw in await guard(self._redis.hmget(self._retired_key, retired_names)):
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        roots.add(str(json.loads(_str(raw))["root"]))
+                for name in retired_names:  # a deleted root: its tree is named after it
+                    if await guard(self._redis.sismember(self._retired_roots_key, name)):
+                        roots.add(name)
+        else:
+            roots = {entry.root for entry in directory.entries.values()}
+            retired, retired_roots = await asyncio.gather(
+                guard(self._redis.hvals(self._retired_key)), guard(self._redis.smembers(self._retired_roots_key))
+            )
+            roots.update(_str(root) for root in retired_roots)
+            for raw in retired:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    roots.add(str(json.loads(_str(raw))["root"]))
         first = (first_day - _EPOCH_DAY).days
-        days = range(first, (last_day - _EPOCH_DAY).days + 1)
-        keys = [(root, day) for root in sorted(roots) for day in days]
-        if not keys:
-            return []
-        hashes = await asyncio.gather(
-            *(guard(self._redis.hgetall(f"{self.tree_base(root)}costs:{day}")) for root, day in keys)
-        )
+        days = list(range(first, (last_day - _EPOCH_DAY).days + 1))
+        readers = asyncio.Semaphore(_COST_READERS)
+
+        async def read_tree(root: str) -> list[dict[Any, Any]]:
+            async with readers:
+                # One tree's keys share its hash tag: one pipelined round trip (one slot).
+                pipe = self._redis.pipeline(transaction=False)
+                for day in days:
+                    pipe.hgetall(f"{self.tree_base(root)}costs:{day}")
+                result: list[dict[Any, Any]] = await guard(pipe.execute())
+                return result
+
+        ordered = sorted(roots)
+        per_tree = await asyncio.gather(*(read_tree(root) for root in ordered))
         lines: dict[tuple[int, str, str, str, str], CostLine] = {}
-        for (_, day), fields in zip(keys, hashes, strict=True):
-            for raw_field, raw_value in fields.items():
-                parts = _str(raw_field).split("\t")
-                if len(parts) != 5 or parts[4] not in _LEDGER_METRICS:
-                    continue
-                provider, model, pool, key_id, metric = parts
-                line = lines.get((day, provider, model, pool, key_id))
-                if line is None:
-                    line = lines[(day, provider, model, pool, key_id)] = CostLine(
-                        (_EPOCH_DAY + timedelta(days=day)).isoformat(), provider, model, pool, key_id
-                    )
-                setattr(line, _LEDGER_METRICS[metric], getattr(line, _LEDGER_METRICS[metric]) + int(raw_value))
+        for hashes in per_tree:
+            for day, fields in zip(days, hashes, strict=True):
+                for raw_field, raw_value in fields.items():
+                    parts = _str(raw_field).split("\t")
+                    if len(parts) != 5 or parts[4] not in _LEDGER_METRICS:
+                        continue
+                    provider, model, pool, line_key, metric = parts
+                    if (wanted is not None and pool not in wanted) or (key_id is not None and line_key != key_id):
+                        continue
+                    line = lines.get((day, provider, model, pool, line_key))
+                    if line is None:
+                        line = lines[(day, provider, model, pool, line_key)] = CostLine(
+                            (_EPOCH_DAY + timedelta(days=day)).isoformat(), provider, model, pool, line_key
+                        )
+                    setattr(line, _LEDGER_METRICS[metric], getattr(line, _LEDGER_METRICS[metric]) + int(raw_value))
         return sorted(lines.values(), key=lambda line: (line.day, line.provider, line.model, line.pool, line.key_id))
 
     async def _define(

@@ -289,8 +289,10 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             first, last = date.fromisoformat(request.first_day), date.fromisoformat(request.last_day)
         except ValueError:
             await _abort(context, InvalidArgument("first_day and last_day must be dates (YYYY-MM-DD)"))
-        lines = await _call(context, self._store.costs(first, last))
-        pools = set(request.pools)
+        lines = await _call(
+            context,
+            self._store.costs(first, last, pools=list(request.pools) or None, key_id=request.key_id or None),
+        )
         return budget_pb2.GetCostsResponse(
             lines=[
                 budget_pb2.CostLine(
@@ -305,7 +307,6 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
                     usd_micros=line.usd_micros,
                 )
                 for line in lines
-                if (not request.key_id or line.key_id == request.key_id) and (not pools or line.pool in pools)
             ]
         )
 

@@ -19,7 +19,7 @@ from .errors import InvalidRequestError
 from .protocol import CostsResponse
 from .responses import OrjsonResponse
 from .routing import BACKEND, call_budget, edge, errors, grpc_metadata
-from .scopes import principal_of
+from .scopes import authorize_pool, principal_of
 
 router = APIRouter()
 
@@ -81,8 +81,13 @@ async def list_costs(
         raise InvalidRequestError(f"a range spans at most {MAX_DAYS} days", param="start")
     dimensions = _group_by(group_by)
     principal = principal_of(request)
+    pools = [pool] if pool else []
     if not principal.is_admin:
-        key_id = principal.id  # a user key sees its own charges only
+        key_id = principal.id  # a user key sees its own charges only, in its own pools' trees
+        if pool:
+            authorize_pool(principal, pool)
+        elif not principal.all_pools:
+            pools = list(principal.pools)
     state = edge(request)
     reply: budget_pb2.GetCostsResponse = await call_budget(
         state.clients.budget.GetCosts(
@@ -90,7 +95,7 @@ async def list_costs(
                 first_day=first.isoformat(),
                 last_day=last.isoformat(),
                 key_id=key_id or "",
-                pools=[pool] if pool else [],
+                pools=pools,
             ),
             metadata=grpc_metadata(request),
             timeout=state.settings.edge_rpc_timeout_seconds,

@@ -63,7 +63,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -191,6 +191,8 @@ class StreamPolicy:
             raise ValueError("max_age must be >= 0")
         if self.retention == "limits" and self.max_age <= 0:
             raise ValueError("retention 'limits' needs max_age > 0, or a full stream never frees room")
+        if self.retention == "workqueue" and self.max_age > 0:
+            raise ValueError("retention 'workqueue' takes no max_age: it would expire events audit has not written")
         if not 1 <= self.replicas <= 5:
             raise ValueError("replicas must be between 1 and 5")
 
@@ -199,11 +201,34 @@ class StreamPolicy:
         return RetentionPolicy.WORK_QUEUE if self.retention == "workqueue" else RetentionPolicy.LIMITS
 
 
-def _bounds_differ(current: StreamConfig, policy: StreamPolicy) -> bool:
+def _bound(current: float | None, wanted: float, unbounded: float, fits: Callable[[float], bool]) -> float:
+    """The bound to declare: ``wanted``, unless that lowers the stream's bound below what
+    it holds now. NATS applies a lowered bound at once by deleting the oldest events,
+    which may not be audited yet, so a declaration never does that; once audit has
+    caught up (or the stream is small enough) the lower bound applies."""
+    have = unbounded if current is None or current <= 0 else current
+    want = unbounded if wanted <= 0 else wanted
+    raising = want == unbounded or (have != unbounded and want >= have)
+    return want if raising or fits(want) else have
+
+
+def _bounds(info: StreamInfo, policy: StreamPolicy) -> tuple[int, int, float]:
+    """(max_bytes, max_msgs, max_age) to declare: the policy's where they delete nothing."""
+    current, state = info.config, info.state
+    max_bytes = int(_bound(current.max_bytes, policy.max_bytes, -1, lambda bound: state.bytes <= bound))
+    max_msgs = int(_bound(current.max_msgs, policy.max_msgs, -1, lambda bound: state.messages <= bound))
+    # The age of the oldest event is not in the stream info: a shorter age only on an empty stream.
+    max_age = _bound(current.max_age, policy.max_age, 0.0, lambda bound: state.messages == 0)
+    return max_bytes, max_msgs, max_age
+
+
+def _bounds_differ(info: StreamInfo, policy: StreamPolicy) -> bool:
+    current = info.config
+    max_bytes, max_msgs, max_age = _bounds(info, policy)
     return (
-        current.max_bytes != policy.max_bytes
-        or (current.max_msgs or -1) != policy.max_msgs
-        or float(current.max_age or 0.0) != policy.max_age
+        (current.max_bytes or -1) != max_bytes
+        or (current.max_msgs or -1) != max_msgs
+        or float(current.max_age or 0.0) != max_age
         or current.discard != DiscardPolicy.NEW
         or (current.num_replicas or 1) != policy.replicas
     )
@@ -273,16 +298,23 @@ async def ensure_stream(
         )
         apply_bounds = False
     same_basics = sorted(current.subjects or []) == subjects and current.duplicate_window == duplicate_window
-    if same_basics and not (apply_bounds and policy is not None and _bounds_differ(current, policy)):
+    if same_basics and not (apply_bounds and policy is not None and _bounds_differ(info, policy)):
         return info
     # Keep every other setting the operator chose; change only what we own.
     updated = current.evolve(subjects=subjects, duplicate_window=duplicate_window)
     if apply_bounds and policy is not None:
+        max_bytes, max_msgs, max_age = _bounds(info, policy)
+        if (max_bytes, max_msgs, max_age) != (policy.max_bytes, policy.max_msgs, policy.max_age):
+            log.warning(
+                "stream bounds are not lowered by a declaration (events audit has not written could be lost); "
+                "lower them with the nats CLI once audit has caught up",
+                extra={"stream": stream, "kept": [max_bytes, max_msgs, max_age], "wanted": _describe(policy)},
+            )
         updated = updated.evolve(
             discard=DiscardPolicy.NEW,
-            max_bytes=policy.max_bytes,
-            max_msgs=policy.max_msgs,
-            max_age=policy.max_age,
+            max_bytes=max_bytes,
+            max_msgs=max_msgs,
+            max_age=max_age,
             num_replicas=policy.replicas,
         )
     info = await js.update_stream(updated)

@@ -95,11 +95,13 @@ async def test_a_deleted_pools_costs_remain(store: BudgetStore) -> None:
     assert line.pool == "gone" and line.usd_micros == 5
 
 
-async def test_a_line_with_whitespace_is_refused(store: BudgetStore) -> None:
+async def test_a_line_with_whitespace_never_stops_the_charge(store: BudgetStore) -> None:
     await tree(store)
     await store.reserve("team", 3, "x", owner="k", kind="chat")
-    with pytest.raises(InvalidArgument):
-        await store.commit("x", 3, pool="team", ledger=LedgerLine("a provider", "m", 3, 0))
+    result = await store.commit("x", 3, pool="team", used_usd_micros=4, ledger=LedgerLine("a provider", "m\tx", 3, 0))
+    assert result.state == "committed" and result.pool is not None and result.pool.used == 3
+    (line,) = await store.costs(today(), today())
+    assert (line.provider, line.model, line.usd_micros) == ("a_provider", "m_x", 4)
 
 
 async def test_a_days_ledger_expires(store: BudgetStore, client: RedisClient) -> None:

@@ -277,11 +277,12 @@ def _check_pool_name(value: str, what: str = "pool") -> None:
         raise InvalidArgument(f"{what} must be 1-64 characters of A-Z a-z 0-9 . _ - (got {value!r})")
 
 
-def _check_ledger_name(value: str, what: str) -> None:
-    """A provider or model name in a ledger line: no whitespace (the line is packed with
-    spaces, fields with tabs), at most 256 characters; '' means unknown."""
-    if not isinstance(value, str) or len(value) > 256 or any(ch.isspace() for ch in value):
-        raise InvalidArgument(f"{what} must be at most 256 characters without whitespace (got {value!r})")
+def _ledger_name(value: str) -> str:
+    """A provider or model name as a ledger line holds it: whitespace (the line is packed
+    with spaces, fields with tabs) as ``_``, at most 256 characters; '' means unknown.
+    Never a reason to refuse the charge itself."""
+    cleaned = "".join("_" if ch.isspace() else ch for ch in str(value)[:256])
+    return cleaned
 
 
 def _check_id(value: str, what: str = "reservation_id") -> None:
@@ -720,11 +721,9 @@ class BudgetStore:
         _check_amount(used_usd_micros, "used_usd_micros")
         line = ""
         if ledger is not None:
-            _check_ledger_name(ledger.provider, "provider")
-            _check_ledger_name(ledger.model, "model")
-            _check_amount(ledger.prompt_tokens, "prompt_tokens")
-            _check_amount(ledger.completion_tokens, "completion_tokens")
-            line = f"{ledger.provider} {ledger.model} {ledger.prompt_tokens} {ledger.completion_tokens}"
+            prompt = min(max(int(ledger.prompt_tokens), 0), MAX_AMOUNT)
+            completion = min(max(int(ledger.completion_tokens), 0), MAX_AMOUNT)
+            line = f"{_ledger_name(ledger.provider)} {_ledger_name(ledger.model)} {prompt} {completion}"
         return await self._finish(reservation_id, pool, "commit", used_tokens, used_usd_micros, owner, kind, line)
 
     async def release(

@@ -134,6 +134,9 @@ def _first(*values: Decimal | None) -> Decimal | None:
     return next((value for value in values if value is not None), None)
 
 
+PROVIDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 class ModelPricing(BaseModel):
     """USD per million tokens (as written in the YAML: ``0.15`` or ``"0.15"``); unset
     fields fall through to the next source (see ``Pricing``)."""
@@ -221,6 +224,15 @@ class ProviderConfig(BaseModel):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("name")
+    @classmethod
+    def _a_plain_name(cls, value: str) -> str:
+        """Provider names appear in URLs (provider/model), events, metrics and the cost
+        ledger: letters, digits and . _ - only."""
+        if not PROVIDER_NAME.fullmatch(value):
+            raise ValueError("a provider name is 1-64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit")
+        return value
 
     @cached_property
     def price_memo(self) -> dict[tuple[str, str], TokenPrice]:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
 from hoosh_common.eventbus import EventPublisher, ensure_stream
+from hoosh_common.prices import AudioPrice
 from hoosh_metering.limits import KeyLimiter
 from hoosh_metering.pools import BudgetStore, PoolSpec, PoolView
 from hoosh_metering.redis import RedisClient, connect_redis
@@ -132,8 +133,9 @@ class SttStack:
 
 @pytest.fixture
 def stack_options() -> dict[str, int]:
-    """Override per test (indirectly) to change the queue bound, the byte limit or
-    (``max_audio_seconds``, default 600) the duration limit."""
+    """Override per test (indirectly) to change the queue bound, the byte limit,
+    (``max_audio_seconds``, default 600) the duration limit or
+    (``price_per_minute_micros``, default 0) the audio's price."""
     return {"workers": 1, "max_queue": 4, "max_audio_bytes": 25 * 1024 * 1024}
 
 
@@ -162,6 +164,7 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
         max_audio_bytes=stack_options["max_audio_bytes"],
         max_audio_seconds=stack_options.get("max_audio_seconds", 600),
         limiter=limiter,
+        price=AudioPrice(per_minute=stack_options.get("price_per_minute_micros", 0)),
     )
     stt_server = grpc.aio.server()
     add_stt(SttServicer(service), stt_server)

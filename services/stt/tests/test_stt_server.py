@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -13,6 +14,7 @@ import pytest
 from hoosh.events.v1 import events_pb2
 from hoosh.stt.v1 import stt_pb2
 from hoosh.tenancy.v1 import tenancy_pb2
+from hoosh_metering.pools import PoolSpec
 from hoosh_stt import transcription
 from hoosh_stt.audio import decode, probe
 from hoosh_stt.server import ADMITTED_METADATA
@@ -147,6 +149,27 @@ async def test_exhausted_pool_is_refused_after_decoding(stt: SttStack, speech: b
     assert metadata(raised.value)["hoosh-error-code"] == "budget_exhausted"
     state = await stt.pool_state(pool)
     assert (state.used, state.reserved) == (0, 0)
+
+
+PRICED = {"workers": 1, "max_queue": 4, "max_audio_bytes": 25 * 1024 * 1024, "price_per_minute_micros": 6000}
+
+
+@pytest.mark.parametrize("stack_options", [PRICED])
+async def test_a_priced_transcription_returns_its_cost_and_money_caps_bound_it(stt: SttStack, speech: bytes) -> None:
+    pool = await stt.pool()
+    reply = await transcribe(stt.stub, requests(speech, pool=pool))
+    # $0.006 a minute: a tenth of a micro-dollar per millisecond, rounded up.
+    assert reply.cost_usd_micros == -(-round(reply.duration * 1000) // 10) > 0
+    state = await stt.pool_state(pool)
+    assert state.used_usd_micros == reply.cost_usd_micros
+    # A pool whose money cap is spent refuses before anything is decoded or charged.
+    capped = f"capped-{uuid.uuid4().hex[:6]}"
+    await stt.store.create_pool(PoolSpec(capped, 1_000_000, cap_usd_micros=10))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await transcribe(stt.stub, requests(speech, pool=capped))
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    state = await stt.pool_state(capped)
+    assert (state.used_usd_micros, state.reserved_usd_micros, state.used) == (0, 0, 0)
 
 
 async def test_the_first_message_must_carry_options(stt: SttStack, speech: bytes) -> None:

@@ -52,14 +52,24 @@ class SttBudget:
         """Settlements still being retried in the background."""
         return len(self._retries)
 
-    async def reserve(self, pool: str, tokens: int, reservation_id: str, *, owner: str) -> tuple[str, ...]:
+    async def reserve(
+        self, pool: str, tokens: int, reservation_id: str, *, owner: str, price_micros_per_mtok: int = 0
+    ) -> tuple[str, ...]:
         """Reserve in ``pool`` and its ancestors; returns the chain (the pool first).
+        ``price_micros_per_mtok``: the audio's price per million pool tokens, so money
+        caps bound transcriptions too.
 
         Raises PoolNotFound / BudgetExhausted / InvalidRequest / Unavailable.
         """
         try:
             reservation = await self._store.reserve(
-                pool, tokens, reservation_id, self._lease_seconds, owner=owner, kind=KIND
+                pool,
+                tokens,
+                reservation_id,
+                self._lease_seconds,
+                owner=owner,
+                kind=KIND,
+                input_price_micros=price_micros_per_mtok,
             )
         except metering.PoolNotFound as error:
             raise PoolNotFound(f"Token pool '{pool}' does not exist", param="pool") from error

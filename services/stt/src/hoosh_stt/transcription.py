@@ -48,7 +48,7 @@ from hoosh_common.prices import FREE_AUDIO, AudioPrice
 from hoosh_common.telemetry import current_trace_id
 from hoosh_metering import errors as metering
 from hoosh_metering.limits import KeyGate, KeyLimiter, KeyLimits
-from hoosh_metering.pools import LedgerLine
+from hoosh_metering.pools import MAX_PRICE, LedgerLine
 from redis.exceptions import RedisError
 
 from .audio import SAMPLE_RATE, probe, windows
@@ -232,6 +232,11 @@ class TranscriptionService:
         self._queue = queue
         self._tokens_per_second = tokens_per_second
         self._price = price
+        # The per-minute price per million pool tokens (rounded up): what the reservation
+        # holds against money caps, never less than the commit's per-minute cost.
+        self._price_per_mtok = min(
+            MAX_PRICE, math.ceil(price.per_minute * 1_000_000 / (60 * tokens_per_second)) if price.per_minute else 0
+        )
         self._max_audio_bytes = max_audio_bytes
         self._max_audio_seconds = max_audio_seconds
         self._window_seconds = window_seconds
@@ -417,7 +422,9 @@ class TranscriptionService:
                 # Set before the call: a cancellation mid-reserve still releases (a no-op
                 # when nothing was reserved).
                 reserved = True
-                chain = await self._budget.reserve(pool, tokens, request_id, owner=request.key_id)
+                chain = await self._budget.reserve(
+                    pool, tokens, request_id, owner=request.key_id, price_micros_per_mtok=self._price_per_mtok
+                )
                 audio = windows(data, self._window_seconds, self._max_audio_seconds)
                 del data
                 try:

@@ -293,6 +293,13 @@ class CountingPublisher:
     def healthy(self) -> bool:
         return bool(self.inner.healthy)
 
+    @property
+    def keeping(self) -> bool:
+        return bool(self.inner.keeping)
+
+    async def wait_kept(self) -> None:
+        await self.inner.wait_kept()
+
 
 async def test_cancel_after_reserve_while_the_cache_lookup_is_pending_releases(router: Router) -> None:
     cache = router.cache

@@ -7,6 +7,7 @@ import asyncio
 import math
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -257,9 +258,9 @@ def spy_on_reserve_and_decode(stt: SttStack, monkeypatch: pytest.MonkeyPatch) ->
     seen: list[tuple[str, int]] = []
     reserve, windows = stt.budget.reserve, transcription.windows
 
-    async def reserving(pool: str, tokens: int, reservation_id: str, *, owner: str) -> tuple[str, ...]:
+    async def reserving(pool: str, tokens: int, reservation_id: str, **options: Any) -> tuple[str, ...]:
         seen.append(("reserve", tokens))
-        return await reserve(pool, tokens, reservation_id, owner=owner)
+        return await reserve(pool, tokens, reservation_id, **options)
 
     def decoding(data: bytes, window_seconds: float, max_seconds: float) -> Iterator[np.ndarray]:
         seen.append(("decode", 0))  # called when the windows are set up, before the first is decoded

@@ -397,6 +397,7 @@ class EventPublisher:
         # Strong references: the event loop only keeps weak ones to tasks.
         self._pending: set[asyncio.Task[PubAck | None]] = set()
         self._outbox = outbox
+        self._last_kept: asyncio.Future[None] | None = None
         self._duplicate_window = duplicate_window
         self._drain_batch = drain_batch
         self._drain_backoff_max = drain_backoff_max
@@ -421,6 +422,21 @@ class EventPublisher:
     @property
     def outbox(self) -> Outbox | None:
         return self._outbox
+
+    @property
+    def keeping(self) -> bool:
+        """NATS is away and events go straight to the outbox (see ``wait_kept``)."""
+        return self._outbox is not None and (self._blocked_since is not None or not self._nc.is_connected)
+
+    async def wait_kept(self) -> None:
+        """Wait until the event the last ``publish_background`` sent to the outbox is on
+        disk (fsynced; or its write failed and it waits in memory). A caller that answers
+        its client only after this loses no event it answered for if the process dies
+        during an outage. Costs nothing while NATS takes events."""
+        written = self._last_kept
+        if written is not None and not written.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(written)
 
     @property
     def healthy(self) -> bool:
@@ -584,7 +600,9 @@ class EventPublisher:
             # NATS is away: queue the write now, so that even a task that never runs
             # (cancelled at shutdown) cannot lose the event.
             hdrs = self._headers(event_id, headers)
-            coro = self._kept(self._keep_nowait(self._entry(subject, data, event_id, hdrs, maybe_stored=False)))
+            written = self._keep_nowait(self._entry(subject, data, event_id, hdrs, maybe_stored=False))
+            self._last_kept = written
+            coro = self._kept(written)
         else:
             coro = self._publish_logged(subject, data, event_id, headers)
         task = asyncio.get_running_loop().create_task(coro)

@@ -55,6 +55,15 @@ class Publisher(Protocol):
         """False while events could not be kept (the outbox past its high-water mark)."""
         ...
 
+    @property
+    def keeping(self) -> bool:
+        """NATS is away: events go to the local outbox."""
+        ...
+
+    async def wait_kept(self) -> None:
+        """The last event sent to the outbox is on disk."""
+        ...
+
 
 def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> chat_pb2.Usage:
     return chat_pb2.Usage(
@@ -197,6 +206,10 @@ class Recorder:
         async def tail() -> None:
             await settle()
             record()
+            if self._publisher.keeping:
+                # NATS is away: the event goes to the outbox; answer only once it is on
+                # disk, so a router killed now has lost no event it answered for.
+                await self._publisher.wait_kept()
 
         task = asyncio.ensure_future(tail())
         self._tails.add(task)

@@ -82,6 +82,15 @@ class Publisher(Protocol):
         """False while events could not be kept (the outbox past its high-water mark)."""
         ...
 
+    @property
+    def keeping(self) -> bool:
+        """NATS is away: events go to the local outbox."""
+        ...
+
+    async def wait_kept(self) -> None:
+        """The last event sent to the outbox is on disk."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class TranscriptionRequest:
@@ -517,6 +526,8 @@ class TranscriptionService:
                 request_id, tokens, pool=pool, owner=request.key_id, usd_micros=usd, ledger=ledger
             )
             self._completed(request, request_id, pool, chain, tokens, started, usd)
+            if self._publisher.keeping:  # NATS away: answer once the event is on disk
+                await self._publisher.wait_kept()
         finally:
             await self._finish_key(request, request_id, admitted, tokens)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -97,3 +98,16 @@ def test_audit_pages_filter_and_follow_a_cursor(hoosh: RunningStack, admin: http
     onlooker = httpx.get(f"{hoosh.base_url}/v1/audit", headers={"Authorization": f"Bearer {other}"}).json()
     assert onlooker["entries"] == []
     user.close()
+
+
+def test_a_large_admin_action_is_still_recorded(hoosh: RunningStack, admin: httpx.Client) -> None:
+    team = make_pool(admin, 1000)
+    # About 13 KB of patterns: past the bound of an event's details.
+    models = [f"vendor-{index:03d}/a-rather-long-model-family-name-{index:03d}-*" for index in range(250)]
+    _, key_id = make_key(admin, [team], models=models)
+    (entry,) = [
+        e for e in entries_of(admin, kind="admin.key.created", limit=1000) if e["payload"].get("target") == key_id
+    ]
+    details = json.loads(entry["payload"]["details_json"])
+    assert details["models"]["length"] == 250 and len(details["models"]["sha256"]) == 64
+    assert details["pools"] == [team]

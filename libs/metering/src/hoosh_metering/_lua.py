@@ -451,7 +451,7 @@ if mode == 'commit' then
   finish(id, rec, 'committed', used, used_usd, ended_ttl)
   if line_provider then
     ledger(leaf, rec.owner, line_provider, line_model, tonumber(line_prompt), tonumber(line_completion), used_usd)
-  else
+  elseif used > 0 or used_usd > 0 then  -- a commit of nothing without a line is no charge
     ledger(leaf, rec.owner, '', '', used, 0, used_usd)
   end
 else

@@ -1,5 +1,5 @@
-"""The admin API: /v1/admin/keys over the real Redis, /v1/admin/pools over an
-in-process budget fake (what the edge sends, how it maps the budget's statuses)."""
+"""The admin API: /v1/admin/keys over the real Redis, /v1/admin/pools over the real
+budget service in-process (what reaches the pools, how the edge maps its statuses)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import time
 from typing import Any
 
 import pytest
-from hoosh.budget.v1 import budget_pb2
+from hoosh.events.v1 import events_pb2
 
-from .backends import Backends
-from .conftest import Edge, MakeEdge
+from tests.inprocess import start_budget
+
+from .conftest import Edge, MakeEdge, Stack, free_port
 from .test_edge_app import assert_envelope
 from .test_edge_tenancy import ADMIN, bearer, edge_on
 
 
 @pytest.fixture
-async def edge(make_edge: MakeEdge, backends: Backends) -> Edge:
-    return await edge_on(make_edge, backends)
+async def edge(make_edge: MakeEdge, stack: Stack) -> Edge:
+    return await edge_on(make_edge, stack)
 
 
 # --------------------------------------------------------------------------- keys
@@ -120,7 +121,7 @@ async def test_revoke_is_idempotent(edge: Edge) -> None:
 # --------------------------------------------------------------------------- pools
 
 
-async def test_pool_lifecycle(edge: Edge, backends: Backends) -> None:
+async def test_pool_lifecycle(edge: Edge, stack: Stack) -> None:
     created = await edge.client.post(
         "/v1/admin/pools",
         json={"name": "team-c", "parent": "org", "capacity": 500, "period": "daily", "timezone": "Europe/Berlin",
@@ -131,8 +132,13 @@ async def test_pool_lifecycle(edge: Edge, backends: Backends) -> None:
     pool = created.json()
     assert (pool["name"], pool["parent"], pool["chain"], pool["capacity"]) == ("team-c", "org", ["team-c", "org"], 500)
     assert (pool["cap_usd"], pool["cap_usd_micros"]) == (12.5, 12_500_000)
-    spec = backends.recorder.last("CreatePool").spec
-    assert (spec.period, spec.timezone, spec.cap_usd_micros) == ("daily", "Europe/Berlin", 12_500_000)
+    stored = await stack.pool("team-c")
+    assert (stored.parent, stored.period, stored.timezone, stored.cap_usd_micros) == (
+        "org",
+        "daily",
+        "Europe/Berlin",
+        12_500_000,
+    )
 
     got = await edge.client.get("/v1/admin/pools/team-c", headers=ADMIN)
     assert got.json()["capacity"] == 500
@@ -141,18 +147,29 @@ async def test_pool_lifecycle(edge: Edge, backends: Backends) -> None:
 
     resized = await edge.client.patch("/v1/admin/pools/team-c", json={"capacity": 900, "cap_usd": None}, headers=ADMIN)
     assert resized.json()["capacity"] == 900 and resized.json()["cap_usd"] is None
-    update = backends.recorder.last("UpdatePool")
-    assert update.HasField("capacity") and update.clear_cap_usd and not update.HasField("period")
+    stored = await stack.pool("team-c")  # only what was sent changed
+    assert (stored.capacity, stored.cap_usd_micros, stored.period, stored.timezone) == (
+        900,
+        None,
+        "daily",
+        "Europe/Berlin",
+    )
 
-    assert (await edge.client.post("/v1/admin/pools/team-c/reset", headers=ADMIN)).status_code == 200
-    assert backends.recorder.last("ResetPool") == budget_pb2.ResetPoolRequest(name="team-c", key_id="admin")
+    used = await edge.client.post("/v1/tokens/report", json={"pool": "team-c", "actual": 40}, headers=ADMIN)
+    assert used.json()["used"] == 40
+    reset = await edge.client.post("/v1/admin/pools/team-c/reset", headers=ADMIN)
+    assert reset.status_code == 200 and reset.json()["used"] == 0
+    assert (await stack.pool("team-c")).used == 0
+    [(_, event)] = [(name, event) for name, event in await stack.bus.events() if name == "budget.reset"]
+    assert isinstance(event, events_pb2.BudgetReset)
+    assert (event.pool, event.reason, event.used, event.key_id) == ("team-c", "admin", 40, "admin")
 
     deleted = await edge.client.delete("/v1/admin/pools/team-c", headers=ADMIN)
     assert deleted.json() == {"name": "team-c", "deleted": True}
     assert_envelope(await edge.client.get("/v1/admin/pools/team-c", headers=ADMIN), 404)
 
 
-async def test_pool_errors_are_mapped(edge: Edge, backends: Backends) -> None:
+async def test_pool_errors_are_mapped(edge: Edge, make_edge: MakeEdge, stack: Stack) -> None:
     body = {"name": "team-a", "capacity": 1}
     assert assert_envelope(await edge.client.post("/v1/admin/pools", json=body, headers=ADMIN), 409)["code"] == (
         "pool_exists"
@@ -168,6 +185,11 @@ async def test_pool_errors_are_mapped(edge: Edge, backends: Backends) -> None:
     assert_envelope(await edge.client.post("/v1/admin/pools", json=both, headers=ADMIN), 400)
     bad_period = {"name": "y", "capacity": 1, "period": "fortnightly"}
     assert_envelope(await edge.client.post("/v1/admin/pools", json=bad_period, headers=ADMIN), 400, param="period")
-    backends.budget.unavailable = True
-    error = assert_envelope(await edge.client.get("/v1/admin/pools/org", headers=ADMIN), 503)
-    assert error["code"] == "budget_unavailable"
+    # A budget service whose Redis cannot be reached answers UNAVAILABLE budget_unavailable.
+    cut_off = await start_budget(
+        stack.bus, key_prefix=stack.budget_key_prefix, redis_url=f"redis://127.0.0.1:{free_port()}/0", start_store=False
+    )
+    stack.extra.append(cut_off)
+    other = await edge_on(make_edge, stack, budget_addr=cut_off.address)
+    error = assert_envelope(await other.client.get("/v1/admin/pools/org", headers=ADMIN), 503)
+    assert (error["code"], error["type"]) == ("budget_unavailable", "api_error")

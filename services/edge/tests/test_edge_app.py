@@ -1,6 +1,7 @@
 """The HTTP surface without any backend: validation, limits, auth, ids, envelopes, 503s.
 
-The gRPC channels point at a closed port, so every backend call really fails (no mock).
+The gRPC channels point at a closed port, so every backend call really fails (no mock);
+the last test asks the real services (conftest's ``stack`` and ``stt``) instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import orjson
 import pytest
 from hoosh_edge.protocol import ErrorResponse
 
-from .conftest import ADMIN_KEY
+from .conftest import ADMIN_KEY, MakeEdge, Stack
 
 CHAT = "/v1/chat/completions"
 USER = {"role": "user", "content": "hi"}
@@ -256,3 +257,13 @@ async def test_real_server_limits_ids_and_503(served: str) -> None:
         assert_envelope(await client.post(CHAT, json={"model": "m", "messages": [USER]}), 503)
         health = await client.get("/v1/health")
         assert health.status_code == 200 and health.headers["x-request-id"]
+
+
+async def test_readiness_asks_each_real_service(make_edge: MakeEdge, stack: Stack, stt: Any) -> None:
+    """The health names the edge asks for are the ones the services register."""
+    response = await (await make_edge(**stack.addresses())).client.get("/v1/health/ready")
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "status": "ok",
+        "checks": {"router": "SERVING", "budget": "SERVING", "audit": "SERVING", "stt": "SERVING"},
+    }

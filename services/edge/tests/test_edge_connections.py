@@ -1,6 +1,7 @@
 """Connection bounds through the real server: uvicorn (httptools) on a loopback port with
 the edge's protocol (server.py), raw sockets for the hostile clients, httpx for the
-normal one; router, budget and audit are the in-process fakes of backends.py."""
+normal one; router, budget and audit are the real services in-process (conftest's
+``stack``): what reached the router is read off its event stream."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from hoosh_edge.app import create_app
 from hoosh_edge.config import Settings
 from hoosh_edge.server import uvicorn_options
 
-from .backends import Backends
-from .conftest import free_port
+from .conftest import REPLY, Stack, free_port
 from .test_edge_app import CHAT, USER
 
 HOST = "127.0.0.1"
@@ -28,18 +28,12 @@ Serve = Callable[..., Awaitable[int]]
 
 
 @pytest.fixture
-async def serve(make_settings: Callable[..., Settings], backends: Backends) -> AsyncIterator[Serve]:
+async def serve(make_settings: Callable[..., Settings], stack: Stack) -> AsyncIterator[Serve]:
     """Start the edge under a real uvicorn with the given setting overrides; returns its port."""
     servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
     async def start(**overrides: object) -> int:
-        values: dict[str, object] = {
-            "router_addr": backends.address,
-            "budget_addr": backends.address,
-            "audit_addr": backends.address,
-            "stt_addr": backends.address,
-        }
-        settings = make_settings(**{**values, **overrides})
+        settings = make_settings(**{**stack.addresses(), **overrides})
         port = free_port()
         config = uvicorn.Config(
             create_app(settings),
@@ -91,7 +85,7 @@ async def trickle_headers(port: int, gone: list[float], started: asyncio.Event) 
         writer.close()
 
 
-async def test_slow_header_clients_are_dropped_while_a_chat_is_served(serve: Serve, backends: Backends) -> None:
+async def test_slow_header_clients_are_dropped_while_a_chat_is_served(serve: Serve, stack: Stack) -> None:
     port = await serve(edge_header_timeout_seconds=HEADER_TIMEOUT)
     gone: list[float] = []
     started = [asyncio.Event() for _ in range(SLOW_CLIENTS)]
@@ -101,7 +95,7 @@ async def test_slow_header_clients_are_dropped_while_a_chat_is_served(serve: Ser
     async with httpx.AsyncClient(base_url=f"http://{HOST}:{port}", timeout=10) as client:
         response = await client.post(CHAT, json={"model": "gpt-4o-mini", "messages": [USER]})
     assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"]["content"] == "ok"
+    assert response.json()["choices"][0]["message"]["content"] == REPLY
     assert not gone, "the chat was served while every slow client was still connected"
 
     lifetimes = await asyncio.wait_for(asyncio.gather(*slow), HEADER_TIMEOUT + 20)
@@ -109,7 +103,8 @@ async def test_slow_header_clients_are_dropped_while_a_chat_is_served(serve: Ser
     # Each kept sending bytes, and each was dropped at its header deadline, not before.
     assert min(lifetimes) >= HEADER_TIMEOUT - 0.2, min(lifetimes)
     assert max(lifetimes) <= HEADER_TIMEOUT + 5, max(lifetimes)
-    assert backends.recorder.count("Chat") == 1  # none of the slow requests reached the router
+    # None of the slow requests reached the router: it saw one request, the chat.
+    assert [name for name, _ in await stack.router_events()] == ["inference.completed"]
 
 
 async def test_a_silent_connection_is_dropped_at_the_header_deadline(serve: Serve) -> None:
@@ -138,7 +133,7 @@ async def test_blank_lines_do_not_keep_a_connection_open(serve: Serve) -> None:
         writer.close()
 
 
-async def test_a_slow_body_is_dropped_and_reaches_nothing(serve: Serve, backends: Backends) -> None:
+async def test_a_slow_body_is_dropped_and_reaches_nothing(serve: Serve, stack: Stack) -> None:
     port = await serve(edge_body_timeout_seconds=0.5)
     body = orjson.dumps({"model": "gpt-4o-mini", "messages": [USER]})
     reader, writer = await asyncio.open_connection(HOST, port)
@@ -150,7 +145,7 @@ async def test_a_slow_body_is_dropped_and_reaches_nothing(serve: Serve, backends
         assert await asyncio.wait_for(closed_by_server(reader), 5) == b""
     finally:
         writer.close()
-    assert backends.recorder.count("Chat") == 0
+    assert await stack.router_events() == [] and stack.upstream_requests() == 0
 
 
 async def test_kept_alive_requests_each_get_the_header_deadline(serve: Serve) -> None:

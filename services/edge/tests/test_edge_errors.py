@@ -1,4 +1,8 @@
-"""errors.to_api_error: gRPC statuses (real AioRpcError instances) and validation errors."""
+"""errors.to_api_error: gRPC statuses (real AioRpcError instances) and validation errors;
+then the same mapping fed by the real router (conftest's ``stack``): the statuses and
+trailing metadata it really sends for a provider that rate-limits, refuses, breaks,
+is down or too slow, an unknown model or pool, an exhausted budget, and a stream cut
+after its first tokens."""
 
 from __future__ import annotations
 
@@ -10,7 +14,11 @@ import pytest
 from hoosh_edge.errors import EdgeError, RequestTooLargeError, to_api_error, validation_error
 from hoosh_edge.protocol import ChatCompletionRequest
 from hoosh_edge.responses import error_response
+from hoosh_metering.pools import PoolSpec
 from pydantic import ValidationError
+
+from .conftest import LATE_TIMEOUT, MakeEdge, Stack
+from .test_edge_app import CHAT, assert_envelope
 
 
 def rpc_error(
@@ -179,3 +187,72 @@ def test_validation_errors_name_the_parameter(body: dict[str, Any], param: str, 
     if code is not None:
         assert got_code == code
     assert param in message
+
+
+# --------------------------------------------------------------------------- through the real router
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["blocking", "stream"])
+@pytest.mark.parametrize(
+    ("model", "pool", "status", "kind", "code", "param", "retry_after"),
+    [
+        ("mock-fail-429", None, 429, "rate_limit_error", "rate_limit_exceeded", None, "1"),
+        ("mock-fail-400", None, 400, "invalid_request_error", "invalid_request", None, None),
+        ("mock-bad-json", None, 502, "api_error", "upstream_error", None, None),
+        ("down-1", None, 503, "api_error", "upstream_unavailable", None, None),
+        ("late-1", None, 504, "api_error", "upstream_timeout", None, None),
+        ("no-such-model", None, 404, "invalid_request_error", "model_not_found", "model", None),
+        ("gpt-4o", "no-such-pool", 400, "invalid_request_error", "pool_not_found", "pool", None),
+        ("gpt-4o", "tiny", 429, "insufficient_quota", "budget_exhausted", None, "60"),
+    ],
+    ids=["provider-429", "provider-400", "bad-json", "down", "timeout", "model", "pool", "budget"],
+)
+async def test_the_routers_errors_reach_the_client_in_openai_shape(
+    make_edge: MakeEdge,
+    stack: Stack,
+    stream: bool,
+    model: str,
+    pool: str | None,
+    status: int,
+    kind: str,
+    code: str,
+    param: str | None,
+    retry_after: str | None,
+) -> None:
+    await stack.budget.store.create_pool(PoolSpec("tiny", 3))  # less than any prompt
+    edge = await make_edge(**stack.addresses())
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    if pool is not None:
+        body["pool"] = pool
+    response = await edge.client.post(CHAT, json=body)
+    # A stream waits for the router's first message, so an error before it is a status too.
+    error = assert_envelope(response, status, param=param)
+    assert (error["type"], error["code"]) == (kind, code)
+    assert response.headers.get("retry-after") == retry_after
+    if code == "upstream_timeout":
+        assert f"{LATE_TIMEOUT:g}s" in error["message"]
+    # The router recorded the failure once, and ended the reservation it made.
+    [(name, event)] = await stack.router_events()
+    assert (name, event.error_code, event.http_status) == ("inference.failed", code, status)
+    for name in ("default", "tiny"):
+        assert (await stack.pool(name)).reserved == 0
+
+
+async def test_a_stream_cut_after_its_first_tokens_ends_with_an_error_event(make_edge: MakeEdge, stack: Stack) -> None:
+    edge = await make_edge(**stack.addresses())
+    body = {"model": "mock-cut-stream", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    response = await edge.client.post(CHAT, json=body)
+    assert response.status_code == 200  # the first tokens went out before the provider broke off
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = orjson.loads(events[-2])["error"]
+    assert (error["type"], error["code"]) == ("api_error", "upstream_error")
+    content = "".join(
+        choice["delta"].get("content") or "" for event in events[:-2] for choice in orjson.loads(event)["choices"]
+    )
+    assert content == "Hello from"
+    # What was generated is paid for, never more than reserved, and nothing stays reserved.
+    [(name, failed)] = await stack.router_events()
+    assert name == "inference.failed" and failed.charged_tokens > 0
+    pool = await stack.pool("default")
+    assert (pool.used, pool.reserved) == (failed.charged_tokens, 0)

@@ -184,7 +184,7 @@ def test_completion_with_text() -> None:
         choices=[
             chat_pb2.Choice(index=0, message=chat_pb2.ChatMessage(role="assistant", text="hi"), finish_reason="length")
         ],
-        usage=chat_pb2.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5),
+        usage=chat_pb2.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5, cached_tokens=1, cost_usd_micros=9),
         system_fingerprint="fp_1",
     )
     body = completion_to_dict(reply, completion_id="chatcmpl-r", model="m")
@@ -201,7 +201,13 @@ def test_completion_with_text() -> None:
                 "finish_reason": "length",
             }
         ],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        "usage": {
+            "prompt_tokens": 3,
+            "completion_tokens": 2,
+            "total_tokens": 5,
+            "prompt_tokens_details": {"cached_tokens": 1},
+            "cost_usd_micros": 9,
+        },
         "system_fingerprint": "fp_1",
     }
     ChatCompletionResponse.model_validate(body)
@@ -233,7 +239,13 @@ def test_completion_with_only_tool_calls_has_null_content() -> None:
     }
     assert body["model"] == "requested"
     assert "system_fingerprint" not in body
-    assert body["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert body["usage"] == {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "cost_usd_micros": 0,
+    }
     ChatCompletionResponse.model_validate(body)
 
 
@@ -287,7 +299,13 @@ def test_usage_null_on_every_chunk_but_the_usage_chunk() -> None:
     body = chunk_to_dict(usage, chunk_id="c", created=5, model="m", include_usage=True)
     assert body is not None
     assert body["choices"] == []
-    assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert body["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 2,
+        "total_tokens": 3,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "cost_usd_micros": 0,
+    }
     ChatCompletionChunk.model_validate(body)
     # Without include_usage a usage-only message is not sent at all.
     assert chunk_to_dict(usage, chunk_id="c", created=5, model="m", include_usage=False) is None

@@ -1,8 +1,10 @@
 """schemathesis over the whole /openapi.json of a real edge (uvicorn on a loopback port, keys
-mode, the bootstrap admin key) whose router, budget, audit and STT are the in-process fakes
-of backends.py: no 5xx, no response outside its documented schema, status or content type,
-no documented header missing, no schema-valid request refused and no schema-violating one
-accepted.
+mode, the bootstrap admin key) whose router, budget, audit and STT are the real services
+in-process (conftest's ``stack`` and ``stt``; the router's provider is the OpenAI-wire
+stand-in, the STT's model Whisper tiny.en): no 5xx, no response outside its documented
+schema, status or content type, no documented header missing, no schema-valid request
+refused and no schema-violating one accepted. The valid chats and embeddings go all the
+way to the provider (checked after the run).
 
 The run is the schemathesis CLI in a child process (its own event loop and threads; the
 edge's gRPC channels stay in this test's loop), with a bounded number of examples per
@@ -13,8 +15,11 @@ operation. Every check runs (``--checks all``) but two, each off where it cannot
 - ``object_level_authorization`` needs a second identity's credentials, and this run
   has only the admin key (user keys' scopes are tested in test_edge_tenancy.py).
 
-A rule no schema can state (a new key's ``expires_at`` in the future) is kept by a hook on
-the generated requests (schemathesis_hooks.py).
+The rules no schema can state (a new key's ``expires_at`` in the future, a model that is
+served, a pool that exists) are kept by hooks on the generated requests
+(schemathesis_hooks.py). So are, for now, a few limits the document does not state
+although it could: each is a known defect, pinned below by a strict xfail test that passes
+(and so fails) once the edge is fixed; then its hook goes.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import uvicorn
 from hoosh_edge.app import create_app
 from hoosh_edge.config import Settings
 from hoosh_edge.server import uvicorn_options
 
-from .backends import Backends
-from .conftest import ADMIN_KEY, free_port
+from tests.inprocess import RunningStt
+
+from .conftest import ADMIN_KEY, Edge, MakeEdge, Stack, free_port
+from .test_edge_tenancy import ADMIN, edge_on
 
 HERE = Path(__file__).parent
 MAX_EXAMPLES = 25
@@ -56,16 +65,9 @@ phases.stateful.enabled = false
 
 
 async def test_the_api_document_tells_the_truth(
-    make_settings: Callable[..., Settings], backends: Backends, tmp_path: Path
+    make_settings: Callable[..., Settings], stack: Stack, stt: RunningStt, tmp_path: Path
 ) -> None:
-    settings = make_settings(
-        auth="keys",
-        admin_key=ADMIN_KEY,
-        router_addr=backends.address,
-        budget_addr=backends.address,
-        audit_addr=backends.address,
-        stt_addr=backends.address,
-    )
+    settings = make_settings(auth="keys", admin_key=ADMIN_KEY, **stack.addresses())
     port = free_port()
     config = uvicorn.Config(
         create_app(settings),
@@ -109,3 +111,75 @@ async def test_the_api_document_tells_the_truth(
     report = output.decode(errors="replace")
     assert process.returncode == 0, report
     assert "No issues found" in report or " passed" in report, report
+    # The valid chats and embeddings were served for real, by the provider.
+    kinds = {event.kind for name, event in await stack.router_events() if name == "inference.completed"}
+    assert {"chat", "embedding"} <= kinds, kinds
+    assert stack.upstream_requests() > 0
+
+
+# --------------------------------------------------------------------------- known defects
+# What the run above found once the services behind the edge were real. Each test states
+# the fixed behaviour; the hook named in its reason keeps the run green meanwhile.
+
+
+@pytest.fixture
+async def edge(make_edge: MakeEdge, stack: Stack) -> Edge:
+    return await edge_on(make_edge, stack)
+
+
+async def request_schema(edge: Edge, name: str) -> dict[str, Any]:
+    schema = (await edge.client.get("/openapi.json")).json()
+    return dict(schema["components"]["schemas"][name])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KNOWN DEFECT (hook _within_amounts): the token routes document amounts up to 2**63-1 "
+    "(Count64); the budget stores at most 2**53-1 and refuses more with a 400 naming no param",
+)
+async def test_token_amounts_are_documented_as_the_budget_stores_them(edge: Edge) -> None:
+    for name, field in (("TokenCheckRequest", "tokens"), ("TokenReserveRequest", "tokens"),
+                        ("TokenReportRequest", "actual"), ("TokenReportRequest", "reserved")):  # fmt: skip
+        assert (await request_schema(edge, name))["properties"][field]["maximum"] <= 2**53 - 1, (name, field)
+    response = await edge.client.post("/v1/tokens/check", json={"pool": "default", "tokens": 2**53}, headers=ADMIN)
+    assert (response.status_code, response.json()["error"]["param"]) == (400, "tokens")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KNOWN DEFECT (hook something_to_reserve): /v1/tokens/reserve documents tokens >= 0; "
+    "the budget refuses to reserve 0 with a 400 naming no param",
+)
+async def test_a_reservation_of_nothing_is_documented_or_served(edge: Edge) -> None:
+    response = await edge.client.post("/v1/tokens/reserve", json={"pool": "default", "tokens": 0}, headers=ADMIN)
+    if response.status_code != 200:
+        assert (response.status_code, response.json()["error"]["param"]) == (400, "tokens")
+        assert (await request_schema(edge, "TokenReserveRequest"))["properties"]["tokens"]["minimum"] >= 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KNOWN DEFECT (see hook _a_real_zone): a time zone that is not an IANA zone is refused by the "
+    "budget with a 400 naming no param (the edge cannot say which field is wrong)",
+)
+async def test_an_unknown_time_zone_is_refused_naming_the_field(edge: Edge) -> None:
+    body = {"name": "zoned", "capacity": 1, "timezone": "Mars/Olympus_Mons"}
+    response = await edge.client.post("/v1/admin/pools", json=body, headers=ADMIN)
+    assert (response.status_code, response.json()["error"]["param"]) == (400, "timezone")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="KNOWN DEFECT (hook days_and_dimensions): GET /v1/costs documents start, end and group_by "
+    "as any string; it takes only YYYY-MM-DD and a comma-separated list of its dimensions",
+)
+async def test_the_cost_query_is_documented_as_it_is_read(edge: Edge) -> None:
+    schema = (await edge.client.get("/openapi.json")).json()
+    parameters = {p["name"]: p["schema"] for p in schema["paths"]["/v1/costs"]["get"]["parameters"]}
+
+    def constrained(parameter: dict[str, Any]) -> bool:
+        options = [parameter, *parameter.get("anyOf", [])]
+        return any("pattern" in option or option.get("format") == "date" for option in options)
+
+    assert constrained(parameters["start"]) and constrained(parameters["end"])
+    assert constrained(parameters["group_by"]) or "pattern" in parameters["group_by"]

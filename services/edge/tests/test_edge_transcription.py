@@ -1,13 +1,16 @@
-"""POST /v1/audio/transcriptions without a backend: the form, the per-route body limit,
-the error mapping of the STT service's codes, and the response formats.
-
-The STT channel points at a closed port (a real channel to nothing), as the other
-edge tests do; the whole path through a real STT service is in tests/test_stt_e2e.py.
+"""POST /v1/audio/transcriptions: the form, the per-route body limit, the error mapping
+of the STT service's codes, and the response formats, with the STT channel pointed at
+a closed port (a real channel to nothing); and a few requests through the real STT
+service in-process (conftest's ``stt``: Whisper tiny.en on the CPU), kept few because
+each is a real transcription. The whole stack as processes is in tests/test_stt_e2e.py.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -18,6 +21,9 @@ from hoosh_edge.errors import to_api_error
 from hoosh_edge.protocol import TranscriptionRequest, TranscriptionVerboseResponse
 from hoosh_edge.serving_transcription import render, to_options, to_srt, to_verbose_json, to_vtt
 
+from tests.inprocess import RunningStt
+
+from .conftest import STT_MODEL, MakeEdge, Stack
 from .test_edge_app import CHAT, assert_envelope
 
 PATH = "/v1/audio/transcriptions"
@@ -57,6 +63,39 @@ async def test_a_valid_form_reaches_the_stt_service(client: httpx.AsyncClient) -
     response = await client.post(PATH, data=form(), files={"file": ("a.wav", WAV, "audio/wav")})
     error = assert_envelope(response, 503)  # the closed port: the form was accepted and sent on
     assert error["code"] == "service_unavailable"
+
+
+def spoken(text: str, directory: Path) -> bytes:
+    """``text`` spoken by espeak-ng, as WAV bytes."""
+    program = shutil.which("espeak-ng")
+    if program is None:
+        raise RuntimeError("espeak-ng is needed for the speech tests: scripts/install.sh installs it (apt-get)")
+    path = directory / "speech.wav"
+    subprocess.run([program, "-w", str(path), text], check=True, capture_output=True)
+    return path.read_bytes()
+
+
+async def test_speech_through_the_real_stt_service(
+    make_edge: MakeEdge, stack: Stack, stt: RunningStt, tmp_path: Path
+) -> None:
+    edge = await make_edge(**stack.addresses())
+    audio = spoken("the quick brown fox jumps over the lazy dog", tmp_path)
+    form = {"model": STT_MODEL, "response_format": "verbose_json", "pool": "team-a"}
+    response = await edge.client.post(PATH, data=form, files={"file": ("fox.wav", audio, "audio/wav")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "quick brown fox" in body["text"].lower()
+    assert body["language"] == "english" and body["duration"] > 1 and body["segments"]
+    # Charged to the pool the edge authorized, by audio seconds; one event for audit.
+    [(name, event)] = await stack.router_events()
+    assert (name, event.kind, event.pool, event.model) == ("inference.completed", "transcription", "team-a", STT_MODEL)
+    assert (await stack.pool("team-a")).used == event.usage.total_tokens > 0
+    # The STT service's own refusals come back in OpenAI's shape.
+    bad_model = await edge.client.post(PATH, data={"model": "whisper-9"}, files={"file": ("fox.wav", audio)})
+    assert assert_envelope(bad_model, 404, param="model")["code"] == "model_not_found"
+    not_audio = await edge.client.post(PATH, data={"model": STT_MODEL}, files={"file": ("a.wav", WAV)})
+    assert assert_envelope(not_audio, 400, param="file")["type"] == "invalid_request_error"
+    assert (await stack.pool("team-a")).used == event.usage.total_tokens  # refusals are not charged
 
 
 async def test_without_an_stt_address_the_route_says_so(make_edge: Callable[..., Any]) -> None:
@@ -138,7 +177,7 @@ def test_verbose_json_follows_the_granularities() -> None:
     TranscriptionVerboseResponse.model_validate(both)
     assert both["language"] == "english" and both["task"] == "transcribe"
     assert [s["id"] for s in both["segments"]] == [0, 1] and both["words"][1]["word"] == "quick"
-    assert both["usage"] == {"type": "duration", "seconds": 3725.5}
+    assert both["usage"] == {"type": "duration", "seconds": 3725.5, "cost_usd_micros": 0}
     assert "words" not in to_verbose_json(REPLY, ["segment"])
     assert "segments" not in to_verbose_json(REPLY, ["word"])
 

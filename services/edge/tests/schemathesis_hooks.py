@@ -136,43 +136,12 @@ def keep_the_default_pool(context: Any, case: Any) -> bool:
     return (case.path_parameters or {}).get("name") != POOL
 
 
-# --------------------------------------------------------------------------- known defects
-
-
-def _within_amounts(context: Any, case: Any) -> Any:
-    """KNOWN DEFECT: the token routes document ``tokens``/``actual``/``reserved`` up to
-    2**63 - 1; the budget stores at most 2**53 - 1 and refuses more with a 400 that
-    names no param."""
-    body = case.body
-    if _positive(case) and isinstance(body, dict):
-        case.body = {
-            name: MAX_AMOUNT
-            if isinstance(value, int) and not isinstance(value, bool) and MAX_AMOUNT < value <= INT64_MAX
-            else value
-            for name, value in body.items()
-        }
-    return case
-
-
-for _path in ("/v1/tokens/check", "/v1/tokens/report"):
-    _map(_path, "POST")(_within_amounts)
-
-
-@_map("/v1/tokens/reserve", "POST")
-def something_to_reserve(context: Any, case: Any) -> Any:
-    """KNOWN DEFECT: as above; and ``tokens`` is documented as >= 0, the budget refuses to
-    reserve 0 with a 400 that names no param."""
-    case = _within_amounts(context, case)
-    body = case.body
-    if _positive(case) and isinstance(body, dict) and body.get("tokens") == 0 and body["tokens"] is not False:
-        case.body = {**body, "tokens": 1}
-    return case
+# --------------------------------------------------------------------------- rules no schema states
 
 
 def _a_real_zone(context: Any, case: Any) -> Any:
     """A pool's ``timezone`` must be an IANA zone, which the document does not list (it
-    says: any string of 1-64 characters). KNOWN DEFECT besides: the budget's 400 for
-    another name names no param. (Drop this hook only if the document lists the zones.)"""
+    says: any string of 1-64 characters; another is a 400 naming ``timezone``)."""
     body = case.body
     if _positive(case) and isinstance(body, dict):
         zone = body.get("timezone")
@@ -187,8 +156,8 @@ _map("/v1/admin/pools/{name}", "PATCH")(_a_real_zone)
 
 @_map("/v1/costs", "GET")
 def days_and_dimensions(context: Any, case: Any) -> Any:
-    """KNOWN DEFECT: ``start``/``end`` and ``group_by`` are documented as any string; the
-    route takes only YYYY-MM-DD and a comma-separated list of its dimensions (400 otherwise)."""
+    """``start``/``end`` must be real days (the pattern admits 2026-13-45), in order and at
+    most 400 days apart: rules no schema states."""
     query = case.query
     if _positive(case) and isinstance(query, dict):
         query = dict(query)
@@ -199,8 +168,16 @@ def days_and_dimensions(context: Any, case: Any) -> Any:
                     date.fromisoformat(value)
                 except ValueError:
                     query[name] = date.today().isoformat()
-        if isinstance(query.get("group_by"), str):
-            query["group_by"] = "day,model"
+        today = date.today().isoformat()
+        if isinstance(query.get("start"), str) and not isinstance(query.get("end"), str):
+            query["start"] = min(query["start"], today)  # the default end is today
+        if isinstance(query.get("end"), str) and not isinstance(query.get("start"), str):
+            query["end"] = max(query["end"], today)  # the default start is 29 days before it
+        if isinstance(query.get("start"), str) and isinstance(query.get("end"), str):
+            first, last = sorted((query["start"], query["end"]))
+            if (date.fromisoformat(last) - date.fromisoformat(first)).days >= 400:
+                first = last
+            query["start"], query["end"] = first, last
         case.query = query
     return case
 

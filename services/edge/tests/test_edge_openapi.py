@@ -16,10 +16,9 @@ operation. Every check runs (``--checks all``) but two, each off where it cannot
   has only the admin key (user keys' scopes are tested in test_edge_tenancy.py).
 
 The rules no schema can state (a new key's ``expires_at`` in the future, a model that is
-served, a pool that exists) are kept by hooks on the generated requests
-(schemathesis_hooks.py). So are, for now, a few limits the document does not state
-although it could: each is a known defect, pinned below by a strict xfail test that passes
-(and so fails) once the edge is fixed; then its hook goes.
+served, a pool that exists, an IANA time zone) are kept by hooks on the generated
+requests (schemathesis_hooks.py). Limits the document can state, it does: the tests
+below hold it to them.
 """
 
 from __future__ import annotations
@@ -132,11 +131,6 @@ async def request_schema(edge: Edge, name: str) -> dict[str, Any]:
     return dict(schema["components"]["schemas"][name])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN DEFECT (hook _within_amounts): the token routes document amounts up to 2**63-1 "
-    "(Count64); the budget stores at most 2**53-1 and refuses more with a 400 naming no param",
-)
 async def test_token_amounts_are_documented_as_the_budget_stores_them(edge: Edge) -> None:
     for name, field in (("TokenCheckRequest", "tokens"), ("TokenReserveRequest", "tokens"),
                         ("TokenReportRequest", "actual"), ("TokenReportRequest", "reserved")):  # fmt: skip
@@ -145,11 +139,6 @@ async def test_token_amounts_are_documented_as_the_budget_stores_them(edge: Edge
     assert (response.status_code, response.json()["error"]["param"]) == (400, "tokens")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN DEFECT (hook something_to_reserve): /v1/tokens/reserve documents tokens >= 0; "
-    "the budget refuses to reserve 0 with a 400 naming no param",
-)
 async def test_a_reservation_of_nothing_is_documented_or_served(edge: Edge) -> None:
     response = await edge.client.post("/v1/tokens/reserve", json={"pool": "default", "tokens": 0}, headers=ADMIN)
     if response.status_code != 200:
@@ -157,22 +146,12 @@ async def test_a_reservation_of_nothing_is_documented_or_served(edge: Edge) -> N
         assert (await request_schema(edge, "TokenReserveRequest"))["properties"]["tokens"]["minimum"] >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN DEFECT (see hook _a_real_zone): a time zone that is not an IANA zone is refused by the "
-    "budget with a 400 naming no param (the edge cannot say which field is wrong)",
-)
 async def test_an_unknown_time_zone_is_refused_naming_the_field(edge: Edge) -> None:
     body = {"name": "zoned", "capacity": 1, "timezone": "Mars/Olympus_Mons"}
     response = await edge.client.post("/v1/admin/pools", json=body, headers=ADMIN)
     assert (response.status_code, response.json()["error"]["param"]) == (400, "timezone")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KNOWN DEFECT (hook days_and_dimensions): GET /v1/costs documents start, end and group_by "
-    "as any string; it takes only YYYY-MM-DD and a comma-separated list of its dimensions",
-)
 async def test_the_cost_query_is_documented_as_it_is_read(edge: Edge) -> None:
     schema = (await edge.client.get("/openapi.json")).json()
     parameters = {p["name"]: p["schema"] for p in schema["paths"]["/v1/costs"]["get"]["parameters"]}

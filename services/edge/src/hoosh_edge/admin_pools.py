@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal
 import grpc
 from fastapi import APIRouter, Depends, Request
 from hoosh.budget.v1 import budget_pb2
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from hoosh_metering.errors import InvalidArgument
+from hoosh_metering.periods import validate_period
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from starlette.responses import Response
 
 from .admin_events import record_admin_action
@@ -41,6 +43,18 @@ def _micros(dollars: float) -> int:
     return int((Decimal(str(dollars)) * MICROS_PER_USD).to_integral_value())
 
 
+def _iana_zone(value: str) -> str:
+    """400 naming the field, here, rather than the budget's own refusal (which cannot)."""
+    try:
+        validate_period("daily", value)
+    except InvalidArgument as error:
+        raise ValueError(f"'{value}' is not an IANA time zone (e.g. Europe/Berlin)") from error
+    return value
+
+
+Zone = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_iana_zone)]
+
+
 class PoolCreateRequest(BaseModel):
     """A new pool; the parent (fixed for life) must exist. Give the money cap in dollars
     (``cap_usd``) or micro-dollars (``cap_usd_micros``), not both."""
@@ -60,7 +74,7 @@ class PoolCreateRequest(BaseModel):
     parent: PoolName | None = Field(default=None, description="The parent pool (key -> team -> org); null = a root")
     capacity: Amount = Field(description="Tokens per period (or in all, without a period)")
     period: Period = Field(default="none", description="When usage starts again at 0, calendar-aligned")
-    timezone: str = Field(default="UTC", min_length=1, max_length=64, description="IANA zone of the period")
+    timezone: Zone = Field(default="UTC", description="IANA zone of the period")
     cap_usd: float | None = Field(default=None, ge=0, le=9e9, description="Money cap per period, in dollars")
     cap_usd_micros: Amount | None = Field(default=None, description="Money cap, micro-dollars")
 
@@ -91,7 +105,7 @@ class PoolUpdateRequest(BaseModel):
 
     capacity: Amount | None = Field(default=None, description="New token capacity")
     period: Period | None = Field(default=None, description="New period")
-    timezone: str | None = Field(default=None, min_length=1, max_length=64, description="New IANA zone")
+    timezone: Zone | None = Field(default=None, description="New IANA zone")
     cap_usd: float | None = Field(default=None, ge=0, le=9e9, description="New money cap in dollars; null removes it")
     cap_usd_micros: Amount | None = Field(default=None, description="New money cap in micro-dollars; null removes it")
 

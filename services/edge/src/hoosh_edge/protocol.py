@@ -76,6 +76,9 @@ JsonInt = BeforeValidator(_json_integer)
 PositiveInt32 = Annotated[int, Field(strict=False, ge=1, le=INT32_MAX), JsonInt]
 Int64 = Annotated[int, Field(strict=False, ge=INT64_MIN, le=INT64_MAX), JsonInt]
 Count64 = Annotated[int, Field(strict=False, ge=0, le=INT64_MAX), JsonInt]
+# What the budget stores exactly (Lua numbers are doubles): token amounts of the token routes.
+MAX_TOKENS = 2**53 - 1
+Tokens = Annotated[int, Field(strict=False, ge=0, le=MAX_TOKENS), JsonInt]
 ChoiceCount = Annotated[int, Field(strict=False, ge=1, le=128), JsonInt]
 
 
@@ -566,7 +569,7 @@ class PoolInfo(OpenAIModel):
 
 class TokenCheckRequest(OpenAIModel):
     pool: PoolName = Field(description="Pool name")
-    tokens: Count64 = Field(description="Tokens the caller wants to use")
+    tokens: Tokens = Field(description="Tokens the caller wants to use")
 
 
 class TokenCheckResponse(OpenAIModel):
@@ -576,7 +579,9 @@ class TokenCheckResponse(OpenAIModel):
 
 class TokenReserveRequest(OpenAIModel):
     pool: PoolName = Field(description="Pool name")
-    tokens: Count64 = Field(description="Tokens to reserve")
+    tokens: Annotated[int, Field(strict=False, ge=1, le=MAX_TOKENS), JsonInt] = Field(
+        description="Tokens to reserve (at least 1: a reservation holds something)"
+    )
 
 
 class TokenReserveResponse(OpenAIModel):
@@ -597,12 +602,12 @@ class TokenReportRequest(OpenAIModel):
     )
 
     pool: PoolName = Field(description="Pool name")
-    reserved: Count64 = Field(
+    reserved: Tokens = Field(
         default=0,
         description="Tokens reserved earlier. Reservations are tracked and leased, so a report that ends one "
         "must name it with `reservation_id`; without it `reserved` must be 0 (untracked usage only).",
     )
-    actual: Count64 = Field(description="Tokens actually used")
+    actual: Tokens = Field(description="Tokens actually used")
     reservation_id: str | None = Field(
         default=None,
         min_length=1,

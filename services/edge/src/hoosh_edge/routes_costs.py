@@ -26,6 +26,9 @@ router = APIRouter()
 Dimension = Literal["day", "provider", "model", "pool", "key_id"]
 DIMENSIONS: tuple[Dimension, ...] = ("day", "provider", "model", "pool", "key_id")
 MAX_DAYS = 400  # the ledger keeps 400 days
+DAY_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+_DIMENSION = "(day|provider|model|pool|key_id)"
+GROUP_BY_PATTERN = f"^{_DIMENSION}(,{_DIMENSION})*$"
 DEFAULT_DAYS = 30
 _METRICS = ("requests", "prompt_tokens", "completion_tokens", "usd_micros")
 
@@ -61,10 +64,14 @@ def _line(values: dict[str, Any], totals: dict[str, int]) -> dict[str, Any]:
 @router.get("/v1/costs", response_model=CostsResponse, responses=errors(400, *BACKEND), tags=["costs"])
 async def list_costs(
     request: Request,
-    start: str | None = Query(None, description="First UTC day, YYYY-MM-DD (default: 29 days before end)"),
-    end: str | None = Query(None, description="Last UTC day, YYYY-MM-DD (default: today)"),
+    start: str | None = Query(
+        None, pattern=DAY_PATTERN, description="First UTC day, YYYY-MM-DD (default: 29 days before end)"
+    ),
+    end: str | None = Query(None, pattern=DAY_PATTERN, description="Last UTC day, YYYY-MM-DD (default: today)"),
     group_by: str = Query(
-        "day,provider,model,pool,key_id", description="Comma-separated dimensions to total by: " + ", ".join(DIMENSIONS)
+        "day,provider,model,pool,key_id",
+        pattern=GROUP_BY_PATTERN,
+        description="Comma-separated dimensions to total by: " + ", ".join(DIMENSIONS),
     ),
     pool: str | None = Query(None, max_length=64, description="Only this pool"),
     key_id: str | None = Query(None, max_length=64, description="Admin: only this key's charges"),

@@ -345,6 +345,7 @@ class BudgetStore:
         self._dir = _Directory()
         self._dir_lock = asyncio.Lock()
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         # register_script runs EVALSHA and loads the script once on NOSCRIPT.
         self._lua_reserve = redis.register_script(_lua.RESERVE)
         self._lua_end = redis.register_script(_lua.END)
@@ -382,25 +383,37 @@ class BudgetStore:
         """
         await self._reload()
         if self._listener is None:
+            self._closing = False
             self._listener = asyncio.create_task(self._listen(), name="hoosh-metering-directory")
 
     async def close(self) -> None:
-        """Stop listening for changes. The Redis client is the caller's to close."""
-        if self._listener is not None:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except asyncio.CancelledError:
-                pass
-            self._listener = None
+        """Stop listening for changes. The Redis client is the caller's to close.
+
+        redis-py's ``get_message`` can swallow a cancellation now and then, so the
+        listener also checks a closing flag, and the cancel is repeated until it ends."""
+        listener = self._listener
+        if listener is None:
+            return
+        self._closing = True
+        for _ in range(50):
+            listener.cancel()
+            done, _ = await asyncio.wait({listener}, timeout=0.2)
+            if done:
+                break
+        else:
+            log.error("pool directory listener did not stop")
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            if listener.done():
+                listener.result()
+        self._listener = None
 
     async def _listen(self) -> None:
-        while True:
+        while not self._closing:
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(self.changes_channel)
                 await self._reload()  # a change may have landed before the subscription
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=self.directory_refresh_seconds
                     )

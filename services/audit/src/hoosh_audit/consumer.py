@@ -255,8 +255,9 @@ class AuditConsumer:
                 assert self._sub is not None
                 try:
                     msgs = await self._sub.fetch(self._batch_size, timeout=self._fetch_timeout)
-                except nats.errors.TimeoutError:
-                    # Nothing new. A deleted consumer or stream also looks like this,
+                except (nats.errors.TimeoutError, TimeoutError):
+                    # Nothing new (nats-py's fetch raises either: a bare TimeoutError
+                    # is no connection trouble). A deleted consumer or stream also looks like this,
                     # so now and then make sure ours still exists.
                     if loop.time() - last_check >= self._check_interval:
                         last_check = loop.time()

@@ -209,6 +209,8 @@ pools:
             "HOOSH_STT_MAX_QUEUE": str(STT_MAX_QUEUE),
             # The local Whisper priced like OpenAI's whisper-1, so transcriptions have a cost.
             "HOOSH_STT_PRICE_PER_MINUTE_USD": STT_PRICE_PER_MINUTE_USD,
+            # The audit's checkpoint under the run's prefix: the cleanup removes it.
+            "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"hoosh:test:{run_id}:audit:",
         },
     )
     stack = Stack(config)

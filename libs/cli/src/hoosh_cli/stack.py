@@ -81,8 +81,6 @@ class StackConfig:
             # leaves it once audit has acked it; when full, new events wait in outboxes.
             "HOOSH_NATS_STREAM_RETENTION": "workqueue",
             "HOOSH_AUDIT_CONSUMER": self.audit_consumer,
-            # Under the budget prefix: a run's cleanup of that prefix removes it too.
-            "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"{self.budget_key_prefix}audit:",
             "HOOSH_AUTH": self.auth,
             "HOOSH_ADMIN_KEY": self.admin_key,
             "HOOSH_ADMIN_KEY_FILE": "",  # blank = unset: the key above is the one

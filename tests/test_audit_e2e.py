@@ -36,6 +36,17 @@ def entries_of(client: httpx.Client, attempts: int = 150, expect: int = 1, **que
     raise AssertionError(f"fewer than {expect} audit entries for {query}")
 
 
+def entries_for(client: httpx.Client, kind: str, target: str, attempts: int = 150) -> list[dict[str, Any]]:
+    """The ``kind`` entries whose payload names ``target``, once there is one (bounded poll:
+    other tests' actions of the same kind may be in the log already)."""
+    for _ in range(attempts):
+        found = [e for e in entries_of(client, kind=kind, limit=1000) if e["payload"].get("target") == target]
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"no {kind} entry for {target}")
+
+
 def test_admin_actions_are_recorded_and_never_the_key(hoosh: RunningStack, admin: httpx.Client) -> None:
     team = make_pool(admin, 1000)
     key, key_id = make_key(admin, [team])
@@ -46,7 +57,7 @@ def test_admin_actions_are_recorded_and_never_the_key(hoosh: RunningStack, admin
     assert admin.delete(f"/v1/admin/pools/{team}").status_code == 200
 
     def one(kind: str, target: str) -> dict[str, Any]:
-        found = [e for e in entries_of(admin, kind=kind, limit=1000) if e["payload"].get("target") == target]
+        found = entries_for(admin, kind, target)
         assert len(found) == 1, (kind, target, found)
         return found[0]
 
@@ -105,9 +116,7 @@ def test_a_large_admin_action_is_still_recorded(hoosh: RunningStack, admin: http
     # About 13 KB of patterns: past the bound of an event's details.
     models = [f"vendor-{index:03d}/a-rather-long-model-family-name-{index:03d}-*" for index in range(250)]
     _, key_id = make_key(admin, [team], models=models)
-    (entry,) = [
-        e for e in entries_of(admin, kind="admin.key.created", limit=1000) if e["payload"].get("target") == key_id
-    ]
+    (entry,) = entries_for(admin, "admin.key.created", key_id)
     details = json.loads(entry["payload"]["details_json"])
     assert details["models"]["length"] == 250 and len(details["models"]["sha256"]) == 64
     assert details["pools"] == [team]

@@ -59,7 +59,9 @@ def hoosh_verify(log: Log, *args: str, env: dict[str, str] | None = None) -> tup
     command = [sys.executable, "-m", "hoosh_cli", "audit", "verify", str(log.dir), *args]
     if not any(a.startswith("--checkpoint") or a == "--no-checkpoint" for a in args):
         command += ["--redis-url", REDIS_URL, "--checkpoint-key", log.checkpoint_key]
-    done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+    # Outside the repository: a `hoosh up` there leaves .hoosh/audit.key, which the
+    # command would take as the key when none is given.
+    done = subprocess.run(command, env=environment, cwd=log.dir.parent, capture_output=True, text=True, check=False)
     report = json.loads(done.stdout) if done.stdout.strip() else {}
     return done.returncode, report, done.stderr
 

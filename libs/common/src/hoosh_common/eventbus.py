@@ -65,7 +65,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import nats.errors
 import nats.js.errors
@@ -144,6 +144,26 @@ class EventPublishError(Exception):
 class EventsUnavailableError(EventPublishError):
     """Neither JetStream nor the outbox took the event (the outbox is full or its disk
     failed): the caller should refuse new work (503) until ``healthy`` again."""
+
+
+class Publisher(Protocol):
+    """What a service's request path needs of :class:`EventPublisher` (tests may wrap it)."""
+
+    def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
+
+    @property
+    def healthy(self) -> bool:
+        """False while events could not be kept (the outbox past its high-water mark)."""
+        ...
+
+    @property
+    def keeping(self) -> bool:
+        """NATS is away: events go to the local outbox."""
+        ...
+
+    async def wait_kept(self) -> None:
+        """The last event sent to the outbox is on disk."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

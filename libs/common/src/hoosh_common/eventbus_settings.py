@@ -27,10 +27,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import StreamInfo
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hoosh_common.eventbus import DEFAULT_STREAM_MAX_BYTES, DUPLICATE_WINDOW_S, StreamPolicy
+from hoosh_common.eventbus import (
+    DEFAULT_STREAM_MAX_BYTES,
+    DUPLICATE_WINDOW_S,
+    EventPublisher,
+    StreamPolicy,
+    ensure_stream,
+)
 from hoosh_common.outbox import DEFAULT_HIGH_WATER, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Outbox
 
 
@@ -70,6 +79,43 @@ class EventBusSettings(BaseSettings):
             max_msgs=self.nats_stream_max_msgs,
             max_age=self.nats_stream_max_age_seconds,
             replicas=self.nats_stream_replicas,
+        )
+
+    async def declare_stream(self, js: JetStreamContext, stream: str, subject_prefix: str) -> StreamInfo:
+        """``ensure_stream`` with these settings' duplicate window and bounds (every
+        process that declares the stream must pass the same)."""
+        return await ensure_stream(
+            js, stream, subject_prefix, duplicate_window=self.nats_duplicate_window_seconds, policy=self.stream_policy()
+        )
+
+    def event_publisher(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        stream: str,
+        subject_prefix: str,
+        service: str,
+        *,
+        max_attempts: int | None = None,
+        ack_timeout: float | None = None,
+    ) -> EventPublisher:
+        """This service's publisher, with its outbox when one is configured (not started).
+        By default, with an outbox an unacked event goes to disk after ~3 s (3 tries of
+        1 s) rather than waiting ~10 s in memory (5 tries of 2 s)."""
+        outbox = self.event_outbox(service)
+        if max_attempts is None:
+            max_attempts = 3 if outbox is not None else 5
+        if ack_timeout is None:
+            ack_timeout = 1.0 if outbox is not None else 2.0
+        return EventPublisher(
+            nc,
+            js,
+            stream,
+            subject_prefix,
+            outbox=outbox,
+            max_attempts=max_attempts,
+            ack_timeout=ack_timeout,
+            duplicate_window=self.nats_duplicate_window_seconds,
         )
 
     def event_outbox(self, service: str) -> Outbox | None:

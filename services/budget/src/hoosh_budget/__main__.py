@@ -14,7 +14,7 @@ import sys
 
 import nats
 import nats.errors
-from hoosh_common.eventbus import EventPublisher, ensure_stream
+from hoosh_common.eventbus import EventPublisher
 from hoosh_common.grpc_server import new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.runtime import run
@@ -69,22 +69,10 @@ async def main(settings: BudgetSettings) -> None:
     publisher: EventPublisher | None = None
     try:
         js = nc.jetstream()
-        await ensure_stream(
-            js,
-            settings.nats_stream,
-            settings.subject_prefix,
-            duplicate_window=settings.nats_duplicate_window_seconds,
-            policy=settings.stream_policy(),
-        )
+        await settings.declare_stream(js, settings.nats_stream, settings.subject_prefix)
         # Few tries per publish: ResetPool waits on it, and the ticker retries what is left.
-        publisher = EventPublisher(
-            nc,
-            js,
-            settings.nats_stream,
-            settings.subject_prefix,
-            max_attempts=2,
-            outbox=settings.event_outbox("budget"),
-            duplicate_window=settings.nats_duplicate_window_seconds,
+        publisher = settings.event_publisher(
+            nc, js, settings.nats_stream, settings.subject_prefix, "budget", max_attempts=2, ack_timeout=2.0
         )
         await publisher.start()
         announcer = ResetAnnouncer(publisher)

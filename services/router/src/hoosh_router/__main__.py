@@ -9,7 +9,6 @@ import sys
 
 import nats
 from hoosh.router.v1 import router_pb2_grpc
-from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import insecure_channel, new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.runtime import run
@@ -97,25 +96,8 @@ async def main(settings: RouterSettings | None = None) -> None:
 
     nc = await nats.connect(settings.nats_url, name="hoosh-router", max_reconnect_attempts=-1)
     js = nc.jetstream()
-    await ensure_stream(
-        js,
-        settings.nats_stream,
-        settings.subject_prefix,
-        duplicate_window=settings.nats_duplicate_window_seconds,
-        policy=settings.stream_policy(),
-    )
-    outbox = settings.event_outbox("router")
-    publisher = EventPublisher(
-        nc,
-        js,
-        settings.nats_stream,
-        settings.subject_prefix,
-        outbox=outbox,
-        # With an outbox an unacked event goes to disk after ~3 s, not ~10 s in memory.
-        max_attempts=3 if outbox is not None else 5,
-        ack_timeout=1.0 if outbox is not None else 2.0,
-        duplicate_window=settings.nats_duplicate_window_seconds,
-    )
+    await settings.declare_stream(js, settings.nats_stream, settings.subject_prefix)
+    publisher = settings.event_publisher(nc, js, settings.nats_stream, settings.subject_prefix, "router")
     await publisher.start()  # drains what an earlier process left in the outbox
 
     budget_channel = insecure_channel(settings.budget_addr)

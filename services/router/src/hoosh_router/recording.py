@@ -18,12 +18,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from google.protobuf.message import Message
 from hoosh.chat.v1 import chat_pb2
 from hoosh.events.v1 import events_pb2
 from hoosh.tenancy.v1 import tenancy_pb2
+from hoosh_common.eventbus import Publisher
 from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
 from hoosh_common.telemetry import current_trace_id
 from hoosh_metering import errors as metering
@@ -45,24 +45,6 @@ from .errors import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class Publisher(Protocol):
-    def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
-
-    @property
-    def healthy(self) -> bool:
-        """False while events could not be kept (the outbox past its high-water mark)."""
-        ...
-
-    @property
-    def keeping(self) -> bool:
-        """NATS is away: events go to the local outbox."""
-        ...
-
-    async def wait_kept(self) -> None:
-        """The last event sent to the outbox is on disk."""
-        ...
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> chat_pb2.Usage:

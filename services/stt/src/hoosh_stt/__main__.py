@@ -8,7 +8,6 @@ import logging
 import sys
 
 import nats
-from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.prices import AudioPrice, usd_to_micros
@@ -81,24 +80,8 @@ def build_engine(settings: SttSettings, specs: list[ModelSpec]) -> Engine:
 async def main(settings: SttSettings, engine: Engine) -> None:
     nc = await nats.connect(settings.nats_url, name="hoosh-stt", max_reconnect_attempts=-1)
     js = nc.jetstream()
-    await ensure_stream(
-        js,
-        settings.nats_stream,
-        settings.subject_prefix,
-        duplicate_window=settings.nats_duplicate_window_seconds,
-        policy=settings.stream_policy(),
-    )
-    outbox = settings.event_outbox("stt")
-    publisher = EventPublisher(
-        nc,
-        js,
-        settings.nats_stream,
-        settings.subject_prefix,
-        outbox=outbox,
-        max_attempts=3 if outbox is not None else 5,
-        ack_timeout=1.0 if outbox is not None else 2.0,
-        duplicate_window=settings.nats_duplicate_window_seconds,
-    )
+    await settings.declare_stream(js, settings.nats_stream, settings.subject_prefix)
+    publisher = settings.event_publisher(nc, js, settings.nats_stream, settings.subject_prefix, "stt")
     await publisher.start()  # drains what an earlier process left in the outbox
     redis = connect_redis(settings.redis_url)
     store = BudgetStore(

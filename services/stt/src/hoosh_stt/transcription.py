@@ -37,12 +37,12 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-from google.protobuf.message import Message
 from hoosh.chat.v1 import chat_pb2
 from hoosh.events.v1 import events_pb2
+from hoosh_common.eventbus import Publisher
 from hoosh_common.events import SUBJECT_COMPLETED, SUBJECT_FAILED
 from hoosh_common.prices import FREE_AUDIO, AudioPrice
 from hoosh_common.telemetry import current_trace_id
@@ -72,24 +72,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_POOL = "default"
 DRAIN_FACTOR = 2  # an oversized upload is read (and dropped) up to this many times the limit
-
-
-class Publisher(Protocol):
-    def publish_background(self, name: str, message: Message, event_id: str) -> object: ...
-
-    @property
-    def healthy(self) -> bool:
-        """False while events could not be kept (the outbox past its high-water mark)."""
-        ...
-
-    @property
-    def keeping(self) -> bool:
-        """NATS is away: events go to the local outbox."""
-        ...
-
-    async def wait_kept(self) -> None:
-        """The last event sent to the outbox is on disk."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

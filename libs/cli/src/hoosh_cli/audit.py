@@ -39,18 +39,13 @@ def verify(args: argparse.Namespace) -> int:
 
 def checkpoint(args: argparse.Namespace) -> int:
     try:
-        from hoosh_audit.checkpoint import checkpoint_key, read_checkpoint_sync
+        from hoosh_audit.checkpoint import read_checkpoint_sync
+        from hoosh_audit.cli import checkpoint_location
         from hoosh_audit.errors import CheckpointError
         from redis.exceptions import RedisError
     except ImportError:
         return _missing_package()
-    env = os.environ
-    url = args.redis_url or env.get("HOOSH_REDIS_URL") or DEFAULT_REDIS_URL
-    key = args.checkpoint_key or checkpoint_key(
-        env.get("HOOSH_AUDIT_CHECKPOINT_PREFIX", "hoosh:audit:"),
-        env.get("HOOSH_NATS_STREAM", "HOOSH_EVENTS"),
-        env.get("HOOSH_AUDIT_CONSUMER", "audit"),
-    )
+    url, key = checkpoint_location(args.redis_url, args.checkpoint_key)
     try:
         found = read_checkpoint_sync(url, key)
     except (RedisError, OSError, CheckpointError) as exc:

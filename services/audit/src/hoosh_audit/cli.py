@@ -93,6 +93,19 @@ def _keyring(args: argparse.Namespace, fallback_key_file: Path | None) -> Keyrin
     return Keyring(keys, rings[0].current_id)
 
 
+def checkpoint_location(redis_url: str | None, key: str | None) -> tuple[str, str]:
+    """(Redis URL, checkpoint key): as given, else as the service running with this
+    environment stores it."""
+    env = os.environ
+    url = redis_url or env.get("HOOSH_REDIS_URL") or DEFAULT_REDIS_URL
+    key = key or checkpoint_key(
+        env.get("HOOSH_AUDIT_CHECKPOINT_PREFIX", "hoosh:audit:"),
+        env.get("HOOSH_NATS_STREAM", "HOOSH_EVENTS"),
+        env.get("HOOSH_AUDIT_CONSUMER", "audit"),
+    )
+    return url, key
+
+
 def _checkpoint(args: argparse.Namespace) -> tuple[Checkpoint | None, str]:
     """The checkpoint and where it came from ("" when --no-checkpoint)."""
     if args.no_checkpoint:
@@ -105,13 +118,7 @@ def _checkpoint(args: argparse.Namespace) -> tuple[Checkpoint | None, str]:
             return Checkpoint.parse(Path(text).read_text(encoding="utf-8")), text
         except OSError as exc:
             raise CheckpointError(f"cannot read the checkpoint file {text}: {exc.strerror}") from None
-    env = os.environ
-    url = args.redis_url or env.get("HOOSH_REDIS_URL") or DEFAULT_REDIS_URL
-    key = args.checkpoint_key or checkpoint_key(
-        env.get("HOOSH_AUDIT_CHECKPOINT_PREFIX", "hoosh:audit:"),
-        env.get("HOOSH_NATS_STREAM", "HOOSH_EVENTS"),
-        env.get("HOOSH_AUDIT_CONSUMER", "audit"),
-    )
+    url, key = checkpoint_location(args.redis_url, args.checkpoint_key)
     import redis.exceptions  # the client library, only needed here
 
     try:

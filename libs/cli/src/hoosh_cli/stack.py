@@ -4,6 +4,7 @@ them in reverse order. Used by `hoosh up`, the end-to-end tests and bench/."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -37,7 +38,15 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        return cls(free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
+        """Six distinct free ports: each socket stays bound until all are chosen (one at a
+        time, the kernel may hand the same port out twice: two services on one port)."""
+        with contextlib.ExitStack() as held:
+            ports = []
+            for _ in range(6):
+                sock = held.enter_context(socket.socket())
+                sock.bind(("127.0.0.1", 0))
+                ports.append(int(sock.getsockname()[1]))
+        return cls(*ports)
 
 
 @dataclass

@@ -78,6 +78,9 @@ class Replicas:
             "HOOSH_EVENTS_OUTBOX_DIR": str(self.log_dir / f"outbox-{port}"),
             **(overrides or {}),
         }
+        # Metrics on a port of the replica's own choosing (the stack's are taken).
+        for service in ("EDGE", "ROUTER", "BUDGET", "INFERENCE", "AUDIT", "STT"):
+            env[f"HOOSH_{service}_METRICS_LISTEN"] = "127.0.0.1:0"
         if module == "hoosh_edge":
             env["HOOSH_EDGE_PORT"] = str(port)
         else:

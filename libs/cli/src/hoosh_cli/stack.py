@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -35,14 +35,21 @@ class Ports:
     inference: int = 50053
     audit: int = 50054
     stt: int = 50055
+    # Each service's Prometheus /metrics.
+    edge_metrics: int = 9460
+    router_metrics: int = 9461
+    budget_metrics: int = 9462
+    inference_metrics: int = 9463
+    audit_metrics: int = 9464
+    stt_metrics: int = 9465
 
     @classmethod
     def free(cls) -> Ports:
-        """Six distinct free ports: each socket stays bound until all are chosen (one at a
+        """Distinct free ports: each socket stays bound until all are chosen (one at a
         time, the kernel may hand the same port out twice: two services on one port)."""
         with contextlib.ExitStack() as held:
             ports = []
-            for _ in range(6):
+            for _ in range(len(fields(cls))):
                 sock = held.enter_context(socket.socket())
                 sock.bind(("127.0.0.1", 0))
                 ports.append(int(sock.getsockname()[1]))
@@ -101,6 +108,12 @@ class StackConfig:
             "HOOSH_INFERENCE_LISTEN": f"127.0.0.1:{ports.inference}",
             "HOOSH_AUDIT_LISTEN": f"127.0.0.1:{ports.audit}",
             "HOOSH_STT_LISTEN": f"127.0.0.1:{ports.stt}",
+            "HOOSH_EDGE_METRICS_LISTEN": f"127.0.0.1:{ports.edge_metrics}",
+            "HOOSH_ROUTER_METRICS_LISTEN": f"127.0.0.1:{ports.router_metrics}",
+            "HOOSH_BUDGET_METRICS_LISTEN": f"127.0.0.1:{ports.budget_metrics}",
+            "HOOSH_INFERENCE_METRICS_LISTEN": f"127.0.0.1:{ports.inference_metrics}",
+            "HOOSH_AUDIT_METRICS_LISTEN": f"127.0.0.1:{ports.audit_metrics}",
+            "HOOSH_STT_METRICS_LISTEN": f"127.0.0.1:{ports.stt_metrics}",
             "HOOSH_ROUTER_ADDR": f"127.0.0.1:{ports.router}",
             "HOOSH_BUDGET_ADDR": f"127.0.0.1:{ports.budget}",
             "HOOSH_INFERENCE_ADDR": f"127.0.0.1:{ports.inference}",
@@ -120,6 +133,7 @@ class ServiceProcess:
     module: str
     health: str  # gRPC service name, or "http" for the edge
     port: int
+    metrics_port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
 
@@ -134,23 +148,39 @@ class Stack:
         self.config = config
         ports = config.ports
         services = [
-            ServiceProcess("budget", "hoosh_budget", "hoosh.budget.v1.BudgetService", ports.budget),
-            ServiceProcess("audit", "hoosh_audit", "hoosh.audit.v1.AuditService", ports.audit),
+            ServiceProcess(
+                "budget", "hoosh_budget", "hoosh.budget.v1.BudgetService", ports.budget, ports.budget_metrics
+            ),
+            ServiceProcess("audit", "hoosh_audit", "hoosh.audit.v1.AuditService", ports.audit, ports.audit_metrics),
         ]
         if config.with_inference:
             services.append(
-                ServiceProcess("inference", "hoosh_inference", "hoosh.inference.v1.InferenceService", ports.inference)
+                ServiceProcess(
+                    "inference",
+                    "hoosh_inference",
+                    "hoosh.inference.v1.InferenceService",
+                    ports.inference,
+                    ports.inference_metrics,
+                )
             )
-        services.append(ServiceProcess("router", "hoosh_router", "hoosh.router.v1.RouterService", ports.router))
+        services.append(
+            ServiceProcess(
+                "router", "hoosh_router", "hoosh.router.v1.RouterService", ports.router, ports.router_metrics
+            )
+        )
         if config.with_stt:
-            services.append(ServiceProcess("stt", "hoosh_stt", "hoosh.stt.v1.SttService", ports.stt))
-        services.append(ServiceProcess("edge", "hoosh_edge", "http", ports.edge))
+            services.append(ServiceProcess("stt", "hoosh_stt", "hoosh.stt.v1.SttService", ports.stt, ports.stt_metrics))
+        services.append(ServiceProcess("edge", "hoosh_edge", "http", ports.edge, ports.edge_metrics))
         self.services = services
         self.log_dir = config.state_dir / "logs"
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.config.ports.edge}"
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each running service's Prometheus endpoint, by service name."""
+        return {service.name: f"http://127.0.0.1:{service.metrics_port}/metrics" for service in self.services}
 
     async def start(self, timeout: float = 120.0) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

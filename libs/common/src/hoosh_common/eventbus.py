@@ -79,7 +79,7 @@ from tenacity.wait import wait_random_exponential
 from hoosh_common import events
 from hoosh_common.logs import request_id_var
 from hoosh_common.outbox import Outbox, OutboxEntry, OutboxError
-from hoosh_common.telemetry import inject_headers
+from hoosh_common.telemetry import inject_headers, producer_span
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,7 @@ def _describe(policy: StreamPolicy | None) -> dict[str, object] | None:
 class PublisherStats:
     """Counters since start, for health and tests."""
 
+    published: int = 0  # events JetStream acked on the first path (not from the outbox)
     kept: int = 0  # events written to the outbox
     drained: int = 0  # outbox entries JetStream acked
     rejected: int = 0  # outbox entries refused for good (moved to rejected/)
@@ -585,18 +586,19 @@ class EventPublisher:
             raise ValueError("event_id is required (it is the deduplication key)")
         subject = self.subject(name)
         data = message.SerializeToString()
-        hdrs = self._headers(event_id, headers)
-        if self._nats_away():
-            await self._store(subject, data, event_id, hdrs, maybe_stored=False, attempts=0)
-            return None
-        try:
-            return await self._publish(subject, data, event_id, hdrs)
-        except EventPublishError as exc:
-            if self._outbox is None or exc.permanent:
-                raise
-            self._note_blocked(exc)
-            await self._store(subject, data, event_id, hdrs, maybe_stored=exc.maybe_stored, attempts=exc.attempts)
-            return None
+        with producer_span(subject, event_id):
+            hdrs = self._headers(event_id, headers)
+            if self._nats_away():
+                await self._store(subject, data, event_id, hdrs, maybe_stored=False, attempts=0)
+                return None
+            try:
+                return await self._publish(subject, data, event_id, hdrs)
+            except EventPublishError as exc:
+                if self._outbox is None or exc.permanent:
+                    raise
+                self._note_blocked(exc)
+                await self._store(subject, data, event_id, hdrs, maybe_stored=exc.maybe_stored, attempts=exc.attempts)
+                return None
 
     def publish_background(
         self,
@@ -645,6 +647,12 @@ class EventPublisher:
             await asyncio.wait(set(self._pending), timeout=remaining)
 
     async def _publish_logged(
+        self, subject: str, data: bytes, event_id: str, headers: Mapping[str, str] | None
+    ) -> PubAck | None:
+        with producer_span(subject, event_id):
+            return await self._publish_or_keep(subject, data, event_id, headers)
+
+    async def _publish_or_keep(
         self, subject: str, data: bytes, event_id: str, headers: Mapping[str, str] | None
     ) -> PubAck | None:
         hdrs = self._headers(event_id, headers)
@@ -708,6 +716,7 @@ class EventPublisher:
         )
         if ack.duplicate:
             log.debug("duplicate event ignored by JetStream", extra={"event_id": event_id})
+        self.stats.published += 1
         return ack
 
     # -- keeping ---------------------------------------------------------------------

@@ -40,6 +40,7 @@ from hoosh_common.eventbus import (
     StreamPolicy,
     ensure_stream,
 )
+from hoosh_common.metrics import register_publisher_metrics
 from hoosh_common.outbox import DEFAULT_HIGH_WATER, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Outbox
 
 
@@ -107,7 +108,7 @@ class EventBusSettings(BaseSettings):
             max_attempts = 3 if outbox is not None else 5
         if ack_timeout is None:
             ack_timeout = 1.0 if outbox is not None else 2.0
-        return EventPublisher(
+        publisher = EventPublisher(
             nc,
             js,
             stream,
@@ -117,6 +118,8 @@ class EventBusSettings(BaseSettings):
             ack_timeout=ack_timeout,
             duplicate_window=self.nats_duplicate_window_seconds,
         )
+        register_publisher_metrics(publisher, service)
+        return publisher
 
     def event_outbox(self, service: str) -> Outbox | None:
         """This service's outbox (``<dir>/<service>``, not opened yet), or None."""

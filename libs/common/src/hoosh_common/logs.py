@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
 import time
 
@@ -43,12 +44,13 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(service: str, level: str = "INFO") -> None:
-    """Send every log record to stderr as one JSON object per line."""
+def configure_logging(service: str, level: str | None = None) -> None:
+    """Send every log record to stderr as one JSON object per line, at ``level`` (by
+    default ``HOOSH_LOG_LEVEL``, else INFO)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel((level or os.environ.get("HOOSH_LOG_LEVEL") or "INFO").upper())
     # Access logs on the hot path cost more than they tell; errors still surface.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)

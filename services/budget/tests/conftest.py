@@ -4,8 +4,10 @@ test, deleted after); the budget service in-process on a free port."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,14 +23,53 @@ from hoosh_budget.resets import ResetAnnouncer
 from hoosh_budget.server import BudgetServicer, add_to_server
 from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import insecure_channel, new_server
+from hoosh_common.metrics import serve_metrics
 from hoosh_metering.pools import BudgetStore
 from hoosh_metering.redis import RedisClient, connect_redis
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
+from prometheus_client.parser import text_string_to_metric_families
 
 REDIS_URL = os.environ.get("HOOSH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("HOOSH_TEST_NATS_URL", "nats://127.0.0.1:4222")
+
+Labels = tuple[tuple[str, str], ...]
+
+
+class Samples(dict[tuple[str, Labels], float]):
+    """One scrape: (sample name, sorted labels) -> value."""
+
+    def get_value(self, name: str, **labels: str) -> float | None:
+        return self.get((name, tuple(sorted(labels.items()))))
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sample's value; 0 when it is absent (a counter child not created yet)."""
+        return self.get_value(name, **labels) or 0.0
+
+    def labelled(self, name: str) -> dict[Labels, float]:
+        return {labels: value for (sample, labels), value in self.items() if sample == name}
+
+
+def parse_metrics(text: str) -> Samples:
+    """Prometheus text format through prometheus_client's own parser."""
+    samples = Samples()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = sample.value
+    return samples
+
+
+async def scrape(port: int) -> Samples:
+    """GET /metrics over HTTP (in a thread: urllib blocks) and parse it."""
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    return parse_metrics(await asyncio.to_thread(get))
 
 
 class Clock:
@@ -39,6 +80,14 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture(scope="session")
+def metrics_port() -> int:
+    """The process-wide registry served on a free port (a daemon thread, for the session)."""
+    port = serve_metrics("127.0.0.1:0")
+    assert port is not None
+    return port
 
 
 @pytest.fixture

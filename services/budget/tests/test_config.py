@@ -20,6 +20,10 @@ ENV = (
     "HOOSH_SUBJECT_PREFIX",
     "HOOSH_REDIS_URL",
     "HOOSH_BUDGET_KEY_PREFIX",
+    "HOOSH_BUDGET_METRICS_LISTEN",
+    "HOOSH_BUDGET_METRICS_INTERVAL_SECONDS",
+    "HOOSH_BUDGET_METRICS_MAX_LEASES",
+    "HOOSH_METRICS_MAX_POOLS",
 )
 
 
@@ -54,6 +58,22 @@ def test_defaults() -> None:
         "hoosh",
     )
     assert configured_pools(settings) == []
+
+
+def test_metrics_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = BudgetSettings()
+    assert settings.budget_metrics_listen == "127.0.0.1:9462"
+    assert (settings.budget_metrics_interval_seconds, settings.metrics_max_pools) == (5.0, 500)
+    assert settings.budget_metrics_max_leases == 10_000
+    monkeypatch.setenv("HOOSH_BUDGET_METRICS_LISTEN", "")
+    monkeypatch.setenv("HOOSH_BUDGET_METRICS_INTERVAL_SECONDS", "0.5")
+    monkeypatch.setenv("HOOSH_METRICS_MAX_POOLS", "20")
+    settings = BudgetSettings()
+    assert (settings.budget_metrics_listen, settings.budget_metrics_interval_seconds) == ("", 0.5)
+    assert settings.metrics_max_pools == 20
+    monkeypatch.setenv("HOOSH_METRICS_MAX_POOLS", "0")
+    with pytest.raises(ValueError, match="metrics_max_pools"):
+        BudgetSettings()
 
 
 def test_expiry_policy_is_commit_or_release(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -85,6 +85,8 @@ RollReason = Literal["period", "admin"]
 _ENDED_STATES: dict[str, EndState] = {"committed": "committed", "released": "released", "expired": "expired"}
 _ATTEMPTS = 3  # tries of one call when the directory turns out stale
 _ROOTS_AT_ONCE = 32  # trees reaped or rolled concurrently
+_STATE_TREES_PER_BATCH = 64  # trees read by ``read_state`` in one pipelined round trip
+_STATE_FIELDS = ("capacity", "used", "reserved", "parent", "period", "cap_usd", "used_usd", "reserved_usd", "inc")
 
 R = TypeVar("R")
 
@@ -248,6 +250,58 @@ class PeriodRoll:
     used: int
     used_usd_micros: int
     capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    """A pool's counters exactly as Redis holds them at one read (for metrics).
+
+    Nothing is settled or rolled by reading: a lease past its expiry still counts as
+    reserved (and open) until the reaper or a call settles it, and a period past its
+    end still shows its usage until the ticker rolls it (both within a second or so
+    of the service's loops). ``open_reservations`` counts the open reservations that
+    hold tokens in this pool: its own and those of every pool below it, as
+    ``reserved`` does.
+    """
+
+    name: str
+    root: str
+    parent: str | None
+    period: str
+    capacity: int
+    used: int
+    reserved: int
+    cap_usd_micros: int | None
+    used_usd_micros: int
+    reserved_usd_micros: int
+    open_reservations: int
+
+
+@dataclass(frozen=True, slots=True)
+class TreeState:
+    """One pool tree as read by :meth:`BudgetStore.read_state`.
+
+    ``open_reservations`` is the size of the tree's lease set (exact). When it holds
+    more than the read's ``max_leases``, only the leases that expire first are read
+    for the per-pool counts, and ``complete`` is False.
+    """
+
+    root: str
+    pools: tuple[PoolState, ...]
+    open_reservations: int
+    complete: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    """Every tree that could be read, and the roots of those that could not."""
+
+    trees: tuple[TreeState, ...]
+    unreachable: tuple[str, ...] = ()
+
+    @property
+    def pools(self) -> list[PoolState]:
+        return [pool for tree in self.trees for pool in tree.pools]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1288,6 +1342,107 @@ class BudgetStore:
             )
 
         return sum(await self._each_root(sorted({entry.root for entry in directory.entries.values()}), reap))
+
+    # -- reading state (metrics) -------------------------------------------------
+
+    async def read_state(
+        self, *, trees_per_batch: int = _STATE_TREES_PER_BATCH, max_leases: int = 10_000
+    ) -> StoreState:
+        """Every pool's counters and open reservations, read only: no lease settled, no
+        period rolled, no script run (see :class:`PoolState`).
+
+        Cheap for Redis: the pools come from the in-memory directory (no key scan);
+        ``trees_per_batch`` trees are read in one pipelined round trip (pool hashes,
+        lease set size, up to ``max_leases`` lease ids each), and one more round trip
+        reads those reservations' chains. A batch that cannot be read is reported in
+        ``unreachable`` (the others are kept); BudgetUnavailable only when nothing
+        could be read.
+        """
+        if trees_per_batch <= 0 or max_leases < 0:
+            raise ValueError("trees_per_batch must be positive and max_leases not negative")
+        directory = await self._fresh()
+        by_root: dict[str, list[str]] = {}
+        for name, entry in directory.entries.items():
+            by_root.setdefault(entry.root, []).append(name)
+        roots = sorted(by_root)
+        trees: list[TreeState] = []
+        unreachable: list[str] = []
+        failure: BudgetUnavailable | None = None
+        for at in range(0, len(roots), trees_per_batch):
+            batch = roots[at : at + trees_per_batch]
+            try:
+                trees.extend(await self._read_trees({root: sorted(by_root[root]) for root in batch}, max_leases))
+            except BudgetUnavailable as exc:
+                failure = failure or exc
+                unreachable.extend(batch)
+                log.warning("pool trees unreadable", extra={"roots": len(batch), "error": exc.message})
+        if failure is not None and not trees:
+            raise failure
+        return StoreState(tuple(trees), tuple(unreachable))
+
+    async def _read_trees(self, members: dict[str, list[str]], max_leases: int) -> list[TreeState]:
+        """Read ``members`` (root -> pool names): two pipelined round trips in all.
+        Every key of one tree shares its hash tag; a cluster pipeline groups them by node."""
+        pipe = self._redis.pipeline(transaction=False)
+        for root, names in members.items():
+            for name in names:
+                pipe.hmget(self.pool_key(name, root), list(_STATE_FIELDS))
+            pipe.zcard(self._lease_key(root))
+            if max_leases:
+                pipe.zrange(self._lease_key(root), 0, max_leases - 1)
+        replies: list[Any] = await guard(pipe.execute())
+        at = 0
+        # root -> (name -> [fields], lease count, lease ids)
+        read: dict[str, tuple[dict[str, list[Any]], int, list[str]]] = {}
+        for root, names in members.items():
+            fields = {name: reply for name, reply in zip(names, replies[at : at + len(names)], strict=True)}
+            at += len(names)
+            count = int(replies[at])
+            at += 1
+            ids: list[str] = []
+            if max_leases:
+                ids = [_str(lease) for lease in replies[at]]
+                at += 1
+            read[root] = ({name: raw for name, raw in fields.items() if raw[0] is not None}, count, ids)
+        records: list[Any] = []
+        if any(ids for _, _, ids in read.values()):
+            pipe = self._redis.pipeline(transaction=False)
+            for root, (_, _, ids) in read.items():
+                for lease in ids:
+                    pipe.hmget(f"{self.tree_base(root)}res:{lease}", ["chain", "state", "incs"])
+            records = await guard(pipe.execute())
+        trees: list[TreeState] = []
+        at = 0
+        for root, (fields, count, ids) in read.items():
+            incarnations = {name: int(raw[8] or 0) for name, raw in fields.items()}
+            holding = dict.fromkeys(fields, 0)
+            for chain_raw, state, incs_raw in records[at : at + len(ids)]:
+                # Counted where settling it would: each pool of its chain still of the same incarnation.
+                if chain_raw is None or _str(state or b"") != "active":
+                    continue
+                incs = [int(inc) for inc in _str(incs_raw).split(",")] if incs_raw else None
+                for i, name in enumerate(_str(chain_raw).split(",")):
+                    if name in holding and (incs is None or (i < len(incs) and incs[i] == incarnations[name])):
+                        holding[name] += 1
+            at += len(ids)
+            pools = tuple(
+                PoolState(
+                    name=name,
+                    root=root,
+                    parent=_str(raw[3] or b"") or None,
+                    period=_str(raw[4] or b"none"),
+                    capacity=int(raw[0]),
+                    used=int(raw[1] or 0),
+                    reserved=int(raw[2] or 0),
+                    cap_usd_micros=int(raw[5]) if raw[5] else None,
+                    used_usd_micros=int(raw[6] or 0),
+                    reserved_usd_micros=int(raw[7] or 0),
+                    open_reservations=holding[name],
+                )
+                for name, raw in fields.items()
+            )
+            trees.append(TreeState(root, pools, count, complete=len(ids) >= count))
+        return trees
 
     async def _each_root(self, roots: list[str], call: Callable[[str], Awaitable[R]]) -> list[R]:
         """``call`` for every tree, a few at a time. A tree that cannot be reached is

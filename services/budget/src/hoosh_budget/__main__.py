@@ -1,8 +1,10 @@
 """``python -m hoosh_budget``: serve BudgetService until SIGTERM.
 
-Besides the RPCs, the service runs two loops over the shared store: the lease
-reaper (a dead holder's reservation is settled by the expiry policy) and the period
-ticker (pools roll into a new period on time, one ``budget.reset`` event each).
+Besides the RPCs, the service runs three loops over the shared store: the lease
+reaper (a dead holder's reservation is settled by the expiry policy), the period
+ticker (pools roll into a new period on time, one ``budget.reset`` event each) and
+the metrics snapshot (per pool gauges, read every few seconds; ``/metrics`` is served
+on ``HOOSH_BUDGET_METRICS_LISTEN``).
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ import nats.errors
 from hoosh_common.eventbus import EventPublisher
 from hoosh_common.grpc_server import new_server, serve
 from hoosh_common.logs import configure_logging
+from hoosh_common.metrics import serve_metrics
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
 from hoosh_metering.errors import BudgetError, BudgetUnavailable
-from hoosh_metering.pools import BudgetStore, PoolSpec, reap_forever
+from hoosh_metering.pools import BudgetStore, PoolSpec
 from hoosh_metering.redis import connect_redis
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from hoosh_budget.config import DEFAULT_POOL, BudgetSettings, ConfigError, configured_pools
+from hoosh_budget.metrics import PoolMetrics, refresh_forever
+from hoosh_budget.reaper import reap_forever
 from hoosh_budget.resets import ResetAnnouncer, tick_forever
 from hoosh_budget.server import SERVICE_NAME, BudgetServicer, add_to_server
 
@@ -66,6 +71,8 @@ async def main(settings: BudgetSettings) -> None:
     nc = await nats.connect(settings.nats_url, name="hoosh-budget", max_reconnect_attempts=-1)
     reaper: asyncio.Task[None] | None = None
     ticker: asyncio.Task[None] | None = None
+    refresher: asyncio.Task[None] | None = None
+    pool_metrics: PoolMetrics | None = None
     publisher: EventPublisher | None = None
     try:
         js = nc.jetstream()
@@ -82,10 +89,23 @@ async def main(settings: BudgetSettings) -> None:
         ticker = asyncio.create_task(
             tick_forever(store, announcer, settings.budget_period_tick_seconds), name="period-ticker"
         )
+        if settings.budget_metrics_listen.strip().lower() not in ("", "off"):  # not served: nothing read for it
+            pool_metrics = PoolMetrics(
+                store,
+                max_pools=settings.metrics_max_pools,
+                max_leases=settings.budget_metrics_max_leases,
+                announcer=announcer,
+            ).register()
+            refresher = asyncio.create_task(
+                refresh_forever(pool_metrics, settings.budget_metrics_interval_seconds), name="pool-metrics"
+            )
         server = new_server()
         add_to_server(BudgetServicer(store, announcer, publisher), server)
         await serve(server, settings.budget_listen, [SERVICE_NAME])
     finally:
+        await _stop(refresher)
+        if pool_metrics is not None:
+            pool_metrics.unregister()
         await _stop(ticker)
         await _stop(reaper)
         if publisher is not None:
@@ -109,6 +129,10 @@ def cli() -> None:
         configured_pools(settings)  # fail fast on a bad config file, before binding
     except ConfigError as exc:
         sys.exit(f"hoosh-budget: {exc}")
+    try:
+        serve_metrics(settings.budget_metrics_listen)
+    except (OSError, ValueError) as exc:  # port taken, or not host:port
+        sys.exit(f"hoosh-budget: HOOSH_BUDGET_METRICS_LISTEN={settings.budget_metrics_listen!r}: {exc}")
     try:
         run(main(settings))
     except BudgetUnavailable as exc:

@@ -28,6 +28,16 @@ class BudgetSettings(EventBusSettings):
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 
     budget_listen: str = "127.0.0.1:50052"
+    budget_metrics_listen: str = Field(
+        default="127.0.0.1:9462", description="Prometheus /metrics listen address (host:port); empty: not served"
+    )
+    budget_metrics_interval_seconds: float = Field(
+        default=5.0, gt=0, description="How often the per-pool gauges are read from Redis (one snapshot)"
+    )
+    # Pools with a series of their own; the rest are summed into pool="_other".
+    metrics_max_pools: int = Field(default=500, ge=1)
+    # Open reservations read per tree for the per-pool counts (the tree's total stays exact).
+    budget_metrics_max_leases: int = Field(default=10_000, ge=0)
     # redis://host:port/db, or redis+cluster://host:port for a Redis Cluster.
     redis_url: str = "redis://127.0.0.1:6379/0"
     budget_key_prefix: str = "hoosh:budget:"

@@ -24,6 +24,8 @@ from hoosh_metering.errors import BudgetError
 from hoosh_metering.pools import BudgetStore, PeriodRoll
 from redis.exceptions import RedisError
 
+from hoosh_budget.metrics import PERIOD_RESETS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING = 10_000
@@ -138,6 +140,9 @@ async def tick(store: BudgetStore, announcer: ResetAnnouncer) -> int:
     returns how many pools rolled."""
     await announcer.flush()
     rolls = await store.roll_periods()
+    if rolls:
+        # Counted as rolled: an event not published yet is kept and retried.
+        PERIOD_RESETS.inc(len(rolls))
     await announcer.announce_all(rolls)
     return len(rolls)
 

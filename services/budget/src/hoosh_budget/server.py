@@ -18,6 +18,8 @@ from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 from hoosh.events.v1 import events_pb2
 from hoosh_common.eventbus import EventPublishError
 from hoosh_common.grpc_errors import error_metadata
+from hoosh_common.logs import request_id_var
+from hoosh_common.telemetry import exporting, extract_context
 from hoosh_metering.errors import (
     BudgetError,
     BudgetExhausted,
@@ -29,9 +31,12 @@ from hoosh_metering.errors import (
     PoolNotFound,
     RateLimited,
 )
-from hoosh_metering.pools import BudgetStore, ExpiryPolicy, LedgerLine, PoolSpec, PoolView
+from hoosh_metering.pools import BudgetStore, EndResult, ExpiryPolicy, LedgerLine, PoolSpec, PoolView
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from hoosh_budget.metrics import count_operation, result_of
 from hoosh_budget.resets import EventSink, ResetAnnouncer
 
 log = logging.getLogger(__name__)
@@ -118,15 +123,101 @@ async def _abort(context: Context, exc: Exception) -> NoReturn:
     await context.abort(status, message, trailing_metadata=error_metadata(error_type, error_code, None, retry_after))
 
 
-async def _call(context: Context, operation: Awaitable[T]) -> T:
-    """Await a store call; any budget or Redis error ends the RPC with its status."""
+# Operations that change pools or record an admin's action: one INFO line each.
+ADMIN_OPERATIONS = frozenset(
+    {"upsert_pool", "create_pool", "update_pool", "delete_pool", "reset_pool", "report", "record_admin_action"}
+)
+REQUEST_ID_KEY = "x-request-id"
+_MAX_REQUEST_ID = 128  # a log field, not a place for a caller's essay
+
+
+def _bind(context: Context, fallback: str = "") -> None:
+    """Let this call's log lines join the request's: its request id (``x-request-id``
+    metadata, else the reservation id, which the router makes the request id) and,
+    when spans are not exported, the caller's trace context (exporting, the server
+    interceptor's span is current already). grpc.aio runs each call in a task of its
+    own, so what is set here ends with the call."""
+    request_id = ""
+    traced = False
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            request_id = value[:_MAX_REQUEST_ID]
+        elif key == "traceparent":
+            traced = True
+    request_id_var.set(request_id or fallback[:_MAX_REQUEST_ID])
+    if traced and not exporting():
+        otel_context.attach(extract_context(context.invocation_metadata()))
+
+
+def _recording_span() -> trace.Span | None:
+    """This call's server span when spans are exported and it records; None otherwise,
+    so attributes cost nothing when nobody collects them."""
+    if not exporting():
+        return None
+    span = trace.get_current_span()
+    return span if span.is_recording() else None
+
+
+class _Op:
+    """One operation being handled: counted, logged and put on the span once, when its
+    result is known."""
+
+    __slots__ = ("fields", "name", "span")
+
+    def __init__(self, name: str, span: trace.Span | None = None, **fields: object) -> None:
+        self.name = name
+        self.span = span
+        self.fields = fields
+
+    def finish(self, result: str, error: BaseException | None = None) -> None:
+        count_operation(self.name, result)
+        if self.span is not None:
+            self.span.set_attribute("hoosh.budget.result", result)
+        if self.name in ADMIN_OPERATIONS:
+            extra = {"operation": self.name, "result": result, **self.fields}
+            if error is not None:
+                extra["error"] = str(error)
+            log.info("budget admin action", extra=extra)
+        elif isinstance(error, BudgetExhausted):
+            if self.span is not None:
+                self.span.set_attribute("hoosh.budget.exhausted_pool", error.pool)
+            log.info(
+                "budget exhausted",
+                extra={
+                    "operation": self.name,
+                    **self.fields,
+                    "exhausted_pool": error.pool,
+                    "requested": error.requested,
+                    "available": error.available,
+                    "reason": error.reason,
+                    "retry_after_seconds": error.retry_after_seconds,
+                },
+            )
+        elif log.isEnabledFor(logging.DEBUG):  # the hot path: build nothing unless asked
+            extra = {"operation": self.name, "result": result, **self.fields}
+            if error is not None:
+                extra["error"] = str(error)
+            log.debug("budget operation", extra=extra)
+
+
+async def _call(context: Context, operation: Awaitable[T], op: _Op | None = None, *, settle: bool = True) -> T:
+    """Await a store call; any budget or Redis error ends the RPC with its status.
+    ``op`` is counted with the error's result, or "ok" unless ``settle`` is False
+    (the caller then finishes it with a result of its own)."""
     try:
-        return await operation
+        value = await operation
     except (BudgetError, RedisError) as exc:
+        if op is not None:
+            op.finish(result_of(exc), exc)
         await _abort(context, exc)
+    if op is not None and settle:
+        op.finish("ok")
+    return value
 
 
-async def _invalid(context: Context, message: str) -> NoReturn:
+async def _invalid(context: Context, message: str, op: _Op | None = None) -> NoReturn:
+    if op is not None:
+        op.finish("invalid")
     await context.abort(
         grpc.StatusCode.INVALID_ARGUMENT,
         message,
@@ -134,10 +225,15 @@ async def _invalid(context: Context, message: str) -> NoReturn:
     )
 
 
+def _ended(result: EndResult) -> str:
+    return "already_ended" if result.already_ended else "ok"
+
+
 class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     """hoosh.budget.v1.BudgetService over a shared :class:`BudgetStore`.
 
-    ``announcer`` publishes the ``budget.reset`` event of ResetPool.
+    ``announcer`` publishes the ``budget.reset`` event of ResetPool. Every call is
+    counted in ``hoosh_budget_operations_total`` (see :mod:`hoosh_budget.metrics`).
     """
 
     def __init__(self, store: BudgetStore, announcer: ResetAnnouncer, events: EventSink | None = None) -> None:
@@ -146,12 +242,27 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         self._announcer = announcer
 
     async def Check(self, request: budget_pb2.CheckRequest, context: Context) -> budget_pb2.CheckResponse:
-        result = await _call(context, self._store.check(request.pool, request.tokens))
+        _bind(context)
+        op = _Op("check", pool=request.pool, tokens=request.tokens)
+        result = await _call(context, self._store.check(request.pool, request.tokens), op)
         return budget_pb2.CheckResponse(
             allowed=result.allowed, pool=pool_message(result.pool), available=result.available
         )
 
     async def Reserve(self, request: budget_pb2.ReserveRequest, context: Context) -> budget_pb2.ReserveResponse:
+        _bind(context, request.reservation_id)
+        tokens = request.tokens + request.completion_tokens
+        span = _recording_span()
+        if span is not None:
+            span.set_attributes(
+                {
+                    "hoosh.pool": request.pool,
+                    "hoosh.key_id": request.owner,
+                    "hoosh.tokens": tokens,
+                    "hoosh.reservation_id": request.reservation_id,
+                }
+            )
+        op = _Op("reserve", span, pool=request.pool, reservation_id=request.reservation_id, tokens=tokens)
         reservation = await _call(
             context,
             self._store.reserve(
@@ -169,7 +280,12 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
                 kind=request.kind or "manual",
                 on_expiry=_expiry_policy(request.on_expiry),
             ),
+            op,
         )
+        if span is not None:
+            span.set_attributes(
+                {"hoosh.pool_chain": list(reservation.chain), "hoosh.budget.reserved_tokens": reservation.tokens}
+            )
         return budget_pb2.ReserveResponse(
             reservation_id=reservation.reservation_id,
             pool=pool_message(reservation.pool),
@@ -181,7 +297,31 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             created=reservation.created,
         )
 
+    def _end_span(self, request: budget_pb2.CommitRequest | budget_pb2.ReleaseRequest) -> trace.Span | None:
+        span = _recording_span()
+        if span is not None:
+            span.set_attributes(
+                {
+                    "hoosh.pool": request.pool,
+                    "hoosh.key_id": request.owner,
+                    "hoosh.reservation_id": request.reservation_id,
+                }
+            )
+        return span
+
+    @staticmethod
+    def _ended_span(span: trace.Span | None, result: EndResult) -> None:
+        if span is not None:
+            span.set_attribute("hoosh.budget.state", result.state)
+            if result.pool is not None:
+                span.set_attribute("hoosh.pool_chain", list(result.pool.chain))
+
     async def Commit(self, request: budget_pb2.CommitRequest, context: Context) -> budget_pb2.CommitResponse:
+        _bind(context, request.reservation_id)
+        span = self._end_span(request)
+        if span is not None:
+            span.set_attribute("hoosh.tokens", request.used_tokens)
+        op = _Op("commit", span, pool=request.pool, reservation_id=request.reservation_id, tokens=request.used_tokens)
         result = await _call(
             context,
             self._store.commit(
@@ -193,67 +333,94 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
                 kind=request.kind or None,
                 ledger=ledger_line(request.ledger) if request.HasField("ledger") else None,
             ),
+            op,
+            settle=False,
         )
+        self._ended_span(span, result)
+        op.finish(_ended(result))
         response = budget_pb2.CommitResponse(already_ended=result.already_ended, state=result.state)
         if result.pool is not None:
             response.pool.CopyFrom(pool_message(result.pool))
         return response
 
     async def Release(self, request: budget_pb2.ReleaseRequest, context: Context) -> budget_pb2.ReleaseResponse:
+        _bind(context, request.reservation_id)
+        span = self._end_span(request)
+        op = _Op("release", span, pool=request.pool, reservation_id=request.reservation_id)
         result = await _call(
             context,
             self._store.release(
                 request.reservation_id, pool=request.pool, owner=request.owner or None, kind=request.kind or None
             ),
+            op,
+            settle=False,
         )
+        self._ended_span(span, result)
+        op.finish(_ended(result))
         response = budget_pb2.ReleaseResponse(already_ended=result.already_ended, state=result.state)
         if result.pool is not None:
             response.pool.CopyFrom(pool_message(result.pool))
         return response
 
     async def Renew(self, request: budget_pb2.RenewRequest, context: Context) -> budget_pb2.RenewResponse:
+        _bind(context, request.reservation_id)
+        op = _Op("renew", pool=request.pool, reservation_id=request.reservation_id)
         expires = await _call(
             context,
             self._store.renew(request.reservation_id, pool=request.pool, lease_seconds=request.lease_seconds or None),
+            op,
+            settle=False,
         )
+        op.finish("ok" if expires is not None else "inactive")
         return budget_pb2.RenewResponse(active=expires is not None, lease_expires_at_ms=expires or 0)
 
     async def Report(self, request: budget_pb2.ReportRequest, context: Context) -> budget_pb2.ReportResponse:
+        _bind(context, request.report_id)
+        op = _Op("report", pool=request.pool, tokens=request.actual, report_id=request.report_id)
         if request.reserved != 0:
             # A bare count cannot end a reservation: that would let a caller free
             # tokens another request holds. Reservations end by id (Commit/Release).
-            await _invalid(context, "reserved must be 0: end a reservation with Commit or Release by its id")
+            await _invalid(context, "reserved must be 0: end a reservation with Commit or Release by its id", op)
         view = await _call(
             context,
             self._store.report(
                 request.pool, request.actual, usd_micros=request.usd_micros, report_id=request.report_id or None
             ),
+            op,
         )
         return budget_pb2.ReportResponse(pool=pool_message(view))
 
     async def GetPool(self, request: budget_pb2.GetPoolRequest, context: Context) -> budget_pb2.GetPoolResponse:
-        view = await _call(context, self._store.get_pool(request.pool))
+        _bind(context)
+        view = await _call(context, self._store.get_pool(request.pool), _Op("get_pool", pool=request.pool))
         return budget_pb2.GetPoolResponse(pool=pool_message(view))
 
     async def ListPools(self, request: budget_pb2.ListPoolsRequest, context: Context) -> budget_pb2.ListPoolsResponse:
-        views = await _call(context, self._store.list_pools(list(request.names) or None))
+        _bind(context)
+        views = await _call(context, self._store.list_pools(list(request.names) or None), _Op("list_pools"))
         return budget_pb2.ListPoolsResponse(pools=[pool_message(view) for view in views])
 
     async def UpsertPool(
         self, request: budget_pb2.UpsertPoolRequest, context: Context
     ) -> budget_pb2.UpsertPoolResponse:
-        view = await _call(context, self._store.upsert_pool(request.pool, request.capacity))
+        _bind(context)
+        op = _Op("upsert_pool", pool=request.pool, capacity=request.capacity)
+        view = await _call(context, self._store.upsert_pool(request.pool, request.capacity), op)
         return budget_pb2.UpsertPoolResponse(pool=pool_message(view))
 
     async def CreatePool(
         self, request: budget_pb2.CreatePoolRequest, context: Context
     ) -> budget_pb2.CreatePoolResponse:
-        view = await _call(context, self._store.create_pool(pool_spec(request.spec)))
+        _bind(context)
+        spec = request.spec
+        op = _Op("create_pool", pool=spec.name, parent=spec.parent, capacity=spec.capacity, period=spec.period)
+        view = await _call(context, self._store.create_pool(pool_spec(spec)), op)
         return budget_pb2.CreatePoolResponse(pool=pool_message(view))
 
     async def UpdatePool(
         self, request: budget_pb2.UpdatePoolRequest, context: Context
     ) -> budget_pb2.UpdatePoolResponse:
+        _bind(context)
         changes: dict[str, Any] = {}
         if request.HasField("capacity"):
             changes["capacity"] = request.capacity
@@ -261,23 +428,30 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             changes["period"] = request.period
         if request.HasField("timezone"):
             changes["timezone"] = request.timezone
+        op = _Op("update_pool", pool=request.name)
         if request.clear_cap_usd and request.HasField("cap_usd_micros"):
-            await _invalid(context, "set cap_usd_micros or clear_cap_usd, not both")
+            await _invalid(context, "set cap_usd_micros or clear_cap_usd, not both", op)
         if request.clear_cap_usd:
             changes["cap_usd_micros"] = None
         elif request.HasField("cap_usd_micros"):
             changes["cap_usd_micros"] = request.cap_usd_micros
-        view = await _call(context, self._store.update_pool(request.name, **changes))
+        op.fields["changes"] = sorted(changes)
+        view = await _call(context, self._store.update_pool(request.name, **changes), op)
         return budget_pb2.UpdatePoolResponse(pool=pool_message(view))
 
     async def DeletePool(
         self, request: budget_pb2.DeletePoolRequest, context: Context
     ) -> budget_pb2.DeletePoolResponse:
-        await _call(context, self._store.delete_pool(request.name))
+        _bind(context)
+        await _call(context, self._store.delete_pool(request.name), _Op("delete_pool", pool=request.name))
         return budget_pb2.DeletePoolResponse()
 
     async def ResetPool(self, request: budget_pb2.ResetPoolRequest, context: Context) -> budget_pb2.ResetPoolResponse:
-        roll = await _call(context, self._store.reset_pool(request.name))
+        _bind(context)
+        op = _Op("reset_pool", pool=request.name, key_id=request.key_id)
+        roll = await _call(context, self._store.reset_pool(request.name), op, settle=False)
+        op.fields["used"] = roll.used
+        op.finish("ok")  # the reset has happened, whatever follows
         # The reset has happened whatever NATS says: an event that cannot be published
         # now is kept and published again by the period ticker.
         await self._announcer.announce(roll, key_id=request.key_id)
@@ -285,13 +459,18 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
         return budget_pb2.ResetPoolResponse(pool=pool_message(view))
 
     async def GetCosts(self, request: budget_pb2.GetCostsRequest, context: Context) -> budget_pb2.GetCostsResponse:
+        _bind(context)
+        op = _Op("get_costs", first_day=request.first_day, last_day=request.last_day)
         try:
             first, last = date.fromisoformat(request.first_day), date.fromisoformat(request.last_day)
         except ValueError:
-            await _abort(context, InvalidArgument("first_day and last_day must be dates (YYYY-MM-DD)"))
+            invalid = InvalidArgument("first_day and last_day must be dates (YYYY-MM-DD)")
+            op.finish("invalid", invalid)
+            await _abort(context, invalid)
         lines = await _call(
             context,
             self._store.costs(first, last, pools=list(request.pools) or None, key_id=request.key_id or None),
+            op,
         )
         return budget_pb2.GetCostsResponse(
             lines=[
@@ -313,10 +492,21 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
     async def RecordAdminAction(
         self, request: events_pb2.AdminAction, context: Context
     ) -> budget_pb2.RecordAdminActionResponse:
+        _bind(context)
+        op = _Op(
+            "record_admin_action",
+            action=request.action,
+            event_id=request.event_id,
+            target=request.target[:256],
+            actor_key_id=request.actor_key_id[:128],
+        )
         problem = admin_action_problem(request)
         if problem is not None:
-            await _abort(context, InvalidArgument(problem))
+            invalid = InvalidArgument(problem)
+            op.finish("invalid", invalid)
+            await _abort(context, invalid)
         if self._events is None:
+            op.finish("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "This budget service publishes no events")
         event = events_pb2.AdminAction()
         event.CopyFrom(request)
@@ -326,12 +516,14 @@ class BudgetServicer(budget_pb2_grpc.BudgetServiceServicer):
             # Awaited: NATS acked it, or the outbox holds it (fsynced) when NATS is away.
             await self._events.publish(admin_subject(event.action), event, event.event_id)
         except EventPublishError as exc:
+            op.finish("unavailable", exc)
             log.error("admin action not recorded", extra={"event_id": event.event_id, "error": str(exc)})
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "The admin action could not be recorded; try again",
                 trailing_metadata=error_metadata("api_error", "events_unavailable", None, 5),
             )
+        op.finish("ok")
         return budget_pb2.RecordAdminActionResponse()
 
 

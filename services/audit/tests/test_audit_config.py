@@ -19,6 +19,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "HOOSH_ENV",
         "HOOSH_AUDIT_DIR",
         "HOOSH_AUDIT_LISTEN",
+        "HOOSH_AUDIT_METRICS_LISTEN",
         "HOOSH_NATS_URL",
         "HOOSH_NATS_STREAM",
         "HOOSH_SUBJECT_PREFIX",
@@ -39,6 +40,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY", GOOD_KEY)
     settings = load_settings()
     assert settings.audit_listen == "127.0.0.1:50054"
+    assert settings.audit_metrics_listen == "127.0.0.1:9464"
     assert settings.nats_url == "nats://127.0.0.1:4222"
     assert settings.nats_stream == "HOOSH_EVENTS"
     assert settings.subject_prefix == "hoosh"
@@ -60,9 +62,11 @@ def test_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HOOSH_AUDIT_DIR", str(tmp_path))
     monkeypatch.setenv("HOOSH_AUDIT_CONSUMER", "audit-0")
     monkeypatch.setenv("HOOSH_NATS_STREAM", "OTHER")
+    monkeypatch.setenv("HOOSH_AUDIT_METRICS_LISTEN", "")
     settings = load_settings()
     assert settings.audit_file == tmp_path / "audit.jsonl"
     assert (settings.audit_consumer, settings.nats_stream) == ("audit-0", "OTHER")
+    assert settings.audit_metrics_listen == ""  # not served
 
 
 def test_missing_key_fails_fast() -> None:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from hoosh_audit.keys import Keyring
 from hoosh_audit.log import AuditLog
 from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import insecure_channel
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import NATS_URL, REDIS_URL, Bus
 from .helpers import DEADLINE_S, entries, read_entries, rewrite_lines, segment_files
@@ -49,9 +51,11 @@ class Service:
 
     def __init__(self, bus: Bus, directory: Path, key: bytes, prefix: str, **extra: str) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.env = audit_env(
             key,
             HOOSH_AUDIT_LISTEN=f"127.0.0.1:{self.port}",
+            HOOSH_AUDIT_METRICS_LISTEN=f"127.0.0.1:{self.metrics_port}",
             HOOSH_NATS_STREAM=bus.stream,
             HOOSH_SUBJECT_PREFIX=bus.prefix,
             HOOSH_AUDIT_DIR=str(directory),
@@ -94,6 +98,21 @@ class Service:
                 pass
             assert loop.time() < deadline, f"the service never recorded {total} entries"
             await asyncio.sleep(0.05)
+
+    async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Its ``/metrics``, parsed: (sample name, sorted labels) -> value."""
+
+        def get() -> str:
+            url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return str(reply.read().decode("utf-8"))
+
+        text = await asyncio.to_thread(get)
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
     async def stop(self) -> tuple[int, str]:
         assert self.proc is not None
@@ -161,6 +180,19 @@ async def test_missing_key_stops_the_service_with_a_clear_message() -> None:
     assert "HOOSH_AUDIT_HMAC_KEY: is required" in done.stderr
 
 
+async def test_a_taken_metrics_port_stops_the_service_with_a_clear_message(key: bytes, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        env = audit_env(key, HOOSH_AUDIT_METRICS_LISTEN=address, HOOSH_AUDIT_DIR=str(tmp_path / "audit"))
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "hoosh_audit"], env=env, capture_output=True, text=True, check=False
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"HOOSH_AUDIT_METRICS_LISTEN='{address}'" in done.stderr
+
+
 async def test_service_records_events_checkpoints_and_stops_gracefully(
     bus: Bus, publisher: EventPublisher, tmp_path: Path, key: bytes, redis_prefix: str, services: list[Service]
 ) -> None:
@@ -181,6 +213,12 @@ async def test_service_records_events_checkpoints_and_stops_gracefully(
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await channel.close()
+    metrics = await service.metrics()  # served by the process on HOOSH_AUDIT_METRICS_LISTEN
+    assert metrics[("hoosh_audit_events_written_total", (("kind", "inference.completed"),))] == 5
+    assert metrics[("hoosh_audit_written_stream_seq", ())] == 5
+    assert metrics[("hoosh_audit_log_seq", ())] == 5
+    listed_ok = ("grpc_server_handled_total", (("grpc_code", "OK"), ("grpc_method", "ListEntries")))
+    assert any(name == listed_ok[0] and set(listed_ok[1]) <= set(labels) for name, labels in metrics)
     code, stderr = await service.stop()
     assert code == 0, stderr[-2000:]
     assert '"audit stopped"' in stderr

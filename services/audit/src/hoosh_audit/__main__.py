@@ -21,14 +21,16 @@ import nats.errors
 from hoosh.audit.v1 import audit_pb2, audit_pb2_grpc
 from hoosh_common import grpc_server, runtime
 from hoosh_common.logs import configure_logging
+from hoosh_common.metrics import serve_metrics
 from hoosh_common.telemetry import configure_tracing
 from redis.exceptions import RedisError
 
+from hoosh_audit import metrics
 from hoosh_audit.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, connect
 from hoosh_audit.cli import add_verify_arguments, run_verify
 from hoosh_audit.config import AuditSettings, load_settings
 from hoosh_audit.consumer import AuditConsumer
-from hoosh_audit.errors import AuditError, CheckpointError, LogBehindCheckpoint
+from hoosh_audit.errors import AuditError, CheckpointError, ConfigError, LogBehindCheckpoint
 from hoosh_audit.log import AuditLog
 from hoosh_audit.server import AuditServicer
 
@@ -87,10 +89,12 @@ async def watch_integrity(audit_log: AuditLog, interval: float) -> None:
     last_error = ""
     while True:
         integrity = await audit_log.integrity()
+        metrics.CHAIN_VALID.set(1 if integrity.valid else 0)
         if integrity.error != last_error:
             if integrity.valid:
                 log.info("the audit chain verifies again", extra={"head_seq": integrity.head_seq})
             else:
+                metrics.VERIFY_FAILED_PERIODIC.inc()
                 log.error("the audit chain does not verify", extra={"problem": integrity.error})
             last_error = integrity.error
         await asyncio.sleep(interval)
@@ -190,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_verify(args, default_dir=Path("./.hoosh/audit"))
         settings = load_settings()
         configure_tracing("audit")
+        try:
+            serve_metrics(settings.audit_metrics_listen)
+        except (OSError, ValueError) as exc:  # port taken, or not host:port
+            raise ConfigError(f"HOOSH_AUDIT_METRICS_LISTEN={settings.audit_metrics_listen!r}: {exc}") from None
         status = 0
 
         async def _main() -> None:

@@ -30,6 +30,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from hoosh_audit import metrics
 from hoosh_audit.chain import canonical
 from hoosh_audit.errors import CheckpointConflict, CheckpointError
 from hoosh_audit.keys import Keyring
@@ -241,11 +242,14 @@ class CheckpointWriter:
                 await self._store.write(checkpoint)
             except CheckpointConflict as exc:
                 self._refused = True
+                metrics.CHECKPOINT_FAILED_REFUSED.inc()
                 log.error("checkpoint refused: the log is behind the stored one", extra={"error": str(exc)})
                 self._source.checkpoint_refused(str(exc))
                 return False
             self._written_seq = checkpoint.seq
             self._source.checkpoint_written(checkpoint)
+            metrics.CHECKPOINTS.inc()
+            metrics.CHECKPOINT_SEQ.set(checkpoint.seq)
             return True
 
     async def run(self) -> None:
@@ -260,6 +264,7 @@ class CheckpointWriter:
                 await self.write_now()
                 delay = 0.1
             except (RedisError, OSError, TimeoutError) as exc:
+                metrics.CHECKPOINT_FAILED_ERROR.inc()
                 log.warning("could not write the audit checkpoint; retrying", extra={"error": repr(exc)})
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self._retry_max_delay)
@@ -270,6 +275,7 @@ class CheckpointWriter:
         try:
             await asyncio.wait_for(self.write_now(), flush_timeout)
         except (RedisError, OSError, TimeoutError) as exc:
+            metrics.CHECKPOINT_FAILED_ERROR.inc()
             log.warning("the last audit checkpoint was not written", extra={"error": repr(exc)})
         self._stopping = True
         self._wake.set()

@@ -30,6 +30,9 @@ class AuditSettings(EventBusSettings):
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 
     audit_listen: str = Field("127.0.0.1:50054", description="gRPC listen address")
+    audit_metrics_listen: str = Field(
+        "127.0.0.1:9464", description="Prometheus /metrics listen address (host:port); empty: not served"
+    )
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated")
     nats_stream: str = Field(DEFAULT_STREAM, description="JetStream stream holding the events")
     subject_prefix: str = Field(SUBJECT_PREFIX, description="events live under <prefix>.>")

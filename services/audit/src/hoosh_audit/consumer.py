@@ -21,6 +21,13 @@ corrupt one. A known subject whose payload cannot be decoded is terminated.
 Durability. A batch is written and fsynced before any of its messages is acked; then
 the checkpoint writer is told, and stores the new head outside the log (off the ack
 path: Redis being slow delays the checkpoint, never the acks).
+
+Observability. Every written event counts in ``hoosh_audit_events_written_total``
+(see ``hoosh_audit.metrics``) and logs one ``audit entry written`` line with its
+request id and the trace it belongs to (from the message's headers). While spans are
+exported, the write is also a ``hoosh.audit.write`` span (kind CONSUMER) under the
+producer's span: it covers the batch's append and fsync. The stream's last sequence
+is read every few seconds (``stream_info_interval``) for the lag gauge.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import contextlib
 import json
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,16 +49,33 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import DecodeError, Message
 from hoosh.events.v1 import events_pb2
 from hoosh_common import events
-from hoosh_common.eventbus import DUPLICATE_WINDOW_S, MSG_ID_HEADER, OUTBOX_HEADER, StreamPolicy, ensure_stream
+from hoosh_common.eventbus import (
+    DUPLICATE_WINDOW_S,
+    MSG_ID_HEADER,
+    OUTBOX_HEADER,
+    REQUEST_ID_HEADER,
+    StreamPolicy,
+    ensure_stream,
+)
+from hoosh_common.telemetry import context_from_headers, exporting
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy
 from nats.js.client import JetStreamContext
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from hoosh_audit import metrics
 from hoosh_audit.chain import NewEntry, canonical
 from hoosh_audit.errors import AuditWriteError, UndecodableEvent
 from hoosh_audit.log import AuditLog
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("hoosh.audit")
+WRITE_SPAN = "hoosh.audit.write"
+TRACEPARENT_HEADER = "traceparent"
+# version-trace_id-parent_id-flags; later versions may append fields (W3C Trace Context).
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(?:-|$)")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 DECODERS: dict[str, type[Message]] = {
     events.SUBJECT_COMPLETED: events_pb2.InferenceCompleted,
@@ -67,7 +92,7 @@ DurableHook = Callable[[list[Msg]], bool]
 @dataclass(slots=True)
 class ConsumerStats:
     appended: int = 0
-    duplicates: int = 0  # redeliveries acked without appending
+    duplicates: int = 0  # redeliveries and outbox copies acked without appending
     terminated: int = 0  # undecodable payloads on a known subject
     skipped: int = 0  # subjects audit has no decoder for (acked, not recorded)
     write_failures: int = 0
@@ -124,6 +149,22 @@ def decode(
     return event_id, payload
 
 
+def trace_ids(traceparent: str | None) -> tuple[str, str] | None:
+    """The trace id and parent span id of a W3C ``traceparent`` (None if it is not one).
+    For the log line only: reading the header directly costs a fraction of a
+    propagator's ``extract`` (no context object is needed to log two ids)."""
+    match = _TRACEPARENT.match(traceparent) if traceparent else None
+    if match is None or match[1] == "ff" or match[2] == _ZERO_TRACE or match[3] == _ZERO_SPAN:
+        return None
+    return match[2], match[3]
+
+
+def _fail_spans(spans: list[Span] | None, reason: str) -> None:
+    for span in spans or ():
+        span.set_status(Status(StatusCode.ERROR, reason))
+        span.end()
+
+
 class AuditConsumer:
     """Moves events from the stream into an ``AuditLog``.
 
@@ -151,11 +192,13 @@ class AuditConsumer:
         before_ack: DurableHook | None = None,
         stream_policy: StreamPolicy | None = None,
         duplicate_window: float = DUPLICATE_WINDOW_S,
+        stream_info_interval: float = 5.0,
     ) -> None:
         """``on_durable`` is called after every batch is fsynced (the checkpoint writer's
         ``notify``). ``before_ack`` sees each durable batch before it is acked and may
         skip the acks by returning False (fault injection: a lost ack). ``stream_policy``
-        / ``duplicate_window``: the stream's bounds, as every service declares them."""
+        / ``duplicate_window``: the stream's bounds, as every service declares them.
+        ``stream_info_interval``: how often the stream's last sequence is read (lag)."""
         self._stream_policy = stream_policy
         self._duplicate_window = duplicate_window
         self._js = js
@@ -181,6 +224,13 @@ class AuditConsumer:
         self.stats = ConsumerStats()
         self._on_durable = on_durable
         self._before_ack = before_ack
+        self._stream_info_interval = stream_info_interval
+        self._kinds = metrics.KindCounters(subject_prefix)
+        # The lag: the stream's sequences (from stream info) against the highest stream
+        # sequence written or deliberately passed over (see hoosh_audit.metrics).
+        self._position = 0
+        self._stream_last_seq = 0
+        self._stream_first_seq = 0
 
     @property
     def filter_subject(self) -> str:
@@ -212,6 +262,10 @@ class AuditConsumer:
                 extra={"stream": self.stream, "from_seq": recorded + 1, "to_seq": first_seq - 1},
             )
         self._watermark = recorded
+        self._position = recorded
+        metrics.WRITTEN_STREAM_SEQ.set(self._log.last_stream_seq)
+        metrics.LOG_SEQ.set(self._log.last_seq)
+        self._stream_state(last_seq, first_seq)
 
         config = ConsumerConfig(
             name=self.durable,
@@ -246,6 +300,7 @@ class AuditConsumer:
     async def run(self) -> None:
         """Fetch, record and ack until ``stop()``. Transient NATS errors are retried."""
         self._running = True
+        watch = asyncio.create_task(self._watch_stream(), name="audit-stream-info")
         try:
             if self._sub is None:
                 await self._retrying(self.start)
@@ -274,6 +329,9 @@ class AuditConsumer:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), self._linger)
         finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
             await self._unsubscribe()
             self._done.set()
 
@@ -284,6 +342,29 @@ class AuditConsumer:
             await self._done.wait()
         else:
             await self._unsubscribe()
+
+    async def _watch_stream(self) -> None:
+        """Read the stream's sequences every ``stream_info_interval`` (for the lag), here
+        in the event loop: the scrape thread only reads the gauges."""
+        while not self._stopping.is_set():
+            try:
+                info = await self._js.stream_info(self.stream)
+            except (nats.errors.Error, OSError, TimeoutError) as exc:
+                log.debug("stream info failed", extra={"stream": self.stream, "error": repr(exc)})
+            else:
+                self._stream_state(info.state.last_seq, info.state.first_seq)
+            await self._sleep(self._stream_info_interval)
+
+    def _stream_state(self, last_seq: int, first_seq: int) -> None:
+        self._stream_last_seq, self._stream_first_seq = last_seq, first_seq
+        metrics.STREAM_LAST_SEQ.set(last_seq)
+        self._set_lag()
+
+    def _set_lag(self) -> None:
+        # Below first_seq nothing is left to deal with: acked on a workqueue stream,
+        # expired on a limits one (lost, not lagging).
+        done = max(self._position, self._stream_first_seq - 1)
+        metrics.LAG_EVENTS.set(max(0, self._stream_last_seq - done))
 
     async def _check_consumer(self) -> None:
         try:
@@ -300,10 +381,14 @@ class AuditConsumer:
         duplicates: list[Msg] = []
         batch_ids: set[str] = set()
         watermark = self._watermark
+        position = self._position
+        redelivered = 0
         for msg in msgs:
             seq = msg.metadata.sequence.stream
+            position = max(position, seq)
             if seq <= watermark:
                 duplicates.append(msg)
+                redelivered += 1
                 continue
             try:
                 decoded = decode(msg.subject, self.subject_prefix, msg.data, msg.headers, seq)
@@ -314,6 +399,7 @@ class AuditConsumer:
                 )
                 await self._settle(msg.term())
                 self.stats.terminated += 1
+                metrics.UNDECODABLE.inc()
                 continue
             if decoded is None:
                 # Not an event audit records: another consumer's. Acked so it does not
@@ -321,6 +407,7 @@ class AuditConsumer:
                 log.debug("skipping an event audit does not record", extra={"subject": msg.subject})
                 await self._settle(msg.ack())
                 self.stats.skipped += 1
+                metrics.IGNORED.inc()
                 continue
             event_id, payload = decoded
             if (msg.headers or {}).get(OUTBOX_HEADER) and (
@@ -335,11 +422,28 @@ class AuditConsumer:
             accepted.append(msg)
             watermark = seq
 
-        if entries and not await self._append(entries, accepted):
-            return  # stopping while the disk kept failing: the batch was nak'd
+        if entries:
+            spans = self._start_spans(accepted) if exporting() else None
+            try:
+                written = await self._append(entries, accepted)
+            except BaseException as exc:  # cancelled mid-write: the spans still end
+                _fail_spans(spans, repr(exc))
+                raise
+            if written is None:
+                _fail_spans(spans, "not written: stopping while the disk failed")
+                return  # stopping while the disk kept failing: the batch was nak'd
+            self._written(entries, written, accepted, spans)
         self._watermark = watermark
+        self._position = position
         self.stats.appended += len(entries)
         self.stats.duplicates += len(duplicates)
+        if redelivered:
+            metrics.REDELIVERIES_SKIPPED.inc(redelivered)
+        if len(duplicates) > redelivered:
+            metrics.DUPLICATES_SKIPPED.inc(len(duplicates) - redelivered)
+        self._stream_last_seq = max(self._stream_last_seq, position)
+        metrics.STREAM_LAST_SEQ.set(self._stream_last_seq)
+        self._set_lag()
         if entries and self._on_durable is not None:
             self._on_durable()
         if self._before_ack is not None and not self._before_ack(accepted):
@@ -349,20 +453,81 @@ class AuditConsumer:
         for msg in duplicates:
             await self._settle(msg.ack())
 
-    async def _append(self, entries: list[NewEntry], msgs: list[Msg]) -> bool:
-        """Write the batch, retrying in place; False if it was given up (nak'd) on stop."""
+    def _start_spans(self, msgs: list[Msg]) -> list[Span]:
+        """One ``hoosh.audit.write`` span per message, each under the context its headers
+        carry (the producer's span): started before the append, ended after the fsync."""
+        spans: list[Span] = []
+        for msg in msgs:
+            headers = msg.headers or {}
+            attributes: dict[str, str] = {
+                "messaging.system": "nats",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": msg.subject,
+            }
+            if msg_id := headers.get(MSG_ID_HEADER):
+                attributes["messaging.message.id"] = msg_id
+            if request_id := headers.get(REQUEST_ID_HEADER):
+                attributes["hoosh.request_id"] = request_id
+            spans.append(
+                tracer.start_span(
+                    WRITE_SPAN, context=context_from_headers(headers), kind=SpanKind.CONSUMER, attributes=attributes
+                )
+            )
+        return spans
+
+    def _written(
+        self,
+        entries: list[NewEntry],
+        written: list[dict[str, Any]],
+        msgs: list[Msg],
+        spans: list[Span] | None,
+    ) -> None:
+        """Count, log and end the spans of a batch that is durable."""
+        kinds = self._kinds
+        for item in entries:
+            kinds(item.subject).inc()
+        metrics.WRITTEN_STREAM_SEQ.set(entries[-1].stream_seq)
+        metrics.LOG_SEQ.set(written[-1]["seq"])
+        info = log.isEnabledFor(logging.INFO)
+        if spans is None and not info:
+            return
+        for i, (msg, entry) in enumerate(zip(msgs, written, strict=True)):
+            seq = entry["seq"]
+            span = spans[i] if spans is not None else None
+            if span is not None:
+                span.set_attribute("hoosh.audit.seq", seq)
+            if info:
+                headers = msg.headers or {}
+                extra: dict[str, Any] = {"subject": msg.subject, "seq": seq, "stream_seq": entry["stream_seq"]}
+                request_id = headers.get(REQUEST_ID_HEADER)
+                if request_id:
+                    extra["request_id"] = request_id
+                if span is not None:
+                    span_context = span.get_span_context()
+                    extra["trace_id"] = format(span_context.trace_id, "032x")
+                    extra["span_id"] = format(span_context.span_id, "016x")
+                elif ids := trace_ids(headers.get(TRACEPARENT_HEADER)):
+                    # Not exporting: the producer's ids, as its headers carried them.
+                    extra["trace_id"], extra["span_id"] = ids
+                log.info("audit entry written", extra=extra)
+            if span is not None:
+                span.end()
+
+    async def _append(self, entries: list[NewEntry], msgs: list[Msg]) -> list[dict[str, Any]] | None:
+        """Write the batch, retrying in place: the entries as written, or None if it was
+        given up (nak'd) on stop."""
         delay = 0.1
         while True:
             try:
-                await self._log.append_batch(entries)
-                return True
+                return await self._log.append_batch(entries)
             except AuditWriteError as exc:
                 self.stats.write_failures += 1
+                metrics.WRITE_FAILURES.inc()
                 log.error("audit write failed; retrying", extra={"error": str(exc), "entries": len(entries)})
             if self._stopping.is_set():
                 for msg in msgs:
                     await self._settle(msg.nak(delay=self._nak_delay))
-                return False
+                return None
             # Keep the batch ours while the disk recovers, so nothing overtakes it.
             for msg in msgs:
                 await self._settle(msg.in_progress())

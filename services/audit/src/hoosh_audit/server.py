@@ -9,6 +9,7 @@ import grpc
 import orjson
 from hoosh.audit.v1 import audit_pb2, audit_pb2_grpc
 
+from hoosh_audit import metrics
 from hoosh_audit.errors import BadCursor
 from hoosh_audit.index import Filters
 from hoosh_audit.log import AuditLog
@@ -105,6 +106,8 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             async with self._full_slots:
                 report = await self._log.verify_full()
             problem, entries = report.problem, report.entries
+            if problem is not None:
+                metrics.VERIFY_FAILED_FULL.inc()
             checkpoint_seq = (await self._log.integrity()).checkpoint_seq
         else:
             integrity = await self._log.integrity()

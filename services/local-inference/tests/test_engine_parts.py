@@ -127,16 +127,21 @@ def test_prompt_uses_the_models_own_chat_template(engine: LlamaEngine) -> None:
 
 
 def test_settings_defaults_and_fail_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in ("ENGINE", "MODEL_PATH", "VLLM_MODEL", "LISTEN", "MODEL_ID", "N_CTX", "MAX_QUEUE", "THREADS"):
+    names = ("ENGINE", "MODEL_PATH", "VLLM_MODEL", "LISTEN", "METRICS_LISTEN", "MODEL_ID", "N_CTX", "MAX_QUEUE")
+    for name in (*names, "THREADS"):
         monkeypatch.delenv(f"HOOSH_INFERENCE_{name}", raising=False)
     settings = InferenceSettings()
     assert settings.listen == "127.0.0.1:50053"
+    assert settings.metrics_listen == "127.0.0.1:9463"
     assert settings.engine == "auto"
     assert settings.model_id == DEFAULT_MODEL_ID
     assert settings.n_ctx == 2048
     assert settings.max_queue == 64
     assert settings.threads is None
     assert settings.gguf_path() == bundled_gguf()
+    monkeypatch.setenv("HOOSH_INFERENCE_METRICS_LISTEN", "")
+    assert InferenceSettings().metrics_listen == ""  # not served
+    monkeypatch.delenv("HOOSH_INFERENCE_METRICS_LISTEN")
 
     monkeypatch.setenv("HOOSH_INFERENCE_MODEL_PATH", str(tmp_path / "missing.gguf"))
     with pytest.raises(ValueError, match="does not name a file"):

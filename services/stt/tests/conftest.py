@@ -2,14 +2,17 @@
 and a real stack in-process — the metering store and the key limiter on the real
 Redis (unique key prefix, as the STT service uses them: in-process) and the event
 publisher on the real NATS (unique stream) — behind an in-process grpc.aio STT
-server on a free port."""
+server on a free port, built by ``new_server()`` as the service builds it; and the
+process's /metrics on a free port, scraped over HTTP with the Prometheus parser."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import shutil
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -23,7 +26,10 @@ import numpy as np
 import pytest
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
 from hoosh_common.eventbus import EventPublisher, ensure_stream
+from hoosh_common.grpc_server import new_server
+from hoosh_common.metrics import serve_metrics
 from hoosh_common.prices import AudioPrice
+from hoosh_common.telemetry import capture_spans
 from hoosh_metering.limits import KeyLimiter
 from hoosh_metering.pools import BudgetStore, PoolSpec, PoolView
 from hoosh_metering.redis import RedisClient, connect_redis
@@ -35,6 +41,8 @@ from hoosh_stt.server import add_to_server as add_stt
 from hoosh_stt.transcription import TranscriptionService, WorkQueue
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 NATS_URL = "nats://127.0.0.1:4222"
@@ -121,6 +129,7 @@ class SttStack:
     prefix: str
     limiter: KeyLimiter  # the callers' own limits, on the store's Redis and key prefix
     redis: RedisClient
+    spans: InMemorySpanExporter | None = None  # with stack_options {"trace": True}
 
     async def pool(self, capacity: int = 1_000_000, parent: str | None = None) -> str:
         name = f"pool-{uuid.uuid4().hex[:8]}"
@@ -134,8 +143,10 @@ class SttStack:
 @pytest.fixture
 def stack_options() -> dict[str, int]:
     """Override per test (indirectly) to change the queue bound, the byte limit,
-    (``max_audio_seconds``, default 600) the duration limit or
-    (``price_per_minute_micros``, default 0) the audio's price."""
+    (``max_audio_seconds``, default 600) the duration limit,
+    (``price_per_minute_micros``, default 0) the audio's price or (``trace``, default
+    off) to record spans: the server is then built inside ``capture_spans()``, so it
+    has the tracing interceptor, and ``SttStack.spans`` holds what it records."""
     return {"workers": 1, "max_queue": 4, "max_audio_bytes": 25 * 1024 * 1024}
 
 
@@ -166,10 +177,15 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
         limiter=limiter,
         price=AudioPrice(per_minute=stack_options.get("price_per_minute_micros", 0)),
     )
-    stt_server = grpc.aio.server()
-    add_stt(SttServicer(service), stt_server)
-    stt_port = stt_server.add_insecure_port("127.0.0.1:0")
-    await stt_server.start()
+    tracing = contextlib.ExitStack()
+    spans = tracing.enter_context(capture_spans()) if stack_options.get("trace") else None
+    stt_server = new_server()
+    with contextlib.ExitStack() as undo:
+        undo.callback(tracing.close)  # capture is process-wide: never leave it on
+        add_stt(SttServicer(service), stt_server)
+        stt_port = stt_server.add_insecure_port("127.0.0.1:0")
+        await stt_server.start()
+        undo.pop_all()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{stt_port}")
     try:
         yield SttStack(
@@ -182,10 +198,12 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
             prefix=prefix,
             limiter=limiter,
             redis=redis,
+            spans=spans,
         )
     finally:
         await channel.close()
         await stt_server.stop(None)
+        tracing.close()
         await publisher.drain()
         service._decoder.shutdown(wait=True)  # the engine is the session's: only this service's threads
         service._queue.shutdown()
@@ -201,12 +219,15 @@ async def stt(engine: FasterWhisperEngine, stack_options: dict[str, int]) -> Asy
 
 
 async def transcribe(
-    stub: stt_pb2_grpc.SttServiceStub, messages: list[stt_pb2.TranscribeRequest]
+    stub: stt_pb2_grpc.SttServiceStub,
+    messages: list[stt_pb2.TranscribeRequest],
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> stt_pb2.TranscribeResponse:
     """One Transcribe call as the edge makes it: the options, then — once the server
     has admitted the request (initial metadata) — the audio, message by message. A
-    refusal before the upload (bad options, full queue) is raised with its real status."""
-    call = stub.Transcribe()
+    refusal before the upload (bad options, full queue) is raised with its real status.
+    ``metadata``: what the edge sends with it (x-request-id, traceparent)."""
+    call = stub.Transcribe(metadata=metadata or None)
     if not messages:
         await call.done_writing()
         return await call
@@ -224,3 +245,34 @@ def requests(audio: bytes, chunk_size: int = 64 * 1024, **options: object) -> li
     first = stt_pb2.TranscribeRequest(options=stt_pb2.TranscribeOptions(**options))  # type: ignore[arg-type]
     chunks = [stt_pb2.TranscribeRequest(audio=audio[i : i + chunk_size]) for i in range(0, len(audio), chunk_size)]
     return [first, *chunks]
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@pytest.fixture(scope="session")
+def metrics_port() -> int:
+    """The process-wide registry served on a free port (once: a daemon thread)."""
+    port = serve_metrics("127.0.0.1:0")
+    assert port is not None
+    return port
+
+
+def _scrape(port: int) -> Samples:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def scrape(port: int) -> Samples:
+    """Every sample of ``/metrics`` by (name, labels), fetched off the event loop."""
+    return await asyncio.to_thread(_scrape, port)
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when the series does not exist (yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)

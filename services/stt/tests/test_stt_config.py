@@ -12,10 +12,14 @@ from pydantic import ValidationError
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HOOSH_STT_LISTEN", "HOOSH_STT_MAX_QUEUE", "HOOSH_STT_TOKENS_PER_SECOND", "HOOSH_STT_MODELS"):
+    names = ("HOOSH_STT_LISTEN", "HOOSH_STT_MAX_QUEUE", "HOOSH_STT_TOKENS_PER_SECOND", "HOOSH_STT_MODELS")
+    for name in (*names, "HOOSH_STT_METRICS_LISTEN"):
         monkeypatch.delenv(name, raising=False)
     settings = SttSettings()
     assert settings.stt_listen == "127.0.0.1:50055"
+    assert settings.stt_metrics_listen == "127.0.0.1:9465"
+    monkeypatch.setenv("HOOSH_STT_METRICS_LISTEN", "")
+    assert SttSettings().stt_metrics_listen == ""  # not served
     assert settings.stt_tokens_per_second == 10
     assert settings.stt_max_audio_bytes == 26_214_400
 

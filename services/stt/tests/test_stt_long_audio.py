@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import socket
@@ -29,7 +30,7 @@ from hoosh.stt.v1 import stt_pb2_grpc
 from hoosh_metering.pools import BudgetStore, PoolSpec
 from hoosh_metering.redis import connect_redis
 
-from .conftest import NATS_URL, REDIS_URL, TOKENS_PER_SECOND, requests, silent_mp3, transcribe
+from .conftest import NATS_URL, REDIS_URL, TOKENS_PER_SECOND, requests, scrape, silent_mp3, transcribe, value
 
 pytestmark = pytest.mark.slow  # loads the real Whisper model in a process of its own
 
@@ -45,6 +46,7 @@ class SttProcess:
     address: str
     key_prefix: str
     log: Path
+    metrics_port: int
 
     def status(self, field: str) -> int:
         """A ``/proc/<pid>/status`` figure in MB (VmHWM: the peak resident set)."""
@@ -106,8 +108,10 @@ def stt_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SttProcess
         if not name.startswith("HOOSH_")  # the defaults are what is under test
     }
     address = f"127.0.0.1:{_free_port()}"
+    metrics_port = _free_port()
     env.update(
         HOOSH_STT_LISTEN=address,
+        HOOSH_STT_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",  # not the default: a running stack may hold it
         HOOSH_REDIS_URL=REDIS_URL,
         HOOSH_BUDGET_KEY_PREFIX=key_prefix,
         HOOSH_NATS_URL=NATS_URL,
@@ -120,7 +124,7 @@ def stt_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SttProcess
     log = tmp_path_factory.mktemp("stt") / "stt.log"
     with log.open("wb") as sink:
         process = subprocess.Popen([sys.executable, "-m", "hoosh_stt"], env=env, stdout=sink, stderr=subprocess.STDOUT)
-    stt = SttProcess(process, address, key_prefix, log)
+    stt = SttProcess(process, address, key_prefix, log, metrics_port)
     try:
         _wait_ready(stt)
         yield stt
@@ -168,6 +172,7 @@ async def test_seven_hours_of_silence_is_refused_with_400_before_decoding(
 ) -> None:
     async with _pool(stt_process) as (store, pool):
         idle = stt_process.status("VmRSS")
+        before = await scrape(stt_process.metrics_port)
         stt_process.reset_peak()
         started = time.monotonic()
         async with grpc.aio.insecure_channel(stt_process.address) as channel:
@@ -184,6 +189,12 @@ async def test_seven_hours_of_silence_is_refused_with_400_before_decoding(
         assert (view.used, view.reserved) == (0, 0)
         # Only the upload itself was held (25 MB, twice while it is joined): nothing decoded.
         assert peak < PEAK_RSS_BOUND_MB and peak - idle < 150
+        after = await scrape(stt_process.metrics_port)  # the process's own /metrics
+        series = {"model": "whisper-tiny.en", "status": "audio_too_long"}
+        assert (
+            value(after, "hoosh_stt_requests_total", **series) - value(before, "hoosh_stt_requests_total", **series)
+            == 1
+        )
 
 
 async def test_an_hour_of_silence_is_charged_by_duration_in_bounded_memory_and_says_nothing(
@@ -191,10 +202,13 @@ async def test_an_hour_of_silence_is_charged_by_duration_in_bounded_memory_and_s
 ) -> None:
     async with _pool(stt_process) as (store, pool):
         idle = stt_process.status("VmRSS")
+        before = await scrape(stt_process.metrics_port)
         stt_process.reset_peak()
         started = time.monotonic()
         async with grpc.aio.insecure_channel(stt_process.address) as channel:
-            reply = await transcribe(stt_pb2_grpc.SttServiceStub(channel), requests(one_hour, pool=pool))
+            reply = await transcribe(
+                stt_pb2_grpc.SttServiceStub(channel), requests(one_hour, pool=pool, request_id="req-one-hour")
+            )
         elapsed = time.monotonic() - started
         peak = stt_process.status("VmHWM")
         print(f"\n1 h of silence (3.6 MB): transcribed in {elapsed:.1f} s; VmRSS idle {idle} MB, VmHWM {peak} MB")
@@ -205,3 +219,15 @@ async def test_an_hour_of_silence_is_charged_by_duration_in_bounded_memory_and_s
         assert (view.used, view.reserved) == (reply.charged_tokens, 0)
         # The voice-activity filter keeps Whisper from hallucinating on silence ("You You You ...").
         assert len(reply.text.split()) <= 2, reply.text[:200]
+        # The process's own /metrics and its log line for this request.
+        after = await scrape(stt_process.metrics_port)
+
+        def moved(name: str, **labels: str) -> float:
+            return value(after, name, **labels) - value(before, name, **labels)
+
+        assert moved("hoosh_stt_requests_total", model="whisper-tiny.en", status="ok") == 1
+        assert moved("hoosh_stt_audio_seconds_total", model="whisper-tiny.en") == pytest.approx(reply.duration)
+        assert moved("hoosh_stt_duration_seconds_count", model="whisper-tiny.en") == 1
+        lines = [json.loads(line) for line in stt_process.log.read_text().splitlines() if line.startswith("{")]
+        [line] = [line for line in lines if line["msg"] == "transcription finished" and line["status"] == "ok"]
+        assert (line["request_id"], line["service"]) == ("req-one-hour", "stt")

@@ -1,4 +1,5 @@
-"""The bounded work queue: places, engine threads, and cancelled callers."""
+"""The bounded work queue: places, engine threads, cancelled callers, and the gauges
+of what waits for and holds an engine thread (process-wide: checked as deltas)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import threading
 import pytest
 from hoosh_stt.errors import Overloaded
 from hoosh_stt.transcription import WorkQueue
+from prometheus_client import REGISTRY
+
+
+def gauges() -> tuple[float, float]:
+    """(waiting for an engine thread, running on one)."""
+    return REGISTRY.get_sample_value("hoosh_stt_queue_depth") or 0.0, REGISTRY.get_sample_value(
+        "hoosh_stt_active"
+    ) or 0.0
 
 
 async def test_admission_is_bounded_by_workers_plus_queue() -> None:
@@ -43,15 +52,18 @@ async def test_jobs_run_one_per_worker_thread() -> None:
             running -= 1
         return threading.current_thread().name
 
+    waiting_before, active_before = gauges()
     tickets = [queue.admit() for _ in range(5)]
     tasks = [asyncio.create_task(ticket.run(job)) for ticket in tickets]
     for _ in range(1000):  # bounded: the two threads start at once
         if running >= 2:
             break
         await asyncio.sleep(0.01)
+    assert gauges() == (waiting_before + 3, active_before + 2)
     release.set()
     names = await asyncio.gather(*tasks)
     assert peak == 2
+    assert gauges() == (waiting_before, active_before)
     assert all(name.startswith("hoosh-stt-engine") for name in names)
     for ticket in tickets:
         ticket.close()
@@ -76,6 +88,7 @@ async def test_a_cancelled_caller_keeps_its_place_until_its_engine_job_ends() ->
         finally:
             ticket.close()
 
+    _, active_before = gauges()
     task = asyncio.create_task(caller())
     await asyncio.to_thread(started.wait, 10)
     task.cancel()
@@ -83,6 +96,7 @@ async def test_a_cancelled_caller_keeps_its_place_until_its_engine_job_ends() ->
         await task
     # The thread still runs: its place stays taken, so the bound counts real work.
     assert queue.admitted == 1
+    assert gauges()[1] == active_before + 1
     with pytest.raises(Overloaded):
         queue.admit()
     release.set()
@@ -91,5 +105,6 @@ async def test_a_cancelled_caller_keeps_its_place_until_its_engine_job_ends() ->
             break
         await asyncio.sleep(0.01)
     assert queue.admitted == 0
+    assert gauges()[1] == active_before
     queue.admit().close()
     queue.shutdown()

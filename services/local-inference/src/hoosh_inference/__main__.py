@@ -12,6 +12,7 @@ import logging
 from hoosh.inference.v1 import inference_pb2_grpc
 from hoosh_common.grpc_server import new_server, serve
 from hoosh_common.logs import configure_logging
+from hoosh_common.metrics import serve_metrics
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
 from pydantic import ValidationError
@@ -75,7 +76,13 @@ def main() -> None:
         log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})
         raise SystemExit(2) from None
     configure_logging(SERVICE, settings.log_level)
-    configure_tracing(SERVICE)
+    configure_tracing(SERVICE)  # before any gRPC server is built: new_server() reads it
+    try:
+        # Bound before the model loads: a taken port fails at once, not minutes later.
+        serve_metrics(settings.metrics_listen)
+    except (OSError, ValueError) as exc:
+        log.error("cannot serve metrics", extra={"address": settings.metrics_listen, "error": str(exc)})
+        raise SystemExit(2) from None
     run(amain(settings))
 
 

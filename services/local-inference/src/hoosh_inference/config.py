@@ -28,6 +28,9 @@ class InferenceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOOSH_INFERENCE_", extra="ignore")
 
     listen: str = Field(default="127.0.0.1:50053", description="gRPC listen address")
+    metrics_listen: str = Field(
+        default="127.0.0.1:9463", description="Prometheus /metrics address (host:port); empty: not served"
+    )
     engine: EngineSetting = Field(
         default="auto", description="auto: vLLM on a CUDA GPU when installed and configured, else llama.cpp"
     )

@@ -131,6 +131,16 @@ class Engine(Protocol):
 
     name: EngineName
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests admitted and waiting for the engine (not generating yet)."""
+        ...
+
+    @property
+    def active_requests(self) -> int:
+        """Requests the engine is generating for now."""
+        ...
+
     async def generate(self, request: GenerationRequest) -> Generation:
         """Run the request to completion. Raises an ``InferenceError`` subclass."""
         ...

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextvars
 import logging
 import queue
 import threading
@@ -65,7 +66,7 @@ class WorkerStats:
 class _Job:
     """One request on its way through the worker thread."""
 
-    __slots__ = ("cancelled", "loop", "max_tokens", "options", "queue", "request_id", "tokens")
+    __slots__ = ("cancelled", "context", "loop", "max_tokens", "options", "queue", "request_id", "tokens")
 
     def __init__(
         self,
@@ -80,6 +81,8 @@ class _Job:
         self.options = options
         self.request_id = request_id
         self.loop = loop
+        # The submitter's context (request id, trace): the worker's log lines run in it.
+        self.context = contextvars.copy_context()
         self.queue: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
         self.cancelled = threading.Event()
 
@@ -160,6 +163,11 @@ class LlamaEngine:
     def queue_depth(self) -> int:
         """Requests waiting for the worker (not counting the one running)."""
         return self._waiting
+
+    @property
+    def active_requests(self) -> int:
+        """1 while the worker runs a job, else 0 (a plain read: safe from the scrape thread)."""
+        return self._running
 
     @property
     def pending(self) -> int:
@@ -263,7 +271,7 @@ class LlamaEngine:
                     self._run_job(job)
             except Exception as exc:
                 self.stats.failed += 1
-                log.exception("generation failed", extra={"request_id": job.request_id})
+                job.context.run(log.exception, "generation failed", extra={"request_id": job.request_id})
                 job.emit(exc)
             finally:
                 self._running = 0
@@ -295,8 +303,10 @@ class LlamaEngine:
             for token in tokens:
                 if job.cancelled.is_set():
                     self.stats.cancelled += 1
-                    log.info(
-                        "generation cancelled",
+                    # The server logs the request's own line; this is the worker's detail.
+                    job.context.run(
+                        log.debug,
+                        "job cancelled",
                         extra={"request_id": job.request_id, "completion_tokens": completion},
                     )
                     return
@@ -324,8 +334,9 @@ class LlamaEngine:
         usage = Usage(prompt_tokens=len(job.tokens), completion_tokens=completion)
         self.stats.completed += 1
         job.emit(StreamChunk(text=tail, finish_reason=finish, usage=usage))
-        log.debug(
-            "generation finished",
+        job.context.run(
+            log.debug,
+            "job finished",
             extra={
                 "request_id": job.request_id,
                 "prompt_tokens": usage.prompt_tokens,

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AbstractContextManager, aclosing, nullcontext
+from contextvars import Token
 
 import grpc
 from hoosh.chat.v1 import chat_pb2
 from hoosh.inference.v1 import inference_pb2, inference_pb2_grpc
 from hoosh_common.grpc_errors import error_metadata
 from hoosh_common.logs import request_id_var
-from hoosh_common.telemetry import extract_context
+from hoosh_common.metrics import OTHER
+from hoosh_common.telemetry import exporting, extract_context
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.util.types import AttributeValue
 
-from . import hardware
+from . import hardware, metrics
 from .engine import (
     AudioPart,
     ContentPart,
@@ -30,6 +36,7 @@ from .engine import (
     Tool,
     ToolCall,
     Usage,
+    collect,
 )
 from .errors import (
     EngineUnavailable,
@@ -43,6 +50,8 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("hoosh.inference")
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+# Generate and GenerateStream take chat messages: the conventions' "chat" operation.
+OPERATION = "chat"
 
 _STATUS: tuple[tuple[type[InferenceError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -164,25 +173,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: i
     def __init__(self, engine: Engine, probe_hardware: Callable[[], hardware.HardwareInfo] = hardware.probe) -> None:
         self._engine = engine
         self._probe_hardware = probe_hardware
+        served = [model.id for model in engine.models()]
+        self._model_id = served[0]
+        self._served = frozenset(served)
+        metrics.watch_engine(engine)
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
         self._bind_request_id(request.request_id, context)
-        span = tracer.start_span(
-            "hoosh.inference.generate",
-            context=extract_context(_metadata_pairs(context)),
-            attributes={"hoosh.model": request.model, "hoosh.engine": self._engine.name},
-        )
+        token = _attach_caller_context(context)
         try:
-            result = await self._engine.generate(to_request(request))
-            span.set_attribute("hoosh.completion_tokens", result.usage.completion_tokens)
+            # The engines' own generate is this same join of their stream; joining the
+            # measured stream here times the first token of unary calls too.
+            result = await collect(self._generation(request, stream=False), self._model_id)
         except InferenceError as error:
-            span.set_attribute("hoosh.error_code", error.code)
             await _abort(context, error)
             raise  # unreachable: abort raises
         finally:
-            span.end()
+            _detach(token)
         return inference_pb2.GenerateResponse(
             text=result.text, finish_reason=result.finish_reason, usage=_usage(result.usage), model=result.model
         )
@@ -191,21 +200,122 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: i
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         self._bind_request_id(request.request_id, context)
-        span = tracer.start_span(
-            "hoosh.inference.generate_stream",
-            context=extract_context(_metadata_pairs(context)),
-            attributes={"hoosh.model": request.model, "hoosh.engine": self._engine.name},
-        )
+        token = _attach_caller_context(context)
         try:
             # aclosing: when the client goes away (this task is cancelled) the engine
             # stream is closed at once, which stops the generation at the next token.
-            async with aclosing(self._engine.stream(to_request(request))) as chunks:
+            async with aclosing(self._generation(request, stream=True)) as chunks:
                 async for chunk in chunks:
                     yield _stream_response(chunk)
         except InferenceError as error:
-            span.set_attribute("hoosh.error_code", error.code)
             await _abort(context, error)
         finally:
+            _detach(token)
+
+    async def _generation(
+        self, request: inference_pb2.GenerateRequest, *, stream: bool
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """The engine's stream for one request, measured: the metrics, one log line and,
+        while spans are exported, a GenAI span under the call's server span."""
+        started = time.perf_counter()
+        timer = metrics.GenerationTimer(
+            OPERATION, metrics.label_for(request.model, self._served, self._model_id), started
+        )
+        span = self._start_span(request, stream) if exporting() else None
+        final: StreamChunk | None = None
+        error_type = ""
+        try:
+            async with aclosing(self._engine.stream(to_request(request))) as chunks:
+                async for chunk in chunks:
+                    if timer.first is None:
+                        timer.first = time.perf_counter()
+                    if chunk.usage is not None:
+                        final = chunk
+                    yield chunk
+        except InferenceError as error:
+            error_type = error.code
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            error_type = "cancelled"  # the client went away (or, after the final chunk, the join ended)
+            raise
+        except Exception:
+            error_type = OTHER
+            log.exception("generation failed")
+            raise
+        finally:
+            self._finish(timer, span, final, error_type or OTHER, stream)
+
+    def _start_span(self, request: inference_pb2.GenerateRequest, stream: bool) -> trace.Span:
+        model = request.model or self._model_id
+        sampling = request.sampling
+        attributes: dict[str, AttributeValue] = {
+            "gen_ai.operation.name": OPERATION,
+            "gen_ai.provider.name": self._engine.name,
+            "gen_ai.request.model": model,
+            "gen_ai.request.stream": stream,
+        }
+        if sampling.HasField("max_tokens"):
+            attributes["gen_ai.request.max_tokens"] = sampling.max_tokens
+        if sampling.HasField("temperature"):
+            attributes["gen_ai.request.temperature"] = sampling.temperature
+        if sampling.HasField("top_p"):
+            attributes["gen_ai.request.top_p"] = sampling.top_p
+        if sampling.HasField("seed"):
+            attributes["gen_ai.request.seed"] = sampling.seed
+        if sampling.stop:
+            attributes["gen_ai.request.stop_sequences"] = list(sampling.stop)
+        # The conventions' name; a model this host does not serve stays out of it.
+        name = f"{OPERATION} {model}" if model in self._served else OPERATION
+        # The current context is the gRPC server span the interceptor started.
+        return tracer.start_span(name, kind=trace.SpanKind.INTERNAL, attributes=attributes)
+
+    def _finish(
+        self,
+        timer: metrics.GenerationTimer,
+        span: trace.Span | None,
+        final: StreamChunk | None,
+        error_type: str,
+        stream: bool,
+    ) -> None:
+        ended = time.perf_counter()
+        duration_ms = round((ended - timer.started) * 1000, 1)
+        # The final chunk reached the caller: the generation is done, whatever closed the stream.
+        if final is not None and final.usage is not None:
+            usage = final.usage
+            timer.finished(ended, usage.prompt_tokens, usage.completion_tokens)
+            first_ms = round(((timer.first or ended) - timer.started) * 1000, 1)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "gen_ai.response.model": self._model_id,
+                        "gen_ai.response.finish_reasons": [final.finish_reason or "stop"],
+                        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                        "gen_ai.usage.output_tokens": usage.completion_tokens,
+                    }
+                )
+            with _current(span):
+                log.info(
+                    "generation finished",
+                    extra={
+                        "model": self._model_id,
+                        "engine": self._engine.name,
+                        "stream": stream,
+                        "prompt_tokens": usage.prompt_tokens,
+                        "completion_tokens": usage.completion_tokens,
+                        "finish_reason": final.finish_reason,
+                        "duration_ms": duration_ms,
+                        "time_to_first_token_ms": first_ms,
+                    },
+                )
+        else:
+            timer.failed(ended, error_type)
+            if span is not None:
+                span.set_attribute("error.type", error_type)
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
+            if error_type == "cancelled":
+                with _current(span):
+                    log.info("generation cancelled", extra={"model": timer.model, "duration_ms": duration_ms})
+        if span is not None:
             span.end()
 
     async def ListModels(
@@ -249,6 +359,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: i
         if not request_id:
             request_id = dict(_metadata_pairs(context)).get("x-request-id", "")
         request_id_var.set(request_id)
+
+
+def _attach_caller_context(context: grpc.aio.ServicerContext) -> Token[Context] | None:
+    """Make the caller's trace current, so this call's log lines carry its trace id.
+    While spans are exported the interceptor's server span is current already."""
+    if exporting():
+        return None
+    return otel_context.attach(extract_context(_metadata_pairs(context)))
+
+
+def _detach(token: Token[Context] | None) -> None:
+    if token is not None:
+        otel_context.detach(token)
+
+
+def _current(span: trace.Span | None) -> AbstractContextManager[object]:
+    """``span`` as the current one (for a log line's span id), or nothing."""
+    return trace.use_span(span, end_on_exit=False) if span is not None else nullcontext()
 
 
 def _metadata_pairs(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:

@@ -9,7 +9,9 @@ The prompt is rendered with the tokenizer's own ``apply_chat_template`` and sent
 as token ids, so the prompt token count we report is the one the model saw.
 
 vLLM batches requests itself; ``max_in_flight`` only bounds how many this
-process admits at once (one more answers ``QueueFull``).
+process admits at once (one more answers ``QueueFull``). Of those, a request counts as
+waiting (``queue_depth``) until vLLM returns its first output (scheduled, prefilled,
+first token sampled) and as active (``active_requests``) from then on.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class VllmEngine:
         self._tokenizer = tokenizer
         self._context_length = context_length
         self._in_flight = 0
+        self._waiting = 0  # in flight, no output from vLLM yet
         self._closed = False
         # One thread: a Hugging Face tokenizer is not safe to share across threads,
         # and templating/tokenizing long prompts must not block the event loop.
@@ -132,6 +135,15 @@ class VllmEngine:
     def context_length(self) -> int:
         return self._context_length
 
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    @property
+    def active_requests(self) -> int:
+        # Two plain reads from the scrape thread: clamp a momentary skew.
+        return max(0, self._in_flight - self._waiting)
+
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(id=self.model_id, engine=self.name, context_length=self._context_length)]
 
@@ -162,11 +174,16 @@ class VllmEngine:
         completion = 0
         finish: FinishReason = "stop"
         self._in_flight += 1
+        self._waiting += 1
+        waiting = True
         try:
             # Closing this generator (client gone) makes vLLM abort the request.
             outputs = self._engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, vllm_id)
             try:
                 async for output in outputs:
+                    if waiting:
+                        waiting = False
+                        self._waiting -= 1
                     piece = output.outputs[0]
                     completion += len(piece.token_ids)
                     if piece.finish_reason is not None:
@@ -186,6 +203,8 @@ class VllmEngine:
             log.exception("vLLM generation failed", extra={"request_id": request.request_id})
             raise _map_error(exc) from exc
         finally:
+            if waiting:
+                self._waiting -= 1
             self._in_flight -= 1
 
     async def close(self) -> None:

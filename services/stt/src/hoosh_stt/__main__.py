@@ -1,6 +1,6 @@
-"""``python -m hoosh_stt``: load the models, build the budget store and the key
-limiter (in-process, on the budget's Redis) and the event publisher once, then serve
-SttService until SIGTERM."""
+"""``python -m hoosh_stt``: serve /metrics, load the models, build the budget store and
+the key limiter (in-process, on the budget's Redis) and the event publisher once, then
+serve SttService until SIGTERM."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import nats
 from hoosh_common.grpc_server import new_server, serve
 from hoosh_common.logs import configure_logging
+from hoosh_common.metrics import serve_metrics
 from hoosh_common.prices import AudioPrice, usd_to_micros
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
@@ -138,7 +139,14 @@ def cli() -> None:
         settings = SttSettings()
     except ValidationError as exc:
         sys.exit(f"hoosh-stt: bad settings: {exc}")
-    configure_tracing("stt")
+    configure_tracing("stt")  # before the gRPC server is built: new_server() reads it
+    try:
+        # Bound before the models load: a taken port fails at once.
+        serve_metrics(settings.stt_metrics_listen)
+    except (OSError, ValueError) as exc:
+        sys.exit(
+            f"hoosh-stt: cannot serve metrics on {settings.stt_metrics_listen!r} (HOOSH_STT_METRICS_LISTEN): {exc}"
+        )
     try:
         specs = model_specs(settings)
         engine = build_engine(settings, specs)

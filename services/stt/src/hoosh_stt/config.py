@@ -25,6 +25,9 @@ class SttSettings(EventBusSettings):
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 
     stt_listen: str = Field(default="127.0.0.1:50055", description="gRPC listen address")
+    stt_metrics_listen: str = Field(
+        default="127.0.0.1:9465", description="Prometheus /metrics address (host:port); empty: not served"
+    )
     # The budget's Redis, used in-process through hoosh_metering (the budget service's defaults).
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0", description="redis://host:port/db, or redis+cluster://host:port"

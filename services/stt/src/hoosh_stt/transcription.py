@@ -51,6 +51,7 @@ from hoosh_metering.limits import KeyGate, KeyLimiter, KeyLimits
 from hoosh_metering.pools import MAX_PRICE, LedgerLine
 from redis.exceptions import RedisError
 
+from . import metrics
 from .audio import SAMPLE_RATE, probe, windows
 from .budget import SttBudget
 from .engine import Engine, ModelInfo, TranscribeParams, Transcript, TranscriptJoiner
@@ -96,6 +97,7 @@ class TranscriptionResult:
     duration: float
     charged_tokens: int
     cost_usd_micros: int = 0
+    pool_chain: tuple[str, ...] = ()  # the pool charged, then its ancestors
 
 
 class WorkQueue:
@@ -145,8 +147,13 @@ class Ticket:
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on an engine thread once one is free."""
         queue = self._queue
-        await queue._slots.acquire()
+        metrics.QUEUE_DEPTH.inc()
+        try:
+            await queue._slots.acquire()
+        finally:
+            metrics.QUEUE_DEPTH.dec()
         job = asyncio.get_running_loop().run_in_executor(queue._executor, fn)
+        metrics.ACTIVE.inc()  # until the thread is done, even if its caller left
         job.add_done_callback(_free_slot(queue._slots))
         self._job = job
         return await asyncio.shield(job)
@@ -163,6 +170,7 @@ class Ticket:
 
 def _free_slot(slots: asyncio.Semaphore) -> Callable[[asyncio.Future[object]], None]:
     def done(job: asyncio.Future[object]) -> None:
+        metrics.ACTIVE.dec()
         slots.release()
         if not job.cancelled():
             job.exception()  # retrieved: a failure nobody awaits (caller gone) is not reported twice
@@ -236,6 +244,11 @@ class TranscriptionService:
 
     def models(self) -> list[ModelInfo]:
         return list(self._models.values())
+
+    @property
+    def engine_name(self) -> str:
+        """The engine's name: the provider in events and spans."""
+        return self._engine.name
 
     def tokens_for(self, seconds: float) -> int:
         """What ``seconds`` of audio cost in pool tokens (at least 1)."""
@@ -442,10 +455,7 @@ class TranscriptionService:
             raise stt_error from error
         # The engine's work is done: commit and record even if the client leaves meanwhile.
         await asyncio.shield(self._finish(request, request_id, pool, chain, charged, started, admitted, cost))
-        log.info(
-            "transcribed",
-            extra={"model": request.model, "audio_seconds": round(duration, 3), "tokens": charged, "pool": pool},
-        )
+        # The request's log line is the server's (every outcome, with the request's span).
         return TranscriptionResult(
             model=request.model,
             transcript=transcript,
@@ -453,6 +463,7 @@ class TranscriptionService:
             duration=duration,
             charged_tokens=charged,
             cost_usd_micros=cost,
+            pool_chain=chain,
         )
 
     async def _admit_key(self, request: TranscriptionRequest, request_id: str, tokens: int) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 
 import uvicorn
 from hoosh_common.logs import configure_logging
 from pydantic import ValidationError
 
 from .config import Settings
+from .metrics import MULTIPROC_ENV, serve_edge_metrics
 from .server import uvicorn_options
 
 log = logging.getLogger("hoosh_edge")
@@ -46,6 +48,11 @@ def main() -> None:
             "tenancy_key_prefix": settings.tenancy_key_prefix,
         },
     )
+    if settings.edge_workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        # Workers write their metrics to files this process (the supervisor) aggregates;
+        # set before any worker starts (each imports prometheus_client afresh).
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="hoosh-edge-metrics-")
+    serve_edge_metrics(settings.edge_metrics_listen)
     # A factory by import path: with several workers each process builds its own app,
     # channels and tracing (grpc.aio channels belong to one event loop).
     uvicorn.run(

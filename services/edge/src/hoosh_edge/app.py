@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from hoosh_common.telemetry import exporting
 from hoosh_tenancy import TenancyError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,6 +31,7 @@ from .auth import Authenticator, Tenancy
 from .clients import Clients
 from .config import Settings
 from .errors import ClientClosedRequestError, EdgeError, MethodNotAllowedError, NotFoundError, to_api_error
+from .metrics import RouteLabels
 from .middleware import EdgeMiddleware
 from .openapi import install_openapi
 from .protocol import (
@@ -133,7 +135,18 @@ class EdgeApp(FastAPI):
     edge_middleware_options: dict[str, Any]
 
     def build_middleware_stack(self) -> ASGIApp:
-        return EdgeMiddleware(super().build_middleware_stack(), **self.edge_middleware_options)
+        stack: ASGIApp = EdgeMiddleware(
+            super().build_middleware_stack(), route_labels=RouteLabels.of_app(self), **self.edge_middleware_options
+        )
+        if exporting():
+            # The server span of every request (W3C context from the caller's headers),
+            # outside everything else; no extra spans per ASGI send/receive.
+            from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+            stack = OpenTelemetryMiddleware(
+                stack, excluded_urls="/v1/health,/v1/health/ready,/metrics", exclude_spans=["receive", "send"]
+            )
+        return stack
 
 
 def create_app(
@@ -208,6 +221,7 @@ def create_app(
         "authenticator": authenticator,
         "body_limits": {TRANSCRIPTIONS_PATH: settings.edge_max_audio_bytes},
         "fast_routes": {("POST", CHAT_PATH): chat_fast_path(app)},
+        "access_log": settings.edge_access_log,
     }
     install_openapi(app, _SCHEMA_MODELS)
     return app

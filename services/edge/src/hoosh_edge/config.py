@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="gRPC deadline of the small calls: models, tokens, audit, health"
     )
     edge_workers: int = Field(default=1, ge=1, description="uvicorn worker processes")
+    edge_metrics_listen: str = Field(
+        default="127.0.0.1:9460",
+        description="Prometheus /metrics on a port of its own, host:port ('' = not served; GET /metrics on the API "
+        "port answers admin keys either way)",
+    )
+    edge_access_log: bool = Field(default=True, description="One JSON access line per request")
     edge_max_connections: int = Field(
         default=1024,
         ge=1,

@@ -8,21 +8,39 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
 
 from hoosh_common.logs import request_id_var
-from hoosh_common.telemetry import domain_span, incoming_context
+from hoosh_common.metrics import OTHER
+from hoosh_common.telemetry import exporting, incoming_context
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import Authenticator
 from .errors import RequestTooLargeError, to_api_error
+from .metrics import AUTH_FAILURES, DURATION, IN_FLIGHT, REQUESTS, TIME_TO_FIRST_TOKEN
 from .responses import error_response
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("hoosh.edge")
+
+_STATUS_TEXT = {int(status): str(int(status)) for status in HTTPStatus}
+
+
+class _Exchange:
+    """What one request's response did, for its metrics and access line."""
+
+    __slots__ = ("first_event", "started", "status", "streaming")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.status = 0
+        self.streaming = False
+        self.first_event: float | None = None
+
 
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
 
@@ -57,8 +75,13 @@ class EdgeMiddleware:
         authenticator: Authenticator,
         body_limits: Mapping[str, int] | None = None,
         fast_routes: Mapping[tuple[str, str], ASGIApp] | None = None,
+        route_labels: Callable[[str], str] | None = None,
+        access_log: bool = True,
     ) -> None:
         self.app = app
+        # Metric labels: the route's template, never the raw path.
+        self.route_labels = route_labels or (lambda path: OTHER)
+        self.access_log = access_log
         # Hot endpoints served straight from here, past the framework's routing and
         # middleware layers (about a third of the edge's CPU per request).
         self.fast_routes = dict(fast_routes or {})
@@ -84,13 +107,46 @@ class EdgeMiddleware:
             elif name == b"tracestate":
                 tracestate = value.decode("latin-1")
         # Continue the caller's trace (or start one) for everything below: logs, gRPC
-        # metadata, events and audit all carry its trace id.
-        token = otel_context.attach(incoming_context(traceparent, tracestate))
+        # metadata, events and audit all carry its trace id. While spans are exported the
+        # ASGI middleware outside this one has already started the server span from them.
+        token = None if exporting() else otel_context.attach(incoming_context(traceparent, tracestate))
+        exchange = _Exchange(time.perf_counter())
+        IN_FLIGHT.inc()
         try:
-            with domain_span(tracer, f"{scope['method']} {scope['path']}", {"http.method": scope["method"]}):
-                await self._handle(scope, receive, send, client_request_id, authorization, content_length)
+            await self._handle(scope, receive, send, client_request_id, authorization, content_length, exchange)
         finally:
-            otel_context.detach(token)
+            IN_FLIGHT.dec()
+            self._account(scope, exchange)
+            if token is not None:
+                otel_context.detach(token)
+
+    def _account(self, scope: Scope, exchange: _Exchange) -> None:
+        """Metrics and the access line of one request (in its trace context)."""
+        ended = time.perf_counter()
+        route = self.route_labels(scope["path"])
+        method = scope["method"]
+        status = exchange.status or 499  # nothing was sent: the client left first
+        status_text = _STATUS_TEXT.get(status) or str(status)
+        REQUESTS.labels(route, method, status_text).inc()
+        DURATION.labels(route, method).observe(ended - exchange.started)
+        if exchange.first_event is not None:
+            TIME_TO_FIRST_TOKEN.labels(route).observe(exchange.first_event - exchange.started)
+        if self.access_log:
+            state = scope.get("state") or {}
+            principal = state.get("principal")
+            log.info(
+                "access",
+                extra={
+                    "method": method,
+                    "path": scope["path"] if route != OTHER else route,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round((ended - exchange.started) * 1000, 3),
+                    "key_id": getattr(principal, "id", "") or "",
+                    "client_request_id": state.get("client_request_id", ""),
+                    "stream": exchange.first_event is not None,
+                },
+            )
 
     async def _handle(
         self,
@@ -100,6 +156,7 @@ class EdgeMiddleware:
         client_request_id: bytes | None,
         authorization: bytes | None,
         content_length: bytes | None,
+        exchange: _Exchange,
     ) -> None:
         request_id = uuid.uuid4().hex
         request_id_var.set(request_id)
@@ -116,7 +173,14 @@ class EdgeMiddleware:
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
-                message["headers"] = [*message.get("headers", ()), request_id_header]
+                exchange.status = message["status"]
+                headers = message.get("headers", ())
+                exchange.streaming = (b"content-type", b"text/event-stream") in headers or any(
+                    name == b"content-type" and value.startswith(b"text/event-stream") for name, value in headers
+                )
+                message["headers"] = [*headers, request_id_header]
+            elif exchange.streaming and exchange.first_event is None and message.get("body"):
+                exchange.first_event = time.perf_counter()
             await send(message)
 
         async def refuse(exc: Exception) -> None:
@@ -129,6 +193,7 @@ class EdgeMiddleware:
                 error = to_api_error(exc)
                 if error.status >= 500:
                     log.warning("authentication unavailable", extra={"code": error.code, "detail": error.log_detail})
+                AUTH_FAILURES.labels(error.code or str(error.status)).inc()
                 await error_response(error)(scope, receive, send_with_request_id)
                 return
             scope["state"]["principal"] = principal

@@ -13,10 +13,12 @@ from fastapi import APIRouter, Query, Request
 from grpc_health.v1 import health_pb2
 from hoosh.audit.v1 import audit_pb2
 from hoosh.router.v1 import router_pb2
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from .clients import HealthTarget
 from .errors import PermissionDeniedError
+from .metrics import exposition
 from .protocol import AuditListResponse, CacheStats, HealthResponse, ProviderHealthList, ReadinessResponse
 from .responses import OrjsonResponse
 from .routing import BACKEND, edge, errors, grpc_metadata
@@ -72,6 +74,13 @@ async def ready(request: Request) -> Response:
         return OrjsonResponse({"status": "unavailable", "checks": checks}, status_code=503)
     status = "ok" if all(value == "SERVING" for value in statuses) else "degraded"
     return OrjsonResponse({"status": status, "checks": checks})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(request: Request) -> Response:
+    """Admin: the edge's Prometheus metrics (the same as its metrics port serves)."""
+    require_admin(principal_of(request))
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/health/providers", response_model=ProviderHealthList, responses=errors(403, *BACKEND), tags=["health"])

@@ -257,7 +257,7 @@ class ServingTranscription:
         """
         if self._stt is None:
             raise SttNotConfiguredError("Speech-to-text is not configured on this gateway (HOOSH_STT_ADDR).")
-        metadata = (("x-request-id", request_id), *inject_metadata())
+        metadata = (("x-request-id", request_id), *inject_metadata(client_streaming=True))
         call = self._stt.Transcribe(metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)
         try:

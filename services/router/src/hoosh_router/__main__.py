@@ -11,6 +11,7 @@ import nats
 from hoosh.router.v1 import router_pb2_grpc
 from hoosh_common.grpc_server import insecure_channel, new_server, serve
 from hoosh_common.logs import configure_logging
+from hoosh_common.metrics import serve_metrics
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
 from hoosh_metering.client import BudgetServiceClient
@@ -20,6 +21,7 @@ from hoosh_metering.pools import BudgetStore
 from hoosh_metering.redis import RedisClient, connect_redis
 from pydantic import ValidationError
 
+from . import metrics
 from .backends.base import Backend
 from .backends.factory import build_backend
 from .budget_client import BudgetBackend, RouterBudget
@@ -64,6 +66,7 @@ async def main(settings: RouterSettings | None = None) -> None:
     settings = settings or RouterSettings()
     configure_logging("router")
     configure_tracing("router")
+    serve_metrics(settings.router_metrics_listen)
     catalogue = load_catalogue(settings.config)
 
     entries: list[tuple[ProviderConfig, Backend]] = [
@@ -90,6 +93,7 @@ async def main(settings: RouterSettings | None = None) -> None:
         latency_alpha=routing.latency_alpha,
     )
     router.set_latency_source(health.latency)
+    metrics.register_state(health, [config.name for config, _ in entries if config.enabled])
     limiter = RateLimiter(redis_client, settings.router_key_prefix)
     cache = ResponseCache(redis_client, settings.router_key_prefix, catalogue.cache)
     await health.start()
@@ -112,7 +116,7 @@ async def main(settings: RouterSettings | None = None) -> None:
         budget_backend = BudgetServiceClient(budget_channel, timeout=BUDGET_RPC_TIMEOUT_SECONDS)
     budget = RouterBudget(budget_backend, settings.router_lease_seconds)
     gate = KeyGate(KeyLimiter(redis_client, settings.budget_key_prefix))
-    recorder = Recorder(budget, publisher, gate)
+    recorder = Recorder(budget, publisher, gate, catalogue.providers)
     dispatcher = Dispatcher(
         router,
         health,

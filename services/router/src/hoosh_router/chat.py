@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 
+from . import metrics
 from .backends.base import CallParams, Completion, StreamPiece
 from .budget_client import Renewal
 from .cache import ResponseCache
@@ -185,6 +186,7 @@ class ChatService:
             hold, cached = await asyncio.gather(reserve, self._cache.get(cache_key))
             if cached is not None and self._cache.charge_hits and cached.usage.total_tokens > hold.tokens:
                 cached = None  # the pool cannot pay for the whole answer: no free remainder, go upstream
+            metrics.observe_cache(cached is not None)
         else:
             hold = await reserve
         granted = hold.completion_tokens
@@ -284,7 +286,16 @@ class ChatService:
                 return reply
 
             async def call(route: Route, params: CallParams) -> Completion:
-                return await route.backend.chat(request, params)
+                completion = await route.backend.chat(request, params)
+                # The attempt's span (current here while exported) gets what it answered.
+                metrics.annotate_span(
+                    {
+                        "gen_ai.response.model": completion.model,
+                        "gen_ai.usage.input_tokens": completion.prompt_tokens,
+                        "gen_ai.usage.output_tokens": completion.completion_tokens,
+                    }
+                )
+                return completion
 
             # A call that outlasts a third of the lease renews it (a timer until then),
             # so its real commit never meets a reservation the expiry policy settled.
@@ -304,6 +315,7 @@ class ChatService:
             renewal.cancel()
         route = plan.attempts.route
         assert route is not None
+        info.response_model = completion.model or route.upstream_model
         usage = priced(
             usage_of(completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens),
             route.provider,
@@ -389,11 +401,14 @@ class ChatService:
                 route = plan.attempts.route
                 assert route is not None
                 provider = route.provider.name
+                info.response_model = route.upstream_model
                 state = _StreamState(collect=plan.cache_key is not None)
                 try:
                     async for piece in upstream:
                         message = state.take(piece, chunk)
                         if message is not None:
+                            if info.first_token_at is None:
+                                info.first_token_at = time.monotonic()
                             if cache_state:
                                 message.cache, cache_state = cache_state, ""
                             yield message

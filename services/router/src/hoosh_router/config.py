@@ -84,6 +84,8 @@ class RouterSettings(EventBusSettings):
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
 
     router_listen: str = "127.0.0.1:50051"
+    # Prometheus /metrics on a port of its own ("" = not served).
+    router_metrics_listen: str = "127.0.0.1:9461"
     config: Path | None = Field(default=None, description="Path of the shared hoosh YAML config")
     budget_addr: str = "127.0.0.1:50052"
     inference_addr: str = "127.0.0.1:50053"

@@ -16,10 +16,16 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
+from hoosh_common.telemetry import exporting
+from opentelemetry import trace
+
+from . import metrics
 from .backends.base import CallParams
 from .config import RetryConfig
 from .errors import NoHealthyBackend, RateLimited, RouterError, UpstreamTimeout
@@ -28,6 +34,7 @@ from .ratelimit import Admission, RateLimiter
 from .routing import Kind, ModelRouter, Route
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("hoosh.router")
 
 T = TypeVar("T")
 
@@ -75,11 +82,47 @@ class Attempts:
     # have billed those, so a failed request pays its prompt.
     in_flight: bool = False
     unanswered: int = 0
+    kind: Kind = "chat"
 
     @property
     def maybe_billed(self) -> bool:
         """A call was sent and not answered: the provider may have charged for it."""
         return self.in_flight or self.unanswered > 0
+
+
+@contextmanager
+def attempt_span(route: Route, attempts: Attempts, params: CallParams) -> Iterator[None]:
+    """One upstream call as a GenAI client span (``{operation} {model}``) while spans are
+    exported; nothing otherwise. A failure sets ``error.type`` to its error code."""
+    if not exporting():
+        yield
+        return
+    provider = route.provider
+    operation = metrics.GENAI_OPERATION.get(attempts.kind, attempts.kind)
+    attributes: dict[str, str | int] = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.provider.name": metrics.genai_provider(provider),
+        "gen_ai.request.model": route.upstream_model,
+        "gen_ai.request.max_tokens": params.max_tokens,
+        "hoosh.provider": provider.name,
+        "hoosh.attempt": attempts.count,
+    }
+    address = urlsplit(provider.base_url) if provider.base_url else None
+    if address is not None and address.hostname:
+        attributes["server.address"] = address.hostname
+        if address.port:
+            attributes["server.port"] = address.port
+    with tracer.start_as_current_span(
+        f"{operation} {route.upstream_model}", kind=trace.SpanKind.CLIENT, attributes=attributes
+    ) as span:
+        try:
+            yield
+        except RouterError as error:
+            span.set_attribute("error.type", error.error_code)
+            raise
+        except TimeoutError:
+            span.set_attribute("error.type", "timeout")
+            raise
 
 
 class Dispatcher:
@@ -161,17 +204,21 @@ class Dispatcher:
                     error: RouterError
                     attempts.in_flight = True  # stays set if this task is cancelled mid-call
                     try:
-                        async with asyncio.timeout(timeout):
-                            result = await call(route, params)
+                        with attempt_span(route, attempts, params):
+                            async with asyncio.timeout(timeout):
+                                result = await call(route, params)
                     except TimeoutError:
                         error = UpstreamTimeout(f"Provider '{name}' timed out after {timeout:.1f}s")
                     except RouterError as raised:
                         error = raised
                     else:
                         attempts.in_flight = False
-                        await self.health.record_success(name, (time.monotonic() - started) * 1000)
+                        took = time.monotonic() - started
+                        metrics.observe_attempt(name, "ok", took)
+                        await self.health.record_success(name, took * 1000)
                         return result
                     attempts.in_flight = False
+                    metrics.observe_attempt(name, error.error_code, time.monotonic() - started)
                     if isinstance(error, UpstreamTimeout) or error.accepted:
                         attempts.unanswered += 1
                     if error.backend_fault:

@@ -66,7 +66,7 @@ class EmbeddingService:
                 input_price_micros=max(r.provider.embedding_price(r.upstream_model).input for r in candidates),
             )
             deadline = self._dispatch.deadline(time_remaining)
-            attempts = Attempts(candidates=candidates, deadline=deadline, tokens=estimate)
+            attempts = Attempts(candidates=candidates, deadline=deadline, tokens=estimate, kind="embedding")
 
             async def call(route: Route, params: CallParams) -> EmbeddingResult:
                 return await route.backend.embed(texts, dimensions, params)

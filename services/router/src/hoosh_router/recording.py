@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from hoosh_metering import errors as metering
 from hoosh_metering.limits import KeyGate, KeyLimits
 from hoosh_metering.pools import LedgerLine
 
+from . import metrics
 from .budget_client import UNREACHABLE, Hold, RouterBudget, key_limits
 from .config import ProviderConfig
 from .errors import (
@@ -96,6 +97,10 @@ class RequestInfo:
     admitted_tokens: int | None = None
     # The admission's reply never came: it may or may not have taken a slot.
     admit_unconfirmed: bool = False
+    # For metrics and spans: the model the backend answered as, and (streams) when the
+    # first content chunk left.
+    response_model: str = ""
+    first_token_at: float | None = None
 
     @classmethod
     def of(
@@ -120,8 +125,16 @@ class RequestInfo:
 
 
 class Recorder:
-    def __init__(self, budget: RouterBudget, publisher: Publisher, gate: KeyGate | None = None) -> None:
+    def __init__(
+        self,
+        budget: RouterBudget,
+        publisher: Publisher,
+        gate: KeyGate | None = None,
+        providers: Iterable[ProviderConfig] = (),
+    ) -> None:
         self.budget = budget
+        # By name, for a failure's metrics (its event carries only the provider's name).
+        self._providers = {provider.name: provider for provider in providers}
         self.gate = gate or KeyGate(None)
         self._publisher = publisher
         self._tails: set[asyncio.Future[None]] = set()
@@ -327,6 +340,24 @@ class Recorder:
             settlement=settlement,
         )
         self._publisher.publish_background(SUBJECT_COMPLETED, event, info.request_id)
+        metrics.observe_completed(info, provider, usage, event.cost_usd_micros, cached=cached)
+        metrics.span_outcome(info, provider, usage, finish_reason=finish_reason, attempts=attempts, cached=cached)
+        log.info(
+            "inference completed",
+            extra={
+                "model": info.model,
+                "provider": event.provider,
+                "pool": info.pool,
+                "key_id": info.key_id,
+                "stream": info.stream,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cost_usd_micros": event.cost_usd_micros,
+                "latency_ms": event.latency_ms,
+                "attempts": attempts,
+                "cached": cached,
+            },
+        )
 
     def failed(
         self,
@@ -360,6 +391,25 @@ class Recorder:
         if charge is not None:
             event.usage.CopyFrom(charge)
         self._publisher.publish_background(SUBJECT_FAILED, event, info.request_id)
+        metrics.observe_failed(info, self._providers.get(provider), error.error_code, charge)
+        metrics.span_outcome(
+            info, self._providers.get(provider), charge, error_type=error.error_code, attempts=attempts
+        )
+        log.info(
+            "inference failed",
+            extra={
+                "model": info.model,
+                "provider": provider,
+                "pool": info.pool,
+                "key_id": info.key_id,
+                "stream": info.stream,
+                "error_code": error.error_code,
+                "http_status": event.http_status,
+                "charged_tokens": event.charged_tokens,
+                "latency_ms": event.latency_ms,
+                "attempts": attempts,
+            },
+        )
 
     async def drain(self, commit_timeout: float) -> None:
         """Shutdown: endings under way, then settlements being retried, then key finishes."""

@@ -40,6 +40,7 @@ from ..errors import (
     UpstreamUnavailable,
 )
 from ..estimate import prompt_token_bound
+from ..metrics import note_ratelimit
 from .base import PROBE_TIMEOUT
 
 # Statuses a provider uses for "try again": timeouts, conflicts, overload (Anthropic's 529) and 5xx.
@@ -360,6 +361,7 @@ class HTTPBackend:
         try:
             async with self._client.get(self._url(path), params=query, timeout=call_timeout(seconds, read)) as response:
                 status, retry_after = response.status, response.headers.get("retry-after")
+                note_ratelimit(self.name, response.headers)
                 if status != 200:
                     content = await read_head(response)
                 else:
@@ -393,6 +395,7 @@ class HTTPBackend:
                 timeout=call_timeout(seconds, read),
             ) as response:
                 status, retry_after = response.status, response.headers.get("retry-after")
+                note_ratelimit(self.name, response.headers)
                 if status != 200:
                     content = await read_head(response)
                 else:
@@ -421,6 +424,7 @@ class HTTPBackend:
                 headers={"X-Request-Id": request_id, "Accept": "text/event-stream"},
                 timeout=stream_timeout(total, read),
             ) as response:
+                note_ratelimit(self.name, response.headers)
                 if response.status != 200:
                     content = await read_head(response)
                     raise error_from_status(self.name, response.status, content, response.headers.get("retry-after"))

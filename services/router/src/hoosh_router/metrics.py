@@ -1,0 +1,319 @@
+"""The router's Prometheus metrics and the attributes of its inference spans.
+
+Every request ends in exactly one event (``Recorder.completed`` / ``failed``), and the
+metrics are counted at that same point, so requests, tokens and cost here agree with
+the events, the audit log and the ledger. Label values are bounded: models and pools
+through :class:`~hoosh_common.metrics.BoundedLabel`, a model that was never routed is
+``_unrouted``, key ids only for ``HOOSH_METRICS_KEY_IDS``.
+
+GenAI metrics use the OpenTelemetry semantic-convention names
+(``gen_ai.client.token.usage`` → ``gen_ai_client_token_usage``; durations get the
+``_seconds`` suffix the OpenTelemetry Prometheus exporter gives them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from hoosh.chat.v1 import chat_pb2
+from hoosh_common.metrics import (
+    DURATION_BUCKETS,
+    FAST_BUCKETS,
+    TOKEN_BUCKETS,
+    BoundedLabel,
+    KeyLabel,
+    SnapshotCollector,
+    register_collector,
+)
+from opentelemetry import trace
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from .config import ProviderConfig
+    from .health import HealthBoard
+    from .recording import RequestInfo
+
+UNROUTED = "_unrouted"
+
+# gen_ai.provider.name by provider type: the well-known values where there is one.
+GENAI_PROVIDER = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "gemini": "gcp.gemini",
+    "deepseek": "deepseek",
+    "mistral": "mistral_ai",
+    "groq": "groq",
+    "xai": "x_ai",
+    "openrouter": "openrouter",
+    "local": "hoosh.local",
+}
+GENAI_OPERATION = {"chat": "chat", "embedding": "embeddings"}
+
+REQUESTS = Counter(
+    "hoosh_inference_requests_total",
+    "Inference requests the router ended, by outcome (status: ok or the error code).",
+    ["kind", "model", "provider", "status", "stream"],
+)
+DURATION = Histogram(
+    "hoosh_inference_duration_seconds",
+    "Router time per request, from arrival to its ending (a stream: to its last token).",
+    ["kind", "model", "provider", "stream"],
+    buckets=DURATION_BUCKETS,
+)
+TOKENS = Counter(
+    "hoosh_inference_tokens_total",
+    "Tokens charged, by type (input, output; cached: the part of input served from the provider's cache).",
+    ["kind", "model", "provider", "type"],
+)
+COST = Counter(
+    "hoosh_cost_usd_micros_total",
+    "Cost charged in micro-dollars (the same figure as the ledger).",
+    ["provider", "model", "pool"],
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "hoosh_time_to_first_token_seconds",
+    "Streams: from arrival at the router to the first content chunk.",
+    ["model", "provider"],
+    buckets=DURATION_BUCKETS,
+)
+UPSTREAM = Histogram(
+    "hoosh_upstream_duration_seconds",
+    "One upstream call (a stream: until it opened), by outcome.",
+    ["provider", "outcome"],
+    buckets=DURATION_BUCKETS,
+)
+ATTEMPTS = Counter(
+    "hoosh_upstream_attempts_total",
+    "Upstream calls made (retries and fallbacks included), by outcome.",
+    ["provider", "outcome"],
+)
+CACHE = Counter("hoosh_cache_requests_total", "Response cache lookups, by result (hit, miss).", ["result"])
+KEY_REQUESTS = Counter(
+    "hoosh_key_requests_total", "Requests per key (allowlisted key ids; every other key is _other).", ["key_id"]
+)
+KEY_COST = Counter(
+    "hoosh_key_cost_usd_micros_total", "Cost per key in micro-dollars (allowlisted key ids).", ["key_id"]
+)
+BUDGET_STEP = Histogram(
+    "hoosh_budget_step_seconds",
+    "One budget round trip from the router (reserve, commit).",
+    ["step"],
+    buckets=FAST_BUCKETS,
+)
+
+_GENAI_LABELS = [
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+    "gen_ai_response_model",
+]
+GENAI_TOKEN_USAGE = Histogram(
+    "gen_ai_client_token_usage",
+    "Tokens per upstream operation (gen_ai.client.token.usage).",
+    [*_GENAI_LABELS, "gen_ai_token_type"],
+    buckets=TOKEN_BUCKETS,
+)
+GENAI_DURATION = Histogram(
+    "gen_ai_client_operation_duration_seconds",
+    "Duration of the GenAI operation as the gateway saw it (gen_ai.client.operation.duration).",
+    [*_GENAI_LABELS, "error_type"],
+    buckets=DURATION_BUCKETS,
+)
+GENAI_TIME_TO_FIRST_CHUNK = Histogram(
+    "gen_ai_client_operation_time_to_first_chunk_seconds",
+    "Streams: time to the first chunk (gen_ai.client.operation.time_to_first_chunk).",
+    _GENAI_LABELS,
+    buckets=DURATION_BUCKETS,
+)
+
+models = BoundedLabel(int(os.environ.get("HOOSH_METRICS_MAX_MODELS", "200")))
+pools = BoundedLabel(int(os.environ.get("HOOSH_METRICS_MAX_POOLS", "500")))
+keys = KeyLabel(os.environ.get("HOOSH_METRICS_KEY_IDS", "").split(","))
+
+# Rate-limit headroom the providers report on their answers (latest seen per provider).
+_RATELIMIT_HEADERS = {
+    "x-ratelimit-remaining-requests": "requests",
+    "x-ratelimit-remaining-tokens": "tokens",
+    "anthropic-ratelimit-requests-remaining": "requests",
+    "anthropic-ratelimit-tokens-remaining": "tokens",
+}
+_ratelimit_remaining: dict[tuple[str, str], float] = {}
+
+
+def note_ratelimit(provider: str, headers: Mapping[str, str]) -> None:
+    """Keep the provider's reported remaining requests / tokens (two lookups per answer)."""
+    for header, kind in _RATELIMIT_HEADERS.items():
+        value = headers.get(header)
+        if value is not None:
+            try:
+                _ratelimit_remaining[(provider, kind)] = float(value)
+            except ValueError:
+                pass
+
+
+def genai_provider(provider: ProviderConfig | None) -> str:
+    if provider is None:
+        return ""
+    return GENAI_PROVIDER.get(provider.type, provider.type)
+
+
+def _model_label(info: RequestInfo, routed: bool) -> str:
+    return models(info.model) if routed else UNROUTED
+
+
+def observe_attempt(provider: str, outcome: str, seconds: float) -> None:
+    ATTEMPTS.labels(provider, outcome).inc()
+    UPSTREAM.labels(provider, outcome).observe(seconds)
+
+
+def observe_cache(hit: bool) -> None:
+    CACHE.labels("hit" if hit else "miss").inc()
+
+
+def observe_completed(
+    info: RequestInfo, provider: ProviderConfig | None, usage: chat_pb2.Usage, usd: int, *, cached: bool
+) -> None:
+    """A request that answered: count it, its tokens, its cost; the GenAI histograms for
+    the upstream operation (not for cache hits: nothing went upstream)."""
+    now = time.monotonic()
+    provider_name = provider.name if provider is not None else ""
+    model = _model_label(info, True)
+    stream = "true" if info.stream else "false"
+    kind = info.kind
+    REQUESTS.labels(kind, model, provider_name, "ok", stream).inc()
+    DURATION.labels(kind, model, provider_name, stream).observe(now - info.started)
+    _count_tokens(info, kind, model, provider_name, usage, usd)
+    if cached:
+        return
+    genai = (
+        GENAI_OPERATION.get(kind, kind),
+        genai_provider(provider),
+        model,
+        models(info.response_model) if info.response_model else model,
+    )
+    GENAI_TOKEN_USAGE.labels(*genai, "input").observe(usage.prompt_tokens)
+    if kind != "embedding":
+        GENAI_TOKEN_USAGE.labels(*genai, "output").observe(usage.completion_tokens)
+    GENAI_DURATION.labels(*genai, "").observe(now - info.started)
+    if info.first_token_at is not None:
+        TIME_TO_FIRST_TOKEN.labels(model, provider_name).observe(info.first_token_at - info.started)
+        GENAI_TIME_TO_FIRST_CHUNK.labels(*genai).observe(info.first_token_at - info.started)
+
+
+def observe_failed(
+    info: RequestInfo, provider: ProviderConfig | None, error_code: str, charge: chat_pb2.Usage | None
+) -> None:
+    provider_name = provider.name if provider is not None else ""
+    model = _model_label(info, provider is not None)
+    stream = "true" if info.stream else "false"
+    kind = info.kind
+    REQUESTS.labels(kind, model, provider_name, error_code, stream).inc()
+    DURATION.labels(kind, model, provider_name, stream).observe(time.monotonic() - info.started)
+    if charge is not None:
+        _count_tokens(info, kind, model, provider_name, charge, charge.cost_usd_micros)
+    if provider is not None:
+        genai = (
+            GENAI_OPERATION.get(kind, kind),
+            genai_provider(provider),
+            model,
+            models(info.response_model) if info.response_model else model,
+        )
+        GENAI_DURATION.labels(*genai, error_code).observe(time.monotonic() - info.started)
+
+
+def _count_tokens(info: RequestInfo, kind: str, model: str, provider: str, usage: chat_pb2.Usage, usd: int) -> None:
+    if usage.prompt_tokens:
+        TOKENS.labels(kind, model, provider, "input").inc(usage.prompt_tokens)
+    if usage.completion_tokens:
+        TOKENS.labels(kind, model, provider, "output").inc(usage.completion_tokens)
+    if usage.cached_tokens:
+        TOKENS.labels(kind, model, provider, "cached").inc(usage.cached_tokens)
+    if usd:
+        COST.labels(provider, model, pools(info.pool)).inc(usd)
+    if info.key_id:
+        key = keys(info.key_id)
+        KEY_REQUESTS.labels(key).inc()
+        if usd:
+            KEY_COST.labels(key).inc(usd)
+
+
+# -- spans --------------------------------------------------------------------------------
+
+
+def annotate_span(attributes: dict[str, Any]) -> None:
+    """Set attributes on the current span if it is being recorded (spans exported);
+    otherwise nothing is built or paid beyond the check."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({key: value for key, value in attributes.items() if value is not None and value != ""})
+
+
+def span_outcome(
+    info: RequestInfo,
+    provider: ProviderConfig | None,
+    usage: chat_pb2.Usage | None,
+    *,
+    finish_reason: str = "",
+    error_type: str = "",
+    attempts: int = 0,
+    cached: bool = False,
+) -> None:
+    """The request span's GenAI and hoosh attributes once the request has ended."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": GENAI_OPERATION.get(info.kind, info.kind),
+        "gen_ai.provider.name": genai_provider(provider),
+        "gen_ai.request.model": info.model,
+        "gen_ai.response.model": info.response_model,
+        "gen_ai.request.stream": info.stream,
+        "hoosh.provider": provider.name if provider is not None else "",
+        "hoosh.pool": info.pool,
+        "hoosh.pool_chain": list(info.chain),
+        "hoosh.key_id": info.key_id,
+        "hoosh.attempts": attempts,
+        "hoosh.cache_hit": cached,
+        "error.type": error_type,
+    }
+    if usage is not None:
+        attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+        attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+        attributes["gen_ai.usage.cache_read.input_tokens"] = usage.cached_tokens
+        attributes["hoosh.cost_usd_micros"] = usage.cost_usd_micros
+    if finish_reason:
+        attributes["gen_ai.response.finish_reasons"] = [finish_reason]
+    span.set_attributes({key: value for key, value in attributes.items() if value != "" and value is not None})
+
+
+# -- state read at scrape time ---------------------------------------------------------------
+
+_BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}
+
+
+def register_state(health: HealthBoard, provider_names: list[str]) -> None:
+    """Breaker state per provider and the providers' reported rate-limit headroom, read
+    from memory at scrape time."""
+
+    def families() -> Iterator[GaugeMetricFamily]:
+        now = time.time()
+        breaker = GaugeMetricFamily(
+            "hoosh_provider_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", labels=["provider"]
+        )
+        for name in provider_names:
+            breaker.add_metric([name], _BREAKER_STATE.get(health.view(name).effective_state(now), 0))
+        yield breaker
+        headroom = GaugeMetricFamily(
+            "hoosh_provider_ratelimit_remaining",
+            "What the provider last reported as remaining in its rate-limit window (requests, tokens).",
+            labels=["provider", "kind"],
+        )
+        for (provider, kind), value in list(_ratelimit_remaining.items()):
+            headroom.add_metric([provider, kind], value)
+        yield headroom
+
+    register_collector(SnapshotCollector(families))

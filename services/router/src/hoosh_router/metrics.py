@@ -29,7 +29,7 @@ from hoosh_common.metrics import (
     register_collector,
 )
 from opentelemetry import trace
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
@@ -100,10 +100,12 @@ KEY_COST = Counter(
 )
 BUDGET_STEP = Histogram(
     "hoosh_budget_step_seconds",
-    "One budget round trip from the router (reserve, commit).",
+    "One budget round trip from the router (reserve; commit of a completed request).",
     ["step"],
     buckets=FAST_BUCKETS,
 )
+BUDGET_RESERVE = BUDGET_STEP.labels("reserve")
+BUDGET_COMMIT = BUDGET_STEP.labels("commit")
 
 _GENAI_LABELS = [
     "gen_ai_operation_name",
@@ -295,7 +297,9 @@ def span_outcome(
 _BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}
 
 
-def register_state(health: HealthBoard, provider_names: list[str]) -> None:
+def register_state(
+    health: HealthBoard, provider_names: list[str], registry: CollectorRegistry = REGISTRY
+) -> None:
     """Breaker state per provider and the providers' reported rate-limit headroom, read
     from memory at scrape time."""
 
@@ -316,4 +320,4 @@ def register_state(health: HealthBoard, provider_names: list[str]) -> None:
             headroom.add_metric([provider, kind], value)
         yield headroom
 
-    register_collector(SnapshotCollector(families))
+    register_collector(SnapshotCollector(families), registry)

@@ -179,6 +179,7 @@ class Recorder:
         """One reservation on the pool chain; see ``RequestInfo.hold``."""
         hold = info.hold = self.budget.placeholder(info.request_id, info.pool, info.key_id, info.kind)
         hold.reveal_ancestors = info.admin
+        started = time.perf_counter()
         try:
             return await self.budget.reserve(
                 hold,
@@ -191,6 +192,8 @@ class Recorder:
         except (BudgetExhausted, InvalidRequest):  # refused: nothing was reserved
             info.hold = None
             raise
+        finally:
+            metrics.BUDGET_RESERVE.observe(time.perf_counter() - started)
 
     # -- endings --------------------------------------------------------------------------
 
@@ -240,7 +243,9 @@ class Recorder:
 
         async def settle() -> None:
             if info.hold is not None:
+                started = time.perf_counter()
                 await self.budget.commit(info.hold, used_tokens, usd_micros=usd, ledger=ledger)
+                metrics.BUDGET_COMMIT.observe(time.perf_counter() - started)
             self._finish_key(info, used_tokens)
 
         await self._tail(record, settle)

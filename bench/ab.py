@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from hoosh_cli.otlp_sink import OtlpSink
 
 from . import load
 from .stacks import ROOT, cpu_seconds
@@ -58,12 +61,17 @@ class Side:
     cpu_ms: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, name: str, checkout: Path) -> Side:
+    def start(cls, name: str, checkout: Path, env: dict[str, str] | None = None) -> Side:
         python = checkout / ".venv" / "bin" / "python"
         if not python.exists():
             raise SystemExit(f"{checkout} has no .venv: run `bash {checkout}/scripts/install.sh` first")
         process = subprocess.Popen(
-            [str(python), "-c", _SERVE], cwd=checkout, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [str(python), "-c", _SERVE],
+            cwd=checkout,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
         )
         assert process.stdout is not None
         line = process.stdout.readline()
@@ -91,6 +99,16 @@ async def capacity(side: Side, concurrency: int, requests: int) -> None:
     side.cpu_ms.append({name: (after[name] - before[name]) * 1000 / result.requests for name in before})
 
 
+def _pairs(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+        pairs[key] = value
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
     parser.add_argument("--before", required=True, type=Path, help="the other checkout (with its .venv)")
@@ -100,11 +118,31 @@ def main() -> None:
     parser.add_argument("--capacity-runs", type=int, default=3, help="closed-loop runs per side, alternating")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=3000, help="per capacity run")
+    parser.add_argument(
+        "--before-env", action="append", default=[], metavar="KEY=VALUE", help="environment of the before stack"
+    )
+    parser.add_argument(
+        "--after-env", action="append", default=[], metavar="KEY=VALUE", help="environment of the after stack"
+    )
+    parser.add_argument(
+        "--export-spans",
+        choices=("none", "after", "both"),
+        default="none",
+        help="export every span over OTLP to a receiver in this process (hoosh_cli.otlp_sink), "
+        "as a deployment with a collector would",
+    )
     args = parser.parse_args()
 
-    before = Side.start("before", args.before.resolve())
+    env = {"before": _pairs(args.before_env), "after": _pairs(args.after_env)}
+    sink = None
+    if args.export_spans != "none":
+        sink = OtlpSink(keep=False)
+        exporting = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.start(), "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+        for name in ("after", "before") if args.export_spans == "both" else ("after",):
+            env[name] = {**exporting, **env[name]}
+    before = Side.start("before", args.before.resolve(), env["before"])
     try:
-        after = Side.start("after", args.after.resolve())
+        after = Side.start("after", args.after.resolve(), env["after"])
     except BaseException:
         before.stop()
         raise
@@ -117,13 +155,17 @@ def main() -> None:
     finally:
         after.stop()
         before.stop()
+        if sink is not None:
+            sink.stop()
 
     base = latency["direct"].median
     added = {side.name: (latency[side.name].median - base) * 1000 for side in (before, after)}
     per_round = [
         (a - b) * 1000 for a, b in zip(latency["after"].round_medians, latency["before"].round_medians, strict=True)
     ]
-    print(f"before: {args.before}  after: {args.after}")
+    print(f"before: {args.before} {env['before'] or ''}  after: {args.after} {env['after'] or ''}")
+    if sink is not None:
+        print(f"spans received by the OTLP receiver: {sink.received}")
     print(
         f"added latency, median of round medians: before {added['before']:.3f} ms, after {added['after']:.3f} ms, "
         f"difference {added['after'] - added['before']:+.3f} ms"

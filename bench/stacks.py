@@ -224,7 +224,10 @@ def start_hoosh(
         admin_key="sk-hoosh-" + secrets.token_urlsafe(32),
         auth="keys",
         tenancy_key_prefix=f"hoosh:bench:{run_id}:tenancy:",
-        extra_env={"HOOSH_LOG_LEVEL": "WARNING", "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"hoosh:bench:{run_id}:audit:"},
+        extra_env={
+            "HOOSH_LOG_LEVEL": os.environ.get("HOOSH_BENCH_LOG_LEVEL", "WARNING"),
+            "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"hoosh:bench:{run_id}:audit:",
+        },
     )
     stack = Stack(config)
     asyncio.run(stack.start(timeout=180))

@@ -124,6 +124,8 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traced]:
             "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
             "HOOSH_ROUTER_BUDGET_MODE": "grpc",
+            # The budget service logs each operation at DEBUG (it is on the hot path in grpc mode).
+            "HOOSH_LOG_LEVEL": "DEBUG",
             "HOOSH_STT_WORKERS": "1",
             "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"hoosh:test:{run_id}:audit:",
         },
@@ -356,8 +358,8 @@ def test_each_services_counters_move_by_exactly_the_requests_made(hoosh: Running
     audit_after = _wait_audit_idle(urls["audit"])
     after = {name: scrape(url) for name, url in urls.items()}
 
-    def delta(service: str, name: str, **labels: str) -> float:
-        return total(after[service], name, **labels) - total(before[service], name, **labels)
+    def delta(where: str, name: str, **labels: str) -> float:
+        return total(after[where], name, **labels) - total(before[where], name, **labels)
 
     n = upstream_n + local_n
     # edge: requests by route, method and status; the latency histogram counts them all.
@@ -402,3 +404,66 @@ def test_each_services_counters_move_by_exactly_the_requests_made(hoosh: Running
     # the router's events: every one acked, none lost.
     assert delta("router", "hoosh_events_published_total", service="router") == n
     assert total(after["router"], "hoosh_events_lost_total") == 0
+
+
+def test_the_pool_gauges_show_exactly_what_the_requests_used(hoosh: RunningStack) -> None:
+    """The budget service's snapshot (refreshed every few seconds) moves by exactly the
+    tokens the requests were charged."""
+    url = _metrics(hoosh)["budget"]
+    client = openai.OpenAI(base_url=f"{hoosh.base_url}/v1", api_key="no-key-needed", max_retries=0)
+
+    def used() -> float:
+        return total(scrape(url), "hoosh_pool_used_tokens", pool="default")
+
+    def settled(previous: float | None) -> float:
+        """The gauge once two refreshes in a row agree (no request of another test is still ending)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(5.5)
+            now = used()
+            if now == previous:
+                return now
+            previous = now
+        raise AssertionError("the pool gauge did not settle")
+
+    before = settled(used())
+    charged = 0
+    for _ in range(3):
+        completion = client.chat.completions.create(
+            model="mock-pool-gauge", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+        assert completion.usage is not None
+        charged += completion.usage.total_tokens
+    after = settled(None)
+    assert after - before == charged
+    samples = scrape(url)
+    assert total(samples, "hoosh_pool_reserved_tokens", pool="default") == 0
+    assert total(samples, "hoosh_pool_capacity_tokens", pool="default") == 100_000_000
+
+
+def test_every_catalogued_metric_is_exposed_with_its_type_and_labels(hoosh: RunningStack) -> None:
+    """docs/observability.md (what the dashboards query) against what the running services
+    really expose: a renamed or dropped metric fails here, not on an empty panel."""
+    from .test_observability_deploy import _catalogue
+
+    client = openai.OpenAI(base_url=f"{hoosh.base_url}/v1", api_key="no-key-needed", max_retries=0)
+    client.chat.completions.create(model="mock-catalogue", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    exposed: dict[str, tuple[str, set[str]]] = {}
+    for url in _metrics(hoosh).values():
+        for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+            name = f"{family.name}_total" if family.type == "counter" else family.name
+            labels = {label for sample in family.samples for label in sample.labels} - {"le"}
+            kind, seen = exposed.get(name, (family.type, set()))
+            exposed[name] = (kind, seen | labels)
+    missing, wrong = [], []
+    for name, entry in _catalogue().items():
+        if name == "up":  # Prometheus adds it
+            continue
+        if name not in exposed:
+            missing.append(name)
+            continue
+        kind, labels = exposed[name]
+        if kind != entry["type"] or (labels and labels != entry["labels"]):
+            wrong.append((name, kind, sorted(labels), entry["type"], sorted(entry["labels"])))
+    assert not missing, f"catalogued but not exposed: {missing}"
+    assert not wrong, wrong

@@ -384,6 +384,7 @@ async def test_two_router_processes_hold_one_60_rpm_limit(hoosh: RunningStack, t
         **os.environ,
         **hoosh.stack_config.environment(),
         "HOOSH_ROUTER_LISTEN": second,
+        "HOOSH_ROUTER_METRICS_LISTEN": "127.0.0.1:0",  # the first router holds the stack's port
         "HOOSH_EVENTS_OUTBOX_DIR": str(tmp_path / "outbox"),  # each process owns its outbox
     }
     with open(tmp_path / "router-2.log", "wb") as log:

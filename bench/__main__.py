@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from hoosh_cli.otlp_sink import OtlpSink
+
 from . import load
 from .stacks import ROOT, HooshUnderTest, LiteLLM, Upstream, cpu_seconds, peak_rss_bytes, start_hoosh
 
@@ -232,6 +234,12 @@ def run_full(args: argparse.Namespace) -> int:
     figures = {name: StackFigures(name) for name in ("direct", "hoosh", "litellm")}
     stacks: list[object] = []
     check: AccountingCheck | None = None
+    sink = None
+    if args.export_spans:
+        # Every service exports every span over OTLP, as with a collector beside it.
+        sink = OtlpSink(keep=False)
+        os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.start()
+        os.environ["OTEL_EXPORTER_OTLP_PROTOCOL"] = "grpc"
     try:
         hoosh = start_hoosh(state / "hoosh", fast, slow)
         stacks.append(hoosh)
@@ -276,8 +284,15 @@ def run_full(args: argparse.Namespace) -> int:
             stack.stop()  # type: ignore[attr-defined]
         fast.stop()
         slow.stop()
+        if sink is not None:
+            sink.stop()
     ordered = [figures["direct"], figures["hoosh"]] + ([figures["litellm"]] if not args.no_litellm else [])
     report = render(ordered, check, info, args, started)
+    if sink is not None:
+        report += (
+            f"\nSpans exported: every hoosh service sent its spans over OTLP/gRPC to a receiver in the "
+            f"benchmark's process ({sink.received} spans).\n"
+        )
     report += (
         f"\nhoosh's peak RSS above counts the gateway processes (edge, router, budget, audit); its model "
         f"workers (local-inference with SmolLM2 loaded, stt with Whisper tiny.en), idle during the run, "
@@ -313,6 +328,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="duration of each capacity point")
     parser.add_argument("--check-requests", type=int, default=3000)
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument(
+        "--export-spans", action="store_true", help="hoosh exports every span over OTLP (a receiver in this process)"
+    )
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
     if args.quick:

@@ -78,6 +78,8 @@ def banner(base_url: str, auth: str, state_dir: Path) -> str:
     lines += [
         f"Create a key (the admin key is in {key_source}):",
         "  hoosh keys create --name me --pool default",
+        "Prometheus metrics: http://127.0.0.1:9460/metrics (edge) ... :9465 (stt); "
+        "OTEL_EXPORTER_OTLP_ENDPOINT=... exports traces (docs/observability.md).",
         "\nCtrl-C stops everything.",
     ]
     return "\n".join(lines)

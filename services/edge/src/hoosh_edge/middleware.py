@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
+from typing import Any
 
 from hoosh_common.logs import request_id_var
 from hoosh_common.metrics import OTHER
@@ -82,6 +83,8 @@ class EdgeMiddleware:
         # Metric labels: the route's template, never the raw path.
         self.route_labels = route_labels or (lambda path: OTHER)
         self.access_log = access_log
+        # Label children by (route, method, status): bounded (route templates, HTTP statuses).
+        self._series: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
         # Hot endpoints served straight from here, past the framework's routing and
         # middleware layers (about a third of the edge's CPU per request).
         self.fast_routes = dict(fast_routes or {})
@@ -126,12 +129,19 @@ class EdgeMiddleware:
         route = self.route_labels(scope["path"])
         method = scope["method"]
         status = exchange.status or 499  # nothing was sent: the client left first
-        status_text = _STATUS_TEXT.get(status) or str(status)
-        REQUESTS.labels(route, method, status_text).inc()
-        DURATION.labels(route, method).observe(ended - exchange.started)
+        series = self._series.get((route, method, status))
+        if series is None:
+            status_text = _STATUS_TEXT.get(status) or str(status)
+            series = self._series[(route, method, status)] = (
+                REQUESTS.labels(route, method, status_text),
+                DURATION.labels(route, method),
+                TIME_TO_FIRST_TOKEN.labels(route),
+            )
+        series[0].inc()
+        series[1].observe(ended - exchange.started)
         if exchange.first_event is not None:
-            TIME_TO_FIRST_TOKEN.labels(route).observe(exchange.first_event - exchange.started)
-        if self.access_log:
+            series[2].observe(exchange.first_event - exchange.started)
+        if self.access_log and log.isEnabledFor(logging.INFO):
             state = scope.get("state") or {}
             principal = state.get("principal")
             log.info(

@@ -176,71 +176,130 @@ def observe_cache(hit: bool) -> None:
     CACHE.labels("hit" if hit else "miss").inc()
 
 
+class _Series:
+    """The label children of one (kind, model, provider, stream, response model): resolved
+    once, then each request is a handful of increments (``labels()`` costs more than the
+    increment it selects)."""
+
+    __slots__ = (
+        "_genai",
+        "_labels",
+        "duration",
+        "genai_duration",
+        "genai_first_chunk",
+        "genai_input",
+        "genai_output",
+        "requests_ok",
+        "time_to_first_token",
+        "tokens_cached",
+        "tokens_input",
+        "tokens_output",
+    )
+
+    def __init__(self, kind: str, model: str, provider: str, stream: str, genai: tuple[str, str, str, str]) -> None:
+        self._labels = (kind, model, provider)
+        self._genai = genai
+        self.requests_ok = REQUESTS.labels(kind, model, provider, "ok", stream)
+        self.duration = DURATION.labels(kind, model, provider, stream)
+        self.tokens_input = TOKENS.labels(kind, model, provider, "input")
+        self.tokens_output = TOKENS.labels(kind, model, provider, "output")
+        self.tokens_cached = TOKENS.labels(kind, model, provider, "cached")
+        self.genai_input = GENAI_TOKEN_USAGE.labels(*genai, "input")
+        self.genai_output = GENAI_TOKEN_USAGE.labels(*genai, "output")
+        self.genai_duration = GENAI_DURATION.labels(*genai, "")
+        self.time_to_first_token = TIME_TO_FIRST_TOKEN.labels(model, provider)
+        self.genai_first_chunk = GENAI_TIME_TO_FIRST_CHUNK.labels(*genai)
+
+
+_series: dict[tuple[str, str, str, bool, str], _Series] = {}
+_costs: dict[tuple[str, str, str], Any] = {}
+_keys: dict[str, tuple[Any, Any]] = {}
+
+
+def _series_of(info: RequestInfo, provider: ProviderConfig | None, routed: bool = True) -> _Series:
+    provider_name = provider.name if provider is not None else ""
+    key = (info.kind, info.model if routed else UNROUTED, provider_name, info.stream, info.response_model)
+    series = _series.get(key)
+    if series is None:
+        model = _model_label(info, routed)
+        genai = (
+            GENAI_OPERATION.get(info.kind, info.kind),
+            genai_provider(provider),
+            model,
+            models(info.response_model) if info.response_model else model,
+        )
+        series = _Series(info.kind, model, provider_name, "true" if info.stream else "false", genai)
+        if len(_series) < _MAX_SERIES:  # beyond: resolved each time (labels are bounded anyway)
+            _series[key] = series
+    return series
+
+
+_MAX_SERIES = 10_000
+
+
 def observe_completed(
     info: RequestInfo, provider: ProviderConfig | None, usage: chat_pb2.Usage, usd: int, *, cached: bool
 ) -> None:
     """A request that answered: count it, its tokens, its cost; the GenAI histograms for
     the upstream operation (not for cache hits: nothing went upstream)."""
-    now = time.monotonic()
-    provider_name = provider.name if provider is not None else ""
-    model = _model_label(info, True)
-    stream = "true" if info.stream else "false"
-    kind = info.kind
-    REQUESTS.labels(kind, model, provider_name, "ok", stream).inc()
-    DURATION.labels(kind, model, provider_name, stream).observe(now - info.started)
-    _count_tokens(info, kind, model, provider_name, usage, usd)
+    elapsed = time.monotonic() - info.started
+    series = _series_of(info, provider)
+    series.requests_ok.inc()
+    series.duration.observe(elapsed)
+    _count_tokens(info, series, usage, usd)
     if cached:
         return
-    genai = (
-        GENAI_OPERATION.get(kind, kind),
-        genai_provider(provider),
-        model,
-        models(info.response_model) if info.response_model else model,
-    )
-    GENAI_TOKEN_USAGE.labels(*genai, "input").observe(usage.prompt_tokens)
-    if kind != "embedding":
-        GENAI_TOKEN_USAGE.labels(*genai, "output").observe(usage.completion_tokens)
-    GENAI_DURATION.labels(*genai, "").observe(now - info.started)
+    series.genai_input.observe(usage.prompt_tokens)
+    if info.kind != "embedding":
+        series.genai_output.observe(usage.completion_tokens)
+    series.genai_duration.observe(elapsed)
     if info.first_token_at is not None:
-        TIME_TO_FIRST_TOKEN.labels(model, provider_name).observe(info.first_token_at - info.started)
-        GENAI_TIME_TO_FIRST_CHUNK.labels(*genai).observe(info.first_token_at - info.started)
+        first = info.first_token_at - info.started
+        series.time_to_first_token.observe(first)
+        series.genai_first_chunk.observe(first)
 
 
 def observe_failed(
     info: RequestInfo, provider: ProviderConfig | None, error_code: str, charge: chat_pb2.Usage | None
 ) -> None:
-    provider_name = provider.name if provider is not None else ""
-    model = _model_label(info, provider is not None)
-    stream = "true" if info.stream else "false"
-    kind = info.kind
-    REQUESTS.labels(kind, model, provider_name, error_code, stream).inc()
-    DURATION.labels(kind, model, provider_name, stream).observe(time.monotonic() - info.started)
+    """A request that failed (``error_code`` is one of the router's own codes: bounded)."""
+    elapsed = time.monotonic() - info.started
+    series = _series_of(info, provider, routed=provider is not None)
+    kind, model, provider_name = series._labels
+    REQUESTS.labels(kind, model, provider_name, error_code, "true" if info.stream else "false").inc()
+    series.duration.observe(elapsed)
     if charge is not None:
-        _count_tokens(info, kind, model, provider_name, charge, charge.cost_usd_micros)
+        _count_tokens(info, series, charge, charge.cost_usd_micros)
     if provider is not None:
-        genai = (
-            GENAI_OPERATION.get(kind, kind),
-            genai_provider(provider),
-            model,
-            models(info.response_model) if info.response_model else model,
-        )
-        GENAI_DURATION.labels(*genai, error_code).observe(time.monotonic() - info.started)
+        GENAI_DURATION.labels(*series._genai, error_code).observe(elapsed)
 
 
-def _count_tokens(info: RequestInfo, kind: str, model: str, provider: str, usage: chat_pb2.Usage, usd: int) -> None:
+def _count_tokens(info: RequestInfo, series: _Series, usage: chat_pb2.Usage, usd: int) -> None:
     if usage.prompt_tokens:
-        TOKENS.labels(kind, model, provider, "input").inc(usage.prompt_tokens)
+        series.tokens_input.inc(usage.prompt_tokens)
     if usage.completion_tokens:
-        TOKENS.labels(kind, model, provider, "output").inc(usage.completion_tokens)
+        series.tokens_output.inc(usage.completion_tokens)
     if usage.cached_tokens:
-        TOKENS.labels(kind, model, provider, "cached").inc(usage.cached_tokens)
+        series.tokens_cached.inc(usage.cached_tokens)
     if usd:
-        COST.labels(provider, model, pools(info.pool)).inc(usd)
+        _, model, provider = series._labels
+        cost_key = (provider, model, info.pool)
+        cost = _costs.get(cost_key)
+        if cost is None:
+            cost = COST.labels(provider, model, pools(info.pool))
+            if len(_costs) < _MAX_SERIES:
+                _costs[cost_key] = cost
+        cost.inc(usd)
     if info.key_id:
-        key = keys(info.key_id)
-        KEY_REQUESTS.labels(key).inc()
+        per_key = _keys.get(info.key_id)
+        if per_key is None:
+            label = keys(info.key_id)
+            per_key = (KEY_REQUESTS.labels(label), KEY_COST.labels(label))
+            if len(_keys) < _MAX_SERIES:
+                _keys[info.key_id] = per_key
+        per_key[0].inc()
         if usd:
-            KEY_COST.labels(key).inc(usd)
+            per_key[1].inc(usd)
 
 
 # -- spans --------------------------------------------------------------------------------
@@ -297,9 +356,7 @@ def span_outcome(
 _BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}
 
 
-def register_state(
-    health: HealthBoard, provider_names: list[str], registry: CollectorRegistry = REGISTRY
-) -> None:
+def register_state(health: HealthBoard, provider_names: list[str], registry: CollectorRegistry = REGISTRY) -> None:
     """Breaker state per provider and the providers' reported rate-limit headroom, read
     from memory at scrape time."""
 

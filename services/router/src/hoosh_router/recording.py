@@ -347,22 +347,23 @@ class Recorder:
         self._publisher.publish_background(SUBJECT_COMPLETED, event, info.request_id)
         metrics.observe_completed(info, provider, usage, event.cost_usd_micros, cached=cached)
         metrics.span_outcome(info, provider, usage, finish_reason=finish_reason, attempts=attempts, cached=cached)
-        log.info(
-            "inference completed",
-            extra={
-                "model": info.model,
-                "provider": event.provider,
-                "pool": info.pool,
-                "key_id": info.key_id,
-                "stream": info.stream,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cost_usd_micros": event.cost_usd_micros,
-                "latency_ms": event.latency_ms,
-                "attempts": attempts,
-                "cached": cached,
-            },
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "inference completed",
+                extra={
+                    "model": info.model,
+                    "provider": event.provider,
+                    "pool": info.pool,
+                    "key_id": info.key_id,
+                    "stream": info.stream,
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "cost_usd_micros": event.cost_usd_micros,
+                    "latency_ms": event.latency_ms,
+                    "attempts": attempts,
+                    "cached": cached,
+                },
+            )
 
     def failed(
         self,
@@ -400,21 +401,22 @@ class Recorder:
         metrics.span_outcome(
             info, self._providers.get(provider), charge, error_type=error.error_code, attempts=attempts
         )
-        log.info(
-            "inference failed",
-            extra={
-                "model": info.model,
-                "provider": provider,
-                "pool": info.pool,
-                "key_id": info.key_id,
-                "stream": info.stream,
-                "error_code": error.error_code,
-                "http_status": event.http_status,
-                "charged_tokens": event.charged_tokens,
-                "latency_ms": event.latency_ms,
-                "attempts": attempts,
-            },
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "inference failed",
+                extra={
+                    "model": info.model,
+                    "provider": provider,
+                    "pool": info.pool,
+                    "key_id": info.key_id,
+                    "stream": info.stream,
+                    "error_code": error.error_code,
+                    "http_status": event.http_status,
+                    "charged_tokens": event.charged_tokens,
+                    "latency_ms": event.latency_ms,
+                    "attempts": attempts,
+                },
+            )
 
     async def drain(self, commit_timeout: float) -> None:
         """Shutdown: endings under way, then settlements being retried, then key finishes."""

@@ -42,6 +42,11 @@ METRICS_PORTS: dict[str, tuple[str, int]] = {
 # Compose services that are another variant of one of the six (same port, an alias).
 COMPOSE_VARIANTS = {"local-inference-gpu": "local-inference", "stt-gpu": "stt"}
 PROFILE_SERVICES = {"otel-collector", "prometheus", "grafana", "jaeger"}
+# The container ports each profile service publishes on the host (and only these).
+PUBLISHED_PORTS = {"grafana": {3000}, "prometheus": {9090}, "jaeger": {16686}, "otel-collector": {4317, 4318}}
+# What every published port of the profile binds to: loopback unless .env says otherwise
+# (Grafana's admin/admin and anonymous viewer are acceptable only there).
+OBSERVABILITY_BIND = "${HOOSH_OBSERVABILITY_BIND:-127.0.0.1}"
 REQUIRED_DASHBOARDS = {
     "hoosh-traffic",
     "hoosh-latency",
@@ -52,6 +57,21 @@ REQUIRED_DASHBOARDS = {
     "hoosh-audit",
 }
 METRIC_TYPES = {"counter", "gauge", "histogram"}
+# The catalogue's type cell `gauge (shared)`: a snapshot of shared state (Redis, JetStream)
+# that every replica reports with the same value, so it is taken with max across instances.
+SHARED_MARKER = "(shared)"
+# At least these are shared: every budget replica exports the same Redis snapshot.
+SHARED_REQUIRED = {
+    "hoosh_pool_capacity_tokens",
+    "hoosh_pool_used_tokens",
+    "hoosh_pool_reserved_tokens",
+    "hoosh_pool_capacity_usd_micros",
+    "hoosh_pool_used_usd_micros",
+    "hoosh_pool_reserved_usd_micros",
+    "hoosh_pool_open_reservations",
+    "hoosh_budget_open_reservations",
+    "hoosh_budget_pools",
+}
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 # Labels every scraped series has (target labels), or the histogram bucket bound.
 IMPLICIT_LABELS = {"job", "instance", "le"}
@@ -105,13 +125,17 @@ def _catalogue() -> dict[str, dict[str, Any]]:
         name = _backticked(cells[0])[0]
         assert name not in catalogue, f"{name} is in the catalogue twice"
         kind = cells[1].lower()
+        shared = kind.endswith(SHARED_MARKER)
+        kind = kind.removesuffix(SHARED_MARKER).strip()
         assert kind in METRIC_TYPES, f"{name}: type {kind!r} is not one of {sorted(METRIC_TYPES)}"
+        assert not shared or kind == "gauge", f"{name}: only a gauge can be a shared snapshot"
         if kind == "counter":
             assert name.endswith("_total"), f"{name}: a counter's exposed name ends in _total"
         if kind == "histogram":
             assert not name.endswith(HISTOGRAM_SERIES), f"{name}: list a histogram by its base name"
         catalogue[name] = {
             "type": kind,
+            "shared": shared,
             "labels": set(_backticked(cells[2])),
             "dashboards": set(_backticked(cells[4])),
         }
@@ -145,6 +169,44 @@ def _promql_names(expr: str) -> tuple[set[str], dict[str, set[str]], set[str]]:
     return names, matched, grouping
 
 
+_AGGREGATION = re.compile(r"\b(sum|count|max|min|avg|group)\s*(?:(by|without)\s*\(([^)]*)\)\s*)?\(")
+_TRAILING_GROUPING = re.compile(r"\s*(by|without)\s*\(([^)]*)\)")
+
+
+def _closing_paren(text: str, opening: int) -> int:
+    """The index of the `)` that closes the `(` at `opening`."""
+    depth = 0
+    for index in range(opening, len(text)):
+        depth += (text[index] == "(") - (text[index] == ")")
+        if depth == 0:
+            return index
+    raise AssertionError(f"unbalanced parentheses in {text}")
+
+
+def _instance_aggregators(expr: str, metric: str) -> list[str | None]:
+    """For each place `metric` appears in `expr`, the aggregation operator that merges its
+    instances (the innermost sum/count/max/min/avg/group whose grouping drops `instance`),
+    or None when its instances stay apart."""
+    plain = _STRING.sub('""', expr)
+    spans: list[tuple[int, int, str]] = []
+    for match in _AGGREGATION.finditer(plain):
+        operator, grouping, labels = match.group(1), match.group(2), match.group(3) or ""
+        opening = match.end() - 1
+        closing = _closing_paren(plain, opening)
+        trailing = _TRAILING_GROUPING.match(plain, closing + 1)
+        if grouping is None and trailing:
+            grouping, labels = trailing.group(1), trailing.group(2)
+        kept = {label.strip() for label in labels.split(",")}
+        merges = grouping is None or (grouping == "by") != ("instance" in kept)
+        if merges:
+            spans.append((opening, closing, operator))
+    operators: list[str | None] = []
+    for occurrence in re.finditer(rf"(?<![\w:$]){re.escape(metric)}(?![\w:])", plain):
+        enclosing = [span for span in spans if span[0] < occurrence.start() < span[1]]
+        operators.append(max(enclosing)[2] if enclosing else None)
+    return operators
+
+
 def _base_metric(series: str) -> str | None:
     """The catalogue entry a series name belongs to (a histogram's _bucket/_sum/_count
     to the histogram), or None."""
@@ -170,7 +232,7 @@ def _dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
         text = query.get("query", "") if isinstance(query, dict) else str(query or "")
         match = re.fullmatch(r"\s*label_values\(\s*(.+?)\s*,\s*([a-zA-Z_]\w*)\s*\)\s*", text)
         assert match, f"variable {variable.get('name')!r}: expected label_values(metric, label), got {text!r}"
-        yield f"variable {variable.get('name')!r}", f"sum by ({match.group(2)}) ({match.group(1)})"
+        yield f"variable {variable.get('name')!r}", f"group by ({match.group(2)}) ({match.group(1)})"
 
 
 def _dashboard_metrics() -> dict[str, set[str]]:
@@ -319,6 +381,45 @@ def test_the_promql_reader_finds_metrics_and_labels() -> None:
     assert grouping == {"le", "model"}
 
 
+def test_the_aggregation_reader_finds_what_merges_the_instances() -> None:
+    assert _instance_aggregators('sum by (pool) (a{pool=~"$pool"}) / max by (pool) (b)', "a") == ["sum"]
+    assert _instance_aggregators('sum by (pool) (a{pool=~"$pool"}) / max by (pool) (b)', "b") == ["max"]
+    assert _instance_aggregators("count((max by (pool) (a) / (max by (pool) (b) > 0)) > 0.9) or vector(0)", "a") == [
+        "max"
+    ]
+    assert _instance_aggregators("sum(max by (pool) (a)) + max(sum by (pool) (a))", "a") == ["max", "sum"]
+    assert _instance_aggregators("sum by (instance, pool) (a) + sum without (pool) (a) + a", "a") == [None, None, None]
+    assert _instance_aggregators("sum without (instance) (a) + sum(a) by (job) + sum(a) by (instance)", "a") == [
+        "sum",
+        "sum",
+        None,
+    ]
+    assert _instance_aggregators('sum_over_time(a[5m]) + count_values("v", a) + sum(a_b) + sum(b_a)', "a") == [
+        None,
+        None,
+    ]
+
+
+def test_no_dashboard_sums_a_gauge_that_every_replica_reports_alike() -> None:
+    """A shared snapshot (the pool gauges: every budget replica exports the same Redis
+    state) summed or counted across instances is multiplied by the replica count: take
+    it with max. Per-process gauges (in flight, queue depth, outbox depth) are summed."""
+    catalogue = _catalogue()
+    shared = {name for name, entry in catalogue.items() if entry["shared"]}
+    assert SHARED_REQUIRED <= shared, (
+        f"mark {sorted(SHARED_REQUIRED - shared)} `gauge {SHARED_MARKER}` in the catalogue"
+    )
+    wrong = []
+    for name, dashboard in _dashboards().items():
+        for where, expr in _dashboard_queries(dashboard):
+            for metric in sorted(shared):
+                for series in (metric, *(metric + suffix for suffix in HISTOGRAM_SERIES)):
+                    operators = _instance_aggregators(expr, series)
+                    if {"sum", "count"} & set(operators):
+                        wrong.append(f"{name} {where}: {operators} of {series} in {expr}")
+    assert not wrong, "shared gauges summed across instances (use max by (...)):\n" + "\n".join(wrong)
+
+
 # -- docs ----------------------------------------------------------------------------------
 
 
@@ -407,6 +508,25 @@ def test_the_collector_wires_a_traces_pipeline_of_defined_components() -> None:
             assert host in _compose()["services"], f"{exporter} sends to {host}, not a compose service"
 
 
+def _version(tag: str) -> tuple[int, ...]:
+    match = re.fullmatch(r"v?(\d+)\.(\d+)\.(\d+)", tag)
+    assert match, f"not a release tag: {tag!r}"
+    return tuple(int(part) for part in match.groups())
+
+
+def test_the_collector_chart_pins_the_same_image_as_compose() -> None:
+    values = _load_yaml(DEPLOY / "helm" / "otel-collector-values.yaml")
+    repository, _, tag = _compose()["services"]["otel-collector"]["image"].rpartition(":")
+    image = values.get("image") or {}
+    assert image.get("repository") == repository, f"the chart's image: {image}, compose: {repository}"
+    assert isinstance(image.get("tag"), str) and image["tag"], "pin image.tag (a string) in otel-collector-values.yaml"
+    assert image["tag"] == tag, f"the chart runs {image['tag']}, compose {tag}: bump both together"
+    # `otlp_grpc` / `otlp_http` exporter names exist from collector v0.144 on.
+    for config in (values["config"], _load_yaml(OBSERVABILITY / "otel-collector.yaml")):
+        if any(name.split("/")[0] in ("otlp_grpc", "otlp_http") for name in config.get("exporters", {})):
+            assert _version(tag) >= (0, 144, 0), f"otlp_grpc/otlp_http need collector v0.144+, pinned {tag}"
+
+
 def test_grafana_provisioning_points_at_prometheus_jaeger_and_the_dashboards() -> None:
     datasources = {}
     for path in (PROVISIONING_DIR / "datasources").glob("*.yaml"):
@@ -440,13 +560,33 @@ def test_the_compose_profile_starts_the_observability_services_from_pinned_image
         # The collector's image has no shell to probe with; every other one is checked.
         if name != "otel-collector":
             assert spec.get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
-        for port in spec.get("ports", []):
-            assert str(port).startswith("${HOOSH_OBSERVABILITY_BIND:-127.0.0.1}:"), f"{name}: published on {port}"
     for name, spec in services.items():
         if name in PROFILE_SERVICES:
             continue
         depends = spec.get("depends_on") or {}
         assert not PROFILE_SERVICES & set(depends), f"{name} must run without the observability profile"
+
+
+def test_the_observability_ports_are_published_on_loopback_by_default() -> None:
+    """Grafana (admin/admin, anonymous viewer), Prometheus, Jaeger and the collector have
+    no real authentication: every port they publish binds to HOOSH_OBSERVABILITY_BIND,
+    127.0.0.1 unless .env says otherwise."""
+    services = _compose()["services"]
+    assert set(PUBLISHED_PORTS) == PROFILE_SERVICES
+    for name, expected in PUBLISHED_PORTS.items():
+        spec = services[name]
+        assert spec.get("network_mode") != "host", f"{name}: host networking publishes every port"
+        published = set()
+        for port in spec.get("ports", []):
+            assert isinstance(port, str), f"{name}: use the short syntax BIND:HOST:CONTAINER ({port})"
+            assert port.startswith(f"{OBSERVABILITY_BIND}:"), f"{name}: {port} is not bound to {OBSERVABILITY_BIND}"
+            parts = _compose_default_path(port).split(":")
+            assert len(parts) == 3 and parts[0] == "127.0.0.1", f"{name}: {port} resolves to {parts}"
+            published.add(int(parts[2].split("/")[0]))
+        assert published == expected, f"{name}: publishes {sorted(published)}, expected {sorted(expected)}"
+    environment = services["grafana"]["environment"]
+    if str(environment.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() == "true":
+        assert environment.get("GF_AUTH_ANONYMOUS_ORG_ROLE") == "Viewer", "anonymous visitors may only view"
 
 
 def test_compose_references_resolve() -> None:
@@ -626,11 +766,30 @@ def test_the_network_policies_let_prometheus_reach_the_metrics_ports(full_render
         and any(port.get("port") == "metrics" for rule in policy["spec"].get("ingress", []) for port in rule["ports"])
     ]
     assert allowing, "every hoosh pod denies ingress by default: the metrics port needs a rule"
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            # A rule without ports opens every port, the metrics port included.
+            assert rule.get("ports"), f"{policy['metadata']['name']}: a rule without ports"
+            if not any(port.get("port") == "metrics" for port in rule["ports"]):
+                continue
+            where = policy["metadata"]["name"]
+            peers = rule.get("from")
+            assert peers, f"{where}: the metrics ports open to every source"
+            for peer in peers:
+                assert set(peer) == {"namespaceSelector", "podSelector"}, f"{where}: {peer}"
+                # Only Prometheus's namespace, by the label Kubernetes sets to its name (an
+                # empty selector would admit a pod of that name in any namespace).
+                namespaces = peer["namespaceSelector"] or {}
+                assert namespaces.get("matchLabels", {}).get("kubernetes.io/metadata.name") == "monitoring", (
+                    f"{where}: restrict the namespace (kubernetes.io/metadata.name: monitoring), not {namespaces}"
+                )
+                assert peer["podSelector"].get("matchLabels"), f"{where}: every pod of the namespace: {peer}"
 
 
 @needs_kubectl
 def test_the_rendered_manifests_pass_the_kubernetes_schema(full_render: list[dict[str, Any]]) -> None:
     import kubernetes_validate  # requirements-dev.txt
+
     for document in full_render:
         if document["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: checked above

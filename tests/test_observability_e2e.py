@@ -30,7 +30,7 @@ from hoosh_cli.otlp_sink import OtlpSink, ReceivedSpan
 from hoosh_cli.stack import Ports, Stack, StackConfig
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import LOCAL_MODEL, STT_MODEL, RunningStack, _cleanup
+from .conftest import LOCAL_MODEL, STT_MODEL, RunningStack, _cleanup, admin_headers
 
 pytestmark = pytest.mark.slow  # whole stacks with the real models
 
@@ -302,6 +302,33 @@ def test_every_service_logs_the_request_with_its_request_id_and_trace_id(traced:
     assert len(access) == 1 and access[0]["status"] == 200 and access[0]["route"] == "/v1/chat/completions"
 
 
+def test_without_an_exporter_the_log_lines_still_join_by_request_id_and_trace_id(hoosh: RunningStack) -> None:
+    """The default: no exporter, no spans; every hop still carries the caller's trace id
+    (HTTP traceparent, gRPC metadata, NATS headers) into its log lines."""
+    trace_id, _, header = traceparent()
+    client = openai.OpenAI(base_url=f"{hoosh.base_url}/v1", api_key="no-key-needed", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=LOCAL_MODEL,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=3,
+        extra_headers={"traceparent": header},
+    )
+    request_id = raw.headers["x-request-id"]
+    log_dir = hoosh.stack.log_dir
+    found: dict[str, list[dict[str, object]]] = {}
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        found = {
+            name: log_lines(log_dir / f"{name}.log", request_id) for name in ("edge", "router", "inference", "audit")
+        }
+        if all(found.values()):
+            break
+        time.sleep(0.2)
+    assert all(found.values()), {name: len(lines) for name, lines in found.items()}
+    for name, lines in found.items():
+        assert all(line.get("trace_id") == trace_id for line in lines), (name, lines)
+
+
 # -- metrics ------------------------------------------------------------------------------
 
 
@@ -337,6 +364,7 @@ def test_each_services_counters_move_by_exactly_the_requests_made(hoosh: Running
     client = openai.OpenAI(base_url=f"{hoosh.base_url}/v1", api_key="no-key-needed", max_retries=0)
     upstream_n, local_n = 5, 2
     model = f"mock-metrics-{uuid.uuid4().hex[:6]}"
+    label = "mock-*"  # the configured pattern the name matched: client strings never become labels
 
     audit_before = _wait_audit_idle(urls["audit"])
     before = {name: scrape(url) for name, url in urls.items()}
@@ -368,21 +396,21 @@ def test_each_services_counters_move_by_exactly_the_requests_made(hoosh: Running
     assert delta("edge", "hoosh_http_request_duration_seconds_count", **route) == n
     # router: by model, provider, status; tokens; the GenAI histograms.
     assert (
-        delta("router", "hoosh_inference_requests_total", model=model, provider="upstream", status="ok") == upstream_n
+        delta("router", "hoosh_inference_requests_total", model=label, provider="upstream", status="ok") == upstream_n
     )
-    assert delta("router", "hoosh_inference_duration_seconds_count", model=model, provider="upstream") == upstream_n
+    assert delta("router", "hoosh_inference_duration_seconds_count", model=label, provider="upstream") == upstream_n
     assert (
-        delta("router", "hoosh_inference_tokens_total", model=model, type="input")
-        + delta("router", "hoosh_inference_tokens_total", model=model, type="output")
+        delta("router", "hoosh_inference_tokens_total", model=label, type="input")
+        + delta("router", "hoosh_inference_tokens_total", model=label, type="output")
         == tokens
     )
-    assert delta("router", "gen_ai_client_operation_duration_seconds_count", gen_ai_request_model=model) == upstream_n
+    assert delta("router", "gen_ai_client_operation_duration_seconds_count", gen_ai_request_model=label) == upstream_n
     assert (
-        delta("router", "gen_ai_client_token_usage_count", gen_ai_request_model=model, gen_ai_token_type="input")
+        delta("router", "gen_ai_client_token_usage_count", gen_ai_request_model=label, gen_ai_token_type="input")
         == upstream_n
     )
     assert delta("router", "hoosh_upstream_attempts_total", provider="upstream", outcome="ok") == upstream_n
-    assert delta("router", "hoosh_cost_usd_micros_total", model=model) > 0
+    assert delta("router", "hoosh_cost_usd_micros_total", model=label) > 0
     # the local engine: one generation per local request, its tokens exactly.
     assert (
         delta("inference", "gen_ai_server_request_duration_seconds_count", gen_ai_request_model=LOCAL_MODEL) == local_n
@@ -441,29 +469,74 @@ def test_the_pool_gauges_show_exactly_what_the_requests_used(hoosh: RunningStack
     assert total(samples, "hoosh_pool_capacity_tokens", pool="default") == 100_000_000
 
 
-def test_every_catalogued_metric_is_exposed_with_its_type_and_labels(hoosh: RunningStack) -> None:
+# Families whose series appear only after an event the shared stack does not cause.
+MAY_BE_EMPTY = {
+    "hoosh_cache_requests_total": "the shared stack configures no response cache",
+    "hoosh_provider_ratelimit_remaining": "the stand-ins send no rate-limit headers",
+    "hoosh_pool_capacity_usd_micros": "no pool of the shared stack has a USD cap",
+    "hoosh_pool_used_usd_micros": "no pool of the shared stack has a USD cap",
+    "hoosh_pool_reserved_usd_micros": "no pool of the shared stack has a USD cap",
+    "hoosh_audit_checkpoint_failures_total": "checkpoints succeed",
+    "hoosh_audit_verify_failures_total": "the chain verifies",
+    "hoosh_budget_expired_leases_total": "no lease expires during the test",
+}
+
+
+def test_every_catalogued_metric_is_exposed_with_its_type_and_labels(hoosh: RunningStack, speech: Path) -> None:
     """docs/observability.md (what the dashboards query) against what the running services
     really expose: a renamed or dropped metric fails here, not on an empty panel."""
     from .test_observability_deploy import _catalogue
 
     client = openai.OpenAI(base_url=f"{hoosh.base_url}/v1", api_key="no-key-needed", max_retries=0)
+    # Traffic that moves every family: a chat, a stream, a refused key, a transcription.
     client.chat.completions.create(model="mock-catalogue", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-    exposed: dict[str, tuple[str, set[str]]] = {}
+    for _ in client.chat.completions.create(
+        model=LOCAL_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True
+    ):
+        pass
+    created = httpx.post(
+        f"{hoosh.base_url}/v1/admin/keys", json={"name": "revoked", "pools": ["default"]}, headers=admin_headers(hoosh)
+    ).json()
+    keyed = openai.OpenAI(base_url=f"{hoosh.base_url}/v1", api_key=created["key"], max_retries=0)
+    keyed.chat.completions.create(model="mock-catalogue", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert httpx.delete(
+        f"{hoosh.base_url}/v1/admin/keys/{created['record']['id']}", headers=admin_headers(hoosh)
+    ).is_success
+    deadline = time.monotonic() + 5
+    while True:  # every edge's key cache hears of the revocation within milliseconds
+        bad = httpx.post(
+            f"{hoosh.base_url}/v1/chat/completions",
+            json={"model": "mock-x", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {created['key']}"},
+        )
+        if bad.status_code == 401 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert bad.status_code == 401
+    with speech.open("rb") as audio:
+        client.audio.transcriptions.create(model=STT_MODEL, file=audio)
+    time.sleep(6)  # one refresh of the budget's pool snapshot
+    exposed: dict[str, tuple[str, set[str], int]] = {}
     for url in _metrics(hoosh).values():
         for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
             name = f"{family.name}_total" if family.type == "counter" else family.name
             labels = {label for sample in family.samples for label in sample.labels} - {"le"}
-            kind, seen = exposed.get(name, (family.type, set()))
-            exposed[name] = (kind, seen | labels)
-    missing, wrong = [], []
+            kind, seen, samples = exposed.get(name, (family.type, set(), 0))
+            exposed[name] = (kind, seen | labels, samples + len(family.samples))
+    missing, wrong, empty = [], [], []
     for name, entry in _catalogue().items():
         if name == "up":  # Prometheus adds it
             continue
         if name not in exposed:
             missing.append(name)
             continue
-        kind, labels = exposed[name]
-        if kind != entry["type"] or (labels and labels != entry["labels"]):
+        kind, labels, samples = exposed[name]
+        if not samples:
+            if name not in MAY_BE_EMPTY:
+                empty.append(name)
+            continue
+        if kind != entry["type"] or labels != entry["labels"]:
             wrong.append((name, kind, sorted(labels), entry["type"], sorted(entry["labels"])))
     assert not missing, f"catalogued but not exposed: {missing}"
+    assert not empty, f"catalogued, exposed, but no series after the traffic: {empty}"
     assert not wrong, wrong

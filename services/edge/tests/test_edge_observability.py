@@ -10,7 +10,7 @@ import logging
 import pytest
 from hoosh_common.logs import JsonFormatter
 from hoosh_common.telemetry import capture_spans
-from hoosh_edge.metrics import RouteLabels
+from hoosh_edge.metrics import RouteLabels, http_method
 from opentelemetry import trace
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,13 +31,25 @@ async def edge(make_edge: MakeEdge, stack: Stack) -> Edge:
 
 
 def test_route_labels_are_templates_never_raw_paths() -> None:
-    labels = RouteLabels(["/v1/chat/completions", "/v1/admin/keys/{key_id}", "/v1/admin/pools/{name}/reset"])
+    labels = RouteLabels(["/v1/chat/completions", "/v1/models/{model}", "/v1/admin/pools/{name}/reset"])
     assert labels("/v1/chat/completions") == "/v1/chat/completions"
-    assert labels("/v1/admin/keys/k-123") == "/v1/admin/keys/{key_id}"
+    assert labels("/v1/models/gpt-4o") == "/v1/models/{model}"
+    assert labels("/v1/models/openai/gpt-4o") == "/v1/models/{model}"  # a last parameter may hold slashes
     assert labels("/v1/admin/pools/team-a/reset") == "/v1/admin/pools/{name}/reset"
-    assert labels("/v1/admin/keys/a/b") == "_other"
-    assert labels("/v1/admin/keys/") == "_other"
+    assert labels("/v1/admin/pools/a/b/reset") == "_other"  # an inner one may not
+    assert labels("/v1/models/") == "_other"
     assert labels("/wp-login.php") == "_other"
+
+
+def test_http_methods_are_a_bounded_label() -> None:
+    assert [http_method(m) for m in ("GET", "POST", "DELETE", "PROPFIND", "M-SEARCH", "get")] == [
+        "GET",
+        "POST",
+        "DELETE",
+        "_other",
+        "_other",
+        "_other",
+    ]
 
 
 async def test_requests_are_counted_by_route_method_and_status(edge: Edge) -> None:

@@ -49,13 +49,14 @@ class Deltas:
 
 
 async def test_completed_requests_are_counted_once_with_their_tokens_and_histograms(router: Router) -> None:
-    ok = {"kind": "chat", "model": "mock-ok", "provider": "primary", "status": "ok", "stream": "false"}
-    genai = {"gen_ai_request_model": "mock-ok", "gen_ai_provider_name": "openai", "gen_ai_operation_name": "chat"}
+    # mock-ok matches the provider's pattern mock-*: the label is the pattern, never the client's string.
+    ok = {"kind": "chat", "model": "mock-*", "provider": "primary", "status": "ok", "stream": "false"}
+    genai = {"gen_ai_request_model": "mock-*", "gen_ai_provider_name": "openai", "gen_ai_operation_name": "chat"}
     deltas = Deltas(
         ("hoosh_inference_requests_total", ok),
-        ("hoosh_inference_duration_seconds_count", {"model": "mock-ok", "provider": "primary"}),
-        ("hoosh_inference_tokens_total", {"model": "mock-ok", "type": "input"}),
-        ("hoosh_inference_tokens_total", {"model": "mock-ok", "type": "output"}),
+        ("hoosh_inference_duration_seconds_count", {"model": "mock-*", "provider": "primary"}),
+        ("hoosh_inference_tokens_total", {"model": "mock-*", "type": "input"}),
+        ("hoosh_inference_tokens_total", {"model": "mock-*", "type": "output"}),
         ("gen_ai_client_token_usage_count", {**genai, "gen_ai_token_type": "input"}),
         ("gen_ai_client_token_usage_sum", {**genai, "gen_ai_token_type": "output"}),
         ("gen_ai_client_operation_duration_seconds_count", {**genai, "error_type": ""}),
@@ -98,6 +99,48 @@ async def test_an_unknown_model_is_counted_without_its_name_as_a_label(router: R
     await router.recorder.drain(5)
     assert value("hoosh_inference_requests_total", model=metrics.UNROUTED) == before + 1
     assert model.encode() not in generate_latest(REGISTRY)
+
+
+async def test_client_chosen_model_names_never_become_labels(router: Router) -> None:
+    """A user key can send any name a pattern route accepts: it is counted under the
+    pattern, and none of those names appears in the exposition."""
+    names = [f"mock-{uuid.uuid4().hex}" for _ in range(20)]
+    before = value("hoosh_inference_requests_total", model="mock-*", status="ok")
+    for name in names:
+        await router.chat.chat(request_for(name), rid())
+    await router.recorder.drain(5)
+    assert value("hoosh_inference_requests_total", model="mock-*", status="ok") == before + 20
+    exposition = generate_latest(REGISTRY)
+    assert not [name for name in names if name.encode() in exposition]
+
+
+async def test_failures_are_counted_by_error_code_and_per_key(router: Router) -> None:
+    failed = {"model": "mock-*", "provider": "primary", "status": "invalid_request"}
+    before = (value("hoosh_inference_requests_total", **failed), value("hoosh_key_requests_total", key_id="_other"))
+    request = request_for("mock-fail-400")
+    request.caller.key_id = "key-not-allowlisted"
+    with pytest.raises(RouterError):
+        await router.chat.chat(request, rid())
+    await router.recorder.drain(5)
+    after = (value("hoosh_inference_requests_total", **failed), value("hoosh_key_requests_total", key_id="_other"))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1]
+    assert b"key-not-allowlisted" not in generate_latest(REGISTRY)
+
+
+async def test_cache_lookups_and_hits_are_counted(router: Router) -> None:
+    before = (value("hoosh_cache_requests_total", result="miss"), value("hoosh_cache_requests_total", result="hit"))
+    tokens_before = value("hoosh_inference_tokens_total", model="mock-*", type="output")
+    first = await router.chat.chat(request_for("mock-cached-metrics", temperature=0), rid())
+    await router.cache.drain()
+    second = await router.chat.chat(request_for("mock-cached-metrics", temperature=0), rid())
+    await router.recorder.drain(5)
+    assert (first.cache, second.cache) == ("miss", "hit")
+    after = (value("hoosh_cache_requests_total", result="miss"), value("hoosh_cache_requests_total", result="hit"))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1]
+    # The pool paid for the hit too (charge_hits, the default): the tokens count it, as the ledger does.
+    assert value("hoosh_inference_tokens_total", model="mock-*", type="output") - tokens_before == (
+        2 * first.usage.completion_tokens
+    )
 
 
 async def test_attempt_spans_follow_the_genai_conventions(router: Router) -> None:

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
         "port answers admin keys either way)",
     )
     edge_access_log: bool = Field(default=True, description="One JSON access line per request")
+    edge_trust_traceparent: bool = Field(
+        default=True,
+        description="Continue a caller's W3C trace context (traceparent, tracestate); false: every request "
+        "starts a trace of its own (the caller's headers are ignored, its sampling flag too)",
+    )
     edge_max_connections: int = Field(
         default=1024,
         ge=1,

@@ -56,6 +56,9 @@ class RouteLabels:
         for template in templates:
             if "{" in template:
                 pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+                if template.endswith("}"):
+                    # A last parameter may hold slashes (model ids such as provider/model).
+                    pattern = pattern.removesuffix("[^/]+") + ".+"
                 self._patterns.append((re.compile(f"^{pattern}$"), template))
             else:
                 self._static[template] = template
@@ -74,6 +77,15 @@ class RouteLabels:
             if pattern.match(path):
                 return template
         return OTHER
+
+
+# The methods a route can have; any other (PROPFIND, PURGE, ...) is one label value.
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+def http_method(method: str) -> str:
+    """``method`` as a label: the standard ones, else ``_other`` (clients choose it)."""
+    return method if method in _METHODS else OTHER
 
 
 def exposition() -> bytes:

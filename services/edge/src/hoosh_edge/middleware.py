@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import Authenticator
 from .errors import RequestTooLargeError, to_api_error
-from .metrics import AUTH_FAILURES, DURATION, IN_FLIGHT, REQUESTS, TIME_TO_FIRST_TOKEN
+from .metrics import AUTH_FAILURES, DURATION, IN_FLIGHT, REQUESTS, TIME_TO_FIRST_TOKEN, http_method
 from .responses import error_response
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,13 @@ class EdgeMiddleware:
         fast_routes: Mapping[tuple[str, str], ASGIApp] | None = None,
         route_labels: Callable[[str], str] | None = None,
         access_log: bool = True,
+        trust_traceparent: bool = True,
     ) -> None:
         self.app = app
         # Metric labels: the route's template, never the raw path.
         self.route_labels = route_labels or (lambda path: OTHER)
         self.access_log = access_log
+        self.trust_traceparent = trust_traceparent
         # Label children by (route, method, status): bounded (route templates, HTTP statuses).
         self._series: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
         # Hot endpoints served straight from here, past the framework's routing and
@@ -112,6 +114,8 @@ class EdgeMiddleware:
         # Continue the caller's trace (or start one) for everything below: logs, gRPC
         # metadata, events and audit all carry its trace id. While spans are exported the
         # ASGI middleware outside this one has already started the server span from them.
+        if not self.trust_traceparent:
+            traceparent = tracestate = None
         token = None if exporting() else otel_context.attach(incoming_context(traceparent, tracestate))
         exchange = _Exchange(time.perf_counter())
         IN_FLIGHT.inc()
@@ -127,7 +131,7 @@ class EdgeMiddleware:
         """Metrics and the access line of one request (in its trace context)."""
         ended = time.perf_counter()
         route = self.route_labels(scope["path"])
-        method = scope["method"]
+        method = http_method(scope["method"])
         status = exchange.status or 499  # nothing was sent: the client left first
         series = self._series.get((route, method, status))
         if series is None:

@@ -80,7 +80,9 @@ async def ready(request: Request) -> Response:
 async def prometheus_metrics(request: Request) -> Response:
     """Admin: the edge's Prometheus metrics (the same as its metrics port serves)."""
     require_admin(principal_of(request))
-    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
+    # Off the event loop: formatting every series (and, with several workers, reading
+    # their files) takes a while on a big registry.
+    return Response(await asyncio.to_thread(exposition), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/health/providers", response_model=ProviderHealthList, responses=errors(403, *BACKEND), tags=["health"])

@@ -191,7 +191,9 @@ class ChatService:
             hold = await reserve
         granted = hold.completion_tokens
         return Plan(
-            attempts=Attempts(candidates=candidates, deadline=deadline, tokens=prompt_tokens + granted),
+            attempts=Attempts(
+                candidates=candidates, deadline=deadline, tokens=prompt_tokens + granted, label=info.model_label
+            ),
             pool=hold.pool,
             prompt_tokens=prompt_tokens,
             max_tokens=granted,
@@ -201,9 +203,8 @@ class ChatService:
             cached=cached,
         )
 
-    @staticmethod
-    def _info(request: router_pb2.ChatRequest, request_id: str, stream: bool) -> RequestInfo:
-        return RequestInfo.of(
+    def _info(self, request: router_pb2.ChatRequest, request_id: str, stream: bool) -> RequestInfo:
+        info = RequestInfo.of(
             request_id=request_id,
             model=request.model,
             pool=request.pool,
@@ -212,6 +213,8 @@ class ChatService:
             kind="chat",
             caller=request.caller,
         )
+        info.model_label = self._dispatch.router.metric_label(request.model)
+        return info
 
     async def _fail(
         self, info: RequestInfo, plan: Plan | None, error: BaseException, charge: chat_pb2.Usage | None = None
@@ -254,7 +257,13 @@ class ChatService:
             info,
             charged,
             lambda: self._recorder.completed(
-                info, provider=route, usage=cached.usage, finish_reason=finish, attempts=0, cached=True
+                info,
+                provider=route,
+                usage=cached.usage,
+                finish_reason=finish,
+                attempts=0,
+                cached=True,
+                charged_tokens=charged,
             ),
             ledger=ledger if charged else None,
         )
@@ -316,6 +325,7 @@ class ChatService:
         route = plan.attempts.route
         assert route is not None
         info.response_model = completion.model or route.upstream_model
+        info.upstream_started = plan.attempts.last_started
         usage = priced(
             usage_of(completion.prompt_tokens, completion.completion_tokens, completion.cached_tokens),
             route.provider,
@@ -402,6 +412,7 @@ class ChatService:
                 assert route is not None
                 provider = route.provider.name
                 info.response_model = route.upstream_model
+                info.upstream_started = plan.attempts.last_started
                 state = _StreamState(collect=plan.cache_key is not None)
                 try:
                     async for piece in upstream:

@@ -31,7 +31,7 @@ from .config import RetryConfig
 from .errors import NoHealthyBackend, RateLimited, RouterError, UpstreamTimeout
 from .health import HealthBoard
 from .ratelimit import Admission, RateLimiter
-from .routing import Kind, ModelRouter, Route
+from .routing import Kind, ModelRouter, Route, is_pattern
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("hoosh.router")
@@ -83,6 +83,8 @@ class Attempts:
     in_flight: bool = False
     unanswered: int = 0
     kind: Kind = "chat"
+    label: str = ""  # the model's metric label (configured name or pattern)
+    last_started: float = 0.0  # time.monotonic() when the last upstream call began
 
     @property
     def maybe_billed(self) -> bool:
@@ -112,8 +114,11 @@ def attempt_span(route: Route, attempts: Attempts, params: CallParams) -> Iterat
         attributes["server.address"] = address.hostname
         if address.port:
             attributes["server.port"] = address.port
+    # A span name must stay bounded: the upstream model when the request matched an exact
+    # configured name, else the pattern it matched (the model itself is an attribute).
+    named = attempts.label if is_pattern(attempts.label) else route.upstream_model
     with tracer.start_as_current_span(
-        f"{operation} {route.upstream_model}", kind=trace.SpanKind.CLIENT, attributes=attributes
+        f"{operation} {named}", kind=trace.SpanKind.CLIENT, attributes=attributes
     ) as span:
         try:
             yield
@@ -200,7 +205,7 @@ class Dispatcher:
                     )
                     attempts.route, attempts.admission = route, admission
                     attempts.count += 1
-                    started = time.monotonic()
+                    started = attempts.last_started = time.monotonic()
                     error: RouterError
                     attempts.in_flight = True  # stays set if this task is cancelled mid-call
                     try:

@@ -43,6 +43,7 @@ class EmbeddingService:
             kind="embedding",
             caller=request.caller,
         )
+        info.model_label = self._dispatch.router.metric_label(request.model, "embedding")
         attempts: Attempts | None = None
         renewal: Renewal | None = None
         estimate = 0
@@ -66,7 +67,9 @@ class EmbeddingService:
                 input_price_micros=max(r.provider.embedding_price(r.upstream_model).input for r in candidates),
             )
             deadline = self._dispatch.deadline(time_remaining)
-            attempts = Attempts(candidates=candidates, deadline=deadline, tokens=estimate, kind="embedding")
+            attempts = Attempts(
+                candidates=candidates, deadline=deadline, tokens=estimate, kind="embedding", label=info.model_label
+            )
 
             async def call(route: Route, params: CallParams) -> EmbeddingResult:
                 return await route.backend.embed(texts, dimensions, params)
@@ -74,6 +77,7 @@ class EmbeddingService:
             assert info.hold is not None
             renewal = self._recorder.budget.keep_alive(info.hold)  # a long batch keeps its reservation
             result = await self._dispatch.run(attempts, request_id, 0, call)
+            info.upstream_started = attempts.last_started
         except BaseException as error:
             if renewal is not None:
                 renewal.cancel()

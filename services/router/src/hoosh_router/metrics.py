@@ -32,12 +32,14 @@ from opentelemetry import trace
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from . import routing
+
 if TYPE_CHECKING:
     from .config import ProviderConfig
     from .health import HealthBoard
     from .recording import RequestInfo
 
-UNROUTED = "_unrouted"
+UNROUTED = routing.UNROUTED  # a model no route matched
 
 # gen_ai.provider.name by provider type: the well-known values where there is one.
 GENAI_PROVIDER = {
@@ -132,7 +134,8 @@ GENAI_TIME_TO_FIRST_CHUNK = Histogram(
     buckets=DURATION_BUCKETS,
 )
 
-models = BoundedLabel(int(os.environ.get("HOOSH_METRICS_MAX_MODELS", "200")))
+# Providers' own model names (``gen_ai_response_model`` of exactly named models).
+response_models = BoundedLabel(int(os.environ.get("HOOSH_METRICS_MAX_RESPONSE_MODELS", "100")))
 pools = BoundedLabel(int(os.environ.get("HOOSH_METRICS_MAX_POOLS", "500")))
 keys = KeyLabel(os.environ.get("HOOSH_METRICS_KEY_IDS", "").split(","))
 
@@ -163,10 +166,6 @@ def genai_provider(provider: ProviderConfig | None) -> str:
     return GENAI_PROVIDER.get(provider.type, provider.type)
 
 
-def _model_label(info: RequestInfo, routed: bool) -> str:
-    return models(info.model) if routed else UNROUTED
-
-
 def observe_attempt(provider: str, outcome: str, seconds: float) -> None:
     ATTEMPTS.labels(provider, outcome).inc()
     UPSTREAM.labels(provider, outcome).observe(seconds)
@@ -182,13 +181,13 @@ class _Series:
     increment it selects)."""
 
     __slots__ = (
-        "_genai",
-        "_labels",
         "duration",
+        "genai",
         "genai_duration",
         "genai_first_chunk",
         "genai_input",
         "genai_output",
+        "labels",
         "requests_ok",
         "time_to_first_token",
         "tokens_cached",
@@ -197,8 +196,8 @@ class _Series:
     )
 
     def __init__(self, kind: str, model: str, provider: str, stream: str, genai: tuple[str, str, str, str]) -> None:
-        self._labels = (kind, model, provider)
-        self._genai = genai
+        self.labels = (kind, model, provider)
+        self.genai = genai
         self.requests_ok = REQUESTS.labels(kind, model, provider, "ok", stream)
         self.duration = DURATION.labels(kind, model, provider, stream)
         self.tokens_input = TOKENS.labels(kind, model, provider, "input")
@@ -216,20 +215,20 @@ _costs: dict[tuple[str, str, str], Any] = {}
 _keys: dict[str, tuple[Any, Any]] = {}
 
 
-def _series_of(info: RequestInfo, provider: ProviderConfig | None, routed: bool = True) -> _Series:
-    provider_name = provider.name if provider is not None else ""
-    key = (info.kind, info.model if routed else UNROUTED, provider_name, info.stream, info.response_model)
+def _series_of(info: RequestInfo, provider: ProviderConfig | None, provider_name: str | None = None) -> _Series:
+    if provider_name is None:
+        provider_name = provider.name if provider is not None else ""
+    model = info.model_label or UNROUTED
+    key = (info.kind, model, provider_name, info.stream, info.response_model)
     series = _series.get(key)
     if series is None:
-        model = _model_label(info, routed)
-        genai = (
-            GENAI_OPERATION.get(info.kind, info.kind),
-            genai_provider(provider),
-            model,
-            models(info.response_model) if info.response_model else model,
-        )
+        # The response model is the provider's word: a label of its own (bounded) only when
+        # the request named an exact configured model, else the request's label again.
+        exact = model == info.model
+        response = response_models(info.response_model) if exact and info.response_model else model
+        genai = (GENAI_OPERATION.get(info.kind, info.kind), genai_provider(provider), model, response)
         series = _Series(info.kind, model, provider_name, "true" if info.stream else "false", genai)
-        if len(_series) < _MAX_SERIES:  # beyond: resolved each time (labels are bounded anyway)
+        if len(_series) < _MAX_SERIES:  # beyond: resolved each time (every label is bounded)
             _series[key] = series
     return series
 
@@ -238,21 +237,31 @@ _MAX_SERIES = 10_000
 
 
 def observe_completed(
-    info: RequestInfo, provider: ProviderConfig | None, usage: chat_pb2.Usage, usd: int, *, cached: bool
+    info: RequestInfo,
+    provider: ProviderConfig | None,
+    usage: chat_pb2.Usage,
+    usd: int,
+    *,
+    cached: bool,
+    charged_tokens: int = 0,
 ) -> None:
     """A request that answered: count it, its tokens, its cost; the GenAI histograms for
     the upstream operation (not for cache hits: nothing went upstream)."""
-    elapsed = time.monotonic() - info.started
+    now = time.monotonic()
     series = _series_of(info, provider)
     series.requests_ok.inc()
-    series.duration.observe(elapsed)
-    _count_tokens(info, series, usage, usd)
+    series.duration.observe(now - info.started)
+    _count_key(info, usd)
     if cached:
+        if charged_tokens:  # the pool paid for the hit (cache.charge_hits): the ledger counts it
+            _count_tokens(info, series, usage, 0)
         return
+    _count_tokens(info, series, usage, usd)
     series.genai_input.observe(usage.prompt_tokens)
     if info.kind != "embedding":
         series.genai_output.observe(usage.completion_tokens)
-    series.genai_duration.observe(elapsed)
+    # The operation itself: from the answering call's start (not the router's queueing and budget step).
+    series.genai_duration.observe(now - (info.upstream_started or info.started))
     if info.first_token_at is not None:
         first = info.first_token_at - info.started
         series.time_to_first_token.observe(first)
@@ -260,18 +269,24 @@ def observe_completed(
 
 
 def observe_failed(
-    info: RequestInfo, provider: ProviderConfig | None, error_code: str, charge: chat_pb2.Usage | None
+    info: RequestInfo,
+    provider_name: str,
+    provider: ProviderConfig | None,
+    error_code: str,
+    charge: chat_pb2.Usage | None,
 ) -> None:
-    """A request that failed (``error_code`` is one of the router's own codes: bounded)."""
-    elapsed = time.monotonic() - info.started
-    series = _series_of(info, provider, routed=provider is not None)
-    kind, model, provider_name = series._labels
+    """A request that failed (``error_code`` is one of the router's own codes: bounded;
+    ``provider_name``: the provider last called, "" when none was)."""
+    now = time.monotonic()
+    series = _series_of(info, provider, provider_name)
+    kind, model, provider_name = series.labels
     REQUESTS.labels(kind, model, provider_name, error_code, "true" if info.stream else "false").inc()
-    series.duration.observe(elapsed)
+    series.duration.observe(now - info.started)
+    _count_key(info, charge.cost_usd_micros if charge is not None else 0)
     if charge is not None:
         _count_tokens(info, series, charge, charge.cost_usd_micros)
-    if provider is not None:
-        GENAI_DURATION.labels(*series._genai, error_code).observe(elapsed)
+    if provider_name:
+        GENAI_DURATION.labels(*series.genai, error_code).observe(now - (info.upstream_started or info.started))
 
 
 def _count_tokens(info: RequestInfo, series: _Series, usage: chat_pb2.Usage, usd: int) -> None:
@@ -282,7 +297,7 @@ def _count_tokens(info: RequestInfo, series: _Series, usage: chat_pb2.Usage, usd
     if usage.cached_tokens:
         series.tokens_cached.inc(usage.cached_tokens)
     if usd:
-        _, model, provider = series._labels
+        _, model, provider = series.labels
         cost_key = (provider, model, info.pool)
         cost = _costs.get(cost_key)
         if cost is None:
@@ -290,16 +305,21 @@ def _count_tokens(info: RequestInfo, series: _Series, usage: chat_pb2.Usage, usd
             if len(_costs) < _MAX_SERIES:
                 _costs[cost_key] = cost
         cost.inc(usd)
-    if info.key_id:
-        per_key = _keys.get(info.key_id)
-        if per_key is None:
-            label = keys(info.key_id)
-            per_key = (KEY_REQUESTS.labels(label), KEY_COST.labels(label))
-            if len(_keys) < _MAX_SERIES:
-                _keys[info.key_id] = per_key
-        per_key[0].inc()
-        if usd:
-            per_key[1].inc(usd)
+
+
+def _count_key(info: RequestInfo, usd: int) -> None:
+    """Per key (allowlisted ids; the rest ``_other``): every request, and its cost."""
+    if not info.key_id:
+        return
+    per_key = _keys.get(info.key_id)
+    if per_key is None:
+        label = keys(info.key_id)
+        per_key = (KEY_REQUESTS.labels(label), KEY_COST.labels(label))
+        if len(_keys) < _MAX_SERIES:
+            _keys[info.key_id] = per_key
+    per_key[0].inc()
+    if usd:
+        per_key[1].inc(usd)
 
 
 # -- spans --------------------------------------------------------------------------------

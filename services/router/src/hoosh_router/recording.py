@@ -101,6 +101,8 @@ class RequestInfo:
     # first content chunk left.
     response_model: str = ""
     first_token_at: float | None = None
+    model_label: str = ""  # the configured name or pattern the model matched (``_unrouted``: none)
+    upstream_started: float | None = None  # when the call that answered began
 
     @classmethod
     def of(
@@ -321,7 +323,9 @@ class Recorder:
         usd: int = 0,
         cached: bool = False,
         settlement: str = "",
+        charged_tokens: int = 0,
     ) -> None:
+        """``charged_tokens``: for a cache hit, what the pool paid (0 when hits are free)."""
         event = events_pb2.InferenceCompleted(
             request_id=info.request_id,
             trace_id=current_trace_id(),
@@ -345,7 +349,9 @@ class Recorder:
             settlement=settlement,
         )
         self._publisher.publish_background(SUBJECT_COMPLETED, event, info.request_id)
-        metrics.observe_completed(info, provider, usage, event.cost_usd_micros, cached=cached)
+        metrics.observe_completed(
+            info, provider, usage, event.cost_usd_micros, cached=cached, charged_tokens=charged_tokens
+        )
         metrics.span_outcome(info, provider, usage, finish_reason=finish_reason, attempts=attempts, cached=cached)
         if log.isEnabledFor(logging.INFO):
             log.info(
@@ -397,7 +403,7 @@ class Recorder:
         if charge is not None:
             event.usage.CopyFrom(charge)
         self._publisher.publish_background(SUBJECT_FAILED, event, info.request_id)
-        metrics.observe_failed(info, self._providers.get(provider), error.error_code, charge)
+        metrics.observe_failed(info, provider, self._providers.get(provider), error.error_code, charge)
         metrics.span_outcome(
             info, self._providers.get(provider), charge, error_type=error.error_code, attempts=attempts
         )

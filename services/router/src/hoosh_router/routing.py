@@ -31,7 +31,7 @@ from hoosh_common.model_ids import model_id_problem
 
 from .backends.base import Backend
 from .config import ProviderConfig, RouteConfig, Strategy
-from .errors import InvalidRequest, ModelNotFound
+from .errors import InvalidRequest, ModelNotFound, RouterError
 
 Kind = Literal["chat", "embedding"]
 
@@ -59,6 +59,9 @@ class Resolution:
 
     routes: list[Route]
     strategy: Strategy
+    # The configured name the request matched, for metric labels (bounded by the
+    # configuration): the model itself when it is listed exactly, else the pattern.
+    label: str = ""
     # Smooth weighted round-robin state (current weights), one per route.
     _current: list[int] = field(default_factory=list)
 
@@ -76,7 +79,10 @@ class Resolution:
         return best
 
 
-def _is_pattern(name: str) -> bool:
+UNROUTED = "_unrouted"
+
+
+def is_pattern(name: str) -> bool:
     return any(char in name for char in "*?[")
 
 
@@ -84,7 +90,14 @@ def _matches(model: str, patterns: list[str]) -> tuple[bool, bool]:
     """(exact match, pattern match) of a model name against a provider's list."""
     if model in patterns:
         return True, False
-    return False, any(_is_pattern(p) and fnmatch.fnmatchcase(model, p) for p in patterns)
+    return False, any(is_pattern(p) and fnmatch.fnmatchcase(model, p) for p in patterns)
+
+
+def _matching_pattern(model: str, patterns: list[str]) -> str:
+    """The configured name ``model`` matched in ``patterns``: itself, or the first pattern."""
+    if model in patterns:
+        return model
+    return next((p for p in patterns if is_pattern(p) and fnmatch.fnmatchcase(model, p)), "")
 
 
 LatencyOf = Callable[[str], float | None]
@@ -134,6 +147,15 @@ class ModelRouter:
             self._cache[key] = resolution
         return resolution
 
+    def metric_label(self, model: str, kind: Kind = "chat") -> str:
+        """``model`` as a metric label: the configured name or pattern it matches (see
+        ``Resolution.label``), ``_unrouted`` when nothing matches. Never the client's own
+        string unless the configuration lists that exact string."""
+        try:
+            return self.resolve(model, kind).label or UNROUTED
+        except RouterError:
+            return UNROUTED
+
     def _route(self, config: ProviderConfig, backend: Backend, model: str) -> Route:
         return Route(config, backend, model, config.priority, config.weight)
 
@@ -141,14 +163,16 @@ class ModelRouter:
         provider_name, _, rest = model.partition("/")
         if rest and provider_name in self._by_name:
             config, backend = self._by_name[provider_name]
-            is_exact, is_pattern = _matches(rest, config.embedding_models if kind == "embedding" else config.models)
-            if is_exact or is_pattern:
-                return Resolution([self._route(config, backend, rest)], "direct")
+            listed = config.embedding_models if kind == "embedding" else config.models
+            matched = _matching_pattern(rest, listed)
+            if matched:
+                return Resolution([self._route(config, backend, rest)], "direct", f"{provider_name}/{matched}")
         explicit = self._explicit(model, kind)
         if explicit is not None:
             return explicit
         exact: list[Route] = []
         patterned: list[Route] = []
+        pattern = ""
         for config, backend in self._entries:
             names = config.embedding_models if kind == "embedding" else config.models
             is_exact, is_pattern = _matches(model, names)
@@ -156,16 +180,17 @@ class ModelRouter:
                 exact.append(self._route(config, backend, model))
             elif is_pattern:
                 patterned.append(self._route(config, backend, model))
+                pattern = pattern or _matching_pattern(model, names)
         routes = exact or patterned
         routes.sort(key=lambda route: route.priority)
-        return Resolution(routes, self._strategy)
+        return Resolution(routes, self._strategy, model if exact else pattern)
 
     def _explicit(self, model: str, kind: Kind) -> Resolution | None:
         candidates = [route for route in self._routes if route.kind == kind]
         chosen = next((route for route in candidates if route.match == model), None)
         if chosen is None:
             chosen = next(
-                (r for r in candidates if _is_pattern(r.match) and fnmatch.fnmatchcase(model, r.match)),
+                (r for r in candidates if is_pattern(r.match) and fnmatch.fnmatchcase(model, r.match)),
                 None,
             )
         if chosen is None:
@@ -185,7 +210,7 @@ class ModelRouter:
                 )
             )
         routes.sort(key=lambda route: route.priority)
-        return Resolution(routes, chosen.strategy or self._strategy)
+        return Resolution(routes, chosen.strategy or self._strategy, chosen.match)
 
     # -- strategies -----------------------------------------------------------------
 
@@ -214,9 +239,9 @@ class ModelRouter:
         names: list[tuple[str, ProviderConfig]] = []
         for config, _ in self._entries:
             listed = config.embedding_models if kind == "embedding" else config.models
-            names.extend((name, config) for name in listed if not _is_pattern(name))
+            names.extend((name, config) for name in listed if not is_pattern(name))
         for route in self._routes:
-            if route.kind != kind or _is_pattern(route.match):
+            if route.kind != kind or is_pattern(route.match):
                 continue
             resolution = self._explicit(route.match, kind)
             if resolution is not None and resolution.routes:  # listed under its first candidate

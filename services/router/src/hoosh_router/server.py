@@ -121,7 +121,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
-            with tracer.start_as_current_span("hoosh.router.embed", attributes={"hoosh.model": request.model}):
+            with domain_span(tracer, "hoosh.router.embed", {"hoosh.model": request.model}):
                 return await self._embeddings.embed(request, request_id, context.time_remaining())
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())

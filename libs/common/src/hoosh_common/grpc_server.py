@@ -32,11 +32,16 @@ def new_server() -> grpc.aio.Server:
     """A server that counts and times every RPC (``grpc_server_*`` metrics) and, while
     spans are exported, starts a server span per call from the caller's metadata.
     Call :func:`hoosh_common.telemetry.configure_tracing` first."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [GrpcMetricsInterceptor()]
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if exporting():
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
         interceptors.append(aio_server_interceptor())
+    # Last: grpc.aio runs interceptors in order (each one's continuation calls the next),
+    # so the metrics interceptor wraps the servicer's own handler, the same object on
+    # every call, and builds its wrapper once per method. Before OpenTelemetry's, it
+    # would wrap that one's handler, new on every call. Its timing runs inside the span.
+    interceptors.append(GrpcMetricsInterceptor())
     return grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
 
 

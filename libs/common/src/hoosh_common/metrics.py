@@ -2,10 +2,10 @@
 
 Each service defines its own instruments (in its ``metrics.py``) on the process-wide
 registry and serves them with :func:`serve_metrics` on a port of its own
-(``HOOSH_<SERVICE>_METRICS_LISTEN``). The scrape runs on prometheus_client's own
-thread, never on the event loop; anything that must be read from Redis or another
-async source is kept as a snapshot the service refreshes in its loop and a collector
-reads (see :class:`SnapshotCollector`).
+(``HOOSH_<SERVICE>_METRICS_LISTEN``). The scrape runs on a thread of that server,
+never on the event loop; anything that must be read from Redis or another async source
+is kept as a snapshot the service refreshes in its loop and a collector reads (see
+:class:`SnapshotCollector`).
 
 Label values come from configuration (routes, providers, pools) or from a bounded
 set (:class:`BoundedLabel`): never request ids, never raw key ids beyond an
@@ -14,14 +14,22 @@ allowlist, never a client's unvalidated string.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import io
 import logging
+import socket
+import socketserver
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -39,16 +47,187 @@ FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 OTHER = "_other"
 
 
-def serve_metrics(listen: str, registry: CollectorRegistry = REGISTRY) -> int | None:
+# The scrape endpoint: Prometheus scrapes every 15-60 s; anything that holds a
+# connection longer than this, or more connections than this, is not a scraper.
+SCRAPE_TIMEOUT_S = 10.0
+MAX_SCRAPE_CONNECTIONS = 16
+
+
+def serve_metrics(
+    listen: str,
+    registry: CollectorRegistry = REGISTRY,
+    *,
+    timeout_s: float = SCRAPE_TIMEOUT_S,
+    max_connections: int = MAX_SCRAPE_CONNECTIONS,
+) -> int | None:
     """Serve ``/metrics`` on ``host:port`` (``""`` or ``off``: not served) from a daemon
-    thread. Returns the bound port (``:0`` picks a free one)."""
+    thread. Returns the bound port (``:0`` picks a free one); a port that cannot be bound
+    raises :class:`OSError` (a service fails fast). See :class:`MetricsServer`."""
+    server = start_metrics_server(listen, registry, timeout_s=timeout_s, max_connections=max_connections)
+    if server is None:
+        return None
+    log.info("metrics listening", extra={"address": f"{server.server_address[0]}:{server.server_port}"})
+    return server.server_port
+
+
+def start_metrics_server(
+    listen: str,
+    registry: CollectorRegistry = REGISTRY,
+    *,
+    timeout_s: float = SCRAPE_TIMEOUT_S,
+    max_connections: int = MAX_SCRAPE_CONNECTIONS,
+) -> MetricsServer | None:
+    """:func:`serve_metrics`, returning the running server (``close()`` stops it) instead
+    of its port."""
+    listen = listen.strip()
     if not listen or listen.lower() == "off":
         return None
     host, _, port_text = listen.rpartition(":")
-    server, _thread = start_http_server(int(port_text), addr=host.strip("[]") or "0.0.0.0", registry=registry)
-    port = int(server.server_port)
-    log.info("metrics listening", extra={"address": f"{host or '0.0.0.0'}:{port}"})
-    return port
+    host = host.strip("[]") or "0.0.0.0"
+    # The family the address asks for (an IPv6 host needs an AF_INET6 socket).
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server = MetricsServer(
+        (str(sockaddr[0]), int(sockaddr[1])),
+        make_wsgi_app(registry),
+        family=family,
+        timeout_s=timeout_s,
+        max_connections=max_connections,
+    )
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
+
+class MetricsServer(ThreadingMixIn, WSGIServer):
+    """The scrape server: a thread per connection (a scrape never waits on another, and
+    never runs on the event loop), at most ``max_connections`` of them (one more is
+    closed at once, without a thread), each held to ``timeout_s``: the whole request
+    must arrive within it (a client that sends nothing, or trickles, is dropped) and
+    each write of the response must progress within it. No line per request is logged.
+    prometheus_client's own ``start_http_server`` has no timeout and no bound: idle
+    half-open connections each kept a thread and a descriptor for good."""
+
+    daemon_threads = True
+    block_on_close = False  # close() does not wait for connection threads (each ends by its timeout)
+    request_queue_size = 64  # the listen backlog: a burst of connections waits for accept()
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        app: Callable[..., Iterable[bytes]],
+        *,
+        family: socket.AddressFamily = socket.AF_INET,
+        timeout_s: float = SCRAPE_TIMEOUT_S,
+        max_connections: int = MAX_SCRAPE_CONNECTIONS,
+    ) -> None:
+        self.address_family = family
+        self.timeout_s = timeout_s
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, _ScrapeHandler)  # binds: OSError if the port is taken
+        self.set_app(app)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN (a DNS lookup at start, for a
+        # name used only in the WSGI environ): the literal address does.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+        self.setup_environ()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the bound: closed at once, no thread started
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback to stderr: a client that went away is not news.
+        log.debug("metrics connection failed", exc_info=True)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket."""
+        self.shutdown()
+        self.server_close()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The request's bytes, read against one deadline for the whole request: a timeout
+    per read alone would let a client that sends a byte now and then hold a slot."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self.deadline: float | None = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request not received in time")
+            self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
+class _LogStream:
+    """wsgiref's stderr for the app's failures: one log record per traceback rather than
+    raw text amid the JSON lines."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._parts:
+            text, self._parts = "".join(self._parts), []
+            log.warning("metrics scrape failed", extra={"error": text.strip()})
+
+
+class _ScrapeHandler(WSGIRequestHandler):
+    server: MetricsServer
+
+    def setup(self) -> None:
+        self.timeout = self.server.timeout_s  # each socket operation (StreamRequestHandler applies it)
+        super().setup()
+        self.rfile.close()  # the plain reader: replaced by one that holds the request to a deadline
+        self._reader = _DeadlineReader(self.connection, time.monotonic() + self.server.timeout_s)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        # The request line and headers are in (a GET has no body): the response's writes
+        # get the plain per-operation timeout.
+        self._reader.deadline = None
+        self.connection.settimeout(self.server.timeout_s)
+        return parsed
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (TimeoutError, ConnectionError):
+            pass  # too slow, or gone: dropped quietly (finish() closes the connection)
+
+    def get_stderr(self) -> _LogStream:  # type: ignore[override]
+        return _LogStream()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # no line per request (or per malformed request) on stderr
 
 
 class BoundedLabel:
@@ -104,6 +283,10 @@ def register_collector(collector: Collector, registry: CollectorRegistry = REGIS
 
 # -- gRPC server metrics (the names go-grpc-prometheus and py-grpc-prometheus use) --------
 
+# A call's whole life: FAST_BUCKETS for unary calls, then minutes for streams (a long
+# generation, an hour of audio uploaded): past 30 s they would all land in +Inf.
+GRPC_HANDLING_BUCKETS = (*FAST_BUCKETS, 60.0, 120.0, 300.0, 600.0)
+
 GRPC_STARTED = Counter(
     "grpc_server_started_total", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"]
 )
@@ -116,29 +299,44 @@ GRPC_HANDLING = Histogram(
     "grpc_server_handling_seconds",
     "Time from the RPC's start to its end on the server (a stream: its whole life).",
     ["grpc_type", "grpc_service", "grpc_method"],
-    buckets=FAST_BUCKETS,
+    buckets=GRPC_HANDLING_BUCKETS,
 )
 
 _HEALTH_SERVICE = "grpc.health.v1.Health"
+_CODE_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}
 
 
-def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    code = None
-    try:
-        code = context.code()
-    except Exception:  # older grpcio: no code() on the aio context
-        code = None
+def _status_name(code: object) -> str | None:
     if isinstance(code, grpc.StatusCode):
         return code.name
-    if code:  # an int from the C core
-        for status in grpc.StatusCode:
-            if status.value[0] == code:
-                return status.name
-    if error is None:
-        return "OK"
-    if type(error).__name__ in ("CancelledError", "GeneratorExit"):  # the client went away
+    if isinstance(code, int):  # an int from the C core
+        return _CODE_NAMES.get(code)
+    return None
+
+
+def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None, *, cut: bool = False) -> str:
+    """The status the client got. ``error``: what the handler raised (None: it returned);
+    ``cut``: the call ended while its handler was not running (gRPC's task was
+    cancelled while it wrote a reply, the handler's generator left at its ``yield``)."""
+    try:
+        code = _status_name(context.code())
+    except Exception:  # older grpcio: no code() on the aio context
+        code = None
+    if code is not None and code != "OK":
+        return code  # abort() or set_code(): what was sent (grpc.aio's cancelled() is only this code)
+    # gRPC cancels the handler at the deadline as it does for a client that went away;
+    # time_remaining() tells them apart (0 once the deadline has passed).
+    try:
+        remaining = context.time_remaining()
+    except Exception:
+        remaining = None
+    if remaining is not None and remaining <= 0:
+        return "DEADLINE_EXCEEDED"
+    if cut or isinstance(error, asyncio.CancelledError | GeneratorExit):
         return "CANCELLED"
-    return "UNKNOWN"
+    if error is not None:
+        return "UNKNOWN"  # what gRPC sends for an exception that set no code
+    return "OK"
 
 
 class _MethodMetrics:
@@ -151,8 +349,14 @@ class _MethodMetrics:
         self.handling = GRPC_HANDLING.labels(kind, service, method)
         self._handled_by_code: dict[str, Any] = {}
 
-    def done(self, context: grpc.aio.ServicerContext, started: float, error: BaseException | None) -> None:
-        code = _code_of(context, error)
+    def begin(self) -> float:
+        self.started.inc()
+        return time.perf_counter()
+
+    def done(
+        self, context: grpc.aio.ServicerContext, started: float, error: BaseException | None, *, cut: bool = False
+    ) -> None:
+        code = _code_of(context, error, cut=cut)
         counter = self._handled_by_code.get(code)
         if counter is None:
             counter = self._handled_by_code[code] = GRPC_HANDLED.labels(self.kind, self.service, self.method, code)
@@ -160,13 +364,86 @@ class _MethodMetrics:
         self.handling.observe(time.perf_counter() - started)
 
 
+class _StreamCall:
+    """One response-streaming call, counted once. The wrapper counts it as its generator
+    ends; but when the call is cut while gRPC is writing a reply, the generator is left
+    suspended at ``yield`` (finalized whenever the garbage collector gets to it), so the
+    call's done callback counts it then."""
+
+    __slots__ = ("counted", "metrics", "started")
+
+    def __init__(self, metrics: _MethodMetrics) -> None:
+        self.metrics = metrics
+        self.started = metrics.begin()
+        self.counted = False
+
+    def done(self, context: grpc.aio.ServicerContext, error: BaseException | None, *, cut: bool = False) -> None:
+        if not self.counted:
+            self.counted = True
+            self.metrics.done(context, self.started, error, cut=cut)
+
+    def __call__(self, context: grpc.aio.ServicerContext) -> None:  # the done callback
+        self.done(context, None, cut=True)
+
+
+class _Requests:
+    """The request stream as the handler reads it, noting whether it reached its end."""
+
+    __slots__ = ("_inner", "_iterator", "ended")
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._iterator: Any = None
+        self.ended = False
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._iterator is None:  # lazily: gRPC's reader starts its generator on first use
+            self._iterator = self._inner.__aiter__()
+        try:
+            return await self._iterator.__anext__()
+        except StopAsyncIteration:
+            self.ended = True
+            raise
+
+
+async def _settle_request_end(context: grpc.aio.ServicerContext, requests: _Requests) -> None:
+    """Raise CancelledError when the request stream ended because the client cancelled.
+
+    grpc.aio ends the handler's request iterator the same way for a half-close and for a
+    cancel (a failed read reads as end-of-stream), and ``context.cancelled()`` only
+    reports a CANCELLED code the server set itself; a handler that returns as soon as its
+    requests end would be counted OK. gRPC cancels the handler's task when the core
+    reports the cancel (unless the reply is already on its way, which is why the
+    handler's own return is too early to tell), and the core reports it before it
+    completes a read asked after it: one more read (after a half-close: end-of-stream
+    again, at once, ~30 us) lets the cancel land here. Only once the stream has ended:
+    a read before would take a request. (A handler that reads with context.read()
+    rather than the iterator is not covered.)"""
+    if not requests.ended:
+        return
+    try:
+        await context.read()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        pass  # the server stopping, say: the handler's outcome stands
+
+
 class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC but health checks. The wrapped handler is built once
-    per method (the label children are resolved once too), so the cost per call is two
-    counter increments and one histogram observation."""
+    """Counts and times every RPC but health checks. Put it LAST among a server's
+    interceptors (grpc.aio runs them in order, each one's continuation calling the next):
+    then the handler it wraps is the servicer's own, the same object on every call, and
+    the wrapped handler is built once per method (the label children resolved once too),
+    so the cost per call is two counter increments and one histogram observation. An
+    interceptor after it that builds a new handler per call (OpenTelemetry's does) would
+    make it wrap on every call; the label children are still resolved once."""
 
     def __init__(self) -> None:
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._metrics: dict[tuple[str, str], _MethodMetrics] = {}
 
     async def intercept_service(
         self,
@@ -176,97 +453,119 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(f"/{_HEALTH_SERVICE}/"):
-            return handler
+            return handler  # an unknown method (a name the client made up) is never cached
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _wrap(handler, method)
+        wrapped = _wrap(handler, method, self._method_metrics)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
+    def _method_metrics(self, kind: str, method: str) -> _MethodMetrics:
+        metrics = self._metrics.get((kind, method))
+        if metrics is None:
+            metrics = self._metrics[(kind, method)] = _MethodMetrics(kind, method)
+        return metrics
 
-def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+
+def _is_async(behaviour: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    metrics_for: Callable[[str, str], _MethodMetrics] = _MethodMetrics,
+) -> grpc.RpcMethodHandler:
+    behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    if behaviour is None or not _is_async(behaviour):
+        return handler  # a sync handler runs on gRPC's thread pool: not wrapped (hoosh has none)
     if handler.unary_unary is not None:
-        metrics = _MethodMetrics("unary", method)
-        behaviour = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics.started.inc()
-            started = time.perf_counter()
-            try:
-                reply = await behaviour(request, context)
-            except BaseException as error:
-                metrics.done(context, started, error)
-                raise
-            metrics.done(context, started, None)
-            return reply
-
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
-        )
-    if handler.unary_stream is not None:
-        metrics = _MethodMetrics("server_stream", method)
-        streaming = handler.unary_stream
-
-        async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            metrics.started.inc()
-            started = time.perf_counter()
-            try:
-                async for reply in streaming(request, context):
-                    yield reply
-            except BaseException as error:
-                metrics.done(context, started, error)
-                raise
-            metrics.done(context, started, None)
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
+            _unary_response(handler.unary_unary, metrics_for("unary", method), streaming_requests=False),
+            handler.request_deserializer,
+            handler.response_serializer,
         )
     if handler.stream_unary is not None:
-        metrics = _MethodMetrics("client_stream", method)
-        gathering = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            metrics.started.inc()
-            started = time.perf_counter()
-            try:
-                reply = await gathering(requests, context)
-            except BaseException as error:
-                metrics.done(context, started, error)
-                raise
-            metrics.done(context, started, None)
-            return reply
-
         return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
+            _unary_response(handler.stream_unary, metrics_for("client_stream", method), streaming_requests=True),
+            handler.request_deserializer,
+            handler.response_serializer,
         )
-    metrics = _MethodMetrics("bidi_stream", method)
-    both = handler.stream_stream
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _stream_response(handler.unary_stream, metrics_for("server_stream", method), streaming_requests=False),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        _stream_response(handler.stream_stream, metrics_for("bidi_stream", method), streaming_requests=True),
+        handler.request_deserializer,
+        handler.response_serializer,
+    )
 
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        metrics.started.inc()
-        started = time.perf_counter()
+
+def _unary_response(
+    behaviour: Callable[..., Awaitable[Any]], metrics: _MethodMetrics, *, streaming_requests: bool
+) -> Callable[..., Awaitable[Any]]:
+    """Unary and client-streaming calls (and a streaming one written with context.write()):
+    the handler runs inside this coroutine, so a cancel reaches it here. Counted before
+    the reply leaves: a caller that reads the metrics after its reply sees its call."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = metrics.begin()
+        requests = _Requests(request) if streaming_requests else None
         try:
-            async for reply in both(requests, context):
-                yield reply
+            reply = await behaviour(requests if requests is not None else request, context)
+            if requests is not None:
+                await _settle_request_end(context, requests)
         except BaseException as error:
             metrics.done(context, started, error)
             raise
         metrics.done(context, started, None)
+        return reply
 
-    return grpc.stream_stream_rpc_method_handler(
-        stream_stream, handler.request_deserializer, handler.response_serializer
-    )
+    return call
+
+
+def _stream_response(
+    behaviour: Callable[..., Any], metrics: _MethodMetrics, *, streaming_requests: bool
+) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(behaviour):  # the reader/writer API: it returns, gRPC sends the status
+        return _unary_response(behaviour, metrics, streaming_requests=streaming_requests)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = _StreamCall(metrics)
+        context.add_done_callback(call)
+        requests = _Requests(request) if streaming_requests else None
+        try:
+            async for reply in behaviour(requests if requests is not None else request, context):
+                yield reply
+            if requests is not None:
+                await _settle_request_end(context, requests)
+        except BaseException as error:
+            call.done(context, error)
+            raise
+        call.done(context, None)
+
+    return stream
 
 
 # -- event publisher (router, stt, budget) ------------------------------------------------
+
+_publisher_lock = threading.Lock()
+# registry -> service -> that service's publisher collector there.
+_publisher_collectors: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Collector]] = weakref.WeakKeyDictionary()
 
 
 def register_publisher_metrics(
     publisher: EventPublisher, service: str, registry: CollectorRegistry = REGISTRY
 ) -> Collector:
     """The publisher's state at scrape time: events in flight, the outbox's depth, and
-    its counters since start (published, kept, drained, rejected, lost)."""
+    its counters since start (published, kept, drained, rejected, lost). One collector
+    per service and registry: a later publisher for the same service (built again in
+    one process: a test, a restart in place) replaces the earlier one's collector,
+    rather than failing as a duplicate."""
 
     def families() -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         labels = ["service"]
@@ -303,4 +602,21 @@ def register_publisher_metrics(
             counter.add_metric(values, value)
             yield counter
 
-    return register_collector(SnapshotCollector(families), registry)
+    collector = SnapshotCollector(families)
+    with _publisher_lock:
+        registered = _publisher_collectors.setdefault(registry, {})
+        previous = registered.pop(service, None)
+        if previous is not None:
+            try:
+                registry.unregister(previous)
+            except KeyError:  # unregistered by someone else meanwhile
+                previous = None
+        try:
+            register_collector(collector, registry)
+        except BaseException:
+            if previous is not None:  # keep the working one rather than none
+                register_collector(previous, registry)
+                registered[service] = previous
+            raise
+        registered[service] = collector
+    return collector

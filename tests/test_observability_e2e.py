@@ -149,15 +149,25 @@ def _audit_written(spans: list[ReceivedSpan]) -> bool:
     return _has(spans, "hoosh-audit", lambda span: span.name == "hoosh.audit.write")
 
 
-def assert_one_tree(spans: list[ReceivedSpan], root_parent: str) -> None:
-    """Every span hangs off another span of the trace, or off the caller's span."""
+def _orphans(spans: list[ReceivedSpan], root_parent: str) -> list[tuple[str, str, str]]:
     ids = {span.span_id for span in spans}
-    orphans = [
+    return [
         (span.service, span.name, span.parent_span_id)
         for span in spans
         if span.parent_span_id not in ids and span.parent_span_id != root_parent
     ]
+
+
+def assert_one_tree(spans: list[ReceivedSpan], root_parent: str) -> None:
+    """Every span hangs off another span of the trace, or off the caller's span."""
+    orphans = _orphans(spans, root_parent)
     assert not orphans, orphans
+
+
+def complete(root_parent: str) -> Callable[[list[ReceivedSpan]], bool]:
+    """The trace is whole: audit has written the event and every parent has arrived
+    (services export in batches, each on its own schedule)."""
+    return lambda spans: _audit_written(spans) and not _orphans(spans, root_parent)
 
 
 def assert_event_reached_audit(spans: list[ReceivedSpan], publisher: str) -> None:
@@ -185,7 +195,7 @@ def test_a_chat_is_one_trace_from_the_edge_to_the_audit_write(traced: Traced) ->
     completion = raw.parse()
     request_id = raw.headers["x-request-id"]
 
-    spans = traced.sink.wait_for(trace_id, _audit_written)
+    spans = traced.sink.wait_for(trace_id, complete(parent))
     services = {span.service for span in spans}
     assert {"hoosh-edge", "hoosh-router", "hoosh-budget", "hoosh-local-inference", "hoosh-audit"} <= services
     assert_one_tree(spans, parent)
@@ -235,7 +245,7 @@ def test_a_streamed_chat_is_one_trace_too(traced: Traced) -> None:
         usage = chunk.usage or usage
     assert usage is not None
 
-    spans = traced.sink.wait_for(trace_id, _audit_written)
+    spans = traced.sink.wait_for(trace_id, complete(parent))
     assert {"hoosh-edge", "hoosh-router", "hoosh-budget", "hoosh-local-inference", "hoosh-audit"} <= {
         span.service for span in spans
     }
@@ -255,7 +265,7 @@ def test_a_transcription_is_one_trace_to_the_audit_write(traced: Traced, speech:
         )
     assert transcription.text
 
-    spans = traced.sink.wait_for(trace_id, _audit_written)
+    spans = traced.sink.wait_for(trace_id, complete(parent))
     assert {"hoosh-edge", "hoosh-stt", "hoosh-audit"} <= {span.service for span in spans}
     assert_one_tree(spans, parent)
     stt_span = next(span for span in spans if span.service == "hoosh-stt" and span.name.startswith("transcription"))

@@ -294,8 +294,8 @@ async def test_reserve_span_joins_the_callers_trace_with_hoosh_attributes(
         if span.kind == SpanKind.SERVER and f"{span.context.trace_id:032x}" == TRACE_ID
     ]
     by_name = {span.name: [s for s in spans if s.name == span.name] for span in spans}
-    [reserve, refused] = by_name["/hoosh.budget.v1.BudgetService/Reserve"]
-    [commit] = by_name["/hoosh.budget.v1.BudgetService/Commit"]
+    [reserve, refused] = by_name["hoosh.budget.v1.BudgetService/Reserve"]
+    [commit] = by_name["hoosh.budget.v1.BudgetService/Commit"]
     assert reserve.parent is not None and f"{reserve.parent.span_id:016x}" == PARENT_SPAN_ID
     attributes = dict(reserve.attributes or {})
     assert attributes["hoosh.pool"] == "key"

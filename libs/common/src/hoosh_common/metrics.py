@@ -24,14 +24,19 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from .telemetry import exporting
 
 if TYPE_CHECKING:
     from .eventbus import EventPublisher
@@ -340,7 +345,17 @@ def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None, *, 
 
 
 class _MethodMetrics:
-    __slots__ = ("_handled_by_code", "handled", "handling", "kind", "method", "service", "started")
+    __slots__ = (
+        "_handled_by_code",
+        "handled",
+        "handling",
+        "kind",
+        "method",
+        "service",
+        "span_attributes",
+        "span_name",
+        "started",
+    )
 
     def __init__(self, kind: str, full_method: str) -> None:
         service, _, method = full_method.lstrip("/").partition("/")
@@ -348,13 +363,21 @@ class _MethodMetrics:
         self.started = GRPC_STARTED.labels(kind, service, method)
         self.handling = GRPC_HANDLING.labels(kind, service, method)
         self._handled_by_code: dict[str, Any] = {}
+        self.span_name = f"{service}/{method}"
+        self.span_attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
     def begin(self) -> float:
         self.started.inc()
         return time.perf_counter()
 
     def done(
-        self, context: grpc.aio.ServicerContext, started: float, error: BaseException | None, *, cut: bool = False
+        self,
+        context: grpc.aio.ServicerContext,
+        started: float,
+        error: BaseException | None,
+        *,
+        cut: bool = False,
+        span: Span | None = None,
     ) -> None:
         code = _code_of(context, error, cut=cut)
         counter = self._handled_by_code.get(code)
@@ -362,6 +385,34 @@ class _MethodMetrics:
             counter = self._handled_by_code[code] = GRPC_HANDLED.labels(self.kind, self.service, self.method, code)
         counter.inc()
         self.handling.observe(time.perf_counter() - started)
+        if span is not None and span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
+            if code in _SERVER_ERRORS:
+                span.set_status(StatusCode.ERROR, code)
+
+
+# The codes that mean the server failed (a client's mistake, a refusal, is not an error of the span).
+_SERVER_ERRORS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
+_tracer = trace.get_tracer("hoosh.grpc")
+_NO_SPAN: AbstractContextManager[None] = nullcontext()
+
+
+def _server_span(metrics: _MethodMetrics, context: grpc.aio.ServicerContext) -> AbstractContextManager[Span | None]:
+    """The call's SERVER span, child of the context the caller sent in its metadata, while
+    spans are exported (nothing otherwise). hoosh's own: OpenTelemetry's gRPC
+    interceptors cost about 0.4 ms per call on a 2-core machine even for calls not
+    sampled; this is one span and one extraction."""
+    if not exporting():
+        return _NO_SPAN
+    carrier = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+    return _tracer.start_as_current_span(
+        metrics.span_name,
+        context=propagate.extract(carrier),
+        kind=SpanKind.SERVER,
+        attributes=metrics.span_attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
 
 
 class _StreamCall:
@@ -370,17 +421,18 @@ class _StreamCall:
     suspended at ``yield`` (finalized whenever the garbage collector gets to it), so the
     call's done callback counts it then."""
 
-    __slots__ = ("counted", "metrics", "started")
+    __slots__ = ("counted", "metrics", "span", "started")
 
     def __init__(self, metrics: _MethodMetrics) -> None:
         self.metrics = metrics
         self.started = metrics.begin()
         self.counted = False
+        self.span: Span | None = None
 
     def done(self, context: grpc.aio.ServicerContext, error: BaseException | None, *, cut: bool = False) -> None:
         if not self.counted:
             self.counted = True
-            self.metrics.done(context, self.started, error, cut=cut)
+            self.metrics.done(context, self.started, error, cut=cut, span=self.span)
 
     def __call__(self, context: grpc.aio.ServicerContext) -> None:  # the done callback
         self.done(context, None, cut=True)
@@ -515,15 +567,16 @@ def _unary_response(
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = metrics.begin()
         requests = _Requests(request) if streaming_requests else None
-        try:
-            reply = await behaviour(requests if requests is not None else request, context)
-            if requests is not None:
-                await _settle_request_end(context, requests)
-        except BaseException as error:
-            metrics.done(context, started, error)
-            raise
-        metrics.done(context, started, None)
-        return reply
+        with _server_span(metrics, context) as span:
+            try:
+                reply = await behaviour(requests if requests is not None else request, context)
+                if requests is not None:
+                    await _settle_request_end(context, requests)
+            except BaseException as error:
+                metrics.done(context, started, error, span=span)
+                raise
+            metrics.done(context, started, None, span=span)
+            return reply
 
     return call
 
@@ -538,15 +591,17 @@ def _stream_response(
         call = _StreamCall(metrics)
         context.add_done_callback(call)
         requests = _Requests(request) if streaming_requests else None
-        try:
-            async for reply in behaviour(requests if requests is not None else request, context):
-                yield reply
-            if requests is not None:
-                await _settle_request_end(context, requests)
-        except BaseException as error:
-            call.done(context, error)
-            raise
-        call.done(context, None)
+        with _server_span(metrics, context) as span:
+            call.span = span
+            try:
+                async for reply in behaviour(requests if requests is not None else request, context):
+                    yield reply
+                if requests is not None:
+                    await _settle_request_end(context, requests)
+            except BaseException as error:
+                call.done(context, error)
+                raise
+            call.done(context, None)
 
     return stream
 

@@ -65,9 +65,10 @@ def configure_tracing(service: str) -> bool:
     """Install a tracer provider named after the service, from the standard ``OTEL_*``
     variables (exporter, endpoint, protocol, headers, sampler, resource attributes).
 
-    Exporting: every span processor batches off the request path, and the libraries
-    are instrumented (gRPC client and server through :mod:`hoosh_common.grpc_server`,
-    Redis, aiohttp; the edge wraps itself in the ASGI middleware). Not exporting: no
+    Exporting: every span processor batches off the request path; Redis and aiohttp are
+    instrumented; every gRPC call is a SERVER span (the interceptor
+    :func:`hoosh_common.grpc_server.new_server` installs) and every HTTP request at the
+    edge one (its middleware), both under the caller's context. Not exporting: no
     instrumentation at all; trace ids are still created and propagated (HTTP, gRPC
     metadata, NATS headers) so logs, events and audit entries join up. Returns whether
     spans are exported."""
@@ -119,12 +120,9 @@ def domain_span(tracer: trace.Tracer, name: str, attributes: dict[str, str]) -> 
 
 
 def inject_metadata(*, client_streaming: bool = False) -> list[tuple[str, str]]:
-    """The current trace context as gRPC metadata pairs. Empty while exporting for unary
-    and server-streaming calls: the gRPC client interceptor injects its own client span's
-    context (two ``traceparent`` entries would be ambiguous). Client-streaming calls are
-    not intercepted (see ``grpc_server.insecure_channel``): they always carry it."""
-    if _exporting and not client_streaming:
-        return []
+    """The current trace context as gRPC metadata pairs, for every call (exporting or
+    not: no client interceptor adds it). ``client_streaming`` is accepted for callers
+    written when it mattered."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return list(carrier.items())
@@ -163,7 +161,7 @@ def incoming_context(traceparent: str | None, tracestate: str | None = None) -> 
     if tracestate:
         carrier["tracestate"] = tracestate
     if _exporting:
-        # The ASGI middleware has started the server span from these same headers.
+        # The edge's middleware starts the server span from these same headers.
         return context.get_current()
     extracted = propagate.extract(carrier)
     parent = trace.get_current_span(extracted).get_span_context()

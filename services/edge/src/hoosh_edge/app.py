@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from hoosh_common.telemetry import exporting
 from hoosh_tenancy import TenancyError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,7 +30,7 @@ from .auth import Authenticator, Tenancy
 from .clients import Clients
 from .config import Settings
 from .errors import ClientClosedRequestError, EdgeError, MethodNotAllowedError, NotFoundError, to_api_error
-from .metrics import RouteLabels, http_method
+from .metrics import RouteLabels
 from .middleware import EdgeMiddleware
 from .openapi import install_openapi
 from .protocol import (
@@ -128,10 +127,6 @@ def chat_fast_path(app: FastAPI) -> ASGIApp:
     return chat
 
 
-UNTRACED_PATHS = frozenset({"/v1/health", "/v1/health/ready", "/metrics"})
-_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
-
-
 class EdgeApp(FastAPI):
     """FastAPI with hoosh's EdgeMiddleware outermost: request ids, auth and body limits
     for every route, and the hot chat route served before the framework's layers."""
@@ -139,37 +134,9 @@ class EdgeApp(FastAPI):
     edge_middleware_options: dict[str, Any]
 
     def build_middleware_stack(self) -> ASGIApp:
-        route_labels = RouteLabels.of_app(self)
-        trust_traceparent = self.edge_middleware_options.get("trust_traceparent", True)
-        edge: ASGIApp = EdgeMiddleware(
-            super().build_middleware_stack(), route_labels=route_labels, **self.edge_middleware_options
+        return EdgeMiddleware(
+            super().build_middleware_stack(), route_labels=RouteLabels.of_app(self), **self.edge_middleware_options
         )
-        if not exporting():
-            return edge
-        # The server span of every request (W3C context from the caller's headers), outside
-        # everything else; no extra spans per ASGI send/receive. Named by the route
-        # template (a raw path would make span names unbounded).
-        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-
-        def span_details(scope: Scope) -> tuple[str, dict[str, str]]:
-            route = route_labels(scope.get("path", ""))
-            return f"{http_method(scope.get('method', ''))} {route}", {"http.route": route}
-
-        traced = OpenTelemetryMiddleware(edge, default_span_details=span_details, exclude_spans=["receive", "send"])
-
-        async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            # Probes and scrapes get no span. By the exact path: the instrumentation's own
-            # exclusion matches a pattern against the URL, Host header included, which a
-            # client could use to turn its request's span off.
-            if scope["type"] != "http" or scope["path"] in UNTRACED_PATHS:
-                await edge(scope, receive, send)
-                return
-            if not trust_traceparent:
-                headers = scope["headers"]
-                scope["headers"] = [(name, value) for name, value in headers if name not in _TRACE_HEADERS]
-            await traced(scope, receive, send)
-
-        return app
 
 
 def create_app(

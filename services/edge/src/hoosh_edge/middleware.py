@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from http import HTTPStatus
 from typing import Any
 
@@ -18,7 +19,8 @@ from hoosh_common.logs import request_id_var
 from hoosh_common.metrics import OTHER
 from hoosh_common.telemetry import exporting, incoming_context
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import Authenticator
@@ -28,16 +30,20 @@ from .responses import error_response
 
 log = logging.getLogger(__name__)
 
+tracer = trace.get_tracer("hoosh.edge")
+# Probes and scrapes: no span (by the exact path, never a pattern a client could match).
+UNTRACED_PATHS = frozenset({"/v1/health", "/v1/health/ready", "/metrics"})
 _STATUS_TEXT = {int(status): str(int(status)) for status in HTTPStatus}
 
 
 class _Exchange:
     """What one request's response did, for its metrics and access line."""
 
-    __slots__ = ("first_event", "started", "status", "streaming")
+    __slots__ = ("first_event", "route", "started", "status", "streaming")
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, route: str) -> None:
         self.started = started
+        self.route = route
         self.status = 0
         self.streaming = False
         self.first_event: float | None = None
@@ -116,21 +122,70 @@ class EdgeMiddleware:
         # ASGI middleware outside this one has already started the server span from them.
         if not self.trust_traceparent:
             traceparent = tracestate = None
-        token = None if exporting() else otel_context.attach(incoming_context(traceparent, tracestate))
-        exchange = _Exchange(time.perf_counter())
+        exchange = _Exchange(time.perf_counter(), self.route_labels(scope["path"]))
+        if exporting() and scope["path"] not in UNTRACED_PATHS:
+            with self._server_span(scope, exchange, traceparent, tracestate) as span:
+                await self._serve(scope, receive, send, client_request_id, authorization, content_length, exchange)
+                span.set_attribute("http.response.status_code", exchange.status or 499)
+                if exchange.status >= 500:
+                    span.set_status(StatusCode.ERROR)
+            return
+        token = otel_context.attach(incoming_context(traceparent, tracestate))
+        try:
+            await self._serve(scope, receive, send, client_request_id, authorization, content_length, exchange)
+        finally:
+            otel_context.detach(token)
+
+    def _server_span(
+        self, scope: Scope, exchange: _Exchange, traceparent: str | None, tracestate: str | None
+    ) -> AbstractContextManager[Span]:
+        """The request's SERVER span (HTTP semantic conventions), under the caller's
+        context. hoosh's own rather than OpenTelemetry's ASGI middleware, which costs
+        about 0.14 ms per request even when the request is not sampled."""
+        carrier = {"traceparent": traceparent} if traceparent else {}
+        if tracestate:
+            carrier["tracestate"] = tracestate
+        method = http_method(scope["method"])
+        client = scope.get("client")
+        attributes = {
+            "http.request.method": scope["method"] if method != OTHER else "_OTHER",
+            "http.route": exchange.route,
+            "url.path": scope["path"],
+            "url.scheme": scope.get("scheme", "http"),
+            "network.protocol.version": scope.get("http_version", ""),
+        }
+        if client:
+            attributes["client.address"] = str(client[0])
+        return tracer.start_as_current_span(
+            f"{method} {exchange.route}",
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        client_request_id: bytes | None,
+        authorization: bytes | None,
+        content_length: bytes | None,
+        exchange: _Exchange,
+    ) -> None:
         IN_FLIGHT.inc()
         try:
             await self._handle(scope, receive, send, client_request_id, authorization, content_length, exchange)
         finally:
             IN_FLIGHT.dec()
             self._account(scope, exchange)
-            if token is not None:
-                otel_context.detach(token)
 
     def _account(self, scope: Scope, exchange: _Exchange) -> None:
         """Metrics and the access line of one request (in its trace context)."""
         ended = time.perf_counter()
-        route = self.route_labels(scope["path"])
+        route = exchange.route
         method = http_method(scope["method"])
         status = exchange.status or 499  # nothing was sent: the client left first
         series = self._series.get((route, method, status))

@@ -206,7 +206,7 @@ def test_a_chat_is_one_trace_from_the_edge_to_the_audit_write(traced: Traced) ->
     budget_calls = {span.name for span in spans if span.service == "hoosh-budget" and span.kind == "server"}
     assert any("Reserve" in name for name in budget_calls) and any("Commit" in name for name in budget_calls)
 
-    request_span = next(span for span in spans if span.name == "hoosh.router.chat")
+    request_span = next(span for span in spans if span.name == "hoosh.router.v1.RouterService/Chat")
     attributes = request_span.attributes
     assert attributes["gen_ai.operation.name"] == "chat"
     assert attributes["gen_ai.provider.name"] == "hoosh.local"
@@ -250,7 +250,7 @@ def test_a_streamed_chat_is_one_trace_too(traced: Traced) -> None:
         span.service for span in spans
     }
     assert_one_tree(spans, parent)
-    request_span = next(span for span in spans if span.name == "hoosh.router.chat_stream")
+    request_span = next(span for span in spans if span.name == "hoosh.router.v1.RouterService/ChatStream")
     assert request_span.attributes["gen_ai.request.stream"] is True
     assert request_span.attributes["gen_ai.usage.output_tokens"] == usage.completion_tokens
     assert request_span.attributes["gen_ai.response.finish_reasons"]

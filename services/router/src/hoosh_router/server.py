@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator
 import grpc
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
 from hoosh_common.logs import request_id_var
-from hoosh_common.telemetry import domain_span, extract_context
+from hoosh_common.telemetry import extract_context
 from opentelemetry import context as otel_context
-from opentelemetry import trace
 
 from .cache import ResponseCache
 from .chat import ChatService
@@ -19,8 +18,6 @@ from .embeddings import EmbeddingService
 from .errors import RouterError
 from .health import HealthBoard
 from .routing import ModelRouter
-
-tracer = trace.get_tracer("hoosh.router")
 
 
 def _request_id(
@@ -57,8 +54,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
-            with domain_span(tracer, "hoosh.router.chat", {"hoosh.model": request.model}):
-                return await self._chat.chat(request, request_id, context.time_remaining())
+            return await self._chat.chat(request, request_id, context.time_remaining())
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())
             await context.abort(error.status, error.message)
@@ -74,9 +70,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
-            with domain_span(tracer, "hoosh.router.chat_stream", {"hoosh.model": request.model}):
-                async for chunk in self._chat.stream(request, request_id, context.time_remaining()):
-                    yield chunk
+            async for chunk in self._chat.stream(request, request_id, context.time_remaining()):
+                yield chunk
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())
             await context.abort(error.status, error.message)
@@ -121,8 +116,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
-            with domain_span(tracer, "hoosh.router.embed", {"hoosh.model": request.model}):
-                return await self._embeddings.embed(request, request_id, context.time_remaining())
+            return await self._embeddings.embed(request, request_id, context.time_remaining())
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())
             await context.abort(error.status, error.message)

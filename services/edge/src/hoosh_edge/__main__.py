@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
 import tempfile
 
@@ -51,7 +53,8 @@ def main() -> None:
     if settings.edge_workers > 1 and not os.environ.get(MULTIPROC_ENV):
         # Workers write their metrics to files this process (the supervisor) aggregates;
         # set before any worker starts (each imports prometheus_client afresh).
-        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="hoosh-edge-metrics-")
+        os.environ[MULTIPROC_ENV] = directory = tempfile.mkdtemp(prefix="hoosh-edge-metrics-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     serve_edge_metrics(settings.edge_metrics_listen)
     # A factory by import path: with several workers each process builds its own app,
     # channels and tracing (grpc.aio channels belong to one event loop).

@@ -635,8 +635,13 @@ def register_publisher_metrics(
         healthy.add_metric(values, 1 if publisher.healthy else 0)
         yield healthy
         outbox = publisher.outbox
+        depth = None
         if outbox is not None:
-            depth = outbox.depth()
+            try:
+                depth = outbox.depth()
+            except (IndexError, RuntimeError):  # read from this thread while the loop empties it
+                depth = None
+        if depth is not None:
             for name, text, value in (
                 ("hoosh_events_outbox_entries", "Events waiting in the outbox for NATS.", depth.entries),
                 ("hoosh_events_outbox_bytes", "Bytes waiting in the outbox.", depth.bytes),

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
+from opentelemetry import trace
 
 from . import metrics
 from .backends.base import CallParams, Completion, StreamPiece
@@ -297,13 +298,15 @@ class ChatService:
             async def call(route: Route, params: CallParams) -> Completion:
                 completion = await route.backend.chat(request, params)
                 # The attempt's span (current here while exported) gets what it answered.
-                metrics.annotate_span(
-                    {
-                        "gen_ai.response.model": completion.model,
-                        "gen_ai.usage.input_tokens": completion.prompt_tokens,
-                        "gen_ai.usage.output_tokens": completion.completion_tokens,
-                    }
-                )
+                span = trace.get_current_span()
+                if span.is_recording():
+                    span.set_attributes(
+                        {
+                            "gen_ai.response.model": completion.model,
+                            "gen_ai.usage.input_tokens": completion.prompt_tokens,
+                            "gen_ai.usage.output_tokens": completion.completion_tokens,
+                        }
+                    )
                 return completion
 
             # A call that outlasts a third of the lease renews it (a timer until then),

@@ -325,14 +325,6 @@ def _count_key(info: RequestInfo, usd: int) -> None:
 # -- spans --------------------------------------------------------------------------------
 
 
-def annotate_span(attributes: dict[str, Any]) -> None:
-    """Set attributes on the current span if it is being recorded (spans exported);
-    otherwise nothing is built or paid beyond the check."""
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attributes({key: value for key, value in attributes.items() if value is not None and value != ""})
-
-
 def span_outcome(
     info: RequestInfo,
     provider: ProviderConfig | None,

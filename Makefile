@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROTO_OUT := libs/common/src
 
-.PHONY: install proto up test test-fast lint fmt bench clean
+.PHONY: install proto up test test-fast lint typecheck fmt bench clean
 
 $(VENV)/.installed: scripts/install.sh $(wildcard services/*/pyproject.toml libs/*/pyproject.toml)
 	bash scripts/install.sh
@@ -30,6 +30,10 @@ test-fast: proto
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# mypy --strict over every hoosh package (configuration in pyproject.toml).
+typecheck:
+	$(VENV)/bin/python -m mypy $(foreach p,hoosh_common hoosh_metering hoosh_tenancy hoosh_cli hoosh_edge hoosh_router hoosh_budget hoosh_audit hoosh_stt hoosh_inference,-p $(p))
 
 fmt:
 	$(VENV)/bin/ruff format .

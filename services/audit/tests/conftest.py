@@ -22,6 +22,10 @@ from nats.js.client import JetStreamContext
 NATS_URL = "nats://127.0.0.1:4222"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 KEY = b"test-key-0123456789abcdef0123456789"
+# A publisher's event-signing key, as HOOSH_AUDIT_PUBLISHER_KEYS names it.
+PUBLISHER_KEY_ID = "test-publisher"
+PUBLISHER_KEY = bytes(range(100, 132))  # production refuses a key with few distinct bytes
+PUBLISHER_KEYS_ENV = f"{PUBLISHER_KEY_ID}={PUBLISHER_KEY.hex()}"
 
 
 @dataclass

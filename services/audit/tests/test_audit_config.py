@@ -10,6 +10,7 @@ from hoosh_audit.errors import ConfigError
 from hoosh_audit.keys import key_fingerprint
 
 GOOD_KEY = "3f9a1c0e5b7d2a4c6e8f0a1b3c5d7e9f"
+ROUTER_KEY, STT_KEY = bytes(range(32)).hex(), bytes(range(32, 64)).hex()
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +33,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "HOOSH_AUDIT_CHECKPOINT_PREFIX",
         "HOOSH_AUDIT_ACCEPT_CHECKPOINT_LOSS",
         "HOOSH_REDIS_URL",
+        "HOOSH_AUDIT_PUBLISHER_KEYS_FILE",
     ):
         monkeypatch.delenv(name, raising=False)
+    # Production needs the publishers' keys: given here, taken away where tested.
+    monkeypatch.setenv("HOOSH_AUDIT_PUBLISHER_KEYS", f"router={ROUTER_KEY}")
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,3 +163,68 @@ def test_segments_and_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOOSH_AUDIT_SEGMENT_MAX_BYTES", "10")
     with pytest.raises(ConfigError, match="HOOSH_AUDIT_SEGMENT_MAX_BYTES"):
         load_settings()
+
+
+def test_publisher_keys_are_required_in_production(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY", GOOD_KEY)
+    monkeypatch.delenv("HOOSH_AUDIT_PUBLISHER_KEYS")
+    with pytest.raises(ConfigError, match="HOOSH_AUDIT_PUBLISHER_KEYS is required outside HOOSH_ENV=development"):
+        load_settings()
+    monkeypatch.setenv("HOOSH_AUDIT_PUBLISHER_KEYS", "")  # compose's ${VAR:-}: the same as unset
+    with pytest.raises(ConfigError, match="HOOSH_AUDIT_PUBLISHER_KEYS is required"):
+        load_settings()
+    monkeypatch.setenv("HOOSH_ENV", "development")
+    settings = load_settings()
+    assert settings.event_verifier() is None  # development without keys: events taken as they come
+    assert not settings.publishes_events  # and no signing key of its own is asked for
+
+
+def test_publisher_keys_several_per_publisher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY", GOOD_KEY)
+    rotated = bytes(range(64, 96)).hex()
+    monkeypatch.setenv("HOOSH_AUDIT_PUBLISHER_KEYS", f"router={ROUTER_KEY}, router-2={rotated}\nstt={STT_KEY}")
+    settings = load_settings()
+    assert settings.publisher_key_ids == ["router", "router-2", "stt"]
+    verifier = settings.event_verifier()
+    assert verifier is not None and verifier.key_ids == ["router", "router-2", "stt"]
+    assert ROUTER_KEY not in repr(settings) and ROUTER_KEY not in repr(verifier)
+    # The same items from a file (a mounted secret), merged with the variable.
+    keys_file = tmp_path / "secrets" / "publisher-keys"
+    keys_file.parent.mkdir()
+    keys_file.write_text(f"# hoosh publishers\nbudget={bytes(range(96, 128)).hex()}\n")
+    monkeypatch.setenv("HOOSH_AUDIT_PUBLISHER_KEYS_FILE", str(keys_file))
+    monkeypatch.setenv("HOOSH_AUDIT_DIR", str(tmp_path / "audit"))
+    assert load_settings().publisher_key_ids == ["budget", "router", "router-2", "stt"]
+    monkeypatch.setenv("HOOSH_AUDIT_PUBLISHER_KEYS_FILE", str(tmp_path / "audit" / "keys"))
+    with pytest.raises(ConfigError, match="keep the keys away from the log"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("router", "expected key-id=hex items"),
+        ("router=not-hex", "must be hex"),
+        (f"router={'ab' * 16}", "at least 32 bytes"),
+        (f"rou:ter={ROUTER_KEY}", "must be 1-64 of"),
+        (f"router={ROUTER_KEY},router={STT_KEY}", "configured twice"),
+    ],
+)
+def test_bad_publisher_keys_are_refused_even_in_development(
+    monkeypatch: pytest.MonkeyPatch, value: str, problem: str
+) -> None:
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY", GOOD_KEY)
+    monkeypatch.setenv("HOOSH_ENV", "development")
+    monkeypatch.setenv("HOOSH_AUDIT_PUBLISHER_KEYS", value)
+    with pytest.raises(ConfigError, match=problem) as raised:
+        load_settings()
+    assert STT_KEY not in str(raised.value)  # the error never shows a key
+
+
+def test_placeholder_publisher_keys_are_refused_outside_development(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOSH_AUDIT_HMAC_KEY", GOOD_KEY)
+    monkeypatch.setenv("HOOSH_AUDIT_PUBLISHER_KEYS", f"router={ROUTER_KEY},stt={'02' * 32}")  # .env.example's
+    with pytest.raises(ConfigError, match=r"the key\(s\) of \['stt'\] are placeholders"):
+        load_settings()
+    monkeypatch.setenv("HOOSH_ENV", "development")
+    assert load_settings().publisher_key_ids == ["router", "stt"]

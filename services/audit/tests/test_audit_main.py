@@ -26,11 +26,11 @@ from hoosh.events.v1 import events_pb2
 from hoosh_audit.checkpoint import CheckpointStore, checkpoint_key
 from hoosh_audit.keys import Keyring
 from hoosh_audit.log import AuditLog
-from hoosh_common.eventbus import EventPublisher, ensure_stream
+from hoosh_common.eventbus import SIGNATURE_HEADER, EventPublisher, EventSigner, ensure_stream
 from hoosh_common.grpc_server import insecure_channel
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import NATS_URL, REDIS_URL, Bus
+from .conftest import NATS_URL, PUBLISHER_KEY, PUBLISHER_KEY_ID, PUBLISHER_KEYS_ENV, REDIS_URL, Bus
 from .helpers import DEADLINE_S, entries, read_entries, rewrite_lines, segment_files
 
 
@@ -42,7 +42,15 @@ def free_port() -> int:
 
 def audit_env(key: bytes, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOSH_")}
-    env.update({"HOOSH_AUDIT_HMAC_KEY": key.decode(), "HOOSH_REDIS_URL": REDIS_URL, **extra})
+    env.update(
+        {
+            "HOOSH_AUDIT_HMAC_KEY": key.decode(),
+            "HOOSH_REDIS_URL": REDIS_URL,
+            # Production (the default) needs the publishers' keys; the publisher fixture signs.
+            "HOOSH_AUDIT_PUBLISHER_KEYS": PUBLISHER_KEYS_ENV,
+            **extra,
+        }
+    )
     return env
 
 
@@ -138,7 +146,7 @@ class Service:
 @pytest.fixture
 async def publisher(bus: Bus) -> EventPublisher:
     await ensure_stream(bus.js, bus.stream, bus.prefix)
-    return EventPublisher(bus.nc, bus.js, bus.stream, bus.prefix)
+    return EventPublisher(bus.nc, bus.js, bus.stream, bus.prefix, signer=EventSigner(PUBLISHER_KEY, PUBLISHER_KEY_ID))
 
 
 @pytest.fixture
@@ -329,3 +337,47 @@ async def test_a_log_behind_its_checkpoint_stops_the_service(
     assert "the loss is accepted" in stderr
     moved = [k async for k in redis_client.scan_iter(match=f"{service.checkpoint_key}:superseded:*")]
     assert len(moved) == 1
+
+
+async def test_production_without_publisher_keys_refuses_to_start(key: bytes, tmp_path: Path) -> None:
+    env = audit_env(key, HOOSH_AUDIT_DIR=str(tmp_path / "audit"), HOOSH_AUDIT_METRICS_LISTEN="")
+    del env["HOOSH_AUDIT_PUBLISHER_KEYS"]
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "hoosh_audit"], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "HOOSH_AUDIT_PUBLISHER_KEYS is required outside HOOSH_ENV=development" in done.stderr
+
+
+async def test_the_service_records_a_forgery_as_rejected_counts_it_and_still_verifies(
+    bus: Bus, publisher: EventPublisher, tmp_path: Path, key: bytes, redis_prefix: str, services: list[Service]
+) -> None:
+    subject = f"{bus.prefix}.inference.completed"
+    forged = events_pb2.InferenceCompleted(request_id="forged", model="m", cost_usd=0.0).SerializeToString()
+    await bus.js.publish(subject, forged, headers={"Nats-Msg-Id": "forged"})
+    await bus.js.publish(
+        subject, forged, headers={"Nats-Msg-Id": "forged-2", SIGNATURE_HEADER: "v1:router:" + "0" * 64}
+    )
+    await publisher.publish("inference.completed", events_pb2.InferenceCompleted(request_id="real"), "real")
+    service = Service(bus, tmp_path / "audit", key, redis_prefix)
+    services.append(service)
+    await service.start()
+    listed = await service.wait_for(3)
+    assert [(e.subject, e.event_id) for e in (await service.list()).entries] == [
+        (f"{bus.prefix}.audit.rejected", "rejected:forged"),
+        (f"{bus.prefix}.audit.rejected", "rejected:forged-2"),
+        (subject, "real"),
+    ]
+    assert listed.chain_valid
+    rejected = await service.list(kind="audit.rejected")
+    assert rejected.total == 2 and json.loads(rejected.entries[0].payload_json)["reason"] == "missing"
+    metrics = await service.metrics()
+    assert metrics[("hoosh_audit_events_rejected_total", (("reason", "missing"),))] == 1
+    assert metrics[("hoosh_audit_events_rejected_total", (("reason", "unknown_key"),))] == 1
+    assert metrics[("hoosh_audit_events_rejected_total", (("reason", "mismatch"),))] == 0
+    code, stderr = await service.stop()
+    assert code == 0, stderr[-2000:]
+    assert "event rejected: not signed by a known publisher" in stderr
+    verified, report = await asyncio.to_thread(hoosh_verify, service, tmp_path / "audit")
+    assert verified == 0, report
+    assert report["entries"] == 3

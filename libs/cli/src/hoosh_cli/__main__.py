@@ -18,7 +18,7 @@ from hoosh_common.logs import configure_logging
 
 from . import admin, audit
 from .infra import ensure_nats, ensure_redis
-from .stack import Ports, Stack, StackConfig
+from .stack import PUBLISHERS, Ports, Stack, StackConfig
 
 log = logging.getLogger("hoosh")
 
@@ -34,6 +34,27 @@ def audit_key(state_dir: Path) -> str:
         path.write_text(secrets.token_hex(32))
         path.chmod(0o600)
     return path.read_text().strip()
+
+
+def _secret_file(path: Path, make: str) -> str:
+    """The secret kept in ``path``, created 0600 (never readable by others, even
+    briefly) with ``make`` the first time."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(make + "\n")
+    return path.read_text().strip()
+
+
+def signing_keys(state_dir: Path) -> dict[str, str]:
+    """Each publishing service's event-signing key (hex), generated once into
+    <state dir>/event-keys/<service>.key: events a previous run left in an outbox or
+    the stream still verify after a restart."""
+    return {
+        service: _secret_file(state_dir / "event-keys" / f"{service}.key", secrets.token_hex(32))
+        for service in PUBLISHERS
+    }
 
 
 def admin_key(state_dir: Path) -> str:
@@ -108,6 +129,7 @@ async def up(args: argparse.Namespace) -> int:
         audit_key=audit_key(state_dir),
         admin_key=admin_key(state_dir),
         auth=args.auth,
+        signing_keys=signing_keys(state_dir),
     )
     stack = Stack(config)
     print(f"starting hoosh services (logs in {log_dir}) ...", flush=True)

@@ -20,6 +20,15 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 
+# The services that publish events: each signs them with a key of its own, and the
+# audit is given all of them (an event signed by none is recorded as rejected).
+PUBLISHERS = ("router", "stt", "budget")
+
+
+def new_signing_keys() -> dict[str, str]:
+    """A fresh event-signing key (hex, 32 bytes) per publishing service."""
+    return {service: secrets.token_hex(32) for service in PUBLISHERS}
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -78,8 +87,37 @@ class StackConfig:
     with_inference: bool = True
     with_stt: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Each publishing service's event-signing key (hex), by service name: fresh ones
+    # unless given (`hoosh up` keeps them in the state dir across restarts).
+    signing_keys: dict[str, str] = field(default_factory=new_signing_keys)
+    # More environment for one service only, by service name (after extra_env).
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    def environment(self) -> dict[str, str]:
+    def publisher_keys(self) -> str:
+        """HOOSH_AUDIT_PUBLISHER_KEYS: every publisher's key, under its service's name."""
+        return ",".join(f"{service}={key}" for service, key in sorted(self.signing_keys.items()))
+
+    def environment(self, service: str | None = None) -> dict[str, str]:
+        """The environment of ``service``'s process: what every service shares, plus its
+        own (a publisher's signing key, the audit's publisher keys, ``service_env``).
+
+        Without a service (a process a caller starts beside the stack without saying
+        which: tests' extra routers and edges), the shared environment plus the router's
+        signing key and the audit's publisher keys, so that any service finds its
+        settings there."""
+        env = self._shared_environment()
+        names = [service] if service is not None else ["audit", "router"]
+        for name in names:
+            if name in self.signing_keys:
+                env["HOOSH_EVENTS_SIGNING_KEY"] = self.signing_keys[name]
+                env["HOOSH_EVENTS_SIGNING_KEY_ID"] = name
+            if name == "audit" and self.signing_keys:
+                env["HOOSH_AUDIT_PUBLISHER_KEYS"] = self.publisher_keys()
+        if service is not None:
+            env.update(self.service_env.get(service, {}))
+        return env
+
+    def _shared_environment(self) -> dict[str, str]:
         ports = self.ports
         env = {
             "HOOSH_ENV": "development",
@@ -184,9 +222,16 @@ class Stack:
 
     async def start(self, timeout: float = 120.0) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.config.environment()}
+        # Signing keys from the caller's environment are not inherited: each service
+        # gets exactly its own (or none) from environment(name).
+        inherited = {
+            name: value
+            for name, value in os.environ.items()
+            if name not in ("HOOSH_EVENTS_SIGNING_KEY", "HOOSH_EVENTS_SIGNING_KEY_ID", "HOOSH_AUDIT_PUBLISHER_KEYS")
+        }
         try:
             for service in self.services:
+                env = {**inherited, **self.config.environment(service.name)}
                 log_file = open(self.log_dir / f"{service.name}.log", "ab")
                 service.process = subprocess.Popen(
                     [sys.executable, "-m", service.module], env=env, stdout=log_file, stderr=subprocess.STDOUT

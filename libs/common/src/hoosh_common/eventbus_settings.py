@@ -20,35 +20,63 @@ publishing process has its own outbox directory under ``HOOSH_EVENTS_OUTBOX_DIR`
   ``HOOSH_NATS_STREAM_MAX_AGE_SECONDS`` (0: none; ``limits`` only, and required
   there), ``HOOSH_NATS_STREAM_REPLICAS`` (1; 3 on a three-node cluster).
 - ``HOOSH_NATS_DUPLICATE_WINDOW_SECONDS`` (120): JetStream's Nats-Msg-Id window.
+- ``HOOSH_EVENTS_SIGNING_KEY`` (hex, at least 32 bytes): the key this service signs
+  its events with (``hoosh-signature``, see ``hoosh_common.eventbus``), one per
+  publishing service; ``HOOSH_EVENTS_SIGNING_KEY_ID`` (default: the service's name,
+  ``router``, ``stt``, ``budget``) names it to the audit, which holds every
+  publisher's keys (``HOOSH_AUDIT_PUBLISHER_KEYS``). Required with
+  ``HOOSH_ENV=production``; in development, unset means unsigned events, which an
+  audit configured with publisher keys rejects.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hoosh_common.eventbus import (
     DEFAULT_STREAM_MAX_BYTES,
     DUPLICATE_WINDOW_S,
     EventPublisher,
+    EventSigner,
     StreamPolicy,
+    check_key_id,
     ensure_stream,
+    placeholder_key,
+    signing_key,
 )
 from hoosh_common.metrics import register_publisher_metrics
 from hoosh_common.outbox import DEFAULT_HIGH_WATER, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Outbox
+
+log = logging.getLogger(__name__)
 
 
 class EventBusSettings(BaseSettings):
     """Stream bounds and the publisher's outbox (see the module docstring)."""
 
-    model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
+    # hide_input_in_errors: an error of any model validator would print every input,
+    # the signing key included (subclasses' configs merge with this one).
+    model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore", hide_input_in_errors=True)
 
+    # False for a service that only consumes (the audit): no signing key is required.
+    publishes_events: ClassVar[bool] = True
+
+    env: Literal["production", "development"] = Field(
+        default="development", description="production requires HOOSH_EVENTS_SIGNING_KEY"
+    )
+    events_signing_key: SecretStr | None = Field(
+        default=None, description="hex key (>= 32 bytes) this service signs its events with; unset: unsigned (dev)"
+    )
+    events_signing_key_id: str | None = Field(
+        default=None, description="the signing key's id in the audit's HOOSH_AUDIT_PUBLISHER_KEYS (default: service)"
+    )
     events_outbox_dir: Path | None = Field(
         default=None, description="Parent of each service's outbox directory; unset: no outbox (events may be lost)"
     )
@@ -64,10 +92,36 @@ class EventBusSettings(BaseSettings):
     nats_stream_replicas: int = Field(default=1, ge=1, le=5)
     nats_duplicate_window_seconds: float = Field(default=DUPLICATE_WINDOW_S, gt=0)
 
+    @field_validator("events_signing_key", "events_signing_key_id", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # Compose passes ${VAR:-} through as "": the same as not set.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _policy_is_valid(self) -> EventBusSettings:
         self.stream_policy()  # fail at start, not at the first declaration
+        if self.events_signing_key is not None:
+            key = signing_key(self.events_signing_key.get_secret_value())
+            if self.env == "production" and placeholder_key(key):
+                raise ValueError("HOOSH_EVENTS_SIGNING_KEY is a placeholder; use a random key outside development")
+        if self.events_signing_key_id is not None:
+            check_key_id(self.events_signing_key_id)
+        if self.publishes_events and self.env == "production" and self.events_signing_key is None:
+            raise ValueError(
+                "HOOSH_EVENTS_SIGNING_KEY is required with HOOSH_ENV=production: without it the audit "
+                "rejects this service's events (generate one: `python -c 'import secrets; "
+                "print(secrets.token_hex(32))'`, and give it to the audit in HOOSH_AUDIT_PUBLISHER_KEYS)"
+            )
         return self
+
+    def event_signer(self, service: str) -> EventSigner | None:
+        """The signer of this service's events (key id: HOOSH_EVENTS_SIGNING_KEY_ID, else
+        the service's name); None without a key (development only)."""
+        if self.events_signing_key is None:
+            return None
+        key = signing_key(self.events_signing_key.get_secret_value())
+        return EventSigner(key, self.events_signing_key_id or service)
 
     def stream_policy(self) -> StreamPolicy | None:
         """The stream's bounds for ``ensure_stream(policy=...)``; None when unmanaged.
@@ -104,6 +158,13 @@ class EventBusSettings(BaseSettings):
         By default, with an outbox an unacked event goes to disk after ~3 s (3 tries of
         1 s) rather than waiting ~10 s in memory (5 tries of 2 s)."""
         outbox = self.event_outbox(service)
+        signer = self.event_signer(service)
+        if signer is None:
+            log.warning(
+                "events are published unsigned (HOOSH_EVENTS_SIGNING_KEY is not set): "
+                "an audit configured with publisher keys records them as rejected",
+                extra={"service": service},
+            )
         if max_attempts is None:
             max_attempts = 3 if outbox is not None else 5
         if ack_timeout is None:
@@ -117,6 +178,7 @@ class EventBusSettings(BaseSettings):
             max_attempts=max_attempts,
             ack_timeout=ack_timeout,
             duplicate_window=self.nats_duplicate_window_seconds,
+            signer=signer,
         )
         register_publisher_metrics(publisher, service)
         return publisher

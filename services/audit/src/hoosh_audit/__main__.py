@@ -121,6 +121,14 @@ async def serve(settings: AuditSettings) -> int:
         max_reconnect_attempts=-1,
     )
     js = nc.jetstream()
+    verifier = settings.event_verifier()
+    if verifier is None:
+        log.warning(
+            "no publisher keys (HOOSH_AUDIT_PUBLISHER_KEYS): events are recorded without checking who "
+            "published them; development only (HOOSH_ENV=production refuses to start so)"
+        )
+    else:
+        log.info("events must be signed by a publisher key", extra={"key_ids": verifier.key_ids})
     consumer = AuditConsumer(
         js,
         audit_log,
@@ -130,6 +138,7 @@ async def serve(settings: AuditSettings) -> int:
         on_durable=writer.notify,
         stream_policy=settings.stream_policy(),
         duplicate_window=settings.nats_duplicate_window_seconds,
+        verifier=verifier,
     )
     server = grpc_server.new_server()
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_log), server)

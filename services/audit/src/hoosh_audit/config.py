@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
+from hoosh_common.eventbus import EventVerifier, placeholder_key
 from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, model_validator
@@ -12,7 +13,7 @@ from pydantic_settings import SettingsConfigDict
 
 from hoosh_audit.checkpoint import checkpoint_key
 from hoosh_audit.errors import ConfigError
-from hoosh_audit.keys import Keyring, load_keyring
+from hoosh_audit.keys import Keyring, load_keyring, parse_publisher_keys
 from hoosh_audit.log import DEFAULT_SEGMENT_MAX_AGE_S, DEFAULT_SEGMENT_MAX_BYTES
 from hoosh_audit.segments import HEAD_LINK
 
@@ -28,6 +29,7 @@ class AuditSettings(EventBusSettings):
     """The audit's environment (prefix ``HOOSH_``), the event bus's included."""
 
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
+    publishes_events: ClassVar[bool] = False  # it consumes: it verifies, never signs
 
     audit_listen: str = Field("127.0.0.1:50054", description="gRPC listen address")
     audit_metrics_listen: str = Field(
@@ -68,8 +70,17 @@ class AuditSettings(EventBusSettings):
     audit_integrity_check_seconds: float = Field(
         10.0, gt=0, description="how often the service looks for segments changed behind its back"
     )
+    audit_publisher_keys: SecretStr | None = Field(
+        None,
+        description="the publishers' event-signing keys, kid=hex items: router=<hex>,stt=<hex>,budget=<hex>; "
+        "events not signed by one of them are recorded as audit.rejected (required in production)",
+    )
+    audit_publisher_keys_file: Path | None = Field(
+        None, description="the same kid=hex items in a file (one per line; a mounted secret; not inside the log)"
+    )
     env: Literal["production", "development"] = "production"
     _keyring: Keyring | None = PrivateAttr(None)
+    _publisher_keys: dict[str, bytes] = PrivateAttr(default_factory=dict)
 
     @property
     def audit_file(self) -> Path:
@@ -85,6 +96,15 @@ class AuditSettings(EventBusSettings):
     def key_bytes(self) -> bytes:
         """The current (signing) key."""
         return self.keyring.current
+
+    @property
+    def publisher_key_ids(self) -> list[str]:
+        return sorted(self._publisher_keys)
+
+    def event_verifier(self) -> EventVerifier | None:
+        """Checks each event's publisher signature; None without publisher keys (development
+        only: every event is then taken as what it claims to be)."""
+        return EventVerifier(self._publisher_keys) if self._publisher_keys else None
 
     @property
     def checkpoint_key(self) -> str:
@@ -130,7 +150,44 @@ class AuditSettings(EventBusSettings):
                         "use a random secret or HOOSH_ENV=development"
                     )
         self._keyring = keyring
+        self._publisher_keys = self._load_publisher_keys()
         return self
+
+    def _load_publisher_keys(self) -> dict[str, bytes]:
+        keys: dict[str, bytes] = {}
+        sources: list[tuple[str, str]] = []
+        if self.audit_publisher_keys_file is not None:
+            path = self.audit_publisher_keys_file
+            if path.resolve().is_relative_to(self.audit_dir.resolve()):
+                raise ValueError(
+                    "HOOSH_AUDIT_PUBLISHER_KEYS_FILE is inside HOOSH_AUDIT_DIR: keep the keys away from the log"
+                )
+            try:
+                sources.append(("HOOSH_AUDIT_PUBLISHER_KEYS_FILE", path.read_text(encoding="utf-8")))
+            except OSError as exc:
+                raise ValueError(f"HOOSH_AUDIT_PUBLISHER_KEYS_FILE: cannot read {path}: {exc.strerror}") from None
+        if self.audit_publisher_keys is not None:
+            sources.append(("HOOSH_AUDIT_PUBLISHER_KEYS", self.audit_publisher_keys.get_secret_value()))
+        for source, text in sources:
+            try:
+                found = parse_publisher_keys(text, source)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            for kid, secret in found.items():
+                if kid in keys and keys[kid] != secret:
+                    raise ValueError(f"{source}: key id {kid!r} is configured twice with different keys")
+                keys[kid] = secret
+        if self.env != "development":
+            weak = sorted(kid for kid, secret in keys.items() if placeholder_key(secret))
+            if weak:
+                raise ValueError(f"HOOSH_AUDIT_PUBLISHER_KEYS: the key(s) of {weak} are placeholders; use random keys")
+        if not keys and self.env != "development":
+            raise ValueError(
+                "HOOSH_AUDIT_PUBLISHER_KEYS is required outside HOOSH_ENV=development: without the "
+                "publishers' keys anyone who can publish on the stream writes genuine-looking entries "
+                "(router=<hex>,stt=<hex>,budget=<hex>: each service's HOOSH_EVENTS_SIGNING_KEY)"
+            )
+        return keys
 
 
 def load_settings() -> AuditSettings:

@@ -18,6 +18,17 @@ JSON object, or the bytes in base64 until producers publish a message type for t
 An event on another subject is acked and skipped: it is another consumer's, not a
 corrupt one. A known subject whose payload cannot be decoded is terminated.
 
+Publishers. With publisher keys (``verifier``), an event on a recorded subject must
+carry a valid ``hoosh-signature`` from one of them (see ``hoosh_common.eventbus``).
+One that does not (missing, malformed, an unknown key id, a wrong MAC) is never
+recorded as the event it claims to be: an entry on ``<prefix>.audit.rejected`` takes
+its place in the chain (the reason, the claimed subject, message id and key id, and
+the payload's SHA-256; not the payload), it is acked, counted in
+``hoosh_audit_events_rejected_total{reason}`` and logged as a warning. Its event id
+is ``rejected:<message id>``, so a forgery never stands in for the genuine event of
+that id (the outbox copy check looks event ids up). Without a verifier
+(development) every event is taken as it comes.
+
 Durability. A batch is written and fsynced before any of its messages is acked; then
 the checkpoint writer is told, and stores the new head outside the log (off the ack
 path: Redis being slow delays the checkpoint, never the acks).
@@ -35,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -54,6 +66,8 @@ from hoosh_common.eventbus import (
     MSG_ID_HEADER,
     OUTBOX_HEADER,
     REQUEST_ID_HEADER,
+    EventVerifier,
+    SignatureProblem,
     StreamPolicy,
     ensure_stream,
 )
@@ -84,6 +98,10 @@ DECODERS: dict[str, type[Message]] = {
 }
 # Recorded whatever the payload (see decode_any).
 ADMIN_SUBJECTS = "admin."
+# Where a message that is not signed by a known publisher is recorded instead.
+REJECTED_SUBJECT = "audit.rejected"
+# Bounds on what a rejection copies from the (untrusted) message.
+_MAX_CLAIMED = 256
 
 # Called once a batch is durable, before its acks: False skips the acks (a lost ack).
 DurableHook = Callable[[list[Msg]], bool]
@@ -95,6 +113,7 @@ class ConsumerStats:
     duplicates: int = 0  # redeliveries and outbox copies acked without appending
     terminated: int = 0  # undecodable payloads on a known subject
     skipped: int = 0  # subjects audit has no decoder for (acked, not recorded)
+    rejected: int = 0  # not signed by a known publisher: recorded as audit.rejected
     write_failures: int = 0
 
 
@@ -112,6 +131,38 @@ def decode_any(data: bytes) -> dict[str, Any]:
         return payload
     except (UnicodeError, ValueError, RecursionError):
         return {"data_base64": base64.b64encode(data).decode("ascii")}
+
+
+def records(subject: str, subject_prefix: str) -> bool:
+    """Whether audit records events on this subject (so they must be signed)."""
+    prefix = f"{subject_prefix}."
+    if not subject.startswith(prefix):
+        return False
+    name = subject[len(prefix) :]
+    return name in DECODERS or name.startswith(ADMIN_SUBJECTS)
+
+
+def _clip(text: str) -> str:
+    # Untrusted text into the log: bounded, and always encodable.
+    return text[:_MAX_CLAIMED].encode("utf-8", "replace").decode("utf-8")
+
+
+def rejection(
+    subject: str, headers: dict[str, str] | None, data: bytes, problem: SignatureProblem, stream_seq: int
+) -> tuple[str, dict[str, Any]]:
+    """The event id and payload of the ``audit.rejected`` entry that stands for a message
+    not signed by a known publisher: what it claimed, never its payload."""
+    msg_id = _clip((headers or {}).get(MSG_ID_HEADER, ""))
+    payload: dict[str, Any] = {
+        "reason": problem.reason,
+        "claimed_subject": _clip(subject),
+        "msg_id": msg_id,
+        "claimed_key_id": _clip(problem.key_id),
+        "payload_sha256": hashlib.sha256(data).hexdigest(),
+        "payload_bytes": len(data),
+        "outcome": "rejected",
+    }
+    return f"rejected:{msg_id or f'nats:{stream_seq}'}", payload
 
 
 def decode(
@@ -193,12 +244,16 @@ class AuditConsumer:
         stream_policy: StreamPolicy | None = None,
         duplicate_window: float = DUPLICATE_WINDOW_S,
         stream_info_interval: float = 5.0,
+        verifier: EventVerifier | None = None,
     ) -> None:
         """``on_durable`` is called after every batch is fsynced (the checkpoint writer's
         ``notify``). ``before_ack`` sees each durable batch before it is acked and may
         skip the acks by returning False (fault injection: a lost ack). ``stream_policy``
         / ``duplicate_window``: the stream's bounds, as every service declares them.
-        ``stream_info_interval``: how often the stream's last sequence is read (lag)."""
+        ``stream_info_interval``: how often the stream's last sequence is read (lag).
+        ``verifier``: the publishers' keys; None takes every event as it comes (development)."""
+        self._verifier = verifier
+        self._rejected_subject = events.subject(subject_prefix, REJECTED_SUBJECT)
         self._stream_policy = stream_policy
         self._duplicate_window = duplicate_window
         self._js = js
@@ -380,6 +435,8 @@ class AuditConsumer:
         entries: list[NewEntry] = []
         duplicates: list[Msg] = []
         batch_ids: set[str] = set()
+        rejected: list[tuple[NewEntry, SignatureProblem]] = []
+        verifier = self._verifier
         watermark = self._watermark
         position = self._position
         redelivered = 0
@@ -390,6 +447,17 @@ class AuditConsumer:
                 duplicates.append(msg)
                 redelivered += 1
                 continue
+            if verifier is not None and records(msg.subject, self.subject_prefix):
+                problem = verifier.check(msg.subject, msg.headers, msg.data)
+                if problem is not None:
+                    # Before decoding: a forgery is recorded as one whatever its payload.
+                    event_id, payload = rejection(msg.subject, msg.headers, msg.data, problem, seq)
+                    entry = NewEntry(event_id=event_id, subject=self._rejected_subject, stream_seq=seq, payload=payload)
+                    entries.append(entry)
+                    accepted.append(msg)
+                    rejected.append((entry, problem))
+                    watermark = seq
+                    continue
             try:
                 decoded = decode(msg.subject, self.subject_prefix, msg.data, msg.headers, seq)
             except UndecodableEvent as exc:
@@ -433,6 +501,8 @@ class AuditConsumer:
                 _fail_spans(spans, "not written: stopping while the disk failed")
                 return  # stopping while the disk kept failing: the batch was nak'd
             self._written(entries, written, accepted, spans)
+            if rejected:
+                self._rejected(rejected)
         self._watermark = watermark
         self._position = position
         self.stats.appended += len(entries)
@@ -452,6 +522,22 @@ class AuditConsumer:
             await self._settle(msg.ack())
         for msg in duplicates:
             await self._settle(msg.ack())
+
+    def _rejected(self, rejected: list[tuple[NewEntry, SignatureProblem]]) -> None:
+        """Count and log the rejections of a batch that is durable."""
+        self.stats.rejected += len(rejected)
+        for entry, problem in rejected:
+            metrics.EVENTS_REJECTED.labels(problem.reason).inc()
+            log.warning(
+                "event rejected: not signed by a known publisher; recorded as audit.rejected",
+                extra={
+                    "reason": problem.reason,
+                    "claimed_subject": entry.payload["claimed_subject"],
+                    "msg_id": entry.payload["msg_id"],
+                    "claimed_key_id": problem.key_id,
+                    "stream_seq": entry.stream_seq,
+                },
+            )
 
     def _start_spans(self, msgs: list[Msg]) -> list[Span]:
         """One ``hoosh.audit.write`` span per message, each under the context its headers
@@ -498,7 +584,7 @@ class AuditConsumer:
                 span.set_attribute("hoosh.audit.seq", seq)
             if info:
                 headers = msg.headers or {}
-                extra: dict[str, Any] = {"subject": msg.subject, "seq": seq, "stream_seq": entry["stream_seq"]}
+                extra: dict[str, Any] = {"subject": entry["subject"], "seq": seq, "stream_seq": entry["stream_seq"]}
                 request_id = headers.get(REQUEST_ID_HEADER)
                 if request_id:
                     extra["request_id"] = request_id

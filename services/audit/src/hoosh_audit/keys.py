@@ -147,3 +147,30 @@ def load_keyring(
         return Keyring(keys, current)
     except ValueError as exc:
         raise ConfigError(f"audit keys: {exc}") from None
+
+
+def parse_publisher_keys(text: str, source: str = "HOOSH_AUDIT_PUBLISHER_KEYS") -> dict[str, bytes]:
+    """The publishers' event-signing keys: ``kid=<hex>`` items separated by commas or
+    whitespace (newlines in a file; ``#`` starts a comment there), e.g.
+    ``router=<hex>,stt=<hex>,budget=<hex>``. A publisher whose key rotates appears
+    under several ids (``router=<old>,router-2=<new>``) until its old events are drained.
+    Each key is hex of at least 32 bytes. Raises ``ConfigError``."""
+    from hoosh_common.eventbus import check_key_id, signing_key  # the publishers' own rules
+
+    keys: dict[str, bytes] = {}
+    lines = (line.split("#", 1)[0] for line in text.splitlines())
+    for item in re.split(r"[\s,]+", " ".join(lines)):
+        if not item:
+            continue
+        kid, sep, hex_key = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{source}: expected key-id=hex items, got {kid[:64]!r}")
+        try:
+            check_key_id(kid, "key id")
+            secret = signing_key(hex_key, f"the key of {kid!r}")
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        if kid in keys and not hmac.compare_digest(keys[kid], secret):
+            raise ConfigError(f"{source}: key id {kid!r} is configured twice with different keys")
+        keys[kid] = secret
+    return keys

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from hoosh_common.eventbus import REJECT_REASONS
 from hoosh_common.metrics import FAST_BUCKETS, BoundedLabel
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -63,6 +64,14 @@ UNDECODABLE = Counter(
 IGNORED = Counter(
     "hoosh_audit_events_ignored", "Events on subjects audit does not record (another consumer's): acked, not written."
 )
+EVENTS_REJECTED = Counter(
+    "hoosh_audit_events_rejected",
+    "Events whose publisher signature is missing, malformed, from an unknown key or wrong: "
+    "recorded as audit.rejected entries, never as the event they claim to be.",
+    ["reason"],
+)
+for _reason in REJECT_REASONS:  # every series from the start: an alert sees 0 before the first forgery
+    EVENTS_REJECTED.labels(_reason)
 CHECKPOINTS = Counter("hoosh_audit_checkpoints", "Checkpoints of the log's head stored in Redis.")
 CHECKPOINT_FAILURES = Counter(
     "hoosh_audit_checkpoint_failures",

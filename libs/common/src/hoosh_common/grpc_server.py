@@ -36,7 +36,7 @@ def new_server() -> grpc.aio.Server:
 
 def insecure_channel(address: str) -> grpc.aio.Channel:
     """One long-lived channel per peer; callers build it once and reuse it. Callers put
-    the trace context in each call's metadata (``telemetry.inject_metadata``): no client
+    the trace context in each call's metadata (``telemetry.request_metadata``): no client
     interceptor, whose machinery alone costs a few hundred microseconds per call."""
     return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
 

@@ -110,22 +110,19 @@ def exporting() -> bool:
     return _exporting
 
 
-def domain_span(tracer: trace.Tracer, name: str, attributes: dict[str, str]) -> AbstractContextManager[object]:
-    """A span when spans are exported; otherwise nothing. The propagated context (and so
-    the trace id in logs, events and audit) is there either way; an unexported span
-    would only cost CPU on the hot path."""
-    if _exporting:
-        return tracer.start_as_current_span(name, attributes=attributes)
-    return nullcontext()
-
-
-def inject_metadata(*, client_streaming: bool = False) -> list[tuple[str, str]]:
+def inject_metadata() -> list[tuple[str, str]]:
     """The current trace context as gRPC metadata pairs, for every call (exporting or
-    not: no client interceptor adds it). ``client_streaming`` is accepted for callers
-    written when it mattered."""
+    not: no client interceptor adds it)."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return list(carrier.items())
+
+
+def request_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    """What every internal gRPC call carries: the request id (``x-request-id``; none when
+    empty) and the trace context, so the callee's spans and log lines join the request's."""
+    pairs = tuple(inject_metadata())
+    return (("x-request-id", request_id), *pairs) if request_id else pairs
 
 
 def inject_headers(headers: dict[str, str]) -> dict[str, str]:

@@ -18,7 +18,7 @@ import grpc
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 from hoosh_common.grpc_errors import ERROR_CODE, RETRY_AFTER, metadata_dict
 from hoosh_common.logs import request_id_var
-from hoosh_common.telemetry import inject_metadata
+from hoosh_common.telemetry import request_metadata
 
 from .errors import (
     BudgetError,
@@ -92,14 +92,6 @@ def _error(error: grpc.aio.AioRpcError, *, pool: str = "", requested: int = 0, r
     return BudgetUnavailable(f"Budget service unavailable: {code.name}{': ' + details if details else ''}")
 
 
-def _metadata() -> tuple[tuple[str, str], ...]:
-    """The caller's request id and trace context, so the budget service's spans and log
-    lines join the request's (the reservation id is the request id for the router)."""
-    request_id = request_id_var.get()
-    pairs = tuple(inject_metadata())
-    return (("x-request-id", request_id), *pairs) if request_id else pairs
-
-
 class BudgetServiceClient:
     """Reserve, commit, release and renew through ``hoosh.budget.v1.BudgetService``.
 
@@ -144,7 +136,9 @@ class BudgetServiceClient:
             request.min_completion_tokens = min_completion_tokens
         minimum = completion_tokens if min_completion_tokens is None else min_completion_tokens
         try:
-            reply = await self._stub.Reserve(request, timeout=self._timeout, metadata=_metadata())
+            reply = await self._stub.Reserve(
+                request, timeout=self._timeout, metadata=request_metadata(request_id_var.get())
+            )
         except grpc.aio.AioRpcError as error:
             raise _error(error, pool=pool, requested=tokens + minimum, reservation_id=reservation_id) from error
         view = pool_view(reply.pool)
@@ -193,7 +187,9 @@ class BudgetServiceClient:
                 )
             )
         try:
-            reply = await self._stub.Commit(request, timeout=self._timeout, metadata=_metadata())
+            reply = await self._stub.Commit(
+                request, timeout=self._timeout, metadata=request_metadata(request_id_var.get())
+            )
         except grpc.aio.AioRpcError as error:
             raise _error(error, pool=pool, reservation_id=reservation_id) from error
         return _end_result(reply.pool, reply.already_ended, reply.state, "committed")
@@ -206,7 +202,9 @@ class BudgetServiceClient:
             reservation_id=reservation_id, pool=pool, owner=owner or "", kind=kind or ""
         )
         try:
-            reply = await self._stub.Release(request, timeout=self._timeout, metadata=_metadata())
+            reply = await self._stub.Release(
+                request, timeout=self._timeout, metadata=request_metadata(request_id_var.get())
+            )
         except grpc.aio.AioRpcError as error:
             raise _error(error, pool=pool, reservation_id=reservation_id) from error
         return _end_result(reply.pool, reply.already_ended, reply.state, "released")
@@ -217,7 +215,9 @@ class BudgetServiceClient:
             reservation_id=reservation_id, pool=pool, lease_seconds=max(0, math.ceil(lease_seconds or 0))
         )
         try:
-            reply = await self._stub.Renew(request, timeout=self._timeout, metadata=_metadata())
+            reply = await self._stub.Renew(
+                request, timeout=self._timeout, metadata=request_metadata(request_id_var.get())
+            )
         except grpc.aio.AioRpcError as error:
             raise _error(error, pool=pool, reservation_id=reservation_id) from error
         return reply.lease_expires_at_ms if reply.active else None

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import grpc
 import orjson
-from hoosh_common.telemetry import inject_metadata
+from hoosh_common.telemetry import request_metadata
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -96,7 +96,7 @@ def request_id(request: Request) -> str:
 
 
 def grpc_metadata(request: Request) -> tuple[tuple[str, str], ...]:
-    return (("x-request-id", request_id(request)), *inject_metadata())
+    return request_metadata(request_id(request))
 
 
 def annotate_span(**attributes: str) -> None:

@@ -19,7 +19,7 @@ import orjson
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
 from hoosh.tenancy.v1 import tenancy_pb2
-from hoosh_common.telemetry import inject_metadata
+from hoosh_common.telemetry import request_metadata
 
 from .errors import ClientClosedRequestError, to_api_error
 from .protocol import (
@@ -421,7 +421,7 @@ class ServingChat:
         the client gets a plain HTTP error status. A client disconnect cancels the call.
         """
         router_request = to_router_request(request, request_id, pool=pool, caller=caller)
-        metadata = (("x-request-id", request_id), *inject_metadata())
+        metadata = request_metadata(request_id)
         completion_id = f"chatcmpl-{request_id}"
         if request.stream:
             return await self._start_stream(router_request, metadata, receive, completion_id, request)

@@ -10,7 +10,7 @@ from typing import Any
 
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
 from hoosh.tenancy.v1 import tenancy_pb2
-from hoosh_common.telemetry import inject_metadata
+from hoosh_common.telemetry import request_metadata
 
 from .errors import ClientClosedRequestError
 from .protocol import EmbeddingRequest
@@ -107,7 +107,7 @@ class ServingEmbeddings:
         caller: tenancy_pb2.Caller | None = None,
     ) -> dict[str, Any]:
         """Embed the input; a client disconnect cancels the router call (releasing its reservation)."""
-        metadata = (("x-request-id", request_id), *inject_metadata())
+        metadata = request_metadata(request_id)
         embed_request = to_embed_request(request, request_id, pool=pool, caller=caller)
         call = self._router.Embed(embed_request, metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
 from hoosh.tenancy.v1 import tenancy_pb2
-from hoosh_common.telemetry import inject_metadata
+from hoosh_common.telemetry import request_metadata
 from hoosh_tenancy import POOL_NAME
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
@@ -257,7 +257,7 @@ class ServingTranscription:
         """
         if self._stt is None:
             raise SttNotConfiguredError("Speech-to-text is not configured on this gateway (HOOSH_STT_ADDR).")
-        metadata = (("x-request-id", request_id), *inject_metadata(client_streaming=True))
+        metadata = request_metadata(request_id)
         call = self._stt.Transcribe(metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)
         try:

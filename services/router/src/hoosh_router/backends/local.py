@@ -16,7 +16,7 @@ from hoosh.inference.v1 import inference_pb2, inference_pb2_grpc
 from hoosh.router.v1 import router_pb2
 from hoosh_common.grpc_server import insecure_channel
 from hoosh_common.logs import request_id_var
-from hoosh_common.telemetry import inject_metadata
+from hoosh_common.telemetry import request_metadata
 
 from ..config import ProviderConfig
 from ..errors import (
@@ -49,13 +49,6 @@ def _map_rpc_error(provider: str, error: grpc.aio.AioRpcError) -> RouterError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return UpstreamTimeout("Local inference timed out")
     return UpstreamError(f"Local inference failed: {detail}")
-
-
-def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
-    """The request id and trace context for the worker (its spans and log lines join the
-    request's; while exporting the client interceptor adds the context instead)."""
-    pairs = tuple(inject_metadata())
-    return (("x-request-id", request_id), *pairs) if request_id else pairs
 
 
 class LocalBackend:
@@ -94,7 +87,7 @@ class LocalBackend:
             reply = await self._stub.CountTokens(
                 inference_pb2.CountTokensRequest(model=checked_model(upstream_model), messages=request.messages),
                 timeout=30,
-                metadata=_metadata(request_id_var.get()),
+                metadata=request_metadata(request_id_var.get()),
             )
         except grpc.aio.AioRpcError as error:
             raise _map_rpc_error(self.name, error) from error
@@ -122,7 +115,9 @@ class LocalBackend:
     async def chat(self, request: router_pb2.ChatRequest, params: CallParams) -> Completion:
         try:
             reply = await self._stub.Generate(
-                self._generate_request(request, params), timeout=params.timeout, metadata=_metadata(params.request_id)
+                self._generate_request(request, params),
+                timeout=params.timeout,
+                metadata=request_metadata(params.request_id),
             )
         except grpc.aio.AioRpcError as error:
             raise _map_rpc_error(self.name, error) from error
@@ -138,7 +133,7 @@ class LocalBackend:
         total = self.config.stream_timeout_seconds
         read = min(self.config.read_timeout_seconds or params.timeout, params.timeout)
         call = self._stub.GenerateStream(
-            self._generate_request(request, params), timeout=total, metadata=_metadata(params.request_id)
+            self._generate_request(request, params), timeout=total, metadata=request_metadata(params.request_id)
         )
         try:
             while True:

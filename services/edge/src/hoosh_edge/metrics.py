@@ -88,20 +88,22 @@ def http_method(method: str) -> str:
     return method if method in _METHODS else OTHER
 
 
+def edge_registry() -> CollectorRegistry:
+    """Every metric of this edge: with several workers (multiprocess mode) a registry
+    that reads all their files, else this process's own."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return REGISTRY
+    registry = CollectorRegistry()
+    prometheus_multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
 def exposition() -> bytes:
     """The text format of every metric this edge has (all workers in multiprocess mode)."""
-    if os.environ.get(MULTIPROC_ENV):
-        registry = CollectorRegistry()
-        prometheus_multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-    return generate_latest(REGISTRY)
+    return generate_latest(edge_registry())
 
 
 def serve_edge_metrics(listen: str) -> int | None:
-    """The metrics port, served by the main process: with several workers from their
-    files (multiprocess mode), else from this process's registry (the one worker)."""
-    if os.environ.get(MULTIPROC_ENV):
-        registry = CollectorRegistry()
-        prometheus_multiprocess.MultiProcessCollector(registry)
-        return serve_metrics(listen, registry)
-    return serve_metrics(listen)
+    """The metrics port, served by the main process (the one worker, or the supervisor
+    reading every worker's files)."""
+    return serve_metrics(listen, edge_registry())

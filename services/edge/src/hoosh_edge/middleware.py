@@ -39,11 +39,31 @@ _STATUS_TEXT = {int(status): str(int(status)) for status in HTTPStatus}
 class _Exchange:
     """What one request's response did, for its metrics and access line."""
 
-    __slots__ = ("first_event", "route", "started", "status", "streaming")
+    __slots__ = (
+        "authorization",
+        "client_request_id",
+        "content_length",
+        "first_event",
+        "route",
+        "started",
+        "status",
+        "streaming",
+    )
 
-    def __init__(self, started: float, route: str) -> None:
+    def __init__(
+        self,
+        started: float,
+        route: str,
+        client_request_id: bytes | None,
+        authorization: bytes | None,
+        content_length: bytes | None,
+    ) -> None:
         self.started = started
         self.route = route
+        # The request headers the middleware acts on (read once, in __call__).
+        self.client_request_id = client_request_id
+        self.authorization = authorization
+        self.content_length = content_length
         self.status = 0
         self.streaming = False
         self.first_event: float | None = None
@@ -118,21 +138,23 @@ class EdgeMiddleware:
             elif name == b"tracestate":
                 tracestate = value.decode("latin-1")
         # Continue the caller's trace (or start one) for everything below: logs, gRPC
-        # metadata, events and audit all carry its trace id. While spans are exported the
-        # ASGI middleware outside this one has already started the server span from them.
+        # metadata, events and audit all carry its trace id. Exported, the request is a
+        # SERVER span of its own under that context; else a non-recording one.
         if not self.trust_traceparent:
             traceparent = tracestate = None
-        exchange = _Exchange(time.perf_counter(), self.route_labels(scope["path"]))
+        exchange = _Exchange(
+            time.perf_counter(), self.route_labels(scope["path"]), client_request_id, authorization, content_length
+        )
         if exporting() and scope["path"] not in UNTRACED_PATHS:
             with self._server_span(scope, exchange, traceparent, tracestate) as span:
-                await self._serve(scope, receive, send, client_request_id, authorization, content_length, exchange)
+                await self._serve(scope, receive, send, exchange)
                 span.set_attribute("http.response.status_code", exchange.status or 499)
                 if exchange.status >= 500:
                     span.set_status(StatusCode.ERROR)
             return
         token = otel_context.attach(incoming_context(traceparent, tracestate))
         try:
-            await self._serve(scope, receive, send, client_request_id, authorization, content_length, exchange)
+            await self._serve(scope, receive, send, exchange)
         finally:
             otel_context.detach(token)
 
@@ -165,19 +187,10 @@ class EdgeMiddleware:
             set_status_on_exception=False,
         )
 
-    async def _serve(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        client_request_id: bytes | None,
-        authorization: bytes | None,
-        content_length: bytes | None,
-        exchange: _Exchange,
-    ) -> None:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange) -> None:
         IN_FLIGHT.inc()
         try:
-            await self._handle(scope, receive, send, client_request_id, authorization, content_length, exchange)
+            await self._handle(scope, receive, send, exchange)
         finally:
             IN_FLIGHT.dec()
             self._account(scope, exchange)
@@ -217,16 +230,9 @@ class EdgeMiddleware:
                 },
             )
 
-    async def _handle(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        client_request_id: bytes | None,
-        authorization: bytes | None,
-        content_length: bytes | None,
-        exchange: _Exchange,
-    ) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, exchange: _Exchange) -> None:
+        client_request_id = exchange.client_request_id
+        content_length = exchange.content_length
         request_id = uuid.uuid4().hex
         request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
@@ -257,7 +263,7 @@ class EdgeMiddleware:
 
         if scope["path"] not in AUTH_EXEMPT_PATHS:
             try:
-                principal = await self.authenticator.principal(authorization, scope.get("client"))
+                principal = await self.authenticator.principal(exchange.authorization, scope.get("client"))
             except Exception as exc:
                 error = to_api_error(exc)
                 if error.status >= 500:

@@ -135,24 +135,10 @@ def result_of(error: BaseException) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _Row:
-    pool: str
-    parent: str
-    period: str
-    capacity: int
-    used: int
-    reserved: int
-    cap_usd_micros: int | None
-    used_usd_micros: int
-    reserved_usd_micros: int
-    open_reservations: int
-
-
-@dataclass(frozen=True, slots=True)
 class _Snapshot:
     """What a scrape formats: built in the event loop, replaced whole (one reference)."""
 
-    rows: tuple[_Row, ...]
+    rows: tuple[PoolState, ...]
     pools: int
     open_reservations: int
     oldest: float  # time.monotonic() of the oldest tree read in it
@@ -171,41 +157,27 @@ def _ordered(pools: list[PoolState]) -> list[PoolState]:
     return sorted(pools, key=lambda pool: (depth(pool), pool.name))
 
 
-def _rows(pools: list[PoolState], max_pools: int) -> tuple[_Row, ...]:
+def _rows(pools: list[PoolState], max_pools: int) -> tuple[PoolState, ...]:
+    """The first ``max_pools`` pools (roots first), and the rest summed as ``_other``."""
     ordered = _ordered(pools)
-    rows = [
-        _Row(
-            pool.name,
-            pool.parent or "",
-            pool.period,
-            pool.capacity,
-            pool.used,
-            pool.reserved,
-            pool.cap_usd_micros,
-            pool.used_usd_micros,
-            pool.reserved_usd_micros,
-            pool.open_reservations,
-        )
-        for pool in ordered[:max_pools]
-    ]
     rest = ordered[max_pools:]
-    if rest:
-        capped = [pool for pool in rest if pool.cap_usd_micros is not None]
-        rows.append(
-            _Row(
-                OTHER,
-                "",
-                "",
-                sum(pool.capacity for pool in rest),
-                sum(pool.used for pool in rest),
-                sum(pool.reserved for pool in rest),
-                sum(pool.cap_usd_micros or 0 for pool in capped) if capped else None,
-                sum(pool.used_usd_micros for pool in capped),
-                sum(pool.reserved_usd_micros for pool in capped),
-                sum(pool.open_reservations for pool in rest),
-            )
-        )
-    return tuple(rows)
+    if not rest:
+        return tuple(ordered)
+    capped = [pool for pool in rest if pool.cap_usd_micros is not None]
+    other = PoolState(
+        name=OTHER,
+        root="",
+        parent=None,
+        period="",
+        capacity=sum(pool.capacity for pool in rest),
+        used=sum(pool.used for pool in rest),
+        reserved=sum(pool.reserved for pool in rest),
+        cap_usd_micros=sum(pool.cap_usd_micros or 0 for pool in capped) if capped else None,
+        used_usd_micros=sum(pool.used_usd_micros for pool in capped),
+        reserved_usd_micros=sum(pool.reserved_usd_micros for pool in capped),
+        open_reservations=sum(pool.open_reservations for pool in rest),
+    )
+    return (*ordered[:max_pools], other)
 
 
 class PoolMetrics:
@@ -315,14 +287,14 @@ class PoolMetrics:
             "hoosh_pool_reserved_usd_micros", "Micro-dollars held by open reservations.", labels=["pool"]
         )
         for row in snapshot.rows:
-            capacity.add_metric([row.pool, row.parent, row.period], row.capacity)
-            used.add_metric([row.pool], row.used)
-            reserved.add_metric([row.pool], row.reserved)
-            open_reservations.add_metric([row.pool], row.open_reservations)
+            capacity.add_metric([row.name, row.parent or "", row.period], row.capacity)
+            used.add_metric([row.name], row.used)
+            reserved.add_metric([row.name], row.reserved)
+            open_reservations.add_metric([row.name], row.open_reservations)
             if row.cap_usd_micros is not None:
-                cap_usd.add_metric([row.pool], row.cap_usd_micros)
-                used_usd.add_metric([row.pool], row.used_usd_micros)
-                reserved_usd.add_metric([row.pool], row.reserved_usd_micros)
+                cap_usd.add_metric([row.name], row.cap_usd_micros)
+                used_usd.add_metric([row.name], row.used_usd_micros)
+                reserved_usd.add_metric([row.name], row.reserved_usd_micros)
         yield from (capacity, used, reserved, open_reservations, cap_usd, used_usd, reserved_usd)
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,12 +28,12 @@ from hoosh_cli.otlp_sink import OtlpSink, ReceivedSpan
 from hoosh_cli.stack import Ports, Stack, StackConfig
 from prometheus_client.parser import text_string_to_metric_families
 
+from . import test_stt_e2e
 from .conftest import LOCAL_MODEL, STT_MODEL, RunningStack, _cleanup, admin_headers
 
 pytestmark = pytest.mark.slow  # whole stacks with the real models
 
-SENTENCE = "the quick brown fox jumps over the lazy dog"
-
+speech = test_stt_e2e.speech  # the fixture: the sentence as espeak-ng speaks it
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -83,15 +81,6 @@ class Traced:
     sink: OtlpSink
     client: openai.OpenAI
     config: StackConfig
-
-
-@pytest.fixture(scope="module")
-def speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    program = shutil.which("espeak-ng")
-    assert program is not None, "espeak-ng is missing: run scripts/install.sh (it installs it with apt-get)"
-    path = tmp_path_factory.mktemp("speech") / "sentence.wav"
-    subprocess.run([program, "-w", str(path), SENTENCE], check=True, capture_output=True)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,16 @@ served on a free port, scraped over HTTP and parsed with the Prometheus text par
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 import pytest
 from hoosh.inference.v1 import inference_pb2_grpc
-from hoosh_common.metrics import serve_metrics
 from hoosh_inference.config import DEFAULT_MODEL_ID, bundled_gguf
 from hoosh_inference.llama_engine import LlamaEngine
 from hoosh_inference.server import InferenceServicer
-from prometheus_client.parser import text_string_to_metric_families
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+from tests.scraping import Samples, metrics_port, scrape, value  # noqa: F401 - re-exported, and the fixture
 
 MAX_QUEUE = 4  # small, so a test can fill it; 4 concurrent requests still fit
 
@@ -64,31 +61,3 @@ async def idle(engine: LlamaEngine) -> LlamaEngine:
     """The engine once no earlier test's job is still queued or running."""
     await _wait_until(lambda: engine.pending == 0)
     return engine
-
-
-@pytest.fixture(scope="session")
-def metrics_port() -> int:
-    """The process-wide registry served on a free port (once: a daemon thread)."""
-    port = serve_metrics("127.0.0.1:0")
-    assert port is not None
-    return port
-
-
-def _scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-async def scrape(port: int) -> Samples:
-    """Every sample of ``/metrics`` by (name, labels), fetched off the event loop."""
-    return await asyncio.to_thread(_scrape, port)
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value; 0 when the series does not exist (yet)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)

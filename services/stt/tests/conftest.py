@@ -7,12 +7,10 @@ process's /metrics on a free port, scraped over HTTP with the Prometheus parser.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import shutil
 import subprocess
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,7 +25,6 @@ import pytest
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
 from hoosh_common.eventbus import EventPublisher, ensure_stream
 from hoosh_common.grpc_server import new_server
-from hoosh_common.metrics import serve_metrics
 from hoosh_common.prices import AudioPrice
 from hoosh_common.telemetry import capture_spans
 from hoosh_metering.limits import KeyLimiter
@@ -42,7 +39,8 @@ from hoosh_stt.transcription import TranscriptionService, WorkQueue
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.scraping import Samples, metrics_port, scrape, value  # noqa: F401 - re-exported, and the fixture
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 NATS_URL = "nats://127.0.0.1:4222"
@@ -245,34 +243,3 @@ def requests(audio: bytes, chunk_size: int = 64 * 1024, **options: object) -> li
     first = stt_pb2.TranscribeRequest(options=stt_pb2.TranscribeOptions(**options))  # type: ignore[arg-type]
     chunks = [stt_pb2.TranscribeRequest(audio=audio[i : i + chunk_size]) for i in range(0, len(audio), chunk_size)]
     return [first, *chunks]
-
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture(scope="session")
-def metrics_port() -> int:
-    """The process-wide registry served on a free port (once: a daemon thread)."""
-    port = serve_metrics("127.0.0.1:0")
-    assert port is not None
-    return port
-
-
-def _scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-async def scrape(port: int) -> Samples:
-    """Every sample of ``/metrics`` by (name, labels), fetched off the event loop."""
-    return await asyncio.to_thread(_scrape, port)
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """One sample's value; 0 when the series does not exist (yet)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)

@@ -13,7 +13,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import httpx
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 from hoosh_cli.stack import Ports, Stack, StackConfig, free_port
@@ -158,8 +157,10 @@ class HooshUnderTest:
         return name, await asyncio.to_thread(self.new_key, [name])
 
     async def pool_state(self, name: str) -> budget_pb2.Pool:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.config.ports.budget}") as channel:
-            reply = await budget_pb2_grpc.BudgetServiceStub(channel).GetPool(budget_pb2.GetPoolRequest(pool=name))
+        async with self.stack.channel(f"127.0.0.1:{self.config.ports.budget}") as channel:
+            reply = await budget_pb2_grpc.BudgetServiceStub(channel).GetPool(
+                budget_pb2.GetPoolRequest(pool=name), metadata=self.config.credentials()
+            )
         return reply.pool
 
     @property

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from hoosh_cli.stack import Ports, Stack, StackConfig, free_port
@@ -96,6 +97,14 @@ class RunningStack:
     router_addr: str = ""
     stack_config: StackConfig | None = None
     stand_ins: StandIns | None = None
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """A channel to one of the stack's gRPC services (mutual TLS when the stack has it)."""
+        return self.stack.channel(address)
+
+    def credentials(self, service: str = "edge") -> tuple[tuple[str, str], ...]:
+        """Call metadata that lets a direct call through as ``service``."""
+        return self.stack.config.credentials(service)
 
 
 def admin_headers(hoosh: RunningStack) -> dict[str, str]:
@@ -201,6 +210,9 @@ pools:
         # scoped when presented, admin routes only with the admin key.
         admin_key="sk-hoosh-" + secrets.token_urlsafe(32),
         auth="open",
+        # The internal plane as `hoosh up` runs it: mutual TLS from a development CA and
+        # a token per calling service (fresh ones, StackConfig's default).
+        tls_dir=state_dir / "tls",
         tenancy_key_prefix=f"hoosh:test:{run_id}:tenancy:",  # under the budget prefix: one cleanup
         extra_env={
             "HOOSH_TEST_UPSTREAM_KEY": "sk-test-upstream",

@@ -59,6 +59,8 @@ _HEALTH = {
     "hoosh_audit": "hoosh.audit.v1.AuditService",
     "hoosh_edge": "http",
 }
+# The service each module runs (its token, callers and certificate in the stack's environment).
+_SERVICE = {"hoosh_router": "router", "hoosh_budget": "budget", "hoosh_audit": "audit", "hoosh_edge": "edge"}
 
 
 @dataclass
@@ -74,7 +76,7 @@ class Replicas:
         # Each process owns its outbox directory (a lock): a replica gets its own.
         env = {
             **os.environ,
-            **self.config.environment(),
+            **self.config.environment(_SERVICE[module]),
             "HOOSH_EVENTS_OUTBOX_DIR": str(self.log_dir / f"outbox-{port}"),
             **(overrides or {}),
         }
@@ -93,7 +95,9 @@ class Replicas:
         self.started.append(replica)
         # Its own loop in a thread: callers may be sync tests or async ones (with a running loop).
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(lambda: asyncio.run(_wait_healthy(replica, _HEALTH[module], timeout))).result()
+            pool.submit(
+                lambda: asyncio.run(_wait_healthy(Stack(self.config), replica, _HEALTH[module], timeout))
+            ).result()
         return replica
 
     def stop_all(self) -> None:
@@ -102,15 +106,15 @@ class Replicas:
         self.started.clear()
 
 
-async def _wait_healthy(replica: Replica, health: str, timeout: float) -> None:
+async def _wait_healthy(stack: Stack, replica: Replica, health: str, timeout: float) -> None:
     from hoosh_cli.stack import ServiceProcess
 
-    service = ServiceProcess(replica.name, replica.name, health, replica.port, replica.process)
+    service = ServiceProcess(replica.name, replica.name, health, replica.port)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if replica.process.poll() is not None:
             raise RuntimeError(f"{replica.name} exited: {replica.log_file.read_text(errors='replace')[-3000:]}")
-        if await Stack._is_healthy(service, replica.address):
+        if await stack._is_healthy(service, replica.address):
             return
         await asyncio.sleep(0.2)
     raise RuntimeError(f"{replica.name} on {replica.port} not healthy within {timeout:.0f}s")

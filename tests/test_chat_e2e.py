@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import uuid
 
-import grpc
 import httpx
 import openai
 import pytest
@@ -21,9 +20,9 @@ def client_for(hoosh: RunningStack) -> openai.OpenAI:
 
 async def create_pool(hoosh: RunningStack, capacity: int) -> str:
     name = f"pool-{uuid.uuid4().hex[:8]}"
-    async with grpc.aio.insecure_channel(hoosh.budget_addr) as channel:
+    async with hoosh.channel(hoosh.budget_addr) as channel:
         await budget_pb2_grpc.BudgetServiceStub(channel).UpsertPool(
-            budget_pb2.UpsertPoolRequest(pool=name, capacity=capacity)
+            budget_pb2.UpsertPoolRequest(pool=name, capacity=capacity), metadata=hoosh.credentials()
         )
     return name
 

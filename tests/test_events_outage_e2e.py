@@ -110,7 +110,7 @@ async def test_nats_away_two_minutes_and_a_router_killed_lose_no_served_request(
         router.process.wait(10)
         await asyncio.sleep(OUTAGE_SECONDS - KILL_AFTER)
         nats.start()  # the same store: the stream is still there
-        env = {**os.environ, **config.environment()}
+        env = {**os.environ, **config.environment("router")}
         with open(stack.log_dir / "router-restarted.log", "ab") as log_file:
             router.process = subprocess.Popen(
                 [sys.executable, "-m", "hoosh_router"], env=env, stdout=log_file, stderr=subprocess.STDOUT

@@ -83,10 +83,12 @@ def client(hoosh: RunningStack) -> Iterator[openai.OpenAI]:
         yield opened
 
 
-async def router_chat(address: str, model: str) -> router_pb2.ChatResponse:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def router_chat(hoosh: RunningStack, address: str, model: str) -> router_pb2.ChatResponse:
+    async with hoosh.channel(address) as channel:
         return await router_pb2_grpc.RouterServiceStub(channel).Chat(
-            router_pb2.ChatRequest(model=model, messages=[chat_pb2.ChatMessage(role="user", text="hi")]), timeout=30
+            router_pb2.ChatRequest(model=model, messages=[chat_pb2.ChatMessage(role="user", text="hi")]),
+            timeout=30,
+            metadata=hoosh.credentials(),
         )
 
 
@@ -337,8 +339,8 @@ async def test_breaker_opens_skips_the_backend_and_recovers(hoosh: RunningStack,
 
 async def test_a_rate_limited_provider_is_skipped_for_the_next(hoosh: RunningStack) -> None:
     model = f"ratefall-{uuid.uuid4().hex[:8]}"
-    first = await router_chat(hoosh.router_addr, model)
-    second = await router_chat(hoosh.router_addr, model)
+    first = await router_chat(hoosh, hoosh.router_addr, model)
+    second = await router_chat(hoosh, hoosh.router_addr, model)
     assert first.provider == "rl-one" and second.provider == "upstream"
     assert second.choices[0].message.text == REPLY
 
@@ -361,10 +363,10 @@ def test_a_provider_429_without_retry_after_still_gives_the_client_one(hoosh: Ru
     assert all(pool["reserved"] == 0 for pool in httpx.get(f"{hoosh.base_url}/v1/tokens/pools").json())
 
 
-async def _wait_grpc_healthy(address: str, process: subprocess.Popen[bytes]) -> None:
+async def _wait_grpc_healthy(hoosh: RunningStack, address: str, process: subprocess.Popen[bytes]) -> None:
     for _ in range(300):
         assert process.poll() is None, "the second router exited"
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with hoosh.channel(address) as channel:
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service="hoosh.router.v1.RouterService"), timeout=1
@@ -382,7 +384,7 @@ async def test_two_router_processes_hold_one_60_rpm_limit(hoosh: RunningStack, t
     second = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
-        **hoosh.stack_config.environment(),
+        **hoosh.stack_config.environment("router"),
         "HOOSH_ROUTER_LISTEN": second,
         "HOOSH_ROUTER_METRICS_LISTEN": "127.0.0.1:0",  # the first router holds the stack's port
         "HOOSH_EVENTS_OUTBOX_DIR": str(tmp_path / "outbox"),  # each process owns its outbox
@@ -390,18 +392,18 @@ async def test_two_router_processes_hold_one_60_rpm_limit(hoosh: RunningStack, t
     with open(tmp_path / "router-2.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "hoosh_router"], env=env, stdout=log, stderr=log)
     try:
-        await _wait_grpc_healthy(second, process)
+        await _wait_grpc_healthy(hoosh, second, process)
         model = f"limited-{uuid.uuid4().hex[:8]}"
         addresses = [hoosh.router_addr, second]
         answered = {address: 0 for address in addresses}
         limited = 0
-        channels = [grpc.aio.insecure_channel(address) for address in addresses]
+        channels = [hoosh.channel(address) for address in addresses]
         try:
             stubs = [router_pb2_grpc.RouterServiceStub(channel) for channel in channels]
             for index in range(100):
                 request = router_pb2.ChatRequest(model=model, messages=[chat_pb2.ChatMessage(role="user", text="hi")])
                 try:
-                    await stubs[index % 2].Chat(request, timeout=30)
+                    await stubs[index % 2].Chat(request, timeout=30, metadata=hoosh.credentials())
                     answered[addresses[index % 2]] += 1
                 except grpc.aio.AioRpcError as error:
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -221,11 +221,11 @@ async def test_the_one_beyond_the_queue_bound_gets_503_and_the_admitted_ones_fin
     through the edge is refused with 503 at once instead of waiting."""
     pool = await create_pool(hoosh, capacity=1_000_000)
     audio = speech.read_bytes()
-    async with grpc.aio.insecure_channel(hoosh.stt_addr) as channel:
+    async with hoosh.channel(hoosh.stt_addr) as channel:
         stub = stt_pb2_grpc.SttServiceStub(channel)
         held = []
         for index in range(STT_WORKERS + STT_MAX_QUEUE):
-            call = stub.Transcribe()
+            call = stub.Transcribe(metadata=hoosh.credentials())
             options = stt_pb2.TranscribeOptions(model=STT_MODEL, pool=pool, request_id=f"held-{uuid.uuid4().hex}")
             await call.write(stt_pb2.TranscribeRequest(options=options))
             assert ("hoosh-stt-admitted", "1") in tuple(await call.initial_metadata()), index

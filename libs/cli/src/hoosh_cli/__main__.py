@@ -130,6 +130,9 @@ async def up(args: argparse.Namespace) -> int:
         admin_key=admin_key(state_dir),
         auth=args.auth,
         signing_keys=signing_keys(state_dir),
+        # The internal plane closed as in production: mutual TLS from a development CA
+        # (<state dir>/tls, renewed when near expiry) and a fresh token per calling service.
+        tls_dir=state_dir / "tls",
     )
     stack = Stack(config)
     print(f"starting hoosh services (logs in {log_dir}) ...", flush=True)

@@ -18,11 +18,42 @@ from typing import Literal
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hoosh_common.devca import make_ca, still_valid, tls_environment
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 
 # The services that publish events: each signs them with a key of its own, and the
 # audit is given all of them (an event signed by none is recorded as rejected).
 PUBLISHERS = ("router", "stt", "budget")
+
+
+# Who calls whom on the internal plane (each service's HOOSH_INTERNAL_CALLERS): the
+# edge and the router call; every gRPC service knows its callers' tokens.
+CALLERS: dict[str, tuple[str, ...]] = {
+    "router": ("edge",),
+    "budget": ("edge", "router"),
+    "audit": ("edge",),
+    "stt": ("edge",),
+    "inference": ("router",),
+}
+CALLING = ("edge", "router")
+# Variables a stack sets per service: never inherited from the caller's environment.
+_PER_SERVICE = (
+    "HOOSH_EVENTS_SIGNING_KEY",
+    "HOOSH_EVENTS_SIGNING_KEY_ID",
+    "HOOSH_AUDIT_PUBLISHER_KEYS",
+    "HOOSH_INTERNAL_TOKEN",
+    "HOOSH_INTERNAL_TOKEN_FILE",
+    "HOOSH_INTERNAL_CALLERS",
+    "HOOSH_INTERNAL_CALLERS_FILE",
+    "HOOSH_GRPC_TLS_CERT",
+    "HOOSH_GRPC_TLS_KEY",
+    "HOOSH_GRPC_TLS_CA",
+)
+
+
+def new_internal_tokens() -> dict[str, str]:
+    """A fresh internal-plane token per calling service."""
+    return {service: secrets.token_urlsafe(32) for service in CALLING}
 
 
 def new_signing_keys() -> dict[str, str]:
@@ -92,6 +123,11 @@ class StackConfig:
     signing_keys: dict[str, str] = field(default_factory=new_signing_keys)
     # More environment for one service only, by service name (after extra_env).
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The internal plane: each calling service's token (fresh unless given; empty: the
+    # plane is open), and a directory for a development CA's certificates (None:
+    # plaintext gRPC; Stack.start makes the certificates there unless still valid).
+    internal_tokens: dict[str, str] = field(default_factory=new_internal_tokens)
+    tls_dir: Path | None = None
 
     def publisher_keys(self) -> str:
         """HOOSH_AUDIT_PUBLISHER_KEYS: every publisher's key, under its service's name."""
@@ -106,6 +142,7 @@ class StackConfig:
         signing key and the audit's publisher keys, so that any service finds its
         settings there."""
         env = self._shared_environment()
+        env.update(dict.fromkeys(_PER_SERVICE, ""))  # blank = unset (each service reads them so)
         names = [service] if service is not None else ["audit", "router"]
         for name in names:
             if name in self.signing_keys:
@@ -113,8 +150,27 @@ class StackConfig:
                 env["HOOSH_EVENTS_SIGNING_KEY_ID"] = name
             if name == "audit" and self.signing_keys:
                 env["HOOSH_AUDIT_PUBLISHER_KEYS"] = self.publisher_keys()
+        env.update(self.plane_environment(service or "router"))
         if service is not None:
             env.update(self.service_env.get(service, {}))
+        return env
+
+    def credentials(self, service: str = "edge") -> tuple[tuple[str, str], ...]:
+        """The metadata that lets a call through as ``service`` (tests and tools that
+        call a service directly, as the edge or the router would)."""
+        token = self.internal_tokens.get(service)
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+    def plane_environment(self, service: str) -> dict[str, str]:
+        """``service``'s token, its callers' tokens and its TLS files."""
+        env: dict[str, str] = {}
+        if service in self.internal_tokens:
+            env["HOOSH_INTERNAL_TOKEN"] = self.internal_tokens[service]
+        callers = [name for name in CALLERS.get(service, ()) if name in self.internal_tokens]
+        if callers:
+            env["HOOSH_INTERNAL_CALLERS"] = ",".join(f"{name}={self.internal_tokens[name]}" for name in callers)
+        if self.tls_dir is not None:
+            env.update(tls_environment(self.tls_dir, service))
         return env
 
     def _shared_environment(self) -> dict[str, str]:
@@ -224,11 +280,10 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # Signing keys from the caller's environment are not inherited: each service
         # gets exactly its own (or none) from environment(name).
-        inherited = {
-            name: value
-            for name, value in os.environ.items()
-            if name not in ("HOOSH_EVENTS_SIGNING_KEY", "HOOSH_EVENTS_SIGNING_KEY_ID", "HOOSH_AUDIT_PUBLISHER_KEYS")
-        }
+        inherited = {name: value for name, value in os.environ.items() if name not in _PER_SERVICE}
+        tls_dir = self.config.tls_dir
+        if tls_dir is not None and not still_valid(tls_dir, [*CALLERS, *CALLING]):
+            make_ca(tls_dir, services=sorted({*CALLERS, *CALLING}))
         try:
             for service in self.services:
                 env = {**inherited, **self.config.environment(service.name)}
@@ -256,8 +311,20 @@ class Stack:
             await asyncio.sleep(0.2)
         raise StackError(f"{service.name} was not healthy within {timeout:.0f}s; see {self.log_dir}")
 
-    @staticmethod
-    async def _is_healthy(service: ServiceProcess, address: str) -> bool:
+    def channel(self, address: str, *, as_service: str = "edge") -> grpc.aio.Channel:
+        """A channel to one of the stack's gRPC services: with TLS on, presenting
+        ``as_service``'s certificate (the token is a call's own metadata)."""
+        tls_dir = self.config.tls_dir
+        if tls_dir is None:
+            return grpc.aio.insecure_channel(address)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=(tls_dir / "ca.pem").read_bytes(),
+            private_key=(tls_dir / f"{as_service}-key.pem").read_bytes(),
+            certificate_chain=(tls_dir / f"{as_service}.pem").read_bytes(),
+        )
+        return grpc.aio.secure_channel(address, credentials)
+
+    async def _is_healthy(self, service: ServiceProcess, address: str) -> bool:
         if service.health == "http":
             try:
                 async with httpx.AsyncClient(timeout=1.0) as client:
@@ -265,7 +332,7 @@ class Stack:
                 return response.status_code == 200
             except httpx.HTTPError:
                 return False
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with self.channel(address) as channel:
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=service.health), timeout=1.0

@@ -36,6 +36,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, m
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .internal_auth import CallerPolicy, Denial
 from .telemetry import exporting
 
 if TYPE_CHECKING:
@@ -493,8 +494,10 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     interceptor after it that builds a new handler per call (OpenTelemetry's does) would
     make it wrap on every call; the label children are still resolved once."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: CallerPolicy | None = None) -> None:
+        self._policy = policy
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._denials: dict[tuple[str, Denial], grpc.RpcMethodHandler] = {}
         self._metrics: dict[tuple[str, str], _MethodMetrics] = {}
 
     async def intercept_service(
@@ -506,6 +509,10 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method.startswith(f"/{_HEALTH_SERVICE}/"):
             return handler  # an unknown method (a name the client made up) is never cached
+        if self._policy is not None:
+            denial = self._policy.check(method, handler_call_details.invocation_metadata)
+            if denial is not None:
+                return self._denied(handler, method, denial)
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
@@ -513,11 +520,39 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
+    def _denied(self, handler: grpc.RpcMethodHandler, method: str, denial: Denial) -> grpc.RpcMethodHandler:
+        """A handler of the method's own kind that aborts with the denial, counted like
+        any call; the request is never deserialized (an unknown caller's bytes are not
+        parsed)."""
+        denied = self._denials.get((method, denial))
+        if denied is None:
+            denied = _wrap(_denial_handler(handler, denial), method, self._method_metrics)
+            self._denials[(method, denial)] = denied
+        return denied
+
     def _method_metrics(self, kind: str, method: str) -> _MethodMetrics:
         metrics = self._metrics.get((kind, method))
         if metrics is None:
             metrics = self._metrics[(kind, method)] = _MethodMetrics(kind, method)
         return metrics
+
+
+def _denial_handler(handler: grpc.RpcMethodHandler, denial: Denial) -> grpc.RpcMethodHandler:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(denial.code, denial.message)
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(denial.code, denial.message)
+        yield  # never reached: makes this an async generator like the method's own handler
+
+    serializer = handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse, None, serializer)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse, None, serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, None, serializer)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, None, serializer)
 
 
 def _is_async(behaviour: Callable[..., Any]) -> bool:

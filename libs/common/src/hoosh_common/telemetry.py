@@ -22,6 +22,8 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
+from . import internal_auth
+
 log = logging.getLogger(__name__)
 _exporting = False
 _messaging_tracer = trace.get_tracer("hoosh.events")
@@ -120,8 +122,10 @@ def inject_metadata() -> list[tuple[str, str]]:
 
 def request_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     """What every internal gRPC call carries: the request id (``x-request-id``; none when
-    empty) and the trace context, so the callee's spans and log lines join the request's."""
-    pairs = tuple(inject_metadata())
+    empty) and the trace context, so the callee's spans and log lines join the request's,
+    and this process's internal token (``internal_auth.present_token``), without which
+    the callee refuses the call."""
+    pairs = (*inject_metadata(), *internal_auth.outgoing_metadata())
     return (("x-request-id", request_id), *pairs) if request_id else pairs
 
 

@@ -225,7 +225,11 @@ class BudgetServiceClient:
     async def get_pool(self, pool: str) -> PoolView:
         """As :meth:`BudgetStore.get_pool`. Raises PoolNotFound or BudgetUnavailable."""
         try:
-            reply = await self._stub.GetPool(budget_pb2.GetPoolRequest(pool=pool), timeout=self._timeout)
+            reply = await self._stub.GetPool(
+                budget_pb2.GetPoolRequest(pool=pool),
+                timeout=self._timeout,
+                metadata=request_metadata(request_id_var.get()),
+            )
         except grpc.aio.AioRpcError as error:
             raise _error(error, pool=pool) from error
         return pool_view(reply.pool)

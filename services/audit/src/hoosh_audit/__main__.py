@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_verify(args, default_dir=Path("./.hoosh/audit"))
         settings = load_settings()
         configure_tracing("audit")
+        # The edge alone calls the audit (its query API).
+        grpc_server.configure_plane(settings.internal_plane("audit", callers=["edge"]))
         try:
             serve_metrics(settings.audit_metrics_listen)
         except (OSError, ValueError) as exc:  # port taken, or not host:port

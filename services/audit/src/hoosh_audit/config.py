@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from hoosh_common.eventbus import EventVerifier, placeholder_key
 from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
+from hoosh_common.internal_plane import InternalPlaneSettings
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -25,7 +26,7 @@ PLACEHOLDER_KEYS = frozenset(
 AUDIT_FILE_NAME = HEAD_LINK
 
 
-class AuditSettings(EventBusSettings):
+class AuditSettings(EventBusSettings, InternalPlaneSettings):
     """The audit's environment (prefix ``HOOSH_``), the event bus's included."""
 
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")

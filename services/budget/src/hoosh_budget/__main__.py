@@ -17,7 +17,7 @@ import sys
 import nats
 import nats.errors
 from hoosh_common.eventbus import EventPublisher
-from hoosh_common.grpc_server import new_server, serve
+from hoosh_common.grpc_server import configure_plane, new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.metrics import serve_metrics
 from hoosh_common.runtime import run
@@ -32,7 +32,7 @@ from hoosh_budget.config import DEFAULT_POOL, BudgetSettings, ConfigError, confi
 from hoosh_budget.metrics import PoolMetrics, refresh_forever
 from hoosh_budget.reaper import reap_forever
 from hoosh_budget.resets import ResetAnnouncer, tick_forever
-from hoosh_budget.server import SERVICE_NAME, BudgetServicer, add_to_server
+from hoosh_budget.server import BUDGET_CALLERS, EDGE_ONLY_METHODS, SERVICE_NAME, BudgetServicer, add_to_server
 
 log = logging.getLogger("hoosh_budget")
 
@@ -125,6 +125,7 @@ def cli() -> None:
         sys.exit(f"hoosh-budget: bad settings: {exc}")
     configure_logging("budget", settings.log_level)
     configure_tracing("budget")
+    configure_plane(settings.internal_plane("budget", callers=BUDGET_CALLERS, methods=EDGE_ONLY_METHODS))
     try:
         configured_pools(settings)  # fail fast on a bad config file, before binding
     except ConfigError as exc:

@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
+from hoosh_common.internal_plane import InternalPlaneSettings
 from hoosh_metering.errors import InvalidArgument
 from hoosh_metering.periods import validate_period
 from hoosh_metering.pools import PoolSpec
@@ -22,7 +23,7 @@ MICROS_PER_USD = 1_000_000
 POOL_NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 
 
-class BudgetSettings(EventBusSettings):
+class BudgetSettings(EventBusSettings, InternalPlaneSettings):
     """The budget service's environment (prefix ``HOOSH_``), the event bus's included."""
 
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")

@@ -42,6 +42,23 @@ from hoosh_budget.resets import EventSink, ResetAnnouncer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
+# Who calls the budget service: the router (reservations) and the edge (token
+# endpoints, pool administration, costs). Pool administration, costs and admin-action
+# records are the edge's alone: the router holding a token must not resize a pool.
+BUDGET_CALLERS = ("edge", "router")
+EDGE_ONLY_METHODS = {
+    f"/{SERVICE_NAME}/{name}": ("edge",)
+    for name in (
+        "ListPools",
+        "UpsertPool",
+        "CreatePool",
+        "UpdatePool",
+        "DeletePool",
+        "ResetPool",
+        "GetCosts",
+        "RecordAdminAction",
+    )
+}
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")

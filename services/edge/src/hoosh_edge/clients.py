@@ -11,7 +11,7 @@ from hoosh.audit.v1 import audit_pb2_grpc
 from hoosh.budget.v1 import budget_pb2_grpc
 from hoosh.router.v1 import router_pb2_grpc
 from hoosh.stt.v1 import stt_pb2_grpc
-from hoosh_common.grpc_server import insecure_channel
+from hoosh_common.grpc_server import configure_plane, internal_channel
 
 from .config import Settings
 
@@ -46,9 +46,11 @@ class Clients:
 
         Call it inside the running event loop that will use the channels.
         """
-        router = insecure_channel(settings.router_addr)
-        budget = insecure_channel(settings.budget_addr)
-        audit = insecure_channel(settings.audit_addr)
+        # This process's token (and TLS) on every call; each edge worker connects once.
+        configure_plane(settings.internal_plane("edge"))
+        router = internal_channel(settings.router_addr)
+        budget = internal_channel(settings.budget_addr)
+        audit = internal_channel(settings.audit_addr)
         health = {
             "router": HealthTarget(health_pb2_grpc.HealthStub(router), ROUTER_SERVICE),
             "budget": HealthTarget(health_pb2_grpc.HealthStub(budget), BUDGET_SERVICE),
@@ -57,7 +59,7 @@ class Clients:
         channels = [router, budget, audit]
         stt_stub = None
         if settings.stt_addr:
-            stt = insecure_channel(settings.stt_addr)
+            stt = internal_channel(settings.stt_addr)
             stt_stub = stt_pb2_grpc.SttServiceStub(stt)
             health["stt"] = HealthTarget(health_pb2_grpc.HealthStub(stt), STT_SERVICE)
             channels.append(stt)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
+from hoosh_common.internal_plane import InternalPlaneSettings
 from hoosh_tenancy import DEFAULT_KEY_PREFIX
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from .json_depth import DEFAULT_MAX_JSON_DEPTH
 
@@ -31,11 +32,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class Settings(BaseSettings):
+class Settings(InternalPlaneSettings):
     """Everything the edge reads from the environment."""
 
     # hide_input_in_errors: a validation error must never print the admin key.
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore", hide_input_in_errors=True)
+    serves_grpc: ClassVar[bool] = False  # HTTP only
+    calls_internal: ClassVar[bool] = True  # router, budget, audit, stt
 
     env: Literal["development", "production"] = Field(
         default="development", description="production refuses open auth and needs an admin key"

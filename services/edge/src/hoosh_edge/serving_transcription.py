@@ -234,7 +234,7 @@ def to_options(
 class ServingTranscription:
     """POST /v1/audio/transcriptions and the STT half of /v1/models."""
 
-    def __init__(self, stt: stt_pb2_grpc.SttServiceStub | None, *, timeout: float) -> None:
+    def __init__(self, stt: stt_pb2_grpc.SttServiceAsyncStub | None, *, timeout: float) -> None:
         self._stt = stt
         self._timeout = timeout
         self._models: tuple[float, list[stt_pb2.Model]] | None = None
@@ -287,7 +287,9 @@ class ServingTranscription:
         if self._models is not None and now - self._models[0] < MODELS_CACHE_SECONDS:
             return self._models[1]
         try:
-            reply = await self._stt.ListModels(stt_pb2.ListModelsRequest(), timeout=MODELS_TIMEOUT_SECONDS)
+            reply = await self._stt.ListModels(
+                stt_pb2.ListModelsRequest(), timeout=MODELS_TIMEOUT_SECONDS, metadata=request_metadata("")
+            )
         except grpc.aio.AioRpcError as exc:
             log.warning("speech-to-text models unavailable", extra={"error": exc.code().name})
             return []

@@ -10,7 +10,7 @@ import asyncio
 import logging
 
 from hoosh.inference.v1 import inference_pb2_grpc
-from hoosh_common.grpc_server import new_server, serve
+from hoosh_common.grpc_server import configure_plane, new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.metrics import serve_metrics
 from hoosh_common.runtime import run
@@ -18,7 +18,7 @@ from hoosh_common.telemetry import configure_tracing
 from pydantic import ValidationError
 
 from . import hardware
-from .config import InferenceSettings
+from .config import InferencePlaneSettings, InferenceSettings
 from .engine import Engine
 from .server import SERVICE_NAME, InferenceServicer
 
@@ -71,12 +71,14 @@ async def amain(settings: InferenceSettings) -> None:
 def main() -> None:
     try:
         settings = InferenceSettings()
+        plane = InferencePlaneSettings()
     except ValidationError as exc:
         configure_logging(SERVICE)
         log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})
         raise SystemExit(2) from None
     configure_logging(SERVICE, settings.log_level)
     configure_tracing(SERVICE)  # before any gRPC server is built: new_server() reads it
+    configure_plane(plane.internal_plane(SERVICE, callers=["router"]))
     try:
         # Bound before the model loads: a taken port fails at once, not minutes later.
         serve_metrics(settings.metrics_listen)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from hoosh_common.internal_plane import InternalPlaneSettings
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,6 +23,12 @@ def bundled_gguf() -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     return path if path.is_file() else None
+
+
+class InferencePlaneSettings(InternalPlaneSettings):
+    """The internal plane's variables, which keep their ``HOOSH_`` names here (not
+    ``HOOSH_INFERENCE_``): the same ``HOOSH_INTERNAL_CALLERS`` and TLS files as every
+    service. The router alone calls the workers."""
 
 
 class InferenceSettings(BaseSettings):

@@ -9,7 +9,7 @@ import sys
 
 import nats
 from hoosh.router.v1 import router_pb2_grpc
-from hoosh_common.grpc_server import insecure_channel, new_server, serve
+from hoosh_common.grpc_server import configure_plane, internal_channel, new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.metrics import serve_metrics
 from hoosh_common.runtime import run
@@ -66,6 +66,8 @@ async def main(settings: RouterSettings | None = None) -> None:
     settings = settings or RouterSettings()
     configure_logging("router")
     configure_tracing("router")
+    # Before any channel or server: the edge alone calls the router.
+    configure_plane(settings.internal_plane("router", callers=["edge"]))
     serve_metrics(settings.router_metrics_listen)
     catalogue = load_catalogue(settings.config)
 
@@ -104,7 +106,7 @@ async def main(settings: RouterSettings | None = None) -> None:
     publisher = settings.event_publisher(nc, js, settings.nats_stream, settings.subject_prefix, "router")
     await publisher.start()  # drains what an earlier process left in the outbox
 
-    budget_channel = insecure_channel(settings.budget_addr)
+    budget_channel = internal_channel(settings.budget_addr)
     budget_backend: BudgetBackend
     store: BudgetStore | None = None
     starter: asyncio.Task[None] | None = None

@@ -13,11 +13,12 @@ import re
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
+from hoosh_common.internal_plane import InternalPlaneSettings
 from hoosh_common.prices import FREE, TokenPrice, default_table, usd_to_micros
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -78,10 +79,11 @@ MAX_EVENT_BYTES = 8 * MIB
 MAX_RESPONSE_BYTES = 32 * MIB
 
 
-class RouterSettings(EventBusSettings):
+class RouterSettings(EventBusSettings, InternalPlaneSettings):
     """The router's environment (prefix ``HOOSH_``), the event bus's included."""
 
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")
+    calls_internal: ClassVar[bool] = True  # the budget service and the local workers
 
     router_listen: str = "127.0.0.1:50051"
     # Prometheus /metrics on a port of its own ("" = not served).

@@ -8,7 +8,7 @@ import logging
 import sys
 
 import nats
-from hoosh_common.grpc_server import new_server, serve
+from hoosh_common.grpc_server import configure_plane, new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.metrics import serve_metrics
 from hoosh_common.prices import AudioPrice, usd_to_micros
@@ -140,6 +140,7 @@ def cli() -> None:
     except ValidationError as exc:
         sys.exit(f"hoosh-stt: bad settings: {exc}")
     configure_tracing("stt")  # before the gRPC server is built: new_server() reads it
+    configure_plane(settings.internal_plane("stt", callers=["edge"]))
     try:
         # Bound before the models load: a taken port fails at once.
         serve_metrics(settings.stt_metrics_listen)

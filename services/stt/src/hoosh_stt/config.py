@@ -9,6 +9,7 @@ from typing import Literal
 
 from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
+from hoosh_common.internal_plane import InternalPlaneSettings
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -19,7 +20,7 @@ __all__ = ["BUNDLED_MODEL", "OPENAI_MAX_UPLOAD_BYTES", "ModelSpec", "SttSettings
 OPENAI_MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's documented 25 MB (26214400 bytes)
 
 
-class SttSettings(EventBusSettings):
+class SttSettings(EventBusSettings, InternalPlaneSettings):
     """Everything the STT service reads from the environment (the event bus's included)."""
 
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore")

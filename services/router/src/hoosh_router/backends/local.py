@@ -14,7 +14,7 @@ import grpc
 from hoosh.chat.v1 import chat_pb2
 from hoosh.inference.v1 import inference_pb2, inference_pb2_grpc
 from hoosh.router.v1 import router_pb2
-from hoosh_common.grpc_server import insecure_channel
+from hoosh_common.grpc_server import internal_channel
 from hoosh_common.logs import request_id_var
 from hoosh_common.telemetry import request_metadata
 
@@ -59,7 +59,7 @@ class LocalBackend:
     def __init__(self, config: ProviderConfig, address: str) -> None:
         self.name = config.name
         self.config = config
-        self._channel = insecure_channel(address)
+        self._channel = internal_channel(address)
         self._stub = inference_pb2_grpc.InferenceServiceStub(self._channel)
         self._context_lengths: dict[str, int] = {}
 
@@ -95,7 +95,9 @@ class LocalBackend:
 
     async def probe(self) -> None:
         try:
-            await self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=PROBE_TIMEOUT)
+            await self._stub.ListModels(
+                inference_pb2.ListModelsRequest(), timeout=PROBE_TIMEOUT, metadata=request_metadata("")
+            )
         except grpc.aio.AioRpcError as error:
             raise _map_rpc_error(self.name, error) from error
 
@@ -105,7 +107,9 @@ class LocalBackend:
 
     async def list_models(self) -> list[BackendModel]:
         try:
-            reply = await self._stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+            reply = await self._stub.ListModels(
+                inference_pb2.ListModelsRequest(), timeout=5, metadata=request_metadata(request_id_var.get())
+            )
         except grpc.aio.AioRpcError:
             return []
         for model in reply.models:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Literal
 
 from hoosh_common.internal_plane import InternalPlaneSettings
 from pydantic import Field, model_validator
@@ -29,6 +30,9 @@ class InferencePlaneSettings(InternalPlaneSettings):
     """The internal plane's variables, which keep their ``HOOSH_`` names here (not
     ``HOOSH_INFERENCE_``): the same ``HOOSH_INTERNAL_CALLERS`` and TLS files as every
     service. The router alone calls the workers."""
+
+    # HOOSH_ENV as every service reads it: production refuses a worker without callers.
+    env: Literal["production", "development"] = "development"
 
 
 class InferenceSettings(BaseSettings):

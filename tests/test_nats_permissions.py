@@ -1,0 +1,544 @@
+"""NATS with one user per service, against a real nats-server (JetStream) of the test's own.
+
+The server runs with each of the two configurations hoosh is deployed with:
+deploy/nats/nats.conf with the environment docker-compose.yml gives it, and the users of
+deploy/helm/nats-values.yaml rendered the way NATS's chart renders `config.merge` and
+`container.env`. With the real publisher, stream declaration and audit consumer:
+router, stt and budget declare the stream and publish their own events with acks; audit
+consumes and acks them; nobody else reads them, audit publishes none, no user deletes
+or purges the stream, and an unknown user or a wrong password does not get in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+import yaml
+from google.protobuf.message import Message
+from hoosh.events.v1 import events_pb2
+from hoosh_audit.consumer import AuditConsumer
+from hoosh_audit.keys import Keyring
+from hoosh_audit.log import AuditLog
+from hoosh_cli.infra import nats_binary
+from hoosh_cli.stack import free_port
+from hoosh_common.eventbus import EventPublisher, EventPublishError, StreamPolicy, ensure_stream
+from nats.aio.client import Client as NATS
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.client import JetStreamContext
+
+ROOT = Path(__file__).resolve().parents[1]
+NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
+NATS_VALUES = ROOT / "deploy" / "helm" / "nats-values.yaml"
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+
+STREAM = "HOOSH_EVENTS"
+PREFIX = "hoosh"
+USERS = ("ops", "router", "stt", "budget", "audit")
+PUBLISHERS = ("router", "stt", "budget")
+# The compose services whose HOOSH_NATS_URL names a user, and which one (the edge has none).
+COMPOSE_USERS = {"router": "router", "budget": "budget", "stt": "stt", "stt-gpu": "stt", "audit": "audit"}
+# Hex passwords; stt's is digits only, which an unquoted NATS variable would read as a
+# number (the server would not start), router's one that nats-server 2.9 misread.
+PASSWORDS = {
+    "ops": secrets.token_hex(16),
+    "router": "1e3f" + secrets.token_hex(14),
+    "stt": "1234567890" * 3,
+    "budget": secrets.token_hex(16),
+    "audit": secrets.token_hex(16),
+}
+# Each publisher's events: (name under the prefix, message).
+OWN_EVENTS: dict[str, list[tuple[str, Message]]] = {
+    "router": [
+        ("inference.completed", events_pb2.InferenceCompleted(request_id="r-1", model="m", pool="team")),
+        ("inference.failed", events_pb2.InferenceFailed(request_id="r-2", model="m", error_code="upstream_error")),
+    ],
+    "stt": [("inference.completed", events_pb2.InferenceCompleted(request_id="s-1", model="whisper", kind="audio"))],
+    "budget": [
+        ("budget.reset", events_pb2.BudgetReset(event_id="b-1", pool="team", reason="admin")),
+        ("admin.key.created", events_pb2.AdminAction(event_id="b-2", action="key.created", target="key_1")),
+    ],
+}
+# An event subject each publisher does not own.
+FOREIGN_EVENT = {"router": "budget.reset", "stt": "admin.key.created", "budget": "inference.completed"}
+API_TIMEOUT = 0.5  # a refused request is never answered: it times out
+POLICY = StreamPolicy(max_bytes=64 << 20)  # as compose declares it (workqueue), smaller
+
+
+# ------------------------------------------------------------------ the two configurations
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR:?error} and $$."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        got = env.get(name, "")
+        if op == ":?" and not got:
+            raise KeyError(f"{name}: {arg}")
+        if op == ":-" and not got:
+            return arg
+        return got
+
+    return re.sub(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:[?-])([^}]*))?\}", one, value)
+
+
+def dotenv(passwords: dict[str, str] = PASSWORDS) -> dict[str, str]:
+    return {f"NATS_PASSWORD_{user.upper()}": password for user, password in passwords.items()}
+
+
+def compose_server(directory: Path, port: int, http_port: int) -> tuple[Path, dict[str, str]]:
+    """deploy/nats/nats.conf, its port, monitoring port and store moved to the test's,
+    and the environment docker-compose.yml gives the nats service."""
+    text = NATS_CONF.read_text()
+    for old, new in (
+        ("\nport: 4222\n", f"\nport: {port}\n"),
+        ("\nhttp_port: 8222\n", f"\nhttp_port: {http_port}\n"),
+        ('store_dir: "/data"', f"store_dir: {json.dumps(str(directory / 'store'))}"),
+    ):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    conf = directory / "nats.conf"
+    conf.write_text(text)
+    environment = yaml.safe_load(COMPOSE.read_text())["services"]["nats"]["environment"]
+    return conf, {name: interpolate(value, dotenv()) for name, value in environment.items()}
+
+
+def chart_config_text(config: dict[str, Any]) -> str:
+    """The chart's rendering: JSON, with "<< x >>" strings unquoted (variables, units)."""
+    return re.sub(r'"<< (.*?) >>"', r"\1", json.dumps(config, indent=2))
+
+
+def helm_server(directory: Path, port: int, http_port: int) -> tuple[Path, dict[str, str]]:
+    """The config NATS's chart renders from nats-values.yaml (config.merge over its own
+    base: port, monitoring, JetStream on the PVC) and the container's environment:
+    container.env in name order (as the chart emits the map), secretKeyRefs read from
+    the Secret, $(VAR) expanded as Kubernetes does (only variables defined earlier)."""
+    values = yaml.safe_load(NATS_VALUES.read_text())
+    assert values["config"]["jetstream"]["enabled"] and values["config"]["jetstream"]["fileStore"]["pvc"]["enabled"]
+    config = {
+        "server_name": "<< $SERVER_NAME >>",
+        "port": port,
+        "http_port": http_port,
+        "jetstream": {"store_dir": str(directory / "store"), "max_file_store": "<< 1GB >>"},
+        **values["config"]["merge"],
+    }
+    conf = directory / "nats.conf"
+    conf.write_text(chart_config_text(config))
+    env = {"SERVER_NAME": "test-nats-0"}
+    secret = {f"nats-password-{user}": password for user, password in PASSWORDS.items()}
+    for name, value in sorted(values["container"]["env"].items()):
+        if isinstance(value, dict):
+            ref = value["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == "hoosh-secrets", ref
+            env[name] = secret[ref["key"]]
+        else:
+            env[name] = re.sub(r"\$\(([A-Za-z0-9_]+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+    return conf, env
+
+
+class OwnNats:
+    def __init__(self, directory: Path, source: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.port = free_port()
+        render = compose_server if source == "compose" else helm_server
+        self.conf, self.env = render(directory, self.port, free_port())
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, user: str, password: str | None = None) -> str:
+        return f"nats://{user}:{PASSWORDS[user] if password is None else password}@127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log_path = self.directory / "server.log"
+        with log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [nats_binary(), "--config", str(self.conf), "--addr", "127.0.0.1"],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited: {log_path.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+
+
+@pytest.fixture(params=["compose", "helm"])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OwnNats]:
+    """A fresh server per test: the stream, which nobody may delete, starts anew."""
+    started = OwnNats(tmp_path / f"nats-{request.param}", request.param)
+    started.start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@dataclass
+class Conn:
+    nc: NATS
+    js: JetStreamContext
+    errors: list[str] = field(default_factory=list)
+
+    def violations(self) -> list[str]:
+        return [e for e in self.errors if "permissions violation" in e]
+
+
+@pytest.fixture
+async def connect(server: OwnNats) -> AsyncIterator[Any]:
+    """connect(user) -> Conn: a connection as the service makes it, its async errors kept."""
+    made: list[Conn] = []
+
+    async def make(user: str) -> Conn:
+        errors: list[str] = []
+
+        async def on_error(error: Exception) -> None:
+            errors.append(str(error).lower())
+
+        nc = await nats.connect(server.url(user), error_cb=on_error, allow_reconnect=False, connect_timeout=5)
+        conn = Conn(nc, nc.jetstream(timeout=API_TIMEOUT), errors)
+        made.append(conn)
+        return conn
+
+    yield make
+    for conn in made:
+        with contextlib.suppress(Exception):
+            await conn.nc.close()
+
+
+async def declared(conn: Conn) -> None:
+    await ensure_stream(conn.js, STREAM, PREFIX, policy=POLICY)
+
+
+async def publish_own(conn: Conn, user: str) -> int:
+    publisher = EventPublisher(conn.nc, conn.js, STREAM, PREFIX, max_attempts=1, ack_timeout=2.0)
+    for i, (name, message) in enumerate(OWN_EVENTS[user]):
+        ack = await publisher.publish(name, message, f"{user}-{i}-{secrets.token_hex(4)}")
+        assert ack is not None and ack.stream == STREAM and ack.seq > 0
+    return len(OWN_EVENTS[user])
+
+
+async def messages(conn: Conn) -> int:
+    return (await conn.js.stream_info(STREAM)).state.messages
+
+
+async def until(check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def refused(conn: Conn, call: Any, subject: str) -> None:
+    """The request is never answered, and the server reports the permissions violation."""
+    with pytest.raises((nats.errors.TimeoutError, TimeoutError)):
+        await call
+    await until(lambda: _has(conn, subject), timeout=2)
+
+
+async def _has(conn: Conn, subject: str) -> bool:
+    return any(subject.lower() in e for e in conn.violations())
+
+
+# ------------------------------------------------------------------ the files agree
+
+
+def parse_conf(text: str) -> Any:
+    """The subset of the NATS config syntax nats.conf uses: maps, arrays, quoted strings,
+    bare words and $variables (kept as "$NAME")."""
+    text = re.sub(r"#[^\n]*", "", text)
+    tokens = re.findall(r'"(?:[^"\\]|\\.)*"|[{}\[\]]|[^\s{}\[\]:=,"]+', text)
+    pos = 0
+
+    def value() -> Any:
+        nonlocal pos
+        token = tokens[pos]
+        pos += 1
+        if token == "{":
+            return mapping("}")
+        if token == "[":
+            items = []
+            while tokens[pos] != "]":
+                items.append(value())
+            pos += 1
+            return items
+        return json.loads(token) if token.startswith('"') else token
+
+    def mapping(end: str | None) -> dict[str, Any]:
+        nonlocal pos
+        out: dict[str, Any] = {}
+        while pos < len(tokens) and tokens[pos] != end:
+            key = tokens[pos]
+            pos += 1
+            out[key] = value()
+        pos += 1
+        return out
+
+    return mapping(None)
+
+
+def test_the_chart_has_the_users_and_permissions_of_the_compose_config() -> None:
+    conf = parse_conf(NATS_CONF.read_text())
+    values = yaml.safe_load(NATS_VALUES.read_text())
+    chart_users = values["config"]["merge"]["authorization"]["users"]
+    conf_users = conf["authorization"]["users"]
+    by_name = {u["user"]: u for u in chart_users}
+    assert [u["user"] for u in conf_users] == [u["user"] for u in chart_users]
+    assert set(by_name) == set(USERS)
+    for user in conf_users:
+        name = user["user"]
+        assert user["password"] == f"$NATS_QUOTED_PASSWORD_{name.upper()}"
+        assert by_name[name]["password"] == f"<< $NATS_QUOTED_PASSWORD_{name.upper()} >>"
+        assert user["permissions"] == by_name[name]["permissions"], name
+    # JetStream on a volume (compose) and on a PVC (chart), three servers in the chart.
+    assert conf["jetstream"]["store_dir"] == "/data"
+    assert values["config"]["cluster"]["enabled"] and values["config"]["cluster"]["replicas"] == 3
+
+
+def test_compose_gives_each_service_its_own_nats_user() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    nats_env = services["nats"]["environment"]
+    for user in USERS:
+        name = f"NATS_PASSWORD_{user.upper()}"
+        # Quoted for the config's parser; required (compose refuses to start without).
+        assert re.fullmatch(rf'"\$\{{{name}:\?[^}}]+\}}"', nats_env[f"NATS_QUOTED_PASSWORD_{user.upper()}"])
+    assert set(nats_env) == {f"NATS_QUOTED_PASSWORD_{u.upper()}" for u in USERS}
+    for node in ("nats", "nats-1", "nats-2", "nats-3"):
+        svc = services[node]
+        assert svc["command"][:3] == ["nats-server", "--config", "/etc/nats/hoosh.conf"], node
+        assert "./deploy/nats/nats.conf:/etc/nats/hoosh.conf:ro" in svc["volumes"], node
+        assert svc["environment"] == nats_env, node
+    for service, user in COMPOSE_USERS.items():
+        url = services[service]["environment"]["HOOSH_NATS_URL"]
+        name = f"NATS_PASSWORD_{user.upper()}"
+        assert re.fullmatch(rf"nats://{user}:\$\{{{name}:\?[^}}]+\}}@\$\{{HOOSH_NATS_HOST:-nats\}}:4222", url), url
+    with_nats = {name for name, svc in services.items() if "HOOSH_NATS_URL" in (svc.get("environment") or {})}
+    assert with_nats == set(COMPOSE_USERS)  # the edge does not use NATS
+    example = dict(
+        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")
+    )
+    for user in USERS:
+        assert example[f"NATS_PASSWORD_{user.upper()}"].strip(), user
+
+
+def test_a_missing_password_stops_the_server(tmp_path: Path) -> None:
+    conf, env = compose_server(tmp_path, free_port(), free_port())
+    env.pop("NATS_QUOTED_PASSWORD_AUDIT")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NATS_QUOTED_PASSWORD_")}
+    checked = subprocess.run(
+        [nats_binary(), "--config", str(conf), "-t"], env={**clean, **env}, capture_output=True, text=True
+    )
+    assert checked.returncode != 0 and "NATS_QUOTED_PASSWORD_AUDIT" in checked.stdout + checked.stderr
+
+
+# ------------------------------------------------------------------ who may connect
+
+
+async def test_an_unknown_user_a_wrong_password_or_none_cannot_connect(server: OwnNats) -> None:
+    for url in (
+        f"nats://127.0.0.1:{server.port}",
+        server.url("router", "not-the-password"),
+        server.url("router", PASSWORDS["audit"]),  # another service's password
+        f"nats://intruder:{PASSWORDS['ops']}@127.0.0.1:{server.port}",
+        server.url("audit", f'"{PASSWORDS["audit"]}"'),  # the quoted form is the config's, not the password
+    ):
+        client = NATS()
+        try:
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await client.connect(url, allow_reconnect=False, connect_timeout=5)
+        finally:
+            await client.close()  # a refused connect leaves its socket to close
+
+
+# ------------------------------------------------------------------ publishers
+
+
+@pytest.mark.parametrize("user", PUBLISHERS)
+async def test_a_publisher_declares_the_stream_and_publishes_its_events_with_acks(connect: Any, user: str) -> None:
+    conn: Conn = await connect(user)
+    await declared(conn)
+    await declared(conn)  # idempotent: INFO only
+    # A policy that differs updates the stream in place (STREAM.UPDATE).
+    bigger = StreamPolicy(max_bytes=POLICY.max_bytes * 2)
+    info = await ensure_stream(conn.js, STREAM, PREFIX, policy=bigger)
+    assert info.config.max_bytes == bigger.max_bytes
+    published = await publish_own(conn, user)
+    assert await messages(conn) == published
+    assert conn.violations() == []
+
+    # Another service's event subject is refused: not acked, not stored.
+    publisher = EventPublisher(conn.nc, conn.js, STREAM, PREFIX, max_attempts=1, ack_timeout=API_TIMEOUT)
+    with pytest.raises(EventPublishError):
+        await publisher.publish(FOREIGN_EVENT[user], events_pb2.InferenceCompleted(request_id="x"), "forged-1")
+    await until(lambda: _has(conn, f"{PREFIX}.{FOREIGN_EVENT[user]}"), timeout=2)
+    assert await messages(conn) == published
+
+
+@pytest.mark.parametrize("user", PUBLISHERS)
+async def test_a_publisher_cannot_read_the_events(connect: Any, user: str) -> None:
+    stt: Conn = await connect("stt")
+    await declared(stt)
+    conn: Conn = await connect(user)
+    seen: list[str] = []
+
+    async def heard(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    await conn.nc.subscribe(f"{PREFIX}.>", cb=heard)
+    await until(lambda: _has(conn, f'subscription to "{PREFIX}.>"'), timeout=2)
+    await publish_own(stt, "stt")
+    # Not through a consumer of its own, nor through audit's.
+    await refused(
+        conn,
+        conn.js.add_consumer(STREAM, ConsumerConfig(durable_name="spy", ack_policy=AckPolicy.EXPLICIT)),
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.spy",
+    )
+    await refused(
+        conn,
+        conn.nc.request(f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.audit", b'{"batch":1}', timeout=API_TIMEOUT),
+        f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.audit",
+    )
+    await refused(
+        conn,
+        conn.nc.request(f"$JS.API.STREAM.MSG.GET.{STREAM}", b'{"seq":1}', timeout=API_TIMEOUT),
+        f"$JS.API.STREAM.MSG.GET.{STREAM}",
+    )
+    assert seen == []
+
+
+# ------------------------------------------------------------------ audit
+
+
+async def test_audit_consumes_and_acks_every_event(connect: Any, tmp_path: Path) -> None:
+    published = 0
+    for user in PUBLISHERS:
+        conn: Conn = await connect(user)
+        await declared(conn)
+        published += await publish_own(conn, user)
+    audit: Conn = await connect("audit")
+    keyring = Keyring.single(b"audit-test-key-0123456789abcdef")
+    audit_log = await AuditLog.open(tmp_path / "audit", keyring, subject_prefix=PREFIX)
+    try:
+        for round_ in (1, 2):  # the second start deletes and re-creates the durable consumer
+            consumer = AuditConsumer(
+                audit.js,
+                audit_log,
+                stream=STREAM,
+                subject_prefix=PREFIX,
+                durable="audit",
+                fetch_timeout=0.2,
+                stream_policy=POLICY,
+            )
+            task = asyncio.create_task(consumer.run())
+            try:
+                await until(lambda count=published: _written(audit_log, count))
+                # Acked: a work queue drops what its consumer acked.
+                await until(lambda: _empty(audit))
+                assert not task.done()
+            finally:
+                await consumer.stop()
+                await task
+            if round_ == 1:
+                router: Conn = await connect("router")
+                published += await publish_own(router, "router")
+        assert audit_log.last_seq == published
+        assert audit.violations() == []
+    finally:
+        audit_log.close()
+
+
+async def _written(audit_log: AuditLog, count: int) -> bool:
+    return audit_log.last_seq >= count
+
+
+async def _empty(conn: Conn) -> bool:
+    return await messages(conn) == 0
+
+
+async def test_audit_cannot_publish_an_event(connect: Any) -> None:
+    router: Conn = await connect("router")
+    await declared(router)
+    audit: Conn = await connect("audit")
+    publisher = EventPublisher(audit.nc, audit.js, STREAM, PREFIX, max_attempts=1, ack_timeout=API_TIMEOUT)
+    for name in ("inference.completed", "budget.reset", "admin.key.created"):
+        with pytest.raises(EventPublishError):
+            await publisher.publish(name, events_pb2.InferenceCompleted(request_id="forged"), f"forged-{name}")
+        await until(lambda name=name: _has(audit, f"{PREFIX}.{name}"), timeout=2)
+    assert await messages(router) == 0
+    # Nor someone else's consumer.
+    await refused(
+        audit,
+        audit.js.add_consumer(STREAM, ConsumerConfig(durable_name="other", ack_policy=AckPolicy.EXPLICIT)),
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.other",
+    )
+
+
+# ------------------------------------------------------------------ the stream itself
+
+
+async def test_no_user_can_delete_or_purge_the_stream(connect: Any) -> None:
+    router: Conn = await connect("router")
+    await declared(router)
+    published = await publish_own(router, "router")
+
+    async def tries(user: str) -> None:
+        conn: Conn = await connect(user)
+        await refused(conn, conn.js.purge_stream(STREAM), f"$JS.API.STREAM.PURGE.{STREAM}")
+        await refused(conn, conn.js.delete_stream(STREAM), f"$JS.API.STREAM.DELETE.{STREAM}")
+        # (js.delete_msg waits 5 s for its answer: the same request, with our timeout)
+        subject = f"$JS.API.STREAM.MSG.DELETE.{STREAM}"
+        await refused(conn, conn.nc.request(subject, b'{"seq":1}', timeout=API_TIMEOUT), subject)
+
+    await asyncio.gather(*(tries(user) for user in USERS))
+    assert await messages(router) == published
+
+
+async def test_ops_inspects_the_stream_but_neither_publishes_nor_consumes(connect: Any) -> None:
+    router: Conn = await connect("router")
+    await declared(router)
+    await publish_own(router, "router")
+    ops: Conn = await connect("ops")
+    assert (await ops.js.stream_info(STREAM)).state.messages == len(OWN_EVENTS["router"])
+    assert (await ops.js.get_msg(STREAM, 1)).subject == f"{PREFIX}.inference.completed"
+    publisher = EventPublisher(ops.nc, ops.js, STREAM, PREFIX, max_attempts=1, ack_timeout=API_TIMEOUT)
+    with pytest.raises(EventPublishError):
+        await publisher.publish("inference.completed", events_pb2.InferenceCompleted(request_id="o"), "ops-1")
+    await refused(
+        ops,
+        ops.js.add_consumer(STREAM, ConsumerConfig(durable_name="ops", ack_policy=AckPolicy.EXPLICIT)),
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.ops",
+    )

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs every hoosh package (editable) with its dependencies.
+# Creates .venv and installs every hoosh package (editable) with its dependencies,
+# exactly the versions (and files) of requirements/dev.txt.
 # Idempotent: a second run only checks what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,24 +11,31 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade pip setuptools wheel 2>&1 | grep -v 'is ignored' || true
+# pip's own status, without the warnings about absent local package indexes.
+pip_install() { "${PIP[@]}" install -q "$@" 2> >(grep -v 'is ignored' >&2); }
+
+# Every third-party package comes from a lock (requirements/*.txt, `make lock`), each
+# file checked against its sha256. The installer and the build backends first, so
+# that the sdist below and the hoosh packages build with these, nothing unpinned.
+pip_install --require-hashes --no-deps -r requirements/build.txt
 
 # llama.cpp's default build uses every instruction the CPU advertises; some VMs
 # advertise AMX and then refuse it (SIGILL). A portable build avoids that. pip
 # caches the built wheel, so only the first install compiles (~7 min on 2 cores).
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "building llama-cpp-python (portable CPU build; first time only, several minutes)..."
-  CMAKE_ARGS="-DGGML_NATIVE=OFF" FORCE_CMAKE=1 "${PIP[@]}" install -q "llama-cpp-python==0.3.36" 2>&1 | grep -v 'is ignored' || true
-  "$VENV/bin/python" -c "import llama_cpp" 
 fi
+CMAKE_ARGS="-DGGML_NATIVE=OFF" FORCE_CMAKE=1 \
+  pip_install --require-hashes --no-deps --no-build-isolation -r requirements/dev.txt
+"$VENV/bin/python" -c "import llama_cpp"
 
-"${PIP[@]}" install -q grpcio-tools==1.85.1 2>&1 | grep -v 'is ignored' || true
 make --no-print-directory proto VENV="$VENV"
 
-"${PIP[@]}" install -q -r requirements-dev.txt \
+# The hoosh packages themselves, editable (their dependencies are all in the lock).
+pip_install --no-deps --no-build-isolation \
   -e libs/common -e libs/metering -e libs/tenancy -e libs/cli \
   -e services/budget -e services/audit -e services/router \
-  -e services/local-inference -e services/edge -e services/stt 2>&1 | grep -v 'is ignored' || true
+  -e services/local-inference -e services/edge -e services/stt
 "$VENV/bin/python" -c "import hoosh_common, hoosh_metering, hoosh_tenancy, hoosh_cli, hoosh_budget, hoosh_audit, hoosh_router, hoosh_inference, hoosh_edge, hoosh_stt, faster_whisper, llama_cpp"
 
 # The speech tests render their audio with espeak-ng (a Debian package, not a PyPI one).

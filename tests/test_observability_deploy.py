@@ -516,7 +516,13 @@ def _version(tag: str) -> tuple[int, ...]:
 
 def test_the_collector_chart_pins_the_same_image_as_compose() -> None:
     values = _load_yaml(DEPLOY / "helm" / "otel-collector-values.yaml")
-    repository, _, tag = _compose()["services"]["otel-collector"]["image"].rpartition(":")
+    service = _compose()["services"]["otel-collector"]
+    reference = service["image"]
+    # Built on the collector's image (adding a probe binary): the last FROM is the one it runs.
+    inline = (service.get("build") or {}).get("dockerfile_inline")
+    if inline:
+        reference = [line.split()[1] for line in inline.splitlines() if line.startswith("FROM ")][-1]
+    repository, _, tag = reference.rpartition(":")
     image = values.get("image") or {}
     assert image.get("repository") == repository, f"the chart's image: {image}, compose: {repository}"
     assert isinstance(image.get("tag"), str) and image["tag"], "pin image.tag (a string) in otel-collector-values.yaml"

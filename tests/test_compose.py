@@ -1,0 +1,509 @@
+"""docker-compose.yml, read the way `docker compose` reads it (no Docker engine here).
+
+The file is interpolated from .env.example (`cp .env.example .env` is the documented
+first step) with compose's own rules, then checked: it validates against the Compose
+Specification's published JSON schema (the copy the check-jsonschema package vendors
+from compose-spec/compose-spec); every service has a healthcheck and waits for what it
+needs to be healthy; every image is pinned; no password, key or token can be empty; the
+internal-plane tokens each caller presents are the ones each callee accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+
+
+# --------------------------------------------------------------------------- interpolation
+class InterpolationError(ValueError):
+    """A `${VAR:?message}` (or `${VAR?message}`) whose variable is missing."""
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Compose's variable substitution (compose-spec, "Interpolation"): `$$` is a literal
+    `$`; `$VAR` and `${VAR}`; `${VAR:-default}` / `${VAR-default}` when unset or empty /
+    unset; `${VAR:?err}` / `${VAR?err}` fail when unset or empty / unset;
+    `${VAR:+alt}` / `${VAR+alt}` give `alt` when set and not empty / set. Defaults,
+    alternatives and messages are themselves interpolated (nesting)."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "$":
+            out.append(ch)
+            i += 1
+            continue
+        nxt = text[i + 1 : i + 2]
+        if nxt == "$":
+            out.append("$")
+            i += 2
+        elif nxt == "{":
+            end = _closing_brace(text, i + 2)
+            out.append(_expand(text[i + 2 : end], env))
+            i = end + 1
+        else:
+            m = _NAME.match(text, i + 1)
+            if m is None:
+                out.append("$")
+                i += 1
+            else:
+                out.append(env.get(m.group(), ""))
+                i = m.end()
+    return "".join(out)
+
+
+def _closing_brace(text: str, start: int) -> int:
+    depth = 1
+    i = start
+    while i < len(text):
+        if text.startswith("$$", i):
+            i += 2
+            continue
+        if text.startswith("${", i):
+            depth += 1
+            i += 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise InterpolationError(f"unclosed ${{ in {text!r}")
+
+
+def _expand(expr: str, env: Mapping[str, str]) -> str:
+    m = _NAME.match(expr)
+    if m is None:
+        raise InterpolationError(f"invalid interpolation format ${{{expr}}}")
+    name, rest = m.group(), expr[m.end() :]
+    value = env.get(name)
+    if rest == "":
+        return value or ""
+    for op in (":-", ":?", ":+", "-", "?", "+"):
+        if rest.startswith(op):
+            arg = rest[len(op) :]
+            break
+    else:
+        raise InterpolationError(f"invalid interpolation format ${{{expr}}}")
+    present = value is not None and (value != "" or ":" not in op)
+    if op in (":-", "-"):
+        return value if present and value is not None else interpolate(arg, env)
+    if op in (":?", "?"):
+        if not present:
+            raise InterpolationError(f"required variable {name} is missing a value: {interpolate(arg, env)}")
+        return value or ""
+    return interpolate(arg, env) if present else ""
+
+
+def interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
+    """Every string value of the parsed file (keys stay as they are, as in compose)."""
+    if isinstance(node, str):
+        return interpolate(node, env)
+    if isinstance(node, dict):
+        return {k: interpolate_tree(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate_tree(v, env) for v in node]
+    return node
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as compose's .env reader takes them (comments, blank lines and
+    surrounding quotes aside)."""
+    env: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: not KEY=VALUE: {raw!r}"
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        env[key.strip()] = value
+    return env
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("plain", {}, "plain"),
+        ("$$HOME and $$$$", {"HOME": "x"}, "$HOME and $$"),
+        ("${A}/$A/${B}", {"A": "a"}, "a/a/"),
+        ("${A:-d}|${A-d}", {"A": ""}, "d|"),
+        ("${A:-d}|${A-d}", {}, "d|d"),
+        ("${A:-${B:-inner}}", {}, "inner"),
+        ("${A:+alt}|${A+alt}", {"A": ""}, "|alt"),
+        ("${A:+alt}", {"A": "v"}, "alt"),
+        ("${A:?message}", {"A": "set"}, "set"),
+        ("${A?message}", {"A": ""}, ""),
+        ("redis://:${P:?need P}@redis:6379/0", {"P": "pw"}, "redis://:pw@redis:6379/0"),
+        ("$ alone and $1", {}, "$ alone and $1"),
+    ],
+)
+def test_interpolation_follows_compose(text: str, env: dict[str, str], expected: str) -> None:
+    assert interpolate(text, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "env"), [("${A:?need A}", {}), ("${A:?need A}", {"A": ""}), ("${A?x}", {}), ("${A", {})]
+)
+def test_interpolation_refuses_missing_required(text: str, env: dict[str, str]) -> None:
+    with pytest.raises(InterpolationError):
+        interpolate(text, env)
+
+
+# --------------------------------------------------------------------------- the file
+@pytest.fixture(scope="module")
+def raw() -> dict[str, Any]:
+    """The file as YAML (anchors and `<<` merges resolved), not interpolated."""
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    return read_dotenv(ENV_EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def model(raw: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """What compose works with after `cp .env.example .env`."""
+    result = interpolate_tree(raw, env)
+    assert isinstance(result, dict)
+    return result
+
+
+@pytest.fixture(scope="module")
+def services(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    svcs = model["services"]
+    assert isinstance(svcs, dict) and svcs
+    return svcs
+
+
+def compose_schema() -> dict[str, Any]:
+    """The Compose Specification's schema (compose-spec/compose-spec schema/compose-spec.json)
+    as check-jsonschema ships it, read from the installed distribution's files."""
+    dist = metadata.distribution("check-jsonschema")
+    path = Path(str(dist.locate_file("check_jsonschema/builtin_schemas/vendor/compose-spec.json")))
+    schema = json.loads(path.read_text())
+    assert isinstance(schema, dict) and schema.get("title") == "Compose Specification", path
+    return schema
+
+
+def test_compose_file_validates_against_the_compose_spec_schema(model: dict[str, Any]) -> None:
+    schema = compose_schema()
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator_cls.check_schema(schema)
+    errors = sorted(validator_cls(schema).iter_errors(model), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:20])
+
+
+def test_the_schema_check_catches_a_broken_file(model: dict[str, Any]) -> None:
+    """The validation above is not vacuous: a misspelt key and a wrong type fail it."""
+    schema = compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    broken = json.loads(json.dumps(model))
+    first = next(iter(broken["services"].values()))
+    first["healthchek"] = first.pop("healthcheck", {})
+    first["restart"] = ["always"]
+    assert len(list(validator.iter_errors(broken))) >= 2
+
+
+def test_env_example_sets_every_required_variable(raw: dict[str, Any], env: dict[str, str]) -> None:
+    """`cp .env.example .env` is enough: every `${VAR:?...}` has a value there."""
+    required = {m for text in strings(raw) for m in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", text)}
+    assert required, "the file requires nothing?"
+    missing = sorted(v for v in required if not env.get(v))
+    assert not missing, f"required by docker-compose.yml, unset or empty in .env.example: {missing}"
+
+
+# --------------------------------------------------------------------------- health
+def one_shot_jobs(services: Mapping[str, dict[str, Any]]) -> set[str]:
+    """Services that others wait for with service_completed_successfully: they run,
+    exit 0 and are done, so a healthcheck means nothing for them."""
+    jobs: set[str] = set()
+    for svc in services.values():
+        deps = svc.get("depends_on") or {}
+        if isinstance(deps, dict):
+            jobs |= {name for name, d in deps.items() if (d or {}).get("condition") == "service_completed_successfully"}
+    return jobs
+
+
+def test_every_service_has_a_healthcheck(services: dict[str, dict[str, Any]]) -> None:
+    jobs = one_shot_jobs(services)
+    missing = []
+    for name, svc in services.items():
+        if name in jobs:
+            assert svc.get("restart") in (None, "no"), f"{name} is a one-shot job: it must not restart"
+            continue
+        check = svc.get("healthcheck") or {}
+        test = check.get("test")
+        if check.get("disable") or not test or test in (["NONE"], "NONE"):
+            missing.append(name)
+        else:
+            assert isinstance(test, list) and test[0] in ("CMD", "CMD-SHELL") and len(test) > 1, (name, test)
+    assert not missing, f"services without a healthcheck: {missing}"
+
+
+def test_every_dependency_waits_for_health(services: dict[str, dict[str, Any]]) -> None:
+    jobs = one_shot_jobs(services)
+    for name, svc in services.items():
+        deps = svc.get("depends_on")
+        if deps is None:
+            continue
+        assert isinstance(deps, dict), f"{name}: depends_on as a list only waits for the start"
+        for dep, spec in deps.items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            condition = (spec or {}).get("condition")
+            expected = "service_completed_successfully" if dep in jobs else "service_healthy"
+            assert condition == expected, f"{name} -> {dep}: condition {condition!r}, want {expected}"
+
+
+def test_what_needs_redis_and_nats_waits_for_them(services: dict[str, dict[str, Any]]) -> None:
+    """A service whose settings name Redis or NATS waits for it to be healthy (the
+    cluster's `nats-cluster` alias needs the nats-cluster profile, so it is exempt)."""
+    for name, svc in services.items():
+        env = environment(svc)
+        deps = svc.get("depends_on") or {}
+        if any(str(v).startswith(("redis://", "rediss://")) for v in env.values()):
+            assert "redis" in deps, f"{name} uses Redis without waiting for it"
+        nats = [str(v) for k, v in env.items() if k.endswith("NATS_URL")]
+        if nats and not any("nats-cluster" in v for v in nats):
+            assert "nats" in deps, f"{name} uses NATS without waiting for it"
+
+
+def test_hoosh_healthchecks_use_the_images_python3(raw: dict[str, Any]) -> None:
+    """Every hoosh image has python3 (python:* bases and vLLM's image alike; vLLM's has no
+    `python`), so every probe of a service built from a Dockerfile here runs python3,
+    and that Dockerfile's final stage has it."""
+    for name, svc in raw["services"].items():
+        build = svc.get("build")
+        if not isinstance(build, dict) or "dockerfile" not in build:
+            continue
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD" and test[1] == "python3", f"{name}: {test[:2]}"
+        dockerfile = (ROOT / build.get("context", ".") / build["dockerfile"]).read_text()
+        final = dockerfile.rsplit("\nFROM ", 1)[-1]
+        base = final.split()[0]
+        assert base.startswith("python:") or '"python3"' in final, f"{name}: does {base} have python3?"
+
+
+# --------------------------------------------------------------------------- images
+EXACT_TAG = re.compile(r"^v?\d+\.\d+\.\d+(?:[.+-][A-Za-z0-9._-]+)?$")
+
+
+def image_is_pinned(ref: str) -> bool:
+    """A digest, or a tag naming one exact release (x.y.z, maybe with a variant such as
+    -alpine): never `latest`, no tag at all, or a moving major/minor tag such as 7.4."""
+    if re.search(r"@sha256:[0-9a-f]{64}$", ref):
+        return True
+    name, _, tag = ref.rpartition(":")
+    if not name or "/" in tag:
+        return False
+    return bool(EXACT_TAG.match(tag))
+
+
+@pytest.mark.parametrize(
+    ("ref", "pinned"),
+    [
+        ("redis:7.4.6-alpine", True),
+        ("redis@sha256:" + "a" * 64, True),
+        ("prom/prometheus:v3.12.0", True),
+        ("redis", False),
+        ("redis:latest", False),
+        ("redis:7", False),
+        ("redis:7.4-alpine", False),
+        ("localhost:5000/redis", False),
+    ],
+)
+def test_image_pin_rule(ref: str, pinned: bool) -> None:
+    assert image_is_pinned(ref) is pinned
+
+
+def dockerfile_bases(text: str) -> list[str]:
+    """The external images a Dockerfile builds FROM (stages named with AS excluded)."""
+    stages: set[str] = set()
+    bases = []
+    for line in text.splitlines():
+        m = re.match(r"^\s*FROM\s+(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if m:
+            if m.group(1) not in stages:
+                bases.append(m.group(1))
+            if m.group(2):
+                stages.add(m.group(2))
+    return bases
+
+
+def pulled_images(services: Mapping[str, dict[str, Any]]) -> Iterator[tuple[str, str]]:
+    """(service, image) for every image compose pulls, including the bases of what it builds."""
+    for name, svc in services.items():
+        build = svc.get("build")
+        if build is None:
+            yield name, svc["image"]
+            continue
+        if isinstance(build, str):
+            build = {"context": build}
+        if "dockerfile_inline" in build:
+            text = build["dockerfile_inline"]
+        else:
+            text = (ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")).read_text()
+        for base in dockerfile_bases(text):
+            yield name, base
+
+
+def test_every_image_is_pinned(services: dict[str, dict[str, Any]]) -> None:
+    loose = [f"{svc}: {ref}" for svc, ref in pulled_images(services) if not image_is_pinned(ref)]
+    assert not loose, f"images not pinned to a digest or an exact release: {loose}"
+
+
+def _version(tag: str) -> tuple[int, int, int]:
+    m = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", tag)
+    assert m, tag
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+# (image, release line) -> first release with the fix, and why.
+FIXED_IN: dict[str, tuple[dict[tuple[int, int], tuple[int, int, int]], tuple[int, int, int], str]] = {
+    # CVE-2025-49844 (Lua use-after-free, remote code execution), with CVE-2025-46817/46818/46819.
+    "redis": (
+        {(6, 2): (6, 2, 20), (7, 2): (7, 2, 11), (7, 4): (7, 4, 6), (8, 0): (8, 0, 4), (8, 2): (8, 2, 2)},
+        (8, 2, 2),
+        "CVE-2025-49844",
+    ),
+    # CVE-2025-30215 (JetStream API: management requests across accounts).
+    "nats": ({(2, 10): (2, 10, 27), (2, 11): (2, 11, 1)}, (2, 11, 1), "CVE-2025-30215"),
+}
+
+
+def test_no_image_release_with_a_known_advisory(services: dict[str, dict[str, Any]]) -> None:
+    for svc, ref in pulled_images(services):
+        if "@" in ref:
+            continue
+        name, _, tag = ref.rpartition(":")
+        rule = FIXED_IN.get(name.removeprefix("docker.io/").removeprefix("library/"))
+        if rule is None:
+            continue
+        lines, newest_fix, advisory = rule
+        version = _version(tag)
+        line = (version[0], version[1])
+        fixed = lines.get(line, newest_fix if line > max(lines) else None)
+        assert fixed is not None and version >= fixed, f"{svc}: {ref} has {advisory} (fixed in {fixed})"
+
+
+# --------------------------------------------------------------------------- secrets
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|CALLERS|(^|_)KEYS?($|_)")
+# Credentials of outside providers: optional (an unset key leaves that provider out of
+# service; hoosh.yaml decides which ones are used), so empty is allowed for these only.
+OPTIONAL_PROVIDER_KEYS = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"}
+# Names that match the pattern but are no secret (key ids), or may be empty (retired
+# event keys kept only while old events remain: none is the usual case).
+NOT_SECRET = re.compile(r"_ID$|_KEYS_RETIRED$")
+
+
+def environment(svc: Mapping[str, Any]) -> dict[str, Any]:
+    env = svc.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.partition("=")[::2] for item in env)
+    return dict(env)
+
+
+URL_PASSWORD = re.compile(r"^[a-z]+://[^@/]*:(\$\{[^@]*)@")
+
+
+def secret_entries(services: Mapping[str, dict[str, Any]]) -> Iterator[tuple[str, str, Any]]:
+    """Entries named like a secret, and URLs with a password from a variable in them."""
+    for name, svc in services.items():
+        for key, value in environment(svc).items():
+            if SECRET_NAME.search(key) and not NOT_SECRET.search(key) and key not in OPTIONAL_PROVIDER_KEYS:
+                yield name, key, value
+            elif m := URL_PASSWORD.match(str(value)):
+                yield name, key, m.group(1)
+
+
+def test_no_secret_is_empty(services: dict[str, dict[str, Any]]) -> None:
+    entries = list(secret_entries(services))
+    assert len(entries) >= 10, entries
+    for where, key, value in entries:
+        text = "" if value is None else str(value).strip()
+        assert text, f"{where}: {key} is empty"
+        for part in re.split(r"[,\s]+", text):
+            if "=" in part and key.endswith("CALLERS"):
+                assert part.split("=", 1)[1], f"{where}: {key} has an empty entry {part!r}"
+    # A password inside a URL (redis://user:password@host) is a secret too.
+    for name, svc in services.items():
+        for key, value in environment(svc).items():
+            m = re.match(r"^[a-z]+://([^@/]*)@", str(value))
+            if m and ":" in m.group(1):
+                assert m.group(1).split(":", 1)[1], f"{name}: {key} carries an empty password"
+
+
+def test_every_secret_is_required_not_defaulted(raw: dict[str, Any]) -> None:
+    """Without .env, compose refuses to start rather than run with an empty or default
+    secret: every variable a secret is built from is `${VAR:?...}` somewhere in the
+    file, and never given a default."""
+    all_text = "\n".join(strings(raw))
+    required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):?\?", all_text))
+    for svc, key, value in secret_entries(raw["services"]):
+        names = re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", str(value).replace("$$", ""))
+        assert names, f"{svc}: {key} is written in the file, not read from .env"
+        for var in names:
+            if NOT_SECRET.search(var):
+                continue
+            assert var in required, f"{svc}: {key} uses ${{{var}}}, which nothing requires (${{{var}:?...}})"
+            assert not re.search(r"\$\{" + var + r":?-", all_text), f"${{{var}}} has a default somewhere"
+
+
+def strings(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for v in node.values():
+            yield from strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from strings(v)
+
+
+# --------------------------------------------------------------------------- internal plane
+# Who calls whom over gRPC (docs/DESIGN.md): the callee accepts exactly these callers.
+CALLERS = {
+    "router": {"edge"},
+    "budget": {"edge", "router"},
+    "audit": {"edge"},
+    "stt": {"edge"},
+    "stt-gpu": {"edge"},
+    "local-inference": {"router"},
+    "local-inference-gpu": {"router"},
+}
+
+
+def test_internal_plane_tokens_match_between_callers_and_callees(services: dict[str, dict[str, Any]]) -> None:
+    tokens = {name: environment(services[name]).get("HOOSH_INTERNAL_TOKEN") for name in ("edge", "router")}
+    for name, token in tokens.items():
+        assert token and len(token) >= 16 and "," not in token, f"{name}: HOOSH_INTERNAL_TOKEN {token!r}"
+    assert tokens["edge"] != tokens["router"], "each caller needs its own token"
+    for callee, expected in CALLERS.items():
+        text = environment(services[callee]).get("HOOSH_INTERNAL_CALLERS")
+        assert text, f"{callee}: no HOOSH_INTERNAL_CALLERS (it would answer anyone)"
+        accepted = dict(entry.split("=", 1) for entry in str(text).split(","))
+        assert set(accepted) == expected, f"{callee} accepts {sorted(accepted)}, want {sorted(expected)}"
+        for caller, token in accepted.items():
+            assert token == tokens[caller], f"{callee} does not accept the token {caller} presents"

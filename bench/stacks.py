@@ -225,6 +225,9 @@ def start_hoosh(
         admin_key="sk-hoosh-" + secrets.token_urlsafe(32),
         auth="keys",
         tenancy_key_prefix=f"hoosh:bench:{run_id}:tenancy:",
+        # Tokens on the internal plane always (StackConfig's default); mutual TLS as
+        # `hoosh up` runs it with HOOSH_BENCH_TLS=1 (bench.ab --after-env compares the two).
+        tls_dir=state_dir / "tls" if os.environ.get("HOOSH_BENCH_TLS", "") not in ("", "0") else None,
         extra_env={
             "HOOSH_LOG_LEVEL": os.environ.get("HOOSH_BENCH_LOG_LEVEL", "WARNING"),
             "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"hoosh:bench:{run_id}:audit:",

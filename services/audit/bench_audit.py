@@ -38,7 +38,7 @@ from hoosh_audit.keys import Keyring
 from hoosh_audit.log import AuditLog
 from hoosh_audit.query import encode_cursor
 from hoosh_audit.server import AuditServicer
-from hoosh_common.grpc_server import insecure_channel, new_server
+from hoosh_common.grpc_server import internal_channel, new_server
 
 KEYS = [f"key_{i:02d}" for i in range(50)]
 POOLS = ["org", "team-a", "team-b"]
@@ -124,7 +124,7 @@ async def measure(directory: Path, keyring: Keyring, n: int, repeat: int) -> dic
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_log), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    channel = internal_channel(f"127.0.0.1:{port}")
     stub = audit_pb2_grpc.AuditServiceStub(channel)
     try:
         middle = encode_cursor(n // 2, Filters())

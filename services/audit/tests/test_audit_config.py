@@ -36,8 +36,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "HOOSH_AUDIT_PUBLISHER_KEYS_FILE",
     ):
         monkeypatch.delenv(name, raising=False)
-    # Production needs the publishers' keys: given here, taken away where tested.
+    # Production needs the publishers' keys and its callers: given here, taken away where tested.
     monkeypatch.setenv("HOOSH_AUDIT_PUBLISHER_KEYS", f"router={ROUTER_KEY}")
+    monkeypatch.setenv("HOOSH_INTERNAL_CALLERS", "edge=edge-internal-token-0123456789")
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ from hoosh_audit.checkpoint import CheckpointStore, checkpoint_key
 from hoosh_audit.keys import Keyring
 from hoosh_audit.log import AuditLog
 from hoosh_common.eventbus import SIGNATURE_HEADER, EventPublisher, EventSigner, ensure_stream
-from hoosh_common.grpc_server import insecure_channel
+from hoosh_common.grpc_server import internal_channel
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import NATS_URL, PUBLISHER_KEY, PUBLISHER_KEY_ID, PUBLISHER_KEYS_ENV, REDIS_URL, Bus
@@ -40,6 +40,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+EDGE_TOKEN = "edge-internal-token-0123456789"
+
+
 def audit_env(key: bytes, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOSH_")}
     env.update(
@@ -48,6 +51,8 @@ def audit_env(key: bytes, **extra: str) -> dict[str, str]:
             "HOOSH_REDIS_URL": REDIS_URL,
             # Production (the default) needs the publishers' keys; the publisher fixture signs.
             "HOOSH_AUDIT_PUBLISHER_KEYS": PUBLISHER_KEYS_ENV,
+            # ... and its callers (the edge), as production requires.
+            "HOOSH_INTERNAL_CALLERS": f"edge={EDGE_TOKEN}",
             **extra,
         }
     )
@@ -86,10 +91,12 @@ class Service:
         return self.proc
 
     async def list(self, **fields: Any) -> audit_pb2.ListEntriesResponse:
-        channel = insecure_channel(f"127.0.0.1:{self.port}")
+        channel = internal_channel(f"127.0.0.1:{self.port}")
         try:
             stub = audit_pb2_grpc.AuditServiceStub(channel)
-            return await stub.ListEntries(audit_pb2.ListEntriesRequest(**fields), timeout=2)
+            return await stub.ListEntries(
+                audit_pb2.ListEntriesRequest(**fields), timeout=2, metadata=(("authorization", f"Bearer {EDGE_TOKEN}"),)
+            )
         finally:
             await channel.close()
 
@@ -181,6 +188,7 @@ def hoosh_verify(service: Service, directory: Path) -> tuple[int, dict[str, Any]
 
 async def test_missing_key_stops_the_service_with_a_clear_message() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOSH_")}
+    env["HOOSH_INTERNAL_CALLERS"] = f"edge={EDGE_TOKEN}"
     done = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "hoosh_audit"], env=env, capture_output=True, text=True, check=False
     )
@@ -213,7 +221,7 @@ async def test_service_records_events_checkpoints_and_stops_gracefully(
     listed = await service.list()
     assert [e.event_id for e in listed.entries] == [f"r{i}" for i in range(5)]
     assert listed.chain_valid
-    channel = insecure_channel(f"127.0.0.1:{service.port}")
+    channel = internal_channel(f"127.0.0.1:{service.port}")
     try:
         health = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="hoosh.audit.v1.AuditService")

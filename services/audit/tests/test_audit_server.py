@@ -19,7 +19,7 @@ from hoosh_audit.chain import GENESIS_MAC, NewEntry
 from hoosh_audit.keys import Keyring
 from hoosh_audit.log import AuditLog
 from hoosh_audit.server import AuditServicer
-from hoosh_common.grpc_server import insecure_channel, new_server
+from hoosh_common.grpc_server import internal_channel, new_server
 
 from .helpers import rewrite_lines, segment_files, where
 
@@ -52,7 +52,7 @@ async def stub(audit_log: AuditLog) -> AsyncIterator[Stub]:
     audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit_log), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    channel = internal_channel(f"127.0.0.1:{port}")
     try:
         yield audit_pb2_grpc.AuditServiceStub(channel)
     finally:

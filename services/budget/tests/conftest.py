@@ -22,7 +22,7 @@ from hoosh.events.v1 import events_pb2
 from hoosh_budget.resets import ResetAnnouncer
 from hoosh_budget.server import BudgetServicer, add_to_server
 from hoosh_common.eventbus import EventPublisher, ensure_stream
-from hoosh_common.grpc_server import insecure_channel, new_server
+from hoosh_common.grpc_server import internal_channel, new_server
 from hoosh_common.metrics import serve_metrics
 from hoosh_metering.pools import BudgetStore
 from hoosh_metering.redis import RedisClient, connect_redis
@@ -185,7 +185,7 @@ async def start_server(store: BudgetStore, announcer: ResetAnnouncer) -> tuple[g
 @pytest.fixture
 async def stub(store: BudgetStore, announcer: ResetAnnouncer) -> AsyncIterator[budget_pb2_grpc.BudgetServiceStub]:
     server, port = await start_server(store, announcer)
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    channel = internal_channel(f"127.0.0.1:{port}")
     yield budget_pb2_grpc.BudgetServiceStub(channel)
     await channel.close()
     await server.stop(None)

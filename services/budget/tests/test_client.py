@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from hoosh_budget.resets import ResetAnnouncer
-from hoosh_common.grpc_server import insecure_channel
+from hoosh_common.grpc_server import internal_channel
 from hoosh_metering import errors
 from hoosh_metering.client import BudgetServiceClient
 from hoosh_metering.pools import BudgetStore, PoolSpec
@@ -19,7 +19,7 @@ from .test_main import free_port
 @pytest.fixture
 async def client(store: BudgetStore, announcer: ResetAnnouncer) -> AsyncIterator[BudgetServiceClient]:
     server, port = await start_server(store, announcer)
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    channel = internal_channel(f"127.0.0.1:{port}")
     yield BudgetServiceClient(channel)
     await channel.close()
     await server.stop(None)
@@ -66,7 +66,7 @@ async def test_errors_are_the_librarys_own(client: BudgetServiceClient, store: B
 
 
 async def test_an_unreachable_service_is_budget_unavailable() -> None:
-    channel = insecure_channel(f"127.0.0.1:{free_port()}")
+    channel = internal_channel(f"127.0.0.1:{free_port()}")
     client = BudgetServiceClient(channel, timeout=2)
     try:
         with pytest.raises(errors.BudgetUnavailable):

@@ -16,7 +16,7 @@ import grpc
 import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
-from hoosh_common.grpc_server import insecure_channel
+from hoosh_common.grpc_server import internal_channel
 
 from .conftest import NATS_URL, REDIS_URL, Bus, scrape
 
@@ -78,7 +78,7 @@ async def test_service_applies_pools_announces_resets_and_stops_gracefully(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "hoosh_budget", env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    channel = internal_channel(f"127.0.0.1:{port}")
     try:
         health = health_pb2_grpc.HealthStub(channel)
         loop = asyncio.get_running_loop()

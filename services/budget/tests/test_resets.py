@@ -13,7 +13,7 @@ import nats.js.errors
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 from hoosh_budget.resets import ResetAnnouncer, period_event_id, tick, tick_forever
 from hoosh_common.eventbus import EventPublisher, ensure_stream
-from hoosh_common.grpc_server import insecure_channel
+from hoosh_common.grpc_server import internal_channel
 from hoosh_metering.periods import period_bounds_ms
 from hoosh_metering.pools import BudgetStore, PoolSpec
 from hoosh_metering.redis import RedisClient
@@ -106,7 +106,7 @@ async def test_an_event_nats_refuses_is_kept_and_published_on_a_later_tick(store
     announcer = ResetAnnouncer(publisher)
     await store.create_pool(PoolSpec("p", 100))
     server, port = await start_server(store, announcer)
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    channel = internal_channel(f"127.0.0.1:{port}")
     try:
         stub = budget_pb2_grpc.BudgetServiceStub(channel)
         await stub.Report(budget_pb2.ReportRequest(pool="p", actual=60))

@@ -10,7 +10,7 @@ import pytest
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 from hoosh.events.v1 import events_pb2
 from hoosh_budget.resets import ResetAnnouncer
-from hoosh_common.grpc_server import insecure_channel
+from hoosh_common.grpc_server import internal_channel
 from hoosh_metering.pools import BudgetStore
 from hoosh_metering.redis import connect_redis
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -292,7 +292,7 @@ async def test_unreachable_redis_is_unavailable(prefix: str, announcer: ResetAnn
     dead = connect_redis("redis://127.0.0.1:1/0", socket_timeout=1, socket_connect_timeout=1)
     store = BudgetStore(dead, prefix, 300)
     server, port = await start_server(store, announcer)
-    channel = insecure_channel(f"127.0.0.1:{port}")
+    channel = internal_channel(f"127.0.0.1:{port}")
     stub = Stub(channel)
     try:
         for call in (

@@ -12,10 +12,19 @@ from hoosh_edge.config import Settings, is_loopback
 from pydantic import ValidationError
 
 KEY = "k" * 40
+# The edge's internal-plane token (production requires one; the checks below are others).
+INTERNAL_TOKEN = "edge-internal-token-0123456789"
 
 
 def settings(**values: object) -> Settings:
+    values.setdefault("internal_token", INTERNAL_TOKEN)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def test_production_needs_the_internal_token() -> None:
+    with pytest.raises(ValidationError, match="HOOSH_INTERNAL_TOKEN is required"):
+        settings(env="production", admin_key=KEY, internal_token=None)
+    assert settings(env="production", admin_key=KEY).token() == INTERNAL_TOKEN
 
 
 def test_defaults_are_closed() -> None:
@@ -78,7 +87,13 @@ def test_validation_errors_never_show_the_key() -> None:
 
 
 def test_the_service_refuses_to_start_open_in_production(tmp_path: Path) -> None:
-    env = {"HOOSH_ENV": "production", "HOOSH_AUTH": "open", "HOOSH_ADMIN_KEY": KEY, "PATH": "/usr/bin:/bin"}
+    env = {
+        "HOOSH_ENV": "production",
+        "HOOSH_AUTH": "open",
+        "HOOSH_ADMIN_KEY": KEY,
+        "HOOSH_INTERNAL_TOKEN": INTERNAL_TOKEN,
+        "PATH": "/usr/bin:/bin",
+    }
     done = subprocess.run(
         [sys.executable, "-m", "hoosh_edge"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
     )

@@ -98,7 +98,8 @@ class OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
 
     def start(self, host: str = "127.0.0.1") -> str:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, server)
+        # opentelemetry-proto's generated gRPC module is unannotated (and has no stubs).
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
         port = server.add_insecure_port(f"{host}:0")
         server.start()
         self._server = server

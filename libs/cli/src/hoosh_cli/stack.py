@@ -17,9 +17,10 @@ from typing import Literal
 
 import grpc
 import httpx
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from hoosh_common.devca import make_ca, still_valid, tls_environment
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
+from hoosh_common.health import health_client
 
 # The services that publish events: each signs them with a key of its own, and the
 # audit is given all of them (an event signed by none is recorded as rejected).
@@ -334,7 +335,7 @@ class Stack:
                 return False
         async with self.channel(address) as channel:
             try:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                reply = await health_client(channel).Check(
                     health_pb2.HealthCheckRequest(service=service.health), timeout=1.0
                 )
             except grpc.aio.AioRpcError:

@@ -193,7 +193,12 @@ class TlsFiles:
             log.info("internal TLS: certificate files reloaded")
             return fresh
 
-        return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_authentication=True)
+        # gRPC documents None from the fetcher as "no change"; types-grpcio omits it.
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(),
+            fetch,  # type: ignore[arg-type]
+            require_client_authentication=True,
+        )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         cert, key, ca = self.read()

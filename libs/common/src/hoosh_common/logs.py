@@ -88,10 +88,16 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+# The queue between the two: records, and QueueListener's stop sentinel (None).
+_Records = SimpleQueue[logging.LogRecord | None]
+
+
 class _ContextQueueHandler(QueueHandler):
     """Hands records to the listener thread; runs on the thread that logs."""
 
-    def __init__(self, queue: SimpleQueue[logging.LogRecord], limit: int) -> None:
+    queue: _Records
+
+    def __init__(self, queue: _Records, limit: int) -> None:
         super().__init__(queue)
         self.limit = limit
         self.dropped = 0  # approximate (+= from several threads): only ever reported
@@ -121,9 +127,11 @@ class _Listener(QueueListener):
     each batch with one call: every write releases the GIL and the thread must win it
     back, so a write per line would cost the event loop a hand-over per line."""
 
+    queue: _Records
+
     def __init__(
         self,
-        queue: SimpleQueue[logging.LogRecord],
+        queue: _Records,
         handler: logging.StreamHandler[TextIO],
         source: _ContextQueueHandler,
     ) -> None:
@@ -146,7 +154,7 @@ class _Listener(QueueListener):
             batch: list[logging.LogRecord] = []
             record = queue.get()
             while True:
-                if record is self._sentinel:
+                if record is None:  # QueueListener's sentinel (enqueue_sentinel)
                     stopping = True  # stop() waits: what came before it is written now
                     if queue.empty():
                         break
@@ -209,7 +217,7 @@ def configure_logging(service: str, level: str | None = None, *, stream: TextIO 
         raise ValueError(f"unknown log level {level_name!r}")
     stream_handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     stream_handler.setFormatter(JsonFormatter(service))
-    queue: SimpleQueue[logging.LogRecord] = SimpleQueue()
+    queue: _Records = SimpleQueue()
     queue_handler = _ContextQueueHandler(queue, MAX_QUEUED)
     listener = _Listener(queue, stream_handler, queue_handler)
     listener.start()
@@ -253,7 +261,7 @@ def _restart_in_child() -> None:
     active = _active
     if active is None:
         return
-    queue: SimpleQueue[logging.LogRecord] = SimpleQueue()
+    queue: _Records = SimpleQueue()
     active.queue_handler.queue = queue
     active.queue_handler.dropped = 0
     listener = _Listener(queue, active.stream_handler, active.queue_handler)

@@ -33,7 +33,7 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .internal_auth import CallerPolicy, Denial
@@ -72,7 +72,7 @@ def serve_metrics(
     server = start_metrics_server(listen, registry, timeout_s=timeout_s, max_connections=max_connections)
     if server is None:
         return None
-    log.info("metrics listening", extra={"address": f"{server.server_address[0]}:{server.server_port}"})
+    log.info("metrics listening", extra={"address": f"{server.server_address[0]!s}:{server.server_port}"})
     return server.server_port
 
 
@@ -209,7 +209,9 @@ class _ScrapeHandler(WSGIRequestHandler):
     server: MetricsServer
 
     def setup(self) -> None:
-        self.timeout = self.server.timeout_s  # each socket operation (StreamRequestHandler applies it)
+        # Each socket operation (StreamRequestHandler applies it). typeshed declares the
+        # attribute a ClassVar, but setup() reads it from the instance.
+        self.timeout = self.server.timeout_s  # type: ignore[misc]
         super().setup()
         self.rfile.close()  # the plain reader: replaced by one that holds the request to a deadline
         self._reader = _DeadlineReader(self.connection, time.monotonic() + self.server.timeout_s)
@@ -272,10 +274,10 @@ class SnapshotCollector(Collector):
     (safe from the scrape thread: no I/O, no event loop). ``families`` returns the
     metric families; an exception is logged and yields nothing for that scrape."""
 
-    def __init__(self, families: Callable[[], Iterable[GaugeMetricFamily]]) -> None:
+    def __init__(self, families: Callable[[], Iterable[Metric]]) -> None:
         self._families = families
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         try:
             yield from self._families()
         except Exception:
@@ -320,7 +322,7 @@ def _status_name(code: object) -> str | None:
     return None
 
 
-def _code_of(context: grpc.aio.ServicerContext, error: BaseException | None, *, cut: bool = False) -> str:
+def _code_of(context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None, *, cut: bool = False) -> str:
     """The status the client got. ``error``: what the handler raised (None: it returned);
     ``cut``: the call ended while its handler was not running (gRPC's task was
     cancelled while it wrote a reply, the handler's generator left at its ``yield``)."""
@@ -373,7 +375,7 @@ class _MethodMetrics:
 
     def done(
         self,
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
         started: float,
         error: BaseException | None,
         *,
@@ -398,7 +400,9 @@ _tracer = trace.get_tracer("hoosh.grpc")
 _NO_SPAN: AbstractContextManager[None] = nullcontext()
 
 
-def _server_span(metrics: _MethodMetrics, context: grpc.aio.ServicerContext) -> AbstractContextManager[Span | None]:
+def _server_span(
+    metrics: _MethodMetrics, context: grpc.aio.ServicerContext[Any, Any]
+) -> AbstractContextManager[Span | None]:
     """The call's SERVER span, child of the context the caller sent in its metadata, while
     spans are exported (nothing otherwise). hoosh's own: OpenTelemetry's gRPC
     interceptors cost about 0.4 ms per call on a 2-core machine even for calls not
@@ -430,12 +434,14 @@ class _StreamCall:
         self.counted = False
         self.span: Span | None = None
 
-    def done(self, context: grpc.aio.ServicerContext, error: BaseException | None, *, cut: bool = False) -> None:
+    def done(
+        self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None, *, cut: bool = False
+    ) -> None:
         if not self.counted:
             self.counted = True
             self.metrics.done(context, self.started, error, cut=cut, span=self.span)
 
-    def __call__(self, context: grpc.aio.ServicerContext) -> None:  # the done callback
+    def __call__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # the done callback
         self.done(context, None, cut=True)
 
 
@@ -462,7 +468,7 @@ class _Requests:
             raise
 
 
-async def _settle_request_end(context: grpc.aio.ServicerContext, requests: _Requests) -> None:
+async def _settle_request_end(context: grpc.aio.ServicerContext[Any, Any], requests: _Requests) -> None:
     """Raise CancelledError when the request stream ended because the client cancelled.
 
     grpc.aio ends the handler's request iterator the same way for a half-close and for a
@@ -496,15 +502,15 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, policy: CallerPolicy | None = None) -> None:
         self._policy = policy
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-        self._denials: dict[tuple[str, Denial], grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+        self._denials: dict[tuple[str, Denial], grpc.RpcMethodHandler[Any, Any]] = {}
         self._metrics: dict[tuple[str, str], _MethodMetrics] = {}
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(f"/{_HEALTH_SERVICE}/"):
@@ -520,7 +526,9 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _denied(self, handler: grpc.RpcMethodHandler, method: str, denial: Denial) -> grpc.RpcMethodHandler:
+    def _denied(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str, denial: Denial
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         """A handler of the method's own kind that aborts with the denial, counted like
         any call; the request is never deserialized (an unknown caller's bytes are not
         parsed)."""
@@ -537,11 +545,11 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         return metrics
 
 
-def _denial_handler(handler: grpc.RpcMethodHandler, denial: Denial) -> grpc.RpcMethodHandler:
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _denial_handler(handler: grpc.RpcMethodHandler[Any, Any], denial: Denial) -> grpc.RpcMethodHandler[Any, Any]:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(denial.code, denial.message)
 
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         await context.abort(denial.code, denial.message)
         yield  # never reached: makes this an async generator like the method's own handler
 
@@ -560,10 +568,10 @@ def _is_async(behaviour: Callable[..., Any]) -> bool:
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler,
+    handler: grpc.RpcMethodHandler[Any, Any],
     method: str,
     metrics_for: Callable[[str, str], _MethodMetrics] = _MethodMetrics,
-) -> grpc.RpcMethodHandler:
+) -> grpc.RpcMethodHandler[Any, Any]:
     behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     if behaviour is None or not _is_async(behaviour):
         return handler  # a sync handler runs on gRPC's thread pool: not wrapped (hoosh has none)
@@ -585,6 +593,8 @@ def _wrap(
             handler.request_deserializer,
             handler.response_serializer,
         )
+    if handler.stream_stream is None:
+        return handler
     return grpc.stream_stream_rpc_method_handler(
         _stream_response(handler.stream_stream, metrics_for("bidi_stream", method), streaming_requests=True),
         handler.request_deserializer,
@@ -599,7 +609,7 @@ def _unary_response(
     the handler runs inside this coroutine, so a cancel reaches it here. Counted before
     the reply leaves: a caller that reads the metrics after its reply sees its call."""
 
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         started = metrics.begin()
         requests = _Requests(request) if streaming_requests else None
         with _server_span(metrics, context) as span:
@@ -622,9 +632,10 @@ def _stream_response(
     if inspect.iscoroutinefunction(behaviour):  # the reader/writer API: it returns, gRPC sends the status
         return _unary_response(behaviour, metrics, streaming_requests=streaming_requests)
 
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         call = _StreamCall(metrics)
-        context.add_done_callback(call)
+        # types-grpcio types the callback as a type-check-only class, not as a callable.
+        context.add_done_callback(call)  # type: ignore[arg-type]
         requests = _Requests(request) if streaming_requests else None
         with _server_span(metrics, context) as span:
             call.span = span

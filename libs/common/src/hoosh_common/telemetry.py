@@ -135,14 +135,16 @@ def inject_headers(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-def extract_context(pairs: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> context.Context:
-    """Read a trace context from gRPC metadata pairs or a header mapping. While
-    exporting, a gRPC server interceptor has already started this call's server span
-    from that metadata: the current context (that span) is the one to continue."""
+def extract_context(pairs: Mapping[str, str] | Iterable[tuple[str, str | bytes]] | None) -> context.Context:
+    """Read a trace context from gRPC metadata pairs (binary ``-bin`` values are no
+    trace context: left out) or a header mapping. While exporting, a gRPC server
+    interceptor has already started this call's server span from that metadata: the
+    current context (that span) is the one to continue."""
     if pairs is None or _exporting:
         return context.get_current()
-    carrier = dict(pairs.items() if isinstance(pairs, Mapping) else pairs)
-    return propagate.extract(carrier)
+    if isinstance(pairs, Mapping):
+        return propagate.extract(dict(pairs))
+    return propagate.extract({key: value for key, value in pairs if isinstance(value, str)})
 
 
 def context_from_headers(headers: Mapping[str, str] | None) -> context.Context:

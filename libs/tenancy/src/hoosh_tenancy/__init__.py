@@ -1,6 +1,8 @@
 """hoosh tenancy: API key records (hashes only) in Redis, the in-memory key cache kept
 current by change notifications, and the scope checks of a key."""
 
+from hoosh_metering.pools import POOL_NAME
+
 from .cache import KeyCache
 from .errors import InvalidKeyRecord, KeyNotFound, TenancyError, TenancyUnavailable
 from .keys import (
@@ -9,7 +11,6 @@ from .keys import (
     BOOTSTRAP_ADMIN,
     DEFAULT_POOL,
     KEY_PREFIX,
-    POOL_NAME,
     KeyRecord,
     Scope,
     generate_key,

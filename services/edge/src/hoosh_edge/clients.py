@@ -6,12 +6,12 @@ import asyncio
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 from hoosh.audit.v1 import audit_pb2_grpc
 from hoosh.budget.v1 import budget_pb2_grpc
 from hoosh.router.v1 import router_pb2_grpc
 from hoosh.stt.v1 import stt_pb2_grpc
 from hoosh_common.grpc_server import configure_plane, internal_channel
+from hoosh_common.health import HealthClient, health_client
 
 from .config import Settings
 
@@ -25,7 +25,7 @@ STT_SERVICE = "hoosh.stt.v1.SttService"
 class HealthTarget:
     """A backend whose grpc.health.v1 status the readiness probe asks for."""
 
-    stub: health_pb2_grpc.HealthStub
+    stub: HealthClient
     service: str  # the fully qualified service name the backend registers
 
 
@@ -33,12 +33,12 @@ class HealthTarget:
 class Clients:
     """One channel per backend, shared by every request of this process."""
 
-    router: router_pb2_grpc.RouterServiceStub
-    budget: budget_pb2_grpc.BudgetServiceStub
-    audit: audit_pb2_grpc.AuditServiceStub
+    router: router_pb2_grpc.RouterServiceAsyncStub
+    budget: budget_pb2_grpc.BudgetServiceAsyncStub
+    audit: audit_pb2_grpc.AuditServiceAsyncStub
     health: dict[str, HealthTarget]
     channels: tuple[grpc.aio.Channel, ...]
-    stt: stt_pb2_grpc.SttServiceStub | None = None  # None: speech-to-text not configured
+    stt: stt_pb2_grpc.SttServiceAsyncStub | None = None  # None: speech-to-text not configured
 
     @classmethod
     def connect(cls, settings: Settings) -> Clients:
@@ -52,16 +52,16 @@ class Clients:
         budget = internal_channel(settings.budget_addr)
         audit = internal_channel(settings.audit_addr)
         health = {
-            "router": HealthTarget(health_pb2_grpc.HealthStub(router), ROUTER_SERVICE),
-            "budget": HealthTarget(health_pb2_grpc.HealthStub(budget), BUDGET_SERVICE),
-            "audit": HealthTarget(health_pb2_grpc.HealthStub(audit), AUDIT_SERVICE),
+            "router": HealthTarget(health_client(router), ROUTER_SERVICE),
+            "budget": HealthTarget(health_client(budget), BUDGET_SERVICE),
+            "audit": HealthTarget(health_client(audit), AUDIT_SERVICE),
         }
         channels = [router, budget, audit]
         stt_stub = None
         if settings.stt_addr:
             stt = internal_channel(settings.stt_addr)
             stt_stub = stt_pb2_grpc.SttServiceStub(stt)
-            health["stt"] = HealthTarget(health_pb2_grpc.HealthStub(stt), STT_SERVICE)
+            health["stt"] = HealthTarget(health_client(stt), STT_SERVICE)
             channels.append(stt)
         return cls(
             router=router_pb2_grpc.RouterServiceStub(router),

@@ -94,7 +94,8 @@ def edge_registry() -> CollectorRegistry:
     if not os.environ.get(MULTIPROC_ENV):
         return REGISTRY
     registry = CollectorRegistry()
-    prometheus_multiprocess.MultiProcessCollector(registry)
+    # prometheus_client leaves MultiProcessCollector.__init__ unannotated.
+    prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     return registry
 
 

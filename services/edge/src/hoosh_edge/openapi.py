@@ -56,12 +56,12 @@ def _complete_operation(path: str, operation: dict[str, Any]) -> None:
         universal += [401, 503]
     for status in universal:
         responses.setdefault(str(status), _error_response(status))
-    for status, response in responses.items():
+    for code, response in responses.items():
         headers = response.setdefault("headers", {})
         headers["X-Request-Id"] = _REQUEST_ID
-        if status in ("429", "503"):
+        if code in ("429", "503"):
             headers["Retry-After"] = _RETRY_AFTER
-        if status == "401":
+        if code == "401":
             headers["WWW-Authenticate"] = _WWW_AUTHENTICATE
 
 

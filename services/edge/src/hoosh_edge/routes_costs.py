@@ -47,7 +47,7 @@ def _group_by(value: str) -> tuple[Dimension, ...]:
     unknown = [part for part in chosen if part not in DIMENSIONS]
     if unknown or not chosen:
         raise InvalidRequestError(f"group_by takes a comma-separated list of {', '.join(DIMENSIONS)}", param="group_by")
-    return tuple(dimension for dimension in DIMENSIONS if dimension in chosen)  # type: ignore[misc]
+    return tuple(dimension for dimension in DIMENSIONS if dimension in chosen)
 
 
 def _line(values: dict[str, Any], totals: dict[str, int]) -> dict[str, Any]:

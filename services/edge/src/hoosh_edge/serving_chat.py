@@ -323,8 +323,8 @@ class ChatStream:
 
     def __init__(
         self,
-        call: grpc.aio.UnaryStreamCall,
-        first: router_pb2.ChatStreamResponse | Any,
+        call: grpc.aio.UnaryStreamCall[router_pb2.ChatRequest, router_pb2.ChatStreamResponse],
+        first: object,  # the call's first read(): a message, or grpc.aio.EOF
         watch: DisconnectWatch,
         *,
         chunk_id: str,
@@ -357,7 +357,8 @@ class ChatStream:
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
             message = self._first
-            while message is not grpc.aio.EOF:
+            # read() gives the stream's messages, then grpc.aio.EOF.
+            while isinstance(message, router_pb2.ChatStreamResponse):
                 data = self._encode(message)
                 if data is not None:
                     yield data
@@ -402,7 +403,7 @@ class ChatCompletion:
 class ServingChat:
     """POST /v1/chat/completions against the router."""
 
-    def __init__(self, router: router_pb2_grpc.RouterServiceStub, *, timeout: float) -> None:
+    def __init__(self, router: router_pb2_grpc.RouterServiceAsyncStub, *, timeout: float) -> None:
         self._router = router
         self._timeout = timeout
 

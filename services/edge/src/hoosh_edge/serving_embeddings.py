@@ -93,7 +93,7 @@ def cache_stats_to_dict(reply: router_pb2.GetCacheStatsResponse) -> dict[str, An
 class ServingEmbeddings:
     """POST /v1/embeddings against the router."""
 
-    def __init__(self, router: router_pb2_grpc.RouterServiceStub, *, timeout: float) -> None:
+    def __init__(self, router: router_pb2_grpc.RouterServiceAsyncStub, *, timeout: float) -> None:
         self._router = router
         self._timeout = timeout
 

@@ -49,7 +49,9 @@ class _SpoolingParser(MultiPartParser):
         # The parser just made the part's (still empty) file in the default place.
         default = self._files_to_close_on_error.pop()
         default.close()
-        spooled: SpooledTemporaryFile[bytes] = SpooledTemporaryFile(max_size=self.spool_max_size, dir=self.directory)
+        spooled: SpooledTemporaryFile[bytes] = SpooledTemporaryFile(
+            max_size=self.spool_max_size, dir=str(self.directory)
+        )
         self._files_to_close_on_error.append(spooled)
         upload.file = spooled  # type: ignore[assignment]
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractContextManager, aclosing, nullcontext
 from contextvars import Token
+from typing import Any
 
 import grpc
 from hoosh.chat.v1 import chat_pb2
@@ -167,7 +168,7 @@ def _stream_response(chunk: StreamChunk) -> inference_pb2.GenerateStreamResponse
 # -- servicer ----------------------------------------------------------------
 
 
-class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: ignore[misc]
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Serves one loaded engine. Long-lived objects come in through the constructor."""
 
     def __init__(self, engine: Engine, probe_hardware: Callable[[], hardware.HardwareInfo] = hardware.probe) -> None:
@@ -179,7 +180,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: i
         metrics.watch_engine(engine)
 
     async def Generate(
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: inference_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext[inference_pb2.GenerateRequest, inference_pb2.GenerateResponse],
     ) -> inference_pb2.GenerateResponse:
         self._bind_request_id(request.request_id, context)
         token = _attach_caller_context(context)
@@ -197,7 +200,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: i
         )
 
     async def GenerateStream(
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: inference_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext[inference_pb2.GenerateRequest, inference_pb2.GenerateStreamResponse],
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         self._bind_request_id(request.request_id, context)
         token = _attach_caller_context(context)
@@ -319,7 +324,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: i
             span.end()
 
     async def ListModels(
-        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: inference_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext[inference_pb2.ListModelsRequest, inference_pb2.ListModelsResponse],
     ) -> inference_pb2.ListModelsResponse:
         return inference_pb2.ListModelsResponse(
             models=[
@@ -329,7 +336,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: i
         )
 
     async def CountTokens(
-        self, request: inference_pb2.CountTokensRequest, context: grpc.aio.ServicerContext
+        self,
+        request: inference_pb2.CountTokensRequest,
+        context: grpc.aio.ServicerContext[inference_pb2.CountTokensRequest, inference_pb2.CountTokensResponse],
     ) -> inference_pb2.CountTokensResponse:
         try:
             messages = tuple(to_message(m) for m in request.messages)
@@ -340,7 +349,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: i
         return inference_pb2.CountTokensResponse(prompt_tokens=count)
 
     async def GetHardware(
-        self, request: inference_pb2.GetHardwareRequest, context: grpc.aio.ServicerContext
+        self,
+        request: inference_pb2.GetHardwareRequest,
+        context: grpc.aio.ServicerContext[inference_pb2.GetHardwareRequest, inference_pb2.GetHardwareResponse],
     ) -> inference_pb2.GetHardwareResponse:
         info = await asyncio.to_thread(self._probe_hardware)
         return inference_pb2.GetHardwareResponse(
@@ -354,14 +365,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):  # type: i
         )
 
     @staticmethod
-    def _bind_request_id(request_id: str, context: grpc.aio.ServicerContext) -> None:
+    def _bind_request_id(request_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         # Each RPC runs in its own task, so this only tags this request's logs.
         if not request_id:
             request_id = dict(_metadata_pairs(context)).get("x-request-id", "")
         request_id_var.set(request_id)
 
 
-def _attach_caller_context(context: grpc.aio.ServicerContext) -> Token[Context] | None:
+def _attach_caller_context(context: grpc.aio.ServicerContext[Any, Any]) -> Token[Context] | None:
     """Make the caller's trace current, so this call's log lines carry its trace id.
     While spans are exported the interceptor's server span is current already."""
     if exporting():
@@ -379,11 +390,11 @@ def _current(span: trace.Span | None) -> AbstractContextManager[object]:
     return trace.use_span(span, end_on_exit=False) if span is not None else nullcontext()
 
 
-def _metadata_pairs(context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
+def _metadata_pairs(context: grpc.aio.ServicerContext[Any, Any]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)]
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: InferenceError) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: InferenceError) -> None:
     status = status_for(error)
     log.info(
         "request refused" if status != grpc.StatusCode.INTERNAL else "request failed",

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
+from hoosh_common.eventbus import Publisher
 from opentelemetry import trace
 
 from . import metrics
@@ -54,7 +55,7 @@ from .config import ProviderConfig
 from .dispatch import Attempts, Dispatcher
 from .errors import InvalidRequest, RouterError
 from .estimate import prompt_token_bound
-from .recording import Publisher, Recorder, RequestInfo, ledger_line, priced, usage_of
+from .recording import Recorder, RequestInfo, ledger_line, priced, usage_of
 from .routing import Route
 from .streaming import UpstreamStream
 
@@ -391,6 +392,8 @@ class ChatService:
 
         served_hit = False
         ended = False  # the request's one ending (commit + event) has begun
+        message: router_pb2.ChatStreamResponse | None  # a chunk on its way out
+        upstream: UpstreamStream | None  # the provider's stream, once one is open
         try:
             plan = await self._plan(request, info, self._dispatch.deadline(time_remaining))
             cache_state = "miss" if plan.cache_key else ""

@@ -56,7 +56,7 @@ class RetryPolicy:
         """
         if not error.retryable or attempt + 1 >= self.max_attempts:
             return None
-        cap = min(self._max, self._base * (2**attempt))
+        cap: float = min(self._max, self._base * (2**attempt))
         delay = cap / 2 + self._rng() * cap / 2
         if error.retry_after is not None:
             if error.retry_after > self._max:

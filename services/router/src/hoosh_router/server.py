@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
@@ -17,11 +17,13 @@ from .chat import ChatService
 from .embeddings import EmbeddingService
 from .errors import RouterError
 from .health import HealthBoard
-from .routing import ModelRouter
+from .routing import Kind, ModelRouter
+
+_KINDS: tuple[Kind, ...] = ("chat", "embedding")
 
 
 def _request_id(
-    request: router_pb2.ChatRequest | router_pb2.EmbedRequest, metadata: tuple[tuple[str, str | bytes], ...]
+    request: router_pb2.ChatRequest | router_pb2.EmbedRequest, metadata: Iterable[tuple[str, str | bytes]]
 ) -> str:
     if request.request_id:
         return request.request_id
@@ -48,7 +50,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self._cache = cache
         self._models_cache: tuple[float, router_pb2.ListModelsResponse] | None = None
 
-    async def Chat(self, request: router_pb2.ChatRequest, context: grpc.aio.ServicerContext) -> router_pb2.ChatResponse:
+    async def Chat(
+        self,
+        request: router_pb2.ChatRequest,
+        context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatResponse],
+    ) -> router_pb2.ChatResponse:
         metadata = context.invocation_metadata() or ()
         request_id = _request_id(request, metadata)
         request_id_var.set(request_id)
@@ -63,7 +69,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             otel_context.detach(token)
 
     async def ChatStream(
-        self, request: router_pb2.ChatRequest, context: grpc.aio.ServicerContext
+        self,
+        request: router_pb2.ChatRequest,
+        context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatStreamResponse],
     ) -> AsyncIterator[router_pb2.ChatStreamResponse]:
         metadata = context.invocation_metadata() or ()
         request_id = _request_id(request, metadata)
@@ -79,14 +87,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             otel_context.detach(token)
 
     async def ListModels(
-        self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: router_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext[router_pb2.ListModelsRequest, router_pb2.ListModelsResponse],
     ) -> router_pb2.ListModelsResponse:
         now = time.monotonic()
         if self._models_cache and now - self._models_cache[0] < 30:
             return self._models_cache[1]
         reply = router_pb2.ListModelsResponse()
         seen: set[str] = set()
-        for kind in ("chat", "embedding"):
+        for kind in _KINDS:
             for model_id, config in self._router.exact_models(kind):
                 if model_id not in seen:
                     seen.add(model_id)
@@ -95,7 +105,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             for model in await backend.list_models():
                 if model.id in seen:
                     continue
-                for kind in ("chat", "embedding"):
+                for kind in _KINDS:
                     if self._router.matches_patterns(config, model.id, kind):
                         seen.add(model.id)
                         reply.models.add(
@@ -106,7 +116,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return reply
 
     async def Embed(
-        self, request: router_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+        self,
+        request: router_pb2.EmbedRequest,
+        context: grpc.aio.ServicerContext[router_pb2.EmbedRequest, router_pb2.EmbedResponse],
     ) -> router_pb2.EmbedResponse:
         if self._embeddings is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not configured")
@@ -125,7 +137,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             otel_context.detach(token)
 
     async def GetProviderHealth(
-        self, request: router_pb2.GetProviderHealthRequest, context: grpc.aio.ServicerContext
+        self,
+        request: router_pb2.GetProviderHealthRequest,
+        context: grpc.aio.ServicerContext[router_pb2.GetProviderHealthRequest, router_pb2.GetProviderHealthResponse],
     ) -> router_pb2.GetProviderHealthResponse:
         reply = router_pb2.GetProviderHealthResponse()
         if self._health is None:
@@ -147,7 +161,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return reply
 
     async def GetCacheStats(
-        self, request: router_pb2.GetCacheStatsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: router_pb2.GetCacheStatsRequest,
+        context: grpc.aio.ServicerContext[router_pb2.GetCacheStatsRequest, router_pb2.GetCacheStatsResponse],
     ) -> router_pb2.GetCacheStatsResponse:
         if self._cache is None:
             return router_pb2.GetCacheStatsResponse(enabled=False)

@@ -125,8 +125,8 @@ class UpstreamStream:
             except Exception:  # the stream's own failure
                 return False
         try:
-            while (piece := self._arrived()) is not None:
-                take(piece)
+            while (arrived := self._arrived()) is not None:
+                take(arrived)
         except Exception:
             return False
         return self._end is not None and self._end.error is None

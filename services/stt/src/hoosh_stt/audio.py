@@ -70,6 +70,7 @@ def wav_shortfall(data: bytes) -> int:
     offset = 12
     while offset + 8 <= len(data):
         chunk_id = data[offset : offset + 4]
+        size: int
         (size,) = struct.unpack_from("<I", data, offset + 4)
         body = offset + 8
         if chunk_id == b"data":

@@ -87,7 +87,8 @@ class SttSettings(EventBusSettings, InternalPlaneSettings):
 def model_specs(settings: SttSettings) -> list[ModelSpec]:
     """The bundled model first, then the configured ones (a configured id may replace it)."""
     extra = {name: path for name, path in settings.stt_models.items()}
-    specs = [ModelSpec(BUNDLED_MODEL, extra.pop(BUNDLED_MODEL, None) or bundled_model_dir())]
+    configured = extra.pop(BUNDLED_MODEL, None)
+    specs = [ModelSpec(BUNDLED_MODEL, configured or bundled_model_dir())]
     specs += [ModelSpec(name, path) for name, path in extra.items()]
     for spec in specs:
         if not (spec.path / "model.bin").is_file():

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
 import grpc
@@ -34,7 +34,7 @@ tracer = trace.get_tracer("hoosh.stt")
 OPERATION = "transcription"  # gen_ai.operation.name, and the span name's first word
 
 
-def _request_id(options: stt_pb2.TranscribeOptions, metadata: tuple[tuple[str, str | bytes], ...]) -> str:
+def _request_id(options: stt_pb2.TranscribeOptions, metadata: Iterable[tuple[str, str | bytes]]) -> str:
     if options.request_id:
         return options.request_id
     for key, value in metadata:
@@ -114,7 +114,9 @@ class SttServicer(stt_pb2_grpc.SttServiceServicer):
         self._served = frozenset(model.id for model in service.models())
 
     async def Transcribe(
-        self, request_iterator: AsyncIterator[stt_pb2.TranscribeRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[stt_pb2.TranscribeRequest],
+        context: grpc.aio.ServicerContext[stt_pb2.TranscribeRequest, stt_pb2.TranscribeResponse],
     ) -> stt_pb2.TranscribeResponse:
         started = time.perf_counter()
         first = await anext(aiter(request_iterator), None)
@@ -231,7 +233,9 @@ class SttServicer(stt_pb2_grpc.SttServiceServicer):
         )
 
     async def ListModels(
-        self, request: stt_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: stt_pb2.ListModelsRequest,
+        context: grpc.aio.ServicerContext[stt_pb2.ListModelsRequest, stt_pb2.ListModelsResponse],
     ) -> stt_pb2.ListModelsResponse:
         return stt_pb2.ListModelsResponse(
             models=[

@@ -168,8 +168,8 @@ class Ticket:
             self._queue._release()
 
 
-def _free_slot(slots: asyncio.Semaphore) -> Callable[[asyncio.Future[object]], None]:
-    def done(job: asyncio.Future[object]) -> None:
+def _free_slot(slots: asyncio.Semaphore) -> Callable[[asyncio.Future[Any]], None]:
+    def done(job: asyncio.Future[Any]) -> None:
         metrics.ACTIVE.dec()
         slots.release()
         if not job.cancelled():

@@ -265,8 +265,8 @@ def completion_from_gemini(provider: str, data: dict[str, Any], fallback_model: 
             # The prompt itself was blocked: no candidate, a promptFeedback.blockReason.
             if (data.get("promptFeedback") or {}).get("blockReason"):
                 message.text = ""
-                usage = _usage(data) or (0, 0, 0)
-                return Completion(message, "content_filter", usage[0], usage[1], fallback_model)
+                blocked = _usage(data) or (0, 0, 0)
+                return Completion(message, "content_filter", blocked[0], blocked[1], fallback_model)
             raise malformed(provider)
         candidate = candidates[0]
         texts: list[str] = []

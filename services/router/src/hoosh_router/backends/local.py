@@ -146,8 +146,8 @@ class LocalBackend:
                         reply = await call.read()
                 except TimeoutError:
                     raise UpstreamTimeout(f"Local model '{self.name}' sent nothing for {read:g}s") from None
-                if reply is grpc.aio.EOF:
-                    break
+                if not isinstance(reply, inference_pb2.GenerateStreamResponse):
+                    break  # grpc.aio.EOF: the stream has ended
                 if reply.HasField("usage"):
                     # The last message. Its usage goes first, so the exact count is known
                     # even if the client leaves while its text goes out; that text was held

@@ -294,9 +294,10 @@ def test_hoosh_healthchecks_use_the_images_python3(raw: dict[str, Any]) -> None:
     """Every hoosh image has python3 (python:* bases and vLLM's image alike; vLLM's has no
     `python`), so every probe of a service built from a Dockerfile here runs python3,
     and that Dockerfile's final stage has it."""
+    jobs = one_shot_jobs(raw["services"])
     for name, svc in raw["services"].items():
         build = svc.get("build")
-        if not isinstance(build, dict) or "dockerfile" not in build:
+        if not isinstance(build, dict) or "dockerfile" not in build or name in jobs:
             continue
         test = svc["healthcheck"]["test"]
         assert test[0] == "CMD" and test[1] == "python3", f"{name}: {test[:2]}"
@@ -413,9 +414,10 @@ SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|CALLERS|(^|_)KEYS?($
 # Credentials of outside providers: optional (an unset key leaves that provider out of
 # service; hoosh.yaml decides which ones are used), so empty is allowed for these only.
 OPTIONAL_PROVIDER_KEYS = {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GEMINI_API_KEY"}
-# Names that match the pattern but are no secret (key ids), or may be empty (retired
-# event keys kept only while old events remain: none is the usual case).
-NOT_SECRET = re.compile(r"_ID$|_KEYS_RETIRED$")
+# Names that match the pattern but are no secret (key ids, file paths), or may be empty
+# (retired event keys kept only while old events remain: none is the usual case).
+# The internal plane's TLS variables name files (the key is a path in the certs volume).
+NOT_SECRET = re.compile(r"_ID$|_KEYS_RETIRED$|^HOOSH_GRPC_TLS_")
 
 
 def environment(svc: Mapping[str, Any]) -> dict[str, Any]:
@@ -507,3 +509,45 @@ def test_internal_plane_tokens_match_between_callers_and_callees(services: dict[
         assert set(accepted) == expected, f"{callee} accepts {sorted(accepted)}, want {sorted(expected)}"
         for caller, token in accepted.items():
             assert token == tokens[caller], f"{callee} does not accept the token {caller} presents"
+
+
+# --------------------------------------------------------------------------- internal TLS
+def test_every_hoosh_service_speaks_mutual_tls_with_a_certificate_for_the_name_it_is_dialled_by(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Every hoosh container (a service built here, not a job) has the three TLS files
+    from the certs volume, named for the host the others dial it by (an *_ADDR host, or
+    a network alias), which the certs job makes; a gRPC server probes its plaintext
+    health port, the one HOOSH_GRPC_HEALTH_LISTEN binds."""
+    jobs = one_shot_jobs(services)
+    certs = services["certs"]
+    made = set(re.search(r"--names\s+(\S+)", " ".join(certs["command"])).group(1).split(","))  # type: ignore[union-attr]
+    dialled: dict[str, str] = {}
+    for svc in services.values():
+        for key, value in environment(svc).items():
+            if key.endswith("_ADDR") and value:
+                dialled[str(value).rsplit(":", 1)[0]] = key
+    checked = 0
+    for name, svc in services.items():
+        if (
+            not isinstance(svc.get("build"), dict)
+            or name in jobs
+            or not name.startswith(("edge", "router", "budget", "audit", "local-", "stt"))
+        ):
+            continue
+        env = environment(svc)
+        aliases = set(((svc.get("networks") or {}).get("default") or {}).get("aliases") or [])
+        cert = Path(env["HOOSH_GRPC_TLS_CERT"]).name.removesuffix(".pem")
+        assert cert in made, f"{name}: the certs job makes no {cert}.pem"
+        assert env["HOOSH_GRPC_TLS_KEY"] == f"/etc/hoosh/tls/{cert}-key.pem", name
+        assert env["HOOSH_GRPC_TLS_CA"] == "/etc/hoosh/tls/ca.pem", name
+        assert "tls:/etc/hoosh/tls:ro" in svc["volumes"], name
+        assert svc["depends_on"]["certs"]["condition"] == "service_completed_successfully", name
+        if name != "edge":  # the edge only calls; every other one is dialled by the certificate's name
+            assert cert == name or cert in aliases, f"{name}: dialled as {name}/{aliases}, certificate for {cert}"
+            assert cert in dialled, f"{name}: nobody dials {cert}"
+            health = env["HOOSH_GRPC_HEALTH_LISTEN"]
+            assert health.startswith("127.0.0.1:"), f"{name}: the health-only port stays in the container"
+            assert svc["healthcheck"]["test"][-1] == health.rsplit(":", 1)[1], f"{name}: probes another port"
+        checked += 1
+    assert checked >= 7, checked

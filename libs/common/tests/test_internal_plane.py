@@ -43,7 +43,9 @@ async def gather(requests: AsyncIterator[bytes], context: grpc.aio.ServicerConte
 
 def policy() -> CallerPolicy:
     callers = parse_callers(f"edge={EDGE_TOKEN},router=sha256:{hashlib.sha256(ROUTER_TOKEN.encode()).hexdigest()}")
-    return CallerPolicy(callers, {ADMIN: frozenset({"edge"})})
+    # The router may call everything but Admin (an allow-list); the edge everything.
+    router_methods = frozenset(f"/{SERVICE}/{name}" for name in ("Unary", "Ticks", "Gather"))
+    return CallerPolicy(callers, {"router": router_methods})
 
 
 async def start(server: grpc.aio.Server, port_of: str = "127.0.0.1:0", *, tls: TlsFiles | None = None) -> int:
@@ -175,6 +177,7 @@ def test_callers_list_is_checked() -> None:
         f"Edge={EDGE_TOKEN}",  # identities are lowercase
         "edge=sha256:abc",  # not a digest
         f"edge={EDGE_TOKEN},router={EDGE_TOKEN}",  # two callers, one token
+        "edge=$(HOOSH_INTERNAL_TOKEN_EDGE_UNDEFINED)",  # a Kubernetes reference left unexpanded
     ):
         with pytest.raises(ValueError):
             parse_callers(bad)
@@ -195,6 +198,7 @@ class CallingSettings(InternalPlaneSettings):
 def test_production_refuses_an_open_plane(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in ("HOOSH_INTERNAL_TOKEN", "HOOSH_INTERNAL_CALLERS", "HOOSH_INTERNAL_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOOSH_INTERNAL_PLAINTEXT", "allow")  # TLS is tested below
     with pytest.raises(ValueError, match="HOOSH_INTERNAL_CALLERS is required"):
         ServingSettings()
     with pytest.raises(ValueError, match="HOOSH_INTERNAL_TOKEN is required"):
@@ -209,8 +213,25 @@ def test_production_refuses_an_open_plane(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("HOOSH_INTERNAL_TOKEN_FILE", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="cannot read"):
         CallingSettings()
-    # TLS files go together, and must be PEM.
+    # Placeholder tokens (as in .env.example) pass in development only.
     monkeypatch.delenv("HOOSH_INTERNAL_TOKEN_FILE")
+    for placeholder in ("dev-internal-edge-token-change-me", "x" * 32, "sk-hoosh-changeme-0123456789"):
+        monkeypatch.setenv("HOOSH_INTERNAL_CALLERS", f"edge={placeholder}")
+        with pytest.raises(ValueError, match="placeholder"):
+            ServingSettings()
+    monkeypatch.setenv("HOOSH_INTERNAL_CALLERS", f"edge={EDGE_TOKEN}")
+    # Production without certificates needs the explicit mesh opt-out.
+    monkeypatch.delenv("HOOSH_INTERNAL_PLAINTEXT")
+    with pytest.raises(ValueError, match="needs mutual TLS"):
+        ServingSettings()
+    ca = make_ca(tmp_path / "ca", services=["router"])
+    monkeypatch.setenv("HOOSH_GRPC_TLS_CERT", str(ca / "router.pem"))
+    monkeypatch.setenv("HOOSH_GRPC_TLS_KEY", str(ca / "router-key.pem"))
+    monkeypatch.setenv("HOOSH_GRPC_TLS_CA", str(ca / "ca.pem"))
+    assert ServingSettings().internal_plane("router", callers=["edge"]).tls is not None
+    for name in ("HOOSH_GRPC_TLS_KEY", "HOOSH_GRPC_TLS_CA"):
+        monkeypatch.delenv(name)
+    # TLS files go together, and must be PEM.
     monkeypatch.setenv("HOOSH_GRPC_TLS_CERT", str(token_file))
     with pytest.raises(ValueError, match="go together"):
         ServingSettings()
@@ -242,6 +263,13 @@ async def tls_code(port: int, credentials: grpc.ChannelCredentials | None, host:
 async def test_mutual_tls_needs_a_certificate_from_the_ca(tmp_path: Path) -> None:
     ours, theirs = make_ca(tmp_path / "ours", services=["router", "edge"]), make_ca(tmp_path / "theirs")
     assert still_valid(ours, ["router", "edge"]) and not still_valid(ours, ["stt"])
+    mixed = tmp_path / "mixed"
+    shutil.copytree(ours, mixed)
+    shutil.copy(theirs / "edge.pem", mixed / "edge.pem")  # another CA's certificate
+    assert not still_valid(mixed, ["edge"])
+    shutil.copy(ours / "edge.pem", mixed / "edge.pem")
+    shutil.copy(ours / "router-key.pem", mixed / "edge-key.pem")  # a key that is not the certificate's
+    assert not still_valid(mixed, ["edge"])
     server = grpc_server.new_server(policy=policy())
     port = await start(server, tls=tls_files(ours, "router"))
     try:

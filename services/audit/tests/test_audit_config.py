@@ -39,6 +39,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # Production needs the publishers' keys and its callers: given here, taken away where tested.
     monkeypatch.setenv("HOOSH_AUDIT_PUBLISHER_KEYS", f"router={ROUTER_KEY}")
     monkeypatch.setenv("HOOSH_INTERNAL_CALLERS", "edge=edge-internal-token-0123456789")
+    monkeypatch.setenv("HOOSH_INTERNAL_PLAINTEXT", "allow")  # no certificates in these tests
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,6 +53,7 @@ def audit_env(key: bytes, **extra: str) -> dict[str, str]:
             "HOOSH_AUDIT_PUBLISHER_KEYS": PUBLISHER_KEYS_ENV,
             # ... and its callers (the edge), as production requires.
             "HOOSH_INTERNAL_CALLERS": f"edge={EDGE_TOKEN}",
+            "HOOSH_INTERNAL_PLAINTEXT": "allow",  # no certificates in these tests
             **extra,
         }
     )
@@ -189,6 +190,7 @@ def hoosh_verify(service: Service, directory: Path) -> tuple[int, dict[str, Any]
 async def test_missing_key_stops_the_service_with_a_clear_message() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOSH_")}
     env["HOOSH_INTERNAL_CALLERS"] = f"edge={EDGE_TOKEN}"
+    env["HOOSH_INTERNAL_PLAINTEXT"] = "allow"
     done = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "hoosh_audit"], env=env, capture_output=True, text=True, check=False
     )

@@ -18,6 +18,7 @@ INTERNAL_TOKEN = "edge-internal-token-0123456789"
 
 def settings(**values: object) -> Settings:
     values.setdefault("internal_token", INTERNAL_TOKEN)
+    values.setdefault("internal_plaintext", "allow")  # no certificates in these tests
     return Settings(**values)  # type: ignore[arg-type]
 
 
@@ -92,6 +93,7 @@ def test_the_service_refuses_to_start_open_in_production(tmp_path: Path) -> None
         "HOOSH_AUTH": "open",
         "HOOSH_ADMIN_KEY": KEY,
         "HOOSH_INTERNAL_TOKEN": INTERNAL_TOKEN,
+        "HOOSH_INTERNAL_PLAINTEXT": "allow",
         "PATH": "/usr/bin:/bin",
     }
     done = subprocess.run(

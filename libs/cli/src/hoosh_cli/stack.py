@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import secrets
 import signal
@@ -169,7 +170,10 @@ class StackConfig:
             env["HOOSH_INTERNAL_TOKEN"] = self.internal_tokens[service]
         callers = [name for name in CALLERS.get(service, ()) if name in self.internal_tokens]
         if callers:
-            env["HOOSH_INTERNAL_CALLERS"] = ",".join(f"{name}={self.internal_tokens[name]}" for name in callers)
+            # Digests, not the tokens: a service never holds what lets another call as its caller.
+            env["HOOSH_INTERNAL_CALLERS"] = ",".join(
+                f"{name}=sha256:{hashlib.sha256(self.internal_tokens[name].encode()).hexdigest()}" for name in callers
+            )
         if self.tls_dir is not None:
             env.update(tls_environment(self.tls_dir, service))
         return env

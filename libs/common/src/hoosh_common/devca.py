@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -125,13 +126,21 @@ def still_valid(directory: Path, services: Iterable[str], *, margin_days: int = 
     least ``margin_days`` more (else a restart makes fresh ones)."""
     horizon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=margin_days)
     try:
-        for name in ["ca", *services]:
+        ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+        if ca.not_valid_after_utc < horizon:
+            return False
+        for name in services:
             cert = x509.load_pem_x509_certificate((directory / f"{name}.pem").read_bytes())
             if cert.not_valid_after_utc < horizon:
                 return False
-            if name != "ca" and not (directory / f"{name}-key.pem").is_file():
+            # Signed by this CA, and its key is the one beside it (a run cut short between
+            # writes leaves a mixed set, which is made afresh, not kept).
+            cert.verify_directly_issued_by(ca)
+            key = serialization.load_pem_private_key((directory / f"{name}-key.pem").read_bytes(), password=None)
+            public = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            if key.public_key().public_bytes(*public) != cert.public_key().public_bytes(*public):
                 return False
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, InvalidSignature):
         return False
     return True
 

@@ -58,12 +58,23 @@ def outgoing_metadata() -> tuple[tuple[str, str], ...]:
 
 
 def check_token(token: str) -> str:
+    if "$(" in token or "${" in token:
+        # A Kubernetes $(VAR) or compose ${VAR} left unexpanded (defined after its use,
+        # or not at all): a literal that would lock the real caller out, silently.
+        raise ValueError("an internal token holds an unexpanded $(...) or ${...}: its variable was not defined")
     if len(token) < MIN_TOKEN_LENGTH or not token.isprintable() or any(c.isspace() or c == "," for c in token):
         raise ValueError(
             f"an internal token must be at least {MIN_TOKEN_LENGTH} printable characters without spaces "
             "or commas (generate one: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
     return token
+
+
+def placeholder_token(token: str) -> bool:
+    """A token copied from an example (``...change-me``, ``dev-...``) or of one repeated
+    character: fine in development, refused in production."""
+    lowered = token.lower()
+    return "change-me" in lowered or "changeme" in lowered or lowered.startswith("dev-") or len(set(token)) <= 2
 
 
 def token_digest(token: str) -> bytes:
@@ -82,9 +93,10 @@ def parse_callers(text: str) -> dict[bytes, str]:
         identity, sep, secret = entry.partition("=")
         identity = identity.strip()
         if not sep or not _IDENTITY.match(identity):
+            # The entry itself is not echoed: without its '=' it may be all token.
             raise ValueError(
                 "HOOSH_INTERNAL_CALLERS entries are identity=token or identity=sha256:<hex> "
-                f"(identity: lowercase letters, digits, '-'); got an entry for {identity[:32]!r}"
+                "(identity: lowercase letters, digits, '-'); one entry is neither"
             )
         if secret.startswith("sha256:"):
             hex_digest = secret.removeprefix("sha256:").lower()
@@ -110,23 +122,18 @@ UNAUTHENTICATED = Denial(grpc.StatusCode.UNAUTHENTICATED, "this service accepts 
 
 @dataclass
 class CallerPolicy:
-    """A server's callers (digest -> identity) and the methods some of them are kept
-    from (full method name -> the identities allowed; a method not listed is open to
-    every known caller)."""
+    """A server's callers (digest -> identity) and, for some of them, the only methods
+    they may call (identity -> full method names; an allow-list, so a method added
+    later is closed to them until listed). A caller without a list may call every
+    method."""
 
     callers: Mapping[bytes, str]
-    methods: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    limits: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.callers:
             raise ValueError("a caller policy needs at least one caller")
-        self._denied = {
-            (method, identity): Denial(
-                grpc.StatusCode.PERMISSION_DENIED, f"{identity} may not call {method.rsplit('/', 1)[-1]}"
-            )
-            for method, allowed in self.methods.items()
-            for identity in set(self.callers.values()) - allowed
-        }
+        self._denials: dict[tuple[str, str], Denial] = {}
 
     @property
     def identities(self) -> frozenset[str]:
@@ -146,20 +153,28 @@ class CallerPolicy:
         identity = self.identify(metadata)
         if identity is None:
             return UNAUTHENTICATED
-        return self._denied.get((method, identity))
+        allowed = self.limits.get(identity)
+        if allowed is None or method in allowed:
+            return None
+        denial = self._denials.get((method, identity))
+        if denial is None:  # one per (known method, known caller): bounded
+            denial = Denial(grpc.StatusCode.PERMISSION_DENIED, f"{identity} may not call {method.rsplit('/', 1)[-1]}")
+            self._denials[(method, identity)] = denial
+        return denial
 
 
 def caller_policy(
     callers_text: str | None,
     *,
     expected: Iterable[str],
-    methods: Mapping[str, Iterable[str]] | None = None,
+    limits: Mapping[str, Iterable[str]] | None = None,
     service: str,
 ) -> CallerPolicy | None:
     """The server's policy from ``HOOSH_INTERNAL_CALLERS`` (None when unset: the plane is
     open, which only development allows; the caller warns). ``expected``: the
     identities that call this service in hoosh's design; another identity is logged (a
-    typo there locks out the real caller)."""
+    typo there locks out the real caller). ``limits``: the only methods some callers
+    may call (see :class:`CallerPolicy`)."""
     if not callers_text or not callers_text.strip():
         return None
     callers = parse_callers(callers_text)
@@ -169,4 +184,4 @@ def caller_policy(
             "HOOSH_INTERNAL_CALLERS names callers this service does not expect",
             extra={"service": service, "unexpected": sorted(unknown), "expected": sorted(expected)},
         )
-    return CallerPolicy(callers, {method: frozenset(allowed) for method, allowed in (methods or {}).items()})
+    return CallerPolicy(callers, {identity: frozenset(allowed) for identity, allowed in (limits or {}).items()})

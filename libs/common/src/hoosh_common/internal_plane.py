@@ -12,6 +12,11 @@ callers it accepts, and mutual TLS (read from the environment, prefix ``HOOSH_``
   certificate and requires a client certificate signed by the CA; a client presents
   its own and checks the server's against the CA and the address's host name. The
   server re-reads its files when they change (cert-manager renews them in place).
+- ``HOOSH_INTERNAL_PLAINTEXT`` (unset): ``allow`` lets ``HOOSH_ENV=production`` run
+  the plane without mutual TLS, for a cluster whose service mesh (Istio, Linkerd)
+  already encrypts and authenticates pod-to-pod traffic. Without it, production
+  refuses to start a service that has no certificate: tokens never cross the network
+  in the clear by accident.
 - ``HOOSH_GRPC_HEALTH_LISTEN`` (unset: none): with TLS on, a second, plaintext port
   that serves only the gRPC health service, for kubelet's native gRPC probes (which
   cannot speak TLS). ``127.0.0.1:0`` in tests, ``0.0.0.0:<port>`` in a pod.
@@ -24,13 +29,13 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import grpc
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .internal_auth import CallerPolicy, caller_policy, check_token
+from .internal_auth import CallerPolicy, caller_policy, check_token, parse_callers, placeholder_token
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,9 @@ class InternalPlaneSettings(BaseSettings):
     grpc_tls_key: Path | None = Field(default=None, description="PEM private key of HOOSH_GRPC_TLS_CERT")
     grpc_tls_ca: Path | None = Field(default=None, description="PEM CA that signs every internal certificate")
     grpc_health_listen: str = Field(default="", description="plaintext health-only gRPC port while TLS is on")
+    internal_plaintext: Literal["", "allow"] = Field(
+        default="", description="allow: production without mutual TLS (a service mesh encrypts the pod network)"
+    )
 
     @field_validator(
         "internal_token",
@@ -84,8 +92,20 @@ class InternalPlaneSettings(BaseSettings):
         token = self.token()  # reads the files: a missing one fails at start
         callers = self.callers_text()
         if callers:
-            caller_policy(callers, expected=(), service="")  # a malformed list fails at start
+            parse_callers(callers)  # a malformed list fails at start
         if getattr(self, "env", "development") == "production":
+            if not any(tls) and self.internal_plaintext != "allow":
+                raise ValueError(
+                    "HOOSH_ENV=production needs mutual TLS on the internal plane (HOOSH_GRPC_TLS_CERT, "
+                    "HOOSH_GRPC_TLS_KEY, HOOSH_GRPC_TLS_CA; deploy/components/mtls), or "
+                    "HOOSH_INTERNAL_PLAINTEXT=allow where a service mesh encrypts the pod network"
+                )
+            for secret in (token, *_caller_tokens(callers)):
+                if secret is not None and placeholder_token(secret):
+                    raise ValueError(
+                        "an internal token is a placeholder (it says change-me, dev- or repeats one "
+                        "character): generate one with python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                    )
             if self.serves_grpc and not callers:
                 raise ValueError(
                     "HOOSH_INTERNAL_CALLERS is required with HOOSH_ENV=production: without it this "
@@ -117,12 +137,12 @@ class InternalPlaneSettings(BaseSettings):
         service: str,
         *,
         callers: Iterable[str] = (),
-        methods: Mapping[str, Iterable[str]] | None = None,
+        limits: Mapping[str, Iterable[str]] | None = None,
     ) -> InternalPlane:
         """This process's plane: its token, its server's caller policy (``callers``: the
-        identities hoosh's design has call this service; ``methods``: methods reserved
-        to some of them) and its TLS material."""
-        policy = caller_policy(self.callers_text(), expected=tuple(callers), methods=methods, service=service)
+        identities hoosh's design has call this service; ``limits``: the only methods
+        some of them may call) and its TLS material."""
+        policy = caller_policy(self.callers_text(), expected=tuple(callers), limits=limits, service=service)
         if self.serves_grpc and policy is None:
             log.warning(
                 "HOOSH_INTERNAL_CALLERS is not set: this service answers any gRPC call (development only)",
@@ -134,6 +154,16 @@ class InternalPlaneSettings(BaseSettings):
         return InternalPlane(
             service=service, token=self.token(), policy=policy, tls=tls, health_listen=self.grpc_health_listen
         )
+
+
+def _caller_tokens(callers: str | None) -> list[str]:
+    """The raw tokens in a callers list (``sha256:`` entries carry none)."""
+    tokens = []
+    for entry in (callers or "").split(","):
+        _, _, secret = entry.strip().partition("=")
+        if secret and not secret.startswith("sha256:"):
+            tokens.append(secret)
+    return tokens
 
 
 def _read_secret(path: Path, name: str) -> str:
@@ -184,12 +214,12 @@ class TlsFiles:
             stamp = self.stamp()
             if stamp == loaded[0]:
                 return None
+            loaded[0] = stamp  # tried once per change of the files, not once per handshake
             try:
                 fresh = configuration()
-            except ValueError:
-                log.exception("internal TLS: the new certificate files are unreadable; keeping the old ones")
+            except ValueError as error:
+                log.error("internal TLS: the new certificate files are unreadable; keeping the old ones: %s", error)
                 return None
-            loaded[0] = stamp
             log.info("internal TLS: certificate files reloaded")
             return fresh
 

@@ -32,7 +32,7 @@ from hoosh_budget.config import DEFAULT_POOL, BudgetSettings, ConfigError, confi
 from hoosh_budget.metrics import PoolMetrics, refresh_forever
 from hoosh_budget.reaper import reap_forever
 from hoosh_budget.resets import ResetAnnouncer, tick_forever
-from hoosh_budget.server import BUDGET_CALLERS, EDGE_ONLY_METHODS, SERVICE_NAME, BudgetServicer, add_to_server
+from hoosh_budget.server import BUDGET_CALLERS, CALLER_LIMITS, SERVICE_NAME, BudgetServicer, add_to_server
 
 log = logging.getLogger("hoosh_budget")
 
@@ -125,7 +125,7 @@ def cli() -> None:
         sys.exit(f"hoosh-budget: bad settings: {exc}")
     configure_logging("budget", settings.log_level)
     configure_tracing("budget")
-    configure_plane(settings.internal_plane("budget", callers=BUDGET_CALLERS, methods=EDGE_ONLY_METHODS))
+    configure_plane(settings.internal_plane("budget", callers=BUDGET_CALLERS, limits=CALLER_LIMITS))
     try:
         configured_pools(settings)  # fail fast on a bad config file, before binding
     except ConfigError as exc:

@@ -42,23 +42,14 @@ from hoosh_budget.resets import EventSink, ResetAnnouncer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = budget_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
-# Who calls the budget service: the router (reservations) and the edge (token
-# endpoints, pool administration, costs). Pool administration, costs and admin-action
-# records are the edge's alone: the router holding a token must not resize a pool.
+# Who calls the budget service: the router (reservations, when it does not hold them
+# in Redis itself) and the edge (token endpoints, pool administration, costs). The
+# router may call only what a reservation needs (an allow-list: a method added later
+# stays the edge's until listed); with its token nobody can resize, create, reset or
+# delete a pool, report usage, read costs or record an admin action.
 BUDGET_CALLERS = ("edge", "router")
-EDGE_ONLY_METHODS = {
-    f"/{SERVICE_NAME}/{name}": ("edge",)
-    for name in (
-        "ListPools",
-        "UpsertPool",
-        "CreatePool",
-        "UpdatePool",
-        "DeletePool",
-        "ResetPool",
-        "GetCosts",
-        "RecordAdminAction",
-    )
-}
+ROUTER_METHODS = tuple(f"/{SERVICE_NAME}/{name}" for name in ("Reserve", "Commit", "Release", "Renew", "GetPool"))
+CALLER_LIMITS = {"router": ROUTER_METHODS}
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")

@@ -74,7 +74,7 @@ def main() -> None:
         plane = InferencePlaneSettings()
     except ValidationError as exc:
         configure_logging(SERVICE)
-        log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})
+        log.error("invalid settings", extra={"errors": exc.errors(include_url=False, include_input=False)})
         raise SystemExit(2) from None
     configure_logging(SERVICE, settings.log_level)
     configure_tracing(SERVICE)  # before any gRPC server is built: new_server() reads it

@@ -214,6 +214,14 @@ def test_each_stack_process_holds_only_its_own_signing_key(hoosh: RunningStack) 
             assert env["HOOSH_AUDIT_PUBLISHER_KEYS"] == ",".join(f"{n}={keys[n]}" for n in sorted(keys))
         else:
             assert "HOOSH_AUDIT_PUBLISHER_KEYS" not in env, service.name
+        # The internal plane likewise: a process holds its own token only, and its
+        # callers' digests, never a token that lets it call as another service.
+        tokens = hoosh.stack_config.internal_tokens
+        assert env.get("HOOSH_INTERNAL_TOKEN") == tokens.get(service.name), service.name
+        others = [token for name, token in tokens.items() if name != service.name]
+        assert not any(token in value for token in others for value in env.values()), service.name
+        for entry in filter(None, env.get("HOOSH_INTERNAL_CALLERS", "").split(",")):
+            assert entry.split("=", 1)[1].startswith("sha256:"), (service.name, entry.split("=", 1)[0])
 
 
 def test_hoosh_up_keeps_one_signing_key_per_publisher(tmp_path: Path) -> None:

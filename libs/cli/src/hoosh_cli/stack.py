@@ -144,7 +144,6 @@ class StackConfig:
         signing key and the audit's publisher keys, so that any service finds its
         settings there."""
         env = self._shared_environment()
-        env.update(dict.fromkeys(_PER_SERVICE, ""))  # blank = unset (each service reads them so)
         names = [service] if service is not None else ["audit", "router"]
         for name in names:
             if name in self.signing_keys:

@@ -4,9 +4,12 @@ The server runs with each of the two configurations hoosh is deployed with:
 deploy/nats/nats.conf with the environment docker-compose.yml gives it, and the users of
 deploy/helm/nats-values.yaml rendered the way NATS's chart renders `config.merge` and
 `container.env`. With the real publisher, stream declaration and audit consumer:
-router, stt and budget declare the stream and publish their own events with acks; audit
-consumes and acks them; nobody else reads them, audit publishes none, no user deletes
-or purges the stream, and an unknown user or a wrong password does not get in.
+router, stt and budget declare the stream as their settings do (read and create only:
+a stream whose settings differ is left to the audit, with a warning) and publish their
+own events with acks; audit consumes and acks them and may update the stream; nobody
+else reads them, audit publishes none, no user deletes or purges the stream, no
+publisher updates it (shrinks it, seals it), and an unknown user or a wrong password
+does not get in.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -27,18 +31,24 @@ from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 import yaml
 from google.protobuf.message import Message
 from hoosh.events.v1 import events_pb2
+from hoosh_audit.config import AuditSettings
 from hoosh_audit.consumer import AuditConsumer
 from hoosh_audit.keys import Keyring
 from hoosh_audit.log import AuditLog
+from hoosh_budget.config import BudgetSettings
 from hoosh_cli.infra import nats_binary
 from hoosh_cli.stack import free_port
-from hoosh_common.eventbus import EventPublisher, EventPublishError, StreamPolicy, ensure_stream
+from hoosh_common.eventbus import DUPLICATE_WINDOW_S, EventPublisher, EventPublishError, StreamPolicy, ensure_stream
+from hoosh_common.eventbus_settings import EventBusSettings
+from hoosh_router.config import RouterSettings
+from hoosh_stt.config import SttSettings
 from nats.aio.client import Client as NATS
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from nats.js.client import JetStreamContext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +88,13 @@ OWN_EVENTS: dict[str, list[tuple[str, Message]]] = {
 FOREIGN_EVENT = {"router": "budget.reset", "stt": "admin.key.created", "budget": "inference.completed"}
 API_TIMEOUT = 0.5  # a refused request is never answered: it times out
 POLICY = StreamPolicy(max_bytes=64 << 20)  # as compose declares it (workqueue), smaller
+# Each service's own settings class, whose declare_stream the service calls at start.
+SETTINGS: dict[str, type[EventBusSettings]] = {
+    "router": RouterSettings,
+    "stt": SttSettings,
+    "budget": BudgetSettings,
+    "audit": AuditSettings,
+}
 
 
 # ------------------------------------------------------------------ the two configurations
@@ -238,11 +255,31 @@ async def connect(server: OwnNats) -> AsyncIterator[Any]:
             await conn.nc.close()
 
 
-async def declared(conn: Conn) -> None:
-    await ensure_stream(conn.js, STREAM, PREFIX, policy=POLICY)
+def settings(user: str, policy: StreamPolicy = POLICY, duplicate_window: float | None = None) -> EventBusSettings:
+    """The service's settings with the stream's policy (HOOSH_NATS_STREAM_*), the rest
+    their defaults (the environment is not read)."""
+    fields: dict[str, Any] = {
+        "nats_stream_retention": policy.retention,
+        "nats_stream_max_bytes": policy.max_bytes,
+        "nats_stream_max_msgs": policy.max_msgs,
+        "nats_stream_max_age_seconds": policy.max_age,
+        "nats_stream_replicas": policy.replicas,
+    }
+    if duplicate_window is not None:
+        fields["nats_duplicate_window_seconds"] = duplicate_window
+    made = SETTINGS[user].model_construct(**fields)
+    assert made.stream_policy() == policy
+    return made
+
+
+async def declared(conn: Conn, user: str) -> None:
+    """The stream declared as the service declares it at start."""
+    await settings(user).declare_stream(conn.js, STREAM, PREFIX)
 
 
 async def publish_own(conn: Conn, user: str) -> int:
+    # (EventBusSettings.event_publisher builds the same, and registers its metrics once
+    # per process: one service's, so not here, where three services publish.)
     publisher = EventPublisher(conn.nc, conn.js, STREAM, PREFIX, max_attempts=1, ack_timeout=2.0)
     for i, (name, message) in enumerate(OWN_EVENTS[user]):
         ack = await publisher.publish(name, message, f"{user}-{i}-{secrets.token_hex(4)}")
@@ -324,6 +361,9 @@ def test_the_chart_has_the_users_and_permissions_of_the_compose_config() -> None
         assert user["password"] == f"$NATS_QUOTED_PASSWORD_{name.upper()}"
         assert by_name[name]["password"] == f"<< $NATS_QUOTED_PASSWORD_{name.upper()} >>"
         assert user["permissions"] == by_name[name]["permissions"], name
+        # Only audit (its declaration reconciles the stream) and operators may update it.
+        updates = [s for s in user["permissions"]["publish"]["allow"] if s.startswith("$JS.API.STREAM.UPDATE.")]
+        assert bool(updates) == (name in ("audit", "ops")), name
     # JetStream on a volume (compose) and on a PVC (chart), three servers in the chart.
     assert conf["jetstream"]["store_dir"] == "/data"
     assert values["config"]["cluster"]["enabled"] and values["config"]["cluster"]["replicas"] == 3
@@ -390,12 +430,10 @@ async def test_an_unknown_user_a_wrong_password_or_none_cannot_connect(server: O
 @pytest.mark.parametrize("user", PUBLISHERS)
 async def test_a_publisher_declares_the_stream_and_publishes_its_events_with_acks(connect: Any, user: str) -> None:
     conn: Conn = await connect(user)
-    await declared(conn)
-    await declared(conn)  # idempotent: INFO only
-    # A policy that differs updates the stream in place (STREAM.UPDATE).
-    bigger = StreamPolicy(max_bytes=POLICY.max_bytes * 2)
-    info = await ensure_stream(conn.js, STREAM, PREFIX, policy=bigger)
-    assert info.config.max_bytes == bigger.max_bytes
+    await declared(conn, user)  # creates it (STREAM.CREATE)
+    await declared(conn, user)  # idempotent: INFO only
+    info = await conn.js.stream_info(STREAM)
+    assert (info.config.max_bytes, info.config.retention) == (POLICY.max_bytes, POLICY.retention_policy)
     published = await publish_own(conn, user)
     assert await messages(conn) == published
     assert conn.violations() == []
@@ -409,9 +447,85 @@ async def test_a_publisher_declares_the_stream_and_publishes_its_events_with_ack
 
 
 @pytest.mark.parametrize("user", PUBLISHERS)
+async def test_a_publisher_leaves_a_stream_whose_settings_differ_and_still_publishes(
+    connect: Any, user: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit declared the stream; this publisher is configured otherwise (a smaller
+    count bound, a larger byte bound, another duplicate window). Its declaration, as the
+    service makes it at start, names each difference, changes nothing (it does not even
+    try STREAM.UPDATE) and its events are stored."""
+    audit: Conn = await connect("audit")
+    await declared(audit, "audit")
+    before = (await audit.js.stream_info(STREAM)).config
+    conn: Conn = await connect(user)
+    other = StreamPolicy(max_bytes=POLICY.max_bytes * 2, max_msgs=1)
+    with caplog.at_level(logging.WARNING, logger="hoosh_common.eventbus"):
+        info = await settings(user, other, duplicate_window=30.0).declare_stream(conn.js, STREAM, PREFIX)
+    assert info.config == before
+    warned = [r.__dict__["differences"] for r in caplog.records if "differences" in r.__dict__]
+    assert warned == [
+        {
+            "duplicate_window": {"stream": DUPLICATE_WINDOW_S, "declared": 30.0},
+            "max_bytes": {"stream": POLICY.max_bytes, "declared": other.max_bytes},
+            "max_msgs": {"stream": -1, "declared": 1},
+        }
+    ]
+    published = await publish_own(conn, user)
+    after = await conn.js.stream_info(STREAM)
+    assert after.config == before and after.state.messages == published
+    assert conn.violations() == []
+
+
+@pytest.mark.parametrize("user", PUBLISHERS)
+async def test_a_publisher_cannot_update_the_stream(connect: Any, user: str) -> None:
+    """STREAM.UPDATE would let any publisher shrink the stream (max_msgs=1 deletes all
+    but the newest event, audited or not) or seal it (for good: every publish then
+    fails, and the services go unready). Refused, and CREATE is no way round it."""
+    router: Conn = await connect("router")
+    await declared(router, "router")
+    published = await publish_own(router, "router")
+    before = (await router.js.stream_info(STREAM)).config
+    conn: Conn = await connect(user)
+    update = f"$JS.API.STREAM.UPDATE.{STREAM}"
+    await refused(conn, conn.js.update_stream(before.evolve(max_msgs=1)), update)
+    await refused(conn, conn.js.update_stream(before.evolve(sealed=True)), update)
+    # Nor through a declaration that may update (the code before may_update=False).
+    bigger = StreamPolicy(max_bytes=POLICY.max_bytes * 2)
+    await refused(conn, ensure_stream(conn.js, STREAM, PREFIX, policy=bigger, may_update=True), update)
+    # A create of an existing stream with other settings changes nothing.
+    with pytest.raises(nats.js.errors.BadRequestError):
+        await conn.js.add_stream(StreamConfig(name=STREAM, subjects=[f"{PREFIX}.>"], max_msgs=1))
+    after = await router.js.stream_info(STREAM)
+    assert after.config == before and not after.config.sealed and after.state.messages == published
+    # And it still publishes.
+    published += await publish_own(conn, user)
+    assert await messages(router) == published
+
+
+async def test_audit_updates_the_stream_and_so_may_ops(connect: Any) -> None:
+    router: Conn = await connect("router")
+    await declared(router, "router")
+    published = await publish_own(router, "router")
+    audit: Conn = await connect("audit")
+    # Its settings' declaration and its consumer's (AuditConsumer.start) both reconcile.
+    bigger = StreamPolicy(max_bytes=POLICY.max_bytes * 2)
+    info = await settings("audit", bigger, duplicate_window=60.0).declare_stream(audit.js, STREAM, PREFIX)
+    assert (info.config.max_bytes, info.config.duplicate_window) == (bigger.max_bytes, 60.0)
+    biggest = StreamPolicy(max_bytes=bigger.max_bytes * 2)
+    info = await ensure_stream(audit.js, STREAM, PREFIX, policy=biggest)
+    assert (info.config.max_bytes, info.config.duplicate_window) == (biggest.max_bytes, DUPLICATE_WINDOW_S)
+    assert audit.violations() == []
+    # An operator edits the limits by hand.
+    ops: Conn = await connect("ops")
+    info = await ops.js.update_stream(info.config.evolve(max_bytes=POLICY.max_bytes * 8))
+    assert info.config.max_bytes == POLICY.max_bytes * 8 and info.state.messages == published
+    assert ops.violations() == []
+
+
+@pytest.mark.parametrize("user", PUBLISHERS)
 async def test_a_publisher_cannot_read_the_events(connect: Any, user: str) -> None:
     stt: Conn = await connect("stt")
-    await declared(stt)
+    await declared(stt, "stt")
     conn: Conn = await connect(user)
     seen: list[str] = []
 
@@ -447,7 +561,7 @@ async def test_audit_consumes_and_acks_every_event(connect: Any, tmp_path: Path)
     published = 0
     for user in PUBLISHERS:
         conn: Conn = await connect(user)
-        await declared(conn)
+        await declared(conn, user)
         published += await publish_own(conn, user)
     audit: Conn = await connect("audit")
     keyring = Keyring.single(b"audit-test-key-0123456789abcdef")
@@ -491,7 +605,7 @@ async def _empty(conn: Conn) -> bool:
 
 async def test_audit_cannot_publish_an_event(connect: Any) -> None:
     router: Conn = await connect("router")
-    await declared(router)
+    await declared(router, "router")
     audit: Conn = await connect("audit")
     publisher = EventPublisher(audit.nc, audit.js, STREAM, PREFIX, max_attempts=1, ack_timeout=API_TIMEOUT)
     for name in ("inference.completed", "budget.reset", "admin.key.created"):
@@ -512,7 +626,7 @@ async def test_audit_cannot_publish_an_event(connect: Any) -> None:
 
 async def test_no_user_can_delete_or_purge_the_stream(connect: Any) -> None:
     router: Conn = await connect("router")
-    await declared(router)
+    await declared(router, "router")
     published = await publish_own(router, "router")
 
     async def tries(user: str) -> None:
@@ -529,7 +643,7 @@ async def test_no_user_can_delete_or_purge_the_stream(connect: Any) -> None:
 
 async def test_ops_inspects_the_stream_but_neither_publishes_nor_consumes(connect: Any) -> None:
     router: Conn = await connect("router")
-    await declared(router)
+    await declared(router, "router")
     await publish_own(router, "router")
     ops: Conn = await connect("ops")
     assert (await ops.js.stream_info(STREAM)).state.messages == len(OWN_EVENTS["router"])

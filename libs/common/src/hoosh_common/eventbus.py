@@ -390,6 +390,7 @@ async def ensure_stream(
     *,
     duplicate_window: float = DUPLICATE_WINDOW_S,
     policy: StreamPolicy | None = None,
+    may_update: bool = True,
 ) -> StreamInfo:
     """Declare the event stream idempotently and return its info.
 
@@ -403,6 +404,13 @@ async def ensure_stream(
     existing stream of the same retention. ``None`` leaves them as they are (a new
     stream is then unbounded: every process that declares the stream must pass the
     same policy, or none).
+
+    ``may_update=False`` (the publishers: router, stt, budget) only reads the stream
+    (``STREAM.INFO``) and creates it when it is missing (``STREAM.CREATE``): an existing
+    stream whose settings differ from the declaration is left as it is, with a warning
+    naming each difference, for the audit's declaration (``may_update=True``) or an
+    operator to reconcile. Their NATS users are not granted ``STREAM.UPDATE``, with
+    which any publisher could shrink the stream (deleting unaudited events) or seal it.
     """
     subjects = [f"{subject_prefix}.>"]
     wanted = StreamConfig(
@@ -439,6 +447,21 @@ async def ensure_stream(
             "stream exists with another storage type; it cannot be changed in place",
             extra={"stream": stream, "storage": str(current.storage)},
         )
+    if not may_update:
+        differences = _differences(current, wanted, bounded=policy is not None)
+        if differences:
+            log.warning(
+                "stream settings differ from this service's declaration (%s); left as they are: this service "
+                "does not update the stream (the audit's declaration or an operator reconciles it)",
+                ", ".join(f"{name}: stream {have!r}, declared {want!r}" for name, (have, want) in differences.items()),
+                extra={
+                    "stream": stream,
+                    "differences": {
+                        name: {"stream": have, "declared": want} for name, (have, want) in differences.items()
+                    },
+                },
+            )
+        return info
     apply_bounds = policy is not None
     if policy is not None and current.retention != policy.retention_policy:
         log.error(
@@ -477,6 +500,32 @@ async def ensure_stream(
         },
     )
     return info
+
+
+def _owned(config: StreamConfig, bounded: bool) -> dict[str, object]:
+    """The settings a declaration owns, normalised (unset = the server's default), as
+    plain values for a log line."""
+    owned: dict[str, object] = {
+        "subjects": sorted(config.subjects or []),
+        "duplicate_window": float(config.duplicate_window or 0.0),
+    }
+    if bounded:
+        owned |= {
+            # (the server's answer carries plain strings here: RetentionPolicy("workqueue"))
+            "retention": RetentionPolicy(config.retention or RetentionPolicy.LIMITS).value,
+            "discard": DiscardPolicy(config.discard or DiscardPolicy.OLD).value,
+            "max_bytes": config.max_bytes or -1,
+            "max_msgs": config.max_msgs or -1,
+            "max_age": float(config.max_age or 0.0),
+            "num_replicas": config.num_replicas or 1,
+        }
+    return owned
+
+
+def _differences(current: StreamConfig, wanted: StreamConfig, bounded: bool) -> dict[str, tuple[object, object]]:
+    """{setting: (the stream's, the declaration's)} for each owned setting that differs."""
+    have, want = _owned(current, bounded), _owned(wanted, bounded)
+    return {name: (have[name], want[name]) for name in want if have[name] != want[name]}
 
 
 def _describe(policy: StreamPolicy | None) -> dict[str, object] | None:

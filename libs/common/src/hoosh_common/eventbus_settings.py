@@ -65,7 +65,8 @@ class EventBusSettings(BaseSettings):
     # the signing key included (subclasses' configs merge with this one).
     model_config = SettingsConfigDict(env_prefix="HOOSH_", extra="ignore", hide_input_in_errors=True)
 
-    # False for a service that only consumes (the audit): no signing key is required.
+    # False for a service that only consumes (the audit): no signing key is required,
+    # and its declaration may update the stream (a publisher's only reads and creates it).
     publishes_events: ClassVar[bool] = True
 
     env: Literal["production", "development"] = Field(
@@ -138,9 +139,17 @@ class EventBusSettings(BaseSettings):
 
     async def declare_stream(self, js: JetStreamContext, stream: str, subject_prefix: str) -> StreamInfo:
         """``ensure_stream`` with these settings' duplicate window and bounds (every
-        process that declares the stream must pass the same)."""
+        process that declares the stream must pass the same). A publisher (router,
+        stt, budget) only reads and creates the stream: when an existing stream's
+        settings differ it warns and leaves them for the audit, which updates it
+        (``may_update``; the publishers' NATS users have no ``STREAM.UPDATE``)."""
         return await ensure_stream(
-            js, stream, subject_prefix, duplicate_window=self.nats_duplicate_window_seconds, policy=self.stream_policy()
+            js,
+            stream,
+            subject_prefix,
+            duplicate_window=self.nats_duplicate_window_seconds,
+            policy=self.stream_policy(),
+            may_update=not self.publishes_events,
         )
 
     def event_publisher(

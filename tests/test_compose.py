@@ -4,14 +4,20 @@ The file is interpolated from .env.example (`cp .env.example .env` is the docume
 first step) with compose's own rules, then checked: it validates against the Compose
 Specification's published JSON schema (the copy the check-jsonschema package vendors
 from compose-spec/compose-spec); every service has a healthcheck and waits for what it
-needs to be healthy; every image is pinned; no password, key or token can be empty; the
-internal-plane tokens each caller presents are the ones each callee accepts.
+needs to be healthy; every image is pinned; no password, key or token can be empty; each
+callee accepts exactly its callers, by the SHA-256 of the tokens they present, and no
+container holds another service's token or TLS key (the certs job, run here, gives each
+service a directory of its own, the only part of the volume it mounts).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -497,18 +503,86 @@ CALLERS = {
 }
 
 
-def test_internal_plane_tokens_match_between_callers_and_callees(services: dict[str, dict[str, Any]]) -> None:
-    tokens = {name: environment(services[name]).get("HOOSH_INTERNAL_TOKEN") for name in ("edge", "router")}
+TOKEN_CALLERS = ("edge", "router")
+DIGEST_ENTRY = re.compile(r"sha256:([0-9a-f]{64})")
+# A token as written in the file: ${HOOSH_INTERNAL_TOKEN_EDGE...}, not its _SHA256.
+TOKEN_REFERENCE = re.compile(r"\$\{?HOOSH_INTERNAL_TOKEN_([A-Z]+)(?![A-Z0-9_])")
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def internal_plane_problems(
+    raw_services: Mapping[str, dict[str, Any]], services: Mapping[str, dict[str, Any]], env: Mapping[str, str]
+) -> list[str]:
+    """Each caller presents a token of its own; each callee accepts exactly its callers,
+    by sha256:<hex of the token's SHA-256> only; the digests in .env are those of the
+    tokens there; no service but the edge holds the edge's token (as written in the file
+    or after interpolation), none but the router the router's."""
+    problems = []
+    tokens = {name: str(environment(services[name]).get("HOOSH_INTERNAL_TOKEN") or "") for name in TOKEN_CALLERS}
     for name, token in tokens.items():
-        assert token and len(token) >= 16 and "," not in token, f"{name}: HOOSH_INTERNAL_TOKEN {token!r}"
-    assert tokens["edge"] != tokens["router"], "each caller needs its own token"
+        if len(token) < 16 or "," in token:
+            problems.append(f"{name}: HOOSH_INTERNAL_TOKEN {token!r}")
+    if tokens["edge"] == tokens["router"]:
+        problems.append("each caller needs its own token")
+    for name in TOKEN_CALLERS:
+        variable = f"HOOSH_INTERNAL_TOKEN_{name.upper()}"
+        if env.get(f"{variable}_SHA256") != _sha256(env.get(variable, "")):
+            problems.append(f".env: {variable}_SHA256 is not the SHA-256 of {variable}")
     for callee, expected in CALLERS.items():
         text = environment(services[callee]).get("HOOSH_INTERNAL_CALLERS")
-        assert text, f"{callee}: no HOOSH_INTERNAL_CALLERS (it would answer anyone)"
+        if not text:
+            problems.append(f"{callee}: no HOOSH_INTERNAL_CALLERS (it would answer anyone)")
+            continue
         accepted = dict(entry.split("=", 1) for entry in str(text).split(","))
-        assert set(accepted) == expected, f"{callee} accepts {sorted(accepted)}, want {sorted(expected)}"
-        for caller, token in accepted.items():
-            assert token == tokens[caller], f"{callee} does not accept the token {caller} presents"
+        if set(accepted) != expected:
+            problems.append(f"{callee} accepts {sorted(accepted)}, want {sorted(expected)}")
+        for caller, entry in accepted.items():
+            match = DIGEST_ENTRY.fullmatch(entry)
+            if match is None:
+                problems.append(f"{callee} lists {caller} by a raw token, not sha256:<hex>")
+            elif caller in tokens and match.group(1) != _sha256(tokens[caller]):
+                problems.append(f"{callee} does not accept the token {caller} presents")
+    for name, svc in raw_services.items():
+        for owner in {m.lower() for text in strings(svc) for m in TOKEN_REFERENCE.findall(text)} - {name}:
+            problems.append(f"{name}: is given the raw token of {owner} (${{HOOSH_INTERNAL_TOKEN_{owner.upper()}}})")
+    for name, svc in services.items():
+        for owner, token in tokens.items():
+            if owner != name and token and any(token in text for text in strings(svc)):
+                problems.append(f"{name}: holds the raw token of {owner}")
+    return problems
+
+
+def test_internal_plane_callees_accept_the_digests_of_the_callers_tokens(
+    raw: dict[str, Any], services: dict[str, dict[str, Any]], env: dict[str, str]
+) -> None:
+    problems = internal_plane_problems(raw["services"], services, env)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_internal_plane_check_catches_a_raw_token_and_a_stale_digest(
+    raw: dict[str, Any], env: dict[str, str]
+) -> None:
+    """A callee given the edge's raw token (listed by it, or only holding it), and a
+    digest in .env that is not its token's, are each found."""
+    raw_token = "${HOOSH_INTERNAL_TOKEN_EDGE:?set it}"
+    listed = f"edge={raw_token},router=sha256:${{HOOSH_INTERNAL_TOKEN_ROUTER_SHA256}}"
+    for callee, change, listed_by_token in (
+        ("budget", {"HOOSH_INTERNAL_CALLERS": listed}, True),
+        ("audit", {"HOOSH_INTERNAL_TOKEN_EDGE": raw_token}, False),
+    ):
+        broken = json.loads(json.dumps(raw["services"]))
+        broken[callee]["environment"].update(change)
+        problems = internal_plane_problems(broken, interpolate_tree(broken, env), env)
+        assert any(f"{callee}: is given the raw token of edge" in p for p in problems), problems
+        assert any(f"{callee}: holds the raw token of edge" in p for p in problems), problems
+        assert any(f"{callee} lists edge by a raw token" in p for p in problems) is listed_by_token, problems
+    stale = {**env, "HOOSH_INTERNAL_TOKEN_ROUTER": "another-router-token-0123456789"}
+    problems = internal_plane_problems(raw["services"], interpolate_tree(raw["services"], stale), stale)
+    assert any("HOOSH_INTERNAL_TOKEN_ROUTER_SHA256 is not the SHA-256" in p for p in problems), problems
+    assert any("budget does not accept the token router presents" in p for p in problems), problems
 
 
 # --------------------------------------------------------------------------- internal TLS
@@ -541,7 +615,16 @@ def test_every_hoosh_service_speaks_mutual_tls_with_a_certificate_for_the_name_i
         assert cert in made, f"{name}: the certs job makes no {cert}.pem"
         assert env["HOOSH_GRPC_TLS_KEY"] == f"/etc/hoosh/tls/{cert}-key.pem", name
         assert env["HOOSH_GRPC_TLS_CA"] == "/etc/hoosh/tls/ca.pem", name
-        assert "tls:/etc/hoosh/tls:ro" in svc["volumes"], name
+        # Only its own directory of the volume (the certs job's /tls/<cert>), read-only.
+        assert tls_mounts(svc) == [
+            {
+                "type": "volume",
+                "source": "tls",
+                "target": "/etc/hoosh/tls",
+                "read_only": True,
+                "volume": {"subpath": cert, "nocopy": True},
+            }
+        ], name
         assert svc["depends_on"]["certs"]["condition"] == "service_completed_successfully", name
         if name != "edge":  # the edge only calls; every other one is dialled by the certificate's name
             assert cert == name or cert in aliases, f"{name}: dialled as {name}/{aliases}, certificate for {cert}"
@@ -551,3 +634,82 @@ def test_every_hoosh_service_speaks_mutual_tls_with_a_certificate_for_the_name_i
             assert svc["healthcheck"]["test"][-1] == health.rsplit(":", 1)[1], f"{name}: probes another port"
         checked += 1
     assert checked >= 7, checked
+
+
+def tls_mounts(svc: Mapping[str, Any]) -> list[Any]:
+    """The service's mounts of the `tls` volume (short or long syntax)."""
+    found = []
+    for volume in svc.get("volumes") or []:
+        source = volume.get("source") if isinstance(volume, dict) else str(volume).split(":", 1)[0]
+        if source == "tls":
+            found.append(volume)
+    return found
+
+
+def test_only_the_certs_job_mounts_the_whole_tls_volume(services: dict[str, dict[str, Any]]) -> None:
+    """Everything else mounts one directory of it (a subpath), never the root (where the
+    certs job keeps every service's key, in .staging) nor another service's directory."""
+    assert tls_mounts(services["certs"]) == ["tls:/tls"]
+    for name, svc in services.items():
+        if name == "certs":
+            continue
+        for mount in tls_mounts(svc):
+            assert isinstance(mount, dict), f"{name} mounts the whole tls volume: {mount}"
+            subpath = (mount.get("volume") or {}).get("subpath", "")
+            assert subpath and "/" not in subpath and not subpath.startswith("."), f"{name}: {mount}"
+            assert mount.get("read_only") is True, f"{name}: {mount}"
+
+
+def _run_certs_job(script: str, root: Path, tools: Path) -> None:
+    result = subprocess.run(
+        ["sh", "-c", script],
+        env={**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_certs_job_gives_each_service_a_directory_of_its_own(
+    services: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The certs job's script, run here on a directory standing for the volume (python3
+    this interpreter, chown a stand-in that records its calls): each service's directory
+    holds its certificate, its key and the CA, nothing else, owned by uid 10001; a
+    second run keeps them (--keep); the flat layout of earlier versions is removed."""
+    from hoosh_common.devca import still_valid
+
+    certs = services["certs"]
+    assert certs["entrypoint"] == ["sh", "-c"]
+    (script,) = certs["command"]
+    names = re.search(r"--names\s+(\S+)", script).group(1).split(",")  # type: ignore[union-attr]
+    root, tools = tmp_path / "tls", tmp_path / "bin"
+    root.mkdir()
+    tools.mkdir()
+    log = tmp_path / "chown.log"
+    (tools / "chown").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (tools / "chown").chmod(0o755)
+    script = script.replace("/tls", str(root)).replace("python3 -m ", f"{sys.executable} -m ")
+    (root / "router-key.pem").write_text("a key of the flat layout")
+
+    _run_certs_job(script, root, tools)
+    assert sorted(path.name for path in root.iterdir()) == sorted([".staging", *names])
+    chowned = log.read_text().split("\n")
+    first = {}
+    for name in names:
+        directory = root / name
+        files = {"ca.pem", f"{name}.pem", f"{name}-key.pem"}
+        assert {path.name for path in directory.iterdir()} == files, name
+        assert still_valid(directory, [name]), name
+        assert (directory / "ca.pem").read_bytes() == (root / ".staging" / "ca.pem").read_bytes(), name
+        assert directory.stat().st_mode & 0o777 == 0o700, name
+        assert (directory / f"{name}-key.pem").stat().st_mode & 0o077 == 0, name
+        assert f"10001:10001 {directory}" in chowned, name
+        assert all(f"10001:10001 {directory}/.{file}.tmp" in chowned for file in files), name
+        first[name] = {file: (directory / file).read_bytes() for file in files}
+
+    _run_certs_job(script, root, tools)
+    for name in names:
+        assert {file: (root / name / file).read_bytes() for file in first[name]} == first[name], name

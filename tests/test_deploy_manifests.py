@@ -16,8 +16,9 @@ reference:
   user the Valkey and NATS Helm values (deploy/helm) define with that same Secret key;
 - the internal plane: each service that calls another presents a token of its own,
   and each gRPC service accepts exactly the callers that the rendered addresses say
-  call it, with their tokens (the brief: edge -> router, budget, audit, stt; router ->
-  budget, local-inference);
+  call it, by the SHA-256 of their tokens (the brief: edge -> router, budget, audit,
+  stt; router -> budget, local-inference); no pod holds another service's token, and
+  each digest in hoosh-secrets is the SHA-256 of its token;
 - and the settings classes accept the environment each container would get (the pod
   would start): the development overlay with its Secret, the production base with the
   example Secret filled with random values.
@@ -77,6 +78,11 @@ PLACEHOLDER = "change-me"
 # The internal plane's variables (hoosh_common.internal_plane).
 TOKEN = "HOOSH_INTERNAL_TOKEN"
 CALLERS = "HOOSH_INTERNAL_CALLERS"
+# hoosh-secrets: `internal-token-<service>` is the token the service presents; the
+# services it calls read only `internal-token-<service>-sha256`, its hex SHA-256.
+TOKEN_KEY = re.compile(r"internal-token-([a-z0-9-]+?)")
+DIGEST_SUFFIX = "-sha256"
+DIGEST_ENTRY = re.compile(r"sha256:[0-9a-f]{64}")
 # The callers the design has for each gRPC service (DESIGN.md, the brief of issue 12);
 # the test derives them from the rendered addresses and compares.
 DESIGNED_CALLERS = {
@@ -196,11 +202,18 @@ def example_secrets() -> dict[str, dict[str, str]]:
 @cache
 def production_secrets() -> dict[str, dict[str, str]]:
     """The example Secrets as an operator fills them: every placeholder a random key (hex,
-    32 bytes: long enough for every check, URL-safe for the Redis and NATS URLs)."""
-    return {
+    32 bytes: long enough for every check, URL-safe for the Redis and NATS URLs), and
+    each `<key>-sha256` the hex SHA-256 of `<key>`'s value, as the example's recipe
+    computes it."""
+    filled = {
         name: {key: re.sub(PLACEHOLDER, lambda _: secrets.token_hex(32), value) for key, value in data.items()}
         for name, data in example_secrets().items()
     }
+    for data in filled.values():
+        for key in data:
+            if key.endswith(DIGEST_SUFFIX) and key.removesuffix(DIGEST_SUFFIX) in data:
+                data[key] = _sha256(data[key.removesuffix(DIGEST_SUFFIX)])
+    return filled
 
 
 def rendered_secrets(documents: Documents) -> dict[str, dict[str, str]]:
@@ -570,8 +583,76 @@ def _callers(value: str) -> dict[str, set[str]]:
     return found
 
 
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def _accepts(tokens: set[str], token: str) -> bool:
-    return token in tokens or f"sha256:{hashlib.sha256(token.encode()).hexdigest()}" in tokens
+    return token in tokens or f"sha256:{_sha256(token)}" in tokens
+
+
+def _token_owner(key: str) -> str | None:
+    """The service whose raw token a hoosh-secrets key holds (None: not a token key;
+    its `-sha256` digest is not the token)."""
+    match = TOKEN_KEY.fullmatch(key)
+    if match is None or key.endswith(DIGEST_SUFFIX):
+        return None
+    return match.group(1)
+
+
+def _secret_keys_read(pod: dict[str, Any], container: dict[str, Any], stores: dict[str, dict[str, str]]) -> set[str]:
+    """The keys of hoosh-secrets a container's process can read: single keys
+    (secretKeyRef), a whole Secret (envFrom), and Secret volumes it mounts (their
+    `items`, else every key; projected volumes likewise)."""
+    keys: set[str] = set()
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref and ref["name"] == "hoosh-secrets":
+            keys.add(ref["key"])
+    for source in container.get("envFrom", []):
+        if source.get("secretRef", {}).get("name") == "hoosh-secrets":
+            keys |= set(stores.get("hoosh-secrets", {}))
+    mounted = {mount["name"] for mount in container.get("volumeMounts", [])}
+    for volume in pod.get("volumes", []):
+        if volume["name"] not in mounted:
+            continue
+        projected = volume.get("projected", {}).get("sources", [])
+        sources = [{"secret": volume["secret"]}] if "secret" in volume else projected
+        for source in sources:
+            secret = source.get("secret") or {}
+            if (secret.get("secretName") or secret.get("name")) == "hoosh-secrets":
+                items = secret.get("items")
+                keys |= {item["key"] for item in items} if items else set(stores.get("hoosh-secrets", {}))
+    return keys
+
+
+def check_tokens_stay_with_their_callers(documents: Documents) -> list[str]:
+    """No pod holds another service's raw token: none reads `internal-token-<other>`
+    from hoosh-secrets (by key, envFrom or a volume), and no container's environment
+    carries another service's token value; each `-sha256` key of hoosh-secrets is the
+    hex SHA-256 of its token key."""
+    problems = []
+    stores = secrets_for(documents)
+    store = stores.get("hoosh-secrets", {})
+    tokens = {owner: value for key, value in store.items() if (owner := _token_owner(key)) and value}
+    for name, pod, container in containers(documents):
+        for key in sorted(_secret_keys_read(pod, container, stores)):
+            owner = _token_owner(key)
+            if owner is not None and owner != name:
+                problems.append(f"{name}: holds the raw token of {owner} ({key}), with which it could call as {owner}")
+        env = process_env(documents, container)
+        for owner, token in tokens.items():
+            if owner != name and any(token in value for value in env.values()):
+                problems.append(f"{name}: its environment carries the raw token of {owner}")
+    for key, value in store.items():
+        if not key.endswith(DIGEST_SUFFIX) or TOKEN_KEY.fullmatch(key) is None:
+            continue
+        token_key = key.removesuffix(DIGEST_SUFFIX)
+        if token_key not in store:
+            problems.append(f"hoosh-secrets: {key} has no {token_key} beside it")
+        elif value != _sha256(store[token_key]):
+            problems.append(f"hoosh-secrets: {key} is not the SHA-256 of {token_key}")
+    return problems
 
 
 def callees(documents: Documents, name: str) -> set[str]:
@@ -586,7 +667,8 @@ def callees(documents: Documents, name: str) -> set[str]:
 
 
 def check_internal_plane(documents: Documents) -> list[str]:
-    """A caller presents a token of its own; a gRPC service accepts exactly its callers."""
+    """A caller presents a token of its own; a gRPC service accepts exactly its callers,
+    each by the SHA-256 of its token (sha256:<hex>), never by the token itself."""
     problems = []
     names = [name for name in workloads(documents) if name in PACKAGES]
     envs = {name: process_env(documents, main_container(documents, name)) for name in names}
@@ -619,6 +701,9 @@ def check_internal_plane(documents: Documents) -> list[str]:
         accepted = _callers(value)
         if set(accepted) != callers:
             problems.append(f"{name} accepts {sorted(accepted)}, but {sorted(callers)} call it")
+        for caller, entries in sorted(accepted.items()):
+            if any(not DIGEST_ENTRY.fullmatch(entry) for entry in entries):
+                problems.append(f"{name}: {CALLERS} lists {caller} by a raw token, not sha256:<hex of its SHA-256>")
         for caller in callers & set(accepted):
             if caller in tokens and not _accepts(accepted[caller], tokens[caller]):
                 problems.append(f"{name} does not accept the token {caller} presents")
@@ -703,6 +788,7 @@ def all_problems(documents: Documents, monkeypatch: pytest.MonkeyPatch) -> list[
         *check_redis_and_nats_users(documents),
         *check_chart_users(documents),
         *check_internal_plane(documents),
+        *check_tokens_stay_with_their_callers(documents),
         *check_settings_accept_the_environment(documents, monkeypatch),
     ]
 
@@ -769,6 +855,60 @@ def test_the_chart_values_are_read() -> None:
 def test_the_internal_plane_accepts_exactly_the_callers(name: str) -> None:
     problems = check_internal_plane(render(name))
     assert not problems, "\n".join(problems)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", RENDERS)
+def test_no_pod_holds_another_services_token(name: str) -> None:
+    problems = check_tokens_stay_with_their_callers(render(name))
+    assert not problems, "\n".join(problems)
+
+
+@needs_kubectl
+def test_each_token_is_read_by_its_caller_alone_and_each_digest_is_its_tokens() -> None:
+    """The check above is not vacuous: in the renders with every service, each token key
+    is read by exactly its own pod, and the digests the callees read are the SHA-256 of
+    the tokens (the dev Secret as written; the example as the test fills it)."""
+    for name in ("dev+stt+observability", "base+stt+gpu"):
+        documents = render(name)
+        readers: dict[str, set[str]] = {}
+        stores = secrets_for(documents)
+        for workload, pod, container in containers(documents):
+            for key in _secret_keys_read(pod, container, stores):
+                readers.setdefault(key, set()).add(workload)
+        assert readers["internal-token-edge"] == {"edge"}, (name, readers)
+        assert readers["internal-token-router"] == {"router"}, (name, readers)
+        assert readers["internal-token-edge-sha256"] == {"router", "budget", "audit", "stt"}, (name, readers)
+        assert readers["internal-token-router-sha256"] == {"budget", "local-inference"}, (name, readers)
+        store = stores["hoosh-secrets"]
+        for caller in ("edge", "router"):
+            assert store[f"internal-token-{caller}-sha256"] == _sha256(store[f"internal-token-{caller}"]), name
+    dev = rendered_secrets(render("overlay:dev"))["hoosh-secrets"]
+    assert dev["internal-token-edge-sha256"] == _sha256("dev-internal-token-edge")
+    # The example holds placeholders for both, with the recipe beside them.
+    example = example_secrets()["hoosh-secrets"]
+    assert example["internal-token-edge-sha256"] == example["internal-token-router-sha256"] == PLACEHOLDER
+    assert "sha256sum" in EXAMPLE_SECRETS.read_text()
+
+
+@needs_kubectl
+def test_a_digest_that_is_not_its_tokens_and_a_token_in_the_wrong_pod_are_caught() -> None:
+    documents = copy.deepcopy(render("overlay:dev"))
+    (secret,) = [doc for doc in documents if doc["kind"] == "Secret" and doc["metadata"]["name"] == "hoosh-secrets"]
+    secret["data"]["internal-token-router-sha256"] = base64.b64encode(_sha256("another token").encode()).decode()
+    problems = check_tokens_stay_with_their_callers(documents)
+    assert any("internal-token-router-sha256 is not the SHA-256" in problem for problem in problems), problems
+    # The whole of hoosh-secrets in a callee's environment, or mounted as a volume, holds
+    # every token.
+    from_env = _mutated(render("base+stt+gpu"), "audit", _env_from_secret)
+    mounted = copy.deepcopy(render("base+stt+gpu"))
+    pod = workloads(mounted)["audit"]["spec"]["template"]["spec"]
+    pod["volumes"].append({"name": "all-secrets", "secret": {"secretName": "hoosh-secrets"}})
+    pod["containers"][0]["volumeMounts"].append({"name": "all-secrets", "mountPath": "/run/all-secrets"})
+    for documents in (from_env, mounted):
+        problems = check_tokens_stay_with_their_callers(documents)
+        assert any("audit: holds the raw token of edge" in problem for problem in problems), problems
+        assert any("audit: holds the raw token of router" in problem for problem in problems), problems
 
 
 @needs_kubectl
@@ -878,6 +1018,18 @@ def _secret_key(variable: str, key: str) -> Any:
     return change
 
 
+def _add_secret(variable: str, key: str) -> Any:
+    def change(container: dict[str, Any]) -> None:
+        ref = {"secretKeyRef": {"name": "hoosh-secrets", "key": key}}
+        container["env"] = [{"name": variable, "valueFrom": ref}, *container["env"]]
+
+    return change
+
+
+def _env_from_secret(container: dict[str, Any]) -> None:
+    container["envFrom"] = [*container.get("envFrom", []), {"secretRef": {"name": "hoosh-secrets"}}]
+
+
 MUTATIONS = {
     # what is broken: (workload, change, the check that must complain, a phrase of its message)
     "a misspelt setting": ("router", _set("HOOSH_ROUTER_LISTN", "0.0.0.0:50051"), "variables", "HOOSH_ROUTER_LISTN"),
@@ -924,21 +1076,39 @@ MUTATIONS = {
     ),
     "a caller list without the router": (
         "budget",
-        _set(CALLERS, "edge=$(HOOSH_INTERNAL_TOKEN_EDGE)"),
+        _set(CALLERS, "edge=sha256:$(HOOSH_INTERNAL_CALLER_EDGE_SHA256)"),
         "plane",
         "accepts ['edge']",
     ),
     "a caller that does not call": (
         "audit",
-        _set(CALLERS, "edge=$(HOOSH_INTERNAL_TOKEN_EDGE),router=sha256:" + "0" * 64),
+        _set(CALLERS, "edge=sha256:$(HOOSH_INTERNAL_CALLER_EDGE_SHA256),router=sha256:" + "0" * 64),
         "plane",
         "accepts",
     ),
     "the edge's token no longer accepted": (
         "router",
-        _secret_key("HOOSH_INTERNAL_TOKEN_EDGE", "internal-token-router"),
+        _secret_key("HOOSH_INTERNAL_CALLER_EDGE_SHA256", "internal-token-router-sha256"),
         "plane",
         "does not accept",
+    ),
+    "a caller listed by its raw token": (
+        "budget",
+        _set(CALLERS, "edge=sha256:$(HOOSH_INTERNAL_CALLER_EDGE_SHA256),router=a-raw-router-token-0123456789"),
+        "plane",
+        "lists router by a raw token",
+    ),
+    "a callee reading the edge's raw token instead of its digest": (
+        "router",
+        _secret_key("HOOSH_INTERNAL_CALLER_EDGE_SHA256", "internal-token-edge"),
+        "tokens",
+        "router: holds the raw token of edge",
+    ),
+    "a callee given the router's token as well": (
+        "local-inference",
+        _add_secret("HOOSH_INTERNAL_TOKEN_ROUTER", "internal-token-router"),
+        "tokens",
+        "local-inference: holds the raw token of router",
     ),
     "the edge without a token": ("edge", _drop(TOKEN), "plane", "presents no"),
     "the callers of local-inference removed": ("local-inference", _drop(CALLERS), "plane", "sets no"),
@@ -957,6 +1127,7 @@ CHECKS = {
     "users": check_redis_and_nats_users,
     "charts": check_chart_users,
     "plane": check_internal_plane,
+    "tokens": check_tokens_stay_with_their_callers,
 }
 
 
@@ -1006,10 +1177,10 @@ def test_a_shared_variable_no_service_reads_is_caught() -> None:
 
 @needs_kubectl
 def test_the_tls_files_check_catches_a_path_off_the_certificate(monkeypatch: pytest.MonkeyPatch) -> None:
-    """components/mtls: each HOOSH_GRPC_TLS_* file must come from the workload's own
-    cert-manager Secret, under cert-manager's key; a path elsewhere, a wrong key or one
-    variable of the three missing is found."""
-    documents = render("dev+stt+gpu+mtls")
+    """deploy/base/tls.yaml (and components/stt's certificate): each HOOSH_GRPC_TLS_*
+    file must come from the workload's own cert-manager Secret, under cert-manager's
+    key; a path elsewhere, a wrong key or one variable of the three missing is found."""
+    documents = render("dev+stt+gpu+model-download")
     assert not check_settings_accept_the_environment(documents, monkeypatch)
     for change, phrase in (
         (_set("HOOSH_GRPC_TLS_CERT", "/etc/hoosh/hoosh.yaml"), "not on a volume"),

@@ -44,8 +44,6 @@ COMBINATIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dev+stt+observability": ("overlays/dev", ("stt", "observability")),
     "dev+stt+gpu+model-download": ("overlays/dev", ("stt", "gpu", "network-policies/model-download")),
     "base+stt+gpu": ("base", ("stt", "gpu")),
-    # Production's shape: mutual TLS over every component it patches, policies on.
-    "dev+stt+gpu+mtls": ("overlays/dev", ("stt", "gpu", "network-policies/model-download", "mtls")),
 }
 
 

@@ -2,7 +2,7 @@
 service, written as PEM files (``<dir>/ca.pem``, ``<dir>/<service>.pem``,
 ``<dir>/<service>-key.pem``). ``hoosh up`` and docker compose's one-shot ``certs``
 service (any hoosh image: ``python -m hoosh_common.devca``) make them; on Kubernetes,
-cert-manager (deploy/components/mtls) or your own PKI does.
+cert-manager (deploy/base/tls.yaml) or your own PKI does.
 
 Each service certificate is good for both ends (serverAuth and clientAuth): a service
 presents it when it serves and when it calls. Its names are the host names other

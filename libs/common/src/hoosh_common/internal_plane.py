@@ -97,7 +97,7 @@ class InternalPlaneSettings(BaseSettings):
             if not any(tls) and self.internal_plaintext != "allow":
                 raise ValueError(
                     "HOOSH_ENV=production needs mutual TLS on the internal plane (HOOSH_GRPC_TLS_CERT, "
-                    "HOOSH_GRPC_TLS_KEY, HOOSH_GRPC_TLS_CA; deploy/components/mtls), or "
+                    "HOOSH_GRPC_TLS_KEY, HOOSH_GRPC_TLS_CA; deploy/base/tls.yaml), or "
                     "HOOSH_INTERNAL_PLAINTEXT=allow where a service mesh encrypts the pod network"
                 )
             for secret in (token, *_caller_tokens(callers)):

@@ -225,9 +225,11 @@ def start_hoosh(
         admin_key="sk-hoosh-" + secrets.token_urlsafe(32),
         auth="keys",
         tenancy_key_prefix=f"hoosh:bench:{run_id}:tenancy:",
-        # Tokens on the internal plane always (StackConfig's default); mutual TLS as
-        # `hoosh up` runs it with HOOSH_BENCH_TLS=1 (bench.ab --after-env compares the two).
+        # Tokens on the internal plane (StackConfig's default); mutual TLS as `hoosh up`
+        # runs it with HOOSH_BENCH_TLS=1 (bench.ab --before-env/--after-env compare them).
         tls_dir=state_dir / "tls" if os.environ.get("HOOSH_BENCH_TLS", "") not in ("", "0") else None,
+        # HOOSH_BENCH_OPEN_PLANE=1: no tokens at all, to measure what checking them costs.
+        **({"internal_tokens": {}} if os.environ.get("HOOSH_BENCH_OPEN_PLANE", "") not in ("", "0") else {}),
         extra_env={
             "HOOSH_LOG_LEVEL": os.environ.get("HOOSH_BENCH_LOG_LEVEL", "WARNING"),
             "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"hoosh:bench:{run_id}:audit:",

@@ -223,6 +223,8 @@ pools:
             "HOOSH_STT_PRICE_PER_MINUTE_USD": STT_PRICE_PER_MINUTE_USD,
             # The audit's checkpoint under the run's prefix: the cleanup removes it.
             "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"hoosh:test:{run_id}:audit:",
+            # Stored responses (/v1/responses) under the run's prefix too.
+            "HOOSH_RESPONSES_KEY_PREFIX": f"hoosh:test:{run_id}:responses:",
         },
     )
     stack = Stack(config)

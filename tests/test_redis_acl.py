@@ -31,6 +31,7 @@ from hoosh.router.v1 import router_pb2
 from hoosh_audit.checkpoint import Checkpoint, CheckpointStore, checkpoint_key, read_checkpoint_sync
 from hoosh_audit.keys import Keyring
 from hoosh_cli.stack import free_port
+from hoosh_edge.responses_store import ResponsesStore, StoredResponse
 from hoosh_metering import connect_redis
 from hoosh_metering.limits import KeyLimiter, KeyLimits
 from hoosh_metering.pools import BudgetStore, LedgerLine, PoolSpec
@@ -66,6 +67,7 @@ BUDGET = "hoosh:budget:"
 TENANCY = "hoosh:tenancy:"
 ROUTER = "hoosh:router:"
 AUDIT = "hoosh:audit:"
+RESPONSES = "hoosh:responses:"
 
 
 # ------------------------------------------------------------------ the two ACL files
@@ -475,6 +477,23 @@ async def test_edge_keeps_the_key_records_and_limits_with_its_own_user(
     finally:
         await cache.close()
         await edge_store_client.aclose()
+
+
+async def test_edge_keeps_stored_responses_with_its_own_user(clients: dict[str, aioredis.Redis]) -> None:
+    """/v1/responses: save (SET with EX), load (GET), delete (GET, DEL) under the default
+    prefix; no other service user reads them."""
+    store = ResponsesStore(clients["edge"], RESPONSES, 60)
+    stored = StoredResponse("key_1", {"id": "resp_acl", "object": "response"}, [{"id": "msg_1"}], [{"id": "msg_1"}])
+    await store.save(stored)
+    loaded = await store.load("resp_acl", "key_1")
+    assert loaded is not None and loaded.response["id"] == "resp_acl"
+    assert await store.load("resp_acl", "key_2") is None
+    assert 0 < await clients["ops"].ttl(f"{RESPONSES}resp_acl") <= 60
+    for user in ("router", "budget", "stt", "audit"):
+        await refused(clients[user].get(f"{RESPONSES}resp_acl"))
+    assert not await store.delete("resp_acl", "key_2")
+    assert await store.delete("resp_acl", "key_1")
+    assert await store.load("resp_acl", "key_1") is None
 
 
 async def test_edge_cannot_touch_pools_even_from_lua(clients: dict[str, aioredis.Redis]) -> None:

@@ -23,7 +23,15 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import admin_keys, admin_pools, routes_costs, routes_inference, routes_operations, routes_tokens
+from . import (
+    admin_keys,
+    admin_pools,
+    routes_costs,
+    routes_inference,
+    routes_operations,
+    routes_responses,
+    routes_tokens,
+)
 from .admin_keys import KeyCreateRequest, KeyUpdateRequest
 from .admin_pools import PoolCreateRequest, PoolUpdateRequest
 from .auth import Authenticator, Tenancy
@@ -44,6 +52,7 @@ from .protocol import (
     TranscriptionResponse,
     TranscriptionVerboseResponse,
 )
+from .protocol_responses import ResponseCreateRequest
 from .responses import OrjsonResponse, error_response
 from .routes_inference import serve_chat
 from .routes_operations import VERSION
@@ -65,6 +74,7 @@ _SCHEMA_MODELS: tuple[type[BaseModel], ...] = (
     TranscriptionResponse,
     TranscriptionVerboseResponse,
     EmbeddingRequest,
+    ResponseCreateRequest,
     KeyCreateRequest,
     KeyUpdateRequest,
     PoolCreateRequest,
@@ -193,7 +203,15 @@ def create_app(
     )
     if clients is not None and tenancy is not None:
         app.state.edge = EdgeState(settings, clients, tenancy)
-    for module in (routes_inference, routes_tokens, routes_operations, routes_costs, admin_keys, admin_pools):
+    for module in (
+        routes_inference,
+        routes_responses,
+        routes_tokens,
+        routes_operations,
+        routes_costs,
+        admin_keys,
+        admin_pools,
+    ):
         app.include_router(module.router)
     # Anything else reaches EdgeMiddleware, which answers 500 with the same envelope.
     # Exception covers the unexpected too: the envelope, not the framework's plain text 500.

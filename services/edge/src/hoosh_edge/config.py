@@ -135,6 +135,18 @@ class Settings(InternalPlaneSettings):
         "an upload that would exceed it is answered 503 upload_capacity (Retry-After)",
     )
 
+    responses_ttl_seconds: int = Field(
+        default=30 * 24 * 3600,
+        ge=1,
+        description="How long a stored response (/v1/responses with store=true) and its input items are kept in "
+        "Redis (HOOSH_REDIS_URL) for GET, input_items and previous_response_id",
+    )
+    responses_key_prefix: str = Field(
+        default="hoosh:responses:",
+        min_length=1,
+        description="Prefix of the stored responses' Redis keys (one key per response)",
+    )
+
     _admin_key_value: str | None = PrivateAttr(default=None)
 
     @field_validator("admin_key", "admin_key_file", mode="before")
@@ -152,7 +164,7 @@ class Settings(InternalPlaneSettings):
             raise ValueError("a gRPC address (host:port) is required")
         return value.strip()
 
-    @field_validator("budget_key_prefix")
+    @field_validator("budget_key_prefix", "responses_key_prefix")
     @classmethod
     def _no_hash_tag(cls, value: str) -> str:
         if "{" in value or "}" in value:

@@ -20,8 +20,10 @@ from .config import Settings
 from .errors import INVALID_JSON_MESSAGE, InvalidRequestError, MappedError, to_api_error, validation_error
 from .json_depth import DEFAULT_MAX_JSON_DEPTH, exceeds_depth
 from .protocol import ErrorResponse
+from .responses_store import ResponsesStore
 from .serving_chat import ServingChat
 from .serving_embeddings import ServingEmbeddings
+from .serving_responses import ServingResponses
 from .serving_transcription import ServingTranscription
 from .uploads import UploadSpool
 
@@ -76,6 +78,7 @@ class EdgeState:
     chat: ServingChat = field(init=False)
     transcription: ServingTranscription = field(init=False)
     embeddings: ServingEmbeddings = field(init=False)
+    responses: ServingResponses = field(init=False)
     uploads: UploadSpool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +87,11 @@ class EdgeState:
         self.chat = ServingChat(self.clients.router, timeout=timeout)
         self.transcription = ServingTranscription(self.clients.stt, timeout=timeout)
         self.embeddings = ServingEmbeddings(self.clients.router, timeout=timeout)
+        # Stored responses live in the budget's Redis (HOOSH_REDIS_URL), with the edge's user.
+        store = ResponsesStore(
+            self.tenancy.limits_redis, self.settings.responses_key_prefix, self.settings.responses_ttl_seconds
+        )
+        self.responses = ServingResponses(self.chat, store)
 
 
 def edge(request: Request) -> EdgeState:

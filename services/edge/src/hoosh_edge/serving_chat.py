@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE_EVENT = b"data: [DONE]\n\n"
+RouterStreamCall = grpc.aio.UnaryStreamCall[router_pb2.ChatRequest, router_pb2.ChatStreamResponse]
 CACHE_HEADER = "X-Hoosh-Cache"
 COST_HEADER = "X-Hoosh-Cost-Usd-Micros"
 
@@ -323,7 +324,7 @@ class ChatStream:
 
     def __init__(
         self,
-        call: grpc.aio.UnaryStreamCall[router_pb2.ChatRequest, router_pb2.ChatStreamResponse],
+        call: RouterStreamCall,
         first: object,  # the call's first read(): a message, or grpc.aio.EOF
         watch: DisconnectWatch,
         *,
@@ -450,10 +451,25 @@ class ServingChat:
         completion_id: str,
         request: ChatCompletionRequest,
     ) -> ChatStream:
+        call, first, watch = await self.open_stream(router_request, metadata, receive)
+        return ChatStream(
+            call,
+            first,
+            watch,
+            chunk_id=completion_id,
+            model=request.model,
+            include_usage=request.include_usage,
+        )
+
+    async def open_stream(
+        self, router_request: router_pb2.ChatRequest, metadata: tuple[tuple[str, str], ...], receive: Receive
+    ) -> tuple[RouterStreamCall, object, DisconnectWatch]:
+        """Start a router ChatStream and wait for its first message (a message, or
+        ``grpc.aio.EOF``): an error before it propagates (an ordinary HTTP error). The
+        caller owns the call and the watch from here (stop the watch, cancel the call)."""
         call = self._router.ChatStream(router_request, metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)
         try:
-            # Wait for the first message: an error before it is an ordinary HTTP error.
             first = await call.read()
         except asyncio.CancelledError:
             watch.stop()
@@ -465,11 +481,4 @@ class ServingChat:
             watch.stop()
             call.cancel()
             raise
-        return ChatStream(
-            call,
-            first,
-            watch,
-            chunk_id=completion_id,
-            model=request.model,
-            include_usage=request.include_usage,
-        )
+        return call, first, watch

@@ -1,0 +1,105 @@
+"""Stored responses of the Responses API (``store: true``), in Redis, so that any edge
+replica answers ``GET /v1/responses/{id}``, its input items and ``DELETE``, and continues
+a conversation by ``previous_response_id``.
+
+One key per response, ``<prefix><response id>``, holding one JSON document: the owner
+(the key id that created it), the response object, this request's input items and the
+whole conversation up to and including the response's output (so continuing it costs one
+GET, whatever its length, and an earlier turn expiring does not break a later one). Keys
+expire ``HOOSH_RESPONSES_TTL_SECONDS`` after they were written. A single key per response
+works unchanged on Redis Cluster. Another key's response is indistinguishable from a
+missing one (404), so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from hoosh_metering.redis import RedisClient
+from redis.exceptions import RedisError
+
+from .errors import ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+STORE_UNAVAILABLE = "The response store (Redis) is unavailable; try again shortly."
+
+
+@dataclass(slots=True)
+class StoredResponse:
+    """One stored response: what its owner may read back and continue from."""
+
+    owner: str
+    response: dict[str, Any]
+    input_items: list[dict[str, Any]] = field(default_factory=list)
+    # Every item of the conversation up to and including this response's output, in order
+    # (earlier inputs and outputs first): what a previous_response_id continues from.
+    conversation: list[dict[str, Any]] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "owner": self.owner,
+                "response": self.response,
+                "input_items": self.input_items,
+                "conversation": self.conversation,
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> StoredResponse:
+        data = orjson.loads(raw)
+        return cls(
+            owner=str(data["owner"]),
+            response=dict(data["response"]),
+            input_items=list(data.get("input_items") or []),
+            conversation=list(data.get("conversation") or []),
+        )
+
+
+def _unavailable(exc: RedisError) -> ServiceUnavailableError:
+    log.warning("response store failed", extra={"detail": repr(exc)})
+    return ServiceUnavailableError(STORE_UNAVAILABLE, code="store_unavailable")
+
+
+class ResponsesStore:
+    """Save, load and delete stored responses; every read checks the owner."""
+
+    def __init__(self, redis: RedisClient, prefix: str, ttl_seconds: int) -> None:
+        self._redis = redis
+        self.prefix = prefix
+        self.ttl_seconds = ttl_seconds
+
+    def key(self, response_id: str) -> str:
+        return f"{self.prefix}{response_id}"
+
+    async def save(self, stored: StoredResponse) -> None:
+        """Write (or overwrite) a response with a fresh TTL. 503 when Redis cannot."""
+        try:
+            await self._redis.set(self.key(str(stored.response["id"])), stored.encode(), ex=self.ttl_seconds)
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+
+    async def load(self, response_id: str, owner: str) -> StoredResponse | None:
+        """The response if it exists, has not expired and belongs to ``owner``; else None."""
+        try:
+            raw = await self._redis.get(self.key(response_id))
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+        if raw is None:
+            return None
+        stored = StoredResponse.decode(raw)
+        return stored if stored.owner == owner else None
+
+    async def delete(self, response_id: str, owner: str) -> bool:
+        """Delete the owner's response; False when there is none (or it is another's)."""
+        if await self.load(response_id, owner) is None:
+            return False
+        try:
+            # Ids are never reused and the owner of an id never changes: no race to guard.
+            return bool(await self._redis.delete(self.key(response_id)))
+        except RedisError as exc:
+            raise _unavailable(exc) from exc

@@ -1,0 +1,263 @@
+"""The Responses API at the edge: the translation onto chat (pure functions), then
+``/v1/responses`` against the real router, budget and audit in-process (conftest's
+``stack``) with the OpenAI-wire stand-in upstream, stored responses in the real Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+from hoosh_edge.errors import InvalidRequestError
+from hoosh_edge.protocol_responses import ResponseCreateRequest
+from hoosh_edge.serving_responses import items_to_messages, normalize_input, prepare, text_format
+
+from .conftest import REPLY, MakeEdge, Stack
+
+# --------------------------------------------------------------------------- translation
+
+
+def request(**fields: Any) -> ResponseCreateRequest:
+    return ResponseCreateRequest.model_validate({"model": "gpt-4o-mini", "input": "hi", **fields})
+
+
+def test_string_input_is_one_user_message_and_instructions_a_system_message_first() -> None:
+    prepared = prepare(request(instructions="Be brief.", max_output_tokens=9, temperature=0.5), "r1", [])
+    messages = [message.model_dump(exclude_none=True) for message in prepared.chat.messages]
+    assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert prepared.chat.max_tokens == 9 and prepared.chat.temperature == 0.5
+    assert prepared.response_id == "resp_r1"
+    assert prepared.input_items[0]["type"] == "message"
+    assert prepared.input_items[0]["content"] == [{"type": "input_text", "text": "hi"}]
+
+
+def test_items_become_chat_messages_with_tool_calls_and_outputs() -> None:
+    items = normalize_input(
+        [
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris?"}]},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+            {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": '{"city":"Paris"}'},
+            {"type": "function_call", "call_id": "call_2", "name": "time", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+            {"type": "function_call_output", "call_id": "call_2", "output": [{"type": "input_text", "text": "noon"}]},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+        ]
+    )
+    assert [item["type"] for item in items] == ["message", "message", "function_call", "function_call"] + [
+        "function_call_output"
+    ] * 2
+    assert all(item["id"] and item["status"] == "completed" for item in items)
+    messages = items_to_messages(items, None)
+    assert messages == [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "Checking.",
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
+                {"id": "call_2", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "noon"},
+    ]
+
+
+def test_function_tools_tool_choice_and_json_schema_map_onto_chat() -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    prepared = prepare(
+        request(
+            tools=[{"type": "function", "name": "weather", "description": "Weather", "parameters": schema}],
+            tool_choice={"type": "function", "name": "weather"},
+            parallel_tool_calls=False,
+            text={"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}},
+        ),
+        "r2",
+        [],
+    )
+    chat = prepared.chat
+    assert chat.tools is not None and chat.tools[0].function.name == "weather"
+    assert chat.tools[0].function.parameters == schema
+    assert chat.tool_choice is not None and not isinstance(chat.tool_choice, str)
+    assert chat.tool_choice.function.name == "weather"
+    assert chat.parallel_tool_calls is False
+    assert chat.response_format == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": schema, "strict": True},
+    }
+    assert prepared.tools[0]["name"] == "weather" and prepared.tools[0]["strict"] is None
+    assert text_format({"format": {"type": "json_object"}}) == {"type": "json_object"}
+    assert text_format(None) == {"type": "text"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function", "name": "ok"}, {"type": "mcp", "server_label": "x"}]}, "tools[1].type"),
+        ({"tools": [{"type": "function", "name": "bad name"}]}, "tools[0].name"),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+            "input[0].content[0].type",
+        ),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+        ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice.type"),
+        ({"text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format.schema"),
+    ],
+)
+def test_unsupported_items_and_hosted_tools_name_the_parameter(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        prepare(request(**fields), "r3", [])
+    assert caught.value.param == param
+
+
+# --------------------------------------------------------------------------- against the stack
+
+
+async def edge_with_stack(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str, **overrides: Any
+) -> httpx.AsyncClient:
+    edge = await make_edge(**stack.addresses(), responses_key_prefix=f"{tenancy_prefix}responses:", **overrides)
+    return edge.client
+
+
+def sdk(client: httpx.AsyncClient, key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url="http://edge/v1", api_key=key, http_client=client, max_retries=0)
+
+
+async def test_blocking_response_is_stored_and_continued(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix)
+    api = sdk(client)
+    first = await api.responses.create(model="gpt-4o-mini", input="Hello there", instructions="Be kind.")
+    assert first.id.startswith("resp_") and first.object == "response" and first.status == "completed"
+    assert first.output_text == REPLY
+    assert first.usage is not None and first.usage.total_tokens == first.usage.input_tokens + first.usage.output_tokens
+    second = await api.responses.create(model="gpt-4o-mini", input="And again?", previous_response_id=first.id)
+    sent = stack.upstream.stats.last_body["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]  # instructions are not carried over
+    assert sent[1]["content"] == REPLY and sent[2]["content"] == "And again?"
+    assert second.previous_response_id == first.id
+    fetched = await api.responses.retrieve(second.id)
+    assert fetched.id == second.id and fetched.output_text == REPLY
+    items = await api.responses.input_items.list(second.id)
+    assert [item.type for item in items.data] == ["message"]
+    await api.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.retrieve(first.id)
+    # The continuation keeps the whole conversation: deleting the first turn breaks nothing.
+    third = await api.responses.create(model="gpt-4o-mini", input="Third", previous_response_id=second.id)
+    assert [m["role"] for m in stack.upstream.stats.last_body["messages"]] == ["user", "assistant"] * 2 + ["user"]
+    assert third.status == "completed"
+
+
+async def test_stream_events_in_order_and_the_stored_copy(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix)
+    api = sdk(client)
+    events = [event async for event in await api.responses.create(model="gpt-4o-mini", input="Hi", stream=True)]
+    types = [event.type for event in events]
+    deltas = types.count("response.output_text.delta")
+    assert deltas >= 2
+    assert types == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    completed = events[-1].response  # type: ignore[union-attr]
+    assert completed.output_text == REPLY and completed.usage is not None
+    stored = await api.responses.retrieve(completed.id)
+    assert stored.output_text == REPLY and stored.status == "completed"
+
+
+async def test_function_call_stream_and_round_trip(make_edge: MakeEdge, stack: Stack, tenancy_prefix: str) -> None:
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix)
+    api = sdk(client)
+    tools: Any = [{"type": "function", "name": "weather", "parameters": {"type": "object"}, "strict": False}]
+    events = [e async for e in await api.responses.create(model="mock-tool", input="Paris?", tools=tools, stream=True)]
+    types = [event.type for event in events]
+    assert types[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert "response.function_call_arguments.delta" in types
+    assert types[-3:] == [
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    response = events[-1].response  # type: ignore[union-attr]
+    call = response.output[-1]
+    assert call.type == "function_call" and call.name == "weather" and call.arguments == '{"city": "Paris"}'
+    follow = await api.responses.create(
+        model="gpt-4o-mini",
+        previous_response_id=response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+        tools=tools,
+    )
+    sent = stack.upstream.stats.last_body["messages"]
+    assert sent[-2]["tool_calls"][0]["id"] == call.call_id
+    assert sent[-1] == {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}
+    assert follow.output_text == REPLY
+
+
+async def test_other_keys_cannot_see_and_hosted_tools_are_refused(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix, auth="keys", admin_key="a" * 40)
+    admin = {"Authorization": "Bearer " + "a" * 40}
+    keys = []
+    for name in ("one", "two"):
+        made = await client.post("/v1/admin/keys", headers=admin, json={"name": name, "pools": ["default"]})
+        assert made.status_code == 200, made.text
+        keys.append(made.json()["key"])
+    mine, theirs = sdk(client, keys[0]), sdk(client, keys[1])
+    response = await mine.responses.create(model="gpt-4o-mini", input="secret")
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.input_items.list(response.id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        await theirs.responses.create(model="gpt-4o-mini", input="more", previous_response_id=response.id)
+    assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.delete(response.id)
+    assert (await mine.responses.retrieve(response.id)).id == response.id
+    refused = await client.post(
+        "/v1/responses",
+        headers={"Authorization": f"Bearer {keys[0]}"},
+        json={"model": "gpt-4o-mini", "input": "hi", "tools": [{"type": "web_search"}]},
+    )
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "tools[0].type" and error["type"] == "invalid_request_error"
+    assert "web_search" in error["message"]
+
+
+async def test_store_false_keeps_nothing_and_ttl_applies(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    import redis.asyncio as aioredis
+
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix, responses_ttl_seconds=77)
+    reply = await client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", "store": False})
+    assert reply.status_code == 200 and reply.json()["store"] is False
+    assert (await client.get(f"/v1/responses/{reply.json()['id']}")).status_code == 404
+    kept = (await client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"})).json()
+    redis = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        ttl = await redis.ttl(f"{tenancy_prefix}responses:{kept['id']}")
+        assert 70 <= ttl <= 77
+        assert orjson.loads(await redis.get(f"{tenancy_prefix}responses:{kept['id']}"))["owner"] == "anonymous"
+    finally:
+        await redis.aclose()
+    assert (await client.get("/v1/responses/not-an-id")).status_code == 404

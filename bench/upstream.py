@@ -23,6 +23,10 @@ every dialect:
   *stall*           streams its pieces, then neither ends nor cuts the stream: it sends
                     keep-alive pings until the client hangs up (or STALL_SECONDS pass)
 
+The OpenAI dialect also serves the Responses API (``POST /v1/responses``, blocking and
+streamed with its semantic events), as OpenAI does; it stores nothing, so a request
+naming a ``previous_response_id`` is refused (400) as OpenAI refuses an unknown one.
+
 Control (tests): ``POST /control`` with ``{"fail_status": 503}`` makes every request
 (models listing included) fail with that status (0 turns it off; ``{"reset": true}`` also
 clears the counters); ``GET /control/stats`` returns the request counters and the
@@ -283,7 +287,7 @@ class OpenAIUpstream(StandIn):
             models = [{"id": "gpt-4o-mini", "object": "model", "created": 1700000000, "owned_by": "upstream"}]
             writer.write(response_bytes(200, orjson.dumps({"object": "list", "data": models})))
             return True
-        if method != "POST" or not path.endswith(("/chat/completions", "/embeddings")):
+        if method != "POST" or not path.endswith(("/chat/completions", "/embeddings", "/responses")):
             writer.write(self.error(404, f"no route {method} {path}"))
             return True
         try:
@@ -298,6 +302,8 @@ class OpenAIUpstream(StandIn):
         if path.endswith("/embeddings"):
             self._embeddings(request, model, writer)
             return True
+        if path.endswith("/responses"):
+            return await self._responses(request, model, writer)
         prompt_tokens = sum(len(str(m.get("content") or "").split()) + 4 for m in request.get("messages", []))
         max_tokens = int(request.get("max_tokens") or 16)
         words = REPLY_WORDS[: max(1, min(len(REPLY_WORDS), max_tokens))]
@@ -335,6 +341,148 @@ class OpenAIUpstream(StandIn):
             },
         }
         writer.write(response_bytes(200, orjson.dumps(reply)))
+        return True
+
+    # -- the Responses API ------------------------------------------------------------
+
+    async def _responses(self, request: dict[str, Any], model: str, writer: asyncio.StreamWriter) -> bool:
+        """``POST /v1/responses``: the reply words as an output message (or a function call
+        to the first tool for a *tool* model), usage as input/output tokens; streamed as
+        OpenAI streams it. False when the connection is to close (a cut stream)."""
+        previous = request.get("previous_response_id")
+        if previous:
+            writer.write(self.error(400, f"Previous response with id '{previous}' not found."))
+            return True
+        if "input" not in request:
+            writer.write(self.error(400, "Missing required parameter: 'input'."))
+            return True
+        input_tokens = count_words([request.get("instructions") or "", request["input"]]) + 4
+        limit = request.get("max_output_tokens")
+        words = REPLY_WORDS[: max(1, min(len(REPLY_WORDS), int(limit)))] if limit else list(REPLY_WORDS)
+        tools = request.get("tools") or []
+        call = None
+        if "tool" in model and tools:
+            call = {"name": str(tools[0].get("name", "")), "arguments": '{"city": "Paris"}'}
+        output_tokens = 1 if call else len(words)
+        status = "completed" if call or len(words) == len(REPLY_WORDS) else "incomplete"
+        serial = self.stats.requests
+        response_id, item_id = f"resp_upstream_{serial}", f"{'fc' if call else 'msg'}_upstream_{serial}"
+        usage = {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        }
+        if call:
+            item: dict[str, Any] = {
+                "id": item_id,
+                "type": "function_call",
+                "status": "completed",
+                "call_id": "call_upstream_1",
+                **call,
+            }
+        else:
+            item = {
+                "id": item_id,
+                "type": "message",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "".join(words), "annotations": [], "logprobs": []}],
+            }
+        final = self._response_object(request, model, response_id, status, [item], usage)
+        if not request.get("stream"):
+            writer.write(response_bytes(200, orjson.dumps(final)))
+            return True
+        return await self._responses_stream(writer, model, request, final, item, words)
+
+    @staticmethod
+    def _response_object(
+        request: dict[str, Any],
+        model: str,
+        response_id: str,
+        status: str,
+        output: list[dict[str, Any]],
+        usage: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """OpenAI's ``response`` object, the request's settings echoed."""
+        created = int(time.time())
+        response: dict[str, Any] = {
+            "id": response_id,
+            "object": "response",
+            "created_at": created,
+            "status": status,
+            "background": False,
+            "completed_at": created if status == "completed" else None,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": request.get("instructions"),
+            "max_output_tokens": request.get("max_output_tokens"),
+            "metadata": request.get("metadata") or {},
+            "model": model,
+            "output": output,
+            "parallel_tool_calls": request.get("parallel_tool_calls", True),
+            "previous_response_id": None,
+            "reasoning": {"effort": None, "summary": None},
+            "service_tier": "default",
+            "store": request.get("store", True),
+            "temperature": request.get("temperature", 1.0),
+            "text": request.get("text") or {"format": {"type": "text"}},
+            "tool_choice": request.get("tool_choice", "auto"),
+            "tools": [
+                {"description": None, "parameters": None, "strict": True, **tool} for tool in request.get("tools") or []
+            ],
+            "top_p": request.get("top_p", 1.0),
+            "truncation": request.get("truncation", "disabled"),
+        }
+        if request.get("user") is not None:
+            response["user"] = request["user"]
+        if usage is not None:
+            response["usage"] = usage
+        return response
+
+    async def _responses_stream(
+        self,
+        writer: asyncio.StreamWriter,
+        model: str,
+        request: dict[str, Any],
+        final: dict[str, Any],
+        item: dict[str, Any],
+        words: list[str],
+    ) -> bool:
+        """The semantic events in OpenAI's order, each with its sequence number."""
+        out = ChunkedWriter(writer)
+        sequence = 0
+
+        def send(kind: str, **fields: Any) -> None:
+            nonlocal sequence
+            out.event(orjson.dumps({"type": kind, "sequence_number": sequence, **fields}), kind)
+            sequence += 1
+
+        started = self._response_object(request, model, final["id"], "in_progress", [], None)
+        send("response.created", response=started)
+        send("response.in_progress", response=started)
+        at = {"item_id": item["id"], "output_index": 0}
+        if item["type"] == "function_call":
+            send("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "arguments": ""})
+            send("response.function_call_arguments.delta", **at, delta=item["arguments"])
+            send("response.function_call_arguments.done", **at, name=item["name"], arguments=item["arguments"])
+        else:
+            send("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []})
+            empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            send("response.content_part.added", **at, content_index=0, part=empty)
+            for position, word in enumerate(words):
+                send("response.output_text.delta", **at, content_index=0, delta=word, logprobs=[])
+                await out.pace(model)
+                if "cut-stream" in model and position == 1:
+                    await out.cut()
+                    return False
+            text = "".join(words)
+            send("response.output_text.done", **at, content_index=0, text=text, logprobs=[])
+            send("response.content_part.done", **at, content_index=0, part=item["content"][0])
+        send("response.output_item.done", output_index=0, item=item)
+        send("response.completed" if final["status"] == "completed" else "response.incomplete", response=final)
+        await out.end()
         return True
 
     def _embeddings(self, request: dict[str, Any], model: str, writer: asyncio.StreamWriter) -> None:

@@ -67,6 +67,13 @@ PROVIDERS_YAML = """
     api_key: sk-limited
     models: ["solo-*"]
     rpm: 1
+  - name: native
+    type: openai
+    base_url: {upstream_url}
+    api_key: $HOOSH_TEST_UPSTREAM_KEY
+    models: ["native-*"]
+    responses_api: native
+    pricing: {{input_per_mtok: 0.15, output_per_mtok: 0.6}}
 routes:
   - match: "breaker-*"
     targets: [{{provider: flaky, priority: 1}}, {{provider: upstream, priority: 2}}]
@@ -74,6 +81,12 @@ routes:
     targets: [{{provider: down, priority: 1}}, {{provider: upstream, priority: 2}}]
   - match: "ratefall-*"
     targets: [{{provider: rl-one, priority: 1}}, {{provider: upstream, priority: 2}}]
+  - match: "nativefall-*"
+    targets: [{{provider: down, priority: 1}}, {{provider: native, model: native-mapped, priority: 2}}]
+  - match: "nativeback-*"
+    targets:
+      - {{provider: native, model: native-fail-503, priority: 1}}
+      - {{provider: upstream, model: gpt-4o-mini, priority: 2}}
 routing:
   retry: {{max_attempts: 3, backoff_base_ms: 20, backoff_max_ms: 200}}
 health:

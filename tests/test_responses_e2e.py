@@ -20,6 +20,7 @@ import pytest
 from . import openai_schemas
 from .conftest import LOCAL_MODEL, RunningStack, admin_headers
 from .replicas import Replicas
+from .test_audit_e2e import entries_of
 
 pytestmark = pytest.mark.skipif(not openai_schemas.available(), reason="the OpenAI spec is not in ../shared")
 
@@ -263,6 +264,28 @@ def test_a_stored_response_expires_after_its_ttl(hoosh: RunningStack, replicas: 
         client.responses.create(model="gpt-4o-mini", input="again", previous_response_id=response.id)
 
 
+def test_background_response_cancelled_and_failed_validate(hoosh: RunningStack) -> None:
+    api = client_for(hoosh.base_url, make_key(hoosh))
+    # gpt-stall: the stand-in streams its pieces, then hangs until the caller goes.
+    queued = api.responses.create(model="gpt-stall", input="Take your time", background=True)
+    raw = httpx.get(f"{hoosh.base_url}/v1/responses/{queued.id}", headers={"Authorization": f"Bearer {api.api_key}"})
+    openai_schemas.assert_valid(raw.json(), "Response")
+    assert raw.json()["status"] in ("queued", "in_progress") and raw.json()["background"] is True
+    cancelled = api.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled"
+    after = api.responses.retrieve(queued.id).model_dump(mode="json", exclude_unset=True)
+    openai_schemas.assert_valid(after, "Response")
+    assert after["status"] == "cancelled"
+    failing = api.responses.create(model="gpt-fail-400", input="hi", background=True)
+    for _ in range(100):
+        failed = api.responses.retrieve(failing.id)
+        if failed.status == "failed":
+            break
+        time.sleep(0.05)
+    assert failed.status == "failed" and failed.error is not None and failed.error.code == "invalid_prompt"
+    openai_schemas.assert_valid(failed.model_dump(mode="json", exclude_unset=True), "Response")
+
+
 # --------------------------------------------------------------------------- budgets
 
 
@@ -298,3 +321,30 @@ def test_pool_used_equals_what_clients_saw_over_chat_and_responses(hoosh: Runnin
     with admin(hoosh) as client:
         state = client.get(f"/v1/admin/pools/{pool}").json()
     assert state["used"] == seen and state["reserved"] == 0
+
+
+def test_responses_calls_are_recorded_as_kind_response(hoosh: RunningStack) -> None:
+    """Events and audit as for chat, with their own kind: a blocking, a streamed (over the
+    Anthropic format) and a background response are each one ``response`` entry of the
+    key, beside its chat entry."""
+    with admin(hoosh) as client:
+        made = client.post("/v1/admin/keys", json={"name": f"kind-{uuid.uuid4().hex[:6]}", "pools": ["default"]})
+        assert made.status_code == 200, made.text
+        key, key_id = made.json()["key"], made.json()["record"]["id"]
+        api = client_for(hoosh.base_url, key)
+        chat = api.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        blocking = api.responses.create(model="gpt-4o-mini", input="hi")
+        streamed = list(api.responses.create(model="claude-3-haiku", input="hi", stream=True))
+        background = api.responses.create(model="gpt-4o-mini", input="hi", background=True)
+        for _ in range(100):
+            if api.responses.retrieve(background.id).status == "completed":
+                break
+            time.sleep(0.05)
+        responses = [blocking.id, streamed[-1].response.id, background.id]  # type: ignore[union-attr]
+        found = entries_of(client, key_id=key_id, kind="response", expect=3)
+        assert sorted(entry["event_id"] for entry in found) == sorted(r.removeprefix("resp_") for r in responses)
+        assert {entry["payload"]["kind"] for entry in found} == {"response"}
+        chats = entries_of(client, key_id=key_id, kind="chat")
+        assert [entry["event_id"] for entry in chats] == [chat.headers["x-request-id"]]

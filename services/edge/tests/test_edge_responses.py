@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -261,3 +263,138 @@ async def test_store_false_keeps_nothing_and_ttl_applies(
     finally:
         await redis.aclose()
     assert (await client.get("/v1/responses/not-an-id")).status_code == 404
+
+
+# --------------------------------------------------------------------------- background, cancel, failed
+
+
+async def settled(client: httpx.AsyncClient, response_id: str, *, until: tuple[str, ...]) -> dict[str, Any]:
+    """GET the response until its status is one of ``until`` (bounded poll)."""
+    body: dict[str, Any] = {}
+    for _ in range(100):
+        reply = await client.get(f"/v1/responses/{response_id}")
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        if body["status"] in until:
+            return body
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{response_id} stayed {body.get('status')}")
+
+
+async def test_background_response_runs_server_side_and_is_stored(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    edge = await make_edge(**stack.addresses(), responses_key_prefix=f"{tenancy_prefix}responses:")
+    api = sdk(edge.client)
+    queued = await api.responses.create(model="gpt-4o-mini", input="Hello there", background=True)
+    assert queued.status in ("queued", "in_progress") and queued.background is True and not queued.output
+    done = await settled(edge.client, queued.id, until=("completed",))
+    assert done["background"] is True and done["output"][0]["content"][0]["text"] == REPLY
+    assert done["usage"]["output_tokens"] > 0 and done["error"] is None
+    assert edge.app.state.edge.responses.background.running == 0
+    # A background response continues like any other; cancelling a finished one is a 400.
+    follow = await api.responses.create(model="gpt-4o-mini", input="More", previous_response_id=queued.id)
+    assert [m["role"] for m in stack.upstream.stats.last_body["messages"]] == ["user", "assistant", "user"]
+    assert follow.status == "completed"
+    with pytest.raises(openai.BadRequestError, match="status 'completed'"):
+        await api.responses.cancel(queued.id)
+    with pytest.raises(openai.BadRequestError, match="background"):
+        await api.responses.cancel(follow.id)
+
+
+async def test_cancel_on_another_edge_stops_the_running_one(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    settings = {"responses_key_prefix": f"{tenancy_prefix}responses:", "responses_background_poll_seconds": 0.05}
+    runner = await make_edge(**stack.addresses(), **settings)
+    other = await make_edge(**stack.addresses(), **settings)
+    # mock-stall streams its pieces, then hangs until the caller goes (or the edge's 5 s timeout).
+    started = await runner.client.post(
+        "/v1/responses", json={"model": "mock-stall", "input": "Take your time", "background": True}
+    )
+    assert started.status_code == 200, started.text
+    response_id = started.json()["id"]
+    await settled(other.client, response_id, until=("in_progress",))
+    assert runner.app.state.edge.responses.background.running == 1
+    began = time.monotonic()
+    cancelled = await sdk(other.client).responses.cancel(response_id)
+    assert cancelled.status == "cancelled" and cancelled.background is True
+    for _ in range(60):
+        if runner.app.state.edge.responses.background.running == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert runner.app.state.edge.responses.background.running == 0
+    assert time.monotonic() - began < 3  # stopped by the cancel, not by the call's timeout
+    await asyncio.sleep(0.2)
+    for client in (runner.client, other.client):
+        stored = (await client.get(f"/v1/responses/{response_id}")).json()
+        assert stored["status"] == "cancelled" and stored["output"] == []
+    again = await other.client.post(f"/v1/responses/{response_id}/cancel")
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"  # idempotent
+
+
+async def test_cancel_is_confined_to_the_owner_and_runs_stop_at_once_here(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    # A slow poll: the cancel reaches the running edge itself, which stops at once.
+    edge = await make_edge(
+        **stack.addresses(),
+        responses_key_prefix=f"{tenancy_prefix}responses:",
+        responses_background_poll_seconds=30,
+        auth="keys",
+        admin_key="a" * 40,
+    )
+    admin = {"Authorization": "Bearer " + "a" * 40}
+    keys = []
+    for name in ("one", "two"):
+        made = await edge.client.post("/v1/admin/keys", headers=admin, json={"name": name, "pools": ["default"]})
+        keys.append(made.json()["key"])
+    mine, theirs = sdk(edge.client, keys[0]), sdk(edge.client, keys[1])
+    queued = await mine.responses.create(model="mock-stall", input="Slowly", background=True)
+    with pytest.raises(openai.NotFoundError):
+        await theirs.responses.cancel(queued.id)
+    with pytest.raises(openai.BadRequestError, match="still"):
+        await mine.responses.create(model="gpt-4o-mini", input="next", previous_response_id=queued.id)
+    assert (await mine.responses.cancel(queued.id)).status == "cancelled"
+    for _ in range(40):
+        if edge.app.state.edge.responses.background.running == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert edge.app.state.edge.responses.background.running == 0
+    # A cancelled turn adds only its input to the conversation.
+    follow = await mine.responses.create(model="gpt-4o-mini", input="next", previous_response_id=queued.id)
+    assert [m["content"] for m in stack.upstream.stats.last_body["messages"]] == ["Slowly", "next"]
+    assert follow.status == "completed"
+
+
+async def test_failed_responses_are_stored_with_their_error(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix)
+    # Background: the upstream refuses (503 before anything streams).
+    queued = (
+        await client.post("/v1/responses", json={"model": "mock-fail-503", "input": "hi", "background": True})
+    ).json()
+    failed = await settled(client, queued["id"], until=("failed",))
+    assert failed["error"]["code"] == "server_error" and failed["error"]["message"]
+    assert failed["background"] is True and failed["output"] == [] and failed["completed_at"] is None
+    # Streamed: the stream breaks after it started; the client saw the id in response.created.
+    events = [
+        event async for event in await sdk(client).responses.create(model="mock-cut-stream", input="hi", stream=True)
+    ]
+    assert events[-1].type == "response.failed"
+    response_id = events[0].response.id  # type: ignore[union-attr]
+    stored = (await client.get(f"/v1/responses/{response_id}")).json()
+    error = events[-1].response.error  # type: ignore[union-attr]
+    assert stored["status"] == "failed" and stored["error"] == {"code": error.code, "message": error.message}
+
+
+@pytest.mark.parametrize(
+    "fields", [{"background": True, "stream": True}, {"background": True, "store": False}], ids=["stream", "no-store"]
+)
+async def test_background_needs_store_and_no_stream(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str, fields: dict[str, Any]
+) -> None:
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix)
+    refused = await client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", **fields})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "background"

@@ -171,7 +171,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if clients is not None and tenancy is not None:
-            yield
+            try:
+                yield
+            finally:
+                await app.state.edge.responses.background.close()
             return
         active_clients = clients if clients is not None else Clients.connect(settings)
         active_tenancy = tenancy if tenancy is not None else Tenancy.connect(settings)
@@ -180,7 +183,11 @@ def create_app(
                 await active_tenancy.start()
                 authenticator.cache = active_tenancy.cache
             app.state.edge = EdgeState(settings, active_clients, active_tenancy)
-            yield
+            try:
+                yield
+            finally:
+                # Background responses still running here are marked failed while Redis is open.
+                await app.state.edge.responses.background.close()
         finally:
             if clients is None:
                 await active_clients.close(grace=1.0)

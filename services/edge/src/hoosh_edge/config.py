@@ -141,6 +141,13 @@ class Settings(InternalPlaneSettings):
         description="How long a stored response (/v1/responses with store=true) and its input items are kept in "
         "Redis (HOOSH_REDIS_URL) for GET, input_items and previous_response_id",
     )
+    responses_background_poll_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="How often the edge running a background response (/v1/responses with background=true) "
+        "looks at its stored copy, to stop it once cancelled on another edge (or deleted)",
+    )
     responses_key_prefix: str = Field(
         default="hoosh:responses:",
         min_length=1,

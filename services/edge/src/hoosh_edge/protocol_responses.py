@@ -131,7 +131,7 @@ _DOCUMENTED = schema_patch(
             _NULL,
         ]
     },
-    background={"anyOf": [{"const": False}, _NULL]},
+    background={"anyOf": [{"type": "boolean"}, _NULL]},
 )
 
 
@@ -167,7 +167,12 @@ class ResponseCreateRequest(OpenAIModel):
     previous_response_id: Annotated[str, Field(pattern=RESPONSE_ID_PATTERN)] | None = Field(
         default=None, description="Continue the conversation of a stored response of this key"
     )
-    background: bool | None = Field(default=None, description="Not supported: true is refused")
+    background: bool | None = Field(
+        default=None,
+        description="Run server-side: answered at once (status queued), then in_progress and completed, "
+        "failed or cancelled (POST /v1/responses/{id}/cancel); poll GET /v1/responses/{id}. Needs store; "
+        "not with stream",
+    )
     user: str | None = None
     truncation: Literal["auto", "disabled"] | None = Field(default=None, description="Accepted; only disabled")
     pool: PoolName | None = Field(
@@ -193,11 +198,4 @@ class ResponseCreateRequest(OpenAIModel):
         for key, item in value.items():
             if len(key) > 64 or len(item) > 512:
                 raise ValueError("metadata keys are at most 64 characters and values at most 512")
-        return value
-
-    @field_validator("background")
-    @classmethod
-    def _no_background(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("background responses are not supported by this gateway")
         return value

@@ -9,23 +9,33 @@ GET, whatever its length, and an earlier turn expiring does not break a later on
 expire ``HOOSH_RESPONSES_TTL_SECONDS`` after they were written. A single key per response
 works unchanged on Redis Cluster. Another key's response is indistinguishable from a
 missing one (404), so ids cannot be probed.
+
+A background response (``background: true``) is written ``queued`` at once and moves on
+by compare-and-set (:meth:`ResponsesStore.replace`, WATCH/MULTI on its one key): to
+``in_progress`` and then ``completed`` / ``incomplete`` / ``failed`` by the edge that runs
+it, or to ``cancelled`` by whichever edge receives the cancel; the first of a finish and
+a cancel wins and the other changes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from hoosh_metering.redis import RedisClient
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from .errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
 STORE_UNAVAILABLE = "The response store (Redis) is unavailable; try again shortly."
+_WATCH_RETRIES = 8
 
 
 @dataclass(slots=True)
@@ -48,6 +58,10 @@ class StoredResponse:
                 "conversation": self.conversation,
             }
         )
+
+    @property
+    def status(self) -> str:
+        return str(self.response.get("status", ""))
 
     @classmethod
     def decode(cls, raw: bytes | str) -> StoredResponse:
@@ -85,14 +99,16 @@ class ResponsesStore:
 
     async def load(self, response_id: str, owner: str) -> StoredResponse | None:
         """The response if it exists, has not expired and belongs to ``owner``; else None."""
+        stored = await self.peek(response_id)
+        return stored if stored is not None and stored.owner == owner else None
+
+    async def peek(self, response_id: str) -> StoredResponse | None:
+        """The response whoever owns it (the edge's own use: never answered as is)."""
         try:
             raw = await self._redis.get(self.key(response_id))
         except RedisError as exc:
             raise _unavailable(exc) from exc
-        if raw is None:
-            return None
-        stored = StoredResponse.decode(raw)
-        return stored if stored.owner == owner else None
+        return StoredResponse.decode(raw) if raw is not None else None
 
     async def delete(self, response_id: str, owner: str) -> bool:
         """Delete the owner's response; False when there is none (or it is another's)."""
@@ -103,3 +119,34 @@ class ResponsesStore:
             return bool(await self._redis.delete(self.key(response_id)))
         except RedisError as exc:
             raise _unavailable(exc) from exc
+
+    async def replace(
+        self, response_id: str, change: Callable[[StoredResponse], StoredResponse | None]
+    ) -> StoredResponse | None:
+        """Compare-and-set: read the response under WATCH, let ``change`` decide (the new
+        record, or None to leave it as it is) and write it with a fresh TTL; a concurrent
+        write makes it read and decide again. The record written, or None (none written:
+        the response is gone, or ``change`` declined)."""
+        key = self.key(response_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for _ in range(_WATCH_RETRIES):
+                    try:
+                        await pipe.watch(key)
+                        raw = await pipe.get(key)
+                        updated = change(StoredResponse.decode(raw)) if raw is not None else None
+                        if updated is None:
+                            return None
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        pipe.set(key, updated.encode(), ex=self.ttl_seconds)
+                        await pipe.execute()
+                        return updated
+                    except WatchError:
+                        await asyncio.sleep(random.uniform(0, 0.005))  # another write won: decide again
+                    finally:
+                        await pipe.reset()  # type: ignore[no-untyped-call]
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+        raise ServiceUnavailableError(
+            "The stored response kept changing under concurrent writes; try again.", code="store_unavailable"
+        )

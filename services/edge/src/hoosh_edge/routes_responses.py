@@ -1,4 +1,5 @@
-"""The Responses API routes: create (blocking or SSE), retrieve, input items, delete.
+"""The Responses API routes: create (blocking, SSE or background), retrieve, input
+items, delete, cancel (a background one).
 
 Create checks the key's pool and model as chat does, then runs through the chat path
 (serving_responses.py). Stored responses belong to the key that created them: another
@@ -143,3 +144,16 @@ async def delete_response(request: Request, response_id: str) -> Response:
     if not await edge(request).responses.store.delete(_checked_id(response_id), _owner(request)):
         raise _not_found(response_id)
     return OrjsonResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.post(
+    RESPONSES_PATH + "/{response_id}/cancel",
+    responses={**errors(400, 404), 200: {"content": {"application/json": {"schema": _RESPONSE_SCHEMA}}}},
+    tags=["responses"],
+)
+async def cancel_response(request: Request, response_id: str) -> Response:
+    """Cancel a background response of this key (on whichever edge runs it): status
+    cancelled. A cancelled one answers as it is; a finished or non-background one is a 400."""
+    responses = edge(request).responses
+    stored = await responses.get(_checked_id(response_id), _owner(request))
+    return OrjsonResponse(await responses.background.cancel(stored))

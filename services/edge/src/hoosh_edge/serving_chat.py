@@ -461,13 +461,37 @@ class ServingChat:
             include_usage=request.include_usage,
         )
 
-    async def open_stream(
+    async def respond(
         self, router_request: router_pb2.ChatRequest, metadata: tuple[tuple[str, str], ...], receive: Receive
+    ) -> router_pb2.ChatResponse:
+        """A blocking router Respond (the Responses API: ``responses_body`` set): the
+        reply carries a native provider's ``response_json``, or a chat answer. A client
+        disconnect cancels the call."""
+        call = self._router.Respond(router_request, metadata=metadata, timeout=self._timeout)
+        watch = DisconnectWatch(receive, call)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            if watch.fired:
+                raise ClientClosedRequestError("The client closed the connection.") from None
+            raise
+        finally:
+            watch.stop()
+
+    async def open_stream(
+        self,
+        router_request: router_pb2.ChatRequest,
+        metadata: tuple[tuple[str, str], ...],
+        receive: Receive,
+        *,
+        respond: bool = False,
     ) -> tuple[RouterStreamCall, object, DisconnectWatch]:
-        """Start a router ChatStream and wait for its first message (a message, or
-        ``grpc.aio.EOF``): an error before it propagates (an ordinary HTTP error). The
-        caller owns the call and the watch from here (stop the watch, cancel the call)."""
-        call = self._router.ChatStream(router_request, metadata=metadata, timeout=self._timeout)
+        """Start a router ChatStream (``respond``: a RespondStream) and wait for its first
+        message (a message, or ``grpc.aio.EOF``): an error before it propagates (an
+        ordinary HTTP error). The caller owns the call and the watch from here (stop the
+        watch, cancel the call)."""
+        method = self._router.RespondStream if respond else self._router.ChatStream
+        call = method(router_request, metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)
         try:
             first = await call.read()

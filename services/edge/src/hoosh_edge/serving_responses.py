@@ -29,14 +29,14 @@ import grpc
 import orjson
 from hoosh.router.v1 import router_pb2
 from hoosh.tenancy.v1 import tenancy_pb2
-from hoosh_common.telemetry import request_metadata
 from pydantic import ValidationError
 
 from .errors import EdgeError, InvalidRequestError, MappedError, NotFoundError, to_api_error, validation_error
 from .protocol import ChatCompletionRequest
 from .protocol_responses import ResponseCreateRequest
+from .responses_background import ACTIVE, BackgroundResponses
 from .responses_store import ResponsesStore, StoredResponse
-from .serving_chat import ChatCompletion, DisconnectWatch, Receive, RouterStreamCall, ServingChat, to_router_request
+from .serving_chat import DisconnectWatch, Receive, RouterStreamCall, ServingChat
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ def response_object(
         "created_at": prepared.created_at,
         "status": status,
         "completed_at": int(time.time()) if status == "completed" else None,
-        "background": False,
+        "background": body.background is True,
         "error": error,
         "incomplete_details": {"reason": incomplete} if status == "incomplete" and incomplete else None,
         "instructions": body.instructions,
@@ -738,12 +738,21 @@ class ResponseStream:
                 usage=self._usage,
                 error={"code": _ERROR_CODES.get(error.status, "server_error"), "message": error.message},
             )
+            await self._store_failed(failed)
             yield self._event("response.failed", response=failed)
             return
         finally:
             self._close()
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         yield self._event(kind, response=final)
+
+    async def _store_failed(self, failed: dict[str, Any]) -> None:
+        """Keep a failed response (the client saw its id in response.created): GET
+        answers it with its error, as OpenAI's does. A store failure is only logged."""
+        try:
+            await self._save(failed)
+        except Exception:
+            log.warning("could not store a failed response", extra={"response_id": failed.get("id")})
 
     def _close(self) -> None:
         self._watch.stop()
@@ -765,6 +774,19 @@ class ResponseResult:
     cost_usd_micros: int = 0
 
 
+def check_background(body: ResponseCreateRequest) -> None:
+    """What a background response needs: to be stored (it is read back by GET), and no
+    stream (this gateway runs it server-side only; poll GET /v1/responses/{id})."""
+    if body.store is False:
+        raise _bad("Invalid value for 'background': a background response must be stored (store: true).", "background")
+    if body.stream:
+        raise _bad(
+            "Invalid value for 'background': background responses cannot be streamed by this gateway; "
+            "create it without stream and poll GET /v1/responses/{id}.",
+            "background",
+        )
+
+
 def previous_not_found(response_id: str) -> NotFoundError:
     return NotFoundError(
         f"Previous response with id '{response_id}' not found.",
@@ -776,9 +798,10 @@ def previous_not_found(response_id: str) -> NotFoundError:
 class ServingResponses:
     """POST /v1/responses (and the stored responses) over :class:`ServingChat`."""
 
-    def __init__(self, chat: ServingChat, store: ResponsesStore) -> None:
+    def __init__(self, chat: ServingChat, store: ResponsesStore, background_poll_seconds: float = 0.5) -> None:
         self._chat = chat
         self.store = store
+        self.background = BackgroundResponses(store, background_poll_seconds)
 
     async def create(
         self,
@@ -795,32 +818,48 @@ class ServingResponses:
             previous = await self.store.load(body.previous_response_id, owner)
             if previous is None:
                 raise previous_not_found(body.previous_response_id)
+            if previous.status in ACTIVE:
+                raise InvalidRequestError(
+                    f"Previous response with id '{body.previous_response_id}' is still {previous.status}; "
+                    "wait until it is complete.",
+                    param="previous_response_id",
+                )
             history = previous.conversation
+        if body.background:
+            check_background(body)
+            # Run on the streaming path: a cancel stops the upstream call mid-answer.
+            body = body.model_copy(update={"stream": True})
         prepared = prepare(body, request_id, history)
+
+        def record(response: dict[str, Any]) -> StoredResponse:
+            # A failed or cancelled turn adds only its input to the conversation.
+            output = response["output"] if response["status"] in ("completed", "incomplete") else []
+            conversation = [*history, *prepared.input_items, *output]
+            return StoredResponse(owner, response, prepared.input_items, conversation)
 
         async def save(response: dict[str, Any]) -> None:
             if body.store is False:
                 return
-            conversation = [*history, *prepared.input_items, *response["output"]]
-            await self.store.save(StoredResponse(owner, response, prepared.input_items, conversation))
+            await self.store.save(record(response))
 
-        if body.stream:
-            router_request = to_router_request(prepared.chat, request_id, pool=pool, caller=caller)
-            call, first, watch = await self._chat.open_stream(router_request, request_metadata(request_id), receive)
-            return ResponseStream(prepared, call, first, watch, save)
-        result = await self._chat.create(prepared.chat, request_id, receive, pool=pool, caller=caller)
-        assert isinstance(result, ChatCompletion)
-        output, finish = output_of_completion(result.body)
-        response = response_object(
-            prepared,
-            model=result.body["model"],
-            status="completed",
-            output=output,
-            usage=result.body["usage"],
-            finish_reason=finish,
-        )
-        await save(response)
-        return ResponseResult(response, result.cache, result.cost_usd_micros)
+        # The router's Respond / RespondStream: a provider that speaks the Responses API
+        # natively answers as itself, any other through chat (responses_native.py, which
+        # builds on this module: imported here).
+        from .responses_native import respond
+
+        if body.background:
+
+            def failed(error: dict[str, str]) -> dict[str, Any]:
+                return response_object(prepared, model=body.model, status="failed", output=[], error=error)
+
+            async def start(background_receive: Receive, background_save: Callable[[dict[str, Any]], Any]) -> Any:
+                return await respond(
+                    self._chat, prepared, request_id, background_receive, background_save, pool=pool, caller=caller
+                )
+
+            queued = record(response_object(prepared, model=body.model, status="queued", output=[]))
+            return ResponseResult(await self.background.start(queued, start, record, failed))
+        return await respond(self._chat, prepared, request_id, receive, save, pool=pool, caller=caller)
 
     async def get(self, response_id: str, owner: str) -> StoredResponse:
         stored = await self.store.load(response_id, owner)

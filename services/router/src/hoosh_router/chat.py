@@ -41,6 +41,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
@@ -48,7 +49,7 @@ from hoosh_common.eventbus import Publisher
 from opentelemetry import trace
 
 from . import metrics
-from .backends.base import CallParams, Completion, StreamPiece
+from .backends.base import CallParams, Completion, StreamPiece, native_responses
 from .budget_client import Renewal
 from .cache import ResponseCache
 from .config import ProviderConfig
@@ -205,14 +206,14 @@ class ChatService:
             cached=cached,
         )
 
-    def _info(self, request: router_pb2.ChatRequest, request_id: str, stream: bool) -> RequestInfo:
+    def _info(self, request: router_pb2.ChatRequest, request_id: str, stream: bool, kind: str = "chat") -> RequestInfo:
         info = RequestInfo.of(
             request_id=request_id,
             model=request.model,
             pool=request.pool,
             user=request.user,
             stream=stream,
-            kind="chat",
+            kind=kind,
             caller=request.caller,
         )
         info.model_label = self._dispatch.router.metric_label(request.model)
@@ -279,9 +280,18 @@ class ChatService:
     # -- blocking -------------------------------------------------------------------
 
     async def chat(
-        self, request: router_pb2.ChatRequest, request_id: str, time_remaining: float | None = None
+        self,
+        request: router_pb2.ChatRequest,
+        request_id: str,
+        time_remaining: float | None = None,
+        *,
+        responses: dict[str, Any] | None = None,
     ) -> router_pb2.ChatResponse:
-        info = self._info(request, request_id, stream=False)
+        """One blocking call. With ``responses`` (Respond: a Responses API body), a
+        candidate whose provider speaks that API natively is sent it, and the reply
+        carries the provider's response object (``response_json``); any other answers
+        from the chat ``request``."""
+        info = self._info(request, request_id, stream=False, kind="chat" if responses is None else "response")
         plan: Plan | None = None
         renewal: Renewal | None = None
         ended = False  # the request's one ending (commit + event) has begun
@@ -297,7 +307,11 @@ class ChatService:
                 return reply
 
             async def call(route: Route, params: CallParams) -> Completion:
-                completion = await route.backend.chat(request, params)
+                native = native_responses(route.backend) if responses is not None else None
+                if native is not None and responses is not None:
+                    completion = await native.respond(responses, params)
+                else:
+                    completion = await route.backend.chat(request, params)
                 # The attempt's span (current here while exported) gets what it answered.
                 span = trace.get_current_span()
                 if span.is_recording():
@@ -361,6 +375,12 @@ class ChatService:
             system_fingerprint=completion.system_fingerprint,
             cache="miss" if plan.cache_key else "",
         )
+        if completion.native:
+            # The provider's own response object: no chat choice, and nothing the cache
+            # (which holds chat replies) could serve again.
+            del reply.choices[:]
+            reply.response_json = completion.native
+            return reply
         if plan.cache_key is not None and self._cache is not None and not plan.clamped:
             self._cache.put(plan.cache_key, reply)
         return reply
@@ -368,14 +388,22 @@ class ChatService:
     # -- streaming ------------------------------------------------------------------
 
     async def stream(
-        self, request: router_pb2.ChatRequest, request_id: str, time_remaining: float | None = None
+        self,
+        request: router_pb2.ChatRequest,
+        request_id: str,
+        time_remaining: float | None = None,
+        *,
+        responses: dict[str, Any] | None = None,
     ) -> AsyncIterator[router_pb2.ChatStreamResponse]:
-        info = self._info(request, request_id, stream=True)
+        """One stream. With ``responses`` (RespondStream), a native candidate streams the
+        provider's own events, one message each (``response_event``), then the usage
+        message; any other streams chat chunks."""
+        info = self._info(request, request_id, stream=True, kind="chat" if responses is None else "response")
         plan: Plan | None = None
         state: _StreamState | None = None
         renewal: Renewal | None = None
         route: Route | None = None
-        opened = _Opened()
+        opened = _Opened(responses)
         chat_id = f"chatcmpl-{request_id}"
         created = int(time.time())
         provider = ""
@@ -422,7 +450,10 @@ class ChatService:
                 state = _StreamState(collect=plan.cache_key is not None)
                 try:
                     async for piece in upstream:
-                        message = state.take(piece, chunk)
+                        if piece.native is not None:
+                            message = state.take_native(piece, chunk)
+                        else:
+                            message = state.take(piece, chunk)
                         if message is not None:
                             if info.first_token_at is None:
                                 info.first_token_at = time.monotonic()
@@ -511,9 +542,11 @@ class ChatService:
                 )
             return
         assert plan is not None and state is not None
-        yield chunk(chat_pb2.Delta(), finish_reason)
+        if not state.native:  # a native stream's events end it; only the usage follows
+            yield chunk(chat_pb2.Delta(), finish_reason)
         if (
-            plan.cache_key is not None
+            not state.native
+            and plan.cache_key is not None
             and self._cache is not None
             and state.accumulator is not None
             and not plan.clamped
@@ -638,6 +671,7 @@ class _StreamState:
         "finish_reason",
         "first",
         "generated",
+        "native",
         "prompt_tokens",
     )
 
@@ -651,6 +685,7 @@ class _StreamState:
         # piece says it carries, else its UTF-8 bytes (BPE never makes more tokens than bytes).
         self.generated = 0
         self.accumulator = StreamAccumulator() if collect else None
+        self.native = False  # the provider's own Responses API events (RespondStream)
 
     def count(self, piece: StreamPiece) -> bool:
         """The bookkeeping of one piece; True when it carries generated tokens."""
@@ -680,6 +715,15 @@ class _StreamState:
             self.first = False
         return chunk(delta)
 
+    def take_native(self, piece: StreamPiece, chunk: ChunkMaker) -> router_pb2.ChatStreamResponse:
+        """Count a native Responses API piece; the message passing its event on."""
+        self.count(piece)
+        self.native, self.first = True, False
+        message = chunk(chat_pb2.Delta())
+        del message.choices[:]
+        message.response_event = piece.native or b""
+        return message
+
     def usage(self, plan: Plan) -> chat_pb2.Usage:
         """The provider's usage if it reported one; else the reservation's prompt count
         plus the completion tokens generated so far, hidden reasoning included (no more
@@ -700,10 +744,11 @@ class _Opened:
     """The upstream stream of a request's current attempt: the one a client who leaves
     is drained from, or that is closed when the request ends otherwise."""
 
-    __slots__ = ("upstream",)
+    __slots__ = ("responses", "upstream")
 
-    def __init__(self) -> None:
+    def __init__(self, responses: dict[str, Any] | None = None) -> None:
         self.upstream: UpstreamStream | None = None
+        self.responses = responses  # a Responses API body: native candidates are sent it
 
     async def open(self, route: Route, request: router_pb2.ChatRequest, params: CallParams) -> UpstreamStream:
         """Start a backend stream (read by its own task) up to its first token or its end.
@@ -713,9 +758,13 @@ class _Opened:
         running, for the caller to close or drain."""
         if self.upstream is not None:
             self.upstream.close_soon()  # an earlier attempt that timed out
-        upstream = self.upstream = UpstreamStream(
-            route.backend.stream(request, params), bills_when_left=route.backend.bills_abandoned_streams
+        native = native_responses(route.backend) if self.responses is not None else None
+        pieces = (
+            native.respond_stream(self.responses, params)
+            if native is not None and self.responses is not None
+            else route.backend.stream(request, params)
         )
+        upstream = self.upstream = UpstreamStream(pieces, bills_when_left=route.backend.bills_abandoned_streams)
         try:
             await upstream.start()
         except asyncio.CancelledError:

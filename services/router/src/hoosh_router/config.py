@@ -223,6 +223,11 @@ class ProviderConfig(BaseModel):
     breaker: BreakerOverrides = Field(default_factory=BreakerOverrides)
     probe: bool = Field(default=True, description="let the background prober check this provider")
     headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers sent upstream")
+    responses_api: Literal["translate", "native"] = Field(
+        default="translate",
+        description="/v1/responses: 'native' forwards the Responses API request to this provider's own "
+        "/responses (OpenAI-compatible types only; OpenAI speaks it); 'translate' serves it through chat",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -277,6 +282,15 @@ class ProviderConfig(BaseModel):
     def _default_base_url(self) -> ProviderConfig:
         if not self.base_url and self.type != "local":
             self.base_url = (OPENAI_COMPATIBLE_BASE_URLS | NATIVE_BASE_URLS)[self.type].rstrip("/")
+        return self
+
+    @model_validator(mode="after")
+    def _native_responses_need_openai_wire(self) -> ProviderConfig:
+        if self.responses_api == "native" and self.type not in OPENAI_COMPATIBLE_BASE_URLS:
+            raise ValueError(
+                f"responses_api: native needs an OpenAI-compatible provider type, not '{self.type}' "
+                "(that backend is served by translation)"
+            )
         return self
 
     @property

@@ -53,7 +53,7 @@ GENAI_PROVIDER = {
     "openrouter": "openrouter",
     "local": "hoosh.local",
 }
-GENAI_OPERATION = {"chat": "chat", "embedding": "embeddings"}
+GENAI_OPERATION = {"chat": "chat", "response": "chat", "embedding": "embeddings"}
 
 REQUESTS = Counter(
     "hoosh_inference_requests_total",

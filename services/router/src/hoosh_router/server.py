@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
 import grpc
+import orjson
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
 from hoosh_common.logs import request_id_var
 from hoosh_common.telemetry import extract_context
@@ -15,7 +17,7 @@ from opentelemetry import context as otel_context
 from .cache import ResponseCache
 from .chat import ChatService
 from .embeddings import EmbeddingService
-from .errors import RouterError
+from .errors import InvalidRequest, RouterError
 from .health import HealthBoard
 from .routing import Kind, ModelRouter
 
@@ -31,6 +33,19 @@ def _request_id(
         if key == "x-request-id" and isinstance(value, str) and value:
             return value
     return uuid.uuid4().hex
+
+
+def _responses_body(request: router_pb2.ChatRequest) -> dict[str, Any] | None:
+    """Respond's Responses API body (None when the caller sent none: chat alone)."""
+    if not request.responses_body:
+        return None
+    try:
+        body = orjson.loads(request.responses_body)
+    except orjson.JSONDecodeError as error:
+        raise InvalidRequest("responses_body is not JSON", param="responses_body") from error
+    if not isinstance(body, dict):
+        raise InvalidRequest("responses_body must be a JSON object", param="responses_body")
+    return body
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -79,6 +94,44 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         token = otel_context.attach(extract_context(metadata))
         try:
             async for chunk in self._chat.stream(request, request_id, context.time_remaining()):
+                yield chunk
+        except RouterError as error:
+            context.set_trailing_metadata(error.trailing_metadata())
+            await context.abort(error.status, error.message)
+        finally:
+            otel_context.detach(token)
+
+    async def Respond(
+        self,
+        request: router_pb2.ChatRequest,
+        context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatResponse],
+    ) -> router_pb2.ChatResponse:
+        metadata = context.invocation_metadata() or ()
+        request_id = _request_id(request, metadata)
+        request_id_var.set(request_id)
+        token = otel_context.attach(extract_context(metadata))
+        try:
+            body = _responses_body(request)
+            return await self._chat.chat(request, request_id, context.time_remaining(), responses=body)
+        except RouterError as error:
+            context.set_trailing_metadata(error.trailing_metadata())
+            await context.abort(error.status, error.message)
+            raise  # unreachable: abort raises
+        finally:
+            otel_context.detach(token)
+
+    async def RespondStream(
+        self,
+        request: router_pb2.ChatRequest,
+        context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatStreamResponse],
+    ) -> AsyncIterator[router_pb2.ChatStreamResponse]:
+        metadata = context.invocation_metadata() or ()
+        request_id = _request_id(request, metadata)
+        request_id_var.set(request_id)
+        token = otel_context.attach(extract_context(metadata))
+        try:
+            body = _responses_body(request)
+            async for chunk in self._chat.stream(request, request_id, context.time_remaining(), responses=body):
                 yield chunk
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())

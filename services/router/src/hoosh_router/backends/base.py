@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
@@ -36,6 +36,9 @@ class Completion:
     model: str
     system_fingerprint: str = ""
     cached_tokens: int = 0  # of the prompt tokens, those served from the provider's prompt cache
+    # A native Responses API call (``ResponsesBackend.respond``): the provider's response
+    # object as it sent it; ``message`` is then empty.
+    native: bytes = b""
 
 
 @dataclass(slots=True)
@@ -57,6 +60,10 @@ class StreamPiece:
     # reasoning_content) this piece stands for: never sent to the client, but generated
     # and billed. A bound: the UTF-8 bytes of the reasoning text.
     hidden_tokens: int = 0
+    # A native Responses API stream (``ResponsesBackend.respond_stream``): the provider's
+    # event (JSON) as it sent it, passed on to the client whatever else the piece says
+    # (its text or call deltas only count toward the estimate and the first token).
+    native: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -114,3 +121,20 @@ class Backend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class ResponsesBackend(Protocol):
+    """A backend whose provider speaks the Responses API natively (``responses_api:
+    native``): the request body is forwarded, the answer comes back as the provider sent
+    it, with the usage read from it (input_tokens / output_tokens)."""
+
+    async def respond(self, body: dict[str, Any], params: CallParams) -> Completion: ...
+
+    def respond_stream(self, body: dict[str, Any], params: CallParams) -> AsyncIterator[StreamPiece]: ...
+
+
+def native_responses(backend: Backend) -> ResponsesBackend | None:
+    """``backend`` when its provider is configured to take Responses API calls natively."""
+    if getattr(backend, "responses_native", False):
+        return cast(ResponsesBackend, backend)
+    return None

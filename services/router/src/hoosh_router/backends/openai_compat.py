@@ -12,17 +12,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 
 from ..config import ProviderConfig
 from ..errors import RouterError
 from . import openai_wire
 from .base import BackendModel, CallParams, Completion, EmbeddingResult, StreamPiece, checked_model
-from .http import HTTPBackend, accepted_failure, embedding_response_limit, iter_lines, loads_object, malformed
+from .http import (
+    HTTPBackend,
+    accepted_failure,
+    embedding_response_limit,
+    iter_lines,
+    iter_sse,
+    loads_object,
+    malformed,
+)
 
 log = logging.getLogger(__name__)
 
 KNOWN_FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter", "function_call"}
+
+# A Responses API body's fields the router decides (or hoosh keeps to itself): the
+# provider never sees hoosh's response ids, stores nothing, and runs nothing in the background.
+_RESPONSES_DROPPED = ("previous_response_id", "background", "pool", "stream_options")
+_RESPONSES_TERMINAL = ("response.completed", "response.incomplete")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +57,8 @@ class OpenAICompatibleBackend(HTTPBackend):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config, {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {})
         self._quirks = QUIRKS.get(config.type, Quirks())
+        # The Responses API is forwarded to this provider's /responses (see ResponsesBackend).
+        self.responses_native = config.responses_api == "native"
 
     async def probe(self) -> None:
         await self._probe("/models")
@@ -157,6 +173,121 @@ class OpenAICompatibleBackend(HTTPBackend):
             except (KeyError, TypeError, ValueError) as error:
                 raise malformed(self.name, "usage") from error
         return pieces
+
+    # -- the Responses API, natively -----------------------------------------------
+
+    @staticmethod
+    def _responses_body(body: dict[str, Any], params: CallParams, *, stream: bool) -> bytes:
+        """The Responses API body for this attempt: the upstream model, the budget's
+        grant as max_output_tokens, nothing stored upstream, hoosh's own fields left out."""
+        out = {key: value for key, value in body.items() if key not in _RESPONSES_DROPPED}
+        out["model"] = checked_model(params.upstream_model)
+        out["max_output_tokens"] = params.max_tokens
+        out["store"] = False
+        out["stream"] = stream
+        return orjson.dumps(out)
+
+    async def respond(self, body: dict[str, Any], params: CallParams) -> Completion:
+        content = await self._post(
+            "/responses", self._responses_body(body, params, stream=False), params.request_id, params.timeout
+        )
+        data = loads_object(self.name, content, "response")
+        finish_reason = self._response_finish(data)
+        prompt_tokens, completion_tokens, cached_tokens = self._response_usage(data)
+        return Completion(
+            message=chat_pb2.ChatMessage(role="assistant"),
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            model=str(data.get("model") or params.upstream_model),
+            cached_tokens=cached_tokens,
+            native=content,
+        )
+
+    async def respond_stream(self, body: dict[str, Any], params: CallParams) -> AsyncIterator[StreamPiece]:
+        payload = self._responses_body(body, params, stream=True)
+        async with (
+            self._stream("/responses", payload, params.request_id, params.timeout) as response,
+            aclosing(iter_sse(response, self.config.max_event_bytes, self.name)) as events,
+        ):
+            ended = False
+            async for _, data in events:
+                piece = self._response_piece(data)
+                yield piece
+                if piece.finish_reason:
+                    ended = True
+                    break
+            if not ended:
+                raise accepted_failure(f"Provider '{self.name}' ended the stream before response.completed")
+
+    def _response_piece(self, data: bytes) -> StreamPiece:
+        """One Responses API event as a piece carrying it (``native``), with what hoosh
+        counts: text and call deltas (the estimate, the first token), the usage and
+        finish of the terminal event. An error event or response.failed raises."""
+        event = loads_object(self.name, data)
+        kind = event.get("type")
+        piece = StreamPiece(native=data)
+        try:
+            if kind in ("response.output_text.delta", "response.refusal.delta"):
+                piece.content = str(event.get("delta") or "")
+            elif kind == "response.function_call_arguments.delta":
+                piece.tool_calls = [
+                    chat_pb2.ToolCallDelta(
+                        index=int(event.get("output_index") or 0),
+                        function=chat_pb2.FunctionCall(arguments=str(event.get("delta") or "")),
+                    )
+                ]
+            elif kind == "response.output_item.added" and (event.get("item") or {}).get("type") == "function_call":
+                item = event["item"]
+                piece.tool_calls = [
+                    chat_pb2.ToolCallDelta(
+                        index=int(event.get("output_index") or 0),
+                        id=str(item.get("call_id") or ""),
+                        type="function",
+                        function=chat_pb2.FunctionCall(
+                            name=str(item.get("name") or ""), arguments=str(item.get("arguments") or "")
+                        ),
+                    )
+                ]
+            elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta"):
+                piece.hidden_tokens = len(str(event.get("delta") or "").encode())
+            elif kind in _RESPONSES_TERMINAL:
+                response = event.get("response")
+                if not isinstance(response, dict):
+                    raise malformed(self.name, kind)
+                piece.finish_reason = self._response_finish(response)
+                piece.prompt_tokens, piece.completion_tokens, piece.cached_tokens = self._response_usage(response)
+            elif kind == "error":
+                raise accepted_failure(f"Provider '{self.name}' failed mid-stream: {str(event.get('message'))[:300]}")
+            elif kind == "response.failed":
+                error = (event.get("response") or {}).get("error") or {}
+                raise accepted_failure(f"Provider '{self.name}' failed mid-stream: {str(error)[:300]}")
+        except (AttributeError, TypeError, ValueError) as error:
+            raise malformed(self.name, f"{kind} event") from error
+        return piece
+
+    def _response_finish(self, response: dict[str, Any]) -> str:
+        """The chat finish reason of a Responses API object (for events and the ledger)."""
+        status = response.get("status")
+        if status == "completed":
+            output = response.get("output") or []
+            calls = any(isinstance(item, dict) and item.get("type") == "function_call" for item in output)
+            return "tool_calls" if calls else "stop"
+        if status == "incomplete":
+            reason = (response.get("incomplete_details") or {}).get("reason")
+            return "content_filter" if reason == "content_filter" else "length"
+        error = response.get("error")
+        raise accepted_failure(f"Provider '{self.name}' answered a response with status {status!r}: {str(error)[:300]}")
+
+    def _response_usage(self, response: dict[str, Any]) -> tuple[int, int, int]:
+        """(input, output, cached input) tokens of a Responses API object's usage."""
+        try:
+            usage = response["usage"]
+            details = usage.get("input_tokens_details") or {}
+            cached = max(0, int(details.get("cached_tokens") or 0))
+            return int(usage["input_tokens"]), int(usage["output_tokens"]), cached
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise malformed(self.name, "usage") from error
 
     async def embed(self, texts: list[str], dimensions: int | None, params: CallParams) -> EmbeddingResult:
         model = checked_model(params.upstream_model)

@@ -1,0 +1,203 @@
+"""The Responses API passed through to a provider that speaks it natively.
+
+The edge cannot know which backend the router will pick (routing, retries, fallback),
+so every ``POST /v1/responses`` goes to the router's Respond / RespondStream: the chat
+translation (what plans, reserves and serves every other backend) with the Responses
+body beside it (:func:`native_body`). When the router picks a provider configured with
+``responses_api: native``, that provider is sent the body and its own response object
+(``response_json``) or events (``response_event``) come back; otherwise the reply is a
+chat one and serving_responses.py renders it as before.
+
+What the provider is sent: the request's own fields as the client gave them (hoosh's
+``pool`` left out), with a ``previous_response_id`` resolved by hoosh: the stored
+conversation (its items without hoosh's ids) goes first in ``input``, since the provider
+stores nothing (the router sends ``store: false``) and never saw hoosh's ids. What the
+client gets: the provider's object and events, with hoosh's response id, the request's
+``previous_response_id``, ``store`` and ``max_output_tokens`` echoed, and hoosh's
+``cost_usd_micros`` in the usage; the final event leaves only once the router has
+settled the call and the response is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import orjson
+from hoosh.chat.v1 import chat_pb2
+from hoosh.router.v1 import router_pb2
+from hoosh.tenancy.v1 import tenancy_pb2
+from hoosh_common.telemetry import request_metadata
+
+from .errors import API_ERROR, EdgeError, to_api_error
+from .serving_chat import Receive, ServingChat, completion_to_dict, to_router_request
+from .serving_responses import (
+    PreparedResponse,
+    ResponseResult,
+    ResponseStream,
+    output_of_completion,
+    response_object,
+)
+
+log = logging.getLogger(__name__)
+
+# The request's fields hoosh keeps to itself or decides (the router sets the model,
+# max_output_tokens, stream and store for each attempt).
+_NOT_FORWARDED = {"pool", "previous_response_id", "store", "stream", "background", "model"}
+# Stored items a provider can be sent back as input (reasoning items cannot be replayed
+# with store: false).
+_REPLAYABLE = ("message", "function_call", "function_call_output")
+_TERMINAL = ("response.completed", "response.incomplete")
+_ERROR_CODES = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
+
+
+class UpstreamError(EdgeError):
+    """A native provider's answer the edge cannot pass on (502)."""
+
+    status_code = 502
+    error_type = API_ERROR
+    code = "upstream_error"
+
+
+async def respond(
+    chat: ServingChat,
+    prepared: PreparedResponse,
+    request_id: str,
+    receive: Receive,
+    save: Callable[[dict[str, Any]], Awaitable[None]],
+    *,
+    pool: str,
+    caller: tenancy_pb2.Caller | None,
+) -> ResponseResult | ResponseStream:
+    """Run a prepared response through the router's Respond / RespondStream: a native
+    provider's answer passed on, any other rendered from chat as before. ``save``
+    stores the final response object (when the request asks for it)."""
+    router_request = to_router_request(prepared.chat, request_id, pool=pool, caller=caller)
+    router_request.responses_body = native_body(prepared)
+    metadata = request_metadata(request_id)
+    if prepared.body.stream:
+        call, first, watch = await chat.open_stream(router_request, metadata, receive, respond=True)
+        if isinstance(first, router_pb2.ChatStreamResponse) and first.response_event:
+            return NativeResponseStream(prepared, call, first, watch, save)
+        return ResponseStream(prepared, call, first, watch, save)
+    reply = await chat.respond(router_request, metadata, receive)
+    if reply.response_json:
+        response = native_response(prepared, reply)
+    else:
+        completion = completion_to_dict(reply, completion_id=f"chatcmpl-{request_id}", model=prepared.chat.model)
+        output, finish = output_of_completion(completion)
+        response = response_object(
+            prepared,
+            model=completion["model"],
+            status="completed",
+            output=output,
+            usage=completion["usage"],
+            finish_reason=finish,
+        )
+    await save(response)
+    return ResponseResult(response, reply.cache, reply.usage.cost_usd_micros)
+
+
+def native_body(prepared: PreparedResponse) -> bytes:
+    """The Responses body a native provider is sent (the router completes it)."""
+    body = prepared.body
+    out: dict[str, Any] = body.model_dump(exclude_unset=True, exclude=_NOT_FORWARDED)
+    if prepared.history:
+        given = body.input
+        items = [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) else given
+        replay = [
+            {key: value for key, value in item.items() if key != "id"}
+            for item in prepared.history
+            if item.get("type") in _REPLAYABLE
+        ]
+        out["input"] = [*replay, *items]
+    return orjson.dumps(out)
+
+
+def as_hoosh(prepared: PreparedResponse, response: dict[str, Any], usage: chat_pb2.Usage | None = None) -> None:
+    """Make a provider's response object hoosh's (in place): hoosh's id and the
+    request's own settings, and what the call cost when known."""
+    body = prepared.body
+    response["id"] = prepared.response_id
+    response["previous_response_id"] = body.previous_response_id
+    response["store"] = body.store is not False
+    response["max_output_tokens"] = body.max_output_tokens
+    response["background"] = body.background is True
+    if usage is not None and isinstance(response.get("usage"), dict):
+        response["usage"]["cost_usd_micros"] = usage.cost_usd_micros
+
+
+def native_response(prepared: PreparedResponse, reply: router_pb2.ChatResponse) -> dict[str, Any]:
+    """A blocking Respond answered by a native provider, as hoosh's response object."""
+    response = orjson.loads(reply.response_json)
+    if not isinstance(response, dict):
+        raise UpstreamError(f"Provider '{reply.provider}' sent a malformed response")
+    as_hoosh(prepared, response, reply.usage)
+    return response
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    kind = str(event.get("type", ""))
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+class NativeResponseStream(ResponseStream):
+    """A RespondStream a native provider answers: its events passed on as it sent them
+    (sequence numbers included), the response objects in them made hoosh's. The terminal
+    event (``response.completed`` / ``.incomplete``) waits for the router's usage message
+    (the call is settled then; its cost goes into the usage) and for the store. A failure
+    after the start is an ``error`` event, then ``response.failed``, numbered on."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        held: dict[str, Any] | None = None
+        usage: chat_pb2.Usage | None = None
+        try:
+            message = self._first
+            while isinstance(message, router_pb2.ChatStreamResponse):
+                if message.response_event:
+                    event = orjson.loads(message.response_event)
+                    response = event.get("response")
+                    if isinstance(response, dict):
+                        as_hoosh(self._prepared, response)
+                    sequence = event.get("sequence_number")
+                    self._sequence = sequence + 1 if isinstance(sequence, int) else self._sequence + 1
+                    if event.get("type") in _TERMINAL:
+                        held = event
+                    else:
+                        yield _sse(event)
+                elif message.HasField("usage"):
+                    usage = message.usage
+                message = await self._call.read()
+            if held is None:
+                raise UpstreamError("The provider's stream ended before its response was complete")
+            final = held["response"]
+            as_hoosh(self._prepared, final, usage)
+            await self._save(final)
+        except asyncio.CancelledError:
+            if self._watch.fired:
+                return  # the client is gone: nobody to tell
+            raise
+        except Exception as exc:
+            error = to_api_error(exc)
+            if isinstance(exc, grpc.aio.AioRpcError):
+                log.warning(
+                    "router stream failed after it started",
+                    extra={"grpc_status": exc.code().name, "detail": exc.details()},
+                )
+            elif not isinstance(exc, EdgeError):
+                log.exception("response stream failed")
+            yield self._event("error", code=error.code, message=error.message, param=error.param)
+            failed = self._response(
+                "failed",
+                output=[],
+                error={"code": _ERROR_CODES.get(error.status, "server_error"), "message": error.message},
+            )
+            await self._store_failed(failed)
+            yield self._event("response.failed", response=failed)
+            return
+        finally:
+            self._close()
+        yield _sse(held)

@@ -65,8 +65,10 @@ def test_blocking_request_reaches_the_provider_unchanged(hoosh: RunningStack) ->
     assert reply.status_code == 200, reply.text
     response = reply.json()
     sent = stats(hoosh)["last_body"]
-    for name in ("input", "instructions", "temperature", "top_p", "max_output_tokens", "metadata", "text", "user"):
+    for name in ("instructions", "temperature", "top_p", "max_output_tokens", "metadata", "text", "user"):
         assert sent[name] == body[name], name
+    # The items as hoosh checked and counted them (typed, without ids), not the raw ones.
+    assert sent["input"] == [{"type": "message", "status": "completed", **body["input"][0]}]
     assert sent["parallel_tool_calls"] is False
     assert sent["model"] == "native-blocking" and sent["store"] is False and sent["stream"] is False
     assert "previous_response_id" not in sent and "pool" not in sent
@@ -131,7 +133,7 @@ def test_previous_response_id_is_rebuilt_by_hoosh(hoosh: RunningStack, client: o
     assert [(item["role"], item["content"]) for item in sent["input"]] == [
         ("user", [{"type": "input_text", "text": "Turn one"}]),
         ("assistant", [{"type": "output_text", "text": REPLY, "annotations": [], "logprobs": []}]),
-        ("user", "Turn two"),
+        ("user", [{"type": "input_text", "text": "Turn two"}]),
     ]
     assert second.previous_response_id == first.id and second.output_text == REPLY
     # A streamed third turn continues the second.

@@ -12,8 +12,10 @@ import httpx
 import openai
 import orjson
 import pytest
-from hoosh_edge.errors import InvalidRequestError
+from hoosh_edge.errors import InvalidRequestError, NotFoundError
 from hoosh_edge.protocol_responses import ResponseCreateRequest
+from hoosh_edge.responses_native import native_body
+from hoosh_edge.routes_responses import _checked_id
 from hoosh_edge.serving_responses import items_to_messages, normalize_input, prepare, text_format
 
 from .conftest import REPLY, MakeEdge, Stack
@@ -106,6 +108,23 @@ def test_function_tools_tool_choice_and_json_schema_map_onto_chat() -> None:
             "input[0].content[0].type",
         ),
         ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+        (  # a function output's non-text part could not be counted (nor sent on)
+            {
+                "input": [
+                    {
+                        "type": "function_call_output",
+                        "call_id": "c",
+                        "output": [{"type": "input_text", "text": "ok"}, {"type": "input_image", "image_url": "x"}],
+                    }
+                ]
+            },
+            "input[0].output[1].type",
+        ),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_file"}]}]},
+            "input[0].output[0].type",
+        ),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": ["x"]}]}, "input[0].output[0]"),
         ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice.type"),
         ({"text": {"format": {"type": "json_schema", "name": "a"}}}, "text.format.schema"),
     ],
@@ -361,10 +380,10 @@ async def test_cancel_is_confined_to_the_owner_and_runs_stop_at_once_here(
             break
         await asyncio.sleep(0.05)
     assert edge.app.state.edge.responses.background.running == 0
-    # A cancelled turn adds only its input to the conversation.
-    follow = await mine.responses.create(model="gpt-4o-mini", input="next", previous_response_id=queued.id)
-    assert [m["content"] for m in stack.upstream.stats.last_body["messages"]] == ["Slowly", "next"]
-    assert follow.status == "completed"
+    # A cancelled response cannot be continued (only a completed or incomplete one).
+    with pytest.raises(openai.BadRequestError, match="status 'cancelled'") as refused:
+        await mine.responses.create(model="gpt-4o-mini", input="next", previous_response_id=queued.id)
+    assert refused.value.body["param"] == "previous_response_id"  # type: ignore[index]
 
 
 async def test_failed_responses_are_stored_with_their_error(
@@ -398,3 +417,170 @@ async def test_background_needs_store_and_no_stream(
     client = await edge_with_stack(make_edge, stack, tenancy_prefix)
     refused = await client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", **fields})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "background"
+
+
+# --------------------------------------------------------------------------- native body, ids
+
+
+def test_native_body_is_built_from_the_counted_items() -> None:
+    history = [
+        *normalize_input([{"role": "user", "content": "Earlier"}]),
+        {"id": "rs_1", "type": "reasoning", "summary": [], "encrypted_content": "x" * 1000},
+        {
+            "id": "msg_up",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [
+                {"type": "output_text", "text": "Answer", "annotations": [{"junk": "y" * 1000}]},
+                {"type": "something_new", "data": "z" * 1000},
+            ],
+        },
+    ]
+    prepared = prepare(
+        request(
+            input=[
+                {"type": "reasoning", "id": "rs_2", "summary": [], "encrypted_content": "x" * 1000},
+                {"id": "fc_1", "type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}", "extra": 1},
+                {
+                    "type": "function_call_output",
+                    "call_id": "c1",
+                    "output": [{"type": "input_text", "text": "out", "junk": "j"}],
+                },
+                {"role": "user", "content": [{"type": "input_text", "text": "Now?", "junk": "j"}], "junk": "j"},
+            ],
+            tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}, "junk": "j" * 1000}],
+            tool_choice={"type": "function", "name": "f", "junk": "j"},
+            text={"format": {"type": "json_object", "junk": "j"}, "verbosity": "low", "junk": "j"},
+            max_output_tokens=50,
+        ),
+        "rn1",
+        history,
+    )
+    sent = orjson.loads(native_body(prepared))
+    assert "junk" not in orjson.dumps(sent).decode() and "x" * 100 not in orjson.dumps(sent).decode()
+    assert sent["input"] == [
+        {
+            "type": "message",
+            "role": "user",
+            "status": "completed",
+            "content": [{"type": "input_text", "text": "Earlier"}],
+        },
+        {
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "Answer", "annotations": [], "logprobs": []}],
+        },
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}", "status": "completed"},
+        {"type": "function_call_output", "call_id": "c1", "output": "out", "status": "completed"},
+        {"type": "message", "role": "user", "status": "completed", "content": [{"type": "input_text", "text": "Now?"}]},
+    ]
+    # Exactly what the translation counted (and the reservation was sized from).
+    assert [m.role for m in prepared.chat.messages] == ["user", "assistant", "tool", "user"]  # the call joins the turn
+    assert sent["tools"] == [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    assert sent["tool_choice"] == {"type": "function", "name": "f"}
+    assert sent["text"] == {"format": {"type": "json_object"}, "verbosity": "low"}
+    assert sent["max_output_tokens"] == 50  # the router replaces it with the grant (router tests)
+    assert not {"pool", "previous_response_id", "store", "stream", "background", "model"} & sent.keys()
+    # A lone string is one user message, sent as it is.
+    assert orjson.loads(native_body(prepare(request(input="hi"), "rn2", [])))["input"] == "hi"
+
+
+def test_checked_id_wants_the_whole_id() -> None:
+    assert _checked_id("resp_abc") == "resp_abc"
+    for bad in ("resp_abc\n", "resp_abc/x", "xresp_abc", "resp_"):
+        with pytest.raises(NotFoundError):
+            _checked_id(bad)
+    with pytest.raises(InvalidRequestError):  # a function name is matched whole too
+        prepare(request(tools=[{"type": "function", "name": "f\n"}]), "r4", [])
+
+
+# --------------------------------------------------------------------------- storage bounds
+
+
+async def stored_raw(tenancy_prefix: str, response_id: str) -> bytes | None:
+    import redis.asyncio as aioredis
+
+    redis = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        raw: bytes | None = await redis.get(f"{tenancy_prefix}responses:{response_id}")
+        return raw
+    finally:
+        await redis.aclose()
+
+
+async def stored_count(tenancy_prefix: str) -> int:
+    import redis.asyncio as aioredis
+
+    redis = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        return len([key async for key in redis.scan_iter(match=f"{tenancy_prefix}responses:*")])
+    finally:
+        await redis.aclose()
+
+
+async def test_conversation_cap_refuses_before_storing_or_sending(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix, responses_max_conversation_bytes=4096)
+    first = await client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "a" * 2500})
+    assert first.status_code == 200, first.text
+    keys, calls = await stored_count(tenancy_prefix), stack.upstream.stats.requests
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"input": "b" * 2000, "previous_response_id": first.json()["id"]}, "previous_response_id"),
+        ({"input": "b" * 2000, "previous_response_id": first.json()["id"], "background": True}, "previous_response_id"),
+        ({"input": "c" * 5000}, "input"),
+        ({"input": [{"role": "user", "content": "c" * 5000}], "background": True}, "input"),
+        ({"input": "c" * 5000, "stream": True}, "input"),
+    ]
+    for fields, param in cases:
+        refused = await client.post("/v1/responses", json={"model": "gpt-4o-mini", **fields})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "context_length_exceeded" and error["param"] == param
+        assert error["type"] == "invalid_request_error"
+    assert await stored_count(tenancy_prefix) == keys and stack.upstream.stats.requests == calls
+    # Under the cap it continues as ever.
+    ok = await client.post(
+        "/v1/responses", json={"model": "gpt-4o-mini", "input": "b" * 100, "previous_response_id": first.json()["id"]}
+    )
+    assert ok.status_code == 200, ok.text
+
+
+async def test_failed_responses_are_small_and_not_continuable(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix)
+    big = "x" * 50_000
+    first = (await client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": big})).json()
+    assert first["status"] == "completed"
+    # A background continuation that fails before any provider call (no such model), and
+    # one the provider refuses: stored with their error and own input, no conversation copy.
+    for model in ("no-such-model", "mock-fail-503"):
+        queued = await client.post(
+            "/v1/responses",
+            json={"model": model, "input": "small", "background": True, "previous_response_id": first["id"]},
+        )
+        assert queued.status_code == 200, queued.text
+        failed = await settled(client, queued.json()["id"], until=("failed",))
+        assert failed["error"]["message"]
+        raw = await stored_raw(tenancy_prefix, failed["id"])
+        assert raw is not None and len(raw) < 10_000  # the 50 kB conversation is not copied
+        record = orjson.loads(raw)
+        assert record["conversation"] == [] and len(record["input_items"]) == 1
+        items = (await client.get(f"/v1/responses/{failed['id']}/input_items")).json()
+        assert [item["content"][0]["text"] for item in items["data"]] == ["small"]
+        # Not continuable: a chain of failures cannot grow.
+        for background in (False, True):
+            refused = await client.post(
+                "/v1/responses",
+                json={"model": "gpt-4o-mini", "input": "more", "previous_response_id": failed["id"]}
+                | ({"background": True} if background else {}),
+            )
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["param"] == "previous_response_id" and "status 'failed'" in error["message"]
+    # A completed one still carries the conversation.
+    record = orjson.loads(await stored_raw(tenancy_prefix, first["id"]) or b"{}")
+    assert [item["type"] for item in record["conversation"]] == ["message", "message"]

@@ -113,3 +113,18 @@ async def test_failures_are_classified_as_for_chat(openai_up: OpenAIUpstream) ->
         assert cut.value.accepted  # the provider had accepted the call: it may bill the prompt
     finally:
         await backend.close()
+
+
+async def test_a_client_max_output_tokens_above_the_grant_is_clamped(openai_up: OpenAIUpstream) -> None:
+    """The edge forwards the client's max_output_tokens; the provider gets the budget's
+    grant (what was reserved), not a default the client's value would override."""
+    backend = native(openai_up)
+    body = {"input": "hi", "max_output_tokens": 100_000}
+    try:
+        await backend.respond(dict(body), params("native-up", max_tokens=40))
+        assert openai_up.stats.last_body["max_output_tokens"] == 40
+        async for _ in backend.respond_stream(dict(body), params("native-up", max_tokens=7)):
+            pass
+        assert openai_up.stats.last_body["max_output_tokens"] == 7
+    finally:
+        await backend.close()

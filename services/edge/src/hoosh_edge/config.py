@@ -148,6 +148,13 @@ class Settings(InternalPlaneSettings):
         description="How often the edge running a background response (/v1/responses with background=true) "
         "looks at its stored copy, to stop it once cancelled on another edge (or deleted)",
     )
+    responses_max_conversation_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest conversation a /v1/responses request may build (the previous_response_id's stored "
+        "conversation plus the new input, as JSON); larger: 400 context_length_exceeded before anything is "
+        "stored or sent",
+    )
     responses_key_prefix: str = Field(
         default="hoosh:responses:",
         min_length=1,

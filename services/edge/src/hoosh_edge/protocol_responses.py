@@ -70,7 +70,12 @@ INPUT_ITEM_SCHEMA: dict[str, Any] = {
         _part(
             "function_call_output",
             call_id=_TEXT,
-            output={"anyOf": [_TEXT, {"type": "array", "items": {"type": "object"}}]},
+            output={
+                "anyOf": [
+                    _TEXT,
+                    {"type": "array", "items": {"anyOf": [_INPUT_TEXT, _OUTPUT_TEXT, _part("text", text=_TEXT)]}},
+                ]
+            },
         ),
     ]
 }

@@ -8,13 +8,17 @@ body beside it (:func:`native_body`). When the router picks a provider configure
 (``response_json``) or events (``response_event``) come back; otherwise the reply is a
 chat one and serving_responses.py renders it as before.
 
-What the provider is sent: the request's own fields as the client gave them (hoosh's
-``pool`` left out), with a ``previous_response_id`` resolved by hoosh: the stored
-conversation (its items without hoosh's ids) goes first in ``input``, since the provider
-stores nothing (the router sends ``store: false``) and never saw hoosh's ids. What the
-client gets: the provider's object and events, with hoosh's response id, the request's
-``previous_response_id``, ``store`` and ``max_output_tokens`` echoed, and hoosh's
-``cost_usd_micros`` in the usage; the final event leaves only once the router has
+What the provider is sent: the request's own settings (hoosh's ``pool`` left out), with
+``input``, ``tools``, ``tool_choice`` and ``text`` rebuilt from the checked items the chat
+translation counted (the budget's reservation is sized from it: nothing the translation
+dropped or could not count reaches the provider; reasoning items are dropped on both
+paths, non-text parts of a function_call_output refused), and a
+``previous_response_id`` resolved by hoosh: the stored conversation (its items without
+hoosh's ids) goes first in ``input``, since the provider stores nothing (the router sends
+``store: false``, and the budget's grant as ``max_output_tokens``) and never saw hoosh's
+ids. What the client gets: the provider's object and events, with hoosh's response id,
+the request's ``previous_response_id``, ``store`` and ``max_output_tokens`` echoed, and
+hoosh's ``cost_usd_micros`` in the usage; the final event leaves only once the router has
 settled the call and the response is stored.
 """
 
@@ -50,6 +54,8 @@ _NOT_FORWARDED = {"pool", "previous_response_id", "store", "stream", "background
 # Stored items a provider can be sent back as input (reasoning items cannot be replayed
 # with store: false).
 _REPLAYABLE = ("message", "function_call", "function_call_output")
+# Rebuilt from the checked, counted forms rather than forwarded as the client sent them.
+_REBUILT = {"input", "tools", "tool_choice", "text"}
 _TERMINAL = ("response.completed", "response.incomplete")
 _ERROR_CODES = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
 
@@ -102,19 +108,64 @@ async def respond(
 
 
 def native_body(prepared: PreparedResponse) -> bytes:
-    """The Responses body a native provider is sent (the router completes it)."""
+    """The Responses body a native provider is sent (the router completes it): built from
+    what the chat translation counted (the reservation is sized from it), never from the
+    client's raw items, so nothing reaches the provider uncounted."""
     body = prepared.body
-    out: dict[str, Any] = body.model_dump(exclude_unset=True, exclude=_NOT_FORWARDED)
-    if prepared.history:
-        given = body.input
-        items = [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) else given
-        replay = [
-            {key: value for key, value in item.items() if key != "id"}
-            for item in prepared.history
-            if item.get("type") in _REPLAYABLE
-        ]
-        out["input"] = [*replay, *items]
+    out: dict[str, Any] = body.model_dump(exclude_unset=True, exclude=_NOT_FORWARDED | _REBUILT)
+    if isinstance(body.input, str) and not prepared.history:
+        out["input"] = body.input  # one user message: exactly what was counted
+    else:
+        items = [*prepared.history, *prepared.input_items]
+        out["input"] = [_native_item(item) for item in items if item.get("type") in _REPLAYABLE]
+    if prepared.tools:
+        out["tools"] = [{key: value for key, value in tool.items() if value is not None} for tool in prepared.tools]
+    choice = body.tool_choice
+    if isinstance(choice, dict):
+        out["tool_choice"] = {"type": "function", "name": choice["name"]}
+    elif choice is not None:
+        out["tool_choice"] = choice
+    if body.text is not None:
+        fmt = {key: value for key, value in prepared.text_format.items() if value is not None}
+        out["text"] = {"format": fmt}
+        verbosity = body.text.get("verbosity")
+        if verbosity in ("low", "medium", "high"):
+            out["text"]["verbosity"] = verbosity
     return orjson.dumps(out)
+
+
+def _native_part(part: dict[str, Any]) -> dict[str, Any]:
+    kind = part["type"]
+    if kind == "input_text":
+        return {"type": "input_text", "text": part["text"]}
+    if kind == "input_image":
+        return {"type": "input_image", "image_url": part["image_url"], "detail": part["detail"]}
+    if kind == "output_text":
+        return {"type": "output_text", "text": part["text"], "annotations": [], "logprobs": []}
+    return {"type": "refusal", "refusal": part["refusal"]}
+
+
+def _native_item(item: dict[str, Any]) -> dict[str, Any]:
+    """A stored or normalized item as a provider is sent it: the fields the translation
+    counted, without hoosh's id (a native provider's own output items replayed keep only
+    their text, refusal, call and output). Reasoning items never get here: normalizing
+    drops them and the translation skips them in a replay (``_REPLAYABLE``)."""
+    kind = item["type"]
+    status = item.get("status", "completed")
+    if kind == "message":
+        role = item["role"]
+        counted = ("output_text", "refusal") if role == "assistant" else ("input_text", "input_image")
+        parts = [_native_part(part) for part in item["content"] if part.get("type") in counted]
+        return {"type": "message", "role": role, "status": status, "content": parts}
+    if kind == "function_call":
+        return {
+            "type": "function_call",
+            "call_id": item["call_id"],
+            "name": item["name"],
+            "arguments": item["arguments"],
+            "status": status,
+        }
+    return {"type": "function_call_output", "call_id": item["call_id"], "output": item["output"], "status": status}
 
 
 def as_hoosh(prepared: PreparedResponse, response: dict[str, Any], usage: chat_pb2.Usage | None = None) -> None:

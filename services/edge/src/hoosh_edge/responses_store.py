@@ -3,7 +3,8 @@ replica answers ``GET /v1/responses/{id}``, its input items and ``DELETE``, and 
 a conversation by ``previous_response_id``.
 
 One key per response, ``<prefix><response id>``, holding one JSON document: the owner
-(the key id that created it), the response object, this request's input items and the
+(the key id that created it), the response object, this request's input items and, for
+a completed or incomplete response (the only ones previous_response_id continues), the
 whole conversation up to and including the response's output (so continuing it costs one
 GET, whatever its length, and an earlier turn expiring does not break a later one). Keys
 expire ``HOOSH_RESPONSES_TTL_SECONDS`` after they were written. A single key per response

@@ -51,7 +51,7 @@ def _not_found(response_id: str) -> NotFoundError:
 
 
 def _checked_id(response_id: str) -> str:
-    if not _RESPONSE_ID.match(response_id):
+    if not _RESPONSE_ID.fullmatch(response_id):
         raise _not_found(response_id)
     return response_id
 

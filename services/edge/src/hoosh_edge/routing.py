@@ -91,7 +91,12 @@ class EdgeState:
         store = ResponsesStore(
             self.tenancy.limits_redis, self.settings.responses_key_prefix, self.settings.responses_ttl_seconds
         )
-        self.responses = ServingResponses(self.chat, store, self.settings.responses_background_poll_seconds)
+        self.responses = ServingResponses(
+            self.chat,
+            store,
+            self.settings.responses_background_poll_seconds,
+            self.settings.responses_max_conversation_bytes,
+        )
 
 
 def edge(request: Request) -> EdgeState:

@@ -107,6 +107,24 @@ def _message_parts(role: str, content: Any, param: str) -> list[dict[str, Any]]:
     return parts
 
 
+def _output_text_parts(parts: list[Any], param: str) -> str:
+    """A function_call_output's list of parts as its text. Only text parts: nothing else
+    can be counted against the budget (or sent on), so any other part is a 400."""
+    texts: list[str] = []
+    for index, part in enumerate(parts):
+        where = f"{param}[{index}]"
+        if not isinstance(part, dict):
+            raise _bad(f"Invalid value for '{where}': expected an object.", where, "invalid_type")
+        if part.get("type") not in ("input_text", "output_text", "text"):
+            raise _bad(
+                f"Invalid value for '{where}.type': content part type {part.get('type')!r} is not supported in a "
+                "function_call_output (text parts only: input_text).",
+                f"{where}.type",
+            )
+        texts.append(_text_part(part, where))
+    return "".join(texts)
+
+
 def _output_text(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -174,9 +192,7 @@ def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             output = item.get("output")
             if isinstance(output, list):
-                output = "".join(
-                    str(part.get("text", "")) for part in output if isinstance(part, dict) and "text" in part
-                )
+                output = _output_text_parts(output, f"{param}.output")
             if not isinstance(output, str):
                 raise _bad(
                     f"Missing required parameter: '{param}.output'.", f"{param}.output", "missing_required_parameter"
@@ -267,7 +283,7 @@ def normalize_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         if kind != "function":
             raise _bad(HOSTED_TOOL_MESSAGE.format(kind=kind), f"tools[{index}].type", "unsupported_tool_type")
         name = tool.get("name")
-        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
             raise _bad(
                 f"Invalid value for 'tools[{index}].name': a-z, A-Z, 0-9, _ and -, at most 64 characters.",
                 f"tools[{index}].name",
@@ -320,7 +336,7 @@ def text_format(text: dict[str, Any] | None) -> dict[str, Any]:
     if kind == "json_schema":
         name = fmt.get("name")
         schema = fmt.get("schema")
-        if not isinstance(name, str) or not _FUNCTION_NAME.match(name):
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
             raise _bad("Invalid value for 'text.format.name': a-z, A-Z, 0-9, _ and -, at most 64.", "text.format.name")
         if not isinstance(schema, dict):
             raise _bad(
@@ -787,6 +803,12 @@ def check_background(body: ResponseCreateRequest) -> None:
         )
 
 
+# What previous_response_id may continue (as OpenAI: a failed or cancelled response
+# cannot be); only these keep a copy of the conversation when stored.
+CONTINUABLE = ("completed", "incomplete")
+DEFAULT_MAX_CONVERSATION_BYTES = 8 * 1024 * 1024
+
+
 def previous_not_found(response_id: str) -> NotFoundError:
     return NotFoundError(
         f"Previous response with id '{response_id}' not found.",
@@ -798,10 +820,34 @@ def previous_not_found(response_id: str) -> NotFoundError:
 class ServingResponses:
     """POST /v1/responses (and the stored responses) over :class:`ServingChat`."""
 
-    def __init__(self, chat: ServingChat, store: ResponsesStore, background_poll_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        chat: ServingChat,
+        store: ResponsesStore,
+        background_poll_seconds: float = 0.5,
+        max_conversation_bytes: int = DEFAULT_MAX_CONVERSATION_BYTES,
+    ) -> None:
         self._chat = chat
         self.store = store
         self.background = BackgroundResponses(store, background_poll_seconds)
+        self.max_conversation_bytes = max_conversation_bytes
+
+    def check_conversation_size(self, prepared: PreparedResponse) -> None:
+        """400 (context_length_exceeded) when the conversation continued plus this input,
+        serialized, exceeds HOOSH_RESPONSES_MAX_CONVERSATION_BYTES: what a stored response
+        would hold (and be sent on), refused before anything is stored or sent."""
+        history_bytes = len(orjson.dumps(prepared.history)) if prepared.history else 0
+        input_bytes = len(orjson.dumps(prepared.input_items))
+        limit = self.max_conversation_bytes
+        if history_bytes + input_bytes <= limit:
+            return
+        param = "input" if not prepared.history or input_bytes > limit else "previous_response_id"
+        raise InvalidRequestError(
+            f"The conversation with this input is {history_bytes + input_bytes} bytes, over this gateway's "
+            f"limit of {limit} bytes for a stored conversation; start a new conversation or send less input.",
+            param=param,
+            code="context_length_exceeded",
+        )
 
     async def create(
         self,
@@ -824,17 +870,28 @@ class ServingResponses:
                     "wait until it is complete.",
                     param="previous_response_id",
                 )
+            if previous.status not in CONTINUABLE:
+                raise InvalidRequestError(
+                    f"Previous response with id '{body.previous_response_id}' has status '{previous.status}'; "
+                    "only a completed or incomplete response can be continued.",
+                    param="previous_response_id",
+                    code="invalid_value",
+                )
             history = previous.conversation
         if body.background:
             check_background(body)
             # Run on the streaming path: a cancel stops the upstream call mid-answer.
             body = body.model_copy(update={"stream": True})
         prepared = prepare(body, request_id, history)
+        self.check_conversation_size(prepared)
 
         def record(response: dict[str, Any]) -> StoredResponse:
-            # A failed or cancelled turn adds only its input to the conversation.
-            output = response["output"] if response["status"] in ("completed", "incomplete") else []
-            conversation = [*history, *prepared.input_items, *output]
+            # Only a response previous_response_id can continue keeps the conversation: a
+            # queued, in-progress, failed or cancelled one holds its own input items only
+            # (so failures, which cost no tokens, cannot make storage grow turn by turn).
+            if response["status"] not in CONTINUABLE:
+                return StoredResponse(owner, response, prepared.input_items)
+            conversation = [*history, *prepared.input_items, *response["output"]]
             return StoredResponse(owner, response, prepared.input_items, conversation)
 
         async def save(response: dict[str, Any]) -> None:

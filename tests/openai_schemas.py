@@ -5,15 +5,31 @@ loaded once per process."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-openapi.yaml"
+
+def _find_spec() -> Path:
+    """HOOSH_OPENAI_SPEC, else shared/reference/openai-openapi.yaml beside the checkout
+    or beside any directory above it (a clone elsewhere sets the variable)."""
+    given = os.environ.get("HOOSH_OPENAI_SPEC", "").strip()
+    if given:
+        return Path(given)
+    for parent in Path(__file__).resolve().parents[1:]:
+        candidate = parent / "shared" / "reference" / "openai-openapi.yaml"
+        if candidate.is_file():
+            return candidate
+    return Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-openapi.yaml"
+
+
+SPEC = _find_spec()
 _URI = "urn:openai-openapi"
 
 
@@ -21,8 +37,16 @@ def available() -> bool:
     return SPEC.is_file()
 
 
+def require() -> None:
+    """Fail (never skip) when the spec is missing: the responses tests check much more
+    than the schemas, and a missing file must not hide them."""
+    if not available():
+        pytest.fail(f"OpenAI's OpenAPI document is not at {SPEC}: set HOOSH_OPENAI_SPEC to its path")
+
+
 @functools.cache
 def _registry() -> Registry[Any]:
+    require()
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with SPEC.open() as handle:
         spec = yaml.load(handle, Loader=loader)

@@ -212,9 +212,13 @@ class OwnNats:
         self.process = None
 
 
-@pytest.fixture(params=["compose", "helm"])
+@pytest.fixture(params=["compose"])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OwnNats]:
-    """A fresh server per test: the stream, which nobody may delete, starts anew."""
+    """A fresh server per test: the stream, which nobody may delete, starts anew. The
+    behaviour is checked on the compose config; the chart's grants the same
+    (test_the_chart_has_the_users_and_permissions_of_the_compose_config) and its
+    rendered config runs (test_the_chart_config_serves_each_user): a server each per
+    test for both would double this module's time for no new fact."""
     started = OwnNats(tmp_path / f"nats-{request.param}", request.param)
     started.start()
     try:
@@ -656,3 +660,31 @@ async def test_ops_inspects_the_stream_but_neither_publishes_nor_consumes(connec
         ops.js.add_consumer(STREAM, ConsumerConfig(durable_name="ops", ack_policy=AckPolicy.EXPLICIT)),
         f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM}.ops",
     )
+
+
+async def test_the_chart_config_serves_each_user(tmp_path: Path) -> None:
+    """The chart's config as the chart renders it (passwords quoted through its env
+    order) starts, lets every user in with its own password, and a publisher declares
+    the stream and publishes its events there."""
+    helm = OwnNats(tmp_path / "nats-helm", "helm")
+    helm.start()
+    try:
+        for user in (*PUBLISHERS, "audit", "ops"):
+            nc = await nats.connect(helm.url(user), allow_reconnect=False, connect_timeout=5)
+            await nc.close()
+        errors: list[str] = []
+
+        async def on_error(error: Exception) -> None:
+            errors.append(str(error).lower())
+
+        nc = await nats.connect(helm.url("router"), error_cb=on_error, allow_reconnect=False, connect_timeout=5)
+        try:
+            conn = Conn(nc, nc.jetstream(timeout=API_TIMEOUT), errors)
+            await declared(conn, "router")
+            published = await publish_own(conn, "router")
+            assert await messages(conn) == published
+            assert conn.violations() == []
+        finally:
+            await nc.close()
+    finally:
+        helm.stop()

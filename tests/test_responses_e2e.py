@@ -22,8 +22,6 @@ from .conftest import LOCAL_MODEL, RunningStack, admin_headers
 from .replicas import Replicas
 from .test_audit_e2e import entries_of
 
-pytestmark = pytest.mark.skipif(not openai_schemas.available(), reason="the OpenAI spec is not in ../shared")
-
 REPLY = "Hello from the upstream stand-in."
 WEATHER: Any = [
     {

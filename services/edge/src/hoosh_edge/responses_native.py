@@ -29,14 +29,13 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import grpc
 import orjson
 from hoosh.chat.v1 import chat_pb2
 from hoosh.router.v1 import router_pb2
 from hoosh.tenancy.v1 import tenancy_pb2
 from hoosh_common.telemetry import request_metadata
 
-from .errors import API_ERROR, EdgeError, to_api_error
+from .errors import API_ERROR, EdgeError
 from .serving_chat import Receive, ServingChat, completion_to_dict, to_router_request
 from .serving_responses import (
     PreparedResponse,
@@ -232,22 +231,8 @@ class NativeResponseStream(ResponseStream):
                 return  # the client is gone: nobody to tell
             raise
         except Exception as exc:
-            error = to_api_error(exc)
-            if isinstance(exc, grpc.aio.AioRpcError):
-                log.warning(
-                    "router stream failed after it started",
-                    extra={"grpc_status": exc.code().name, "detail": exc.details()},
-                )
-            elif not isinstance(exc, EdgeError):
-                log.exception("response stream failed")
-            yield self._event("error", code=error.code, message=error.message, param=error.param)
-            failed = self._response(
-                "failed",
-                output=[],
-                error={"code": _ERROR_CODES.get(error.status, "server_error"), "message": error.message},
-            )
-            await self._store_failed(failed)
-            yield self._event("response.failed", response=failed)
+            async for event in self._failure(exc, output=[]):
+                yield event
             return
         finally:
             self._close()

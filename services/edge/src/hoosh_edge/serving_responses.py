@@ -739,28 +739,35 @@ class ResponseStream:
                 return  # the client is gone: nobody to tell
             raise
         except Exception as exc:
-            error = to_api_error(exc)
-            if isinstance(exc, grpc.aio.AioRpcError):
-                log.warning(
-                    "router stream failed after it started",
-                    extra={"grpc_status": exc.code().name, "detail": exc.details()},
-                )
-            elif not isinstance(exc, EdgeError):
-                log.exception("response stream failed")
-            yield self._event("error", code=error.code, message=error.message, param=error.param)
-            failed = self._response(
-                "failed",
-                output=[item.item("incomplete") for item in self._items],
-                usage=self._usage,
-                error={"code": _ERROR_CODES.get(error.status, "server_error"), "message": error.message},
-            )
-            await self._store_failed(failed)
-            yield self._event("response.failed", response=failed)
+            output = [item.item("incomplete") for item in self._items]
+            async for event in self._failure(exc, output=output, usage=self._usage):
+                yield event
             return
         finally:
             self._close()
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         yield self._event(kind, response=final)
+
+    async def _failure(self, exc: Exception, **output: Any) -> AsyncIterator[bytes]:
+        """A failure after the start: logged (a router error as a warning, anything not
+        an EdgeError with its traceback), then an ``error`` event and ``response.failed``
+        (``output``: the failed response's output and usage), which is kept."""
+        error = to_api_error(exc)
+        if isinstance(exc, grpc.aio.AioRpcError):
+            log.warning(
+                "router stream failed after it started",
+                extra={"grpc_status": exc.code().name, "detail": exc.details()},
+            )
+        elif not isinstance(exc, EdgeError):
+            log.exception("response stream failed")
+        yield self._event("error", code=error.code, message=error.message, param=error.param)
+        failed = self._response(
+            "failed",
+            **output,
+            error={"code": _ERROR_CODES.get(error.status, "server_error"), "message": error.message},
+        )
+        await self._store_failed(failed)
+        yield self._event("response.failed", response=failed)
 
     async def _store_failed(self, failed: dict[str, Any]) -> None:
         """Keep a failed response (the client saw its id in response.created): GET

@@ -70,48 +70,45 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request: router_pb2.ChatRequest,
         context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatResponse],
     ) -> router_pb2.ChatResponse:
-        metadata = context.invocation_metadata() or ()
-        request_id = _request_id(request, metadata)
-        request_id_var.set(request_id)
-        token = otel_context.attach(extract_context(metadata))
-        try:
-            return await self._chat.chat(request, request_id, context.time_remaining())
-        except RouterError as error:
-            context.set_trailing_metadata(error.trailing_metadata())
-            await context.abort(error.status, error.message)
-            raise  # unreachable: abort raises
-        finally:
-            otel_context.detach(token)
+        return await self._unary(request, context, native=False)
 
     async def ChatStream(
         self,
         request: router_pb2.ChatRequest,
         context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatStreamResponse],
     ) -> AsyncIterator[router_pb2.ChatStreamResponse]:
-        metadata = context.invocation_metadata() or ()
-        request_id = _request_id(request, metadata)
-        request_id_var.set(request_id)
-        token = otel_context.attach(extract_context(metadata))
-        try:
-            async for chunk in self._chat.stream(request, request_id, context.time_remaining()):
-                yield chunk
-        except RouterError as error:
-            context.set_trailing_metadata(error.trailing_metadata())
-            await context.abort(error.status, error.message)
-        finally:
-            otel_context.detach(token)
+        async for chunk in self._stream(request, context, native=False):
+            yield chunk
 
     async def Respond(
         self,
         request: router_pb2.ChatRequest,
         context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatResponse],
     ) -> router_pb2.ChatResponse:
+        return await self._unary(request, context, native=True)
+
+    async def RespondStream(
+        self,
+        request: router_pb2.ChatRequest,
+        context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatStreamResponse],
+    ) -> AsyncIterator[router_pb2.ChatStreamResponse]:
+        async for chunk in self._stream(request, context, native=True):
+            yield chunk
+
+    async def _unary(
+        self,
+        request: router_pb2.ChatRequest,
+        context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatResponse],
+        *,
+        native: bool,
+    ) -> router_pb2.ChatResponse:
+        """Chat, or Respond (``native``: the request may carry a Responses API body)."""
         metadata = context.invocation_metadata() or ()
         request_id = _request_id(request, metadata)
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
-            body = _responses_body(request)
+            body = _responses_body(request) if native else None
             return await self._chat.chat(request, request_id, context.time_remaining(), responses=body)
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())
@@ -120,17 +117,20 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finally:
             otel_context.detach(token)
 
-    async def RespondStream(
+    async def _stream(
         self,
         request: router_pb2.ChatRequest,
         context: grpc.aio.ServicerContext[router_pb2.ChatRequest, router_pb2.ChatStreamResponse],
+        *,
+        native: bool,
     ) -> AsyncIterator[router_pb2.ChatStreamResponse]:
+        """ChatStream, or RespondStream (``native``: as in ``_unary``)."""
         metadata = context.invocation_metadata() or ()
         request_id = _request_id(request, metadata)
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
-            body = _responses_body(request)
+            body = _responses_body(request) if native else None
             async for chunk in self._chat.stream(request, request_id, context.time_remaining(), responses=body):
                 yield chunk
         except RouterError as error:

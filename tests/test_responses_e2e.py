@@ -282,6 +282,16 @@ def test_background_response_cancelled_and_failed_validate(hoosh: RunningStack) 
         time.sleep(0.05)
     assert failed.status == "failed" and failed.error is not None and failed.error.code == "invalid_prompt"
     openai_schemas.assert_valid(failed.model_dump(mode="json", exclude_unset=True), "Response")
+    # The cancelled run's reservation is released (its router call is cancelled), not
+    # left for the lease to expire: every pool's reserved returns to 0.
+    reserved: list[tuple[str, int]] = []
+    for _ in range(300):
+        pools = httpx.get(f"{hoosh.base_url}/v1/tokens/pools").json()
+        reserved = [(pool["name"], pool["reserved"]) for pool in pools if pool["reserved"]]
+        if not reserved:
+            break
+        time.sleep(0.1)
+    assert reserved == []
 
 
 # --------------------------------------------------------------------------- budgets

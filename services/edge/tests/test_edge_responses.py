@@ -584,3 +584,169 @@ async def test_failed_responses_are_small_and_not_continuable(
     # A completed one still carries the conversation.
     record = orjson.loads(await stored_raw(tenancy_prefix, first["id"]) or b"{}")
     assert [item["type"] for item in record["conversation"]] == ["message", "message"]
+
+
+# --------------------------------------------------------------------------- fields not served, bounds, leases
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"),
+    [
+        ({"conversation": "conv_123"}, "conversation", "unsupported_parameter"),
+        ({"conversation": {"id": "conv_123"}}, "conversation", "unsupported_parameter"),
+        ({"prompt": {"id": "pmpt_1"}}, "prompt", "unsupported_parameter"),
+        ({"include": ["message.output_text.logprobs"]}, "include", "unsupported_value"),
+        ({"reasoning": {"effort": "high"}}, "reasoning", "unsupported_parameter"),
+        ({"service_tier": "flex"}, "service_tier", "unsupported_value"),
+        ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
+        ({"truncation": "auto"}, "truncation", "unsupported_value"),
+    ],
+)
+async def test_fields_not_served_are_refused_not_ignored(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str, fields: dict[str, Any], param: str, code: str
+) -> None:
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix)
+    keys, calls = await stored_count(tenancy_prefix), stack.upstream.stats.requests
+    refused = await client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", **fields})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+    assert await stored_count(tenancy_prefix) == keys and stack.upstream.stats.requests == calls
+
+
+async def test_empty_forms_of_those_fields_are_served(make_edge: MakeEdge, stack: Stack, tenancy_prefix: str) -> None:
+    # What the OpenAI Agents SDK sends by default (include: [] always), and explicit defaults.
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix)
+    fields = {
+        "include": [],
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "auto",
+        "truncation": "disabled",
+        "top_logprobs": 0,
+        "conversation": None,
+        "prompt": None,
+    }
+    served = await client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", **fields})
+    assert served.status_code == 200, served.text
+    assert served.json()["status"] == "completed"
+    for name in ("include", "reasoning", "service_tier", "conversation", "prompt", "top_logprobs"):
+        assert name not in stack.upstream.stats.last_body
+
+
+async def test_background_runs_are_bounded_per_key_and_per_edge(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    edge = await make_edge(
+        **stack.addresses(),
+        responses_key_prefix=f"{tenancy_prefix}responses:",
+        responses_max_background_per_key=1,
+        responses_background_poll_seconds=0.05,
+    )
+    first = await edge.client.post("/v1/responses", json={"model": "mock-stall", "input": "slow", "background": True})
+    assert first.status_code == 200, first.text
+    keys = await stored_count(tenancy_prefix)
+    second = await edge.client.post("/v1/responses", json={"model": "mock-stall", "input": "slow", "background": True})
+    assert second.status_code == 429, second.text
+    error = second.json()["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "rate_limit_error",
+        "too_many_background_responses",
+        "background",
+    )
+    assert second.headers["retry-after"] == "1"
+    assert await stored_count(tenancy_prefix) == keys  # nothing stored for the refused one
+    # A blocking response is not a background run: still served.
+    blocking = await edge.client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"})
+    assert blocking.status_code == 200, blocking.text
+    assert (await edge.client.post(f"/v1/responses/{first.json()['id']}/cancel")).json()["status"] == "cancelled"
+    for _ in range(60):
+        if edge.app.state.edge.responses.background.running == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert edge.app.state.edge.responses.background.running == 0
+    again = await edge.client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi", "background": True})
+    assert again.status_code == 200, again.text
+    await settled(edge.client, again.json()["id"], until=("completed",))
+
+
+async def test_a_run_holds_a_lease_and_an_orphaned_one_reads_as_failed(
+    make_edge: MakeEdge, stack: Stack, tenancy_prefix: str
+) -> None:
+    import redis.asyncio as aioredis
+    from hoosh_edge.responses_background import ORPHAN_MESSAGE
+    from hoosh_edge.responses_store import StoredResponse
+
+    edge = await make_edge(
+        **stack.addresses(),
+        responses_key_prefix=f"{tenancy_prefix}responses:",
+        responses_background_poll_seconds=0.05,
+        responses_background_lease_seconds=2,
+    )
+    store = edge.app.state.edge.responses.store
+    redis = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        running = (
+            await edge.client.post("/v1/responses", json={"model": "mock-stall", "input": "slow", "background": True})
+        ).json()
+        lease = store.run_key(running["id"])
+        assert await redis.exists(lease) and 0 < await redis.ttl(lease) <= 2
+        await settled(edge.client, running["id"], until=("in_progress",))
+        # A live run is not an orphan: reads leave it in progress.
+        assert (await edge.client.get(f"/v1/responses/{running['id']}")).json()["status"] == "in_progress"
+        await edge.client.post(f"/v1/responses/{running['id']}/cancel")
+        assert not await redis.exists(lease)  # a cancel drops the lease
+        for _ in range(60):
+            if edge.app.state.edge.responses.background.running == 0:
+                break
+            await asyncio.sleep(0.05)
+
+        # What an edge that died mid-run leaves once its lease lapsed: an in-progress
+        # background response and no lease. Reading it (on any edge) settles it as failed.
+        done = (await edge.client.post("/v1/responses", json={"model": "gpt-4o-mini", "input": "hi"})).json()
+        orphan = {**done, "id": "resp_" + "0" * 31 + "1", "status": "in_progress", "background": True}
+        orphan.pop("usage")
+        raw = await stored_raw(tenancy_prefix, done["id"])
+        assert raw is not None
+        await store.save(StoredResponse(orjson.loads(raw)["owner"], orphan, []))
+        read = (await edge.client.get(f"/v1/responses/{orphan['id']}")).json()
+        assert read["status"] == "failed"
+        assert read["error"] == {"code": "server_error", "message": ORPHAN_MESSAGE}
+        again = await edge.client.post(f"/v1/responses/{orphan['id']}/cancel")
+        assert again.status_code == 400 and "failed" in again.json()["error"]["message"]
+        refused = await edge.client.post(
+            "/v1/responses", json={"model": "gpt-4o-mini", "input": "next", "previous_response_id": orphan["id"]}
+        )
+        assert refused.status_code == 400 and "failed" in refused.json()["error"]["message"]
+        # After a delete, neither the response nor a lease is left.
+        assert (await edge.client.delete(f"/v1/responses/{running['id']}")).status_code == 200
+        assert await stored_raw(tenancy_prefix, running["id"]) is None and not await redis.exists(lease)
+    finally:
+        await redis.aclose()
+
+
+@pytest.mark.parametrize(
+    ("details", "status", "code"),
+    [
+        ("Sent message larger than max (40000000 vs. 33554432)", 413, "request_too_large"),
+        ("Received message larger than max (40000000 vs. 33554432)", 502, "upstream_error"),
+    ],
+)
+def test_grpc_message_size_bounds_are_not_rate_limits(details: str, status: int, code: str) -> None:
+    import grpc
+    from hoosh_edge.errors import to_api_error
+
+    error = to_api_error(
+        grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    )
+    assert (error.status, error.code) == (status, code)
+    assert "33554432" not in error.message
+    # A quota the router refuses (hoosh-error-* metadata) is still a 429.
+    quota = to_api_error(
+        grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(("hoosh-error-code", "rate_limit_exceeded")),
+            "too many requests",
+        )
+    )
+    assert quota.status == 429

@@ -148,6 +148,20 @@ class Settings(InternalPlaneSettings):
         description="How often the edge running a background response (/v1/responses with background=true) "
         "looks at its stored copy, to stop it once cancelled on another edge (or deleted)",
     )
+    responses_background_lease_seconds: float = Field(
+        default=30,
+        gt=0,
+        le=3600,
+        description="The lease of a running background response, renewed at every poll: an edge that dies "
+        "without a shutdown stops renewing, and once the lease lapses the next read marks the response failed "
+        "(at least three polls)",
+    )
+    responses_max_background: int = Field(
+        default=256, ge=1, description="Background responses one edge replica runs at once (more: 429)"
+    )
+    responses_max_background_per_key: int = Field(
+        default=16, ge=1, description="Background responses one API key runs at once on one edge replica (more: 429)"
+    )
     responses_max_conversation_bytes: int = Field(
         default=8 * 1024 * 1024,
         ge=1024,

@@ -77,6 +77,14 @@ class PermissionDeniedError(EdgeError):
     code = "insufficient_scope"
 
 
+class RateLimitError(EdgeError):
+    """Too much at once from this key (or on this replica): 429, OpenAI's rate_limit_error."""
+
+    status_code = 429
+    error_type = RATE_LIMIT
+    code = "rate_limit_exceeded"
+
+
 class ServiceUnavailableError(EdgeError):
     status_code = 503
     error_type = API_ERROR
@@ -211,6 +219,16 @@ def _from_rpc_error(
     application_code = metadata.get("hoosh-error-code")
     if application_code in _CODE_STATUS:
         status = _CODE_STATUS[application_code]
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not from_application:
+        # gRPC's own message-size bound (32 MiB), not anyone's quota: a request too large
+        # to send is the client's (413); a reply too large to receive is the backend's (502).
+        if "Sent message larger than max" in details:
+            status, error_type, error_code = 413, INVALID_REQUEST, "request_too_large"
+            message = "The request is too large to forward (over 32 MiB once encoded)."
+        else:
+            status, error_type, error_code = 502, API_ERROR, "upstream_error"
+            message = "An internal backend's reply was too large."
+        log_detail = details
     return APIError(
         status=status,
         message=message,

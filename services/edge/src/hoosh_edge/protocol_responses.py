@@ -179,7 +179,17 @@ class ResponseCreateRequest(OpenAIModel):
         "not with stream",
     )
     user: str | None = None
-    truncation: Literal["auto", "disabled"] | None = Field(default=None, description="Accepted; only disabled")
+    truncation: Literal["auto", "disabled"] | None = Field(
+        default=None, description="Only disabled (a conversation over the context window is a 400)"
+    )
+    # OpenAI fields this gateway does not serve: accepted when absent or empty, else a 400
+    # (serving_responses.check_supported) rather than silently ignored.
+    conversation: Any = Field(default=None, description="Not served (400): continue with previous_response_id")
+    prompt: Any = Field(default=None, description="Not served (400): stored prompt templates")
+    include: list[Any] | None = Field(default=None, description="Only empty: no extra output data is served")
+    reasoning: dict[str, Any] | None = Field(default=None, description="Only empty: reasoning settings are not served")
+    service_tier: str | None = Field(default=None, description="Only auto or default")
+    top_logprobs: int | None = Field(default=None, description="Only 0: log probabilities are not served")
     pool: PoolName | None = Field(
         default=None,
         description="hoosh extension: the token pool (budget) this request is charged to; "

@@ -12,8 +12,14 @@ edge stops its task when it sees that: at once when the cancel came to it, other
 its next look at the stored response (every ``HOOSH_RESPONSES_BACKGROUND_POLL_SECONDS``),
 which also stops a response its owner deleted. A stopped call is settled by the router
 as a client that went away (what was generated is charged). At shutdown the edge marks
-the responses it still runs ``failed``; an edge that dies without a shutdown leaves its
-responses ``in_progress`` until they expire.
+the responses it still runs ``failed``. The look is a renewal of the run's lease (a small
+key, ``EXPIRE``; responses_store.py): a cancel or a delete removes the lease, so a failed
+renewal is the signal to stop. An edge that dies without a shutdown stops renewing: once
+the lease (``HOOSH_RESPONSES_BACKGROUND_LEASE_SECONDS``) lapses, the next read of the
+response (GET, cancel) marks it ``failed``.
+
+Each edge runs at most ``HOOSH_RESPONSES_MAX_BACKGROUND`` background responses, and at
+most ``HOOSH_RESPONSES_MAX_BACKGROUND_PER_KEY`` for one key (more: 429, nothing stored).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from .errors import APIError, InvalidRequestError, NotFoundError, to_api_error
+from .errors import APIError, InvalidRequestError, NotFoundError, RateLimitError, to_api_error
 from .responses_store import ResponsesStore, StoredResponse
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,7 @@ log = logging.getLogger(__name__)
 ACTIVE = ("queued", "in_progress")
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
 SHUTDOWN_MESSAGE = "The gateway shut down before the response completed; create it again."
+ORPHAN_MESSAGE = "The gateway replica running this response stopped before it completed; create it again."
 _FAILED_EVENT = b"event: response.failed\n"
 _ERROR_CODES = {429: "rate_limit_exceeded", 400: "invalid_prompt"}
 
@@ -52,6 +59,7 @@ def error_of(error: APIError) -> dict[str, str]:
 @dataclass(slots=True)
 class _Run:
     response_id: str
+    owner: str
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     shutdown: bool = False
     task: asyncio.Task[None] | None = None
@@ -60,9 +68,21 @@ class _Run:
 class BackgroundResponses:
     """The background responses this edge runs, and cancel for any edge's."""
 
-    def __init__(self, store: ResponsesStore, poll_seconds: float) -> None:
+    def __init__(
+        self,
+        store: ResponsesStore,
+        poll_seconds: float,
+        *,
+        lease_seconds: float = 30.0,
+        max_running: int = 256,
+        max_per_owner: int = 16,
+    ) -> None:
         self._store = store
         self._poll_seconds = poll_seconds
+        # A lease outlives several missed renewals (a slow Redis moment does not orphan a run).
+        self._lease_seconds = max(lease_seconds, 3 * poll_seconds)
+        self._max_running = max_running
+        self._max_per_owner = max_per_owner
         self._runs: dict[str, _Run] = {}
 
     @property
@@ -78,9 +98,25 @@ class BackgroundResponses:
     ) -> dict[str, Any]:
         """Store ``queued`` and run ``start`` in the background; the queued response.
         ``record`` makes the stored record of a final response object, ``failed`` a
-        failed response object from an error."""
-        await self._store.save(queued)
-        run = _Run(str(queued.response["id"]))
+        failed response object from an error. 429 over this edge's bounds."""
+        if len(self._runs) >= self._max_running:
+            raise RateLimitError(
+                f"This gateway replica already runs {self._max_running} background responses; "
+                "try again once some have finished.",
+                param="background",
+                code="too_many_background_responses",
+                headers={"Retry-After": "1"},
+            )
+        if sum(1 for run in self._runs.values() if run.owner == queued.owner) >= self._max_per_owner:
+            raise RateLimitError(
+                f"This API key already runs {self._max_per_owner} background responses on this gateway replica; "
+                "wait for one to finish or cancel one.",
+                param="background",
+                code="too_many_background_responses",
+                headers={"Retry-After": "1"},
+            )
+        await self._store.save_running(queued, self._lease_seconds)
+        run = _Run(str(queued.response["id"]), queued.owner)
         self._runs[run.response_id] = run
         run.task = asyncio.create_task(self._run(run, start, record, failed), name=f"response {run.response_id}")
         return queued.response
@@ -110,10 +146,34 @@ class BackgroundResponses:
             finished = True
             await self._finish(run.response_id, record(response))
 
+        try:
+            await self._run_and_settle(run, start, record, failed, receive, save, lambda: finished)
+        finally:
+            self._runs.pop(run.response_id, None)
+            await self._store.end_run(run.response_id)
+
+    async def _run_and_settle(
+        self,
+        run: _Run,
+        start: Start,
+        record: Callable[[dict[str, Any]], StoredResponse],
+        failed: Callable[[dict[str, str]], dict[str, Any]],
+        receive: Receive,
+        save: Save,
+        finished: Callable[[], bool],
+    ) -> None:
         watcher = asyncio.create_task(self._watch(run))
         failure: dict[str, str] | None = None
         try:
-            await self._store.replace(run.response_id, _in_progress)
+            try:
+                begun = await self._store.replace(run.response_id, _in_progress)
+            except Exception:
+                begun = None
+                failure = {"code": "server_error", "message": "The response store was unavailable."}
+            if begun is None:
+                if failure is None:
+                    return  # cancelled or deleted before it started: nothing to run
+                raise _NotStarted
             stream = await start(receive, save)
             if hasattr(stream, "__aiter__"):
                 try:
@@ -123,6 +183,8 @@ class BackgroundResponses:
                             failure = event["response"].get("error") or failure
                 finally:
                     await stream.aclose()
+        except _NotStarted:
+            pass
         except asyncio.CancelledError:
             if not run.stop.is_set():
                 raise
@@ -134,10 +196,9 @@ class BackgroundResponses:
                 failure = error_of(error)
         finally:
             watcher.cancel()
-            self._runs.pop(run.response_id, None)
         if run.shutdown:
             failure = {"code": "server_error", "message": SHUTDOWN_MESSAGE}
-        elif run.stop.is_set() or finished:
+        elif run.stop.is_set() or finished():
             return  # cancelled (or deleted) elsewhere, or finished (failed included) and stored
         if failure is None:
             failure = {"code": "server_error", "message": "The response ended before it was complete."}
@@ -149,15 +210,41 @@ class BackgroundResponses:
             log.exception("could not store a failed background response", extra={"response_id": run.response_id})
 
     async def _watch(self, run: _Run) -> None:
-        """Stop the run once its stored response is cancelled or gone (any edge's doing)."""
+        """Renew the run's lease; stop the run once the lease is gone (a cancel or a
+        delete on any edge removes it; so does a lapse, after which a read marks it failed)."""
         while not run.stop.is_set():
             await asyncio.sleep(self._poll_seconds)
             try:
-                stored = await self._store.peek(run.response_id)
+                alive = await self._store.renew_run(run.response_id, self._lease_seconds)
             except Exception:
-                continue  # Redis unavailable for a moment: look again later
-            if stored is None or stored.status == "cancelled":
+                continue  # Redis unavailable for a moment: try again (the lease outlives a few)
+            if not alive:
                 run.stop.set()
+
+    async def settle_orphan(self, stored: StoredResponse) -> StoredResponse:
+        """``stored`` as it really is: an active background response whose lease has lapsed
+        (its edge died without a shutdown) is marked failed, by compare-and-set."""
+        if stored.status not in ACTIVE or stored.response.get("background") is not True:
+            return stored
+        response_id = str(stored.response["id"])
+        if response_id in self._runs or await self._store.run_alive(response_id):
+            return stored
+
+        def orphaned(current: StoredResponse) -> StoredResponse | None:
+            if current.status not in ACTIVE:
+                return None
+            response = {
+                **current.response,
+                "status": "failed",
+                "error": {"code": "server_error", "message": ORPHAN_MESSAGE},
+            }
+            return StoredResponse(current.owner, response, current.input_items, current.conversation)
+
+        written = await self._store.replace(response_id, orphaned)
+        if written is not None:
+            log.warning("background response orphaned by a stopped edge", extra={"response_id": response_id})
+            return written
+        return await self._store.peek(response_id) or stored
 
     async def cancel(self, stored: StoredResponse) -> dict[str, Any]:
         """Cancel an owner's background response (``stored``, already checked to be the
@@ -192,6 +279,7 @@ class BackgroundResponses:
                     code="invalid_value",
                 )
             return current.response
+        await self._store.end_run(response_id)  # the running edge stops at its next renewal
         run = self._runs.get(response_id)
         if run is not None:  # running here: stop it now rather than at the next look
             run.stop.set()
@@ -206,6 +294,10 @@ class BackgroundResponses:
         tasks = [run.task for run in runs if run.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=grace_seconds)
+
+
+class _NotStarted(Exception):
+    """The run could not be marked in progress (the store failed): it fails without a call."""
 
 
 def _in_progress(current: StoredResponse) -> StoredResponse | None:

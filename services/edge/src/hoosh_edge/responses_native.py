@@ -49,7 +49,21 @@ log = logging.getLogger(__name__)
 
 # The request's fields hoosh keeps to itself or decides (the router sets the model,
 # max_output_tokens, stream and store for each attempt).
-_NOT_FORWARDED = {"pool", "previous_response_id", "store", "stream", "background", "model"}
+_NOT_FORWARDED = {
+    "pool",
+    "previous_response_id",
+    "store",
+    "stream",
+    "background",
+    "model",
+    # Refused unless empty (serving_responses.check_supported): nothing to forward.
+    "conversation",
+    "prompt",
+    "include",
+    "reasoning",
+    "service_tier",
+    "top_logprobs",
+}
 # Stored items a provider can be sent back as input (reasoning items cannot be replayed
 # with store: false).
 _REPLAYABLE = ("message", "function_call", "function_call_output")

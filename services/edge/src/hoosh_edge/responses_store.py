@@ -15,13 +15,18 @@ A background response (``background: true``) is written ``queued`` at once and m
 by compare-and-set (:meth:`ResponsesStore.replace`, WATCH/MULTI on its one key): to
 ``in_progress`` and then ``completed`` / ``incomplete`` / ``failed`` by the edge that runs
 it, or to ``cancelled`` by whichever edge receives the cancel; the first of a finish and
-a cancel wins and the other changes nothing.
+a cancel wins and the other changes nothing. While it runs, a second small key,
+``<prefix><response id>:run``, is its lease: the running edge renews it every poll
+(``EXPIRE``, which also tells it the key is gone: cancelled or deleted elsewhere) and
+deletes it when done; a cancel or a delete removes it. An active background response
+whose lease has lapsed was left by an edge that died: the next read marks it ``failed``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +80,10 @@ class StoredResponse:
         )
 
 
+def _whole_seconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
 def _unavailable(exc: RedisError) -> ServiceUnavailableError:
     log.warning("response store failed", extra={"detail": repr(exc)})
     return ServiceUnavailableError(STORE_UNAVAILABLE, code="store_unavailable")
@@ -90,6 +99,42 @@ class ResponsesStore:
 
     def key(self, response_id: str) -> str:
         return f"{self.prefix}{response_id}"
+
+    def run_key(self, response_id: str) -> str:
+        """The lease of a running background response (its edge renews it)."""
+        return f"{self.prefix}{response_id}:run"
+
+    async def save_running(self, stored: StoredResponse, lease_seconds: float) -> None:
+        """Write a queued background response and its lease together. 503 when Redis cannot."""
+        response_id = str(stored.response["id"])
+        try:
+            # Not a transaction (the two keys may sit in different cluster slots): the lease
+            # first, so the record is never active without one.
+            await self._redis.set(self.run_key(response_id), b"1", ex=_whole_seconds(lease_seconds))
+            await self._redis.set(self.key(response_id), stored.encode(), ex=self.ttl_seconds)
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+
+    async def renew_run(self, response_id: str, lease_seconds: float) -> bool:
+        """Extend a run's lease; False when it is gone (cancelled, deleted, or lapsed)."""
+        try:
+            return bool(await self._redis.expire(self.run_key(response_id), _whole_seconds(lease_seconds)))
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+
+    async def run_alive(self, response_id: str) -> bool:
+        try:
+            return bool(await self._redis.exists(self.run_key(response_id)))
+        except RedisError as exc:
+            raise _unavailable(exc) from exc
+
+    async def end_run(self, response_id: str) -> None:
+        """Drop a run's lease (it finished, was cancelled or deleted); errors only logged:
+        a lease left behind lapses by itself."""
+        try:
+            await self._redis.delete(self.run_key(response_id))
+        except RedisError as exc:
+            log.warning("could not drop a background response's lease", extra={"detail": repr(exc)})
 
     async def save(self, stored: StoredResponse) -> None:
         """Write (or overwrite) a response with a fresh TTL. 503 when Redis cannot."""
@@ -117,7 +162,8 @@ class ResponsesStore:
             return False
         try:
             # Ids are never reused and the owner of an id never changes: no race to guard.
-            return bool(await self._redis.delete(self.key(response_id)))
+            # The lease goes too, so an edge running it stops at its next renewal.
+            return bool(await self._redis.delete(self.key(response_id), self.run_key(response_id)))
         except RedisError as exc:
             raise _unavailable(exc) from exc
 

@@ -96,6 +96,9 @@ class EdgeState:
             store,
             self.settings.responses_background_poll_seconds,
             self.settings.responses_max_conversation_bytes,
+            background_lease_seconds=self.settings.responses_background_lease_seconds,
+            max_background=self.settings.responses_max_background,
+            max_background_per_key=self.settings.responses_max_background_per_key,
         )
 
 

@@ -31,7 +31,15 @@ from hoosh.router.v1 import router_pb2
 from hoosh.tenancy.v1 import tenancy_pb2
 from pydantic import ValidationError
 
-from .errors import EdgeError, InvalidRequestError, MappedError, NotFoundError, to_api_error, validation_error
+from .errors import (
+    EdgeError,
+    InvalidRequestError,
+    MappedError,
+    NotFoundError,
+    ServiceUnavailableError,
+    to_api_error,
+    validation_error,
+)
 from .protocol import ChatCompletionRequest
 from .protocol_responses import ResponseCreateRequest
 from .responses_background import ACTIVE, BackgroundResponses
@@ -797,6 +805,52 @@ class ResponseResult:
     cost_usd_micros: int = 0
 
 
+def check_supported(body: ResponseCreateRequest) -> None:
+    """400 for an OpenAI field this gateway does not serve, rather than ignoring it (a
+    client relying on it would get a different answer than it asked for)."""
+    if body.conversation is not None:
+        raise _bad(
+            "The Conversations API is not served by this gateway; continue a conversation with previous_response_id.",
+            "conversation",
+            "unsupported_parameter",
+        )
+    if body.prompt is not None:
+        raise _bad(
+            "Stored prompt templates are not served by this gateway; send instructions and input instead.",
+            "prompt",
+            "unsupported_parameter",
+        )
+    if body.include:
+        raise _bad(
+            f"Invalid value for 'include': {body.include[0]!r} is not served by this gateway (no include value is).",
+            "include",
+            "unsupported_value",
+        )
+    if body.reasoning and any(value is not None for value in body.reasoning.values()):
+        raise _bad(
+            "Reasoning settings (reasoning.effort, reasoning.summary) are not served by this gateway.",
+            "reasoning",
+            "unsupported_parameter",
+        )
+    if body.service_tier not in (None, "auto", "default"):
+        raise _bad(
+            f"Invalid value for 'service_tier': {body.service_tier!r} is not served by this gateway (auto or default).",
+            "service_tier",
+            "unsupported_value",
+        )
+    if body.top_logprobs:
+        raise _bad(
+            "Log probabilities (top_logprobs) are not served by this gateway.", "top_logprobs", "unsupported_parameter"
+        )
+    if body.truncation == "auto":
+        raise _bad(
+            "Invalid value for 'truncation': only 'disabled' is served (a conversation over the model's context "
+            "window is refused, not truncated).",
+            "truncation",
+            "unsupported_value",
+        )
+
+
 def check_background(body: ResponseCreateRequest) -> None:
     """What a background response needs: to be stored (it is read back by GET), and no
     stream (this gateway runs it server-side only; poll GET /v1/responses/{id})."""
@@ -833,10 +887,20 @@ class ServingResponses:
         store: ResponsesStore,
         background_poll_seconds: float = 0.5,
         max_conversation_bytes: int = DEFAULT_MAX_CONVERSATION_BYTES,
+        *,
+        background_lease_seconds: float = 30.0,
+        max_background: int = 256,
+        max_background_per_key: int = 16,
     ) -> None:
         self._chat = chat
         self.store = store
-        self.background = BackgroundResponses(store, background_poll_seconds)
+        self.background = BackgroundResponses(
+            store,
+            background_poll_seconds,
+            lease_seconds=background_lease_seconds,
+            max_running=max_background,
+            max_per_owner=max_background_per_key,
+        )
         self.max_conversation_bytes = max_conversation_bytes
 
     def check_conversation_size(self, prepared: PreparedResponse) -> None:
@@ -866,11 +930,13 @@ class ServingResponses:
         pool: str,
         caller: tenancy_pb2.Caller | None = None,
     ) -> ResponseResult | ResponseStream:
+        check_supported(body)
         history: list[dict[str, Any]] = []
         if body.previous_response_id is not None:
             previous = await self.store.load(body.previous_response_id, owner)
             if previous is None:
                 raise previous_not_found(body.previous_response_id)
+            previous = await self.background.settle_orphan(previous)
             if previous.status in ACTIVE:
                 raise InvalidRequestError(
                     f"Previous response with id '{body.previous_response_id}' is still {previous.status}; "
@@ -904,7 +970,12 @@ class ServingResponses:
         async def save(response: dict[str, Any]) -> None:
             if body.store is False:
                 return
-            await self.store.save(record(response))
+            try:
+                await self.store.save(record(response))
+            except ServiceUnavailableError:
+                # The answer is generated and charged: the client gets it; only its stored
+                # copy (GET, previous_response_id) is missing.
+                log.warning("a response was served but could not be stored", extra={"response_id": response["id"]})
 
         # The router's Respond / RespondStream: a provider that speaks the Responses API
         # natively answers as itself, any other through chat (responses_native.py, which
@@ -931,4 +1002,4 @@ class ServingResponses:
             raise NotFoundError(
                 f"Response with id '{response_id}' not found.", param="response_id", code="response_not_found"
             )
-        return stored
+        return await self.background.settle_orphan(stored)

@@ -314,6 +314,7 @@ async def served(make_settings: Callable[..., Settings]) -> AsyncIterator[str]:
         http="httptools",
         log_config=None,
         access_log=False,
+        timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -331,7 +332,16 @@ async def uvicorn_serving(app: FastAPI, host: str = "127.0.0.1", **options: Any)
     (it hands the body over only once the response ends); yields the port."""
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, loop="none", log_config=None, access_log=False, **options)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            loop="none",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            **options,
+        )
     )
     task = asyncio.create_task(server.serve())
     try:

@@ -42,6 +42,7 @@ async def serve(make_settings: Callable[..., Settings], stack: Stack) -> AsyncIt
             loop="none",
             log_config=None,
             access_log=False,
+            timeout_graceful_shutdown=5,
             **uvicorn_options(settings),
         )
         server = uvicorn.Server(config)

@@ -75,6 +75,7 @@ async def test_the_api_document_tells_the_truth(
         loop="none",
         log_config=None,
         access_log=False,
+        timeout_graceful_shutdown=5,
         **uvicorn_options(settings),
     )
     server = uvicorn.Server(config)

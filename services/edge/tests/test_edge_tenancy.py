@@ -220,7 +220,15 @@ async def test_open_mode_on_all_interfaces_refuses_a_remote_client_without_a_key
     edge = await edge_on(make_edge, stack, auth="open")
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(edge.app, host="0.0.0.0", port=port, loop="none", log_config=None, access_log=False)
+        uvicorn.Config(
+            edge.app,
+            host="0.0.0.0",
+            port=port,
+            loop="none",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
     )
     task = asyncio.create_task(server.serve())
     try:

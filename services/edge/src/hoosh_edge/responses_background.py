@@ -115,9 +115,13 @@ class BackgroundResponses:
                 code="too_many_background_responses",
                 headers={"Retry-After": "1"},
             )
-        await self._store.save_running(queued, self._lease_seconds)
         run = _Run(str(queued.response["id"]), queued.owner)
-        self._runs[run.response_id] = run
+        self._runs[run.response_id] = run  # counted before the write: concurrent creates see it
+        try:
+            await self._store.save_running(queued, self._lease_seconds)
+        except BaseException:
+            self._runs.pop(run.response_id, None)
+            raise
         run.task = asyncio.create_task(self._run(run, start, record, failed), name=f"response {run.response_id}")
         return queued.response
 

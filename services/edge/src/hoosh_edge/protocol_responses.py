@@ -137,6 +137,15 @@ _DOCUMENTED = schema_patch(
         ]
     },
     background={"anyOf": [{"type": "boolean"}, _NULL]},
+    # OpenAI's fields this gateway does not serve, documented as what it accepts: absent,
+    # null or empty (anything else is a 400 naming the field).
+    conversation=_NULL,
+    prompt=_NULL,
+    include={"anyOf": [{"type": "array", "maxItems": 0}, _NULL]},
+    reasoning={"anyOf": [{"type": "object", "additionalProperties": _NULL}, _NULL]},
+    service_tier={"anyOf": [{"enum": ["auto", "default"]}, _NULL]},
+    top_logprobs={"anyOf": [{"const": 0}, _NULL]},
+    truncation={"anyOf": [{"const": "disabled"}, _NULL]},
 )
 
 

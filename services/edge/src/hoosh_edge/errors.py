@@ -219,10 +219,10 @@ def _from_rpc_error(
     application_code = metadata.get("hoosh-error-code")
     if application_code in _CODE_STATUS:
         status = _CODE_STATUS[application_code]
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not from_application:
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not from_application and "message larger than max" in details:
         # gRPC's own message-size bound (32 MiB), not anyone's quota: a request too large
         # to send is the client's (413); a reply too large to receive is the backend's (502).
-        if "Sent message larger than max" in details:
+        if details.startswith("Sent"):
             status, error_type, error_code = 413, INVALID_REQUEST, "request_too_large"
             message = "The request is too large to forward (over 32 MiB once encoded)."
         else:

@@ -219,3 +219,23 @@ async def test_streamed_agent_tool_round_trip_continued_by_previous_response_id(
         timeout=10,
     ).json()["data"]
     assert [item["type"] for item in items] == ["function_call_output"]  # only the new item was sent
+
+
+# --------------------------------------------------------------------------- the SDK's own default model
+
+
+async def test_an_agent_with_no_model_runs_on_the_sdks_default(hoosh: RunningStack, api_key: str) -> None:
+    """No model named: the SDK picks its default GPT-5 model and its default settings
+    (reasoning effort, verbosity low); hoosh routes it (``gpt-*``: the OpenAI-wire stand-in,
+    through chat) and serves those settings rather than refusing them."""
+    from agents.models import get_default_model, get_default_model_settings
+
+    agent = Agent(name="plain", instructions="Be brief.")
+    assert agent.model is None and get_default_model().startswith("gpt-5")
+    assert get_default_model_settings().reasoning is not None  # what makes this test matter
+    result = await Runner.run(agent, "Hello?", max_turns=1)
+    assert result.final_output == REPLY
+    [raw] = result.raw_responses
+    body = stored(hoosh, api_key, raw.response_id or "")
+    assert body["model"] == get_default_model() and body["status"] == "completed"
+    assert body["reasoning"]["effort"] == get_default_model_settings().reasoning.effort  # type: ignore[union-attr]

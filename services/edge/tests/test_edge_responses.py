@@ -595,8 +595,11 @@ async def test_failed_responses_are_small_and_not_continuable(
         ({"conversation": "conv_123"}, "conversation", "unsupported_parameter"),
         ({"conversation": {"id": "conv_123"}}, "conversation", "unsupported_parameter"),
         ({"prompt": {"id": "pmpt_1"}}, "prompt", "unsupported_parameter"),
-        ({"include": ["message.output_text.logprobs"]}, "include", "unsupported_value"),
-        ({"reasoning": {"effort": "high"}}, "reasoning", "unsupported_parameter"),
+        ({"include": ["message.output_text.logprobs"]}, "include[0]", "unsupported_value"),
+        ({"include": ["reasoning.encrypted_content", "file_search_call.results"]}, "include[1]", "unsupported_value"),
+        ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "invalid_value"),
+        ({"reasoning": {"summary": "long"}}, "reasoning.summary", "invalid_value"),
+        ({"reasoning": {"budget": 3}}, "reasoning.budget", "unknown_parameter"),
         ({"service_tier": "flex"}, "service_tier", "unsupported_value"),
         ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
         ({"truncation": "auto"}, "truncation", "unsupported_value"),
@@ -631,6 +634,27 @@ async def test_empty_forms_of_those_fields_are_served(make_edge: MakeEdge, stack
     assert served.json()["status"] == "completed"
     for name in ("include", "reasoning", "service_tier", "conversation", "prompt", "top_logprobs"):
         assert name not in stack.upstream.stats.last_body
+
+
+async def test_the_agents_sdk_gpt5_defaults_are_served(make_edge: MakeEdge, stack: Stack, tenancy_prefix: str) -> None:
+    # An Agent with no model: the SDK's default GPT-5 settings (reasoning effort none or
+    # low, verbosity low) and the include it adds for reasoning models.
+    client = await edge_with_stack(make_edge, stack, tenancy_prefix)
+    for effort in ("none", "low", "medium"):
+        served = await client.post(
+            "/v1/responses",
+            json={
+                "model": "gpt-5.4",
+                "input": [{"role": "user", "content": "hi"}],
+                "include": ["reasoning.encrypted_content"],
+                "reasoning": {"effort": effort},
+                "text": {"verbosity": "low"},
+                "store": True,
+            },
+        )
+        assert served.status_code == 200, served.text
+        body = served.json()
+        assert body["status"] == "completed" and body["reasoning"] == {"effort": effort, "summary": None}
 
 
 async def test_background_runs_are_bounded_per_key_and_per_edge(
@@ -750,3 +774,12 @@ def test_grpc_message_size_bounds_are_not_rate_limits(details: str, status: int,
         )
     )
     assert quota.status == 429
+
+
+def test_reasoning_and_include_are_forwarded_to_native_providers() -> None:
+    prepared = prepare(
+        request(reasoning={"effort": "low", "summary": "auto"}, include=["reasoning.encrypted_content"]), "rn2", []
+    )
+    sent = orjson.loads(native_body(prepared))
+    assert sent["reasoning"] == {"effort": "low", "summary": "auto"}
+    assert sent["include"] == ["reasoning.encrypted_content"]

@@ -141,8 +141,26 @@ _DOCUMENTED = schema_patch(
     # null or empty (anything else is a 400 naming the field).
     conversation=_NULL,
     prompt=_NULL,
-    include={"anyOf": [{"type": "array", "maxItems": 0}, _NULL]},
-    reasoning={"anyOf": [{"type": "object", "additionalProperties": _NULL}, _NULL]},
+    include={
+        "anyOf": [
+            {"type": "array", "items": {"enum": ["reasoning.encrypted_content", "message.input_image.image_url"]}},
+            _NULL,
+        ]
+    },
+    reasoning={
+        "anyOf": [
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "effort": {"anyOf": [{"enum": ["none", "minimal", "low", "medium", "high", "xhigh"]}, _NULL]},
+                    "summary": {"anyOf": [{"enum": ["auto", "concise", "detailed"]}, _NULL]},
+                    "generate_summary": {"anyOf": [{"enum": ["auto", "concise", "detailed"]}, _NULL]},
+                },
+            },
+            _NULL,
+        ]
+    },
     service_tier={"anyOf": [{"enum": ["auto", "default"]}, _NULL]},
     top_logprobs={"anyOf": [{"const": 0}, _NULL]},
     truncation={"anyOf": [{"const": "disabled"}, _NULL]},
@@ -195,8 +213,16 @@ class ResponseCreateRequest(OpenAIModel):
     # (serving_responses.check_supported) rather than silently ignored.
     conversation: Any = Field(default=None, description="Not served (400): continue with previous_response_id")
     prompt: Any = Field(default=None, description="Not served (400): stored prompt templates")
-    include: list[Any] | None = Field(default=None, description="Only empty: no extra output data is served")
-    reasoning: dict[str, Any] | None = Field(default=None, description="Only empty: reasoning settings are not served")
+    include: list[Any] | None = Field(
+        default=None,
+        description="reasoning.encrypted_content and message.input_image.image_url (forwarded to providers that "
+        "speak the Responses API; translated backends make no reasoning items); any other value is a 400",
+    )
+    reasoning: dict[str, Any] | None = Field(
+        default=None,
+        description="{effort, summary}: forwarded to providers that speak the Responses API; backends served "
+        "through chat do not reason on request",
+    )
     service_tier: str | None = Field(default=None, description="Only auto or default")
     top_logprobs: int | None = Field(default=None, description="Only 0: log probabilities are not served")
     pool: PoolName | None = Field(

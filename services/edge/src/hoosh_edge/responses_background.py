@@ -32,7 +32,14 @@ from typing import Any
 
 import orjson
 
-from .errors import APIError, InvalidRequestError, NotFoundError, RateLimitError, to_api_error
+from .errors import (
+    APIError,
+    InvalidRequestError,
+    NotFoundError,
+    RateLimitError,
+    ServiceUnavailableError,
+    to_api_error,
+)
 from .responses_store import ResponsesStore, StoredResponse
 
 log = logging.getLogger(__name__)
@@ -231,8 +238,13 @@ class BackgroundResponses:
         if stored.status not in ACTIVE or stored.response.get("background") is not True:
             return stored
         response_id = str(stored.response["id"])
-        if response_id in self._runs or await self._store.run_alive(response_id):
+        if response_id in self._runs:
             return stored
+        try:
+            if await self._store.run_alive(response_id):
+                return stored
+        except ServiceUnavailableError:
+            return stored  # Redis away for a moment: answer it as stored, decide on a later read
 
         def orphaned(current: StoredResponse) -> StoredResponse | None:
             if current.status not in ACTIVE:

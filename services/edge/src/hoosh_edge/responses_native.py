@@ -59,8 +59,6 @@ _NOT_FORWARDED = {
     # Refused unless empty (serving_responses.check_supported): nothing to forward.
     "conversation",
     "prompt",
-    "include",
-    "reasoning",
     "service_tier",
     "top_logprobs",
 }

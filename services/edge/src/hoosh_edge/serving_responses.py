@@ -496,7 +496,10 @@ def response_object(
         "output": output,
         "parallel_tool_calls": body.parallel_tool_calls if body.parallel_tool_calls is not None else True,
         "previous_response_id": body.previous_response_id,
-        "reasoning": {"effort": None, "summary": None},
+        "reasoning": {
+            "effort": (body.reasoning or {}).get("effort"),
+            "summary": (body.reasoning or {}).get("summary"),
+        },
         "service_tier": "default",
         "store": body.store is not False,
         "temperature": body.temperature if body.temperature is not None else 1.0,
@@ -805,6 +808,13 @@ class ResponseResult:
     cost_usd_micros: int = 0
 
 
+# include values that hold here: a translated backend makes no reasoning items (nothing
+# to include) and input images are echoed as sent; both are forwarded to native providers.
+SERVED_INCLUDES = frozenset({"reasoning.encrypted_content", "message.input_image.image_url"})
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+REASONING_SUMMARIES = ("auto", "concise", "detailed")
+
+
 def check_supported(body: ResponseCreateRequest) -> None:
     """400 for an OpenAI field this gateway does not serve, rather than ignoring it (a
     client relying on it would get a different answer than it asked for)."""
@@ -820,17 +830,28 @@ def check_supported(body: ResponseCreateRequest) -> None:
             "prompt",
             "unsupported_parameter",
         )
-    if body.include:
+    for index, value in enumerate(body.include or ()):
+        if value not in SERVED_INCLUDES:
+            raise _bad(
+                f"Invalid value for 'include[{index}]': {value!r} is not served by this gateway "
+                f"(served: {', '.join(sorted(SERVED_INCLUDES))}).",
+                f"include[{index}]",
+                "unsupported_value",
+            )
+    for name, allowed in (("effort", REASONING_EFFORTS), ("summary", REASONING_SUMMARIES)):
+        value = (body.reasoning or {}).get(name)
+        if value is not None and value not in allowed:
+            raise _bad(
+                f"Invalid value for 'reasoning.{name}': {value!r} (expected one of {', '.join(allowed)}).",
+                f"reasoning.{name}",
+                "invalid_value",
+            )
+    unknown = set(body.reasoning or ()) - {"effort", "summary", "generate_summary"}
+    if unknown:
         raise _bad(
-            f"Invalid value for 'include': {body.include[0]!r} is not served by this gateway (no include value is).",
-            "include",
-            "unsupported_value",
-        )
-    if body.reasoning and any(value is not None for value in body.reasoning.values()):
-        raise _bad(
-            "Reasoning settings (reasoning.effort, reasoning.summary) are not served by this gateway.",
-            "reasoning",
-            "unsupported_parameter",
+            f"Unknown parameter: 'reasoning.{sorted(unknown)[0]}'.",
+            f"reasoning.{sorted(unknown)[0]}",
+            "unknown_parameter",
         )
     if body.service_tier not in (None, "auto", "default"):
         raise _bad(

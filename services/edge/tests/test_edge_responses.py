@@ -600,6 +600,8 @@ async def test_failed_responses_are_small_and_not_continuable(
         ({"reasoning": {"effort": "extreme"}}, "reasoning.effort", "invalid_value"),
         ({"reasoning": {"summary": "long"}}, "reasoning.summary", "invalid_value"),
         ({"reasoning": {"budget": 3}}, "reasoning.budget", "unknown_parameter"),
+        ({"include": [{}]}, "include[0]", "unsupported_value"),
+        ({"reasoning": {"effort": ["low"]}}, "reasoning.effort", "invalid_value"),
         ({"service_tier": "flex"}, "service_tier", "unsupported_value"),
         ({"top_logprobs": 3}, "top_logprobs", "unsupported_parameter"),
         ({"truncation": "auto"}, "truncation", "unsupported_value"),

@@ -831,7 +831,7 @@ def check_supported(body: ResponseCreateRequest) -> None:
             "unsupported_parameter",
         )
     for index, value in enumerate(body.include or ()):
-        if value not in SERVED_INCLUDES:
+        if not isinstance(value, str) or value not in SERVED_INCLUDES:
             raise _bad(
                 f"Invalid value for 'include[{index}]': {value!r} is not served by this gateway "
                 f"(served: {', '.join(sorted(SERVED_INCLUDES))}).",
@@ -840,7 +840,7 @@ def check_supported(body: ResponseCreateRequest) -> None:
             )
     for name, allowed in (("effort", REASONING_EFFORTS), ("summary", REASONING_SUMMARIES)):
         value = (body.reasoning or {}).get(name)
-        if value is not None and value not in allowed:
+        if value is not None and (not isinstance(value, str) or value not in allowed):
             raise _bad(
                 f"Invalid value for 'reasoning.{name}': {value!r} (expected one of {', '.join(allowed)}).",
                 f"reasoning.{name}",

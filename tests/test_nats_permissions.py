@@ -9,11 +9,18 @@ a stream whose settings differ is left to the audit, with a warning) and publish
 own events with acks; audit consumes and acks them and may update the stream; nobody
 else reads them, audit publishes none, no user deletes or purges the stream, no
 publisher updates it (shrinks it, seals it), and an unknown user or a wrong password
-does not get in.
+does not get in. The reload broadcast (hoosh_common.reload): the edge alone asks, every
+router and budget replica hears it and answers once on the asker's inbox, and records
+what it did as a config.reload event; nobody else hears or sends a reload request.
+Each user reads its own inbox only (_INBOX_<user>, the prefix every service connects
+with): no service sees, acks or pulls the messages the audit pulls. The edge answers a
+reload 503 at once while NATS is unreachable or refuses its password, and reaches the
+replicas once NATS is there.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import json
@@ -24,11 +31,13 @@ import secrets
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import nats.errors
 import nats.js.errors
@@ -43,8 +52,21 @@ from hoosh_audit.log import AuditLog
 from hoosh_budget.config import BudgetSettings
 from hoosh_cli.infra import nats_binary
 from hoosh_cli.stack import free_port
-from hoosh_common.eventbus import DUPLICATE_WINDOW_S, EventPublisher, EventPublishError, StreamPolicy, ensure_stream
+from hoosh_common.eventbus import (
+    DUPLICATE_WINDOW_S,
+    EventPublisher,
+    EventPublishError,
+    StreamPolicy,
+    ensure_stream,
+    nats_inbox_prefix,
+)
 from hoosh_common.eventbus_settings import EventBusSettings
+from hoosh_common.reload import ConfigReloader, ReloadResponder, coordinate_reload, reload_subject
+from hoosh_edge import admin_reload
+from hoosh_edge.app import create_app
+from hoosh_edge.auth import Tenancy
+from hoosh_edge.clients import Clients
+from hoosh_edge.config import Settings as EdgeSettings
 from hoosh_router.config import RouterSettings
 from hoosh_stt.config import SttSettings
 from nats.aio.client import Client as NATS
@@ -59,10 +81,19 @@ ENV_EXAMPLE = ROOT / ".env.example"
 
 STREAM = "HOOSH_EVENTS"
 PREFIX = "hoosh"
-USERS = ("ops", "router", "stt", "budget", "audit")
+USERS = ("ops", "router", "stt", "budget", "audit", "edge")
 PUBLISHERS = ("router", "stt", "budget")
-# The compose services whose HOOSH_NATS_URL names a user, and which one (the edge has none).
-COMPOSE_USERS = {"router": "router", "budget": "budget", "stt": "stt", "stt-gpu": "stt", "audit": "audit"}
+# The services that answer reload requests (they read hoosh.yaml); the edge sends them.
+RELOADERS = ("router", "budget")
+# The compose services whose HOOSH_NATS_URL names a user, and which one.
+COMPOSE_USERS = {
+    "router": "router",
+    "budget": "budget",
+    "stt": "stt",
+    "stt-gpu": "stt",
+    "audit": "audit",
+    "edge": "edge",
+}
 # Hex passwords; stt's is digits only, which an unquoted NATS variable would read as a
 # number (the server would not start), router's one that nats-server 2.9 misread.
 PASSWORDS = {
@@ -71,22 +102,29 @@ PASSWORDS = {
     "stt": "1234567890" * 3,
     "budget": secrets.token_hex(16),
     "audit": secrets.token_hex(16),
+    "edge": secrets.token_hex(16),
 }
 # Each publisher's events: (name under the prefix, message).
 OWN_EVENTS: dict[str, list[tuple[str, Message]]] = {
     "router": [
         ("inference.completed", events_pb2.InferenceCompleted(request_id="r-1", model="m", pool="team")),
         ("inference.failed", events_pb2.InferenceFailed(request_id="r-2", model="m", error_code="upstream_error")),
+        ("config.reload", events_pb2.ConfigReload(event_id="r-3", service="router", outcome="reloaded")),
     ],
     "stt": [("inference.completed", events_pb2.InferenceCompleted(request_id="s-1", model="whisper", kind="audio"))],
     "budget": [
         ("budget.reset", events_pb2.BudgetReset(event_id="b-1", pool="team", reason="admin")),
         ("admin.key.created", events_pb2.AdminAction(event_id="b-2", action="key.created", target="key_1")),
+        ("config.reload", events_pb2.ConfigReload(event_id="b-3", service="budget", outcome="refused")),
     ],
 }
 # An event subject each publisher does not own.
 FOREIGN_EVENT = {"router": "budget.reset", "stt": "admin.key.created", "budget": "inference.completed"}
 API_TIMEOUT = 0.5  # a refused request is never answered: it times out
+RELOAD = reload_subject(PREFIX)
+# What router and budget may answer: one reply per reload request, for 5 minutes (the
+# longest HOOSH_EDGE_RELOAD_TIMEOUT_SECONDS).
+RESPONSES = {"max": 1, "expires": "5m"}
 POLICY = StreamPolicy(max_bytes=64 << 20)  # as compose declares it (workqueue), smaller
 # Each service's own settings class, whose declare_stream the service calls at start.
 SETTINGS: dict[str, type[EventBusSettings]] = {
@@ -176,12 +214,21 @@ class OwnNats:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.port = free_port()
+        self.http_port = free_port()
         render = compose_server if source == "compose" else helm_server
-        self.conf, self.env = render(directory, self.port, free_port())
+        self.conf, self.env = render(directory, self.port, self.http_port)
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, user: str, password: str | None = None) -> str:
         return f"nats://{user}:{PASSWORDS[user] if password is None else password}@127.0.0.1:{self.port}"
+
+    def connection_names(self) -> list[str]:
+        """The names of the clients connected now (the monitoring port's /connz)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/connz", timeout=5) as answer:
+            return [c.get("name", "") for c in json.load(answer).get("connections") or []]
+
+    def log_count(self, text: str) -> int:
+        return (self.directory / "server.log").read_text(errors="replace").count(text)
 
     def start(self) -> None:
         log_path = self.directory / "server.log"
@@ -239,7 +286,8 @@ class Conn:
 
 @pytest.fixture
 async def connect(server: OwnNats) -> AsyncIterator[Any]:
-    """connect(user) -> Conn: a connection as the service makes it, its async errors kept."""
+    """connect(user) -> Conn: a connection as the service makes it (its user's inbox
+    prefix, hoosh_common.eventbus.nats_inbox_prefix), its async errors kept."""
     made: list[Conn] = []
 
     async def make(user: str) -> Conn:
@@ -248,7 +296,10 @@ async def connect(server: OwnNats) -> AsyncIterator[Any]:
         async def on_error(error: Exception) -> None:
             errors.append(str(error).lower())
 
-        nc = await nats.connect(server.url(user), error_cb=on_error, allow_reconnect=False, connect_timeout=5)
+        url = server.url(user)
+        nc = await nats.connect(
+            url, error_cb=on_error, allow_reconnect=False, connect_timeout=5, inbox_prefix=nats_inbox_prefix(url)
+        )
         conn = Conn(nc, nc.jetstream(timeout=API_TIMEOUT), errors)
         made.append(conn)
         return conn
@@ -337,6 +388,10 @@ def parse_conf(text: str) -> Any:
                 items.append(value())
             pos += 1
             return items
+        if token in ("true", "false"):
+            return token == "true"
+        if token.isdigit():
+            return int(token)
         return json.loads(token) if token.startswith('"') else token
 
     def mapping(end: str | None) -> dict[str, Any]:
@@ -368,6 +423,18 @@ def test_the_chart_has_the_users_and_permissions_of_the_compose_config() -> None
         # Only audit (its declaration reconciles the stream) and operators may update it.
         updates = [s for s in user["permissions"]["publish"]["allow"] if s.startswith("$JS.API.STREAM.UPDATE.")]
         assert bool(updates) == (name in ("audit", "ops")), name
+        # The reload broadcast: the edge alone asks; router and budget alone hear it, answer
+        # only on the inbox of a request they received, and record it.
+        permissions = user["permissions"]
+        assert (RELOAD in permissions["subscribe"]["allow"]) == (name in RELOADERS), name
+        assert (RELOAD in permissions["publish"]["allow"]) == (name == "edge"), name
+        assert permissions.get("allow_responses") == (RESPONSES if name in RELOADERS else None), name
+        assert (f"{PREFIX}.config.reload" in permissions["publish"]["allow"]) == (name in RELOADERS), name
+        # Its own inbox, no one else's (nor NATS's shared _INBOX.>); only the audit acks.
+        inboxes = [s for s in permissions["subscribe"]["allow"] if s.startswith("_INBOX")]
+        assert inboxes == [f"_INBOX_{name}.>"], name
+        acks = [s for s in permissions["publish"]["allow"] if s.startswith("$JS.ACK")]
+        assert acks == ([f"$JS.ACK.{STREAM}.audit.>"] if name == "audit" else []), name
     # JetStream on a volume (compose) and on a PVC (chart), three servers in the chart.
     assert conf["jetstream"]["store_dir"] == "/data"
     assert values["config"]["cluster"]["enabled"] and values["config"]["cluster"]["replicas"] == 3
@@ -391,7 +458,7 @@ def test_compose_gives_each_service_its_own_nats_user() -> None:
         name = f"NATS_PASSWORD_{user.upper()}"
         assert re.fullmatch(rf"nats://{user}:\$\{{{name}:\?[^}}]+\}}@\$\{{HOOSH_NATS_HOST:-nats\}}:4222", url), url
     with_nats = {name for name, svc in services.items() if "HOOSH_NATS_URL" in (svc.get("environment") or {})}
-    assert with_nats == set(COMPOSE_USERS)  # the edge does not use NATS
+    assert with_nats == set(COMPOSE_USERS)
     example = dict(
         line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines() if line and not line.startswith("#")
     )
@@ -625,6 +692,276 @@ async def test_audit_cannot_publish_an_event(connect: Any) -> None:
     )
 
 
+# ------------------------------------------------------------------ the reload broadcast
+
+
+class WholeFile:
+    """What a replica reloads, reduced to the file's bytes: the NATS path under test is
+    the real ConfigReloader and ReloadResponder (router and budget plug their own
+    validation and swap in here; tests/test_reload_e2e.py runs those)."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+        self.running: bytes | None = None
+
+    def parse(self, data: bytes) -> bytes:
+        return data
+
+    async def check(self, config: bytes) -> bool:
+        return config != self.running
+
+    async def apply(self, config: bytes) -> dict[str, Any]:
+        self.running = config
+        return {}
+
+
+async def test_the_edge_asks_and_every_router_and_budget_replica_answers(connect: Any, tmp_path: Path) -> None:
+    conns = {user: await connect(user) for user in (*RELOADERS, "edge")}
+    await declared(conns["router"], "router")
+    config = tmp_path / "hoosh.yaml"
+    config.write_text("providers: []\n")
+    responders = []
+    for user in RELOADERS:
+        conn: Conn = conns[user]
+        publisher = EventPublisher(conn.nc, conn.js, STREAM, PREFIX, max_attempts=1, ack_timeout=2.0)
+        reloader = ConfigReloader(WholeFile(user), config, running_sha256=None, events=publisher, instance=f"{user}-0")
+        responder = ReloadResponder(conn.nc, PREFIX, reloader)
+        await responder.start()
+        responders.append(responder)
+    edge: Conn = conns["edge"]
+    report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-1", gather_seconds=0.5, timeout_seconds=5)
+    assert report.status == "ok", report
+    assert [(o.service, o.status) for o in report.services] == [("budget", "reloaded"), ("router", "reloaded")]
+    # Each recorded what it did (hoosh.config.reload, through its own publisher).
+    assert await messages(conns["router"]) == len(RELOADERS)
+    for conn in conns.values():
+        assert conn.violations() == []
+
+    # Nobody else asks: a reload request from any other user is refused by the server.
+    for user in ("router", "budget", "stt", "audit", "ops"):
+        other: Conn = conns.get(user) or await connect(user)
+        await other.nc.publish(RELOAD, b'{"op": "check"}', reply=other.nc.new_inbox())
+        await other.nc.flush()
+        await until(lambda other=other: _has(other, RELOAD), timeout=2)
+    # Nobody else hears one (nor could pose as a replica).
+    for user in ("stt", "audit", "edge", "ops"):
+        other = conns.get(user) or await connect(user)
+        await other.nc.subscribe(RELOAD)
+        await until(lambda other=other: _has(other, f'subscription to "{RELOAD}"'), timeout=2)
+    # A replica answers only the requests it received: not into anyone's inbox.
+    router: Conn = conns["router"]
+    forged = f"_INBOX_edge.{secrets.token_hex(8)}"
+    await router.nc.publish(forged, b'{"status": "reloaded"}')
+    await router.nc.flush()
+    await until(lambda: _has(router, forged), timeout=2)
+    # The edge publishes no event and reaches no JetStream API.
+    publisher = EventPublisher(edge.nc, edge.js, STREAM, PREFIX, max_attempts=1, ack_timeout=API_TIMEOUT)
+    with pytest.raises(EventPublishError):
+        await publisher.publish("config.reload", events_pb2.ConfigReload(event_id="forged"), "forged-edge")
+    await refused(edge, edge.js.stream_info(STREAM), f"$JS.API.STREAM.INFO.{STREAM}")
+    # The broadcast still works after all that.
+    config.write_text("providers: []\npools: []\n")
+    report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-2", gather_seconds=0.5, timeout_seconds=5)
+    assert report.status == "ok" and {o.status for o in report.services} == {"reloaded"}
+    for responder in responders:
+        await responder.stop()
+
+
+# ------------------------------------------------------------------ inboxes
+
+# The connections the services make, by their client name (each with nats_inbox_prefix).
+SERVICE_CONNECTIONS = {"hoosh-router", "hoosh-budget", "hoosh-stt", "hoosh-audit", "hoosh-edge"}
+
+
+def test_each_service_connects_with_its_own_users_inbox_prefix() -> None:
+    assert nats_inbox_prefix("nats://router:pw@nats:4222") == "_INBOX_router"
+    assert nats_inbox_prefix("router:pw@nats:4222") == "_INBOX_router"
+    assert nats_inbox_prefix("nats://nats-1:4222, nats://audit:pw@nats-2:4222") == "_INBOX_audit"
+    assert nats_inbox_prefix("nats://127.0.0.1:4222") == "_INBOX"  # a NATS without users
+    assert nats_inbox_prefix("nats://a-token@nats:4222") == "_INBOX"  # a token never goes into a subject
+    for user in ("a.b", "a*", "a%3E", "x" * 65):
+        with pytest.raises(ValueError, match="inbox prefix"):
+            nats_inbox_prefix(f"nats://{user}:pw@nats:4222")
+    # Every connection a service makes passes it: with NATS's default _INBOX it would
+    # receive none of its answers (the configuration lets no other inbox through).
+    found: set[str] = set()
+    for path in sorted((ROOT / "services").glob("*/src/*/*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            names = [k.value.value for k in node.keywords if k.arg == "name" and isinstance(k.value, ast.Constant)]
+            if node.func.attr == "connect" and names and str(names[0]).startswith("hoosh-"):
+                found.add(str(names[0]))
+                prefix = [k.value for k in node.keywords if k.arg == "inbox_prefix"]
+                assert prefix, f"{path}: {names[0]} connects to NATS without its user's inbox prefix"
+    assert found == SERVICE_CONNECTIONS
+
+
+async def test_no_service_reads_or_answers_the_messages_the_audit_pulls(connect: Any) -> None:
+    """The audit's pulled messages arrive on its inbox, each with a $JS.ACK reply subject:
+    whoever read them could answer it (allow_responses lets router and budget answer
+    what they receive), +TERM or +ACK them for the audit (a work queue then drops them
+    unaudited) or +NXT with its own inbox (the server then delivers the audit's events
+    to it). No other user may subscribe to any inbox but its own, nor publish to
+    $JS.ACK, nor name one as a reply; the audit still pulls and acks every event."""
+    router: Conn = await connect("router")
+    await declared(router, "router")
+    published = await publish_own(router, "router")
+    spies = {user: await connect(user) for user in ("budget", "stt", "edge", "ops")}
+    spies["router"] = router
+    seen: list[tuple[str, str, str]] = []
+    for user, conn in spies.items():
+
+        async def heard(msg: Any, user: str = user, conn: Conn = conn) -> None:
+            seen.append((user, msg.subject, msg.reply))
+            if msg.reply:  # what the attack did: answer it
+                await conn.nc.publish(msg.reply, b"+TERM")
+
+        for subject in ("_INBOX.>", "_INBOX_audit.>", ">", "$JS.ACK.>"):
+            await conn.nc.subscribe(subject, cb=heard)
+            await until(lambda conn=conn, subject=subject: _has(conn, f'subscription to "{subject}"'), timeout=2)
+
+    audit: Conn = await connect("audit")
+    sub = await audit.js.pull_subscribe(f"{PREFIX}.>", durable="audit", stream=STREAM)
+    pulled = await sub.fetch(published, timeout=5)
+    assert len(pulled) == published and all(m.reply.startswith(f"$JS.ACK.{STREAM}.audit.") for m in pulled)
+    ack = pulled[0].reply
+    for conn in spies.values():
+        # Its reply subject, guessed or learnt: neither ack nor pull through it.
+        await conn.nc.publish(ack, b"+TERM")
+        await conn.nc.publish(ack, b'+NXT {"batch": 20}', reply=conn.nc.new_inbox())
+        await until(lambda conn=conn: _has(conn, f'publish to "{ack}"'), timeout=2)
+    # Nor may the edge aim the replicas' answers at it (a reload request's reply subject
+    # must be one the edge may subscribe to: its own inbox).
+    edge = spies["edge"]
+    await edge.nc.publish(RELOAD, b'{"op": "check"}', reply=ack)
+    await until(lambda: _has(edge, f'publish with reply of "{ack}"'), timeout=2)
+    await asyncio.sleep(0.2)
+    assert seen == []
+    info = await audit.js.consumer_info(STREAM, "audit")
+    assert (info.num_ack_pending, info.ack_floor.stream_seq) == (published, 0)
+    assert await messages(audit) == published  # nothing acked or terminated for it
+    for msg in pulled:
+        await msg.ack_sync(timeout=2)
+    await until(lambda: _empty(audit))
+    assert audit.violations() == []
+
+
+# ------------------------------------------------------------------ the edge's reload connection
+
+EDGE_ADMIN_KEY = "nats-permissions-admin-key-0123456789abcdef"
+PROMPT_S = admin_reload.CONNECT_TIMEOUT_SECONDS + 2  # an answer within the connect bound, and some
+
+
+@contextlib.asynccontextmanager
+async def edge_app(nats_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The edge app (lifespan run: its ReloadBus) pointed at ``nats_url``; the gRPC
+    services and Redis at a closed port (a reload needs neither; the admin key is the
+    bootstrap key, checked without Redis)."""
+    closed = f"127.0.0.1:{free_port()}"
+    settings = EdgeSettings(
+        auth="keys",
+        admin_key=EDGE_ADMIN_KEY,
+        nats_url=nats_url,
+        subject_prefix=PREFIX,
+        router_addr=closed,
+        budget_addr=closed,
+        audit_addr=closed,
+        stt_addr=closed,
+        redis_url=f"redis://{closed}/0",
+        edge_reload_gather_seconds=0.5,
+        edge_reload_timeout_seconds=5,
+    )
+    clients = Clients.connect(settings)
+    tenancy = Tenancy.connect(settings)
+    app = create_app(settings, clients, tenancy)
+    try:
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client,
+        ):
+            yield client
+    finally:
+        await clients.close()
+        await tenancy.close()
+
+
+async def reload_via(edge: httpx.AsyncClient) -> tuple[int, dict[str, Any], float]:
+    """POST /v1/admin/reload: (status, body, seconds); at most 20 s (it used to hang)."""
+    started = time.monotonic()
+    answer = await asyncio.wait_for(
+        edge.post("/v1/admin/reload", headers={"Authorization": f"Bearer {EDGE_ADMIN_KEY}"}), timeout=20
+    )
+    return answer.status_code, answer.json(), time.monotonic() - started
+
+
+def unavailable(status: int, body: dict[str, Any], seconds: float) -> bool:
+    return status == 503 and body["error"]["code"] == "reload_unavailable" and seconds < PROMPT_S
+
+
+@contextlib.asynccontextmanager
+async def replica(server: OwnNats, tmp_path: Path) -> AsyncIterator[None]:
+    """A router replica answering reloads (the real responder), as the router connects."""
+    url = server.url("router")
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, inbox_prefix=nats_inbox_prefix(url))
+    config = tmp_path / "hoosh.yaml"
+    config.write_text("providers: []\n")
+    events = EventPublisher(nc, nc.jetstream(), STREAM, PREFIX, max_attempts=1, ack_timeout=2.0)
+    await settings("router").declare_stream(nc.jetstream(), STREAM, PREFIX)
+    reloader = ConfigReloader(WholeFile("router"), config, running_sha256=None, events=events, instance="router-0")
+    responder = ReloadResponder(nc, PREFIX, reloader)
+    await responder.start()
+    try:
+        yield
+    finally:
+        await responder.stop()
+        await nc.close()
+
+
+async def test_the_edge_starts_without_nats_and_reloads_once_it_is_there(tmp_path: Path) -> None:
+    """No NATS yet (a closed port): the edge starts, and each reload answers 503
+    reload_unavailable within the connect bound (it used to retry the connect forever,
+    holding the bus's lock, so every later reload hung too); no client is left trying.
+    NATS up: the next reload reaches the replica. NATS gone: 503 again, promptly; back:
+    the next reload opens a new connection."""
+    server = OwnNats(tmp_path / "nats-later", "compose")
+    async with edge_app(server.url("edge")) as edge:
+        for _ in range(2):
+            assert unavailable(*await reload_via(edge))
+        server.start()
+        try:
+            await asyncio.sleep(2.5)  # longer than nats-py's pause between two tries
+            assert "hoosh-edge" not in server.connection_names()
+            async with replica(server, tmp_path):
+                status, body, _ = await reload_via(edge)
+                assert status == 200 and [(s["service"], s["status"]) for s in body["services"]] == [
+                    ("router", "reloaded")
+                ], body
+                assert server.connection_names().count("hoosh-edge") == 1
+            server.stop()
+            assert unavailable(*await reload_via(edge))
+            server.start()
+            async with replica(server, tmp_path):
+                status, body, _ = await reload_via(edge)
+                assert status == 200 and body["status"] == "ok", body
+        finally:
+            server.stop()
+
+
+async def test_a_wrong_edge_password_answers_503_at_once(server: OwnNats) -> None:
+    """NATS refuses the edge's password: 503 reload_unavailable within the connect
+    bound (it used to retry the refused login forever), and the refused client is
+    closed, not left trying again in the background."""
+    refused_logins = 'authentication error - User "edge"'
+    async with edge_app(server.url("edge", "not-the-password")) as edge:
+        for tries in (1, 2):
+            assert unavailable(*await reload_via(edge))
+            assert server.log_count(refused_logins) == tries
+        await asyncio.sleep(2.5)  # longer than nats-py's pause between two tries
+        assert server.log_count(refused_logins) == 2
+        assert "hoosh-edge" not in server.connection_names()
+
+
 # ------------------------------------------------------------------ the stream itself
 
 
@@ -669,15 +1006,18 @@ async def test_the_chart_config_serves_each_user(tmp_path: Path) -> None:
     helm = OwnNats(tmp_path / "nats-helm", "helm")
     helm.start()
     try:
-        for user in (*PUBLISHERS, "audit", "ops"):
+        for user in (*PUBLISHERS, "audit", "ops", "edge"):
             nc = await nats.connect(helm.url(user), allow_reconnect=False, connect_timeout=5)
             await nc.close()
+        url = helm.url("router")
         errors: list[str] = []
 
         async def on_error(error: Exception) -> None:
             errors.append(str(error).lower())
 
-        nc = await nats.connect(helm.url("router"), error_cb=on_error, allow_reconnect=False, connect_timeout=5)
+        nc = await nats.connect(
+            url, error_cb=on_error, allow_reconnect=False, connect_timeout=5, inbox_prefix=nats_inbox_prefix(url)
+        )
         try:
             conn = Conn(nc, nc.jetstream(timeout=API_TIMEOUT), errors)
             await declared(conn, "router")

@@ -758,7 +758,7 @@ def test_the_derived_flows_are_the_designed_ones(world: World) -> None:
             table.setdefault(source, set()).add(kinds[destination])
     common = {"dns", "collector"}
     assert table == {
-        "edge": common | {"router", "budget", "audit", "stt", "redis"},
+        "edge": common | {"router", "budget", "audit", "stt", "redis", "nats"},  # nats: reloads
         "router": common | {"local-inference", "budget", "redis", "nats", "internet"},
         "budget": common | {"redis", "nats"},
         "audit": common | {"nats", "redis"},

@@ -517,7 +517,7 @@ def test_the_cli_manages_pools_and_keys_through_the_admin_api(hoosh: RunningStac
 
     def hoosh_cli(*args: str) -> dict:
         done = subprocess.run(
-            [sys.executable, "-m", "hoosh_cli", *args, "--url", hoosh.base_url],
+            [sys.executable, "-m", "hoosh_cli", *args, "--url", hoosh.base_url, "--json"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -168,7 +168,7 @@ def test_engine_choice() -> None:
 def test_hardware_probe_never_fails() -> None:
     info = hardware.probe()
     assert info.cpu_count >= 1
-    for gpu in info.accelerators:
+    for gpu in info.gpus:
         assert gpu.name
         assert gpu.memory_total_bytes >= gpu.memory_free_bytes >= 0
 

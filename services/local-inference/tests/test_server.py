@@ -285,4 +285,8 @@ async def test_list_models_and_hardware(stub: Stub, engine: LlamaEngine) -> None
     reply = await stub.GetHardware(inference_pb2.GetHardwareRequest())
     probed = hardware.probe()
     assert reply.cpu_count == probed.cpu_count >= 1
-    assert [a.name for a in reply.accelerators] == [a.name for a in probed.accelerators]
+    assert [a.name for a in reply.accelerators] == [gpu.name for gpu in probed.gpus]
+    assert reply.memory_total_bytes == probed.memory_total_bytes > 0
+    assert reply.memory_available_bytes > 0
+    assert (reply.container, reply.kubernetes) == (probed.container, probed.kubernetes)
+    assert reply.HasField("driver_version") == (probed.driver_version is not None)

@@ -55,52 +55,81 @@ def nats_binary() -> str:
     return found
 
 
-async def ensure_redis(url: str, state_dir: Path, log_dir: Path) -> subprocess.Popen[bytes] | None:
-    """Returns the process it started, or None when a server was already reachable."""
+async def _start(
+    name: str, command: list[str], host: str, port: int, log_dir: Path, *, own_session: bool
+) -> subprocess.Popen[bytes]:
+    """Start a server and wait until it listens; stopped again if it does not, or if the
+    wait is cancelled (`hoosh up` stopped while starting)."""
+    with open(log_dir / f"{name}.log", "ab") as log_file:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL if own_session else None,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=own_session,
+        )
+    try:
+        listening = await wait_reachable(host, port, 15)
+    except BaseException:
+        stop_process(process)
+        raise
+    if not listening:
+        stop_process(process)
+        raise RuntimeError(f"{name} did not start on {host}:{port}; see {log_dir / f'{name}.log'}")
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def ensure_redis(
+    url: str, state_dir: Path, log_dir: Path, *, own_session: bool = False
+) -> subprocess.Popen[bytes] | None:
+    """Returns the process it started, or None when a server was already reachable.
+    ``own_session``: the server in a session of its own (see StackConfig.own_session)."""
     host, port = _host_port(url, 6379)
     if await reachable(host, port):
         log.info("using running Redis", extra={"url": url})
         return None
     state_dir.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        [
-            valkey_binary(),
-            "--bind",
-            host,
-            "--port",
-            str(port),
-            "--dir",
-            str(state_dir),
-            "--save",
-            "60 1",
-            "--appendonly",
-            "yes",
-            "--protected-mode",
-            "no",
-        ],
-        stdout=open(log_dir / "valkey.log", "ab"),
-        stderr=subprocess.STDOUT,
-    )
-    if not await wait_reachable(host, port, 15):
-        process.terminate()
-        raise RuntimeError(f"valkey-server did not start on {host}:{port}; see {log_dir / 'valkey.log'}")
+    command = [
+        valkey_binary(),
+        "--bind",
+        host,
+        "--port",
+        str(port),
+        "--dir",
+        str(state_dir),
+        "--save",
+        "60 1",
+        "--appendonly",
+        "yes",
+        "--protected-mode",
+        "no",
+    ]
+    process = await _start("valkey", command, host, port, log_dir, own_session=own_session)
     log.info("started valkey-server", extra={"url": url, "pid": process.pid})
     return process
 
 
-async def ensure_nats(url: str, state_dir: Path, log_dir: Path) -> subprocess.Popen[bytes] | None:
+async def ensure_nats(
+    url: str, state_dir: Path, log_dir: Path, *, own_session: bool = False
+) -> subprocess.Popen[bytes] | None:
     host, port = _host_port(url, 4222)
     if await reachable(host, port):
         log.info("using running NATS", extra={"url": url})
         return None
     state_dir.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        [nats_binary(), "-a", host, "-p", str(port), "-js", "-sd", str(state_dir)],
-        stdout=open(log_dir / "nats.log", "ab"),
-        stderr=subprocess.STDOUT,
-    )
-    if not await wait_reachable(host, port, 15):
-        process.terminate()
-        raise RuntimeError(f"nats-server did not start on {host}:{port}; see {log_dir / 'nats.log'}")
+    command = [nats_binary(), "-a", host, "-p", str(port), "-js", "-sd", str(state_dir)]
+    process = await _start("nats", command, host, port, log_dir, own_session=own_session)
     log.info("started nats-server", extra={"url": url, "pid": process.pid})
     return process

@@ -130,6 +130,11 @@ class StackConfig:
     # plaintext gRPC; Stack.start makes the certificates there unless still valid).
     internal_tokens: dict[str, str] = field(default_factory=new_internal_tokens)
     tls_dir: Path | None = None
+    # True (`hoosh up`): each service in a session of its own, stdin /dev/null, so that
+    # signals from the terminal (Ctrl-C, a hangup) reach the caller alone and it stops
+    # them in order (Stack.stop). False (tests): they share the caller's process group,
+    # so a test run killed as a group takes them along.
+    own_session: bool = False
 
     def publisher_keys(self) -> str:
         """HOOSH_AUDIT_PUBLISHER_KEYS: every publisher's key, under its service's name."""
@@ -293,7 +298,12 @@ class Stack:
                 env = {**inherited, **self.config.environment(service.name)}
                 log_file = open(self.log_dir / f"{service.name}.log", "ab")
                 service.process = subprocess.Popen(
-                    [sys.executable, "-m", service.module], env=env, stdout=log_file, stderr=subprocess.STDOUT
+                    [sys.executable, "-m", service.module],
+                    env=env,
+                    stdin=subprocess.DEVNULL if self.config.own_session else None,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=self.config.own_session,
                 )
                 log_file.close()
                 await self._wait_healthy(service, timeout)

@@ -4,7 +4,8 @@ awaits the ack, with a local outbox for what NATS cannot take.
 The router, stt and budget publish with ``EventPublisher``; audit declares the same
 stream with ``ensure_stream`` and consumes it. Every event carries ``Nats-Msg-Id``
 (the event id, i.e. the request id), so a retried publish inside the stream's
-duplicate window is stored once.
+duplicate window is stored once. Every service connects to NATS with the inbox
+prefix of its own user (``nats_inbox_prefix``), the only one its user may subscribe to.
 
 Outbox (``hoosh_common.outbox``), when the publisher is given one:
 
@@ -75,6 +76,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal, Protocol
+from urllib.parse import urlsplit
 
 import nats.errors
 import nats.js.errors
@@ -128,6 +130,42 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 Retention = Literal["workqueue", "limits"]
+
+# NATS's own inbox prefix (nats-py's default): a connection whose URL names no user.
+DEFAULT_INBOX_PREFIX = "_INBOX"
+_NATS_USER = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def nats_inbox_prefix(nats_url: str) -> str:
+    """The inbox prefix for a connection to ``nats_url`` (pass it to ``nats.connect(...,
+    inbox_prefix=...)``): ``_INBOX_<user>`` for the NATS user the URL names
+    (``nats://router:<pw>@nats:4222`` -> ``_INBOX_router``).
+
+    Every answer a connection receives arrives on its inbox: publish acks, JetStream API
+    replies, the messages the audit pulls (each with its ``$JS.ACK`` reply subject),
+    reload answers. deploy/nats/nats.conf lets each user subscribe to its own prefix only
+    (``_INBOX_<user>.>``), so no service reads another's answers, nor, through
+    ``allow_responses``, acks or pulls the audit's messages; a connection with nats-py's
+    default ``_INBOX`` would not receive any of its answers there.
+
+    ``_INBOX`` when the URL names no user with a password (a development NATS without
+    users; a lone ``nats://<token>@host`` is a token, which never goes into a subject).
+    Several servers (``nats://a:4222,nats://b:4222``): the first that names a user.
+    ``ValueError`` for a user name that cannot be a subject token.
+    """
+    for server in nats_url.split(","):
+        server = server.strip()
+        if not server:
+            continue
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        if parts.username and parts.password is not None:
+            if not _NATS_USER.fullmatch(parts.username):
+                raise ValueError(
+                    f"NATS user {parts.username!r}: an inbox prefix takes 1-64 of A-Z a-z 0-9 _ - "
+                    "(each service's inbox is _INBOX_<user>)"
+                )
+            return f"{DEFAULT_INBOX_PREFIX}_{parts.username}"
+    return DEFAULT_INBOX_PREFIX
 
 
 def signing_key(hex_key: str, what: str = "HOOSH_EVENTS_SIGNING_KEY") -> bytes:

@@ -14,3 +14,5 @@ def subject(prefix: str, name: str) -> str:
 
 
 SUBJECT_BUDGET_RESET = "budget.reset"
+# One replica's answer to a reload of hoosh.yaml (events_pb2.ConfigReload; hoosh_common.reload).
+SUBJECT_CONFIG_RELOAD = "config.reload"

@@ -20,6 +20,7 @@ import nats
 import nats.errors
 from hoosh.audit.v1 import audit_pb2, audit_pb2_grpc
 from hoosh_common import grpc_server, runtime
+from hoosh_common.eventbus import nats_inbox_prefix
 from hoosh_common.logs import configure_logging
 from hoosh_common.metrics import serve_metrics
 from hoosh_common.telemetry import configure_tracing
@@ -119,6 +120,7 @@ async def serve(settings: AuditSettings) -> int:
         servers=[s.strip() for s in settings.nats_url.split(",")],
         name="hoosh-audit",
         max_reconnect_attempts=-1,
+        inbox_prefix=nats_inbox_prefix(settings.nats_url),
     )
     js = nc.jetstream()
     verifier = settings.event_verifier()

@@ -12,8 +12,8 @@ deadline is extended) so later events never overtake it.
 
 What is recorded. The consumer reads every subject under the prefix (NATS 2.9 allows
 one filter subject per consumer) and records the events it has a decoder for
-(``inference.*``, ``budget.reset``) and, whatever their payload, the admin actions
-under ``admin.>`` (key and pool changes, token reports, config reloads: the decoded
+(``inference.*``, ``budget.reset``, ``config.reload``) and, whatever their payload, the
+admin actions under ``admin.>`` (key and pool changes, token reports: the decoded
 JSON object, or the bytes in base64 until producers publish a message type for them).
 An event on another subject is acked and skipped: it is another consumer's, not a
 corrupt one. A known subject whose payload cannot be decoded is terminated.
@@ -95,6 +95,7 @@ DECODERS: dict[str, type[Message]] = {
     events.SUBJECT_COMPLETED: events_pb2.InferenceCompleted,
     events.SUBJECT_FAILED: events_pb2.InferenceFailed,
     events.SUBJECT_BUDGET_RESET: events_pb2.BudgetReset,
+    events.SUBJECT_CONFIG_RELOAD: events_pb2.ConfigReload,
 }
 # Recorded whatever the payload (see decode_any).
 ADMIN_SUBJECTS = "admin."

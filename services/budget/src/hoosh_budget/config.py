@@ -9,11 +9,17 @@ import yaml
 from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from hoosh_common.internal_plane import InternalPlaneSettings
+from hoosh_common.reload import describe_validation_error, describe_yaml_error
 from hoosh_metering.errors import InvalidArgument
 from hoosh_metering.periods import validate_period
 from hoosh_metering.pools import PoolSpec
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
+
+try:  # libyaml's parser: several times faster on a large file (same types; errors at the same place)
+    from yaml import CSafeLoader as SafeLoader
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml import SafeLoader  # type: ignore[assignment]
 
 DEFAULT_POOL = "default"
 # Lua numbers are doubles: every amount stays where integers are exact.
@@ -106,17 +112,27 @@ class ConfigError(Exception):
     """The configured pools cannot be read; the service refuses to start."""
 
 
-def _read_yaml_pools(path: Path) -> list[PoolConfig]:
+def parse_pools(data: bytes, source: str) -> list[PoolConfig]:
+    """The ``pools:`` of the shared config file's bytes, each validated (the file's other
+    sections belong to other services). The one parser, at start and on every reload."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read HOOSH_CONFIG {path}: {exc}") from exc
+        raw = yaml.load(data, Loader=SafeLoader) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"HOOSH_CONFIG {source}: {describe_yaml_error(exc)}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"HOOSH_CONFIG {path} is not a mapping")
+        raise ConfigError(f"HOOSH_CONFIG {source}: the file is not a mapping (providers:, routes:, pools: ...)")
     try:
         return _PoolsSection.model_validate({"pools": raw.get("pools") or []}).pools
     except ValidationError as exc:
-        raise ConfigError(f"bad pools in HOOSH_CONFIG {path}: {exc}") from exc
+        raise ConfigError(f"bad pools in HOOSH_CONFIG {source}: {describe_validation_error(exc)}") from exc
+
+
+def _read_yaml_pools(path: Path) -> list[PoolConfig]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read HOOSH_CONFIG {path}: {exc.strerror or exc}") from exc
+    return parse_pools(data, str(path))
 
 
 def parent_first(pools: dict[str, PoolConfig]) -> list[PoolConfig]:
@@ -144,17 +160,18 @@ def parent_first(pools: dict[str, PoolConfig]) -> list[PoolConfig]:
     return ordered
 
 
-def configured_pools(settings: BudgetSettings) -> list[PoolSpec]:
-    """Pools to apply at start, parents first: the YAML file's ``pools:``, then
-    HOOSH_BUDGET_POOLS (whose capacity wins on a name clash). The caller adds
-    ``default`` when neither names it.
+def configured_pools(settings: BudgetSettings, data: bytes | None = None) -> list[PoolSpec]:
+    """Pools to apply at start (and on a reload), parents first: the YAML file's
+    ``pools:`` (``data``: the file's bytes, already read), then HOOSH_BUDGET_POOLS (whose
+    capacity wins on a name clash). The caller adds ``default`` when neither names it.
 
     Only the top-level ``pools:`` list of the shared config is read; other services
     own the rest of that file.
     """
     pools: dict[str, PoolConfig] = {}
     if settings.config is not None:
-        for pool in _read_yaml_pools(settings.config):
+        listed = parse_pools(data, str(settings.config)) if data is not None else _read_yaml_pools(settings.config)
+        for pool in listed:
             if pool.name in pools:
                 raise ConfigError(f"pool '{pool.name}' is configured twice in HOOSH_CONFIG {settings.config}")
             pools[pool.name] = pool

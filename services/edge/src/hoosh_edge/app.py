@@ -26,7 +26,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from . import (
     admin_keys,
     admin_pools,
+    admin_reload,
+    admin_status,
     routes_costs,
+    routes_hardware,
     routes_inference,
     routes_operations,
     routes_responses,
@@ -216,8 +219,11 @@ def create_app(
         routes_tokens,
         routes_operations,
         routes_costs,
+        routes_hardware,
         admin_keys,
         admin_pools,
+        admin_reload,
+        admin_status,
     ):
         app.include_router(module.router)
     # Anything else reaches EdgeMiddleware, which answers 500 with the same envelope.

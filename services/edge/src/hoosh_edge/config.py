@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from hoosh_common.events import SUBJECT_PREFIX
 from hoosh_common.internal_plane import InternalPlaneSettings
+from hoosh_common.reload import GATHER_SECONDS, TIMEOUT_SECONDS
 from hoosh_tenancy import DEFAULT_KEY_PREFIX
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -173,6 +175,31 @@ class Settings(InternalPlaneSettings):
         default="hoosh:responses:",
         min_length=1,
         description="Prefix of the stored responses' Redis keys (one key per response)",
+    )
+    nats_url: str = Field(
+        default="nats://127.0.0.1:4222",
+        description="NATS on which POST /v1/admin/reload asks every router and budget replica to reload "
+        "hoosh.yaml (as the NATS user `edge`); connected on the first reload, not at start",
+    )
+    subject_prefix: str = Field(
+        default=SUBJECT_PREFIX,
+        min_length=1,
+        description="The services' event subject prefix (HOOSH_SUBJECT_PREFIX): reload requests go to "
+        "hoosh-control.<prefix>.reload, to the replicas of this deployment only",
+    )
+    edge_reload_gather_seconds: float = Field(
+        default=GATHER_SECONDS,
+        gt=0,
+        le=30,
+        description="How long a reload gathers the replicas' answers to its check; every replica that answers "
+        "in this window is then expected to apply the file (replicas answer in milliseconds)",
+    )
+    edge_reload_timeout_seconds: float = Field(
+        default=TIMEOUT_SECONDS,
+        gt=0,
+        le=300,
+        description="How long a reload waits for every replica that answered its check to apply the file "
+        "(or record the refusal); one that does not answer by then makes the reload partial",
     )
 
     _admin_key_value: str | None = PrivateAttr(default=None)

@@ -7,6 +7,7 @@ loaded, so a probe never routes traffic to a worker that cannot answer yet.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from hoosh.inference.v1 import inference_pb2_grpc
@@ -20,23 +21,24 @@ from pydantic import ValidationError
 from . import hardware
 from .config import InferencePlaneSettings, InferenceSettings
 from .engine import Engine
+from .load import LoadMonitor
 from .server import SERVICE_NAME, InferenceServicer
 
 SERVICE = "local-inference"
 log = logging.getLogger("hoosh_inference")
 
 
-async def build_engine(settings: InferenceSettings, info: hardware.HardwareInfo) -> Engine:
+async def build_engine(settings: InferenceSettings, info: hardware.HostFacts) -> Engine:
     """Load the model with the engine the settings and the hardware call for."""
     choice = hardware.choose_engine(
         settings.engine,
-        has_gpu=bool(info.accelerators),
+        has_gpu=bool(info.gpus),
         vllm_available=hardware.vllm_installed(),
         vllm_model=settings.vllm_model,
     )
     log.info(
         "loading model",
-        extra={"engine": choice, "model_id": settings.model_id, "gpus": [a.name for a in info.accelerators]},
+        extra={"engine": choice, "model_id": settings.model_id, "gpus": [gpu.name for gpu in info.gpus]},
     )
     if choice == "vllm":
         from .vllm_engine import VllmEngine
@@ -63,9 +65,24 @@ async def build_engine(settings: InferenceSettings, info: hardware.HardwareInfo)
 async def amain(settings: InferenceSettings) -> None:
     info = await asyncio.to_thread(hardware.probe)
     engine = await build_engine(settings, info)
+    load = LoadMonitor(
+        engine,
+        overload_queue=settings.overload_queue or settings.max_queue,
+        # No GPU at start, none later: nothing to sample.
+        gpu_memory_floor_bytes=settings.gpu_memory_floor_bytes if info.gpus else 0,
+        oom_hold_seconds=settings.oom_hold_seconds,
+    )
+    sampler = asyncio.create_task(load.run(settings.status_sample_seconds), name="gpu-memory-sampler")
     server = new_server()
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine), server)
-    await serve(server, settings.listen, [SERVICE_NAME], on_stop=engine.close)
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine, load=load), server)
+
+    async def on_stop() -> None:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+        await engine.close()
+
+    await serve(server, settings.listen, [SERVICE_NAME], on_stop=on_stop)
 
 
 def main() -> None:

@@ -54,6 +54,22 @@ class InferenceSettings(BaseSettings):
     max_queue: int = Field(
         default=64, ge=1, description="llama.cpp: requests waiting behind the running one; vLLM: in flight"
     )
+    overload_queue: int | None = Field(
+        default=None,
+        ge=1,
+        description="requests waiting from which the worker reports itself overloaded (the router then sends it "
+        "nothing until fewer wait); default: max_queue",
+    )
+    gpu_memory_floor_bytes: int = Field(
+        default=256 * 2**20,
+        ge=0,
+        description="on a GPU host: the worker reports itself out of memory while a GPU it may use has less free; "
+        "0: never",
+    )
+    oom_hold_seconds: float = Field(
+        default=30.0, ge=0, description="how long a generation that ran out of memory keeps the worker refusing work"
+    )
+    status_sample_seconds: float = Field(default=5.0, gt=0, description="how often the GPUs' free memory is read")
     vllm_model: str = Field(default="", description="Hugging Face id or local path of the vLLM model")
     vllm_max_model_len: int | None = Field(default=None, ge=16, description="vLLM context; default: model's")
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)

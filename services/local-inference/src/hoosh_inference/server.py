@@ -14,7 +14,8 @@ from typing import Any
 import grpc
 from hoosh.chat.v1 import chat_pb2
 from hoosh.inference.v1 import inference_pb2, inference_pb2_grpc
-from hoosh_common.grpc_errors import error_metadata
+from hoosh_common.grpc_errors import RETRY_AFTER, error_metadata
+from hoosh_common.hardware import hardware_message
 from hoosh_common.logs import request_id_var
 from hoosh_common.metrics import OTHER
 from hoosh_common.telemetry import exporting, extract_context
@@ -46,6 +47,7 @@ from .errors import (
     ModelNotFound,
     QueueFull,
 )
+from .load import LoadMonitor
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("hoosh.inference")
@@ -171,9 +173,17 @@ def _stream_response(chunk: StreamChunk) -> inference_pb2.GenerateStreamResponse
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Serves one loaded engine. Long-lived objects come in through the constructor."""
 
-    def __init__(self, engine: Engine, probe_hardware: Callable[[], hardware.HardwareInfo] = hardware.probe) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        probe_hardware: Callable[[], hardware.HostFacts] = hardware.probe,
+        load: LoadMonitor | None = None,
+    ) -> None:
+        """``load``: the monitor GetStatus answers from (default: overloaded once the
+        engine's queue is at ``max_queue``, or 64; no GPU memory floor)."""
         self._engine = engine
         self._probe_hardware = probe_hardware
+        self._load = load or LoadMonitor(engine, overload_queue=getattr(engine, "max_queue", None) or 64)
         served = [model.id for model in engine.models()]
         self._model_id = served[0]
         self._served = frozenset(served)
@@ -239,12 +249,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     yield chunk
         except InferenceError as error:
             error_type = error.code
+            self._load.record_failure(error)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             error_type = "cancelled"  # the client went away (or, after the final chunk, the join ended)
             raise
-        except Exception:
+        except Exception as error:
             error_type = OTHER
+            self._load.record_failure(error)
             log.exception("generation failed")
             raise
         finally:
@@ -353,15 +365,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         request: inference_pb2.GetHardwareRequest,
         context: grpc.aio.ServicerContext[inference_pb2.GetHardwareRequest, inference_pb2.GetHardwareResponse],
     ) -> inference_pb2.GetHardwareResponse:
-        info = await asyncio.to_thread(self._probe_hardware)
-        return inference_pb2.GetHardwareResponse(
-            accelerators=[
-                inference_pb2.Accelerator(
-                    name=a.name, memory_total_bytes=a.memory_total_bytes, memory_free_bytes=a.memory_free_bytes
-                )
-                for a in info.accelerators
-            ],
-            cpu_count=info.cpu_count,
+        facts = await asyncio.to_thread(self._probe_hardware)
+        return hardware_message(facts, inference_pb2.GetHardwareResponse)
+
+    async def GetStatus(
+        self,
+        request: inference_pb2.GetStatusRequest,
+        context: grpc.aio.ServicerContext[inference_pb2.GetStatusRequest, inference_pb2.GetStatusResponse],
+    ) -> inference_pb2.GetStatusResponse:
+        status = self._load.status()
+        if status.refusing:
+            # When to ask again, as an error says it (GetStatusResponse has no field for it):
+            # the rest of an out-of-memory hold, not just the next second.
+            context.set_trailing_metadata(((RETRY_AFTER, str(status.retry_after_seconds)),))
+        return inference_pb2.GetStatusResponse(
+            overloaded=status.overloaded,
+            out_of_memory=status.out_of_memory,
+            reason=status.reason,
+            queue_depth=status.queue_depth,
+            overload_queue=status.overload_queue,
+            active_requests=status.active_requests,
         )
 
     @staticmethod

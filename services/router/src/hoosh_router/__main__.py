@@ -1,5 +1,7 @@
-"""python -m hoosh_router: build backends, Redis, metering (budget store or client,
-key limiter) and event publisher once, start the health board, then serve."""
+"""python -m hoosh_router: build Redis, metering (budget store or client, key limiter)
+and the event publisher once, then the generation of the configured providers (backends,
+routes, health board), then serve. SIGHUP, or the edge's reload request on NATS, reloads
+the configuration (``reload.py``)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,11 @@ import sys
 
 import nats
 from hoosh.router.v1 import router_pb2_grpc
+from hoosh_common.eventbus import nats_inbox_prefix
 from hoosh_common.grpc_server import configure_plane, internal_channel, new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.metrics import serve_metrics
+from hoosh_common.reload import ConfigRefused, ConfigReloader, ReloadResponder, install_sighup
 from hoosh_common.runtime import run
 from hoosh_common.telemetry import configure_tracing
 from hoosh_metering.client import BudgetServiceClient
@@ -21,19 +25,11 @@ from hoosh_metering.pools import BudgetStore
 from hoosh_metering.redis import RedisClient, connect_redis
 from pydantic import ValidationError
 
-from . import metrics
-from .backends.base import Backend
-from .backends.factory import build_backend
 from .budget_client import BudgetBackend, RouterBudget
-from .cache import ResponseCache
-from .chat import ChatService
-from .config import BUDGET_RPC_TIMEOUT_SECONDS, ProviderConfig, RouterSettings, load_catalogue
-from .dispatch import Dispatcher, RetryPolicy
-from .embeddings import EmbeddingService
-from .health import HealthBoard
+from .config import BUDGET_RPC_TIMEOUT_SECONDS, RouterSettings, read_catalogue
+from .generations import Generations
 from .ratelimit import RateLimiter
-from .recording import Recorder
-from .routing import ModelRouter
+from .reload import CurrentBreakers, RouterConfig, Shared, build_generation
 from .server import RouterServicer
 
 log = logging.getLogger("hoosh_router")
@@ -69,15 +65,7 @@ async def main(settings: RouterSettings | None = None) -> None:
     # Before any channel or server: the edge alone calls the router.
     configure_plane(settings.internal_plane("router", callers=["edge"]))
     serve_metrics(settings.router_metrics_listen)
-    catalogue = load_catalogue(settings.config)
-
-    entries: list[tuple[ProviderConfig, Backend]] = [
-        (provider, build_backend(provider, settings.inference_addr)) for provider in catalogue.providers
-    ]
-    routing = catalogue.routing
-    router = ModelRouter(entries, catalogue.routes, strategy=routing.strategy)
-    for _, backend in entries:
-        await backend.list_models()  # warms context lengths of local models; failures are fine here
+    catalogue, config_sha256 = read_catalogue(settings.config)
 
     # One client for budget, key limits, health, provider limits and cache (one node or a
     # cluster); bounded so a burst cannot exhaust Redis, with socket timeouts so a slow
@@ -87,20 +75,14 @@ async def main(settings: RouterSettings | None = None) -> None:
         socket_timeout=settings.router_redis_timeout_seconds,
         socket_connect_timeout=settings.router_redis_timeout_seconds,
     )
-    health = HealthBoard(
-        redis_client,
-        settings.router_key_prefix,
-        [(config, backend) for config, backend in entries if config.enabled],
-        catalogue.health,
-        latency_alpha=routing.latency_alpha,
-    )
-    router.set_latency_source(health.latency)
-    metrics.register_state(health, [config.name for config, _ in entries if config.enabled])
     limiter = RateLimiter(redis_client, settings.router_key_prefix)
-    cache = ResponseCache(redis_client, settings.router_key_prefix, catalogue.cache)
-    await health.start()
 
-    nc = await nats.connect(settings.nats_url, name="hoosh-router", max_reconnect_attempts=-1)
+    nc = await nats.connect(
+        settings.nats_url,
+        name="hoosh-router",
+        max_reconnect_attempts=-1,
+        inbox_prefix=nats_inbox_prefix(settings.nats_url),
+    )
     js = nc.jetstream()
     await settings.declare_stream(js, settings.nats_stream, settings.subject_prefix)
     publisher = settings.event_publisher(nc, js, settings.nats_stream, settings.subject_prefix, "router")
@@ -118,30 +100,41 @@ async def main(settings: RouterSettings | None = None) -> None:
         budget_backend = BudgetServiceClient(budget_channel, timeout=BUDGET_RPC_TIMEOUT_SECONDS)
     budget = RouterBudget(budget_backend, settings.router_lease_seconds)
     gate = KeyGate(KeyLimiter(redis_client, settings.budget_key_prefix))
-    recorder = Recorder(budget, publisher, gate, catalogue.providers)
-    dispatcher = Dispatcher(
-        router,
-        health,
-        limiter,
-        RetryPolicy(routing.retry),
-        upstream_timeout=settings.router_upstream_timeout_seconds,
-        request_timeout=routing.request_timeout_seconds or settings.router_upstream_timeout_seconds,
-        fallback=routing.fallback,
+    shared = Shared(settings, redis_client, limiter, publisher, budget, gate)
+
+    # Providers, routes and policies: one generation, replaced whole by a reload.
+    generations = Generations(await build_generation(catalogue, shared))
+    breakers = CurrentBreakers(generations)
+    breakers.register()
+    reloader = ConfigReloader(
+        RouterConfig(shared, generations, breakers),
+        settings.config,
+        running_sha256=config_sha256,
+        events=publisher,
     )
-    chat = ChatService(dispatcher, recorder, cache)
+    responder = ReloadResponder(nc, settings.subject_prefix, reloader)
+    await responder.start()
+    remove_sighup = install_sighup(reloader)
+
     server = new_server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(chat, router, embeddings=EmbeddingService(dispatcher, recorder), health=health, cache=cache),
-        server,
-    )
+    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(generations=generations), server)
 
     async def on_stop() -> None:
+        remove_sighup()
+        await responder.stop()
         if starter is not None:
             starter.cancel()
-        await health.stop()
+        live = await generations.close()
+        for generation in live:
+            if generation.health is not None:
+                await generation.health.stop()
         # Settlements still being retried get a bounded wait; leases settle the rest.
-        await recorder.drain(settings.router_commit_drain_seconds)
-        await cache.drain()
+        for generation in live:
+            if generation.recorder is not None:
+                await generation.recorder.drain(settings.router_commit_drain_seconds)
+        for generation in live:
+            if generation.cache is not None:
+                await generation.cache.drain()
         await limiter.drain()
         if store is not None:
             await store.close()
@@ -149,8 +142,12 @@ async def main(settings: RouterSettings | None = None) -> None:
         await nc.drain()
         await budget_channel.close()
         await redis_client.aclose()
-        for _, backend in entries:
-            await backend.close()
+        closed: set[int] = set()
+        for generation in live:
+            for backend in generation.backends():
+                if id(backend) not in closed:
+                    closed.add(id(backend))
+                    await backend.close()
 
     log.info("router starting", extra={"providers": [p.name for p in catalogue.providers]})
     # Not ready (no new work routed here) while events could not be kept; live all along.
@@ -168,6 +165,10 @@ def cli() -> None:
         settings = RouterSettings()
     except ValidationError as exc:  # fail fast, before binding
         sys.exit(f"hoosh-router: bad settings: {exc}")
+    try:
+        read_catalogue(settings.config)  # fail fast on a bad config file, before binding
+    except ConfigRefused as exc:
+        sys.exit(f"hoosh-router: {exc.reason}")
     run(main(settings))
 
 

@@ -20,8 +20,14 @@ from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from hoosh_common.internal_plane import InternalPlaneSettings
 from hoosh_common.prices import FREE, TokenPrice, default_table, usd_to_micros
-from pydantic import BaseModel, Field, field_validator, model_validator
+from hoosh_common.reload import ConfigRefused, describe_validation_error, describe_yaml_error, file_sha256
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
+
+try:  # libyaml's parser: several times faster on a large file (same types; errors at the same place)
+    from yaml import CSafeLoader as SafeLoader
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    from yaml import SafeLoader  # type: ignore[assignment]
 
 LOCAL_MODEL_DEFAULT = "smollm2-135m-instruct"
 
@@ -403,3 +409,31 @@ def load_catalogue(path: Path | None) -> Catalogue:
         return default_catalogue()
     raw = yaml.safe_load(path.read_text()) or {}
     return Catalogue.model_validate(expand_env(raw))
+
+
+def parse_catalogue(data: bytes, source: str) -> Catalogue:
+    """The catalogue in ``data`` (the YAML file's bytes), fully validated, as the router
+    would serve it: ``ConfigRefused`` naming the first problems otherwise. The one parser
+    of the file, at start and on every reload."""
+    try:
+        raw = yaml.load(data, Loader=SafeLoader) or {}
+    except yaml.YAMLError as error:
+        raise ConfigRefused(f"HOOSH_CONFIG {source}: {describe_yaml_error(error)}") from error
+    if not isinstance(raw, dict):
+        raise ConfigRefused(f"HOOSH_CONFIG {source}: the file is not a mapping (providers:, routes:, pools: ...)")
+    try:
+        return Catalogue.model_validate(expand_env(raw))
+    except ValidationError as error:
+        raise ConfigRefused(f"HOOSH_CONFIG {source}: {describe_validation_error(error)}") from error
+
+
+def read_catalogue(path: Path | None) -> tuple[Catalogue, str | None]:
+    """The catalogue at ``path`` and the SHA-256 of the file read (without a file: the
+    local model only, and None). ``ConfigRefused`` when it cannot be read or is invalid."""
+    if path is None:
+        return default_catalogue(), None
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigRefused(f"cannot read HOOSH_CONFIG {path}: {error.strerror or error}") from error
+    return parse_catalogue(data, str(path)), file_sha256(data)

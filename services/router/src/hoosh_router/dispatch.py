@@ -1,7 +1,8 @@
 """Calling backends for one request: candidates in strategy order, breaker and
 rate-limit gating, retries with jittered exponential backoff, fallback.
 
-Per candidate: skip it when its breaker is open (a half-open one admits one trial);
+Per candidate: skip it when its breaker is open (a half-open one admits one trial) or
+when it is a local worker that says it is overloaded or out of memory;
 skip it when its rate limit is full (remembering the Retry-After); else call it up
 to ``retry.max_attempts`` times while the failure is retryable (connect errors,
 timeouts, 429, 5xx — never another 4xx) and time is left; then, if the failure
@@ -157,7 +158,7 @@ class Dispatcher:
         if not usable:
             names = [route.provider.name for route in ordered]
             raise NoHealthyBackend(
-                f"No healthy backend for model '{model}': the circuit of {', '.join(names)} is open",
+                f"No healthy backend for model '{model}': {self.health.why_unavailable(names)}",
                 retry_after=self.health.retry_after(names),
             )
         return usable if self._fallback else usable[:1]
@@ -262,6 +263,6 @@ class Dispatcher:
                 "Every backend for this model is over its rate limit; try again later", retry_after=limited_after
             )
         raise NoHealthyBackend(
-            f"No healthy backend: the circuit of {', '.join(attempts.skipped_open) or 'every candidate'} is open",
+            f"No healthy backend: {self.health.why_unavailable(attempts.skipped_open)}",
             retry_after=self.health.retry_after(attempts.skipped_open),
         )

@@ -13,6 +13,11 @@ Lua call (count, maybe open); a success writes only when the snapshot shows
 failures to clear. Redis trouble never fails a request: the board then keeps
 counting locally. Every call touches one provider's hash (the Lua script declares
 that one key), so the board runs unchanged on Redis Cluster.
+
+A local-inference worker also speaks for itself: the board polls its status every
+``sync_interval_seconds`` (``workers.poll_status``), and while it says it is
+overloaded or out of memory it is unavailable as an open breaker is (the next
+candidate serves), without counting as a failure.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import time
 from dataclasses import dataclass
 
 import redis.asyncio as redis
+from hoosh.router.v1 import router_pb2
 from redis.exceptions import RedisError
 
+from . import workers
 from .backends.base import Backend
 from .config import HealthConfig, ProviderConfig
 from .errors import RouterError
@@ -128,11 +135,43 @@ class HealthBoard:
     def view(self, name: str) -> BreakerView:
         return self._views[name]
 
+    def carry(self, name: str, view: BreakerView) -> None:
+        """Watch ``name`` through ``view``, that of the board this one replaces (live
+        reload): its state, failures, last error, trial in flight and latency carry on."""
+        if name in self._views:
+            self._views[name] = view
+
     def state_of(self, name: str) -> str:
         return self._views[name].effective_state(time.time())
 
+    def refusal(self, name: str) -> str | None:
+        """Why the provider's worker takes no work now, in its words; None when it does."""
+        entry = self._providers.get(name)
+        return workers.refusal(entry[1]) if entry is not None else None
+
+    def refusing(self, name: str) -> str | None:
+        """What keeps the provider's worker from taking work ("overloaded", "out_of_memory"); None: nothing."""
+        entry = self._providers.get(name)
+        return workers.refusing(entry[1]) if entry is not None else None
+
+    def why_unavailable(self, names: list[str]) -> str:
+        """Why these providers are not called, in words a client may see: open circuits,
+        and local models refusing work, said generically (the workers' own reasons, their
+        queues and GPU memory, go to the log when they start refusing and to admin views:
+        GetProviderHealth's workers, /v1/admin/status)."""
+        kinds = {name: kind for name in names if (kind := self.refusing(name)) is not None}
+        circuits = [name for name in names if name not in kinds]
+        parts = [f"the circuit of {', '.join(circuits)} is open"] if circuits else []
+        if "overloaded" in kinds.values():
+            parts.append("the local model is overloaded; retry shortly")
+        if "out_of_memory" in kinds.values():
+            parts.append("the local model is temporarily unavailable")
+        return "; ".join(parts) or "the circuit of every candidate is open"
+
     def available(self, name: str) -> bool:
-        """Closed, or half-open with no trial of ours in flight."""
+        """Closed, or half-open with no trial of ours in flight; and not refusing work."""
+        if self.refusal(name) is not None:
+            return False
         view = self._views[name]
         if view.state != "open":
             return True
@@ -140,6 +179,8 @@ class HealthBoard:
 
     def acquire(self, name: str) -> bool:
         """Claim the right to call ``name`` now (a half-open breaker admits one trial)."""
+        if self.refusal(name) is not None:
+            return False
         view = self._views[name]
         if view.state != "open":
             return True
@@ -156,9 +197,20 @@ class HealthBoard:
         return view.latency_ms if view else None
 
     def retry_after(self, names: list[str]) -> int:
-        """Seconds until the soonest of these open breakers half-opens (at least 1)."""
+        """Seconds until the soonest of these providers may be called again (at least 1):
+        an open breaker when it half-opens, a refusing worker when it said it would take
+        work again (the rest of an out-of-memory hold; a second for a full queue); both
+        for one provider: the later."""
         now = time.time()
-        waits = [self._views[n].open_until - now for n in names if self._views[n].state == "open"]
+        waits: list[float] = []
+        for name in names:
+            entry = self._providers.get(name)
+            worker = workers.retry_after(entry[1]) if entry is not None else None
+            view = self._views[name]
+            breaker = view.open_until - now if view.state == "open" else None
+            known = [wait for wait in (worker, breaker) if wait is not None]
+            if known:
+                waits.append(max(known))
         return max(1, int(min(waits) + 0.999)) if waits else 1
 
     # -- outcomes ---------------------------------------------------------------------
@@ -269,6 +321,28 @@ class HealthBoard:
             except (RedisError, OSError) as error:
                 log.warning("probing failed", extra={"error": str(error)})
 
+    def entries(self) -> list[tuple[ProviderConfig, Backend]]:
+        """The providers this board watches, with their backends."""
+        return list(self._providers.values())
+
+    def worker_states(self) -> list[router_pb2.WorkerState]:
+        """Each local worker as this replica last polled it (GetProviderHealth's workers)."""
+        return workers.worker_states(self._providers.values())
+
+    async def poll_workers(self) -> None:
+        """Ask every local worker whether it takes work now (one round)."""
+        await workers.poll_status(
+            (backend for _, backend in self._providers.values()), self._config.sync_interval_seconds
+        )
+
+    async def _worker_loop(self) -> None:
+        while True:
+            try:
+                await self.poll_workers()
+            except Exception as error:  # a poll must never kill the poller
+                log.warning("worker status poll failed", extra={"error": repr(error)})
+            await asyncio.sleep(self._config.sync_interval_seconds)
+
     async def start(self) -> None:
         """Read the shared state once, then keep it fresh and probe in the background."""
         try:
@@ -276,6 +350,8 @@ class HealthBoard:
         except (RedisError, OSError) as error:
             log.warning("health sync failed at start", extra={"error": str(error)})
         self._tasks.append(asyncio.create_task(self._sync_loop(), name="health-sync"))
+        if workers.local_backends(backend for _, backend in self._providers.values()):
+            self._tasks.append(asyncio.create_task(self._worker_loop(), name="worker-status"))
         if self._config.probe_interval_seconds > 0:
             self._tasks.append(asyncio.create_task(self._probe_loop(), name="health-probe"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -14,10 +15,12 @@ from hoosh_common.logs import request_id_var
 from hoosh_common.telemetry import extract_context
 from opentelemetry import context as otel_context
 
+from . import workers
 from .cache import ResponseCache
 from .chat import ChatService
 from .embeddings import EmbeddingService
 from .errors import InvalidRequest, RouterError
+from .generations import Generation, Generations
 from .health import HealthBoard
 from .routing import Kind, ModelRouter
 
@@ -49,21 +52,49 @@ def _responses_body(request: router_pb2.ChatRequest) -> dict[str, Any] | None:
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    """Serves ``generations`` (live reload: each call runs on the generation current when
+    it starts, to its end), or one fixed generation made of ``chat``, ``router``,
+    ``embeddings``, ``health`` and ``cache``."""
+
     def __init__(
         self,
-        chat: ChatService,
-        router: ModelRouter,
+        chat: ChatService | None = None,
+        router: ModelRouter | None = None,
         *,
         embeddings: EmbeddingService | None = None,
         health: HealthBoard | None = None,
         cache: ResponseCache | None = None,
+        generations: Generations | None = None,
     ) -> None:
-        self._chat = chat
-        self._router = router
-        self._embeddings = embeddings
-        self._health = health
-        self._cache = cache
-        self._models_cache: tuple[float, router_pb2.ListModelsResponse] | None = None
+        if generations is None:
+            if chat is None or router is None:
+                raise TypeError("RouterServicer needs chat and router, or generations")
+            generations = Generations(Generation(chat, router, embeddings=embeddings, health=health, cache=cache))
+        self._generations = generations
+        # ListModels' answer for 30 s, with the generation it came from: a weak reference, so a
+        # retired generation (its backends, board, catalogue) is not kept alive by it.
+        self._models_cache: tuple[weakref.ref[Generation], float, router_pb2.ListModelsResponse] | None = None
+
+    # The current generation's parts (what a call that does not pin a generation reads).
+    @property
+    def _chat(self) -> ChatService:
+        return self._generations.current.chat
+
+    @property
+    def _router(self) -> ModelRouter:
+        return self._generations.current.router
+
+    @property
+    def _embeddings(self) -> EmbeddingService | None:
+        return self._generations.current.embeddings
+
+    @property
+    def _health(self) -> HealthBoard | None:
+        return self._generations.current.health
+
+    @property
+    def _cache(self) -> ResponseCache | None:
+        return self._generations.current.cache
 
     async def Chat(
         self,
@@ -109,7 +140,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         token = otel_context.attach(extract_context(metadata))
         try:
             body = _responses_body(request) if native else None
-            return await self._chat.chat(request, request_id, context.time_remaining(), responses=body)
+            with self._generations.use() as generation:
+                return await generation.chat.chat(request, request_id, context.time_remaining(), responses=body)
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())
             await context.abort(error.status, error.message)
@@ -131,8 +163,11 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         token = otel_context.attach(extract_context(metadata))
         try:
             body = _responses_body(request) if native else None
-            async for chunk in self._chat.stream(request, request_id, context.time_remaining(), responses=body):
-                yield chunk
+            with self._generations.use() as generation:
+                async for chunk in generation.chat.stream(
+                    request, request_id, context.time_remaining(), responses=body
+                ):
+                    yield chunk
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())
             await context.abort(error.status, error.message)
@@ -145,27 +180,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         context: grpc.aio.ServicerContext[router_pb2.ListModelsRequest, router_pb2.ListModelsResponse],
     ) -> router_pb2.ListModelsResponse:
         now = time.monotonic()
-        if self._models_cache and now - self._models_cache[0] < 30:
-            return self._models_cache[1]
-        reply = router_pb2.ListModelsResponse()
-        seen: set[str] = set()
-        for kind in _KINDS:
-            for model_id, config in self._router.exact_models(kind):
-                if model_id not in seen:
-                    seen.add(model_id)
-                    reply.models.add(id=model_id, owned_by=config.name, provider=config.name, kind=kind)
-        for config, backend in self._router.entries:
-            for model in await backend.list_models():
-                if model.id in seen:
-                    continue
-                for kind in _KINDS:
-                    if self._router.matches_patterns(config, model.id, kind):
-                        seen.add(model.id)
-                        reply.models.add(
-                            id=model.id, owned_by=model.owned_by, created=model.created, provider=config.name, kind=kind
-                        )
-                        break
-        self._models_cache = (now, reply)
+        cached = self._models_cache
+        if cached and cached[0]() is self._generations.current and now - cached[1] < 30:
+            return cached[2]
+        with self._generations.use() as generation:
+            reply = await _list_models(generation.router)
+        self._models_cache = (weakref.ref(generation), now, reply)
         return reply
 
     async def Embed(
@@ -173,15 +193,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         request: router_pb2.EmbedRequest,
         context: grpc.aio.ServicerContext[router_pb2.EmbedRequest, router_pb2.EmbedResponse],
     ) -> router_pb2.EmbedResponse:
-        if self._embeddings is None:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not configured")
-        assert self._embeddings is not None
         metadata = context.invocation_metadata() or ()
         request_id = _request_id(request, metadata)
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
-            return await self._embeddings.embed(request, request_id, context.time_remaining())
+            with self._generations.use() as generation:
+                if generation.embeddings is None:
+                    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "embeddings are not configured")
+                assert generation.embeddings is not None
+                return await generation.embeddings.embed(request, request_id, context.time_remaining())
         except RouterError as error:
             context.set_trailing_metadata(error.trailing_metadata())
             await context.abort(error.status, error.message)
@@ -211,7 +232,23 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 rpm_limit=item.rpm,
                 tpm_limit=item.tpm,
             )
+        reply.workers.extend(self._health.worker_states())
         return reply
+
+    async def GetHardware(
+        self,
+        request: router_pb2.GetHardwareRequest,
+        context: grpc.aio.ServicerContext[router_pb2.GetHardwareRequest, router_pb2.GetHardwareResponse],
+    ) -> router_pb2.GetHardwareResponse:
+        """Every local worker's hardware, asked now (within the caller's deadline)."""
+        if self._health is None:
+            return router_pb2.GetHardwareResponse()
+        timeout = workers.HARDWARE_TIMEOUT_SECONDS
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # Leave time to answer: a worker that is slow becomes an error entry, not a timeout.
+            timeout = max(0.1, min(timeout, remaining - 0.5))
+        return await workers.workers_hardware(self._health.entries(), timeout)
 
     async def GetCacheStats(
         self,
@@ -229,3 +266,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             entries=stats.entries,
             ttl_seconds=stats.ttl_seconds,
         )
+
+
+async def _list_models(router: ModelRouter) -> router_pb2.ListModelsResponse:
+    """Every model ``router`` serves: configured names first, then what the backends list
+    that their patterns admit."""
+    reply = router_pb2.ListModelsResponse()
+    seen: set[str] = set()
+    for kind in _KINDS:
+        for model_id, config in router.exact_models(kind):
+            if model_id not in seen:
+                seen.add(model_id)
+                reply.models.add(id=model_id, owned_by=config.name, provider=config.name, kind=kind)
+    for config, backend in router.entries:
+        for model in await backend.list_models():
+            if model.id in seen:
+                continue
+            for kind in _KINDS:
+                if router.matches_patterns(config, model.id, kind):
+                    seen.add(model.id)
+                    reply.models.add(
+                        id=model.id, owned_by=model.owned_by, created=model.created, provider=config.name, kind=kind
+                    )
+                    break
+    return reply

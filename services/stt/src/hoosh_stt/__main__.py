@@ -8,6 +8,7 @@ import logging
 import sys
 
 import nats
+from hoosh_common.eventbus import nats_inbox_prefix
 from hoosh_common.grpc_server import configure_plane, new_server, serve
 from hoosh_common.logs import configure_logging
 from hoosh_common.metrics import serve_metrics
@@ -79,7 +80,12 @@ def build_engine(settings: SttSettings, specs: list[ModelSpec]) -> Engine:
 
 
 async def main(settings: SttSettings, engine: Engine) -> None:
-    nc = await nats.connect(settings.nats_url, name="hoosh-stt", max_reconnect_attempts=-1)
+    nc = await nats.connect(
+        settings.nats_url,
+        name="hoosh-stt",
+        max_reconnect_attempts=-1,
+        inbox_prefix=nats_inbox_prefix(settings.nats_url),
+    )
     js = nc.jetstream()
     await settings.declare_stream(js, settings.nats_stream, settings.subject_prefix)
     publisher = settings.event_publisher(nc, js, settings.nats_stream, settings.subject_prefix, "stt")

@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 import grpc
 from hoosh.stt.v1 import stt_pb2, stt_pb2_grpc
 from hoosh.tenancy.v1 import tenancy_pb2
+from hoosh_common import hardware
 from hoosh_common.logs import request_id_var
 from hoosh_common.metrics import OTHER
 from hoosh_common.telemetry import exporting, extract_context
@@ -243,6 +244,15 @@ class SttServicer(stt_pb2_grpc.SttServiceServicer):
                 for m in self._service.models()
             ]
         )
+
+    async def GetHardware(
+        self,
+        request: stt_pb2.GetHardwareRequest,
+        context: grpc.aio.ServicerContext[stt_pb2.GetHardwareRequest, stt_pb2.GetHardwareResponse],
+    ) -> stt_pb2.GetHardwareResponse:
+        """This host's GPUs, CPUs, memory and container facts (NVML blocks: off the loop)."""
+        facts = await asyncio.to_thread(hardware.probe)
+        return hardware.hardware_message(facts, stt_pb2.GetHardwareResponse)
 
 
 def add_to_server(servicer: SttServicer, server: grpc.aio.Server) -> None:

@@ -1477,6 +1477,9 @@ async def reap_forever(store: BudgetStore, interval_seconds: float) -> None:
         try:
             ended = await store.reap_expired()
         except BudgetUnavailable as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # a cancel turned into a connection error
+                raise asyncio.CancelledError from exc
             log.warning("lease reaper could not reach Redis", extra={"error": str(exc)})
         else:
             if ended:

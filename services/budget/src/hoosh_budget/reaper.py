@@ -27,6 +27,13 @@ async def reap(store: BudgetStore) -> int:
     return ended
 
 
+def _raise_if_cancelled() -> None:
+    """A cancel that redis-py turned into a connection error still stops the loop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def reap_forever(store: BudgetStore, interval_seconds: float) -> None:
     """``reap`` every ``interval_seconds`` until cancelled; at once again after a full
     batch. A Redis outage is logged and retried on the next tick."""
@@ -34,6 +41,7 @@ async def reap_forever(store: BudgetStore, interval_seconds: float) -> None:
         try:
             ended = await reap(store)
         except BudgetUnavailable as exc:
+            _raise_if_cancelled()
             log.warning("lease reaper could not reach Redis", extra={"error": str(exc)})
         else:
             if ended >= store.reclaim_batch:

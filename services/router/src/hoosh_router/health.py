@@ -118,6 +118,7 @@ class HealthBoard:
         self._views = {name: BreakerView() for name in self._providers}
         self._failure = client.register_script(FAILURE_SCRIPT)
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     def key(self, name: str) -> str:
         return f"{self._prefix}health:{name}"
@@ -280,11 +281,17 @@ class HealthBoard:
             self._apply(name, fields)
 
     async def _sync_loop(self) -> None:
-        while True:
+        # Loops end on the flag as well as on cancellation: redis-py can turn a cancellation
+        # inside a pipeline into a ConnectionError, which would swallow stop()'s cancel and
+        # leave stop() waiting forever.
+        while not self._stopping:
             await asyncio.sleep(self._config.sync_interval_seconds)
             try:
                 await self.sync()
             except (RedisError, OSError) as error:
+                task = asyncio.current_task()
+                if self._stopping or (task is not None and task.cancelling()):
+                    return
                 log.warning("health sync failed", extra={"error": str(error)})
 
     async def probe_once(self) -> None:
@@ -314,7 +321,7 @@ class HealthBoard:
             await self.record_success(name, None)
 
     async def _probe_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._config.probe_interval_seconds)
             try:
                 await self.probe_once()
@@ -336,7 +343,7 @@ class HealthBoard:
         )
 
     async def _worker_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.poll_workers()
             except Exception as error:  # a poll must never kill the poller
@@ -356,6 +363,7 @@ class HealthBoard:
             self._tasks.append(asyncio.create_task(self._probe_loop(), name="health-probe"))
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -2,7 +2,7 @@
 # The whole suite (`make test`, .ci/run): two pytest processes at once, the end-to-end
 # tests (tests/) beside the libraries' and services' own, each printing when it ends.
 # One pytest left most of a 2-core machine idle (waiting on services, outages, streams):
-# the split takes the wall time from ~19 to ~12 minutes. Every test already uses fresh
+# the split takes the wall time from ~19 to ~10 minutes. Every test already uses fresh
 # Redis prefixes, stream names and free ports, so the two never meet. With arguments
 # (a file, -k ...) it is one plain pytest run.
 set -uo pipefail

@@ -268,8 +268,12 @@ def test_status_shows_every_service_redis_nats_audit_and_outboxes(hoosh: Running
     assert set(boxes) == {"router", "stt", "budget"}
     for box in boxes.values():
         assert box["status"] == "ok" and box["entries"] == 0 and box["max_entries"] > 0, box
+    [worker] = report["workers"]  # the session stack's one local worker, as the router polls it
+    assert worker["status"] == "SERVING" and worker["providers"] and worker["address"], worker
 
     text = ok_text(run(hoosh, home, "status"))
+    assert has_columns(text, "worker", "state", "queue", "serves", "reason")
+    assert worker["address"] in text
     assert text.startswith("hoosh is ok")
     assert has_columns(text, "service", "health")
     assert has_columns(text, "part", "state", "detail")

@@ -38,7 +38,7 @@ def gather(ctx: Context) -> dict[str, Any]:
         for item in page.get("services", []):
             services[item["service"]] = item["status"]
         problems += page.get("problems", [])
-        result.update({name: page.get(name) for name in ("redis", "nats", "audit", "outbox")})
+        result.update({name: page.get(name) for name in ("redis", "nats", "audit", "outbox", "workers")})
     status = ready.get("status", "unavailable")
     if status == "ok" and problems:
         status = "degraded"
@@ -88,9 +88,22 @@ def render(report: dict[str, Any]) -> None:
             output.size(box.get("bytes")),
             Text(f"{age:.0f} s") if isinstance(age, int | float) and age else output.text(age or None),
         )
+    workers = output.table("local inference workers", "worker", "state", "queue", "serves", "reason")
+    for worker in report.get("workers") or []:
+        depth, bound = worker.get("queue_depth"), worker.get("overload_queue")
+        queue = f"{depth}/{bound}" if isinstance(depth, int) and isinstance(bound, int) else depth
+        workers.add_row(
+            output.text(worker.get("address")),
+            output.state(worker.get("status")),
+            output.text(queue),
+            output.text(", ".join(str(name) for name in worker.get("providers") or [])),
+            output.text(worker.get("reason")),
+        )
     shown: list[Any] = [services]
     if report.get("redis"):
         shown += [parts, outboxes]
+    if report.get("workers"):
+        shown.append(workers)
     out.print(Group(*shown))
     for problem in report["problems"]:
         out.print(output.text(f"! {problem}", style="yellow"))

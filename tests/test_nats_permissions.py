@@ -729,7 +729,7 @@ async def test_the_edge_asks_and_every_router_and_budget_replica_answers(connect
         await responder.start()
         responders.append(responder)
     edge: Conn = conns["edge"]
-    report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-1", gather_seconds=0.5, timeout_seconds=5)
+    report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-1", gather_seconds=2, timeout_seconds=10)
     assert report.status == "ok", report
     assert [(o.service, o.status) for o in report.services] == [("budget", "reloaded"), ("router", "reloaded")]
     # Each recorded what it did (hoosh.config.reload, through its own publisher).
@@ -761,7 +761,7 @@ async def test_the_edge_asks_and_every_router_and_budget_replica_answers(connect
     await refused(edge, edge.js.stream_info(STREAM), f"$JS.API.STREAM.INFO.{STREAM}")
     # The broadcast still works after all that.
     config.write_text("providers: []\npools: []\n")
-    report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-2", gather_seconds=0.5, timeout_seconds=5)
+    report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-2", gather_seconds=2, timeout_seconds=10)
     assert report.status == "ok" and {o.status for o in report.services} == {"reloaded"}
     for responder in responders:
         await responder.stop()
@@ -869,7 +869,7 @@ async def edge_app(nats_url: str) -> AsyncIterator[httpx.AsyncClient]:
         audit_addr=closed,
         stt_addr=closed,
         redis_url=f"redis://{closed}/0",
-        edge_reload_gather_seconds=0.5,
+        edge_reload_gather_seconds=2,
         edge_reload_timeout_seconds=5,
     )
     clients = Clients.connect(settings)

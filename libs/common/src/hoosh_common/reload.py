@@ -528,6 +528,7 @@ class ReloadResponder:
 
     async def start(self) -> None:
         self._subscription = await self._nc.subscribe(self.subject, cb=self._on_request)
+        await self._nc.flush()  # registered at the server: a reload from now on reaches this replica
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Unsubscribe, then let the requests in hand finish (an apply half done is worse

@@ -249,8 +249,11 @@ async def test_a_damaged_segment_is_set_aside_and_the_rest_drain(bus: Bus) -> No
 
 
 async def test_close_moves_publishes_still_retrying_to_the_outbox(bus: Bus) -> None:
-    # Retries that outlast the shutdown grace: close() keeps those events on disk.
-    publisher = bus.publisher(max_attempts=50, backoff_initial=0.2, backoff_max=0.5)
+    # Retries that outlast the shutdown grace: close() keeps those events on disk. A
+    # subscriber that never acks makes each try wait for its ack, so close() lands mid-try
+    # whatever the machine's load (no stream at all would end tries at once, between them).
+    await bus.nc.subscribe(f"{bus.prefix}.>")
+    publisher = bus.publisher(max_attempts=50, backoff_initial=0.2, backoff_max=0.5, ack_timeout=30)
     await publisher.start()
     publisher.publish_background(events.SUBJECT_COMPLETED, event("in-flight"), "in-flight")
     await asyncio.sleep(0.1)

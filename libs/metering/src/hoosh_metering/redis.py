@@ -64,6 +64,83 @@ class BoundedRedisCluster(aioredis.RedisCluster):
             self._commands.release()
 
 
+# Script calls are what the hot path sends (a reservation, a settlement); they are
+# batched. Everything else goes out as it comes.
+_PIPELINED = frozenset({"EVALSHA", "EVAL"})
+# Commands per pipeline: a bound on one batch's size, not a tuning knob.
+_MAX_BATCH = 256
+
+
+class PipeliningRedis(aioredis.Redis):
+    """A Redis client that sends the script calls issued in the same turn of the event
+    loop as one pipeline: one connection, one write, the replies read in order.
+
+    redis-py spends ~150-200 us of CPU on each command (connection pool, retry wrapper,
+    a socket write, the reply); under concurrency the router issues dozens of script
+    calls per loop turn, and as one pipeline each costs a quarter of that, the Redis
+    server too saving a read and a write per call. A lone call takes the ordinary path.
+    Each caller gets its own reply or error (a script error stays its own; a connection
+    failure fails the whole batch, as it would each of its calls), and a caller that
+    stops waiting changes nothing for the others: exactly what separate calls would do.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
+        self._batches: set[asyncio.Task[None]] = set()
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        if not args or args[0] not in _PIPELINED:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._send_batch)
+        self._batch.append((args, options, future))
+        return await future
+
+    def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        for start in range(0, len(batch), _MAX_BATCH):
+            task = asyncio.get_running_loop().create_task(self._run(batch[start : start + _MAX_BATCH]))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _run(self, batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]]) -> None:
+        if len(batch) == 1:
+            args, options, future = batch[0]
+            try:
+                result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+            except BaseException as error:  # to its caller, whatever it is
+                if not future.done():
+                    future.set_exception(error)
+                if not isinstance(error, Exception):
+                    raise
+                return
+            if not future.done():
+                future.set_result(result)
+            return
+        pipe = self.pipeline(transaction=False)
+        for args, options, _ in batch:
+            pipe.execute_command(*args, **options)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except BaseException as error:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
 def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=1, supported_errors=(RedisConnectionError,))
 
@@ -84,7 +161,7 @@ def connect_redis(
 
     ``redis+cluster://host:port`` (or ``rediss+cluster://`` for TLS) gives a
     :class:`redis.asyncio.RedisCluster` that discovers the other nodes from that one;
-    anything else (``redis://``, ``rediss://``, ``unix://``) a :class:`redis.asyncio.Redis`
+    anything else (``redis://``, ``rediss://``, ``unix://``) a :class:`PipeliningRedis`
     on a :class:`BlockingConnectionPool` of ``max_connections``, where a caller waits
     at most ``socket_timeout`` for a free connection. Raises ValueError for a cluster
     URL without a host.
@@ -116,7 +193,7 @@ def connect_redis(
         socket_connect_timeout=socket_connect_timeout,
         retry=_retry(),
     )
-    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
+    return PipeliningRedis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 def is_unavailable(error: BaseException) -> bool:

@@ -1,0 +1,114 @@
+"""PipeliningRedis on the real Redis: script calls issued together travel as one
+pipeline on one connection, and each caller still gets exactly its own reply or error."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from hoosh_metering.redis import PipeliningRedis, connect_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+ECHO = "redis.call('INCR', KEYS[1]); return {ARGV[1], redis.call('GET', KEYS[1])}"
+FAILS_ON_BOOM = "if ARGV[1] == 'boom' then return redis.error_reply('ERR boom ' .. ARGV[1]) end; return ARGV[1]"
+
+
+def _created(client: PipeliningRedis) -> int:
+    """Connections the client's pool has opened so far."""
+    pool = client.connection_pool
+    return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+async def test_concurrent_script_calls_share_one_pipeline_and_each_gets_its_own_reply(redis_url: str) -> None:
+    client = connect_redis(redis_url, max_connections=64)
+    assert isinstance(client, PipeliningRedis)
+    key = f"test:pipelining:{uuid.uuid4().hex}"
+    script = client.register_script(ECHO)
+    try:
+        await script(keys=[key], args=["warm"])  # loads the script; one connection
+        replies = await asyncio.gather(*(script(keys=[key], args=[f"call-{n}"]) for n in range(50)))
+        assert [reply[0] for reply in replies] == [f"call-{n}".encode() for n in range(50)]
+        # Every call ran once, in order: the counter saw 2..51.
+        assert sorted(int(reply[1]) for reply in replies) == list(range(2, 52))
+        # Fifty separate calls would have opened up to fifty connections.
+        assert _created(client) == 1
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_a_script_error_is_its_callers_alone(redis_url: str) -> None:
+    client = connect_redis(redis_url)
+    script = client.register_script(FAILS_ON_BOOM)
+    try:
+        await script(keys=[], args=["warm"])
+        results = await asyncio.gather(
+            script(keys=[], args=["a"]),
+            script(keys=[], args=["boom"]),
+            script(keys=[], args=["c"]),
+            return_exceptions=True,
+        )
+        assert results[0] == b"a" and results[2] == b"c"
+        assert isinstance(results[1], ResponseError) and "boom" in str(results[1])
+    finally:
+        await client.aclose()
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again_within_a_batch(redis_url: str) -> None:
+    client = connect_redis(redis_url)
+    marker = uuid.uuid4().hex
+    script = client.register_script(f"return ARGV[1] .. '{marker}'")  # a script Redis has not seen
+    try:
+        results = await asyncio.gather(*(script(keys=[], args=[str(n)]) for n in range(10)))
+        assert results == [f"{n}{marker}".encode() for n in range(10)]
+    finally:
+        await client.aclose()
+
+
+async def test_a_caller_that_stops_waiting_leaves_the_others_their_replies(redis_url: str) -> None:
+    client = connect_redis(redis_url)
+    key = f"test:pipelining:{uuid.uuid4().hex}"
+    script = client.register_script(ECHO)
+    try:
+        await script(keys=[key], args=["warm"])
+        calls = [asyncio.ensure_future(script(keys=[key], args=[str(n)])) for n in range(5)]
+        calls[2].cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(results[2], asyncio.CancelledError)
+        assert [results[n][0] for n in (0, 1, 3, 4)] == [b"0", b"1", b"3", b"4"]  # type: ignore[index]
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_an_unreachable_redis_fails_every_call_of_the_batch() -> None:
+    client = connect_redis("redis://127.0.0.1:1/0", socket_timeout=0.5, socket_connect_timeout=0.5)
+    script = client.register_script(ECHO)
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(script(keys=["k"], args=[str(n)]) for n in range(4)), return_exceptions=True), 30
+        )
+        assert all(isinstance(result, RedisConnectionError | OSError) for result in results), results
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("command", ["set", "get"])
+async def test_other_commands_go_out_as_they_come(redis_url: str, command: str) -> None:
+    client = connect_redis(redis_url)
+    assert isinstance(client, PipeliningRedis)
+    key = f"test:pipelining:{uuid.uuid4().hex}"
+    try:
+        await client.set(key, "v")
+        if command == "get":
+            assert await asyncio.gather(*(client.get(key) for _ in range(5))) == [b"v"] * 5
+        else:
+            await asyncio.gather(*(client.set(f"{key}:{n}", n) for n in range(5)))
+            assert [await client.get(f"{key}:{n}") for n in range(5)] == [str(n).encode() for n in range(5)]
+        # Not batched: concurrent plain commands each took a connection of their own.
+        assert _created(client) > 1
+    finally:
+        await client.delete(key, *(f"{key}:{n}" for n in range(5)))
+        await client.aclose()

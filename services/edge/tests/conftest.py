@@ -15,6 +15,7 @@ mapping do not need keys); the tenancy tests pass ``auth="keys"`` and an admin k
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import socket
@@ -67,6 +68,15 @@ MODELS = ("gpt-4o-mini", "gpt-4o", "slow-1", "local/llama-3", "text-embedding-3-
 STT_MODEL = "whisper-tiny.en"
 REPLY = "Hello from the upstream stand-in."  # what the stand-in answers every chat
 LATE_TIMEOUT = 0.2  # the ``late`` provider's timeout; its stand-in answers after 10 s
+
+
+# The ``down`` provider's port: bound for the whole session and never listened on, so a
+# connection there is refused at once and no other test's server can take the port (a
+# port merely found free could be, under the parallel suite, and then answer).
+_down_socket = socket.socket()
+_down_socket.bind(("127.0.0.1", 0))
+DOWN_PORT: int = _down_socket.getsockname()[1]
+atexit.register(_down_socket.close)
 
 
 def free_port() -> int:
@@ -179,7 +189,7 @@ def catalogue(upstream_url: str, late_url: str) -> Catalogue:
                 {
                     "name": "down",
                     "type": "openai",
-                    "base_url": f"http://127.0.0.1:{free_port()}/v1",
+                    "base_url": f"http://127.0.0.1:{DOWN_PORT}/v1",
                     "api_key": "sk-test",
                     "models": ["down-*"],
                 },

@@ -87,6 +87,7 @@ async def serve(
     *,
     grace_seconds: float = 10.0,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    before_stop: Callable[[], None] | None = None,
     ready: Callable[[], bool] | None = None,
     ready_interval_seconds: float = 1.0,
 ) -> None:
@@ -96,6 +97,8 @@ async def serve(
     services are NOT_SERVING (readiness: no new work routed here) and the overall ""
     stays SERVING (liveness: the process is fine; its outbox, say, is draining). The
     grace period is shorter than Kubernetes' default termination grace (30 s).
+    ``before_stop`` runs when the signal comes, before the server stops taking calls
+    (the router asks its tunnels' callers to move on); ``on_stop`` once it has stopped.
     """
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -124,6 +127,8 @@ async def serve(
         log.info("stopping gRPC server", extra={"grace_seconds": grace_seconds})
         for name in [*service_names, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if before_stop is not None:
+            before_stop()
         await server.stop(grace_seconds)
     finally:
         if health_server is not None:  # last: the probes see NOT_SERVING while the server drains

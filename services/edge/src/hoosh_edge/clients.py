@@ -10,10 +10,12 @@ from hoosh.audit.v1 import audit_pb2_grpc
 from hoosh.budget.v1 import budget_pb2_grpc
 from hoosh.router.v1 import router_pb2_grpc
 from hoosh.stt.v1 import stt_pb2_grpc
+from hoosh_common import telemetry
 from hoosh_common.grpc_server import configure_plane, internal_channel
 from hoosh_common.health import HealthClient, health_client
 
 from .config import Settings
+from .tunnel import RouterTunnel
 
 ROUTER_SERVICE = "hoosh.router.v1.RouterService"
 BUDGET_SERVICE = "hoosh.budget.v1.BudgetService"
@@ -39,6 +41,7 @@ class Clients:
     health: dict[str, HealthTarget]
     channels: tuple[grpc.aio.Channel, ...]
     stt: stt_pb2_grpc.SttServiceAsyncStub | None = None  # None: speech-to-text not configured
+    tunnel: RouterTunnel | None = None  # None: every router call is its own unary call
 
     @classmethod
     def connect(cls, settings: Settings) -> Clients:
@@ -63,6 +66,8 @@ class Clients:
             stt_stub = stt_pb2_grpc.SttServiceStub(stt)
             health["stt"] = HealthTarget(health_client(stt), STT_SERVICE)
             channels.append(stt)
+        # Spans on: unary calls, each with the router's server span from its interceptor.
+        tunnel = RouterTunnel(router) if settings.edge_router_tunnel and not telemetry.exporting() else None
         return cls(
             router=router_pb2_grpc.RouterServiceStub(router),
             budget=budget_pb2_grpc.BudgetServiceStub(budget),
@@ -70,8 +75,11 @@ class Clients:
             health=health,
             channels=tuple(channels),
             stt=stt_stub,
+            tunnel=tunnel,
         )
 
     async def close(self, grace: float | None = None) -> None:
         """Close every channel; in-flight calls get ``grace`` seconds (None: cancelled now)."""
+        if self.tunnel is not None:
+            self.tunnel.close()  # its streams end once their calls are answered
         await asyncio.gather(*(channel.close(grace) for channel in self.channels))

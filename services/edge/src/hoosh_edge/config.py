@@ -48,6 +48,11 @@ class Settings(InternalPlaneSettings):
     edge_host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds")
     edge_port: int = Field(default=8088, ge=0, le=65535, description="Port the HTTP server binds")
     router_addr: str = Field(default="127.0.0.1:50051", description="Router gRPC address")
+    edge_router_tunnel: bool = Field(
+        default=True,
+        description="Send blocking chat calls to the router as frames on one long-lived gRPC stream per worker "
+        "(a fraction of a unary call's CPU); false: one unary call each. Off while spans are exported",
+    )
     budget_addr: str = Field(default="127.0.0.1:50052", description="Budget gRPC address")
     audit_addr: str = Field(default="127.0.0.1:50054", description="Audit gRPC address")
     stt_addr: str = Field(

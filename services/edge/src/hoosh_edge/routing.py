@@ -84,7 +84,7 @@ class EdgeState:
     def __post_init__(self) -> None:
         self.uploads = UploadSpool(self.settings.edge_upload_dir, self.settings.edge_upload_max_spool_bytes)
         timeout = self.settings.edge_request_timeout_seconds
-        self.chat = ServingChat(self.clients.router, timeout=timeout)
+        self.chat = ServingChat(self.clients.router, timeout=timeout, tunnel=self.clients.tunnel)
         self.transcription = ServingTranscription(self.clients.stt, timeout=timeout)
         self.embeddings = ServingEmbeddings(self.clients.router, timeout=timeout)
         # Stored responses live in the budget's Redis (HOOSH_REDIS_URL), with the edge's user.

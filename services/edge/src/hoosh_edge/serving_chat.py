@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import orjson
@@ -30,6 +30,7 @@ from .protocol import (
     TextPart,
     ToolMessage,
 )
+from .tunnel import RouterTunnel, TunnelCall
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,14 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE_EVENT = b"data: [DONE]\n\n"
 RouterStreamCall = grpc.aio.UnaryStreamCall[router_pb2.ChatRequest, router_pb2.ChatStreamResponse]
+# A blocking router call: a frame on the tunnel, or its own unary call.
+RouterCall = TunnelCall | grpc.aio.UnaryUnaryCall[router_pb2.ChatRequest, router_pb2.ChatResponse]
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> bool: ...
+
+
 CACHE_HEADER = "X-Hoosh-Cache"
 COST_HEADER = "X-Hoosh-Cost-Usd-Micros"
 
@@ -297,11 +306,11 @@ class DisconnectWatch:
 
     __slots__ = ("_task", "fired")
 
-    def __init__(self, receive: Receive, call: grpc.aio.Call) -> None:
+    def __init__(self, receive: Receive, call: Cancellable) -> None:
         self.fired = False
         self._task = asyncio.create_task(self._watch(receive, call))
 
-    async def _watch(self, receive: Receive, call: grpc.aio.Call) -> None:
+    async def _watch(self, receive: Receive, call: Cancellable) -> None:
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass
@@ -404,9 +413,12 @@ class ChatCompletion:
 class ServingChat:
     """POST /v1/chat/completions against the router."""
 
-    def __init__(self, router: router_pb2_grpc.RouterServiceAsyncStub, *, timeout: float) -> None:
+    def __init__(
+        self, router: router_pb2_grpc.RouterServiceAsyncStub, *, timeout: float, tunnel: RouterTunnel | None = None
+    ) -> None:
         self._router = router
         self._timeout = timeout
+        self._tunnel = tunnel
 
     async def create(
         self,
@@ -427,7 +439,11 @@ class ServingChat:
         completion_id = f"chatcmpl-{request_id}"
         if request.stream:
             return await self._start_stream(router_request, metadata, receive, completion_id, request)
-        call = self._router.Chat(router_request, metadata=metadata, timeout=self._timeout)
+        call: RouterCall | None = None
+        if self._tunnel is not None:
+            call = self._tunnel.call(router_request, metadata, self._timeout)
+        if call is None:
+            call = self._router.Chat(router_request, metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)
         try:
             reply = await call
@@ -467,7 +483,11 @@ class ServingChat:
         """A blocking router Respond (the Responses API: ``responses_body`` set): the
         reply carries a native provider's ``response_json``, or a chat answer. A client
         disconnect cancels the call."""
-        call = self._router.Respond(router_request, metadata=metadata, timeout=self._timeout)
+        call: RouterCall | None = None
+        if self._tunnel is not None:
+            call = self._tunnel.call(router_request, metadata, self._timeout, respond=True)
+        if call is None:
+            call = self._router.Respond(router_request, metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)
         try:
             return await call

@@ -117,7 +117,8 @@ async def main(settings: RouterSettings | None = None) -> None:
     remove_sighup = install_sighup(reloader)
 
     server = new_server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(generations=generations), server)
+    servicer = RouterServicer(generations=generations)
+    router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
 
     async def on_stop() -> None:
         remove_sighup()
@@ -156,6 +157,7 @@ async def main(settings: RouterSettings | None = None) -> None:
         settings.router_listen,
         ["hoosh.router.v1.RouterService"],
         on_stop=on_stop,
+        before_stop=servicer.drain_tunnels,
         ready=lambda: publisher.healthy,
     )
 

@@ -23,6 +23,7 @@ from .errors import InvalidRequest, RouterError
 from .generations import Generation, Generations
 from .health import HealthBoard
 from .routing import Kind, ModelRouter
+from .tunnel import TunnelSession
 
 _KINDS: tuple[Kind, ...] = ("chat", "embedding")
 
@@ -74,6 +75,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         # ListModels' answer for 30 s, with the generation it came from: a weak reference, so a
         # retired generation (its backends, board, catalogue) is not kept alive by it.
         self._models_cache: tuple[weakref.ref[Generation], float, router_pb2.ListModelsResponse] | None = None
+        self._tunnels: set[TunnelSession] = set()
+        self._draining = False
 
     # The current generation's parts (what a call that does not pin a generation reads).
     @property
@@ -134,20 +137,56 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         native: bool,
     ) -> router_pb2.ChatResponse:
         """Chat, or Respond (``native``: the request may carry a Responses API body)."""
-        metadata = context.invocation_metadata() or ()
+        try:
+            return await self._serve_call(
+                request, context.invocation_metadata() or (), context.time_remaining(), native
+            )
+        except RouterError as error:
+            context.set_trailing_metadata(error.trailing_metadata())
+            await context.abort(error.status, error.message)
+            raise  # unreachable: abort raises
+
+    async def _serve_call(
+        self,
+        request: router_pb2.ChatRequest,
+        metadata: Iterable[tuple[str, str | bytes]],
+        time_remaining: float | None,
+        native: bool,
+    ) -> router_pb2.ChatResponse:
+        """One blocking Chat / Respond, for a unary call or a tunnel frame; raises RouterError."""
         request_id = _request_id(request, metadata)
         request_id_var.set(request_id)
         token = otel_context.attach(extract_context(metadata))
         try:
             body = _responses_body(request) if native else None
             with self._generations.use() as generation:
-                return await generation.chat.chat(request, request_id, context.time_remaining(), responses=body)
-        except RouterError as error:
-            context.set_trailing_metadata(error.trailing_metadata())
-            await context.abort(error.status, error.message)
-            raise  # unreachable: abort raises
+                return await generation.chat.chat(request, request_id, time_remaining, responses=body)
         finally:
             otel_context.detach(token)
+
+    # The generated base types a streaming method as a generator; this one uses grpc.aio's
+    # reader/writer API (context.write from the session's writer task) and returns None.
+    async def Tunnel(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[router_pb2.TunnelBatch],
+        context: grpc.aio.ServicerContext[router_pb2.TunnelBatch, router_pb2.TunnelBatch],
+    ) -> None:
+        """Many Chat / Respond calls on one stream (see ``tunnel``)."""
+        session = TunnelSession(self._serve_call, context)
+        self._tunnels.add(session)
+        if self._draining:
+            session.drain()
+        try:
+            await session.run(request_iterator)
+        finally:
+            self._tunnels.discard(session)
+
+    def drain_tunnels(self) -> None:
+        """This process is stopping: every open tunnel's caller is asked to open a new
+        stream (to a process that is not) for its new calls."""
+        self._draining = True
+        for session in list(self._tunnels):
+            session.drain()
 
     async def _stream(
         self,

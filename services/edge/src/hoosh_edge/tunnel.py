@@ -1,0 +1,237 @@
+"""The edge's end of the router's Tunnel stream: blocking Chat / Respond calls as frames
+on one long-lived stream per edge worker (see ``hoosh_common.tunnel`` for why).
+
+A :class:`TunnelCall` behaves as the grpc.aio unary call it replaces: awaiting it gives
+the ChatResponse or raises ``grpc.aio.AioRpcError`` with the status, details and
+trailing metadata the router set (so the edge's error mapping is the same);
+``cancel()`` makes the awaiting task see ``CancelledError`` and tells the router to
+cancel the call (so does cancelling the task that awaits it); the timeout ends it with
+DEADLINE_EXCEEDED and cancels it at the router.
+
+The stream opens on first use. When it breaks (the router went away), every call open
+on it fails as a unary call would (UNAVAILABLE, or the stream's status), and the next
+call opens a new one. When the router says it is draining (it is stopping), new calls
+go on a new stream and the old one is closed once its calls are answered. Calls whose
+request is large go as plain unary calls; so do all calls while spans are exported
+(the router's per-call server span comes from its gRPC interceptor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Generator
+from typing import Any
+
+import grpc
+from hoosh.router.v1 import router_pb2
+from hoosh_common import internal_auth
+from hoosh_common.tunnel import MAX_TUNNEL_REQUEST_BYTES, FrameWriter, metadata_pairs, status_of
+
+log = logging.getLogger(__name__)
+
+TUNNEL_METHOD = "/hoosh.router.v1.RouterService/Tunnel"
+
+
+def _rpc_error(code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details, None)
+
+
+class TunnelCall:
+    """One call on a tunnel stream: awaitable, cancellable (see the module docstring)."""
+
+    __slots__ = ("_future", "_stream", "call_id")
+
+    def __init__(self, stream: _Stream, call_id: int, future: asyncio.Future[router_pb2.ChatResponse]) -> None:
+        self._stream = stream
+        self.call_id = call_id
+        self._future = future
+
+    def __await__(self) -> Generator[Any, None, router_pb2.ChatResponse]:
+        return self._future.__await__()
+
+    def cancel(self) -> bool:
+        if self._future.done():
+            return False
+        self._future.cancel()
+        self._stream.abandon(self.call_id)
+        return True
+
+    def _expire(self) -> None:
+        if not self._future.done():
+            self._future.set_exception(_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            self._stream.abandon(self.call_id)
+
+
+class _Stream:
+    """One open Tunnel stream and the calls waiting on it."""
+
+    def __init__(self, tunnel: RouterTunnel, call: Any) -> None:
+        self._tunnel = tunnel
+        self._call = call
+        self.pending: dict[int, asyncio.Future[router_pb2.ChatResponse]] = {}
+        self.accepting = True
+        self._closing = False
+        self._closer: asyncio.Task[None] | None = None  # held: the loop keeps tasks only weakly
+        self._writer = FrameWriter(call.write, name="edge-tunnel-writer")
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name="edge-tunnel-reader")
+
+    def send_call(self, call_id: int, frame: router_pb2.TunnelFrame, future: asyncio.Future[Any]) -> None:
+        self.pending[call_id] = future
+        self._writer.send(frame)
+
+    def abandon(self, call_id: int) -> None:
+        """The caller gave up on the call: the router cancels it (its answer is ignored)."""
+        if self.pending.pop(call_id, None) is not None:
+            frame = router_pb2.TunnelFrame(call_id=call_id)
+            frame.cancel.SetInParent()
+            self._writer.send(frame)
+            self._close_if_done()
+
+    def retire(self) -> None:
+        """No new calls here; close the stream once the open ones are answered."""
+        self.accepting = False
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if not self.accepting and not self.pending and not self._closing:
+            self._closing = True
+            self._closer = asyncio.get_running_loop().create_task(self._half_close())
+
+    async def _half_close(self) -> None:
+        try:
+            await self._writer.flush()
+            self._writer.close()
+            await self._call.done_writing()
+        except Exception:  # the stream is already gone: nothing to close
+            log.debug("closing a tunnel stream failed", exc_info=True)
+
+    async def _read(self) -> None:
+        failure: grpc.aio.AioRpcError | None = None
+        try:
+            while True:
+                batch = await self._call.read()
+                if batch is grpc.aio.EOF:
+                    break
+                for frame in batch.frames:
+                    kind = frame.WhichOneof("kind")
+                    if kind == "draining":
+                        self._tunnel.draining(self)
+                        continue
+                    future = self.pending.pop(frame.call_id, None)
+                    if future is None or future.done():
+                        continue  # abandoned: its answer is not wanted
+                    if kind == "reply":
+                        future.set_result(frame.reply)
+                    elif kind == "error":
+                        error = frame.error
+                        trailing = metadata_pairs(error.trailing_metadata)
+                        future.set_exception(_rpc_error(status_of(error.code), error.message, trailing))
+                self._close_if_done()
+            status = await self._call.code()
+            if status != grpc.StatusCode.OK:
+                failure = _rpc_error(status, await self._call.details() or "The router ended the tunnel")
+        except grpc.aio.AioRpcError as error:
+            failure = error
+        except asyncio.CancelledError:
+            failure = _rpc_error(grpc.StatusCode.CANCELLED, "The tunnel was closed")
+            raise
+        except Exception as error:
+            log.exception("tunnel stream failed")
+            failure = _rpc_error(grpc.StatusCode.UNAVAILABLE, f"The tunnel failed: {type(error).__name__}")
+        finally:
+            self.accepting = False
+            self._writer.close()
+            self._tunnel.ended(self)
+            if self.pending:
+                ending = failure or _rpc_error(grpc.StatusCode.UNAVAILABLE, "The router closed the tunnel")
+                for future in self.pending.values():
+                    if not future.done():
+                        future.set_exception(ending)
+                self.pending.clear()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class RouterTunnel:
+    """Blocking Chat / Respond calls to the router over Tunnel streams (one at a time
+    takes new calls)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._method = channel.stream_stream(
+            TUNNEL_METHOD,
+            request_serializer=router_pb2.TunnelBatch.SerializeToString,
+            response_deserializer=router_pb2.TunnelBatch.FromString,
+        )
+        self._current: _Stream | None = None
+        self._streams: set[_Stream] = set()
+        self._ids = itertools.count(1)
+        self._closed = False
+
+    def call(
+        self,
+        request: router_pb2.ChatRequest,
+        metadata: tuple[tuple[str, str], ...],
+        timeout: float | None,
+        *,
+        respond: bool = False,
+    ) -> TunnelCall | None:
+        """Start a call; None when this one should go as a unary call instead (see the
+        module docstring)."""
+        if self._closed or request.ByteSize() > MAX_TUNNEL_REQUEST_BYTES:
+            return None
+        stream = self._current
+        if stream is None or not stream.accepting:
+            stream = self._open()
+        call_id = next(self._ids)
+        frame = router_pb2.TunnelFrame(call_id=call_id)
+        body = frame.call
+        body.request.CopyFrom(request)
+        body.respond = respond
+        for key, value in metadata:
+            if key != internal_auth.AUTHORIZATION:  # the stream's own metadata carries the token
+                body.metadata.add(key=key, value=value)
+        if timeout is not None:
+            body.timeout_seconds = timeout
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[router_pb2.ChatResponse] = loop.create_future()
+        call = TunnelCall(stream, call_id, future)
+        stream.send_call(call_id, frame, future)
+        timer = loop.call_later(timeout, call._expire) if timeout is not None else None
+
+        def done(future: asyncio.Future[router_pb2.ChatResponse]) -> None:
+            if timer is not None:
+                timer.cancel()
+            if future.cancelled():
+                # The task awaiting the call was cancelled (or cancel() was called): as
+                # with a grpc.aio unary call, the router cancels it too.
+                stream.abandon(call_id)
+
+        future.add_done_callback(done)
+        return call
+
+    def _open(self) -> _Stream:
+        stream = _Stream(self, self._method(metadata=internal_auth.outgoing_metadata()))
+        self._current = stream
+        self._streams.add(stream)
+        return stream
+
+    def draining(self, stream: _Stream) -> None:
+        if stream is self._current:
+            self._current = None
+        stream.retire()
+
+    def ended(self, stream: _Stream) -> None:
+        self._streams.discard(stream)
+        if stream is self._current:
+            self._current = None
+
+    def close(self) -> None:
+        """No new calls; each stream closes once its calls are answered (the channel's
+        own close, with its grace, bounds how long that may take)."""
+        self._closed = True
+        self._current = None
+        for stream in list(self._streams):
+            stream.retire()

@@ -1,0 +1,171 @@
+"""The router's end of the Tunnel stream: many blocking Chat / Respond calls on one
+long-lived stream from an edge worker (see ``hoosh_common.tunnel`` for why).
+
+Each ``call`` frame runs as its own task, exactly as the unary method would run it
+(same request id, trace context, deadline, errors); its answer goes back as one
+``reply`` or ``error`` frame. A ``cancel`` frame cancels the task, as a unary call's
+cancellation would (the settlement rules of ``chat`` apply). When the caller half-closes
+the stream, the calls still running finish and are answered, then the stream ends; when
+the stream is cancelled (the caller is gone), every call still running is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import grpc
+from hoosh.router.v1 import router_pb2
+from hoosh_common.telemetry import exporting
+from hoosh_common.tunnel import FrameWriter, error_frame, metadata_pairs, status_of
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
+
+from .errors import RouterError
+
+log = logging.getLogger(__name__)
+
+# Calls one stream may have open at once; more are refused (RESOURCE_EXHAUSTED) rather
+# than queued without bound.
+MAX_OPEN_CALLS = 4096
+# A reply bigger than this could not travel in one message (the channel's bound is
+# 32 MiB): it fails alone, as a unary call's would, instead of breaking the stream.
+MAX_REPLY_BYTES = 32 * 1024 * 1024 - 1024
+
+ServeCall = Callable[[router_pb2.ChatRequest, tuple[tuple[str, str], ...], float | None, bool], Awaitable[Any]]
+
+_DRAINING = router_pb2.TunnelFrame(call_id=0)
+_DRAINING.draining.SetInParent()
+
+_SERVICE = "hoosh.router.v1.RouterService"
+_tracer = trace.get_tracer("hoosh.grpc")  # the tracer of the unary calls' SERVER spans
+# The codes that mean the server failed (as the unary calls' SERVER spans mark them).
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+class TunnelSession:
+    """One open Tunnel stream. ``serve(request, metadata, time_remaining, respond)``
+    answers one call (a ChatResponse) or raises RouterError."""
+
+    def __init__(self, serve: ServeCall, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._serve = serve
+        self._context = context
+        self._calls: dict[int, asyncio.Task[None]] = {}
+        self._writer = FrameWriter(context.write, name="tunnel-writer")
+        self.draining = False
+
+    def drain(self) -> None:
+        """Ask the caller to open a new stream for new calls (this process is stopping).
+        Calls that arrive meanwhile are still served."""
+        if not self.draining:
+            self.draining = True
+            self._writer.send(_DRAINING)
+
+    async def run(self, requests: Any) -> None:
+        try:
+            async for batch in requests:
+                for frame in batch.frames:
+                    kind = frame.WhichOneof("kind")
+                    if kind == "call":
+                        self._start(frame.call_id, frame.call)
+                    elif kind == "cancel":
+                        task = self._calls.get(frame.call_id)
+                        if task is not None:
+                            task.cancel()
+            # The caller half-closed (or went away: then gRPC cancels this task and the
+            # calls are cancelled below). Answer what is still running, then end.
+            while self._calls:
+                await asyncio.wait(set(self._calls.values()))
+            await self._writer.flush()
+        finally:
+            for task in self._calls.values():
+                task.cancel()
+            self._writer.close()
+
+    def _start(self, call_id: int, call: router_pb2.TunnelCall) -> None:
+        if call_id in self._calls:
+            self._writer.send(error_frame(call_id, grpc.StatusCode.INVALID_ARGUMENT, "call_id is already open"))
+            return
+        if len(self._calls) >= MAX_OPEN_CALLS:
+            self._writer.send(
+                error_frame(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls open on this tunnel")
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._answer(call_id, call))
+        self._calls[call_id] = task
+        task.add_done_callback(lambda _: self._calls.pop(call_id, None))
+
+    async def _answer(self, call_id: int, call: router_pb2.TunnelCall) -> None:
+        metadata = metadata_pairs(call.metadata)
+        with _call_span(call.respond, metadata) as span:
+            try:
+                frame = await self._outcome(call_id, call, metadata)
+            except asyncio.CancelledError:
+                _end_span(span, grpc.StatusCode.CANCELLED)
+                raise  # the caller cancelled: it expects no answer
+            _end_span(span, grpc.StatusCode.OK if frame.HasField("reply") else status_of(frame.error.code))
+        self._writer.send(frame)
+
+    async def _outcome(
+        self, call_id: int, call: router_pb2.TunnelCall, metadata: tuple[tuple[str, str], ...]
+    ) -> router_pb2.TunnelFrame:
+        """The call's answer: its reply frame, or its error frame."""
+        timeout = call.timeout_seconds if call.timeout_seconds > 0 else None
+        try:
+            async with asyncio.timeout(timeout):
+                reply = await self._serve(call.request, metadata, timeout, call.respond)
+        except RouterError as error:
+            return error_frame(call_id, error.status, error.message, error.trailing_metadata())
+        except TimeoutError:
+            return error_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            # What gRPC answers for a unary handler's unexpected exception, without the details.
+            log.exception("tunnel call failed", extra={"call_id": call_id})
+            return error_frame(call_id, grpc.StatusCode.UNKNOWN, f"Unexpected {type(error).__name__}")
+        size = reply.ByteSize()
+        if size > MAX_REPLY_BYTES:
+            message = f"Received message larger than max ({size} vs. {MAX_REPLY_BYTES})"
+            return error_frame(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        frame = router_pb2.TunnelFrame(call_id=call_id)
+        frame.reply.CopyFrom(reply)
+        return frame
+
+
+def _call_span(respond: bool, metadata: tuple[tuple[str, str], ...]) -> AbstractContextManager[Span | None]:
+    """While spans are exported, one call's SERVER span, child of the trace context its
+    frame carries: what a unary call gets from the server's interceptor (whose span here
+    is the stream's, the edge worker's, no request's). ``serve`` then continues this
+    span (``extract_context`` reads the current context while exporting). Nothing
+    otherwise: ``serve`` reads the frame's trace context itself."""
+    if not exporting():
+        return nullcontext()
+    method = "Respond" if respond else "Chat"
+    return _tracer.start_as_current_span(
+        f"{_SERVICE}/{method}",
+        context=propagate.extract(dict(metadata)),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": method, "hoosh.tunnel": True},
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
+def _end_span(span: Span | None, code: grpc.StatusCode) -> None:
+    if span is not None and span.is_recording():
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code in _SERVER_ERRORS:
+            span.set_status(StatusCode.ERROR, code.name)

@@ -194,19 +194,9 @@ def render(
         cells.append(f"{f.peak_rss_mib:.0f}" if f.peak_rss_mib else "-")
         lines.append("| " + " | ".join(cells) + " |")
     if "hoosh" in by_name and "litellm" in by_name:
-        hoosh, litellm = by_name["hoosh"], by_name["litellm"]
-        lines += ["", "Ratios (same run):", ""]
-        if hoosh.added_median_ms > 0:
-            lines.append(
-                f"- added latency: LiteLLM adds {litellm.added_median_ms / hoosh.added_median_ms:.1f}x what hoosh adds "
-                f"({ms(litellm.added_median_ms)} ms vs {ms(hoosh.added_median_ms)} ms)"
-            )
-        for concurrency in (32, 128):
-            if concurrency in hoosh.capacity and concurrency in litellm.capacity and litellm.capacity[concurrency].rps:
-                lines.append(
-                    f"- capacity at c={concurrency}: hoosh {hoosh.capacity[concurrency].rps:.0f} req/s vs LiteLLM "
-                    f"{litellm.capacity[concurrency].rps:.0f} req/s ({hoosh.capacity[concurrency].rps / litellm.capacity[concurrency].rps:.1f}x)"
-                )
+        lines += ["", "Ratios (same run):", ""] + [
+            f"- {line}" for line in ratio_lines(by_name["hoosh"], by_name["litellm"])
+        ]
     if check is not None:
         lines += [
             "",
@@ -220,6 +210,41 @@ def render(
             + f"; total {sum(check.cpu_ms_per_request.values()):.3f}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+# Issue 15's goals, with governance on, measured in one run beside LiteLLM.
+GOAL_CAPACITY_RATIO = 10.0  # at c=128
+GOAL_LATENCY_RATIO = 6.0  # LiteLLM's added latency over hoosh's
+
+
+def ratio_lines(hoosh: StackFigures, litellm: StackFigures) -> list[str]:
+    """The two ratios the goals are set in (each against its goal), capacity at c=32,
+    and peak RSS against LiteLLM's process tree."""
+    lines = []
+    if hoosh.added_median_ms > 0:
+        ratio = litellm.added_median_ms / hoosh.added_median_ms
+        verdict = "met" if ratio >= GOAL_LATENCY_RATIO else "not met"
+        lines.append(
+            f"added latency: LiteLLM adds {ratio:.1f}x what hoosh adds ({ms(litellm.added_median_ms)} ms vs "
+            f"{ms(hoosh.added_median_ms)} ms); goal >= {GOAL_LATENCY_RATIO:.0f}x: {verdict}"
+        )
+    for concurrency in (128, 32):
+        ours, theirs = hoosh.capacity.get(concurrency), litellm.capacity.get(concurrency)
+        if ours is None or theirs is None or not theirs.rps:
+            continue
+        ratio = ours.rps / theirs.rps
+        goal = f"; goal >= {GOAL_CAPACITY_RATIO:.0f}x: {'met' if ratio >= GOAL_CAPACITY_RATIO else 'not met'}"
+        lines.append(
+            f"capacity at c={concurrency}: hoosh {ours.rps:.0f} req/s vs LiteLLM {theirs.rps:.0f} req/s ({ratio:.1f}x)"
+            + (goal if concurrency == 128 else "")
+        )
+    if hoosh.peak_rss_mib and litellm.peak_rss_mib:
+        below = "below" if hoosh.peak_rss_mib < litellm.peak_rss_mib else "NOT below"
+        lines.append(
+            f"peak RSS: hoosh's gateway processes {hoosh.peak_rss_mib:.0f} MiB, {below} LiteLLM's process tree "
+            f"{litellm.peak_rss_mib:.0f} MiB"
+        )
+    return lines
 
 
 GATEWAY_SERVICES = ("edge", "router", "budget", "audit")

@@ -112,3 +112,21 @@ async def test_other_commands_go_out_as_they_come(redis_url: str, command: str) 
     finally:
         await client.delete(key, *(f"{key}:{n}" for n in range(5)))
         await client.aclose()
+
+
+async def test_a_call_whose_caller_left_before_the_batch_went_out_never_runs(redis_url: str) -> None:
+    client = connect_redis(redis_url)
+    key = f"test:pipelining:{uuid.uuid4().hex}"
+    script = client.register_script(ECHO)
+    try:
+        await script(keys=[key], args=["warm"])  # the counter is 1
+        calls = [asyncio.ensure_future(script(keys=[key], args=[str(n)])) for n in range(5)]
+        await asyncio.sleep(0)  # every call is queued; the batch leaves on the next turn
+        calls[2].cancel()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(results[2], asyncio.CancelledError)
+        assert sorted(int(results[n][1]) for n in (0, 1, 3, 4)) == [2, 3, 4, 5]  # type: ignore[index]
+        assert await client.get(key) == b"5"  # four ran, not five
+    finally:
+        await client.delete(key)
+        await client.aclose()

@@ -80,8 +80,9 @@ class PipeliningRedis(aioredis.Redis):
     calls per loop turn, and as one pipeline each costs a quarter of that, the Redis
     server too saving a read and a write per call. A lone call takes the ordinary path.
     Each caller gets its own reply or error (a script error stays its own; a connection
-    failure fails the whole batch, as it would each of its calls), and a caller that
-    stops waiting changes nothing for the others: exactly what separate calls would do.
+    failure fails the calls whose replies had not come, as it would each of them), and a
+    caller that stops waiting changes nothing for the others; one that stopped before the
+    batch left is not sent at all.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -107,38 +108,56 @@ class PipeliningRedis(aioredis.Redis):
             task.add_done_callback(self._batches.discard)
 
     async def _run(self, batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]]) -> None:
+        # A caller that stopped waiting before the batch left: its call never runs, as a
+        # call cancelled before its write never did.
+        batch = [entry for entry in batch if not entry[2].done()]
         if len(batch) == 1:
             args, options, future = batch[0]
             try:
                 result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-            except BaseException as error:  # to its caller, whatever it is
-                if not future.done():
-                    future.set_exception(error)
+            except BaseException as error:  # to its caller (a cancelled batch: as a lost connection)
+                _fail(future, error)
                 if not isinstance(error, Exception):
                     raise
                 return
             if not future.done():
                 future.set_result(result)
-            return
-        pipe = self.pipeline(transaction=False)
-        for args, options, _ in batch:
-            pipe.execute_command(*args, **options)
+        elif batch:
+            await self._pipelined(batch)
+
+    async def _pipelined(self, batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]]) -> None:
+        """One write, the replies read in order, each to its caller. Never retried: a
+        replay would run again the scripts whose replies were already read (a breaker's
+        failure count, a provider's RPM), where a lone call's retry repeats only itself."""
+        pool = self.connection_pool
+        connection = None
         try:
-            results = await pipe.execute(raise_on_error=False)
-        except BaseException as error:
-            for _, _, future in batch:
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            await connection.send_packed_command(connection.pack_commands([args for args, _, _ in batch]))
+            for args, options, future in batch:
+                try:
+                    result = await self.parse_response(connection, args[0], **options)
+                except ResponseError as error:  # this script's own error
+                    _fail(future, error)
+                    continue
                 if not future.done():
-                    future.set_exception(error)
+                    future.set_result(result)
+        except BaseException as error:
+            if connection is not None:
+                await connection.disconnect(nowait=True)  # the replies still due would be no one's
+            for _, _, future in batch:
+                _fail(future, error)
             if not isinstance(error, Exception):
                 raise
-            return
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        finally:
+            if connection is not None:
+                await pool.release(connection)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    """The caller's error; a batch cancelled under it (shutdown) reads as a lost connection."""
+    if not future.done():
+        future.set_exception(error if isinstance(error, Exception) else RedisConnectionError("Redis call cancelled"))
 
 
 def _retry() -> Retry:

@@ -24,9 +24,10 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from hoosh.router.v1 import router_pb2_grpc
+from hoosh.router.v1 import router_pb2, router_pb2_grpc
 from hoosh_common import telemetry
-from hoosh_common.grpc_server import new_server
+from hoosh_common.grpc_server import SERVER_OPTIONS, new_server
+from hoosh_common.metrics import GrpcMetricsInterceptor
 from hoosh_edge import tunnel as edge_tunnel
 from hoosh_edge.clients import Clients
 from hoosh_edge.config import Settings
@@ -562,3 +563,288 @@ async def test_clients_build_a_tunnel_unless_off_or_spans_are_exported(
         await clients.close()
     if built:
         assert clients.tunnel is not None and clients.tunnel._closed
+
+
+# --------------------------------------------------------------------------- a router without Tunnel
+
+
+class _Registered:
+    """Stands in for a server to keep the method handlers the generated
+    ``add_RouterServiceServicer_to_server`` registers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        assert service == ROUTER_SERVICE
+        self.handlers.update(handlers)
+
+
+class _MethodLog(grpc.aio.ServerInterceptor):
+    """Every method a server was asked for, known to it or not (its metrics count only
+    the methods it serves)."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        self.methods.append(handler_call_details.method.rsplit("/", 1)[-1])
+        return await continuation(handler_call_details)
+
+    def taken(self) -> list[str]:
+        taken, self.methods = self.methods, []
+        return taken
+
+
+@dataclass
+class OlderRouter:
+    address: str
+    seen: _MethodLog
+
+
+@pytest.fixture
+async def older_router(rig: Rig) -> Any:
+    """The stack's RouterServicer served by a router from before Tunnel: the handlers
+    the generated code registers, all but Tunnel (an older router, mid-upgrade)."""
+    registered = _Registered()
+    router_pb2_grpc.add_RouterServiceServicer_to_server(rig.servicer, registered)
+    handlers = {name: handler for name, handler in registered.handlers.items() if name != "Tunnel"}
+    assert set(registered.handlers) - set(handlers) == {"Tunnel"}
+    seen = _MethodLog()
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[seen, GrpcMetricsInterceptor()])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ROUTER_SERVICE, handlers),))
+    server.add_registered_method_handlers(ROUTER_SERVICE, handlers)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield OlderRouter(f"127.0.0.1:{port}", seen)
+    finally:
+        await server.stop(None)
+
+
+async def test_a_router_without_tunnel_gets_unary_calls_with_the_same_answers(
+    rig: Rig, older_router: OlderRouter, make_edge: MakeEdge
+) -> None:
+    """The first blocking call's stream is refused (UNIMPLEMENTED): the call goes again as
+    its unary call, and the edge keeps to unary calls for UNSUPPORTED_BACKOFF_SECONDS."""
+    edge = await make_edge(**{**rig.stack.addresses(), "router_addr": older_router.address})
+    tunnel = tunnel_of(edge)
+    calls = RouterCalls()
+    via_older = await edge.client.post(CHAT, json=chat_body())
+    assert via_older.status_code == 200, via_older.text
+    assert older_router.seen.taken() == ["Tunnel", "Chat"]  # refused, then again as Chat
+    assert calls.since() == {"Tunnel": 0, "Chat": 1, "Respond": 0}
+    loop = asyncio.get_running_loop()
+    assert tunnel._unsupported_until > loop.time() + edge_tunnel.UNSUPPORTED_BACKOFF_SECONDS / 2
+    assert not tunnel._streams and tunnel._current is None
+
+    via_unary = await rig.unary.client.post(CHAT, json=chat_body())
+    assert via_unary.status_code == 200, via_unary.text
+    assert via_older.json()["choices"][0]["message"]["content"] == REPLY
+    assert via_older.json()["id"] == f"chatcmpl-{via_older.headers['x-request-id']}"
+    assert without_ids(via_older.json()) == without_ids(via_unary.json())
+    for header in ("x-hoosh-cache", "x-hoosh-cost-usd-micros", "content-type"):
+        assert via_older.headers.get(header) == via_unary.headers.get(header), header
+
+    # Meanwhile: unary calls straight away, Respond for the Responses API.
+    body = {"model": "gpt-4o-mini", "input": "Say hello", "store": False}
+    calls = RouterCalls()
+    responded = await edge.client.post("/v1/responses", json=body)
+    assert responded.status_code == 200, responded.text
+    assert (await edge.client.post(CHAT, json=chat_body())).status_code == 200
+    assert older_router.seen.taken() == ["Respond", "Chat"]
+    assert calls.since() == {"Tunnel": 0, "Chat": 1, "Respond": 1}
+    assert not tunnel._streams
+    direct = await rig.unary.client.post("/v1/responses", json=body)
+    assert direct.status_code == 200, direct.text
+    tunnelled, unary = responded.json(), direct.json()
+    assert tunnelled["status"] == unary["status"] == "completed"
+    assert tunnelled["usage"] == unary["usage"]
+    assert [part["text"] for item in tunnelled["output"] for part in item.get("content") or []] == [REPLY]
+
+    # Once the backoff is over, the edge asks again (refused again: unary again).
+    tunnel._unsupported_until = loop.time()
+    responded = await edge.client.post("/v1/responses", json=body)
+    assert responded.status_code == 200, responded.text
+    assert older_router.seen.taken() == ["Tunnel", "Respond"]
+    assert tunnel._unsupported_until > loop.time()
+    assert [name for name, _ in await rig.stack.router_events()] == ["inference.completed"] * 6
+
+
+async def test_calls_open_on_a_refused_stream_all_go_again_as_unary_calls(
+    rig: Rig, older_router: OlderRouter, make_edge: MakeEdge
+) -> None:
+    """Calls started together, before the refusal came, each go again as their own unary
+    call; each gets its own answer."""
+    edge = await make_edge(**{**rig.stack.addresses(), "router_addr": older_router.address})
+    count = 5
+    responses = await asyncio.gather(
+        *(edge.client.post(CHAT, json=chat_body(" ".join(["word"] * (i + 1)))) for i in range(count))
+    )
+    for i, response in enumerate(responses):
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] == i + 1 + 4
+    methods = older_router.seen.taken()
+    assert methods.count("Chat") == count and set(methods) == {"Tunnel", "Chat"}
+    assert open_calls(tunnel_of(edge)) == 0 and not tunnel_of(edge)._streams
+
+
+async def test_a_call_cancelled_once_refused_does_not_go_again(rig: Rig, older_router: OlderRouter) -> None:
+    """The caller cancels after the refusal came but before its task resumed: the unary
+    call is never made."""
+    channel = grpc.aio.insecure_channel(older_router.address)
+    try:
+        tunnel = RouterTunnel(channel)
+        made: list[int] = []
+
+        def fallback() -> Any:
+            made.append(1)
+            raise AssertionError("the cancelled call went again")
+
+        call = tunnel.call(router_pb2.ChatRequest(model="gpt-4o-mini"), (), 10.0, fallback=fallback)
+        assert call is not None
+        await asyncio.wait_for(asyncio.wait({call._future}), 10)  # refused, not yet awaited
+        assert isinstance(call._future.exception(), edge_tunnel.TunnelRefused)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert made == []
+    finally:
+        await channel.close()
+
+
+# --------------------------------------------------------------------------- how many calls a stream takes
+
+
+async def test_a_stream_takes_calls_per_stream_calls_then_a_fresh_one_opens(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(edge_tunnel, "CALLS_PER_STREAM", 3)
+    tunnel = tunnel_of(rig.tunnel)
+    ended_ok = handled("Tunnel", "OK")
+    streams: list[Any] = []  # every stream the edge opens, in order
+    open_stream = tunnel._open
+
+    def recording() -> Any:
+        streams.append(open_stream())
+        return streams[-1]
+
+    monkeypatch.setattr(tunnel, "_open", recording)
+    calls = RouterCalls()
+    for i in range(7):
+        response = await rig.tunnel.client.post(CHAT, json=chat_body(" ".join(["word"] * (i + 1))))
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] == i + 1 + 4
+    assert calls.since() == {"Tunnel": 3, "Chat": 0, "Respond": 0}
+    assert [stream.calls for stream in streams] == [3, 3, 1]
+    first, second, last = streams
+    assert not first.accepting and not second.accepting
+    assert tunnel._current is last and last.accepting
+
+    async def retired() -> bool:
+        return tunnel._streams == {last}
+
+    await eventually(retired, "the full streams to close")
+    # Each ended OK: the edge half-closed it once its last call was answered.
+    for stream in (first, second):
+        assert stream._reader.done() and stream._reader.exception() is None
+
+    async def counted() -> bool:
+        return handled("Tunnel", "OK") - ended_ok == 2
+
+    await eventually(counted, "the router to count the two streams ended OK")
+
+
+async def test_the_call_that_fills_a_stream_is_answered_while_the_next_opens_a_new_one(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream is retired at its last call, while that call is still open: the next
+    call goes on a new stream, the old one closes once its call is answered."""
+    monkeypatch.setattr(edge_tunnel, "CALLS_PER_STREAM", 1)
+    tunnel = tunnel_of(rig.tunnel)
+    calls = RouterCalls()
+    before = rig.stack.upstream_requests()
+    with slow(rig.stack.upstream, 1.0):
+        in_flight = asyncio.create_task(rig.tunnel.client.post(CHAT, json=chat_body("still going")))
+        await reaches_provider(rig.stack, before)
+    [old] = tunnel._streams
+    assert not old.accepting and len(old.pending) == 1 and tunnel._current is None
+    response = await rig.tunnel.client.post(CHAT, json=chat_body())
+    assert response.status_code == 200, response.text
+    assert calls.since() == {"Tunnel": 2, "Chat": 0, "Respond": 0}
+    response = await asyncio.wait_for(in_flight, 10)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == 2 + 4
+
+    async def closed() -> bool:
+        return old not in tunnel._streams
+
+    await eventually(closed, "the full stream to close")
+    assert old._reader.exception() is None
+
+
+# --------------------------------------------------------------------------- open calls on one stream
+
+
+async def test_a_call_over_max_open_calls_goes_as_a_unary_call(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(edge_tunnel, "MAX_OPEN_CALLS", 2)
+    tunnel = tunnel_of(rig.tunnel)
+    calls = RouterCalls()
+    before = rig.stack.upstream_requests()
+    with slow(rig.stack.upstream):
+        open_ones = [
+            asyncio.create_task(rig.tunnel.client.post(CHAT, json=chat_body(" ".join(["word"] * (i + 1)))))
+            for i in range(2)
+        ]
+        await reaches_provider(rig.stack, before, 2)
+        assert open_calls(tunnel) == 2
+    # The provider answers the two open ones in SLOW_SECONDS; the next one at once.
+    alone = await rig.tunnel.client.post(CHAT, json=chat_body("one two three"))
+    assert alone.status_code == 200, alone.text
+    assert alone.json()["usage"]["prompt_tokens"] == 3 + 4
+    assert alone.json()["choices"][0]["message"]["content"] == REPLY
+    assert calls.since() == {"Tunnel": 1, "Chat": 1, "Respond": 0}
+    for i, response in enumerate(await asyncio.wait_for(asyncio.gather(*open_ones), 15)):
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["prompt_tokens"] == i + 1 + 4
+    # Below the cap again: the tunnel.
+    assert (await rig.tunnel.client.post(CHAT, json=chat_body())).status_code == 200
+    assert calls.since() == {"Tunnel": 1, "Chat": 1, "Respond": 0}
+
+
+# --------------------------------------------------------------------------- the edge closing its stream
+
+
+@pytest.mark.parametrize("how", ["channel-closed", "reader-cancelled"])
+async def test_a_stream_the_edge_closes_under_a_call_fails_it_as_unavailable(rig: Rig, how: str) -> None:
+    """The edge's own end of the stream goes (its channel closed, its reader cancelled)
+    while a call is open: the client gets 503, not 499 (it did not hang up), and the
+    router cancels the call."""
+    tunnel = tunnel_of(rig.tunnel)
+    before = rig.stack.upstream_requests()
+    with slow(rig.stack.upstream):
+        in_flight = asyncio.create_task(rig.tunnel.client.post(CHAT, json=chat_body()))
+        await reaches_provider(rig.stack, before)
+        [stream] = tunnel._streams
+        assert len(stream.pending) == 1
+        if how == "channel-closed":
+            await rig.tunnel.app.state.edge.clients.channels[0].close(None)
+        else:
+            stream._reader.cancel()
+        response = await asyncio.wait_for(in_flight, 10)
+        error = assert_envelope(response, 503)
+        assert (error["type"], error["code"]) == ("api_error", "service_unavailable")
+        assert not tunnel._streams and open_calls(tunnel) == 0
+
+        # The router's call is cancelled too (before the provider answers): it is not
+        # left running for no one.
+        async def cancelled() -> bool:
+            return any(name == "inference.failed" for name, _ in await rig.stack.bus.events())
+
+        await eventually(cancelled, "the router to record the cancelled call")
+    [(name, event)] = await rig.stack.router_events()
+    assert (name, event.error_code) == ("inference.failed", "client_disconnected")
+    assert (await rig.stack.pool("default")).reserved == 0

@@ -377,6 +377,39 @@ async def test_a_cancel_frame_ends_the_call_without_an_answer_and_settles_it(
     ]
 
 
+async def test_a_call_the_router_cancels_itself_is_an_unavailable_error_frame(
+    served: Served, slow_up: OpenAIUpstream
+) -> None:
+    """A call cancelled by the router (not by its caller's cancel frame: say this process
+    is stopping) is answered at once with UNAVAILABLE, so the caller does not wait out
+    its deadline; it is settled as a cancelled call, and the stream goes on."""
+    request, request_id = served.ask("slow-x"), rid()
+    tunnel = served.open()
+    await tunnel.send(call(1, request, request_id=request_id, timeout=WAIT))
+    await wait_for(lambda: slow_up.stats.requests > 0)  # mid-way, at the provider
+    [session] = served.servicer._tunnels
+    session._calls[1].cancel()
+    [frame] = await tunnel.answers(1)
+    assert frame.call_id == 1
+    assert error_of(frame) == (grpc.StatusCode.UNAVAILABLE, "The router cancelled the call", {})
+    await wait_for(lambda: not session._calls and not session._left)
+
+    await tunnel.send(call(2, served.ask("mock-x"), request_id=rid()))
+    [frame] = await tunnel.answers(1)
+    assert frame.call_id == 2 and answered(frame).choices[0].message.text == REPLY
+    await tunnel.close()
+    assert await tunnel.rest() == [] and await tunnel.code() == grpc.StatusCode.OK
+    [(name, event)] = await recorded_events(served, request_id)
+    assert (name, event.error_code, event.charged_tokens) == (
+        "inference.failed",
+        ClientCancelled.error_code,
+        prompt_token_bound(request),
+    )
+    await served.rig.settled()
+    state = await served.rig.pool(served.pool)
+    assert (state.used - frame.reply.usage.total_tokens, state.reserved) == (prompt_token_bound(request), 0)
+
+
 async def test_a_cancel_for_a_call_not_open_is_ignored(served: Served) -> None:
     tunnel = served.open()
     await tunnel.send(cancel(41), call(42, served.ask("mock-x"), request_id=rid()))
@@ -489,14 +522,16 @@ async def test_a_cancelled_stream_cancels_its_open_calls(served: Served, slow_up
 
 
 async def test_limits_refuse_a_call_alone(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
-    """More open calls than MAX_OPEN_CALLS, or a reply over MAX_REPLY_BYTES: that call
-    fails with RESOURCE_EXHAUSTED; the stream and its other calls go on."""
+    """More open calls than MAX_OPEN_CALLS: that call fails with UNAVAILABLE (the edge
+    keeps under the cap; a call refused anyway is one to try again elsewhere); a reply
+    over MAX_REPLY_BYTES: RESOURCE_EXHAUSTED, as a unary call's would. The stream and
+    its other calls go on."""
     monkeypatch.setattr(hoosh_router.tunnel, "MAX_OPEN_CALLS", 1)
     tunnel = served.open()
     await tunnel.send(call(1, served.ask("slow-x"), request_id=rid()), call(2, served.ask("mock-x")))
     frames = await tunnel.answers(2)
     assert [frame.call_id for frame in frames] == [2, 1]
-    assert error_of(frames[0]) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls open on this tunnel", {})
+    assert error_of(frames[0]) == (grpc.StatusCode.UNAVAILABLE, "too many calls open on this tunnel", {})
     reply = answered(frames[1])
     monkeypatch.setattr(hoosh_router.tunnel, "MAX_REPLY_BYTES", reply.ByteSize() - 1)
     await tunnel.send(call(3, served.ask("mock-x"), request_id=rid()))

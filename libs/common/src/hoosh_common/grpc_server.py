@@ -128,7 +128,10 @@ async def serve(
         for name in [*service_names, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if before_stop is not None:
-            before_stop()
+            try:
+                before_stop()
+            except Exception:  # stopping goes on regardless
+                log.exception("before_stop failed")
         await server.stop(grace_seconds)
     finally:
         if health_server is not None:  # last: the probes see NOT_SERVING while the server drains

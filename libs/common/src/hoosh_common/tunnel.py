@@ -26,6 +26,9 @@ MAX_BATCH_BYTES = 1 << 20
 # A call whose request is bigger than this does not ride the tunnel (the edge sends it
 # as its own unary call): one hostile prompt cannot make a message the stream refuses.
 MAX_TUNNEL_REQUEST_BYTES = 256 * 1024
+# Calls one stream may have open at once: the router refuses more (UNAVAILABLE), the
+# edge sends them as unary calls before reaching it.
+MAX_OPEN_CALLS = 4096
 
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 

@@ -441,7 +441,12 @@ class ServingChat:
             return await self._start_stream(router_request, metadata, receive, completion_id, request)
         call: RouterCall | None = None
         if self._tunnel is not None:
-            call = self._tunnel.call(router_request, metadata, self._timeout)
+            call = self._tunnel.call(
+                router_request,
+                metadata,
+                self._timeout,
+                fallback=lambda: self._router.Chat(router_request, metadata=metadata, timeout=self._timeout),
+            )
         if call is None:
             call = self._router.Chat(router_request, metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)
@@ -485,7 +490,13 @@ class ServingChat:
         disconnect cancels the call."""
         call: RouterCall | None = None
         if self._tunnel is not None:
-            call = self._tunnel.call(router_request, metadata, self._timeout, respond=True)
+            call = self._tunnel.call(
+                router_request,
+                metadata,
+                self._timeout,
+                respond=True,
+                fallback=lambda: self._router.Respond(router_request, metadata=metadata, timeout=self._timeout),
+            )
         if call is None:
             call = self._router.Respond(router_request, metadata=metadata, timeout=self._timeout)
         watch = DisconnectWatch(receive, call)

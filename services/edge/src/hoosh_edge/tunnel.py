@@ -21,39 +21,82 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import grpc
 from hoosh.router.v1 import router_pb2
 from hoosh_common import internal_auth
-from hoosh_common.tunnel import MAX_TUNNEL_REQUEST_BYTES, FrameWriter, metadata_pairs, status_of
+from hoosh_common.tunnel import (
+    MAX_OPEN_CALLS,
+    MAX_TUNNEL_REQUEST_BYTES,
+    FrameWriter,
+    metadata_pairs,
+    status_of,
+)
 
 log = logging.getLogger(__name__)
 
 TUNNEL_METHOD = "/hoosh.router.v1.RouterService/Tunnel"
+# A stream takes this many calls, then new ones go on a fresh stream: a service mesh
+# balancing per HTTP/2 stream spreads the tunnels over router replicas as they come.
+CALLS_PER_STREAM = 1000
+# How long the edge keeps to unary calls after a router answered that it has no Tunnel.
+UNSUPPORTED_BACKOFF_SECONDS = 60.0
+
+UnaryCall = grpc.aio.UnaryUnaryCall[router_pb2.ChatRequest, router_pb2.ChatResponse]
 
 
 def _rpc_error(code: grpc.StatusCode, details: str, trailing: tuple[tuple[str, str], ...] = ()) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details, None)
 
 
+class TunnelRefused(grpc.aio.AioRpcError):
+    """The router does not serve Tunnel (an older router, mid-upgrade): the call never
+    ran there and goes again as a unary call."""
+
+
 class TunnelCall:
     """One call on a tunnel stream: awaitable, cancellable (see the module docstring)."""
 
-    __slots__ = ("_future", "_stream", "call_id")
+    __slots__ = ("_cancelled", "_fallback", "_future", "_stream", "_unary", "call_id")
 
-    def __init__(self, stream: _Stream, call_id: int, future: asyncio.Future[router_pb2.ChatResponse]) -> None:
+    def __init__(
+        self,
+        stream: _Stream,
+        call_id: int,
+        future: asyncio.Future[router_pb2.ChatResponse],
+        fallback: Callable[[], UnaryCall] | None = None,
+    ) -> None:
         self._stream = stream
         self.call_id = call_id
         self._future = future
+        self._fallback = fallback
+        self._unary: UnaryCall | None = None
+        self._cancelled = False
 
     def __await__(self) -> Generator[Any, None, router_pb2.ChatResponse]:
-        return self._future.__await__()
+        return self._result().__await__()
+
+    async def _result(self) -> router_pb2.ChatResponse:
+        try:
+            return await self._future
+        except TunnelRefused:
+            if self._fallback is None:
+                raise
+            if self._cancelled:  # cancelled once refused, before this task resumed
+                raise asyncio.CancelledError from None
+            self._unary = self._fallback()
+            return await self._unary
 
     def cancel(self) -> bool:
+        if self._unary is not None:
+            return self._unary.cancel()
         if self._future.done():
-            return False
+            if self._cancelled or self._future.cancelled() or not isinstance(self._future.exception(), TunnelRefused):
+                return False
+            self._cancelled = True  # refused, not yet sent again as a unary call: it never will be
+            return True
         self._future.cancel()
         self._stream.abandon(self.call_id)
         return True
@@ -71,6 +114,7 @@ class _Stream:
         self._tunnel = tunnel
         self._call = call
         self.pending: dict[int, asyncio.Future[router_pb2.ChatResponse]] = {}
+        self.calls = 0  # calls started on this stream
         self.accepting = True
         self._closing = False
         self._closer: asyncio.Task[None] | None = None  # held: the loop keeps tasks only weakly
@@ -135,15 +179,22 @@ class _Stream:
         except grpc.aio.AioRpcError as error:
             failure = error
         except asyncio.CancelledError:
-            failure = _rpc_error(grpc.StatusCode.CANCELLED, "The tunnel was closed")
+            failure = _rpc_error(grpc.StatusCode.UNAVAILABLE, "The tunnel was closed")
             raise
         except Exception as error:
             log.exception("tunnel stream failed")
+            self._call.cancel()  # the router's end of it goes too
             failure = _rpc_error(grpc.StatusCode.UNAVAILABLE, f"The tunnel failed: {type(error).__name__}")
         finally:
             self.accepting = False
             self._writer.close()
             self._tunnel.ended(self)
+            if failure is not None and failure.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # An older router: these calls never ran; they go again as unary calls.
+                self._tunnel.unsupported()
+                failure = TunnelRefused(
+                    grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata(), failure.details()
+                )
             if self.pending:
                 ending = failure or _rpc_error(grpc.StatusCode.UNAVAILABLE, "The router closed the tunnel")
                 for future in self.pending.values():
@@ -169,6 +220,7 @@ class RouterTunnel:
         self._streams: set[_Stream] = set()
         self._ids = itertools.count(1)
         self._closed = False
+        self._unsupported_until = 0.0  # loop time: unary calls only until then
 
     def call(
         self,
@@ -177,14 +229,23 @@ class RouterTunnel:
         timeout: float | None,
         *,
         respond: bool = False,
+        fallback: Callable[[], UnaryCall] | None = None,
     ) -> TunnelCall | None:
         """Start a call; None when this one should go as a unary call instead (see the
-        module docstring)."""
-        if self._closed or request.ByteSize() > MAX_TUNNEL_REQUEST_BYTES:
+        module docstring). ``fallback`` makes the unary call, should the router turn out
+        not to serve Tunnel."""
+        loop = asyncio.get_running_loop()
+        if self._closed or loop.time() < self._unsupported_until or request.ByteSize() > MAX_TUNNEL_REQUEST_BYTES:
             return None
         stream = self._current
         if stream is None or not stream.accepting:
             stream = self._open()
+        if len(stream.pending) >= MAX_OPEN_CALLS:
+            return None  # the router refuses more on one stream: this one goes alone
+        stream.calls += 1
+        if stream.calls >= CALLS_PER_STREAM:
+            self._current = None
+            stream.retire()  # after this call: the next opens a fresh stream
         call_id = next(self._ids)
         frame = router_pb2.TunnelFrame(call_id=call_id)
         body = frame.call
@@ -195,9 +256,8 @@ class RouterTunnel:
                 body.metadata.add(key=key, value=value)
         if timeout is not None:
             body.timeout_seconds = timeout
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[router_pb2.ChatResponse] = loop.create_future()
-        call = TunnelCall(stream, call_id, future)
+        call = TunnelCall(stream, call_id, future, fallback)
         stream.send_call(call_id, frame, future)
         timer = loop.call_later(timeout, call._expire) if timeout is not None else None
 
@@ -217,6 +277,12 @@ class RouterTunnel:
         self._current = stream
         self._streams.add(stream)
         return stream
+
+    def unsupported(self) -> None:
+        """The router has no Tunnel method (an older one): unary calls for a while."""
+        if self._unsupported_until == 0.0:
+            log.warning("the router does not serve Tunnel: unary calls for now")
+        self._unsupported_until = asyncio.get_running_loop().time() + UNSUPPORTED_BACKOFF_SECONDS
 
     def draining(self, stream: _Stream) -> None:
         if stream is self._current:

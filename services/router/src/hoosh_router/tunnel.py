@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from hoosh.router.v1 import router_pb2
+from hoosh_common import tunnel
 from hoosh_common.telemetry import exporting
 from hoosh_common.tunnel import FrameWriter, error_frame, metadata_pairs, status_of
 from opentelemetry import propagate, trace
@@ -28,9 +29,9 @@ from .errors import RouterError
 
 log = logging.getLogger(__name__)
 
-# Calls one stream may have open at once; more are refused (RESOURCE_EXHAUSTED) rather
+# Calls one stream may have open at once; more are refused (UNAVAILABLE) rather
 # than queued without bound.
-MAX_OPEN_CALLS = 4096
+MAX_OPEN_CALLS = tunnel.MAX_OPEN_CALLS
 # A reply bigger than this could not travel in one message (the channel's bound is
 # 32 MiB): it fails alone, as a unary call's would, instead of breaking the stream.
 MAX_REPLY_BYTES = 32 * 1024 * 1024 - 1024
@@ -63,6 +64,7 @@ class TunnelSession:
         self._serve = serve
         self._context = context
         self._calls: dict[int, asyncio.Task[None]] = {}
+        self._left: set[int] = set()  # calls their caller cancelled (a cancel frame)
         self._writer = FrameWriter(context.write, name="tunnel-writer")
         self.draining = False
 
@@ -83,6 +85,7 @@ class TunnelSession:
                     elif kind == "cancel":
                         task = self._calls.get(frame.call_id)
                         if task is not None:
+                            self._left.add(frame.call_id)
                             task.cancel()
             # The caller half-closed (or went away: then gRPC cancels this task and the
             # calls are cancelled below). Answer what is still running, then end.
@@ -99,13 +102,15 @@ class TunnelSession:
             self._writer.send(error_frame(call_id, grpc.StatusCode.INVALID_ARGUMENT, "call_id is already open"))
             return
         if len(self._calls) >= MAX_OPEN_CALLS:
-            self._writer.send(
-                error_frame(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls open on this tunnel")
-            )
+            self._writer.send(error_frame(call_id, grpc.StatusCode.UNAVAILABLE, "too many calls open on this tunnel"))
             return
         task = asyncio.get_running_loop().create_task(self._answer(call_id, call))
         self._calls[call_id] = task
-        task.add_done_callback(lambda _: self._calls.pop(call_id, None))
+        task.add_done_callback(lambda _: self._ended(call_id))
+
+    def _ended(self, call_id: int) -> None:
+        self._calls.pop(call_id, None)
+        self._left.discard(call_id)
 
     async def _answer(self, call_id: int, call: router_pb2.TunnelCall) -> None:
         metadata = metadata_pairs(call.metadata)
@@ -114,7 +119,12 @@ class TunnelSession:
                 frame = await self._outcome(call_id, call, metadata)
             except asyncio.CancelledError:
                 _end_span(span, grpc.StatusCode.CANCELLED)
-                raise  # the caller cancelled: it expects no answer
+                if call_id not in self._left:
+                    # Cancelled here, not by its caller (this process stopping): the
+                    # caller must not wait for its deadline to learn it.
+                    cancelled = error_frame(call_id, grpc.StatusCode.UNAVAILABLE, "The router cancelled the call")
+                    self._writer.send(cancelled)
+                raise  # a caller that cancelled expects no answer
             _end_span(span, grpc.StatusCode.OK if frame.HasField("reply") else status_of(frame.error.code))
         self._writer.send(frame)
 

@@ -382,7 +382,10 @@ class _MethodMetrics:
         cut: bool = False,
         span: Span | None = None,
     ) -> None:
-        code = _code_of(context, error, cut=cut)
+        self.finish(_code_of(context, error, cut=cut), started, span=span)
+
+    def finish(self, code: str, started: float, *, span: Span | None = None) -> None:
+        """Count a call that ended with status ``code`` (its name)."""
         counter = self._handled_by_code.get(code)
         if counter is None:
             counter = self._handled_by_code[code] = GRPC_HANDLED.labels(self.kind, self.service, self.method, code)
@@ -392,6 +395,19 @@ class _MethodMetrics:
             span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code].value[0])
             if code in _SERVER_ERRORS:
                 span.set_status(StatusCode.ERROR, code)
+
+
+_shared_method_metrics: dict[tuple[str, str], _MethodMetrics] = {}
+
+
+def method_metrics(kind: str, full_method: str) -> _MethodMetrics:
+    """The gRPC server metrics of one method, for calls that arrive some other way than
+    as calls of their own (the router's Tunnel frames count as the Chat / Respond
+    calls they stand for): ``begin()``, then ``finish(code_name, started)``."""
+    found = _shared_method_metrics.get((kind, full_method))
+    if found is None:
+        found = _shared_method_metrics[(kind, full_method)] = _MethodMetrics(kind, full_method)
+    return found
 
 
 # The codes that mean the server failed (a client's mistake, a refusal, is not an error of the span).

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from hoosh.router.v1 import router_pb2
 from hoosh_common import tunnel
+from hoosh_common.metrics import method_metrics
 from hoosh_common.telemetry import exporting
 from hoosh_common.tunnel import FrameWriter, error_frame, metadata_pairs, status_of
 from opentelemetry import propagate, trace
@@ -28,6 +29,9 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 from .errors import RouterError
 
 log = logging.getLogger(__name__)
+
+_CHAT_METRICS = method_metrics("tunneled", "/hoosh.router.v1.RouterService/Chat")
+_RESPOND_METRICS = method_metrics("tunneled", "/hoosh.router.v1.RouterService/Respond")
 
 # Calls one stream may have open at once; more are refused (UNAVAILABLE) rather
 # than queued without bound.
@@ -114,10 +118,15 @@ class TunnelSession:
 
     async def _answer(self, call_id: int, call: router_pb2.TunnelCall) -> None:
         metadata = metadata_pairs(call.metadata)
+        # Counted under the method it stands for (grpc_type "tunneled"): dashboards and
+        # alerts on the router's Chat / Respond calls see every call, tunneled or not.
+        counted = _RESPOND_METRICS if call.respond else _CHAT_METRICS
+        started = counted.begin()
         with _call_span(call.respond, metadata) as span:
             try:
                 frame = await self._outcome(call_id, call, metadata)
             except asyncio.CancelledError:
+                counted.finish("CANCELLED", started)
                 _end_span(span, grpc.StatusCode.CANCELLED)
                 if call_id not in self._left:
                     # Cancelled here, not by its caller (this process stopping): the
@@ -125,7 +134,9 @@ class TunnelSession:
                     cancelled = error_frame(call_id, grpc.StatusCode.UNAVAILABLE, "The router cancelled the call")
                     self._writer.send(cancelled)
                 raise  # a caller that cancelled expects no answer
-            _end_span(span, grpc.StatusCode.OK if frame.HasField("reply") else status_of(frame.error.code))
+            code = grpc.StatusCode.OK if frame.HasField("reply") else status_of(frame.error.code)
+            counted.finish(code.name, started)
+            _end_span(span, code)
         self._writer.send(frame)
 
     async def _outcome(

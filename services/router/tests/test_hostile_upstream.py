@@ -124,6 +124,7 @@ class Hostile:
       *huge-body*    a 10 MB non-streamed answer (chunked: no declared length)
       *huge-length*  declares a 64 MiB answer, then sends it slowly
       *huge-error*   503 with a 10 MB body
+      *set-cookie*   a small chat answer (OpenAI's shape) that sets a cookie
     """
 
     dialect = ""
@@ -136,11 +137,13 @@ class Hostile:
         "huge-body",
         "huge-length",
         "huge-error",
+        "set-cookie",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.targets: list[str] = []
+        self.cookies: list[str] = []  # each request's Cookie header ("" when none)
         self.connections = 0
         self._handlers: set[asyncio.Task[Any]] = set()
 
@@ -171,6 +174,7 @@ class Hostile:
         self, method: str, path: str, query: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
     ) -> bool:
         self.targets.append(f"{path}?{query}" if query else path)
+        self.cookies.append(headers.get("cookie", ""))
         model = self.model_of(path, body)
         behaviour = next((name for name in self.behaviours if name in model), None)
         if behaviour is None or method != "POST":
@@ -184,6 +188,27 @@ class Hostile:
 
     async def _misbehave(self, behaviour: str, model: str, writer: asyncio.StreamWriter) -> None:
         deadline = time.monotonic() + HANG_LIMIT
+        if behaviour == "set-cookie":
+            answer = orjson.dumps(
+                {
+                    "id": "chatcmpl-cookie",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": model,
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+                }
+            )
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + b"Set-Cookie: session=tenant-a; Path=/\r\nConnection: close\r\n"
+                + f"Content-Length: {len(answer)}\r\n\r\n".encode()
+                + answer
+            )
+            await writer.drain()
+            return
         if behaviour == "huge-body":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
             writer.write(_one_chunk(b'{"choices": [{"message": {"content": "' + b"x" * TEN_MB + b'"}}]}'))
@@ -408,6 +433,25 @@ async def test_a_silent_stream_is_cut_at_its_read_timeout(hostile: Any) -> None:
         assert time.monotonic() - started < 5
     finally:
         await backend.close()
+
+
+async def test_a_providers_cookies_are_never_sent_back() -> None:
+    """One session per provider serves every tenant: a cookie one call's answer set must
+    not ride along on the next call (someone else's). By host name: aiohttp keeps no
+    cookies of a bare IP address anyway."""
+    up = HostileOpenAI()
+    await up.start()
+    settings = provider_settings(up)
+    settings["base_url"] = settings["base_url"].replace("127.0.0.1", "localhost")
+    backend = build_backend(ProviderConfig.model_validate(settings), "")
+    try:
+        first = await backend.chat(chat_request(model="m-set-cookie"), params("m-set-cookie"))
+        assert first.message.text == "hi"
+        await backend.chat(chat_request(model="m"), params("m"))
+        assert up.cookies == ["", ""]
+    finally:
+        await backend.close()
+        await up.close()
 
 
 async def test_a_huge_answer_is_a_bounded_read(hostile: Any) -> None:

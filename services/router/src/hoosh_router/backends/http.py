@@ -62,9 +62,12 @@ EMBEDDING_DIMENSIONS_BOUND = 4096
 
 
 def new_client(config: ProviderConfig, headers: dict[str, str]) -> aiohttp.ClientSession:
-    """One pooled client per provider, built once, inside the running event loop."""
+    """One pooled client per provider, built once, inside the running event loop. It keeps
+    no cookies: the session serves every tenant, so a cookie one answer set must not go
+    out with anyone's next call."""
     return aiohttp.ClientSession(
         headers={"Content-Type": "application/json", **headers, **config.headers},
+        cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=60, ttl_dns_cache=300),
         timeout=aiohttp.ClientTimeout(total=config.timeout_seconds or 300.0, sock_connect=CONNECT_TIMEOUT),
     )

@@ -44,7 +44,6 @@ class FrameWriter:
         self._idle = asyncio.Event()  # nothing queued, nothing being written
         self._idle.set()
         self._closed = False
-        self.failed: BaseException | None = None
         self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
 
     def send(self, frame: router_pb2.TunnelFrame) -> None:
@@ -70,10 +69,6 @@ class FrameWriter:
         self._queue.clear()
         self._task.cancel()
 
-    @property
-    def done(self) -> bool:
-        return self._task.done()
-
     async def _run(self) -> None:
         try:
             while True:
@@ -94,8 +89,7 @@ class FrameWriter:
                 self._idle.set()
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # the stream broke: its reader sees the same and ends the calls
-            self.failed = error
+        except Exception:  # the stream broke: its reader sees the same and ends the calls
             self._closed = True
             self._queue.clear()
             log.debug("tunnel write failed", exc_info=True)

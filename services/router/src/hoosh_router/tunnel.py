@@ -14,24 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grpc
 from hoosh.router.v1 import router_pb2
 from hoosh_common import tunnel
 from hoosh_common.metrics import method_metrics
-from hoosh_common.telemetry import exporting
 from hoosh_common.tunnel import FrameWriter, error_frame, metadata_pairs, status_of
-from opentelemetry import propagate, trace
-from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from .errors import RouterError
 
 log = logging.getLogger(__name__)
 
-_CHAT_METRICS = method_metrics("tunneled", "/hoosh.router.v1.RouterService/Chat")
-_RESPOND_METRICS = method_metrics("tunneled", "/hoosh.router.v1.RouterService/Respond")
+# Each call is counted, and (while spans are exported) has a SERVER span, as the unary
+# call it stands for: dashboards and alerts on the router's Chat / Respond calls see
+# every call, tunneled or not (grpc_type "tunneled").
+_CHAT_METRICS = method_metrics("tunneled", "/hoosh.router.v1.RouterService/Chat", {"hoosh.tunnel": True})
+_RESPOND_METRICS = method_metrics("tunneled", "/hoosh.router.v1.RouterService/Respond", {"hoosh.tunnel": True})
 
 # Calls one stream may have open at once; more are refused (UNAVAILABLE) rather
 # than queued without bound.
@@ -45,20 +44,6 @@ ServeCall = Callable[[router_pb2.ChatRequest, tuple[tuple[str, str], ...], float
 _DRAINING = router_pb2.TunnelFrame(call_id=0)
 _DRAINING.draining.SetInParent()
 
-_SERVICE = "hoosh.router.v1.RouterService"
-_tracer = trace.get_tracer("hoosh.grpc")  # the tracer of the unary calls' SERVER spans
-# The codes that mean the server failed (as the unary calls' SERVER spans mark them).
-_SERVER_ERRORS = frozenset(
-    {
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.UNIMPLEMENTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
-
 
 class TunnelSession:
     """One open Tunnel stream. ``serve(request, metadata, time_remaining, respond)``
@@ -66,7 +51,6 @@ class TunnelSession:
 
     def __init__(self, serve: ServeCall, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._serve = serve
-        self._context = context
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._left: set[int] = set()  # calls their caller cancelled (a cancel frame)
         self._writer = FrameWriter(context.write, name="tunnel-writer")
@@ -118,16 +102,15 @@ class TunnelSession:
 
     async def _answer(self, call_id: int, call: router_pb2.TunnelCall) -> None:
         metadata = metadata_pairs(call.metadata)
-        # Counted under the method it stands for (grpc_type "tunneled"): dashboards and
-        # alerts on the router's Chat / Respond calls see every call, tunneled or not.
         counted = _RESPOND_METRICS if call.respond else _CHAT_METRICS
         started = counted.begin()
-        with _call_span(call.respond, metadata) as span:
+        # The call's own span, child of the trace context its frame carries (the
+        # interceptor's span here is the stream's, no request's); ``serve`` continues it.
+        with counted.server_span(metadata) as span:
             try:
                 frame = await self._outcome(call_id, call, metadata)
             except asyncio.CancelledError:
-                counted.finish("CANCELLED", started)
-                _end_span(span, grpc.StatusCode.CANCELLED)
+                counted.finish("CANCELLED", started, span=span)
                 if call_id not in self._left:
                     # Cancelled here, not by its caller (this process stopping): the
                     # caller must not wait for its deadline to learn it.
@@ -135,8 +118,7 @@ class TunnelSession:
                     self._writer.send(cancelled)
                 raise  # a caller that cancelled expects no answer
             code = grpc.StatusCode.OK if frame.HasField("reply") else status_of(frame.error.code)
-            counted.finish(code.name, started)
-            _end_span(span, code)
+            counted.finish(code.name, started, span=span)
         self._writer.send(frame)
 
     async def _outcome(
@@ -164,29 +146,3 @@ class TunnelSession:
         frame = router_pb2.TunnelFrame(call_id=call_id)
         frame.reply.CopyFrom(reply)
         return frame
-
-
-def _call_span(respond: bool, metadata: tuple[tuple[str, str], ...]) -> AbstractContextManager[Span | None]:
-    """While spans are exported, one call's SERVER span, child of the trace context its
-    frame carries: what a unary call gets from the server's interceptor (whose span here
-    is the stream's, the edge worker's, no request's). ``serve`` then continues this
-    span (``extract_context`` reads the current context while exporting). Nothing
-    otherwise: ``serve`` reads the frame's trace context itself."""
-    if not exporting():
-        return nullcontext()
-    method = "Respond" if respond else "Chat"
-    return _tracer.start_as_current_span(
-        f"{_SERVICE}/{method}",
-        context=propagate.extract(dict(metadata)),
-        kind=SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": _SERVICE, "rpc.method": method, "hoosh.tunnel": True},
-        record_exception=False,
-        set_status_on_exception=False,
-    )
-
-
-def _end_span(span: Span | None, code: grpc.StatusCode) -> None:
-    if span is not None and span.is_recording():
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code in _SERVER_ERRORS:
-            span.set_status(StatusCode.ERROR, code.name)

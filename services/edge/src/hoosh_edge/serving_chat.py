@@ -30,7 +30,7 @@ from .protocol import (
     TextPart,
     ToolMessage,
 )
-from .tunnel import RouterTunnel, TunnelCall
+from .tunnel import RouterTunnel, TunnelCall, UnaryCall
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 DONE_EVENT = b"data: [DONE]\n\n"
 RouterStreamCall = grpc.aio.UnaryStreamCall[router_pb2.ChatRequest, router_pb2.ChatStreamResponse]
 # A blocking router call: a frame on the tunnel, or its own unary call.
-RouterCall = TunnelCall | grpc.aio.UnaryUnaryCall[router_pb2.ChatRequest, router_pb2.ChatResponse]
+RouterCall = TunnelCall | UnaryCall
 
 
 class Cancellable(Protocol):
@@ -439,25 +439,7 @@ class ServingChat:
         completion_id = f"chatcmpl-{request_id}"
         if request.stream:
             return await self._start_stream(router_request, metadata, receive, completion_id, request)
-        call: RouterCall | None = None
-        if self._tunnel is not None:
-            call = self._tunnel.call(
-                router_request,
-                metadata,
-                self._timeout,
-                fallback=lambda: self._router.Chat(router_request, metadata=metadata, timeout=self._timeout),
-            )
-        if call is None:
-            call = self._router.Chat(router_request, metadata=metadata, timeout=self._timeout)
-        watch = DisconnectWatch(receive, call)
-        try:
-            reply = await call
-        except asyncio.CancelledError:
-            if watch.fired:
-                raise ClientClosedRequestError("The client closed the connection.") from None
-            raise
-        finally:
-            watch.stop()
+        reply = await self._blocking(router_request, metadata, receive, respond=False)
         return ChatCompletion(
             completion_to_dict(reply, completion_id=completion_id, model=request.model),
             reply.cache,
@@ -488,17 +470,28 @@ class ServingChat:
         """A blocking router Respond (the Responses API: ``responses_body`` set): the
         reply carries a native provider's ``response_json``, or a chat answer. A client
         disconnect cancels the call."""
+        return await self._blocking(router_request, metadata, receive, respond=True)
+
+    async def _blocking(
+        self,
+        router_request: router_pb2.ChatRequest,
+        metadata: tuple[tuple[str, str], ...],
+        receive: Receive,
+        *,
+        respond: bool,
+    ) -> router_pb2.ChatResponse:
+        """One blocking Chat (``respond``: Respond) call: a frame on the tunnel when there
+        is one and it takes the call, else a unary call. A client disconnect cancels it."""
+        method = self._router.Respond if respond else self._router.Chat
+
+        def unary() -> UnaryCall:
+            return method(router_request, metadata=metadata, timeout=self._timeout)
+
         call: RouterCall | None = None
         if self._tunnel is not None:
-            call = self._tunnel.call(
-                router_request,
-                metadata,
-                self._timeout,
-                respond=True,
-                fallback=lambda: self._router.Respond(router_request, metadata=metadata, timeout=self._timeout),
-            )
+            call = self._tunnel.call(router_request, metadata, self._timeout, respond=respond, fallback=unary)
         if call is None:
-            call = self._router.Respond(router_request, metadata=metadata, timeout=self._timeout)
+            call = unary()
         watch = DisconnectWatch(receive, call)
         try:
             return await call

@@ -99,6 +99,19 @@ async def reaches_provider(stack: Stack, before: int, count: int = 1) -> None:
     await eventually(arrived, "the request to reach the provider")
 
 
+async def router_records_the_cancel(stack: Stack) -> Any:
+    """Wait for the router to record a call cancelled by its caller; the one event it
+    recorded (checked to be that cancel)."""
+
+    async def cancelled() -> bool:
+        return any(name == "inference.failed" for name, _ in await stack.bus.events())
+
+    await eventually(cancelled, "the router to record the cancelled call")
+    [(name, event)] = await stack.router_events()
+    assert (name, event.error_code) == ("inference.failed", "client_disconnected")
+    return event
+
+
 def chat_body(content: str = "hi", **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}], **extra}
 
@@ -324,15 +337,10 @@ async def test_a_client_that_hangs_up_cancels_the_router_call(rig: Rig, path: st
                     await request
 
             # Before the provider answers: the router heard of the cancel.
-            async def cancelled() -> bool:
-                return any(name == "inference.failed" for name, _ in await rig.stack.bus.events())
-
-            await eventually(cancelled, "the router to record the cancelled call")
+            event = await router_records_the_cancel(rig.stack)
     assert calls.since() == (
         {"Tunnel": 1, "Chat": 0, "Respond": 0} if path == "tunnel" else {"Tunnel": 0, "Chat": 1, "Respond": 0}
     )
-    [(name, event)] = await rig.stack.router_events()
-    assert (name, event.error_code) == ("inference.failed", "client_disconnected")
     pool = await rig.stack.pool("default")
     assert (pool.used, pool.reserved) == (event.charged_tokens, 0)
     if path == "tunnel":
@@ -353,13 +361,7 @@ async def test_a_cancelled_request_task_cancels_the_router_call(rig: Rig, path: 
         request.cancel()
         with pytest.raises(asyncio.CancelledError):
             await request
-
-        async def cancelled() -> bool:
-            return any(name == "inference.failed" for name, _ in await rig.stack.bus.events())
-
-        await eventually(cancelled, "the router to record the cancelled call")
-    [(name, event)] = await rig.stack.router_events()
-    assert (name, event.error_code) == ("inference.failed", "client_disconnected")
+        await router_records_the_cancel(rig.stack)
     assert (await rig.stack.pool("default")).reserved == 0
     if path == "tunnel":
         assert open_calls(tunnel_of(edge)) == 0
@@ -841,10 +843,5 @@ async def test_a_stream_the_edge_closes_under_a_call_fails_it_as_unavailable(rig
 
         # The router's call is cancelled too (before the provider answers): it is not
         # left running for no one.
-        async def cancelled() -> bool:
-            return any(name == "inference.failed" for name, _ in await rig.stack.bus.events())
-
-        await eventually(cancelled, "the router to record the cancelled call")
-    [(name, event)] = await rig.stack.router_events()
-    assert (name, event.error_code) == ("inference.failed", "client_disconnected")
+        await router_records_the_cancel(rig.stack)
     assert (await rig.stack.pool("default")).reserved == 0

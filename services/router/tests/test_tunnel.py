@@ -191,6 +191,19 @@ async def recorded_events(served: Served, request_id: str) -> list[tuple[str, An
     return events
 
 
+async def cancelled_paying_its_prompt(served: Served, request_id: str, request: router_pb2.ChatRequest) -> Any:
+    """Check the call was recorded as cancelled, charged its prompt (as a unary call
+    cancelled mid-way, test_metering); the pool's state once every ending has settled."""
+    [(name, event)] = await recorded_events(served, request_id)
+    assert (name, event.error_code, event.charged_tokens) == (
+        "inference.failed",
+        ClientCancelled.error_code,
+        prompt_token_bound(request),
+    )
+    await served.rig.settled()
+    return await served.rig.pool(served.pool)
+
+
 def call(
     call_id: int,
     request: router_pb2.ChatRequest,
@@ -368,13 +381,8 @@ async def test_a_cancel_frame_ends_the_call_without_an_answer_and_settles_it(
     reply = answered(frames[0])
     assert await tunnel.code() == grpc.StatusCode.OK
     # Settled as a unary call cancelled mid-way (test_metering): the prompt is paid.
-    await served.rig.settled()
-    state = await served.rig.pool(served.pool)
+    state = await cancelled_paying_its_prompt(served, slow_id, slow)
     assert (state.used, state.reserved) == (prompt_token_bound(slow) + reply.usage.total_tokens, 0)
-    events = await served.events(slow_id)
-    assert [(name, event.error_code, event.charged_tokens) for name, event in events] == [
-        ("inference.failed", ClientCancelled.error_code, prompt_token_bound(slow))
-    ]
 
 
 async def test_a_call_the_router_cancels_itself_is_an_unavailable_error_frame(
@@ -399,14 +407,7 @@ async def test_a_call_the_router_cancels_itself_is_an_unavailable_error_frame(
     assert frame.call_id == 2 and answered(frame).choices[0].message.text == REPLY
     await tunnel.close()
     assert await tunnel.rest() == [] and await tunnel.code() == grpc.StatusCode.OK
-    [(name, event)] = await recorded_events(served, request_id)
-    assert (name, event.error_code, event.charged_tokens) == (
-        "inference.failed",
-        ClientCancelled.error_code,
-        prompt_token_bound(request),
-    )
-    await served.rig.settled()
-    state = await served.rig.pool(served.pool)
+    state = await cancelled_paying_its_prompt(served, request_id, request)
     assert (state.used - frame.reply.usage.total_tokens, state.reserved) == (prompt_token_bound(request), 0)
 
 
@@ -510,14 +511,7 @@ async def test_a_cancelled_stream_cancels_its_open_calls(served: Served, slow_up
     # The call was cancelled (not left to finish): it failed as a cancelled unary call
     # does, paying its prompt, and nothing stays reserved.
 
-    [(name, event)] = await recorded_events(served, request_id)
-    assert (name, event.error_code, event.charged_tokens) == (
-        "inference.failed",
-        ClientCancelled.error_code,
-        prompt_token_bound(request),
-    )
-    await served.rig.settled()
-    state = await served.rig.pool(served.pool)
+    state = await cancelled_paying_its_prompt(served, request_id, request)
     assert (state.used, state.reserved) == (prompt_token_bound(request), 0)
 
 

@@ -69,6 +69,8 @@ class BoundedRedisCluster(aioredis.RedisCluster):
 _PIPELINED = frozenset({"EVALSHA", "EVAL"})
 # Commands per pipeline: a bound on one batch's size, not a tuning knob.
 _MAX_BATCH = 256
+# One script call waiting for its batch: the command, its options, its caller's future.
+_Entry = tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]
 
 
 class PipeliningRedis(aioredis.Redis):
@@ -87,7 +89,7 @@ class PipeliningRedis(aioredis.Redis):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]] = []
+        self._batch: list[_Entry] = []
         self._batches: set[asyncio.Task[None]] = set()
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
@@ -107,7 +109,7 @@ class PipeliningRedis(aioredis.Redis):
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    async def _run(self, batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[_Entry]) -> None:
         # A caller that stopped waiting before the batch left: its call never runs, as a
         # call cancelled before its write never did.
         batch = [entry for entry in batch if not entry[2].done()]
@@ -125,7 +127,7 @@ class PipeliningRedis(aioredis.Redis):
         elif batch:
             await self._pipelined(batch)
 
-    async def _pipelined(self, batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]]) -> None:
+    async def _pipelined(self, batch: list[_Entry]) -> None:
         """One write, the replies read in order, each to its caller. Never retried: a
         replay would run again the scripts whose replies were already read (a breaker's
         failure count, a provider's RPM), where a lone call's retry repeats only itself."""

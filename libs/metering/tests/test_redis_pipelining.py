@@ -7,11 +7,17 @@ import asyncio
 import uuid
 
 import pytest
-from hoosh_metering.redis import PipeliningRedis, connect_redis
+from hoosh_metering.redis import PipeliningRedis, announce_written, connect_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 ECHO = "redis.call('INCR', KEYS[1]); return {ARGV[1], redis.call('GET', KEYS[1])}"
+SET_KEY = "redis.call('SET', KEYS[1], ARGV[1]); return 1"
+# Keeps Redis busy for ARGV[1] ms: whatever reaches it meanwhile waits behind the script.
+BUSY = (
+    "local t = redis.call('TIME'); local start = t[1] * 1000000 + t[2]; "
+    "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start >= tonumber(ARGV[1]) * 1000; return 1"
+)
 FAILS_ON_BOOM = "if ARGV[1] == 'boom' then return redis.error_reply('ERR boom ' .. ARGV[1]) end; return ARGV[1]"
 
 
@@ -115,4 +121,42 @@ async def test_a_caller_that_left_before_the_batch_is_not_sent_and_the_others_ge
         assert await client.get(key) == b"5"  # four ran, not five
     finally:
         await client.delete(key)
+        await client.aclose()
+
+
+async def test_an_announced_call_is_written_before_its_reply_and_runs_before_later_commands(own_redis_url: str) -> None:
+    client = connect_redis(own_redis_url)
+    holder = connect_redis(own_redis_url)
+    reader = connect_redis(own_redis_url)
+    key = "test:announced"
+    script, busy = client.register_script(SET_KEY), holder.register_script(BUSY)
+    try:
+        await script(keys=[key], args=["warm"])
+        await busy(args=[0])
+        holding = asyncio.ensure_future(busy(args=[400]))  # Redis is busy for 400 ms
+        await asyncio.sleep(0.1)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with announce_written(written):
+            call = asyncio.ensure_future(script(keys=[key], args=["committed"]))  # a lone call
+        await asyncio.wait_for(asyncio.shield(written), 5)
+        assert not call.done() and not holding.done()  # written; Redis has not run it yet
+        # Sent after `written`, on another connection: run after the script.
+        assert await reader.get(key) == b"committed"
+        assert await call == 1 and await holding == 1
+    finally:
+        for each in (client, holder, reader):
+            await each.aclose()
+
+
+async def test_an_announced_call_that_cannot_be_written_still_releases_its_waiter() -> None:
+    client = connect_redis("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    script = client.register_script(SET_KEY)
+    written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    try:
+        with announce_written(written):
+            call = asyncio.ensure_future(script(keys=["k"], args=["v"]))
+        with pytest.raises(RedisConnectionError):
+            await call
+        assert written.done()  # its caller is not left waiting for a write that never came
+    finally:
         await client.aclose()

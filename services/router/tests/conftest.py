@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as redis
 from hoosh.events.v1 import events_pb2
 from hoosh_common.eventbus import EventPublisher, ensure_stream
+from hoosh_metering.redis import PipeliningRedis, connect_redis
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
@@ -28,7 +29,9 @@ NATS_URL = "nats://127.0.0.1:4222"
 
 @pytest.fixture
 async def redis_client() -> AsyncIterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
+    # The client the router itself runs on (script calls pipelined, writes announced).
+    client = connect_redis(REDIS_URL)
+    assert isinstance(client, PipeliningRedis)
     yield client
     await client.aclose()
 

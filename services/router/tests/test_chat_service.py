@@ -343,6 +343,30 @@ async def test_cancel_during_commit_still_commits_and_records_once(router: Route
     assert pool.reserved == 0 and pool.used > 0
 
 
+async def test_the_answer_waits_for_the_commit_to_be_written_not_for_redis_to_answer_it(router: Router) -> None:
+    # The commit's reply held back (as from a Redis slow to answer): the answer goes
+    # anyway once the commit is written, and Redis ran the commit before anything sent
+    # after the answer (here: reading the pool on another connection).
+    budget = router.chat._recorder.budget
+    real_commit = budget.commit
+    reply_back = asyncio.Event()
+
+    async def commit_with_a_slow_reply(hold: Hold, used: int, **options: Any) -> None:
+        await real_commit(hold, used, **options)
+        await reply_back.wait()
+
+    budget.commit = commit_with_a_slow_reply  # type: ignore[method-assign]
+    publisher = CountingPublisher(router.chat._recorder._publisher)
+    router.chat._recorder._publisher = publisher  # type: ignore[assignment]
+    reply = await asyncio.wait_for(router.chat.chat(request_for("mock-x"), rid()), 10)
+    pool = await router.pool()
+    assert (pool.used, pool.reserved) == (reply.usage.total_tokens, 0)
+    assert [name for name, _ in publisher.calls] == [events.SUBJECT_COMPLETED]  # recorded with the answer
+    reply_back.set()
+    await asyncio.sleep(0.1)
+    assert [name for name, _ in publisher.calls] == [events.SUBJECT_COMPLETED]  # and only then
+
+
 async def test_a_cached_stream_closed_at_its_usage_chunk_records_one_event(router: Router) -> None:
     await router.chat.chat(request_for("mock-cached", temperature=0), rid())
     await router.cache.drain()

@@ -10,7 +10,9 @@ the command may already have run.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import contextlib
+import contextvars
+from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -69,8 +71,36 @@ class BoundedRedisCluster(aioredis.RedisCluster):
 _PIPELINED = frozenset({"EVALSHA", "EVAL"})
 # Commands per pipeline: a bound on one batch's size, not a tuning knob.
 _MAX_BATCH = 256
-# One script call waiting for its batch: the command, its options, its caller's future.
-_Entry = tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]
+# One script call waiting for its batch: the command, its options, its caller's future,
+# and the future that learns when it was written (see ``announce_written``).
+_Entry = tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any], asyncio.Future[None] | None]
+
+_ANNOUNCE: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
+    "hoosh_metering_announce_written", default=None
+)
+
+
+@contextlib.contextmanager
+def announce_written(written: asyncio.Future[None]) -> Iterator[None]:
+    """Script calls issued inside this block (this task's context) resolve ``written``
+    once their command is written to Redis, before its reply is read; or once it failed.
+
+    Redis runs commands in the order they reach it, so a command anyone sends after
+    that (a client reading its pool on another connection) is run after the script: a
+    caller can answer on ``written`` and leave the reply to the script's own task.
+    Only :class:`PipeliningRedis` knows the moment; with another client (a cluster) the
+    caller resolves ``written`` itself once the call is done.
+    """
+    token = _ANNOUNCE.set(written)
+    try:
+        yield
+    finally:
+        _ANNOUNCE.reset(token)
+
+
+def _announce(written: asyncio.Future[None] | None) -> None:
+    if written is not None and not written.done():
+        written.set_result(None)
 
 
 class PipeliningRedis(aioredis.Redis):
@@ -84,7 +114,8 @@ class PipeliningRedis(aioredis.Redis):
     Each caller gets its own reply or error (a script error stays its own; a connection
     failure fails the calls whose replies had not come, as it would each of them), and a
     caller that stops waiting changes nothing for the others; one that stopped before the
-    batch left is not sent at all.
+    batch left is not sent at all. A call under ``announce_written`` learns when it was
+    written (a lone one then goes as a batch of one, without the lone path's retry).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -99,7 +130,7 @@ class PipeliningRedis(aioredis.Redis):
         future: asyncio.Future[Any] = loop.create_future()
         if not self._batch:
             loop.call_soon(self._send_batch)
-        self._batch.append((args, options, future))
+        self._batch.append((args, options, future, _ANNOUNCE.get()))
         return await future
 
     def _send_batch(self) -> None:
@@ -112,9 +143,15 @@ class PipeliningRedis(aioredis.Redis):
     async def _run(self, batch: list[_Entry]) -> None:
         # A caller that stopped waiting before the batch left: its call never runs, as a
         # call cancelled before its write never did.
-        batch = [entry for entry in batch if not entry[2].done()]
-        if len(batch) == 1:
-            args, options, future = batch[0]
+        waiting = []
+        for entry in batch:
+            if entry[2].done():
+                _announce(entry[3])  # nothing of it will be written: its caller need not wait
+            else:
+                waiting.append(entry)
+        batch = waiting
+        if len(batch) == 1 and batch[0][3] is None:
+            args, options, future, _ = batch[0]
             try:
                 result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
             except BaseException as error:  # to its caller (a cancelled batch: as a lost connection)
@@ -135,8 +172,10 @@ class PipeliningRedis(aioredis.Redis):
         connection = None
         try:
             connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            await connection.send_packed_command(connection.pack_commands([args for args, _, _ in batch]))
-            for args, options, future in batch:
+            await connection.send_packed_command(connection.pack_commands([entry[0] for entry in batch]))
+            for entry in batch:
+                _announce(entry[3])
+            for args, options, future, _ in batch:
                 try:
                     result = await self.parse_response(connection, args[0], **options)
                 except ResponseError as error:  # this script's own error
@@ -147,8 +186,9 @@ class PipeliningRedis(aioredis.Redis):
         except BaseException as error:
             if connection is not None:
                 await connection.disconnect(nowait=True)  # the replies still due would be no one's
-            for _, _, future in batch:
+            for _, _, future, written in batch:
                 _fail(future, error)
+                _announce(written)
             if not isinstance(error, Exception):
                 raise
         finally:

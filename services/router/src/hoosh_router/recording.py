@@ -29,6 +29,7 @@ from hoosh_common.telemetry import current_trace_id
 from hoosh_metering import errors as metering
 from hoosh_metering.limits import KeyGate, KeyLimits
 from hoosh_metering.pools import LedgerLine
+from hoosh_metering.redis import announce_written
 
 from . import metrics
 from .budget_client import UNREACHABLE, Hold, RouterBudget, key_limits
@@ -199,22 +200,46 @@ class Recorder:
 
     # -- endings --------------------------------------------------------------------------
 
-    async def _tail(self, record: Callable[[], None], settle: Callable[[], Awaitable[None]]) -> None:
-        """Run ``settle`` then ``record`` in a task of their own, shielded from the
-        caller's cancellation: once begun, the ending happens exactly once."""
+    async def _tail(
+        self, record: Callable[[], None], settle: Callable[[], Awaitable[None]], finish_key: Callable[[], None]
+    ) -> None:
+        """The request's one ending: ``finish_key`` (the key's limits) and ``settle`` in a
+        task of their own, then ``record``, each exactly once, shielded from the
+        caller's cancellation.
+
+        The caller waits until the settlement is written to Redis, not for Redis's
+        reply (``hoosh_metering.redis.announce_written``): Redis runs commands in the
+        order they reach it, so whatever is sent to it after the answer (the client
+        reading its pool, its next request) finds the commit done, and the answer does
+        not wait a round trip for it. It then records (metrics, the log line, the event:
+        published a moment later, after the answer left). A caller cancelled meanwhile
+        leaves the recording to the task, once the settlement is done."""
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        recorded = False
+
+        def record_once() -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                record()
 
         async def tail() -> None:
-            await settle()
-            record()
-            if self._publisher.keeping:
-                # NATS is away: the event goes to the outbox; answer only once it is on
-                # disk, so a router killed now has lost no event it answered for.
-                await self._publisher.wait_kept()
+            finish_key()  # its script joins the settlement's write (issued outside the block: not awaited)
+            try:
+                with announce_written(written):
+                    await settle()
+            finally:
+                if not written.done():  # nothing was pipelined (another Redis client, no hold)
+                    written.set_result(None)
+            record_once()
 
-        task = asyncio.ensure_future(tail())
-        self._tails.add(task)
-        task.add_done_callback(self._tails.discard)
-        await asyncio.shield(task)
+        self.spawn(tail())
+        await asyncio.shield(written)
+        record_once()
+        if self._publisher.keeping:
+            # NATS is away: the event goes to the outbox; answer only once it is on
+            # disk, so a router killed now has lost no event it answered for.
+            await self._publisher.wait_kept()
 
     def spawn(self, ending: Coroutine[Any, Any, None]) -> None:
         """Run a request's ending in a task of its own, beyond the request's (a stream
@@ -248,9 +273,8 @@ class Recorder:
                 started = time.perf_counter()
                 await self.budget.commit(info.hold, used_tokens, usd_micros=usd, ledger=ledger)
                 metrics.BUDGET_COMMIT.observe(time.perf_counter() - started)
-            self._finish_key(info, used_tokens)
 
-        await self._tail(record, settle)
+        await self._tail(record, settle, lambda: self._finish_key(info, used_tokens))
 
     async def end_failed(
         self,
@@ -282,7 +306,6 @@ class Recorder:
                     await self.budget.commit(info.hold, charged, usd_micros=charge.cost_usd_micros, ledger=ledger)
                 else:
                     await self.budget.release(info.hold)
-            self._finish_key(info, charged)
 
         def record() -> None:
             self.failed(
@@ -293,7 +316,7 @@ class Recorder:
                 charge=charge if charged else None,
             )
 
-        await self._tail(record, settle)
+        await self._tail(record, settle, lambda: self._finish_key(info, charged))
         return router_error
 
     def _finish_key(self, info: RequestInfo, actual_tokens: int) -> None:

@@ -21,6 +21,7 @@ import pytest
 from hoosh.events.v1 import events_pb2
 from hoosh_common import events
 from hoosh_common.eventbus import (
+    OUTBOX_HEADER,
     EventPublisher,
     EventsUnavailableError,
     StreamPolicy,
@@ -403,3 +404,42 @@ async def test_a_failing_disk_keeps_events_in_memory_and_reports_unhealthy(
         lambda: publisher.health()["overflow"] == 0 and publisher.outbox is not None and not publisher.outbox.count
     )
     assert await stored_ids(bus) == ["e0"] and publisher.stats.lost == 0
+
+
+async def test_background_publishes_wait_for_their_tick_and_then_are_all_stored(bus: Bus) -> None:
+    # The answer that made an event leaves before its publish: a background publish
+    # goes out at the next tick, batch_delay after the first one waiting.
+    publisher = bus.publisher(batch_delay=0.5)
+    await ensure_stream(bus.js, bus.stream, bus.prefix)
+    tasks = [publisher.publish_background(events.SUBJECT_COMPLETED, event(f"t-{n}"), f"t-{n}") for n in range(3)]
+    await asyncio.sleep(0.1)
+    assert (await bus.js.stream_info(bus.stream)).state.messages == 0  # the tick is not due yet
+    acks = await asyncio.gather(*tasks)
+    assert all(ack is not None and not ack.duplicate for ack in acks)
+    assert await stored_ids(bus) == ["t-0", "t-1", "t-2"]
+
+
+async def test_a_publish_still_waiting_for_its_tick_at_shutdown_is_kept_in_the_outbox(bus: Bus) -> None:
+    publisher = bus.publisher(batch_delay=60)
+    await publisher.start()
+    await ensure_stream(bus.js, bus.stream, bus.prefix)
+    publisher.publish_background(events.SUBJECT_COMPLETED, event("waiting"), "waiting")
+    await asyncio.sleep(0.05)
+    await publisher.close(grace=0.5)
+    assert publisher.stats.kept == 1  # cut short before its tick: kept, not lost
+
+    # close() gives the drainer its grace: the kept event went out from the outbox
+    # (marked as such), or it is still there for the next process.
+    info = await bus.js.stream_info(bus.stream)
+    if info.state.messages:
+        msg = await bus.js.get_msg(bus.stream, info.state.last_seq)
+        assert (msg.headers or {}).get(OUTBOX_HEADER) and msg.headers["Nats-Msg-Id"] == "waiting"
+        return
+    reopened = Outbox(bus.tmp / "outbox")
+    await reopened.open()
+    try:
+        [content] = await reopened.read(reopened.head(10))
+        assert [e.event_id for e in content.entries] == ["waiting"]
+        assert not content.entries[0].maybe_stored  # never sent: JetStream cannot hold it
+    finally:
+        await reopened.close()

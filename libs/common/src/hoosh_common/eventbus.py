@@ -587,6 +587,11 @@ class _Blocked(Exception):
     """The drainer could not publish: NATS or the stream is still unavailable."""
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _log_start_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("could not open the outbox; events wait in memory", extra={"error": repr(task.exception())})
@@ -619,6 +624,7 @@ class EventPublisher:
         drain_backoff_max: float = 2.0,
         max_overflow: int = 10_000,
         signer: EventSigner | None = None,
+        batch_delay: float = 0.005,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
@@ -652,6 +658,11 @@ class EventPublisher:
         self._drain_unsure: set[str] = set()
         self.stats = PublisherStats()
         self._signer = signer
+        # Background publishes wait for the next tick, ``batch_delay`` after the first
+        # of them: the answer that made an event leaves before its publish costs the
+        # event loop anything, and the events of one tick go out in one socket write.
+        self._batch_delay = batch_delay
+        self._tick: asyncio.Future[None] | None = None
 
     @property
     def signer(self) -> EventSigner | None:
@@ -837,9 +848,12 @@ class EventPublisher:
         """Schedule ``publish`` without waiting for it; failures are logged, not raised.
 
         The message is serialized now, and the task inherits the caller's context (trace
-        and request id), so the caller may reuse the message right away. With an
-        outbox, an event JetStream does not take is kept there (the task's result is
-        then ``None``); without one it is logged as lost.
+        and request id), so the caller may reuse the message right away. The publish
+        itself waits for the next tick (``batch_delay``, 5 ms, after the first publish
+        waiting for it): the answer that made the event leaves first, and the events of
+        one tick go out together. With an outbox, an event JetStream does not take is
+        kept there (the task's result is then ``None``), and so is one still waiting
+        for its tick at shutdown; without one it is logged as lost.
         """
         if not event_id:
             raise ValueError("event_id is required (it is the deduplication key)")
@@ -876,8 +890,23 @@ class EventPublisher:
     async def _publish_logged(
         self, subject: str, data: bytes, event_id: str, headers: Mapping[str, str] | None
     ) -> PubAck | None:
+        try:
+            await asyncio.shield(self._next_tick())  # shared: a waiter's cancellation must not end it
+        except asyncio.CancelledError:
+            if self._outbox is not None:  # shutdown before the tick: kept, as a publish cut short is
+                hdrs = self._headers(subject, data, event_id, headers)
+                self._keep_nowait(self._entry(subject, data, event_id, hdrs, maybe_stored=False))
+            raise
         with producer_span(subject, event_id):
             return await self._publish_or_keep(subject, data, event_id, headers)
+
+    def _next_tick(self) -> asyncio.Future[None]:
+        tick = self._tick
+        if tick is None or tick.done():
+            loop = asyncio.get_running_loop()
+            tick = self._tick = loop.create_future()
+            loop.call_later(self._batch_delay, _resolve, tick)
+        return tick
 
     async def _publish_or_keep(
         self, subject: str, data: bytes, event_id: str, headers: Mapping[str, str] | None

@@ -133,6 +133,7 @@ async def test_an_announced_call_is_written_before_its_reply_and_runs_before_lat
     try:
         await script(keys=[key], args=["warm"])
         await busy(args=[0])
+        await reader.ping()  # connected before Redis is held: its GET goes out at once
         holding = asyncio.ensure_future(busy(args=[400]))  # Redis is busy for 400 ms
         await asyncio.sleep(0.1)
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -140,11 +141,34 @@ async def test_an_announced_call_is_written_before_its_reply_and_runs_before_lat
             call = asyncio.ensure_future(script(keys=[key], args=["committed"]))  # a lone call
         await asyncio.wait_for(asyncio.shield(written), 5)
         assert not call.done() and not holding.done()  # written; Redis has not run it yet
-        # Sent after `written`, on another connection: run after the script.
+        # Sent after `written`, on another connection, while Redis is still busy: run
+        # after the script all the same (an early `written` would read "warm").
         assert await reader.get(key) == b"committed"
         assert await call == 1 and await holding == 1
     finally:
         for each in (client, holder, reader):
+            await each.aclose()
+
+
+async def test_written_is_not_announced_before_the_call_is_written(own_redis_url: str) -> None:
+    client = connect_redis(own_redis_url, max_connections=1, socket_timeout=10)
+    pusher = connect_redis(own_redis_url)
+    key, queue = "test:announced-late", "test:announced-queue"
+    script = client.register_script(SET_KEY)
+    try:
+        await script(keys=[key], args=["warm"])
+        blocking = asyncio.ensure_future(client.blpop([queue], timeout=5))  # holds the only connection
+        await asyncio.sleep(0.1)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with announce_written(written):
+            call = asyncio.ensure_future(script(keys=[key], args=["committed"]))
+        await asyncio.sleep(0.2)
+        assert not written.done() and not call.done()  # no connection: nothing written yet
+        await pusher.rpush(queue, "go")  # the connection comes back to the pool
+        await asyncio.wait_for(asyncio.shield(written), 5)
+        assert await call == 1 and tuple(await blocking) == (queue.encode(), b"go")
+    finally:
+        for each in (client, pusher):
             await each.aclose()
 
 

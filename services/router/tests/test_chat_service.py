@@ -343,6 +343,26 @@ async def test_cancel_during_commit_still_commits_and_records_once(router: Route
     assert pool.reserved == 0 and pool.used > 0
 
 
+async def test_the_answer_does_not_leave_before_the_commit_is_written(router: Router) -> None:
+    # The commit held back before it reaches Redis: no answer until it is written.
+    budget = router.chat._recorder.budget
+    real_commit = budget.commit
+    go = asyncio.Event()
+
+    async def commit_later(hold: Hold, used: int, **options: Any) -> None:
+        await go.wait()
+        await real_commit(hold, used, **options)
+
+    budget.commit = commit_later  # type: ignore[method-assign]
+    task = asyncio.create_task(router.chat.chat(request_for("mock-x"), rid()))
+    await asyncio.sleep(0.5)
+    assert not task.done()  # upstream answered long ago; the commit is not written
+    go.set()
+    reply = await asyncio.wait_for(task, 10)
+    pool = await router.pool()
+    assert (pool.used, pool.reserved) == (reply.usage.total_tokens, 0)
+
+
 async def test_the_answer_waits_for_the_commit_to_be_written_not_for_redis_to_answer_it(router: Router) -> None:
     # The commit's reply held back (as from a Redis slow to answer): the answer goes
     # anyway once the commit is written, and Redis ran the commit before anything sent

@@ -896,13 +896,15 @@ class EventPublisher:
             if self._outbox is not None:  # shutdown before the tick: kept, as a publish cut short is
                 hdrs = self._headers(subject, data, event_id, headers)
                 self._keep_nowait(self._entry(subject, data, event_id, hdrs, maybe_stored=False))
+            else:
+                log.error("event lost: cancelled before its publish", extra={"subject": subject, "event_id": event_id})
             raise
         with producer_span(subject, event_id):
             return await self._publish_or_keep(subject, data, event_id, headers)
 
     def _next_tick(self) -> asyncio.Future[None]:
         tick = self._tick
-        if tick is None or tick.done():
+        if tick is None or tick.done() or tick.get_loop() is not asyncio.get_running_loop():
             loop = asyncio.get_running_loop()
             tick = self._tick = loop.create_future()
             loop.call_later(self._batch_delay, _resolve, tick)

@@ -85,11 +85,15 @@ def announce_written(written: asyncio.Future[None]) -> Iterator[None]:
     """Script calls issued inside this block (this task's context) resolve ``written``
     once their command is written to Redis, before its reply is read; or once it failed.
 
-    Redis runs commands in the order they reach it, so a command anyone sends after
-    that (a client reading its pool on another connection) is run after the script: a
-    caller can answer on ``written`` and leave the reply to the script's own task.
-    Only :class:`PipeliningRedis` knows the moment; with another client (a cluster) the
-    caller resolves ``written`` itself once the call is done.
+    A single Redis runs commands in the order they reach it, so a command anyone sends
+    after that (a client reading its pool on another connection) is usually run after
+    the script: a caller can answer on ``written`` and leave the reply to the script's
+    own task. Best effort, not a guarantee: "written" means handed to the socket (a
+    full socket buffer holds it back), and a call that must go again (NOSCRIPT: redis-py
+    loads the script and sends it once more) runs a round trip later. Only
+    :class:`PipeliningRedis` knows the moment; with another client (a cluster) the
+    caller resolves ``written`` itself once the call is done. A task created inside
+    the block inherits it, but only until ``written`` is resolved.
     """
     token = _ANNOUNCE.set(written)
     try:
@@ -130,7 +134,10 @@ class PipeliningRedis(aioredis.Redis):
         future: asyncio.Future[Any] = loop.create_future()
         if not self._batch:
             loop.call_soon(self._send_batch)
-        self._batch.append((args, options, future, _ANNOUNCE.get()))
+        written = _ANNOUNCE.get()
+        if written is not None and written.done():
+            written = None  # announced already (a later call from a task that inherited the block)
+        self._batch.append((args, options, future, written))
         return await future
 
     def _send_batch(self) -> None:

@@ -209,9 +209,11 @@ class Recorder:
 
         The caller waits until the settlement is written to Redis, not for Redis's
         reply (``hoosh_metering.redis.announce_written``): Redis runs commands in the
-        order they reach it, so whatever is sent to it after the answer (the client
-        reading its pool, its next request) finds the commit done, and the answer does
-        not wait a round trip for it. It then records (metrics, the log line, the event:
+        order they reach it, so on the usual path whatever is sent to it after the
+        answer (the client reading its pool, its next request) finds the commit done,
+        and the answer does not wait a round trip for it (best effort: a settlement
+        that needs a second call, after NOSCRIPT or a changed chain, lands a round
+        trip later; see docs/DESIGN.md). It then records (metrics, the log line, the event:
         published a moment later, after the answer left). A caller cancelled meanwhile
         leaves the recording to the task, once the settlement is done."""
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -224,8 +226,8 @@ class Recorder:
                 record()
 
         async def tail() -> None:
-            finish_key()  # its script joins the settlement's write (issued outside the block: not awaited)
             try:
+                finish_key()  # issued outside the block: its task must not announce the write
                 with announce_written(written):
                     await settle()
             finally:
@@ -449,7 +451,7 @@ class Recorder:
 
     async def drain(self, commit_timeout: float) -> None:
         """Shutdown: endings under way, then settlements being retried, then key finishes."""
-        if self._tails:
-            await asyncio.gather(*self._tails, return_exceptions=True)
+        while self._tails:  # an ending may start another (a stream's left settlement)
+            await asyncio.gather(*list(self._tails), return_exceptions=True)
         await self.budget.drain(commit_timeout)
         await self.gate.drain(commit_timeout)

@@ -903,9 +903,8 @@ class EventPublisher:
             return await self._publish_or_keep(subject, data, event_id, headers)
 
     def _next_tick(self) -> asyncio.Future[None]:
-        tick = self._tick
-        if tick is None or tick.done() or tick.get_loop() is not asyncio.get_running_loop():
-            loop = asyncio.get_running_loop()
+        tick, loop = self._tick, asyncio.get_running_loop()
+        if tick is None or tick.done() or tick.get_loop() is not loop:
             tick = self._tick = loop.create_future()
             loop.call_later(self._batch_delay, _resolve, tick)
         return tick

@@ -87,8 +87,6 @@ class FrameWriter:
                         size += frame_size
                     await self._write(batch)
                 self._idle.set()
-        except asyncio.CancelledError:
-            raise
         except Exception:  # the stream broke: its reader sees the same and ends the calls
             self._closed = True
             self._queue.clear()

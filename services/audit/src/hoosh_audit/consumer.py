@@ -272,8 +272,9 @@ class AuditConsumer:
         # After a short batch, wait this long before the next fetch, so that each fetch,
         # fsync, checkpoint and round of acks covers many events instead of one or two:
         # at low load too, where a wake-up per event cost the request path ~0.1-0.3 ms
-        # on a 2-core machine (audit, NATS and the request path share the cores). An
-        # entry is written at most this long after its event reached the stream.
+        # on a 2-core machine (audit, NATS and the request path share the cores). At low
+        # load an event waits about this long (plus the batch's fetch and fsync) to be
+        # written.
         self._linger = linger
         self._sub: JetStreamContext.PullSubscription | None = None
         self._watermark = 0  # highest stream sequence recorded from the current stream

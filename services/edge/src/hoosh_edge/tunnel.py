@@ -202,9 +202,6 @@ class _Stream:
                         future.set_exception(ending)
                 self.pending.clear()
 
-    def cancel(self) -> None:
-        self._call.cancel()
-
 
 class RouterTunnel:
     """Blocking Chat / Respond calls to the router over Tunnel streams (one at a time

@@ -201,11 +201,11 @@ class Recorder:
     # -- endings --------------------------------------------------------------------------
 
     async def _tail(
-        self, record: Callable[[], None], settle: Callable[[], Awaitable[None]], finish_key: Callable[[], None]
+        self, info: RequestInfo, actual_tokens: int, record: Callable[[], None], settle: Callable[[], Awaitable[None]]
     ) -> None:
-        """The request's one ending: ``finish_key`` (the key's limits) and ``settle`` in a
-        task of their own, then ``record``, each exactly once, shielded from the
-        caller's cancellation.
+        """The request's one ending: the key's limits finished (``actual_tokens``) and
+        ``settle`` in a task of their own, then ``record``, each exactly once, shielded
+        from the caller's cancellation.
 
         The caller waits until the settlement is written to Redis, not for Redis's
         reply (``hoosh_metering.redis.announce_written``): Redis runs commands in the
@@ -227,7 +227,7 @@ class Recorder:
 
         async def tail() -> None:
             try:
-                finish_key()  # issued outside the block: its task must not announce the write
+                self._finish_key(info, actual_tokens)  # outside the block: its task must not announce the write
                 with announce_written(written):
                     await settle()
             finally:
@@ -276,7 +276,7 @@ class Recorder:
                 await self.budget.commit(info.hold, used_tokens, usd_micros=usd, ledger=ledger)
                 metrics.BUDGET_COMMIT.observe(time.perf_counter() - started)
 
-        await self._tail(record, settle, lambda: self._finish_key(info, used_tokens))
+        await self._tail(info, used_tokens, record, settle)
 
     async def end_failed(
         self,
@@ -318,7 +318,7 @@ class Recorder:
                 charge=charge if charged else None,
             )
 
-        await self._tail(record, settle, lambda: self._finish_key(info, charged))
+        await self._tail(info, charged, record, settle)
         return router_error
 
     def _finish_key(self, info: RequestInfo, actual_tokens: int) -> None:

@@ -133,9 +133,7 @@ class TunnelSession:
             return error_frame(call_id, error.status, error.message, error.trailing_metadata())
         except TimeoutError:
             return error_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
+        except Exception as error:  # (a cancellation is no Exception: it goes on up)
             # What gRPC answers for a unary handler's unexpected exception, without the details.
             log.exception("tunnel call failed", extra={"call_id": call_id})
             return error_frame(call_id, grpc.StatusCode.UNKNOWN, f"Unexpected {type(error).__name__}")

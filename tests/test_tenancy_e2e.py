@@ -310,13 +310,14 @@ async def test_two_edges_two_routers_never_overspend_any_pool_of_the_hierarchy(
     # Exactly what the tightest ancestor affords: requests that committed less than they had
     # reserved left some room; fill it with the smallest request until the org refuses, then
     # the org must be short of exactly that one request, not of anything more.
-    smallest = chat_body(max_tokens=1, pool=team_a)
+    # Filled through both teams in turn: however the concurrent phase's refusals fell
+    # (they decide how much room each pool has left), the org runs out before either team.
+    smallest = [chat_body(max_tokens=1, pool=team) for team in (team_a, team_b)]
     refusal = None
-    # Each request is charged at least one token: the org refuses within `room` + 1 of
-    # them (how much room the concurrent phase left depends on how its refusals fell).
+    # Each request is charged at least one token: the org refuses within `room` + 1 of them.
     room = capacity[org] - final[org]["used"]
-    for _ in range(room + 1):
-        response = await asyncio.to_thread(admin.post, "/v1/chat/completions", json=smallest)
+    for turn in range(room + 1):
+        response = await asyncio.to_thread(admin.post, "/v1/chat/completions", json=smallest[turn % 2])
         if response.status_code != 200:
             refusal = response
             break

@@ -230,6 +230,8 @@ def start_hoosh(
         tls_dir=state_dir / "tls" if os.environ.get("HOOSH_BENCH_TLS", "") not in ("", "0") else None,
         # HOOSH_BENCH_OPEN_PLANE=1: no tokens at all, to measure what checking them costs.
         **({"internal_tokens": {}} if os.environ.get("HOOSH_BENCH_OPEN_PLANE", "") not in ("", "0") else {}),
+        # HOOSH_BENCH_ROUTER_LINK=0: the edge's tunnel on a gRPC stream, not the local link.
+        router_link=os.environ.get("HOOSH_BENCH_ROUTER_LINK", "1") not in ("", "0"),
         extra_env={
             "HOOSH_LOG_LEVEL": os.environ.get("HOOSH_BENCH_LOG_LEVEL", "WARNING"),
             "HOOSH_AUDIT_CHECKPOINT_PREFIX": f"hoosh:bench:{run_id}:audit:",

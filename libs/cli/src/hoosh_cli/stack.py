@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field, fields
@@ -135,6 +136,24 @@ class StackConfig:
     # them in order (Stack.stop). False (tests): they share the caller's process group,
     # so a test run killed as a group takes them along.
     own_session: bool = False
+    # The router's local link (HOOSH_ROUTER_LINK_SOCKET): the stack's edge and router
+    # share the tunnel's frames on a Unix socket instead of a gRPC stream. Only the
+    # stack's own router and edge get it (an extra router must not take its socket).
+    router_link: bool = True
+
+    def router_link_socket(self) -> str:
+        """The link's socket: in the state directory when its path is short enough for a
+        Unix socket, else in a directory of this user's alone under /tmp."""
+        path = str((self.state_dir / "router.sock").absolute())
+        if len(os.fsencode(path)) <= 100:
+            return path
+        private = Path("/tmp") / f"hoosh-{hashlib.sha256(path.encode()).hexdigest()[:16]}"
+        private.mkdir(mode=0o700, exist_ok=True)
+        info = private.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            # Someone else's (made first, to listen in the router's place): not used.
+            raise StackError(f"{private} is not a directory of this user's alone; remove it")
+        return str(private / "router.sock")
 
     def publisher_keys(self) -> str:
         """HOOSH_AUDIT_PUBLISHER_KEYS: every publisher's key, under its service's name."""
@@ -157,6 +176,8 @@ class StackConfig:
             if name == "audit" and self.signing_keys:
                 env["HOOSH_AUDIT_PUBLISHER_KEYS"] = self.publisher_keys()
         env.update(self.plane_environment(service or "router"))
+        if self.router_link and service in ("router", "edge"):
+            env["HOOSH_ROUTER_LINK_SOCKET"] = self.router_link_socket()
         if service is not None:
             env.update(self.service_env.get(service, {}))
         return env

@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol
 
 import grpc
 from hoosh.router.v1 import router_pb2
@@ -31,6 +32,17 @@ MAX_TUNNEL_REQUEST_BYTES = 256 * 1024
 MAX_OPEN_CALLS = 4096
 
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+class FrameSink(Protocol):
+    """Where one tunnel's outgoing frames go: a :class:`FrameWriter` on a gRPC stream,
+    or a ``hoosh_common.link.LinkWriter`` on a link connection."""
+
+    def send(self, frame: router_pb2.TunnelFrame) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class FrameWriter:

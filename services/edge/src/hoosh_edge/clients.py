@@ -67,7 +67,11 @@ class Clients:
             health["stt"] = HealthTarget(health_client(stt), STT_SERVICE)
             channels.append(stt)
         # Spans on: unary calls, each with the router's server span from its interceptor.
-        tunnel = RouterTunnel(router) if settings.edge_router_tunnel and not telemetry.exporting() else None
+        tunnel = (
+            RouterTunnel(router, link_path=settings.router_link_socket)
+            if settings.edge_router_tunnel and not telemetry.exporting()
+            else None
+        )
         return cls(
             router=router_pb2_grpc.RouterServiceStub(router),
             budget=budget_pb2_grpc.BudgetServiceStub(budget),

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 
 from hoosh_common.events import SUBJECT_PREFIX
 from hoosh_common.internal_plane import InternalPlaneSettings
+from hoosh_common.link import check_socket_path
 from hoosh_common.reload import GATHER_SECONDS, TIMEOUT_SECONDS
 from hoosh_tenancy import DEFAULT_KEY_PREFIX
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
@@ -52,6 +53,11 @@ class Settings(InternalPlaneSettings):
         default=True,
         description="Send blocking chat calls to the router as frames on one long-lived gRPC stream per worker "
         "(a fraction of a unary call's CPU); false: one unary call each. Off while spans are exported",
+    )
+    router_link_socket: str = Field(
+        default="",
+        description="The router's local link, a Unix socket path (same host or pod): the tunnel's frames go there "
+        "instead of a gRPC stream (~0.17 ms less per call); empty: none. Only with the tunnel on",
     )
     budget_addr: str = Field(default="127.0.0.1:50052", description="Budget gRPC address")
     audit_addr: str = Field(default="127.0.0.1:50054", description="Audit gRPC address")
@@ -223,6 +229,11 @@ class Settings(InternalPlaneSettings):
         if not value.strip():
             raise ValueError("a gRPC address (host:port) is required")
         return value.strip()
+
+    @field_validator("router_link_socket")
+    @classmethod
+    def _a_socket_path(cls, value: str) -> str:
+        return check_socket_path(value) if value else value
 
     @field_validator("budget_key_prefix", "responses_key_prefix")
     @classmethod

@@ -14,6 +14,12 @@ call opens a new one. When the router says it is draining (it is stopping), new 
 go on a new stream and the old one is closed once its calls are answered. Calls whose
 request is large go as plain unary calls; so do all calls while spans are exported
 (the router's per-call server span comes from its gRPC interceptor).
+
+Where the router has a local link (``HOOSH_ROUTER_LINK_SOCKET``: an edge on the same
+host or in the same pod), the same frames go over its Unix socket instead
+(``hoosh_common.link``: no gRPC machinery, ~0.17 ms less per call); when the link
+cannot be opened, the calls waiting on it go again as unary calls and new ones use
+Tunnel streams for ``LINK_RETRY_SECONDS``.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from typing import Any
 
 import grpc
 from hoosh.router.v1 import router_pb2
-from hoosh_common import internal_auth
+from hoosh_common import internal_auth, link
+from hoosh_common.link import LinkWriter
 from hoosh_common.tunnel import (
     MAX_OPEN_CALLS,
     MAX_TUNNEL_REQUEST_BYTES,
+    FrameSink,
     FrameWriter,
     metadata_pairs,
     status_of,
@@ -43,6 +51,8 @@ TUNNEL_METHOD = "/hoosh.router.v1.RouterService/Tunnel"
 CALLS_PER_STREAM = 1000
 # How long the edge keeps to unary calls after a router answered that it has no Tunnel.
 UNSUPPORTED_BACKOFF_SECONDS = 60.0
+# How long the edge keeps to the gRPC channel after the router's link could not be opened.
+LINK_RETRY_SECONDS = 5.0
 
 UnaryCall = grpc.aio.UnaryUnaryCall[router_pb2.ChatRequest, router_pb2.ChatResponse]
 
@@ -108,18 +118,16 @@ class TunnelCall:
 
 
 class _Stream:
-    """One open Tunnel stream and the calls waiting on it."""
+    """One open tunnel (a Tunnel stream, or a link connection) and the calls waiting on it."""
 
-    def __init__(self, tunnel: RouterTunnel, call: Any) -> None:
+    def __init__(self, tunnel: RouterTunnel, writer: FrameSink) -> None:
         self._tunnel = tunnel
-        self._call = call
         self.pending: dict[int, asyncio.Future[router_pb2.ChatResponse]] = {}
         self.calls = 0  # calls started on this stream
         self.accepting = True
         self._closing = False
         self._closer: asyncio.Task[None] | None = None  # held: the loop keeps tasks only weakly
-        self._writer = FrameWriter(call.write, name="edge-tunnel-writer")
-        self._reader = asyncio.get_running_loop().create_task(self._read(), name="edge-tunnel-reader")
+        self._writer = writer
 
     def send_call(self, call_id: int, frame: router_pb2.TunnelFrame, future: asyncio.Future[Any]) -> None:
         self.pending[call_id] = future
@@ -144,6 +152,48 @@ class _Stream:
             self._closer = asyncio.get_running_loop().create_task(self._half_close())
 
     async def _half_close(self) -> None:
+        raise NotImplementedError
+
+    def _deliver(self, batch: router_pb2.TunnelBatch) -> None:
+        """The router's frames: each answers its call."""
+        for frame in batch.frames:
+            kind = frame.WhichOneof("kind")
+            if kind == "draining":
+                self._tunnel.draining(self)
+                continue
+            future = self.pending.pop(frame.call_id, None)
+            if future is None or future.done():
+                continue  # abandoned: its answer is not wanted
+            if kind == "reply":
+                future.set_result(frame.reply)
+            elif kind == "error":
+                error = frame.error
+                trailing = metadata_pairs(error.trailing_metadata)
+                future.set_exception(_rpc_error(status_of(error.code), error.message, trailing))
+        self._close_if_done()
+
+    def _end(self, failure: grpc.aio.AioRpcError | None) -> None:
+        """The stream is over: every call still waiting on it fails with ``failure``."""
+        self.accepting = False
+        self._writer.close()
+        self._tunnel.ended(self)
+        if self.pending:
+            ending = failure or _rpc_error(grpc.StatusCode.UNAVAILABLE, "The router closed the tunnel")
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(ending)
+            self.pending.clear()
+
+
+class _GrpcStream(_Stream):
+    """A Tunnel stream on the router's gRPC channel."""
+
+    def __init__(self, tunnel: RouterTunnel, call: Any) -> None:
+        super().__init__(tunnel, FrameWriter(call.write, name="edge-tunnel-writer"))
+        self._call = call
+        self._reader = asyncio.get_running_loop().create_task(self._read(), name="edge-tunnel-reader")
+
+    async def _half_close(self) -> None:
         try:
             await self._writer.flush()
             self._writer.close()
@@ -158,21 +208,7 @@ class _Stream:
                 batch = await self._call.read()
                 if batch is grpc.aio.EOF:
                     break
-                for frame in batch.frames:
-                    kind = frame.WhichOneof("kind")
-                    if kind == "draining":
-                        self._tunnel.draining(self)
-                        continue
-                    future = self.pending.pop(frame.call_id, None)
-                    if future is None or future.done():
-                        continue  # abandoned: its answer is not wanted
-                    if kind == "reply":
-                        future.set_result(frame.reply)
-                    elif kind == "error":
-                        error = frame.error
-                        trailing = metadata_pairs(error.trailing_metadata)
-                        future.set_exception(_rpc_error(status_of(error.code), error.message, trailing))
-                self._close_if_done()
+                self._deliver(batch)
             status = await self._call.code()
             if status != grpc.StatusCode.OK:
                 failure = _rpc_error(status, await self._call.details() or "The router ended the tunnel")
@@ -186,28 +222,90 @@ class _Stream:
             self._call.cancel()  # the router's end of it goes too
             failure = _rpc_error(grpc.StatusCode.UNAVAILABLE, f"The tunnel failed: {type(error).__name__}")
         finally:
-            self.accepting = False
-            self._writer.close()
-            self._tunnel.ended(self)
             if failure is not None and failure.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # An older router: these calls never ran; they go again as unary calls.
                 self._tunnel.unsupported()
                 failure = TunnelRefused(
                     grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata(), failure.details()
                 )
-            if self.pending:
-                ending = failure or _rpc_error(grpc.StatusCode.UNAVAILABLE, "The router closed the tunnel")
-                for future in self.pending.values():
-                    if not future.done():
-                        future.set_exception(ending)
-                self.pending.clear()
+            self._end(failure)
+
+
+class _LinkStream(_Stream):
+    """A connection on the router's local link (``hoosh_common.link``): the same frames
+    on a Unix socket the event loop reads itself. Calls sent while it says hello wait;
+    if the link cannot be opened they never ran, and go again as unary calls."""
+
+    def __init__(self, tunnel: RouterTunnel, path: str) -> None:
+        self._link_writer = LinkWriter()
+        super().__init__(tunnel, self._link_writer)
+        self._transport: asyncio.Transport | None = None
+        self._ended = False
+        self._opener = asyncio.get_running_loop().create_task(self._open(path), name="edge-link-open")
+
+    async def _open(self, path: str) -> None:
+        authorization = dict(internal_auth.outgoing_metadata()).get(internal_auth.AUTHORIZATION, "")
+        try:
+            transport = await link.open_link(path, authorization, self._deliver, self._closed)
+        except link.LinkRefused as refused:
+            self._refused(refused)
+            return
+        except asyncio.CancelledError:
+            self._end(_rpc_error(grpc.StatusCode.UNAVAILABLE, "The tunnel was closed"))
+            raise
+        except Exception as error:  # a bug of ours: nothing was sent, the calls go as unary calls
+            log.exception("opening the router's link failed")
+            self._refused(link.LinkRefused(grpc.StatusCode.UNAVAILABLE, f"opening the link failed: {error!r}"))
+            return
+        if transport.is_closing():  # it closed right after the welcome: nothing was sent on it
+            self._refused(link.LinkRefused(grpc.StatusCode.UNAVAILABLE, "the router closed the link at once"))
+            return
+        self._tunnel.link_up()
+        self._transport = transport
+        self._link_writer.attach(transport)
+        self._close_if_done()
+
+    def _refused(self, refused: link.LinkRefused) -> None:
+        """The link did not open: its calls never ran (they go again as unary calls)."""
+        self._tunnel.link_down(refused)
+        self._end(TunnelRefused(refused.code, grpc.aio.Metadata(), grpc.aio.Metadata(), refused.message))
+
+    def _closed(self, reason: BaseException | None) -> None:
+        if self._transport is None:
+            return  # ended while saying hello: ``_open`` answers for it
+        failure = None
+        if reason is not None:
+            failure = _rpc_error(grpc.StatusCode.UNAVAILABLE, f"The router's link failed: {type(reason).__name__}")
+        self._end(failure)
+
+    def _end(self, failure: grpc.aio.AioRpcError | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        super()._end(failure)
+
+    async def _half_close(self) -> None:
+        if self._transport is None:  # still saying hello: close once it is open
+            try:
+                await self._opener
+            except BaseException:
+                return
+            if self._transport is None:
+                return
+        await self._writer.flush()
+        self._writer.close()
+        if not self._transport.is_closing():
+            self._transport.write_eof()  # the router answers what runs, then closes
 
 
 class RouterTunnel:
     """Blocking Chat / Respond calls to the router over Tunnel streams (one at a time
     takes new calls)."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, *, link_path: str = "") -> None:
+        self._link_path = link_path
+        self._link_down_until = 0.0  # loop time: gRPC streams only until then
+        self._link_warned = False
         self._method = channel.stream_stream(
             TUNNEL_METHOD,
             request_serializer=router_pb2.TunnelBatch.SerializeToString,
@@ -270,7 +368,11 @@ class RouterTunnel:
         return call
 
     def _open(self) -> _Stream:
-        stream = _Stream(self, self._method(metadata=internal_auth.outgoing_metadata()))
+        stream: _Stream
+        if self._link_path and asyncio.get_running_loop().time() >= self._link_down_until:
+            stream = _LinkStream(self, self._link_path)
+        else:
+            stream = _GrpcStream(self, self._method(metadata=internal_auth.outgoing_metadata()))
         self._current = stream
         self._streams.add(stream)
         return stream
@@ -280,6 +382,21 @@ class RouterTunnel:
         if self._unsupported_until == 0.0:
             log.warning("the router does not serve Tunnel: unary calls for now")
         self._unsupported_until = asyncio.get_running_loop().time() + UNSUPPORTED_BACKOFF_SECONDS
+
+    def link_down(self, refused: link.LinkRefused) -> None:
+        """The link could not be opened: Tunnel streams on the channel for a while."""
+        if not self._link_warned:
+            self._link_warned = True
+            log.warning(
+                "the router's link is not open: calls go over gRPC for now",
+                extra={"code": refused.code.name, "detail": refused.message},
+            )
+        self._link_down_until = asyncio.get_running_loop().time() + LINK_RETRY_SECONDS
+
+    def link_up(self) -> None:
+        if self._link_warned:
+            self._link_warned = False
+            log.info("the router's link is open again")
 
     def draining(self, stream: _Stream) -> None:
         if stream is self._current:

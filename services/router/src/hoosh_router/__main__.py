@@ -6,6 +6,7 @@ the configuration (``reload.py``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 
@@ -13,6 +14,7 @@ import nats
 from hoosh.router.v1 import router_pb2_grpc
 from hoosh_common.eventbus import nats_inbox_prefix
 from hoosh_common.grpc_server import configure_plane, internal_channel, new_server, serve
+from hoosh_common.link import LinkServer
 from hoosh_common.logs import configure_logging
 from hoosh_common.metrics import serve_metrics
 from hoosh_common.reload import ConfigRefused, ConfigReloader, ReloadResponder, install_sighup
@@ -31,6 +33,9 @@ from .generations import Generations
 from .ratelimit import RateLimiter
 from .reload import CurrentBreakers, RouterConfig, Shared, build_generation
 from .server import RouterServicer
+
+# How long calls in flight may run once the router is told to stop (gRPC and link alike).
+GRACE_SECONDS = 10.0
 
 log = logging.getLogger("hoosh_router")
 
@@ -63,7 +68,8 @@ async def main(settings: RouterSettings | None = None) -> None:
     configure_logging("router")
     configure_tracing("router")
     # Before any channel or server: the edge alone calls the router.
-    configure_plane(settings.internal_plane("router", callers=["edge"]))
+    plane = settings.internal_plane("router", callers=["edge"])
+    configure_plane(plane)
     serve_metrics(settings.router_metrics_listen)
     catalogue, config_sha256 = read_catalogue(settings.config)
 
@@ -119,8 +125,29 @@ async def main(settings: RouterSettings | None = None) -> None:
     server = new_server()
     servicer = RouterServicer(generations=generations)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
+    # The local link: the Tunnel's frames on a Unix socket, for an edge on this host.
+    link_server: LinkServer | None = None
+    if settings.router_link_socket:
+        link_server = LinkServer(settings.router_link_socket, servicer.link_session, plane.policy)
+        await link_server.start()
+
+    stopping_since = 0.0
+
+    def before_stop() -> None:
+        nonlocal stopping_since
+        stopping_since = asyncio.get_running_loop().time()
+        servicer.drain_tunnels()
+        if link_server is not None:
+            link_server.stop_listening()
 
     async def on_stop() -> None:
+        if link_server is not None:
+            # Its callers were told to move on; their open calls get the gRPC calls' grace.
+            left = stopping_since + GRACE_SECONDS - asyncio.get_running_loop().time()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(left, 0.0)):
+                    await link_server.wait_idle()
+            link_server.abort()
         remove_sighup()
         await responder.stop()
         if starter is not None:
@@ -157,7 +184,8 @@ async def main(settings: RouterSettings | None = None) -> None:
         settings.router_listen,
         ["hoosh.router.v1.RouterService"],
         on_stop=on_stop,
-        before_stop=servicer.drain_tunnels,
+        grace_seconds=GRACE_SECONDS,
+        before_stop=before_stop,
         ready=lambda: publisher.healthy,
     )
 

@@ -19,6 +19,7 @@ import yaml
 from hoosh_common.eventbus_settings import EventBusSettings
 from hoosh_common.events import DEFAULT_STREAM, SUBJECT_PREFIX
 from hoosh_common.internal_plane import InternalPlaneSettings
+from hoosh_common.link import check_socket_path
 from hoosh_common.prices import FREE, TokenPrice, default_table, usd_to_micros
 from hoosh_common.reload import ConfigRefused, describe_validation_error, describe_yaml_error, file_sha256
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -92,6 +93,9 @@ class RouterSettings(EventBusSettings, InternalPlaneSettings):
     calls_internal: ClassVar[bool] = True  # the budget service and the local workers
 
     router_listen: str = "127.0.0.1:50051"
+    # The local link (hoosh_common.link): a Unix socket path where an edge on this host
+    # or in this pod sends its Tunnel frames without gRPC ("" = none).
+    router_link_socket: str = Field(default="", description="Unix socket of the router's local link")
     # Prometheus /metrics on a port of its own ("" = not served).
     router_metrics_listen: str = "127.0.0.1:9461"
     config: Path | None = Field(default=None, description="Path of the shared hoosh YAML config")
@@ -121,6 +125,11 @@ class RouterSettings(EventBusSettings, InternalPlaneSettings):
     # service's setting of the same name; in-process (redis mode) the router applies it.
     budget_expiry_policy: Literal["commit", "release"] = "commit"
     router_upstream_timeout_seconds: float = 300.0
+
+    @field_validator("router_link_socket")
+    @classmethod
+    def _a_socket_path(cls, value: str) -> str:
+        return check_socket_path(value) if value else value
 
     @model_validator(mode="after")
     def _a_renewal_lands_within_the_lease(self) -> RouterSettings:

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import orjson
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
+from hoosh_common.link import LinkWriter
 from hoosh_common.logs import request_id_var
 from hoosh_common.telemetry import extract_context
 from opentelemetry import context as otel_context
@@ -172,7 +173,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         context: grpc.aio.ServicerContext[router_pb2.TunnelBatch, router_pb2.TunnelBatch],
     ) -> None:
         """Many Chat / Respond calls on one stream (see ``tunnel``)."""
-        session = TunnelSession(self._serve_call, context)
+        session = TunnelSession.on_stream(self._serve_call, context)
         self._tunnels.add(session)
         if self._draining:
             session.drain()
@@ -180,6 +181,15 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await session.run(request_iterator)
         finally:
             self._tunnels.discard(session)
+
+    def link_session(self, writer: LinkWriter) -> TunnelSession:
+        """The session of one connection on the router's local link (``hoosh_common.link``)."""
+        session = TunnelSession(self._serve_call, writer)
+        self._tunnels.add(session)
+        session.ended.add_done_callback(lambda _: self._tunnels.discard(session))
+        if self._draining:
+            session.drain()
+        return session
 
     def drain_tunnels(self) -> None:
         """This process is stopping: every open tunnel's caller is asked to open a new

@@ -1,5 +1,6 @@
 """The router's end of the Tunnel stream: many blocking Chat / Respond calls on one
-long-lived stream from an edge worker (see ``hoosh_common.tunnel`` for why).
+long-lived stream from an edge worker (see ``hoosh_common.tunnel`` for why), or on one
+connection of the router's local link (``hoosh_common.link``), with the same frames.
 
 Each ``call`` frame runs as its own task, exactly as the unary method would run it
 (same request id, trace context, deadline, errors); its answer goes back as one
@@ -20,7 +21,7 @@ import grpc
 from hoosh.router.v1 import router_pb2
 from hoosh_common import tunnel
 from hoosh_common.metrics import method_metrics
-from hoosh_common.tunnel import FrameWriter, error_frame, metadata_pairs, status_of
+from hoosh_common.tunnel import FrameSink, FrameWriter, error_frame, metadata_pairs, status_of
 
 from .errors import RouterError
 
@@ -49,12 +50,18 @@ class TunnelSession:
     """One open Tunnel stream. ``serve(request, metadata, time_remaining, respond)``
     answers one call (a ChatResponse) or raises RouterError."""
 
-    def __init__(self, serve: ServeCall, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    def __init__(self, serve: ServeCall, writer: FrameSink) -> None:
         self._serve = serve
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._left: set[int] = set()  # calls their caller cancelled (a cancel frame)
-        self._writer = FrameWriter(context.write, name="tunnel-writer")
+        self._writer = writer
         self.draining = False
+        self.ended = asyncio.get_running_loop().create_future()  # done once finished or aborted
+
+    @classmethod
+    def on_stream(cls, serve: ServeCall, context: grpc.aio.ServicerContext[Any, Any]) -> TunnelSession:
+        """A session on a gRPC Tunnel stream (``run`` it with the stream's requests)."""
+        return cls(serve, FrameWriter(context.write, name="tunnel-writer"))
 
     def drain(self) -> None:
         """Ask the caller to open a new stream for new calls (this process is stopping).
@@ -64,26 +71,41 @@ class TunnelSession:
             self._writer.send(_DRAINING)
 
     async def run(self, requests: Any) -> None:
+        """Serve a gRPC stream's batches until it ends."""
         try:
             async for batch in requests:
-                for frame in batch.frames:
-                    kind = frame.WhichOneof("kind")
-                    if kind == "call":
-                        self._start(frame.call_id, frame.call)
-                    elif kind == "cancel":
-                        task = self._calls.get(frame.call_id)
-                        if task is not None:
-                            self._left.add(frame.call_id)
-                            task.cancel()
+                self.feed(batch)
             # The caller half-closed (or went away: then gRPC cancels this task and the
             # calls are cancelled below). Answer what is still running, then end.
-            while self._calls:
-                await asyncio.wait(set(self._calls.values()))
-            await self._writer.flush()
+            await self.finish()
         finally:
-            for task in self._calls.values():
-                task.cancel()
-            self._writer.close()
+            self.abort()
+
+    def feed(self, batch: router_pb2.TunnelBatch) -> None:
+        """Start or cancel the calls of one batch from the caller."""
+        for frame in batch.frames:
+            kind = frame.WhichOneof("kind")
+            if kind == "call":
+                self._start(frame.call_id, frame.call)
+            elif kind == "cancel":
+                task = self._calls.get(frame.call_id)
+                if task is not None:
+                    self._left.add(frame.call_id)
+                    task.cancel()
+
+    async def finish(self) -> None:
+        """The caller wants no more calls: answer those still running."""
+        while self._calls:
+            await asyncio.wait(set(self._calls.values()))
+        await self._writer.flush()
+
+    def abort(self) -> None:
+        """The session is over: calls still running are cancelled, nothing more is written."""
+        for task in self._calls.values():
+            task.cancel()
+        self._writer.close()
+        if not self.ended.done():
+            self.ended.set_result(None)
 
     def _start(self, call_id: int, call: router_pb2.TunnelCall) -> None:
         if call_id in self._calls:

@@ -11,6 +11,7 @@ calls on the same stack: the link must not change what a client sees.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
 import stat
@@ -404,7 +405,7 @@ def test_framing_survives_any_split_of_the_byte_stream(messages: list[bytes], cu
     points = sorted({cut % (len(stream) + 1) for cut in cuts} | {0, len(stream)})
     buffer = link.FrameBuffer(limit=300)
     received: list[bytes] = []
-    for start, end in zip(points, points[1:], strict=False):
+    for start, end in itertools.pairwise(points):
         received.extend(buffer.feed(stream[start:end]))
     assert received == messages
 

@@ -4,7 +4,10 @@ openai client against the edge, with the local model and an OpenAI-wire provider
 from __future__ import annotations
 
 import json
+import os
+import stat
 import uuid
+from pathlib import Path
 
 import httpx
 import openai
@@ -12,6 +15,7 @@ import pytest
 from hoosh.budget.v1 import budget_pb2, budget_pb2_grpc
 
 from .conftest import LOCAL_MODEL, RunningStack
+from .scraping import scrape, value
 
 
 def client_for(hoosh: RunningStack) -> openai.OpenAI:
@@ -406,3 +410,35 @@ def test_callers_trace_context_reaches_the_audit_record(hoosh: RunningStack) -> 
     request_id = response.headers["x-request-id"]
     entry = next(e for e in wait_for_audit(hoosh, {request_id})["entries"] if e["event_id"] == request_id)
     assert entry["payload"]["trace_id"] == trace_id
+
+
+async def test_the_stacks_edge_reaches_its_router_over_the_local_link(hoosh: RunningStack) -> None:
+    """`hoosh up`'s stack gives its router and edge the local link: the router's socket is
+    owner-only, and a blocking chat is a tunneled call that opens no gRPC stream and
+    makes no unary call."""
+    config = hoosh.stack_config
+    assert config is not None and config.router_link
+    path = config.router_link_socket()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    port = config.ports.router_metrics
+    service = {"grpc_service": "hoosh.router.v1.RouterService"}
+    before = await scrape(port)
+    client = openai.AsyncOpenAI(base_url=f"{hoosh.base_url}/v1", api_key="unused")
+    reply = await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    assert reply.choices[0].message.content
+    after = await scrape(port)
+
+    def grown(kind: str, method: str) -> float:
+        labels = {**service, "grpc_type": kind, "grpc_method": method}
+        return value(after, "grpc_server_started_total", **labels) - value(
+            before, "grpc_server_started_total", **labels
+        )
+
+    assert grown("tunneled", "Chat") == 1
+    assert grown("unary", "Chat") == 0
+    assert grown("bidi_stream", "Tunnel") == 0
+    # The kernel's own list: the router's end of a connection on its socket (state 03,
+    # connected, listed under the socket's path) besides the listening one (01).
+    states = [line.split()[5] for line in Path("/proc/net/unix").read_text().splitlines()[1:] if line.endswith(path)]
+    assert "01" in states and "03" in states, states

@@ -219,6 +219,38 @@ async def test_without_a_link_the_calls_go_over_a_grpc_stream(rig: LinkRig, make
     assert all(isinstance(stream, edge_tunnel._GrpcStream) for stream in tunnel_of(edge)._streams)
 
 
+async def test_once_the_link_is_back_the_edge_returns_to_it(
+    rig: LinkRig, make_edge: MakeEdge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(edge_tunnel, "LINK_RETRY_SECONDS", 0.2)
+    rig.server.abort()
+    calls = RouterCalls()
+    await on_link(rig.edge, 2)  # no link: unary (the first), then a gRPC stream
+    assert calls.since() == {"Tunnel": 1, "Chat": 1, "Respond": 0}
+    await rig.serve_again()
+    await asyncio.sleep(0.3)
+    calls = RouterCalls()
+    await on_link(rig.edge, 2)
+    assert calls.since() == {"Tunnel": 0, "Chat": 0, "Respond": 0}
+    assert len(rig.server.connections) == 1
+
+
+async def test_the_token_goes_only_to_a_process_of_the_edges_own_user(
+    rig: LinkRig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whoever listens on the path must run as the edge's user (SO_PEERCRED): here the
+    edge believes it runs as another uid, so the router (this test's uid) is refused
+    before any hello, and the calls are answered over gRPC."""
+    real_uid = os.getuid()
+    monkeypatch.setattr(link.os, "getuid", lambda: real_uid + 4242)
+    calls = RouterCalls()
+    await on_link(rig.edge)
+    assert calls.since() == {"Tunnel": 0, "Chat": 1, "Respond": 0}
+    assert not rig.server.connections
+    [warning] = [record for record in caplog.records if "link is not open" in record.getMessage()]
+    assert f"uid {real_uid}" in warning.detail  # type: ignore[attr-defined]
+
+
 async def test_a_refused_caller_gets_no_link_and_its_calls_are_answered_over_grpc(
     rig: LinkRig, make_edge: MakeEdge, caplog: pytest.LogCaptureFixture
 ) -> None:

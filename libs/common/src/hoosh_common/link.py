@@ -45,8 +45,12 @@ from .tunnel import MAX_BATCH_BYTES
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 TUNNEL_METHOD = "/hoosh.router.v1.RouterService/Tunnel"
 HELLO_TIMEOUT_SECONDS = 5.0
+# How long the edge waits for the router's welcome before its calls go another way: a
+# router on the same host answers in microseconds.
+WELCOME_TIMEOUT_SECONDS = 1.0
 # A hello or a welcome is a token or a short message.
 MAX_HANDSHAKE_BYTES = 8 * 1024
 # The edge's batches: frames up to MAX_BATCH_BYTES, or one frame alone whose request
@@ -295,11 +299,13 @@ class LinkServer:
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._idle = asyncio.Event()
+        self._inode = 0  # the socket file this server bound (only that one is removed)
 
     async def start(self) -> None:
         """Bind the socket owner-only, then listen. A socket file left by a router that
         died is replaced; one a live router listens on is not."""
         sock = _bind_owner_only(self.path)
+        self._inode = os.lstat(self.path).st_ino
         try:
             self._server = await asyncio.get_running_loop().create_unix_server(
                 lambda: _ServerConnection(self), sock=sock
@@ -316,7 +322,8 @@ class LinkServer:
             self._server.close()
             self._server = None
             with contextlib.suppress(OSError):
-                os.unlink(self.path)
+                if os.lstat(self.path).st_ino == self._inode:  # not a newer router's
+                    os.unlink(self.path)
 
     async def wait_idle(self) -> None:
         """Wait until every connection has closed (bound it with ``asyncio.timeout``)."""
@@ -359,13 +366,25 @@ def _bind_owner_only(path_text: str) -> socket.socket:
     return sock
 
 
+def _peer_uid(transport: asyncio.BaseTransport) -> int:
+    sock = transport.get_extra_info("socket")
+    _pid, uid, _gid = _PEER_CREDENTIALS.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+    )
+    return int(uid)
+
+
 def _listening(path: str) -> bool:
+    """Whether a process accepts on ``path``: only a refused connection says no (a full
+    backlog or a slow answer is a live router)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(0.5)
         probe.connect(path)
-    except OSError:
+    except (ConnectionRefusedError, FileNotFoundError):
         return False
+    except OSError:
+        return True
     finally:
         probe.close()
     return True
@@ -429,19 +448,28 @@ async def open_link(
     """Connect to the router's link socket and say hello; the transport once welcomed.
     Raises LinkRefused (the router's status, or UNAVAILABLE when it cannot be reached).
     ``on_end`` is called once the connection ends, also when this raises after the
-    connection was made. Bounded by ``HELLO_TIMEOUT_SECONDS``."""
+    connection was made. Bounded by ``WELCOME_TIMEOUT_SECONDS``. The listening process
+    must run as this process's user (``SO_PEERCRED``)."""
     loop = asyncio.get_running_loop()
     transport: asyncio.Transport | None = None
     try:
-        async with asyncio.timeout(HELLO_TIMEOUT_SECONDS):
+        async with asyncio.timeout(WELCOME_TIMEOUT_SECONDS):
             transport, protocol = await loop.create_unix_connection(lambda: _ClientConnection(on_batch, on_end), path)
+            # The token goes only to a process of this user (the router): anyone who
+            # could bind the path while the router restarts is refused here.
+            peer_uid = _peer_uid(transport)
+            if peer_uid != os.getuid():
+                raise LinkRefused(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the process listening on the router's link runs as uid {peer_uid}, not this one's",
+                )
             transport.write(encode(router_pb2.TunnelHello(authorization=authorization)))
             welcome = await protocol.welcome
     except (OSError, TimeoutError) as error:
         if transport is not None:
             transport.abort()
         raise LinkRefused(grpc.StatusCode.UNAVAILABLE, f"the router's link cannot be reached: {error!r}") from error
-    except BaseException:
+    except BaseException:  # LinkRefused above, a cancellation
         if transport is not None:
             transport.abort()
         raise

@@ -87,3 +87,5 @@ class Clients:
         if self.tunnel is not None:
             self.tunnel.close()  # its streams end once their calls are answered
         await asyncio.gather(*(channel.close(grace) for channel in self.channels))
+        if self.tunnel is not None:
+            self.tunnel.abort()  # the grace is over: link calls still open fail now too

@@ -284,6 +284,12 @@ class _LinkStream(_Stream):
         self._ended = True
         super()._end(failure)
 
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()  # connection_lost ends the calls
+        else:
+            self._opener.cancel()
+
     async def _half_close(self) -> None:
         if self._transport is None:  # still saying hello: close once it is open
             try:
@@ -333,6 +339,9 @@ class RouterTunnel:
         if self._closed or loop.time() < self._unsupported_until or request.ByteSize() > MAX_TUNNEL_REQUEST_BYTES:
             return None
         stream = self._current
+        if isinstance(stream, _GrpcStream) and self._link_path and loop.time() >= self._link_down_until:
+            stream.retire()  # the link's retry time is up: try it again
+            stream = self._current = None
         if stream is None or not stream.accepting:
             stream = self._open()
         if len(stream.pending) >= MAX_OPEN_CALLS:
@@ -408,9 +417,19 @@ class RouterTunnel:
         if stream is self._current:
             self._current = None
 
+    def abort(self) -> None:
+        """End the link connections now (their open calls fail UNAVAILABLE); the
+        channel's close ends the gRPC streams."""
+        self._closed = True
+        self._current = None
+        for stream in list(self._streams):
+            if isinstance(stream, _LinkStream):
+                stream.abort()
+
     def close(self) -> None:
         """No new calls; each stream closes once its calls are answered (the channel's
-        own close, with its grace, bounds how long that may take)."""
+        own close, with its grace, bounds how long that may take; ``abort`` then ends
+        the link's)."""
         self._closed = True
         self._current = None
         for stream in list(self._streams):

@@ -78,6 +78,9 @@ class Replicas:
             **os.environ,
             **self.config.environment(_SERVICE[module]),
             "HOOSH_EVENTS_OUTBOX_DIR": str(self.log_dir / f"outbox-{port}"),
+            # The stack's local link is its own router's: a replica router must not
+            # take its socket, a replica edge must reach the router it is given.
+            "HOOSH_ROUTER_LINK_SOCKET": "",
             **(overrides or {}),
         }
         # Metrics on a port of the replica's own choosing (the stack's are taken).

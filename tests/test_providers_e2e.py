@@ -388,6 +388,7 @@ async def test_two_router_processes_hold_one_60_rpm_limit(hoosh: RunningStack, t
         "HOOSH_ROUTER_LISTEN": second,
         "HOOSH_ROUTER_METRICS_LISTEN": "127.0.0.1:0",  # the first router holds the stack's port
         "HOOSH_EVENTS_OUTBOX_DIR": str(tmp_path / "outbox"),  # each process owns its outbox
+        "HOOSH_ROUTER_LINK_SOCKET": "",  # the stack's link is the first router's
     }
     with open(tmp_path / "router-2.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "hoosh_router"], env=env, stdout=log, stderr=log)

@@ -368,6 +368,21 @@ async def test_hostile_peers_are_closed_and_the_link_goes_on_serving(
     await on_link(rig.edge)  # the real edge is served all along
 
 
+async def test_connections_beyond_the_bound_are_closed_at_once(rig: LinkRig, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(link, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(link, "HELLO_TIMEOUT_SECONDS", 60.0)  # only the bound can close one in time
+    held = [await connect(rig.path) for _ in range(2)]  # silent, within their hello time
+
+    async def counted() -> bool:
+        return len(rig.server.connections) == 2
+
+    await eventually(counted, "the server to count the two connections")
+    reader, writer = await connect(rig.path)
+    assert await closed_by_server(reader, writer) == b""
+    for _, held_writer in held:
+        held_writer.close()
+
+
 async def test_a_wrong_token_is_told_why_and_closed(rig: LinkRig) -> None:
     rig.server.abort()
     await rig.serve_again(CallerPolicy({token_digest(EDGE_TOKEN): "edge"}))

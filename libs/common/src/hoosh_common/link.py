@@ -58,6 +58,8 @@ MAX_HANDSHAKE_BYTES = 8 * 1024
 MAX_CALLER_MESSAGE_BYTES = MAX_BATCH_BYTES + 64 * 1024
 # The router's batches: one reply may be up to the channel's 32 MiB bound.
 MAX_ROUTER_MESSAGE_BYTES = 33 * 1024 * 1024
+# Connections open at once (said hello or not): an edge holds one per worker process.
+MAX_CONNECTIONS = 256
 # sockaddr_un's sun_path holds 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
@@ -206,6 +208,11 @@ class _ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        if len(self._server.connections) >= MAX_CONNECTIONS:
+            # An edge holds one per worker (two while it moves on): this is no edge.
+            log.warning("router link: too many connections; closing the new one")
+            self._transport.abort()
+            return
         self._server.connections.add(self)
         loop = asyncio.get_running_loop()
         self._hello_timer = loop.call_later(HELLO_TIMEOUT_SECONDS, self._too_slow)

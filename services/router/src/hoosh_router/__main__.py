@@ -129,7 +129,10 @@ async def main(settings: RouterSettings | None = None) -> None:
     link_server: LinkServer | None = None
     if settings.router_link_socket:
         link_server = LinkServer(settings.router_link_socket, servicer.link_session, plane.policy)
-        await link_server.start()
+        try:
+            await link_server.start()
+        except (RuntimeError, OSError) as error:  # in use, not a socket, not writable
+            sys.exit(f"hoosh-router: the local link: {error}")
 
     stopping_since = 0.0
 

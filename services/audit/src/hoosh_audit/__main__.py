@@ -6,7 +6,13 @@ checkpoint (keys from HOOSH_AUDIT_HMAC_KEY[S], checkpoint from Redis or
 cannot run. The same as ``hoosh audit verify``.
 """
 
+# ruff: noqa: E402  (the imports below come after skip_aiohttp_for_nats)
+
 from __future__ import annotations
+
+from hoosh_common.lean_imports import skip_aiohttp_for_nats
+
+skip_aiohttp_for_nats()  # before anything imports nats: see hoosh_common.lean_imports
 
 import argparse
 import asyncio

@@ -8,7 +8,13 @@ the metrics snapshot (per pool gauges, read every few seconds; ``/metrics`` is s
 on ``HOOSH_BUDGET_METRICS_LISTEN``).
 """
 
+# ruff: noqa: E402  (the imports below come after skip_aiohttp_for_nats)
+
 from __future__ import annotations
+
+from hoosh_common.lean_imports import skip_aiohttp_for_nats
+
+skip_aiohttp_for_nats()  # before anything imports nats: see hoosh_common.lean_imports
 
 import asyncio
 import contextlib

@@ -1,6 +1,12 @@
 """``python -m hoosh_edge``: serve the edge with uvicorn (uvloop, httptools, no access log)."""
 
+# ruff: noqa: E402  (the imports below come after skip_aiohttp_for_nats)
+
 from __future__ import annotations
+
+from hoosh_common.lean_imports import skip_aiohttp_for_nats
+
+skip_aiohttp_for_nats()  # before anything imports nats: see hoosh_common.lean_imports
 
 import atexit
 import logging

@@ -2,7 +2,13 @@
 the key limiter (in-process, on the budget's Redis) and the event publisher once, then
 serve SttService until SIGTERM."""
 
+# ruff: noqa: E402  (the imports below come after skip_aiohttp_for_nats)
+
 from __future__ import annotations
+
+from hoosh_common.lean_imports import skip_aiohttp_for_nats
+
+skip_aiohttp_for_nats()  # before anything imports nats: see hoosh_common.lean_imports
 
 import logging
 import sys

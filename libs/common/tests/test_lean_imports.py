@@ -43,6 +43,6 @@ def test_a_nats_url_process_talks_to_nats_without_loading_aiohttp() -> None:
     assert run(NATS_URL) == "hi False"
 
 
-@pytest.mark.parametrize("url", ["ws://nats.example:8080", "WSS://nats.example"])
+@pytest.mark.parametrize("url", ["ws://nats.example:8080", "WSS://nats.example", "nats://a:4222,ws://b:8080"])
 def test_a_websocket_url_keeps_aiohttp(url: str) -> None:
     assert run(url) == "hi True"

@@ -20,7 +20,7 @@ def skip_aiohttp_for_nats() -> None:
     ``HOOSH_NATS_URL=ws://...``, or aiohttp is already loaded). Call it first thing in a
     service's ``__main__``; tracing's aiohttp instrumentation is then skipped, as it is
     wherever aiohttp is not installed."""
-    url = os.environ.get("HOOSH_NATS_URL", "").strip().lower()
-    if url.startswith(("ws://", "wss://")) or "aiohttp" in sys.modules:
+    urls = os.environ.get("HOOSH_NATS_URL", "").lower()  # one URL, or several joined by commas
+    if "ws://" in urls or "wss://" in urls or "aiohttp" in sys.modules:
         return
     sys.modules["aiohttp"] = None  # type: ignore[assignment]  # import raises ImportError

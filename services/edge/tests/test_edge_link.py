@@ -251,6 +251,56 @@ async def test_the_token_goes_only_to_a_process_of_the_edges_own_user(
     assert f"uid {real_uid}" in warning.detail  # type: ignore[attr-defined]
 
 
+async def test_a_listener_that_never_welcomes_costs_the_calls_a_wait_not_an_answer(
+    rig: LinkRig, socket_dir: Path
+) -> None:
+    """Something of the edge's uid accepts on the path and says nothing (a router whose
+    loop is stuck): the edge gives up on the welcome and the call goes as a unary call."""
+    rig.server.abort()
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(rig.path)
+    mute.listen(8)
+    try:
+        calls = RouterCalls()
+        await on_link(rig.edge)
+        assert calls.since() == {"Tunnel": 0, "Chat": 1, "Respond": 0}
+    finally:
+        mute.close()
+        os.unlink(rig.path)
+
+
+async def test_closing_the_edge_gives_link_calls_the_grace_then_ends_them(rig: LinkRig, make_edge: MakeEdge) -> None:
+    edge = await make_edge(router_link_socket=rig.path, **rig.stack.addresses())
+    clients = edge.app.state.edge.clients
+    await on_link(edge)  # the link is open
+    before = rig.stack.upstream_requests()
+    with slow(rig.stack.upstream, 0.5):
+        answered = asyncio.create_task(edge.client.post(CHAT, json=chat_body()))
+        await reaches_provider(rig.stack, before)
+        await clients.close(grace=30)  # returns once the call is answered, not at 30 s
+        response = await answered
+    assert response.status_code == 200, response.text
+
+    edge = await make_edge(router_link_socket=rig.path, **rig.stack.addresses())
+    clients = edge.app.state.edge.clients
+    await on_link(edge)
+    before = rig.stack.upstream_requests()
+    with slow(rig.stack.upstream):
+        cut = asyncio.create_task(edge.client.post(CHAT, json=chat_body()))
+        await reaches_provider(rig.stack, before)
+        await clients.close(grace=0.1)  # the grace runs out first: the call is ended
+        response = await asyncio.wait_for(cut, 10)
+    assert response.status_code == 503, response.text
+
+    async def cancelled() -> bool:  # the router saw its caller go: it cancelled the call
+        return any(name == "inference.failed" for name, _ in await rig.stack.bus.events())
+
+    await eventually(cancelled, "the router to cancel the call of the closed edge")
+    failed = [event for name, event in await rig.stack.router_events() if name == "inference.failed"]
+    assert [event.error_code for event in failed] == ["client_disconnected"]
+    assert (await rig.stack.pool("default")).reserved == 0
+
+
 async def test_a_refused_caller_gets_no_link_and_its_calls_are_answered_over_grpc(
     rig: LinkRig, make_edge: MakeEdge, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -418,6 +468,14 @@ async def test_the_socket_is_owner_only_and_a_stale_one_is_replaced(socket_dir: 
     with pytest.raises(RuntimeError, match="another process listens"):
         await link.LinkServer(path, Nothing, None).start()  # type: ignore[arg-type]
     server.abort()
+    assert not os.path.exists(path)
+    # The path is free again: a new router takes it, and the stopped one, told to stop
+    # again, leaves the new one's socket alone.
+    newer = link.LinkServer(path, Nothing, None)  # type: ignore[arg-type]
+    await newer.start()
+    server.abort()
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    newer.abort()
     assert not os.path.exists(path)
     # A socket file left behind by a router that died is replaced.
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -75,6 +75,10 @@ def test_two_workers_are_counted_together_on_one_port(tmp_path: Path) -> None:
         # Both workers served and counted in their own file (the supervisor only reads them).
         pids = {path.stem.rsplit("_", 1)[-1] for path in files.glob("counter_*.db")}
         assert len(pids) >= 2
+        # The workers (spawned, they never run the edge's __main__) keep aiohttp out as
+        # the edge's first process does (hoosh_common.lean_imports): nats-py would load it.
+        for pid in pids:
+            assert "/aiohttp/" not in Path(f"/proc/{pid}/maps").read_text(), pid
     finally:
         process.terminate()
         process.wait(30)

@@ -13,9 +13,11 @@ message:
 2. the router checks it with the caller policy every gRPC call of its meets (the
    Tunnel method's) and answers a ``TunnelWelcome``: code 0, or the refusal's status
    (then it closes the connection);
-3. then ``TunnelBatch`` messages both ways, as on the stream. The edge half-closes (EOF)
-   when it wants no more calls there; the router answers what is still running, then
-   closes. A connection that ends otherwise ends its calls, like a cancelled stream.
+3. then ``TunnelBatch`` messages both ways, as on the stream. When the edge wants no
+   more calls there it sends a ``draining`` frame (call_id 0) instead of half-closing
+   (on a Unix socket a half-close and a closed peer read the same): the router answers
+   what is still running, then closes. A connection that ends otherwise (an end of
+   file included) ends its calls, like a cancelled stream.
 
 Only a Unix socket: it never crosses a network, so no TLS is needed, and the socket
 file is made owner-only (0600) before the router listens. The token is checked as
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -236,7 +239,10 @@ class _ServerConnection(asyncio.Protocol):
                 if self._session is None:
                     self._hello(router_pb2.TunnelHello.FromString(message))
                 else:
-                    self._session.feed(router_pb2.TunnelBatch.FromString(message))
+                    batch = router_pb2.TunnelBatch.FromString(message)
+                    self._session.feed(batch)
+                    if batch.frames and batch.frames[-1].WhichOneof("kind") == "draining":
+                        self._wind_down()
             except Exception:  # a message that does not parse: the peer is not an edge of ours
                 log.warning("router link: a malformed message; closing the connection")
                 self.abort()
@@ -265,13 +271,16 @@ class _ServerConnection(asyncio.Protocol):
         self._buffer.limit = MAX_CALLER_MESSAGE_BYTES
         self._session = self._server.sessions(LinkWriter(self._transport))
 
-    def eof_received(self) -> bool:
-        # The edge wants no more calls here: answer what is running, then close.
-        if self._session is None:
-            return False  # the transport closes itself
-        if self._finishing is None:
+    def _wind_down(self) -> None:
+        # The edge's ``draining`` frame: no more calls from it here; answer what is
+        # running, then close.
+        if self._session is not None and self._finishing is None:
             self._finishing = asyncio.get_running_loop().create_task(self._finish(self._session))
-        return True  # keep the connection open for the answers
+
+    def eof_received(self) -> bool:
+        # The edge never half-closes (it says ``draining``): an end of file is an edge
+        # gone (closed, killed), whose calls no one waits for. connection_lost cancels them.
+        return False
 
     async def _finish(self, session: LinkSession) -> None:
         try:
@@ -296,7 +305,12 @@ class _ServerConnection(asyncio.Protocol):
 
 
 class LinkServer:
-    """The router's listener on its link socket."""
+    """The router's listener on its link socket.
+
+    A lock file beside the socket (``<path>.lock``, ``flock``) is held from ``bind`` until
+    the socket file is removed: it says which router owns the path. A second router
+    finds it held and refuses to start; a socket file whose lock is free was left by a
+    router that died and is replaced; only the holder ever removes the socket file."""
 
     def __init__(self, path: str, sessions: SessionFactory, policy: CallerPolicy | None) -> None:
         self.path = check_socket_path(path)
@@ -306,20 +320,27 @@ class LinkServer:
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._idle = asyncio.Event()
-        self._inode = 0  # the socket file this server bound (only that one is removed)
+        self._sock: socket.socket | None = None
+        self._lock_fd: int | None = None
+
+    def bind(self) -> None:
+        """Take the path (RuntimeError or OSError when it cannot be had), owner-only and
+        listening before anything else starts; connections wait until ``start``."""
+        self._lock_fd, self._sock = _bind_owner_only(self.path)
 
     async def start(self) -> None:
-        """Bind the socket owner-only, then listen. A socket file left by a router that
-        died is replaced; one a live router listens on is not."""
-        sock = _bind_owner_only(self.path)
-        self._inode = os.lstat(self.path).st_ino
+        """Accept connections (binding first, if ``bind`` was not called)."""
+        if self._sock is None:
+            self.bind()
+        assert self._sock is not None
         try:
             self._server = await asyncio.get_running_loop().create_unix_server(
-                lambda: _ServerConnection(self), sock=sock
+                lambda: _ServerConnection(self), sock=self._sock
             )
         except BaseException:
-            sock.close()
+            self._release()
             raise
+        self._sock = None  # the server's now: it closes it
         log.info("router link listening", extra={"path": self.path})
 
     def stop_listening(self) -> None:
@@ -328,9 +349,20 @@ class LinkServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-            with contextlib.suppress(OSError):
-                if os.lstat(self.path).st_ino == self._inode:  # not a newer router's
-                    os.unlink(self.path)
+        self._release()
+
+    def _release(self) -> None:
+        """Remove the socket file, then give the path up (the lock goes last: no other
+        router can have bound the path meanwhile)."""
+        if self._lock_fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        if self._sock is not None:  # bound, never served
+            self._sock.close()
+            self._sock = None
+        os.close(self._lock_fd)  # closing the descriptor releases the flock
+        self._lock_fd = None
 
     async def wait_idle(self) -> None:
         """Wait until every connection has closed (bound it with ``asyncio.timeout``)."""
@@ -350,51 +382,45 @@ class LinkServer:
             connection.abort()
 
 
-def _bind_owner_only(path_text: str) -> socket.socket:
-    """A listening Unix socket at ``path_text``, mode 0600 before it listens."""
+def _bind_owner_only(path_text: str) -> tuple[int, socket.socket]:
+    """The path's lock (held) and a listening Unix socket there, mode 0600 before it
+    listens. RuntimeError when another router holds the path or it is not a socket."""
     path = Path(path_text)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise RuntimeError(f"the router's link socket path exists and is not a socket: {path_text}")
-        if _listening(path_text):
-            raise RuntimeError(f"another process listens on the router's link socket: {path_text}")
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lock_fd = os.open(path_text + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        sock.bind(path_text)
-        # Before listening: no one can connect while the mode is still the umask's.
-        os.chmod(path_text, 0o600)
-        sock.listen(1024)
-        sock.setblocking(False)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another process listens on the router's link socket: {path_text}") from None
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise RuntimeError(f"the router's link socket path exists and is not a socket: {path_text}")
+            path.unlink()  # left by a router that died: its lock is free
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path_text)
+            # Before listening: no one can connect while the mode is still the umask's.
+            os.chmod(path_text, 0o600)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
     except BaseException:
-        sock.close()
+        os.close(lock_fd)
         raise
-    return sock
+    return lock_fd, sock
 
 
 def _peer_uid(transport: asyncio.BaseTransport) -> int:
+    if not hasattr(socket, "SO_PEERCRED"):  # Linux's; the link is not offered elsewhere
+        raise LinkRefused(grpc.StatusCode.UNAVAILABLE, "the local link needs SO_PEERCRED (Linux)")
     sock = transport.get_extra_info("socket")
     _pid, uid, _gid = _PEER_CREDENTIALS.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
     )
     return int(uid)
-
-
-def _listening(path: str) -> bool:
-    """Whether a process accepts on ``path``: only a refused connection says no (a full
-    backlog or a slow answer is a live router)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(0.5)
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True
-    finally:
-        probe.close()
-    return True
 
 
 class LinkRefused(Exception):

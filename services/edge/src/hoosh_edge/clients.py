@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import grpc
@@ -84,8 +85,10 @@ class Clients:
 
     async def close(self, grace: float | None = None) -> None:
         """Close every channel; in-flight calls get ``grace`` seconds (None: cancelled now)."""
+        closing: list[Awaitable[None]] = [channel.close(grace) for channel in self.channels]
         if self.tunnel is not None:
             self.tunnel.close()  # its streams end once their calls are answered
-        await asyncio.gather(*(channel.close(grace) for channel in self.channels))
+            closing.append(self.tunnel.wait_for_link_calls(grace))
+        await asyncio.gather(*closing)
         if self.tunnel is not None:
             self.tunnel.abort()  # the grace is over: link calls still open fail now too

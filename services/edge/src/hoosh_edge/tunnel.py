@@ -51,6 +51,9 @@ TUNNEL_METHOD = "/hoosh.router.v1.RouterService/Tunnel"
 CALLS_PER_STREAM = 1000
 # How long the edge keeps to unary calls after a router answered that it has no Tunnel.
 UNSUPPORTED_BACKOFF_SECONDS = 60.0
+# The edge's last frame on a link connection: it sends no more calls there.
+_DRAINING = router_pb2.TunnelFrame(call_id=0)
+_DRAINING.draining.SetInParent()
 # How long the edge keeps to the gRPC channel after the router's link could not be opened.
 LINK_RETRY_SECONDS = 5.0
 
@@ -298,10 +301,10 @@ class _LinkStream(_Stream):
                 return
             if self._transport is None:
                 return
+        # No more calls here: the router answers what runs (nothing, by now), then closes.
+        self._writer.send(_DRAINING)
         await self._writer.flush()
         self._writer.close()
-        if not self._transport.is_closing():
-            self._transport.write_eof()  # the router answers what runs, then closes
 
 
 class RouterTunnel:
@@ -416,6 +419,15 @@ class RouterTunnel:
         self._streams.discard(stream)
         if stream is self._current:
             self._current = None
+
+    async def wait_for_link_calls(self, grace: float | None) -> None:
+        """Wait at most ``grace`` seconds (None: not at all) for the calls open on link
+        connections (the channel's close waits for the gRPC ones)."""
+        pending = {
+            future for stream in self._streams if isinstance(stream, _LinkStream) for future in stream.pending.values()
+        }
+        if grace and pending:
+            await asyncio.wait(pending, timeout=grace)
 
     def abort(self) -> None:
         """End the link connections now (their open calls fail UNAVAILABLE); the

@@ -14,7 +14,7 @@ import nats
 from hoosh.router.v1 import router_pb2_grpc
 from hoosh_common.eventbus import nats_inbox_prefix
 from hoosh_common.grpc_server import configure_plane, internal_channel, new_server, serve
-from hoosh_common.link import LinkServer
+from hoosh_common.link import LinkServer, LinkWriter
 from hoosh_common.logs import configure_logging
 from hoosh_common.metrics import serve_metrics
 from hoosh_common.reload import ConfigRefused, ConfigReloader, ReloadResponder, install_sighup
@@ -33,6 +33,7 @@ from .generations import Generations
 from .ratelimit import RateLimiter
 from .reload import CurrentBreakers, RouterConfig, Shared, build_generation
 from .server import RouterServicer
+from .tunnel import TunnelSession
 
 # How long calls in flight may run once the router is told to stop (gRPC and link alike).
 GRACE_SECONDS = 10.0
@@ -71,6 +72,16 @@ async def main(settings: RouterSettings | None = None) -> None:
     plane = settings.internal_plane("router", callers=["edge"])
     configure_plane(plane)
     serve_metrics(settings.router_metrics_listen)
+    # The local link (the Tunnel's frames on a Unix socket, for an edge on this host):
+    # its path is taken first, so that a router that cannot have it stops before it
+    # connects to anything; connections wait until the servicer is ready.
+    link_server: LinkServer | None = None
+    if settings.router_link_socket:
+        link_server = LinkServer(settings.router_link_socket, _not_ready, plane.policy)
+        try:
+            link_server.bind()
+        except (RuntimeError, OSError) as error:  # in use, not a socket, not writable
+            sys.exit(f"hoosh-router: the local link: {error}")
     catalogue, config_sha256 = read_catalogue(settings.config)
 
     # One client for budget, key limits, health, provider limits and cache (one node or a
@@ -125,14 +136,9 @@ async def main(settings: RouterSettings | None = None) -> None:
     server = new_server()
     servicer = RouterServicer(generations=generations)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
-    # The local link: the Tunnel's frames on a Unix socket, for an edge on this host.
-    link_server: LinkServer | None = None
-    if settings.router_link_socket:
-        link_server = LinkServer(settings.router_link_socket, servicer.link_session, plane.policy)
-        try:
-            await link_server.start()
-        except (RuntimeError, OSError) as error:  # in use, not a socket, not writable
-            sys.exit(f"hoosh-router: the local link: {error}")
+    if link_server is not None:
+        link_server.sessions = servicer.link_session
+        await link_server.start()
 
     stopping_since = 0.0
 
@@ -191,6 +197,10 @@ async def main(settings: RouterSettings | None = None) -> None:
         before_stop=before_stop,
         ready=lambda: publisher.healthy,
     )
+
+
+def _not_ready(writer: LinkWriter) -> TunnelSession:
+    raise RuntimeError("the router's link accepted a connection before its servicer was ready")
 
 
 def cli() -> None:

@@ -24,11 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
+from hoosh.router.v1 import router_pb2_grpc
 from hoosh_edge.app import create_app
 from hoosh_edge.auth import Tenancy
 from hoosh_edge.clients import Clients
@@ -362,3 +364,18 @@ async def uvicorn_serving(app: FastAPI, host: str = "127.0.0.1", **options: Any)
     finally:
         server.should_exit = True
         await task
+
+
+@pytest.fixture
+def router_servicers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The RouterServicer of every router started after it (the real servicer, recorded
+    on its way to its server), so that a test can drain its tunnels or serve it again."""
+    captured: list[Any] = []
+    register = router_pb2_grpc.add_RouterServiceServicer_to_server
+
+    def recording(servicer: Any, server: grpc.aio.Server) -> None:
+        captured.append(servicer)
+        register(servicer, server)
+
+    monkeypatch.setattr(router_pb2_grpc, "add_RouterServiceServicer_to_server", recording)
+    return captured

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
-from hoosh.router.v1 import router_pb2, router_pb2_grpc
+from hoosh.router.v1 import router_pb2
 from hoosh_common import link
 from hoosh_common.internal_auth import CallerPolicy, token_digest
 from hoosh_edge import tunnel as edge_tunnel
@@ -57,20 +57,6 @@ def socket_dir() -> Iterator[Path]:
     for child in directory.iterdir():
         child.unlink()
     directory.rmdir()
-
-
-@pytest.fixture
-def router_servicers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The RouterServicer the stack's router serves (recorded on its way to its server)."""
-    captured: list[Any] = []
-    register = router_pb2_grpc.add_RouterServiceServicer_to_server
-
-    def recording(servicer: Any, server: grpc.aio.Server) -> None:
-        captured.append(servicer)
-        register(servicer, server)
-
-    monkeypatch.setattr(router_pb2_grpc, "add_RouterServiceServicer_to_server", recording)
-    return captured
 
 
 @dataclass

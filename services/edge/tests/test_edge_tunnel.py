@@ -130,21 +130,6 @@ class Rig:
 
 
 @pytest.fixture
-def router_servicers(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The RouterServicer of every router started after it (the real servicer, recorded
-    on its way to its server), so that a test can drain its tunnels or serve it again."""
-    captured: list[Any] = []
-    register = router_pb2_grpc.add_RouterServiceServicer_to_server
-
-    def recording(servicer: Any, server: grpc.aio.Server) -> None:
-        captured.append(servicer)
-        register(servicer, server)
-
-    monkeypatch.setattr(router_pb2_grpc, "add_RouterServiceServicer_to_server", recording)
-    return captured
-
-
-@pytest.fixture
 async def rig(router_servicers: list[Any], stack: Stack, make_edge: MakeEdge) -> Rig:
     [servicer] = router_servicers  # router_servicers is set up before the stack starts its router
     tunnel = await make_edge(**stack.addresses())

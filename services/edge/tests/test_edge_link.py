@@ -69,7 +69,7 @@ class LinkRig:
     unary: Edge  # every call its own unary call
 
     async def serve_again(self, policy: CallerPolicy | None = None) -> link.LinkServer:
-        self.server = link.LinkServer(self.path, self.servicer.link_session, policy)
+        self.server = link.LinkServer(self.path, self.servicer.open_session, policy)
         await self.server.start()
         return self.server
 
@@ -80,7 +80,7 @@ async def rig(
 ) -> AsyncIterator[LinkRig]:
     [servicer] = router_servicers
     path = str(socket_dir / "router.sock")
-    server = link.LinkServer(path, servicer.link_session, None)
+    server = link.LinkServer(path, servicer.open_session, None)
     await server.start()
     edge = await make_edge(router_link_socket=path, **stack.addresses())
     unary = await make_edge(edge_router_tunnel=False, **stack.addresses())

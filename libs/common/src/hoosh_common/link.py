@@ -35,6 +35,7 @@ import os
 import socket
 import stat
 import struct
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, cast
@@ -43,13 +44,12 @@ import grpc
 from hoosh.router.v1 import router_pb2
 
 from .internal_auth import AUTHORIZATION, CallerPolicy
-from .tunnel import MAX_BATCH_BYTES
+from .tunnel import MAX_BATCH_BYTES, TUNNEL_METHOD, next_batch, status_of
 
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-TUNNEL_METHOD = "/hoosh.router.v1.RouterService/Tunnel"
 HELLO_TIMEOUT_SECONDS = 5.0
 # How long the edge waits for the router's welcome before its calls go another way: a
 # router on the same host answers in microseconds.
@@ -131,7 +131,7 @@ class LinkWriter:
     def __init__(self, transport: asyncio.Transport | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._transport = transport
-        self._frames: list[router_pb2.TunnelFrame] = []
+        self._frames: deque[router_pb2.TunnelFrame] = deque()
         self._scheduled = False
         self._closed = False
 
@@ -157,19 +157,9 @@ class LinkWriter:
         if transport.is_closing():
             self._frames.clear()
             return
-        frames, self._frames = self._frames, []
-        chunks: list[bytes] = []
-        batch = router_pb2.TunnelBatch()
-        size = 0
-        for frame in frames:
-            frame_size = frame.ByteSize()
-            if batch.frames and size + frame_size > MAX_BATCH_BYTES:
-                chunks.append(encode(batch))
-                batch = router_pb2.TunnelBatch()
-                size = 0
-            batch.frames.append(frame)
-            size += frame_size
-        chunks.append(encode(batch))
+        chunks = []
+        while self._frames:
+            chunks.append(encode(next_batch(self._frames)))
         transport.writelines(chunks)
 
     async def flush(self) -> None:
@@ -256,20 +246,20 @@ class _ServerConnection(asyncio.Protocol):
         denial = policy.check(TUNNEL_METHOD, ((AUTHORIZATION, hello.authorization),)) if policy is not None else None
         if denial is not None:
             log.warning("router link: caller refused", extra={"code": denial.code.name})
-            welcome = router_pb2.TunnelWelcome(code=denial.code.value[0], message=denial.message)
-            self._transport.write(encode(welcome))
-            self._transport.close()
+            self._refuse(denial.code, denial.message)
             return
         if self._server.closing:
-            welcome = router_pb2.TunnelWelcome(
-                code=grpc.StatusCode.UNAVAILABLE.value[0], message="The router is stopping"
-            )
-            self._transport.write(encode(welcome))
-            self._transport.close()
+            self._refuse(grpc.StatusCode.UNAVAILABLE, "The router is stopping")
             return
         self._transport.write(encode(router_pb2.TunnelWelcome(code=0)))
         self._buffer.limit = MAX_CALLER_MESSAGE_BYTES
         self._session = self._server.sessions(LinkWriter(self._transport))
+
+    def _refuse(self, code: grpc.StatusCode, message: str) -> None:
+        """The welcome that says why not, then the end of the connection."""
+        assert self._transport is not None
+        self._transport.write(encode(router_pb2.TunnelWelcome(code=code.value[0], message=message)))
+        self._transport.close()
 
     def _wind_down(self) -> None:
         # The edge's ``draining`` frame: no more calls from it here; answer what is
@@ -508,6 +498,5 @@ async def open_link(
         raise
     if welcome.code != 0:
         transport.abort()
-        code = next((status for status in grpc.StatusCode if status.value[0] == welcome.code), grpc.StatusCode.UNKNOWN)
-        raise LinkRefused(code, welcome.message or "the router refused the link")
+        raise LinkRefused(status_of(welcome.code), welcome.message or "the router refused the link")
     return transport

@@ -31,7 +31,27 @@ MAX_TUNNEL_REQUEST_BYTES = 256 * 1024
 # edge sends them as unary calls before reaching it.
 MAX_OPEN_CALLS = 4096
 
+TUNNEL_METHOD = "/hoosh.router.v1.RouterService/Tunnel"
+# Frame 0's ``draining``: from the router, "open a new stream for new calls"; on the
+# local link, from the edge too, "no more calls here" (hoosh_common.link).
+DRAINING = router_pb2.TunnelFrame(call_id=0)
+DRAINING.draining.SetInParent()
+
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def next_batch(queue: deque[router_pb2.TunnelFrame]) -> router_pb2.TunnelBatch:
+    """The frames at the head of ``queue`` (taken from it) as one batch: up to
+    MAX_BATCH_BYTES, or one bigger frame alone."""
+    batch = router_pb2.TunnelBatch()
+    size = 0
+    while queue:
+        frame_size = queue[0].ByteSize()
+        if batch.frames and size + frame_size > MAX_BATCH_BYTES:
+            break
+        batch.frames.append(queue.popleft())
+        size += frame_size
+    return batch
 
 
 class FrameSink(Protocol):
@@ -87,17 +107,7 @@ class FrameWriter:
                 await self._wake.wait()
                 self._wake.clear()
                 while self._queue:
-                    batch = router_pb2.TunnelBatch()
-                    size = 0
-                    while self._queue:
-                        frame = self._queue[0]
-                        frame_size = frame.ByteSize()
-                        if batch.frames and size + frame_size > MAX_BATCH_BYTES:
-                            break
-                        self._queue.popleft()
-                        batch.frames.append(frame)
-                        size += frame_size
-                    await self._write(batch)
+                    await self._write(next_batch(self._queue))
                 self._idle.set()
         except Exception:  # the stream broke: its reader sees the same and ends the calls
             self._closed = True

@@ -35,8 +35,10 @@ from hoosh.router.v1 import router_pb2
 from hoosh_common import internal_auth, link
 from hoosh_common.link import LinkWriter
 from hoosh_common.tunnel import (
+    DRAINING,
     MAX_OPEN_CALLS,
     MAX_TUNNEL_REQUEST_BYTES,
+    TUNNEL_METHOD,
     FrameSink,
     FrameWriter,
     metadata_pairs,
@@ -45,15 +47,11 @@ from hoosh_common.tunnel import (
 
 log = logging.getLogger(__name__)
 
-TUNNEL_METHOD = "/hoosh.router.v1.RouterService/Tunnel"
 # A stream takes this many calls, then new ones go on a fresh stream: a service mesh
 # balancing per HTTP/2 stream spreads the tunnels over router replicas as they come.
 CALLS_PER_STREAM = 1000
 # How long the edge keeps to unary calls after a router answered that it has no Tunnel.
 UNSUPPORTED_BACKOFF_SECONDS = 60.0
-# The edge's last frame on a link connection: it sends no more calls there.
-_DRAINING = router_pb2.TunnelFrame(call_id=0)
-_DRAINING.draining.SetInParent()
 # How long the edge keeps to the gRPC channel after the router's link could not be opened.
 LINK_RETRY_SECONDS = 5.0
 
@@ -243,7 +241,6 @@ class _LinkStream(_Stream):
         self._link_writer = LinkWriter()
         super().__init__(tunnel, self._link_writer)
         self._transport: asyncio.Transport | None = None
-        self._ended = False
         self._opener = asyncio.get_running_loop().create_task(self._open(path), name="edge-link-open")
 
     async def _open(self, path: str) -> None:
@@ -281,12 +278,6 @@ class _LinkStream(_Stream):
             failure = _rpc_error(grpc.StatusCode.UNAVAILABLE, f"The router's link failed: {type(reason).__name__}")
         self._end(failure)
 
-    def _end(self, failure: grpc.aio.AioRpcError | None) -> None:
-        if self._ended:
-            return
-        self._ended = True
-        super()._end(failure)
-
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()  # connection_lost ends the calls
@@ -302,7 +293,7 @@ class _LinkStream(_Stream):
             if self._transport is None:
                 return
         # No more calls here: the router answers what runs (nothing, by now), then closes.
-        self._writer.send(_DRAINING)
+        self._writer.send(DRAINING)
         await self._writer.flush()
         self._writer.close()
 

@@ -137,7 +137,7 @@ async def main(settings: RouterSettings | None = None) -> None:
     servicer = RouterServicer(generations=generations)
     router_pb2_grpc.add_RouterServiceServicer_to_server(servicer, server)
     if link_server is not None:
-        link_server.sessions = servicer.link_session
+        link_server.sessions = servicer.open_session
         await link_server.start()
 
     stopping_since = 0.0

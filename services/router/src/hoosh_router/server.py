@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 import orjson
 from hoosh.router.v1 import router_pb2, router_pb2_grpc
-from hoosh_common.link import LinkWriter
 from hoosh_common.logs import request_id_var
 from hoosh_common.telemetry import extract_context
+from hoosh_common.tunnel import FrameSink, FrameWriter
 from opentelemetry import context as otel_context
 
 from . import workers
@@ -173,17 +173,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         context: grpc.aio.ServicerContext[router_pb2.TunnelBatch, router_pb2.TunnelBatch],
     ) -> None:
         """Many Chat / Respond calls on one stream (see ``tunnel``)."""
-        session = TunnelSession.on_stream(self._serve_call, context)
-        self._tunnels.add(session)
-        if self._draining:
-            session.drain()
-        try:
-            await session.run(request_iterator)
-        finally:
-            self._tunnels.discard(session)
+        session = self.open_session(FrameWriter(context.write, name="tunnel-writer"))
+        await session.run(request_iterator)  # it ends the session, whatever happens
 
-    def link_session(self, writer: LinkWriter) -> TunnelSession:
-        """The session of one connection on the router's local link (``hoosh_common.link``)."""
+    def open_session(self, writer: FrameSink) -> TunnelSession:
+        """A tunnel's session, its frames to ``writer`` (a Tunnel stream's, or one
+        connection's on the router's local link, ``hoosh_common.link``): drained with the
+        others while it is open."""
         session = TunnelSession(self._serve_call, writer)
         self._tunnels.add(session)
         session.ended.add_done_callback(lambda _: self._tunnels.discard(session))

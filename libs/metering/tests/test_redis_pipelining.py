@@ -1,15 +1,20 @@
-"""PipeliningRedis on the real Redis: script calls issued together travel as one
-pipeline on one connection, and each caller still gets exactly its own reply or error."""
+"""PipeliningRedis on the real Redis: script calls take one multiplexed connection
+(hoosh_metering.script_connection), calls issued together travel as one write, and each
+caller still gets exactly its own reply or error; nothing waits past its timeout."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 
 import pytest
 from hoosh_metering.redis import PipeliningRedis, announce_written, connect_redis
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .conftest import OwnRedis
 
 ECHO = "redis.call('INCR', KEYS[1]); return {ARGV[1], redis.call('GET', KEYS[1])}"
 SET_KEY = "redis.call('SET', KEYS[1], ARGV[1]); return 1"
@@ -27,22 +32,33 @@ def _created(client: PipeliningRedis) -> int:
     return len(pool._available_connections) + len(pool._in_use_connections)
 
 
-async def test_concurrent_script_calls_share_one_pipeline_and_each_gets_its_own_reply(redis_url: str) -> None:
-    client = connect_redis(redis_url, max_connections=64)
-    assert isinstance(client, PipeliningRedis)
+async def _named(observer: PipeliningRedis, name: str) -> list[dict[str, object]]:
+    """The connections Redis has open under this client name."""
+    return [each for each in await observer.client_list() if each.get("name") == name]
+
+
+async def test_concurrent_script_calls_share_one_connection_and_each_gets_its_own_reply(redis_url: str) -> None:
+    name = f"lane-{uuid.uuid4().hex[:8]}"
+    client = connect_redis(f"{redis_url}?client_name={name}", max_connections=64)
+    observer = connect_redis(redis_url)
+    assert isinstance(client, PipeliningRedis) and isinstance(observer, PipeliningRedis)
     key = f"test:pipelining:{uuid.uuid4().hex}"
     script = client.register_script(ECHO)
     try:
-        await script(keys=[key], args=["warm"])  # loads the script; one connection
+        await script(keys=[key], args=["warm"])  # loads the script (SCRIPT LOAD goes through the pool)
+        pooled = _created(client)
         replies = await asyncio.gather(*(script(keys=[key], args=[f"call-{n}"]) for n in range(50)))
         assert [reply[0] for reply in replies] == [f"call-{n}".encode() for n in range(50)]
         # Every call ran once, in order: the counter saw 2..51.
-        assert sorted(int(reply[1]) for reply in replies) == list(range(2, 52))
-        # Fifty separate calls would have opened up to fifty connections.
-        assert _created(client) == 1
+        assert [int(reply[1]) for reply in replies] == list(range(2, 52))
+        # Fifty separate calls would have opened up to fifty connections: Redis sees the
+        # script connection and the pool's, no more, and the pool opened none for them.
+        assert _created(client) == pooled
+        assert len(await _named(observer, name)) == 1 + pooled
     finally:
         await client.delete(key)
         await client.aclose()
+        await observer.aclose()
 
 
 async def test_a_script_error_is_its_callers_alone(redis_url: str) -> None:
@@ -150,26 +166,26 @@ async def test_an_announced_call_is_written_before_its_reply_and_runs_before_lat
             await each.aclose()
 
 
-async def test_written_is_not_announced_before_the_call_is_written(own_redis_url: str) -> None:
-    client = connect_redis(own_redis_url, max_connections=1, socket_timeout=10)
-    pusher = connect_redis(own_redis_url)
-    key, queue = "test:announced-late", "test:announced-queue"
+async def test_written_is_not_announced_before_the_call_is_written(own_redis: OwnRedis) -> None:
+    # Database 1: opening the connection waits for SELECT's answer, and Redis is stopped.
+    client = connect_redis(own_redis.url(db=1), socket_timeout=10, socket_connect_timeout=10)
+    key = "test:announced-late"
     script = client.register_script(SET_KEY)
     try:
-        await script(keys=[key], args=["warm"])
-        blocking = asyncio.ensure_future(client.blpop([queue], timeout=5))  # holds the only connection
-        await asyncio.sleep(0.1)
+        await client.script_load(SET_KEY)  # no NOSCRIPT round trip later
+        own_redis.process.send_signal(signal.SIGSTOP)
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with announce_written(written):
             call = asyncio.ensure_future(script(keys=[key], args=["committed"]))
-        await asyncio.sleep(0.2)
-        assert not written.done() and not call.done()  # no connection: nothing written yet
-        await pusher.rpush(queue, "go")  # the connection comes back to the pool
+        await asyncio.sleep(0.3)
+        assert not written.done() and not call.done()  # still opening: nothing written yet
+        own_redis.process.send_signal(signal.SIGCONT)
         await asyncio.wait_for(asyncio.shield(written), 5)
-        assert await call == 1 and tuple(await blocking) == (queue.encode(), b"go")
+        assert await asyncio.wait_for(call, 5) == 1
+        assert await client.get(key) == b"committed"
     finally:
-        for each in (client, pusher):
-            await each.aclose()
+        own_redis.process.send_signal(signal.SIGCONT)
+        await client.aclose()
 
 
 async def test_an_announced_call_that_cannot_be_written_still_releases_its_waiter() -> None:
@@ -184,3 +200,127 @@ async def test_an_announced_call_that_cannot_be_written_still_releases_its_waite
         assert written.done()  # its caller is not left waiting for a write that never came
     finally:
         await client.aclose()
+
+
+async def test_an_overdue_reply_fails_the_calls_waiting_and_the_next_call_gets_a_new_connection(
+    own_redis: OwnRedis,
+) -> None:
+    client = connect_redis(own_redis.url(), socket_timeout=0.3)
+    holder = connect_redis(own_redis.url(), socket_timeout=10)
+    script, busy = client.register_script(SET_KEY), holder.register_script(BUSY)
+    try:
+        await script(keys=["k"], args=["warm"])
+        await busy(args=[0])
+        holding = asyncio.ensure_future(busy(args=[1500]))  # Redis answers nobody for 1.5 s
+        await asyncio.sleep(0.1)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(script(keys=["k"], args=[str(n)]) for n in range(3)), return_exceptions=True), 5
+        )
+        assert all(isinstance(result, RedisTimeoutError) for result in results), results
+        assert await holding == 1
+        assert await script(keys=["k"], args=["after"]) == 1  # a new connection
+        assert await client.get("k") == b"after"
+    finally:
+        await client.aclose()
+        await holder.aclose()
+
+
+async def test_a_connection_killed_under_the_calls_fails_them_and_the_next_call_opens_another(
+    own_redis: OwnRedis,
+) -> None:
+    name = f"lane-{uuid.uuid4().hex[:8]}"
+    client = connect_redis(f"{own_redis.url()}?client_name={name}", socket_timeout=10)
+    holder = connect_redis(own_redis.url(), socket_timeout=10)
+    killer = connect_redis(own_redis.url(), socket_timeout=10)
+    script, busy = client.register_script(SET_KEY), holder.register_script(BUSY)
+    try:
+        await script(keys=["k"], args=["warm"])
+        await busy(args=[0])
+        [lane] = [each for each in await _named(killer, name) if each.get("cmd") == "evalsha"]  # the script connection
+        await killer.ping()
+        holding = asyncio.ensure_future(busy(args=[300]))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(script(keys=["k"], args=["lost"]))  # queued behind the busy script
+        killing = asyncio.ensure_future(killer.client_kill_filter(_id=lane["id"]))  # runs before it
+        await asyncio.sleep(0.1)
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(waiting, 5)
+        assert await holding == 1 and await killing == 1
+        assert await script(keys=["k"], args=["next"]) == 1
+        assert await client.get("k") == b"next"
+    finally:
+        for each in (client, holder, killer):
+            await each.aclose()
+
+
+async def test_a_restarted_redis_is_reached_again_without_an_error(own_redis: OwnRedis) -> None:
+    client = connect_redis(own_redis.url(), socket_timeout=2)
+    script = client.register_script(SET_KEY)
+    try:
+        assert await script(keys=["k"], args=["before"]) == 1
+        await client.execute_command("CLIENT", "KILL", "TYPE", "normal")  # every connection, this one's too
+        await asyncio.sleep(0.1)  # the event loop sees the script connection closed
+        assert await script(keys=["k"], args=["after"]) == 1  # reopened, not failed
+    finally:
+        await client.aclose()
+
+
+async def test_credentials_database_and_decoding_come_from_the_url(own_redis: OwnRedis) -> None:
+    admin = connect_redis(own_redis.url())
+    user, password = f"lane{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    try:
+        await admin.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all")
+        good = connect_redis(f"redis://{user}:{password}@127.0.0.1:{own_redis.port}/3?decode_responses=true")
+        script = good.register_script(SET_KEY)
+        echo = good.register_script("return ARGV[1]")
+        try:
+            assert await script(keys=["in-three"], args=["v"]) == 1
+            assert await echo(args=["text"]) == "text"  # decoded, as redis-py would
+            assert await admin.execute_command("SELECT", 0) and not await admin.exists("in-three")
+        finally:
+            await good.aclose()
+        third = connect_redis(own_redis.url(db=3))
+        try:
+            assert await third.get("in-three") == b"v"
+        finally:
+            await third.aclose()
+        bad = connect_redis(f"redis://{user}:wrong@127.0.0.1:{own_redis.port}/0")
+        try:
+            with pytest.raises(AuthenticationError):
+                await bad.register_script(SET_KEY)(keys=["k"], args=["v"])
+        finally:
+            await bad.aclose()
+    finally:
+        await admin.aclose()
+
+
+async def test_a_unix_socket_url_reaches_the_same_redis(own_redis: OwnRedis) -> None:
+    client = connect_redis(f"unix://{own_redis.socket_path}?db=0")
+    tcp = connect_redis(own_redis.url())
+    try:
+        assert await client.register_script(SET_KEY)(keys=["via-unix"], args=["v"]) == 1
+        assert await tcp.get("via-unix") == b"v"
+    finally:
+        await client.aclose()
+        await tcp.aclose()
+
+
+async def test_a_closed_client_refuses_script_calls_and_fails_the_waiting_ones(own_redis: OwnRedis) -> None:
+    client = connect_redis(own_redis.url(), socket_timeout=10)
+    holder = connect_redis(own_redis.url(), socket_timeout=10)
+    script, busy = client.register_script(SET_KEY), holder.register_script(BUSY)
+    try:
+        await script(keys=["k"], args=["warm"])
+        await busy(args=[0])
+        holding = asyncio.ensure_future(busy(args=[300]))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(script(keys=["k"], args=["v"]))
+        await asyncio.sleep(0.05)
+        await client.aclose()
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(waiting, 5)
+        with pytest.raises(RedisConnectionError):
+            await script(keys=["k"], args=["later"])
+        assert await holding == 1
+    finally:
+        await holder.aclose()

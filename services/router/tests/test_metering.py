@@ -726,8 +726,9 @@ async def test_a_commit_that_never_lands_is_left_to_the_expiry_policy(
         task = asyncio.create_task(rig.chat.chat(ask("mock-x", pool, max_tokens=20), rid()))
         await wait_for(lambda: slow_up.stats.requests > 0)
         own_redis.stop()
-        await task
+        await task  # answered once the commit was written; its reply is what never comes
         with caplog.at_level(logging.ERROR, logger="hoosh_router.budget_client"):
+            await wait_for(lambda: rig.budget.pending > 0)  # the commit failed: retried in the background
             await wait_for(lambda: rig.budget.pending == 0)  # retried until the lease ended, then given up
         assert any("expiry policy" in record.getMessage() for record in caplog.records)
         await asyncio.sleep(0.5)  # well past the lease on Redis' clock too
@@ -825,12 +826,15 @@ async def test_a_keys_concurrency_limit(make_rig: RigFactory, slow_up: OpenAIUps
 
 class HeldReplies:
     """A TCP proxy in front of the real Redis that can hold its replies back while the
-    commands still reach it: a script that ran whose reply was lost."""
+    commands still reach it (a script that ran whose reply was lost), and then hold the
+    commands too (nothing gets through until ``release``)."""
 
     def __init__(self, port: int = 6379) -> None:
         self._target = port
-        self._open = asyncio.Event()
-        self._open.set()
+        self._replies = asyncio.Event()
+        self._replies.set()
+        self._commands = asyncio.Event()
+        self._commands.set()
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self.port = 0
@@ -840,20 +844,23 @@ class HeldReplies:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def hold(self) -> None:
-        self._open.clear()
+        self._replies.clear()
+
+    def hold_commands(self) -> None:
+        self._commands.clear()
 
     def release(self) -> None:
-        self._open.set()
+        self._commands.set()
+        self._replies.set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
         self._writers += [writer, up_writer]
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, gated: bool) -> None:
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, gate: asyncio.Event) -> None:
             try:
                 while data := await source.read(65536):
-                    if gated:
-                        await self._open.wait()
+                    await gate.wait()
                     sink.write(data)
                     await sink.drain()
             except ConnectionError:
@@ -861,7 +868,7 @@ class HeldReplies:
             finally:
                 sink.close()
 
-        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+        await asyncio.gather(pipe(reader, up_writer, self._commands), pipe(up_reader, writer, self._replies))
 
     async def close(self) -> None:
         self.release()
@@ -900,15 +907,18 @@ async def test_a_lost_admit_reply_still_frees_the_keys_slot(
         await rig.settled()
         assert await admitted() == 1 and await redis_client.zcard(inflight) == 0
         proxy.hold()
+        task = asyncio.create_task(rig.chat.chat(ask("mock-x", pool, who=who), rid()))
+        for _ in range(200):
+            if await admitted() == 2:
+                break
+            await asyncio.sleep(0.01)
+        # The script ran; from now on nothing reaches Redis either: the finish written
+        # when the request ends (on the same connection or a new one) cannot get through.
+        proxy.hold_commands()
         if lost == "timeout":
             with pytest.raises(BudgetUnavailable):
-                await rig.chat.chat(ask("mock-x", pool, who=who), rid())
+                await task
         else:
-            task = asyncio.create_task(rig.chat.chat(ask("mock-x", pool, who=who), rid()))
-            for _ in range(200):
-                if await admitted() == 2:
-                    break
-                await asyncio.sleep(0.01)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

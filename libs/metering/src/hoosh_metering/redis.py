@@ -32,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 
 from .errors import BudgetUnavailable
+from .script_connection import Endpoint, ScriptConnection
 
 T = TypeVar("T")
 
@@ -66,14 +67,9 @@ class BoundedRedisCluster(aioredis.RedisCluster):
             self._commands.release()
 
 
-# Script calls are what the hot path sends (a reservation, a settlement); they are
-# batched. Everything else goes out as it comes.
-_PIPELINED = frozenset({"EVALSHA", "EVAL"})
-# Commands per pipeline: a bound on one batch's size, not a tuning knob.
-_MAX_BATCH = 256
-# One script call waiting for its batch: the command, its options, its caller's future,
-# and the future that learns when it was written (see ``announce_written``).
-_Entry = tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any], asyncio.Future[None] | None]
+# Script calls are what the hot path sends (a reservation, a settlement); they take the
+# script connection. Everything else goes out through redis-py as it comes.
+_SCRIPT_COMMANDS = frozenset({"EVALSHA", "EVAL"})
 
 _ANNOUNCE: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
     "hoosh_metering_announce_written", default=None
@@ -102,111 +98,49 @@ def announce_written(written: asyncio.Future[None]) -> Iterator[None]:
         _ANNOUNCE.reset(token)
 
 
-def _announce(written: asyncio.Future[None] | None) -> None:
-    if written is not None and not written.done():
-        written.set_result(None)
-
-
 class PipeliningRedis(aioredis.Redis):
-    """A Redis client that sends the script calls issued in the same turn of the event
-    loop as one pipeline: one connection, one write, the replies read in order.
+    """A Redis client whose script calls (``EVALSHA``, ``EVAL``) take one multiplexed
+    connection (:class:`~hoosh_metering.script_connection.ScriptConnection`): the first
+    call of a turn of the event loop is written at once, the others of that turn
+    together on the next, replies read in order by the event loop's own callback.
 
-    redis-py spends ~150-200 us of CPU on each command (connection pool, retry wrapper,
-    a socket write, the reply); under concurrency the router issues dozens of script
-    calls per loop turn, and as one pipeline each costs a quarter of that, the Redis
-    server too saving a read and a write per call. A lone call takes the ordinary path.
-    Each caller gets its own reply or error (a script error stays its own; a connection
-    failure fails the calls whose replies had not come, as it would each of them), and a
-    caller that stops waiting changes nothing for the others; one that stopped before the
-    batch left is not sent at all. A call under ``announce_written`` learns when it was
-    written (a lone one then goes as a batch of one, without the lone path's retry).
+    redis-py spends ~280 us of CPU on a lone script call (pool checkout, retry wrapper,
+    a pure-Python encoder, a read task); this road ~90 us, and under concurrency dozens
+    of calls share one write, the Redis server too saving a read and a write per call.
+    Each caller gets its own reply or error; a caller that stops waiting changes
+    nothing for the others, and one that stopped before its call was written is not
+    sent at all. A call under ``announce_written`` learns when it was written. Script
+    calls are never retried (a lost connection fails the calls whose replies had not
+    come: their scripts may have run); other commands go through redis-py's pool with
+    its retry, as before. The connection shares the pool's URL, credentials, TLS,
+    database and timeouts.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._batch: list[_Entry] = []
-        self._batches: set[asyncio.Task[None]] = set()
+        pool = self.connection_pool
+        settings = pool.connection_class(**pool.connection_kwargs)
+        self._scripts = ScriptConnection(
+            Endpoint.of(settings),
+            timeout=settings.socket_timeout or _DEFAULT_SCRIPT_TIMEOUT,
+            connect_timeout=settings.socket_connect_timeout or _DEFAULT_SCRIPT_TIMEOUT,
+        )
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        if not args or args[0] not in _PIPELINED:
+        if not args or args[0] not in _SCRIPT_COMMANDS:
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if not self._batch:
-            loop.call_soon(self._send_batch)
         written = _ANNOUNCE.get()
         if written is not None and written.done():
             written = None  # announced already (a later call from a task that inherited the block)
-        self._batch.append((args, options, future, written))
-        return await future
+        return await self._scripts.call(args, written)
 
-    def _send_batch(self) -> None:
-        batch, self._batch = self._batch, []
-        for start in range(0, len(batch), _MAX_BATCH):
-            task = asyncio.get_running_loop().create_task(self._run(batch[start : start + _MAX_BATCH]))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
-
-    async def _run(self, batch: list[_Entry]) -> None:
-        # A caller that stopped waiting before the batch left: its call never runs, as a
-        # call cancelled before its write never did.
-        waiting = []
-        for entry in batch:
-            if entry[2].done():
-                _announce(entry[3])  # nothing of it will be written: its caller need not wait
-            else:
-                waiting.append(entry)
-        batch = waiting
-        if len(batch) == 1 and batch[0][3] is None:
-            args, options, future, _ = batch[0]
-            try:
-                result = await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-            except BaseException as error:  # to its caller (a cancelled batch: as a lost connection)
-                _fail(future, error)
-                if not isinstance(error, Exception):
-                    raise
-                return
-            if not future.done():
-                future.set_result(result)
-        elif batch:
-            await self._pipelined(batch)
-
-    async def _pipelined(self, batch: list[_Entry]) -> None:
-        """One write, the replies read in order, each to its caller. Never retried: a
-        replay would run again the scripts whose replies were already read (a breaker's
-        failure count, a provider's RPM), where a lone call's retry repeats only itself."""
-        pool = self.connection_pool
-        connection = None
-        try:
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-            await connection.send_packed_command(connection.pack_commands([entry[0] for entry in batch]))
-            for entry in batch:
-                _announce(entry[3])
-            for args, options, future, _ in batch:
-                try:
-                    result = await self.parse_response(connection, args[0], **options)
-                except ResponseError as error:  # this script's own error
-                    _fail(future, error)
-                    continue
-                if not future.done():
-                    future.set_result(result)
-        except BaseException as error:
-            if connection is not None:
-                await connection.disconnect(nowait=True)  # the replies still due would be no one's
-            for _, _, future, written in batch:
-                _fail(future, error)
-                _announce(written)
-            if not isinstance(error, Exception):
-                raise
-        finally:
-            if connection is not None:
-                await pool.release(connection)
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await self._scripts.close()
+        await super().aclose(close_connection_pool)
 
 
-def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
-    """The caller's error; a batch cancelled under it (shutdown) reads as a lost connection."""
-    if not future.done():
-        future.set_exception(error if isinstance(error, Exception) else RedisConnectionError("Redis call cancelled"))
+# Without a socket timeout in the URL's options, a script reply is still overdue after this.
+_DEFAULT_SCRIPT_TIMEOUT = 5.0
 
 
 def _retry() -> Retry:

@@ -249,9 +249,9 @@ def own_redis() -> Iterator[OwnRedis]:
     [port] = _free_ports(1)
     socket_dir = tempfile.mkdtemp(prefix="hoosh-redis-")
     socket_path = os.path.join(socket_dir, "redis.sock")
+    options = ["--save", "", "--appendonly", "no", "--unixsocket", socket_path, "--unixsocketperm", "700"]
     server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--unixsocket", socket_path, "--unixsocketperm", "700"],  # noqa: RUF005
+        [binary, "--port", str(port), "--bind", "127.0.0.1", *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -241,7 +241,9 @@ async def test_a_connection_killed_under_the_calls_fails_them_and_the_next_call_
         holding = asyncio.ensure_future(busy(args=[300]))
         await asyncio.sleep(0.05)
         waiting = asyncio.ensure_future(script(keys=["k"], args=["lost"]))  # queued behind the busy script
-        killing = asyncio.ensure_future(killer.client_kill_filter(_id=lane["id"]))  # runs before it
+        # The kill reaches Redis after the queued call; it closes the connection before
+        # that call's reply is written back.
+        killing = asyncio.ensure_future(killer.client_kill_filter(_id=lane["id"]))
         await asyncio.sleep(0.1)
         with pytest.raises(RedisConnectionError):
             await asyncio.wait_for(waiting, 5)
@@ -253,7 +255,7 @@ async def test_a_connection_killed_under_the_calls_fails_them_and_the_next_call_
             await each.aclose()
 
 
-async def test_a_restarted_redis_is_reached_again_without_an_error(own_redis: OwnRedis) -> None:
+async def test_a_connection_redis_closed_while_idle_is_opened_again_without_an_error(own_redis: OwnRedis) -> None:
     client = connect_redis(own_redis.url(), socket_timeout=2)
     script = client.register_script(SET_KEY)
     try:
@@ -324,3 +326,37 @@ async def test_a_closed_client_refuses_script_calls_and_fails_the_waiting_ones(o
         assert await holding == 1
     finally:
         await holder.aclose()
+
+
+async def test_a_redis_that_refuses_the_connection_fails_the_call_once_with_its_reason(own_redis: OwnRedis) -> None:
+    admin = connect_redis(own_redis.url())
+    client = connect_redis(own_redis.url(), socket_timeout=2, socket_connect_timeout=2)
+    try:
+        await admin.ping()  # the one client Redis will have
+        await admin.config_set("maxclients", 1)
+        rejected = int((await admin.info("stats"))["rejected_connections"])
+        with pytest.raises(RedisConnectionError, match="max number of clients"):
+            await asyncio.wait_for(client.register_script(SET_KEY)(keys=["k"], args=["v"]), 10)
+        # One connection tried for the call, not a storm of them.
+        assert int((await admin.info("stats"))["rejected_connections"]) - rejected == 1
+    finally:
+        await admin.config_set("maxclients", 10000)
+        await client.aclose()
+        await admin.aclose()
+
+
+async def test_closing_the_client_while_its_connection_opens_fails_the_call_without_cancelling_it(
+    own_redis: OwnRedis,
+) -> None:
+    # Database 1: the opening waits for SELECT's answer, and Redis is stopped.
+    client = connect_redis(own_redis.url(db=1), socket_timeout=10, socket_connect_timeout=10)
+    try:
+        own_redis.process.send_signal(signal.SIGSTOP)
+        call = asyncio.ensure_future(client.evalsha("0" * 40, 0))
+        await asyncio.sleep(0.2)
+        assert not call.done()
+        await client.aclose()
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await asyncio.wait_for(call, 5)
+    finally:
+        own_redis.process.send_signal(signal.SIGCONT)

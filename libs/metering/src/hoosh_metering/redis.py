@@ -17,6 +17,9 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from hoosh_common.telemetry import exporting
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
@@ -35,6 +38,8 @@ from .errors import BudgetUnavailable
 from .script_connection import Endpoint, ScriptConnection
 
 T = TypeVar("T")
+
+_tracer = trace.get_tracer("hoosh.metering")
 
 RedisClient = aioredis.Redis | aioredis.RedisCluster
 
@@ -105,7 +110,7 @@ class PipeliningRedis(aioredis.Redis):
     together on the next, replies read in order by the event loop's own callback.
 
     redis-py spends ~280 us of CPU on a lone script call (pool checkout, retry wrapper,
-    a pure-Python encoder, a read task); this road ~90 us, and under concurrency dozens
+    a pure-Python encoder, a read task); this road ~110 us, and under concurrency dozens
     of calls share one write, the Redis server too saving a read and a write per call.
     Each caller gets its own reply or error; a caller that stops waiting changes
     nothing for the others, and one that stopped before its call was written is not
@@ -113,29 +118,41 @@ class PipeliningRedis(aioredis.Redis):
     calls are never retried (a lost connection fails the calls whose replies had not
     come: their scripts may have run); other commands go through redis-py's pool with
     its retry, as before. The connection shares the pool's URL, credentials, TLS,
-    database and timeouts.
+    database and timeouts (it speaks RESP2: see ``Endpoint.of``); with a credential
+    provider, script calls stay on redis-py too, one at a time.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         pool = self.connection_pool
         settings = pool.connection_class(**pool.connection_kwargs)
-        self._scripts = ScriptConnection(
-            Endpoint.of(settings),
-            timeout=settings.socket_timeout or _DEFAULT_SCRIPT_TIMEOUT,
-            connect_timeout=settings.socket_connect_timeout or _DEFAULT_SCRIPT_TIMEOUT,
+        endpoint = Endpoint.of(settings)
+        self._scripts = (
+            None
+            if endpoint is None
+            else ScriptConnection(
+                endpoint,
+                timeout=settings.socket_timeout or _DEFAULT_SCRIPT_TIMEOUT,
+                connect_timeout=settings.socket_connect_timeout or _DEFAULT_SCRIPT_TIMEOUT,
+            )
         )
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        if not args or args[0] not in _SCRIPT_COMMANDS:
+        if not args or args[0] not in _SCRIPT_COMMANDS or self._scripts is None:
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         written = _ANNOUNCE.get()
         if written is not None and written.done():
             written = None  # announced already (a later call from a task that inherited the block)
+        if exporting():  # the span OpenTelemetry's Redis instrumentation gives redis-py's calls
+            with _tracer.start_as_current_span(
+                str(args[0]), kind=SpanKind.CLIENT, attributes=self._scripts.span_attributes(str(args[0]))
+            ):
+                return await self._scripts.call(args, written)
         return await self._scripts.call(args, written)
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        await self._scripts.close()
+        if self._scripts is not None:
+            await self._scripts.close()
         await super().aclose(close_connection_pool)
 
 

@@ -16,11 +16,15 @@ stays on redis-py.
 - Nothing hangs: a reply overdue by ``timeout`` seconds closes the connection and
   fails every call waiting on it (Redis answers in order: the ones behind it would
   wait as long); opening the connection (TCP or Unix socket, TLS, AUTH, SELECT) is
-  bounded by ``connect_timeout``. A lost connection fails the calls whose replies had
-  not come (ConnectionError; their scripts may or may not have run, as with any
-  client) and the next call opens a new one. No call is ever sent twice.
+  bounded by ``connect_timeout``, and a call tries it once: a server that refuses
+  (max clients, protected mode) fails the call with its own message. A lost
+  connection fails the calls whose replies had not come (ConnectionError; their
+  scripts may or may not have run, as with any client) and the next call opens a new
+  one. No call is ever sent twice.
 - A reply error stays its caller's own (redis-py's exception classes, NOSCRIPT
-  included, so ``register_script`` loads a flushed script and calls again).
+  included, so ``register_script`` loads a flushed script and calls again); one that
+  says the connection itself is unusable (NOAUTH, LOADING, READONLY after a
+  failover) also retires the connection, as redis-py disconnects on it.
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import hiredis
 from redis._parsers import BaseParser
 from redis.asyncio.connection import AbstractConnection, SSLConnection, UnixDomainSocketConnection
-from redis.exceptions import AuthenticationError, InvalidResponse, ResponseError
+from redis.exceptions import AuthenticationError, InvalidResponse, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -52,14 +56,21 @@ class Endpoint:
     path: str = ""  # a Unix socket: host and port unused
     ssl_context: ssl.SSLContext | None = None
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     db: int = 0
     client_name: str | None = None
     encoding: str | None = None  # None: replies as bytes (decode_responses off)
     encoding_errors: str = "strict"
 
     @classmethod
-    def of(cls, connection: AbstractConnection) -> Endpoint:
+    def of(cls, connection: AbstractConnection) -> Endpoint | None:
+        """The connection's endpoint; None for a credential provider (this road knows
+        only the URL's user and password): the caller keeps redis-py's road for scripts
+        too. The connection speaks RESP2 whatever the pool speaks (redis-py 8: RESP3);
+        a script's reply reads the same in both unless the script calls
+        ``redis.setresp(3)``, which hoosh's scripts do not."""
+        if connection.credential_provider is not None:
+            return None
         encoder = connection.encoder
         common: dict[str, Any] = {
             "username": connection.username,
@@ -99,12 +110,14 @@ def _fail(future: asyncio.Future[Any], error: Exception) -> None:
 class _Wire(asyncio.Protocol):
     """One open connection: its transport, its reply parser, the calls it owes replies."""
 
-    def __init__(self, endpoint: Endpoint, timeout: float) -> None:
+    def __init__(self, endpoint: Endpoint, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.ready = False  # connected, and the handshake answered
         self.lost = False
+        self.error: Exception | None = None  # why it was lost
         self.replies: collections.deque[_Pending] = collections.deque()
         self.watchdog: asyncio.TimerHandle | None = None
         self.reader = hiredis.Reader(
@@ -116,7 +129,7 @@ class _Wire(asyncio.Protocol):
     def write(self, data: bytes, futures: list[asyncio.Future[Any]], loop: asyncio.AbstractEventLoop) -> None:
         if self.lost or self.transport is None:  # lost since: as if lost just after the write
             for future in futures:
-                _fail(future, self._lost_error())
+                _fail(future, self.error or self._lost_error())
             return
         deadline = loop.time() + self.timeout
         for future in futures:
@@ -148,19 +161,33 @@ class _Wire(asyncio.Protocol):
         reader = self.reader
         reader.feed(data)
         replies = self.replies
-        try:
-            while (reply := reader.gets()) is not False:
-                if not replies:
-                    raise InvalidResponse("a reply nobody asked for")
-                future = replies.popleft().future
-                if future.done():
-                    continue  # its caller stopped waiting
-                if isinstance(reply, Exception):  # an error reply (redis-py's class for its code)
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
-        except InvalidResponse as error:
-            self.lose(RedisConnectionError(f"Redis at {self.endpoint.describe()}: {error}"))
+        while True:
+            try:
+                reply = reader.gets()
+            except UnicodeDecodeError as error:  # decode_responses: this reply's caller alone
+                if replies:
+                    _fail(replies.popleft().future, error)
+                continue
+            except InvalidResponse as error:
+                self.lose(RedisConnectionError(f"Redis at {self.endpoint.describe()}: {error}"))
+                return
+            if reply is False:
+                return
+            if not replies:  # e.g. "-ERR max number of clients reached" before closing
+                self.lose(
+                    reply
+                    if isinstance(reply, RedisConnectionError)
+                    else RedisConnectionError(f"Redis at {self.endpoint.describe()} said, unasked: {reply!r}")
+                )
+                return
+            future = replies.popleft().future
+            if isinstance(reply, Exception):  # an error reply (redis-py's class for its code)
+                _fail(future, reply)
+                if isinstance(reply, RedisConnectionError | ReadOnlyError):
+                    self.lose(reply)  # the connection itself is unusable: the next call opens another
+                    return
+            elif not future.done():  # else its caller stopped waiting
+                future.set_result(reply)
 
     def eof_received(self) -> bool | None:
         return False  # close the transport: connection_lost follows
@@ -171,15 +198,20 @@ class _Wire(asyncio.Protocol):
     def lose(self, error: Exception) -> None:
         """This connection is done: every call still waiting on it fails with ``error``."""
         self.ready = False
-        self.lost = True
-        if self.transport is not None:
-            self.transport.abort()  # no-op once closed
+        if not self.lost:
+            self.lost = True
+            self.error = error
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
         replies, self.replies = self.replies, collections.deque()
         for pending in replies:
             _fail(pending.future, error)
+        if self.transport is not None:
+            try:
+                self.transport.abort()  # no-op once closed
+            except Exception:  # a transport of a closed event loop: nothing left to close
+                pass
 
 
 class ScriptConnection:
@@ -196,17 +228,35 @@ class ScriptConnection:
         self._turn_open = False
         self._closed = False
 
+    def span_attributes(self, command: str) -> dict[str, str | int]:
+        """A script call's span attributes, as OpenTelemetry's Redis instrumentation
+        names them (no arguments: they name pools and reservations)."""
+        endpoint = self.endpoint
+        attributes: dict[str, str | int] = {
+            "db.system": "redis",
+            "db.operation.name": command,
+            "db.redis.database_index": endpoint.db,
+        }
+        if endpoint.path:
+            attributes["server.address"] = endpoint.path
+        else:
+            attributes["server.address"] = endpoint.host
+            attributes["server.port"] = endpoint.port
+        return attributes
+
     async def call(self, args: tuple[Any, ...], written: Written = None) -> Any:
         """Send one command and return its reply (a reply error is raised)."""
+        loop = asyncio.get_running_loop()
         try:
             packed = hiredis.pack_command(args)
             wire = self._wire
-            while wire is None or not wire.ready:
-                wire = await self._open()
+            if wire is None or not wire.ready or wire.loop is not loop:
+                wire = await self._open()  # once: a server that refuses fails the call
+                if not wire.ready:
+                    raise wire.error or RedisConnectionError(f"Connection to Redis at {self.endpoint.describe()} lost")
         except BaseException:
             _announce(written)
             raise
-        loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._turn_open:
             self._queued.append((packed, future, written))
@@ -228,7 +278,7 @@ class ScriptConnection:
                 futures.append(future)
         if futures:
             wire = self._wire
-            if wire is not None:
+            if wire is not None and wire.loop is asyncio.get_running_loop():
                 wire.write(b"".join(sending), futures, asyncio.get_running_loop())
             else:
                 for future in futures:
@@ -241,20 +291,28 @@ class ScriptConnection:
         one that stops waiting does not stop it for the others)."""
         if self._closed:
             raise RedisConnectionError("the Redis client is closed")
-        if self._opening is None:
-            self._opening = asyncio.get_running_loop().create_task(self._connect())
-            self._opening.add_done_callback(self._opened)
-        return await asyncio.shield(self._opening)
+        opening = self._opening
+        if opening is None or opening.get_loop() is not asyncio.get_running_loop():
+            opening = self._opening = asyncio.get_running_loop().create_task(self._connect())
+            opening.add_done_callback(self._opened)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if opening.cancelled() and not (task is not None and task.cancelling()):
+                raise RedisConnectionError("the Redis client is closed") from None  # close() stopped the opening
+            raise
 
     def _opened(self, task: asyncio.Task[_Wire]) -> None:
-        self._opening = None
+        if self._opening is task:
+            self._opening = None
         if not task.cancelled() and task.exception() is None:
             self._wire = task.result()
 
     async def _connect(self) -> _Wire:
         loop = asyncio.get_running_loop()
         endpoint = self.endpoint
-        wire = _Wire(endpoint, self.timeout)
+        wire = _Wire(endpoint, self.timeout, loop)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if endpoint.path:
@@ -277,6 +335,8 @@ class ScriptConnection:
         if self._closed:
             wire.lose(RedisConnectionError("the Redis client is closed"))
             raise RedisConnectionError("the Redis client is closed")
+        if wire.lost:  # closed (or refused) while the handshake was read
+            raise wire.error or RedisConnectionError(f"Connection to Redis at {endpoint.describe()} lost")
         wire.ready = True
         return wire
 
@@ -297,15 +357,20 @@ class ScriptConnection:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in commands]
         wire.write(b"".join(hiredis.pack_command(command) for command in commands), futures, loop)
-        for command, future in zip(commands, futures, strict=True):
-            try:
-                await future
-            except AuthenticationError:
-                raise
-            except ResponseError as error:
-                if command[0] == "AUTH":
-                    raise AuthenticationError(str(error)) from error
-                raise RedisConnectionError(f"{command[0]} refused: {error}") from error
+        try:
+            for command, future in zip(commands, futures, strict=True):
+                try:
+                    await future
+                except AuthenticationError:
+                    raise
+                except ResponseError as error:
+                    if command[0] == "AUTH":
+                        raise AuthenticationError(str(error)) from error
+                    raise RedisConnectionError(f"{command[0]} refused: {error}") from error
+        finally:
+            for future in futures:  # the replies after a refusal: seen, so asyncio does not log them
+                if future.done() and not future.cancelled():
+                    future.exception()
 
     async def close(self) -> None:
         """Close the connection; calls still waiting fail, later calls are refused."""

@@ -729,7 +729,7 @@ async def test_the_edge_asks_and_every_router_and_budget_replica_answers(connect
         await responder.start()
         responders.append(responder)
     edge: Conn = conns["edge"]
-    report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-1", gather_seconds=5, timeout_seconds=15)
+    report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-1", gather_seconds=2, timeout_seconds=10)
     assert report.status == "ok", report
     assert [(o.service, o.status) for o in report.services] == [("budget", "reloaded"), ("router", "reloaded")]
     # Each recorded what it did (hoosh.config.reload, through its own publisher).

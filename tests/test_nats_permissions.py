@@ -730,8 +730,15 @@ async def test_the_edge_asks_and_every_router_and_budget_replica_answers(connect
         responders.append(responder)
     edge: Conn = conns["edge"]
     report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-1", gather_seconds=2, timeout_seconds=10)
-    assert report.status == "ok", report
-    assert [(o.service, o.status) for o in report.services] == [("budget", "reloaded"), ("router", "reloaded")]
+    # Flaky under the full suite only (a replica's check answer missing from the window,
+    # the apply then "came too late"): the connections' async errors say whether the
+    # server refused its reply.
+    errors = {user: conn.errors for user, conn in conns.items()}
+    assert report.status == "ok", (report, errors)
+    assert [(o.service, o.status) for o in report.services] == [("budget", "reloaded"), ("router", "reloaded")], (
+        report,
+        errors,
+    )
     # Each recorded what it did (hoosh.config.reload, through its own publisher).
     assert await messages(conns["router"]) == len(RELOADERS)
     for conn in conns.values():

@@ -5,10 +5,15 @@ caller still gets exactly its own reply or error; nothing waits past its timeout
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
+import socket
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
+from hoosh_common.devca import make_ca
 from hoosh_metering.redis import PipeliningRedis, announce_written, connect_redis
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -360,3 +365,41 @@ async def test_closing_the_client_while_its_connection_opens_fails_the_call_with
             await asyncio.wait_for(call, 5)
     finally:
         own_redis.process.send_signal(signal.SIGCONT)
+
+
+async def test_a_tls_url_verifies_the_server_and_carries_script_calls(tmp_path: Path) -> None:
+    binary = shutil.which("redis-server")
+    assert binary is not None, "redis-server is needed"
+    good, other = make_ca(tmp_path / "ca", services=["redis"]), make_ca(tmp_path / "other", services=["redis"])
+    port = _free_port()
+    tls = ["--tls-cert-file", str(good / "redis.pem"), "--tls-key-file", str(good / "redis-key.pem")]
+    tls += ["--tls-ca-cert-file", str(good / "ca.pem"), "--tls-auth-clients", "no", "--appendonly", "no"]
+    server = subprocess.Popen(
+        [binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "", *tls],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    trusted = connect_redis(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={good / 'ca.pem'}")
+    stranger = connect_redis(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={other / 'ca.pem'}", socket_connect_timeout=5)
+    try:
+        for _ in range(100):
+            try:
+                await trusted.ping()  # through redis-py's pool: the server is up
+                break
+            except RedisConnectionError:
+                await asyncio.sleep(0.05)
+        assert await trusted.register_script(SET_KEY)(keys=["over-tls"], args=["v"]) == 1
+        assert await trusted.get("over-tls") == b"v"
+        with pytest.raises(RedisConnectionError):  # a server whose certificate its CA did not sign
+            await stranger.register_script(SET_KEY)(keys=["k"], args=["v"])
+    finally:
+        await trusted.aclose()
+        await stranger.aclose()
+        server.terminate()
+        server.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

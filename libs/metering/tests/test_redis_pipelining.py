@@ -5,11 +5,13 @@ caller still gets exactly its own reply or error; nothing waits past its timeout
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import socket
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,22 @@ def _created(client: PipeliningRedis) -> int:
     """Connections the client's pool has opened so far."""
     pool = client.connection_pool
     return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+@contextlib.asynccontextmanager
+async def _held(url: str, ms: int) -> AsyncIterator[None]:
+    """Redis runs a script for ``ms`` ms, sent on a connection of its own: whatever
+    reaches it meanwhile waits behind it. The script ran to its end when the block ends."""
+    holder = connect_redis(url, socket_timeout=10)
+    busy = holder.register_script(BUSY)
+    try:
+        await busy(args=[0])  # loaded and connected: the long call goes out at once
+        holding = asyncio.ensure_future(busy(args=[ms]))
+        await asyncio.sleep(0.1)  # it has reached Redis
+        yield
+        assert await holding == 1
+    finally:
+        await holder.aclose()
 
 
 async def _named(observer: PipeliningRedis, name: str) -> list[dict[str, object]]:
@@ -211,23 +229,18 @@ async def test_an_overdue_reply_fails_the_calls_waiting_and_the_next_call_gets_a
     own_redis: OwnRedis,
 ) -> None:
     client = connect_redis(own_redis.url(), socket_timeout=0.3)
-    holder = connect_redis(own_redis.url(), socket_timeout=10)
-    script, busy = client.register_script(SET_KEY), holder.register_script(BUSY)
+    script = client.register_script(SET_KEY)
     try:
         await script(keys=["k"], args=["warm"])
-        await busy(args=[0])
-        holding = asyncio.ensure_future(busy(args=[1500]))  # Redis answers nobody for 1.5 s
-        await asyncio.sleep(0.1)
-        results = await asyncio.wait_for(
-            asyncio.gather(*(script(keys=["k"], args=[str(n)]) for n in range(3)), return_exceptions=True), 5
-        )
-        assert all(isinstance(result, RedisTimeoutError) for result in results), results
-        assert await holding == 1
+        async with _held(own_redis.url(), 1500):  # Redis answers nobody for 1.5 s
+            results = await asyncio.wait_for(
+                asyncio.gather(*(script(keys=["k"], args=[str(n)]) for n in range(3)), return_exceptions=True), 5
+            )
+            assert all(isinstance(result, RedisTimeoutError) for result in results), results
         assert await script(keys=["k"], args=["after"]) == 1  # a new connection
         assert await client.get("k") == b"after"
     finally:
         await client.aclose()
-        await holder.aclose()
 
 
 async def test_a_connection_killed_under_the_calls_fails_them_and_the_next_call_opens_another(
@@ -235,28 +248,25 @@ async def test_a_connection_killed_under_the_calls_fails_them_and_the_next_call_
 ) -> None:
     name = f"lane-{uuid.uuid4().hex[:8]}"
     client = connect_redis(f"{own_redis.url()}?client_name={name}", socket_timeout=10)
-    holder = connect_redis(own_redis.url(), socket_timeout=10)
     killer = connect_redis(own_redis.url(), socket_timeout=10)
-    script, busy = client.register_script(SET_KEY), holder.register_script(BUSY)
+    script = client.register_script(SET_KEY)
     try:
         await script(keys=["k"], args=["warm"])
-        await busy(args=[0])
         [lane] = [each for each in await _named(killer, name) if each.get("cmd") == "evalsha"]  # the script connection
         await killer.ping()
-        holding = asyncio.ensure_future(busy(args=[300]))
-        await asyncio.sleep(0.05)
-        waiting = asyncio.ensure_future(script(keys=["k"], args=["lost"]))  # queued behind the busy script
-        # The kill reaches Redis after the queued call; it closes the connection before
-        # that call's reply is written back.
-        killing = asyncio.ensure_future(killer.client_kill_filter(_id=lane["id"]))
-        await asyncio.sleep(0.1)
-        with pytest.raises(RedisConnectionError):
-            await asyncio.wait_for(waiting, 5)
-        assert await holding == 1 and await killing == 1
+        async with _held(own_redis.url(), 400):
+            waiting = asyncio.ensure_future(script(keys=["k"], args=["lost"]))  # queued behind the busy script
+            # The kill reaches Redis after the queued call; it closes the connection before
+            # that call's reply is written back.
+            killing = asyncio.ensure_future(killer.client_kill_filter(_id=lane["id"]))
+            await asyncio.sleep(0.1)
+            with pytest.raises(RedisConnectionError):
+                await asyncio.wait_for(waiting, 5)
+            assert await killing == 1
         assert await script(keys=["k"], args=["next"]) == 1
         assert await client.get("k") == b"next"
     finally:
-        for each in (client, holder, killer):
+        for each in (client, killer):
             await each.aclose()
 
 
@@ -314,13 +324,9 @@ async def test_a_unix_socket_url_reaches_the_same_redis(own_redis: OwnRedis) -> 
 
 async def test_a_closed_client_refuses_script_calls_and_fails_the_waiting_ones(own_redis: OwnRedis) -> None:
     client = connect_redis(own_redis.url(), socket_timeout=10)
-    holder = connect_redis(own_redis.url(), socket_timeout=10)
-    script, busy = client.register_script(SET_KEY), holder.register_script(BUSY)
-    try:
-        await script(keys=["k"], args=["warm"])
-        await busy(args=[0])
-        holding = asyncio.ensure_future(busy(args=[300]))
-        await asyncio.sleep(0.05)
+    script = client.register_script(SET_KEY)
+    await script(keys=["k"], args=["warm"])
+    async with _held(own_redis.url(), 400):
         waiting = asyncio.ensure_future(script(keys=["k"], args=["v"]))
         await asyncio.sleep(0.05)
         await client.aclose()
@@ -328,9 +334,6 @@ async def test_a_closed_client_refuses_script_calls_and_fails_the_waiting_ones(o
             await asyncio.wait_for(waiting, 5)
         with pytest.raises(RedisConnectionError):
             await script(keys=["k"], args=["later"])
-        assert await holding == 1
-    finally:
-        await holder.aclose()
 
 
 async def test_a_redis_that_refuses_the_connection_fails_the_call_once_with_its_reason(own_redis: OwnRedis) -> None:

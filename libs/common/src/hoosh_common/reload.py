@@ -28,8 +28,8 @@ runs three rounds:
    valid, changed, and its SHA-256. The edge cannot know how many replicas exist, so
    it gathers answers for a fixed window (``gather_seconds``, 1 s by default; replicas
    answer in milliseconds). The replicas that answered are the ones it expects below;
-   an answer the server sent within the window counts even when the edge's event loop
-   was too busy to read it before the window closed.
+   an answer already on the edge's connection when the window closes counts even when
+   the edge's event loop was too busy to read it in time.
 2. If any replica refused the file, a replica answered without the file's SHA-256, or
    replicas read different files (a ConfigMap not yet propagated to every pod), nothing
    is applied anywhere: ``abort`` tells every replica why, each records the refused
@@ -49,7 +49,6 @@ file answer ``unchanged``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -697,7 +696,8 @@ async def _gather(
 
     try:
         await nc.publish(subject, orjson.dumps(dict(request)), reply=inbox, headers=inject_headers({}))
-        await nc.flush(timeout=max(1, int(seconds)))
+        if not await _round_trip(nc, max(1.0, seconds)):
+            raise nats.errors.FlushTimeoutError
         deadline = time.monotonic() + seconds
         while not finished():
             remaining = deadline - time.monotonic()
@@ -709,13 +709,12 @@ async def _gather(
                 break
             if not take(msg):
                 return replies
-        if not finished():
-            # The window is over, but a reply the server sent within it may not have been
-            # read: this event loop can have been busy past the whole window (the process
-            # starved of CPU, a long collection) while it came. The server's PONG comes
-            # after everything it sent before: flush, then keep what is here by then.
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await nc.flush(timeout=1)
+        if not finished() and await _round_trip(nc, 1.0):
+            # The window is over, but a reply may be on this connection unread: the event
+            # loop can have been busy past the whole window (the process starved of CPU, a
+            # long collection) while replies came. The server's PONG follows everything it
+            # sent before it: what is queued by then reached this edge in time, or within a
+            # round trip of the window's end, and counts.
             while subscription.pending_msgs > 0 and not finished():
                 try:
                     msg = await subscription.next_msg(timeout=1)
@@ -729,6 +728,32 @@ async def _gather(
         except nats.errors.Error:
             pass
     return replies
+
+
+# Flushes in flight, kept until they end (see _round_trip).
+_flushes: set[asyncio.Future[None]] = set()
+# How long a flush left running may wait for its PONG (a connection that silent is dead:
+# nats-py's pings close it).
+FLUSH_GIVE_UP_SECONDS = 300
+
+
+async def _round_trip(nc: NATS, seconds: float) -> bool:
+    """True when the server has answered a PING within ``seconds``: everything it sent
+    before is read by then. nats-py's own ``flush(timeout)`` must not time out: it cancels
+    its PONG future, and the PONG still to come then ends the connection's read loop for
+    good (nats-py 2.16, the connection left open and deaf). So the flush runs with a long
+    bound in a task of its own, and only this wait for it is bounded."""
+    flush = asyncio.ensure_future(nc.flush(timeout=FLUSH_GIVE_UP_SECONDS))
+    _flushes.add(flush)
+    flush.add_done_callback(_flush_done)
+    done, _ = await asyncio.wait({flush}, timeout=seconds)
+    return bool(done) and not flush.cancelled() and flush.exception() is None
+
+
+def _flush_done(flush: asyncio.Future[None]) -> None:
+    _flushes.discard(flush)
+    if not flush.cancelled() and flush.exception() is not None:
+        log.warning("reload connection's flush failed", extra={"error": repr(flush.exception())})
 
 
 def _key(service: str, instance: str) -> tuple[str, str]:

@@ -92,6 +92,8 @@ TIMEOUT_SECONDS = 15.0
 PARSED_KEPT = 4  # parsed files kept by SHA-256 (a check and its apply; a few reloads at once)
 CHECKS_KEPT = 64  # reload ids whose check this replica answered, for their apply
 STOP_GRACE_SECONDS = 10.0
+# How long a replica's start waits for the server to have its subscription.
+START_FLUSH_SECONDS = 10.0
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -530,7 +532,10 @@ class ReloadResponder:
 
     async def start(self) -> None:
         self._subscription = await self._nc.subscribe(self.subject, cb=self._on_request)
-        await self._nc.flush()  # registered at the server: a reload from now on reaches this replica
+        # Registered at the server: a reload from now on reaches this replica. (Not
+        # nats-py's flush timeout, which can leave the service's connection deaf.)
+        if not await _round_trip(self._nc, START_FLUSH_SECONDS):
+            raise nats.errors.FlushTimeoutError
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Unsubscribe, then let the requests in hand finish (an apply half done is worse

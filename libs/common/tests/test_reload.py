@@ -9,6 +9,7 @@ tested in their services, and end to end in tests/test_reload_e2e.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -432,6 +433,21 @@ async def test_a_check_answer_on_the_connection_counts_though_the_edge_read_it_l
         thread.join(10)
 
 
+async def stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until every thread of ``pid`` is stopped: SIGSTOP takes effect asynchronously (the
+    server once answered a PING after send_signal had returned)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            with contextlib.suppress(OSError):
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in ("T", "t") for state in states):
+            return
+        assert time.monotonic() < deadline, f"process {pid} not stopped: {states}"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_round_trip_that_gives_up_leaves_the_connection_reading(tmp_path: Path) -> None:
     """A server silent past the edge's bound (SIGSTOPped): the round trip gives up, and
     once the server answers again the connection still reads. nats-py's own flush timeout
@@ -452,6 +468,7 @@ async def test_a_round_trip_that_gives_up_leaves_the_connection_reading(tmp_path
         client = await nats.connect(orjson.loads(ports.read_bytes())["nats"][0], allow_reconnect=False)
         echo = await client.subscribe("echo")
         server.send_signal(signal.SIGSTOP)
+        await stopped(server.pid)
         try:
             assert not await _round_trip(client, 0.5)
         finally:

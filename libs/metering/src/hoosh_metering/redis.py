@@ -75,6 +75,8 @@ class BoundedRedisCluster(aioredis.RedisCluster):
 # Script calls are what the hot path sends (a reservation, a settlement); they take the
 # script connection. Everything else goes out through redis-py as it comes.
 _SCRIPT_COMMANDS = frozenset({"EVALSHA", "EVAL"})
+# Without a socket timeout in the URL's options, a script reply is still overdue after this.
+_DEFAULT_SCRIPT_TIMEOUT = 5.0
 
 _ANNOUNCE: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar(
     "hoosh_metering_announce_written", default=None
@@ -154,10 +156,6 @@ class PipeliningRedis(aioredis.Redis):
         if self._scripts is not None:
             await self._scripts.close()
         await super().aclose(close_connection_pool)
-
-
-# Without a socket timeout in the URL's options, a script reply is still overdue after this.
-_DEFAULT_SCRIPT_TIMEOUT = 5.0
 
 
 def _retry() -> Retry:

@@ -106,6 +106,11 @@ def _announce(written: Written) -> None:
         written.set_result(None)
 
 
+def _closed() -> RedisConnectionError:
+    """What a call gets once the client is closed (and a call waiting on its connection)."""
+    return RedisConnectionError("the Redis client is closed")
+
+
 def _fail(future: asyncio.Future[Any], error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
@@ -291,7 +296,7 @@ class ScriptConnection:
         """Open a connection, or wait for the opening under way (shared by every caller:
         one that stops waiting does not stop it for the others)."""
         if self._closed:
-            raise RedisConnectionError("the Redis client is closed")
+            raise _closed()
         opening, loop = self._opening, asyncio.get_running_loop()
         if opening is None or opening.get_loop() is not loop:
             opening = self._opening = loop.create_task(self._connect())
@@ -301,7 +306,7 @@ class ScriptConnection:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if opening.cancelled() and not (task is not None and task.cancelling()):
-                raise RedisConnectionError("the Redis client is closed") from None  # close() stopped the opening
+                raise _closed() from None  # close() stopped the opening
             raise
 
     def _opened(self, task: asyncio.Task[_Wire]) -> None:
@@ -334,8 +339,8 @@ class ScriptConnection:
             wire.lose(RedisConnectionError("connecting to Redis was stopped"))
             raise
         if self._closed:
-            wire.lose(RedisConnectionError("the Redis client is closed"))
-            raise RedisConnectionError("the Redis client is closed")
+            wire.lose(_closed())
+            raise _closed()
         if wire.lost:  # closed (or refused) while the handshake was read
             raise wire.error or endpoint.lost()
         wire.ready = True
@@ -381,4 +386,4 @@ class ScriptConnection:
             await asyncio.gather(opening, return_exceptions=True)
         wire, self._wire = self._wire, None
         if wire is not None:
-            wire.lose(RedisConnectionError("the Redis client is closed"))
+            wire.lose(_closed())

